@@ -1,0 +1,36 @@
+"""What every backend is: a callable (x_t, t) -> model output, nothing else.
+
+x is [B, C, H, W] float32 on the backend's device, t is int64 [B] (training timesteps); the
+output is float32 of x's shape. A backend knows nothing about schedules or samplers, keeps its
+own precision inside, and never synchronises with the host per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_precision(precision: str) -> torch.dtype:
+    try:
+        return PRECISIONS[precision]
+    except (KeyError, TypeError):
+        raise InvalidRequestError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}") from None
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device = torch.device(device)
+        self.precision = precision
+        self.dtype = parse_precision(precision)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, t)")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(device={self.device}, precision={self.precision})"

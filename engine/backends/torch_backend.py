@@ -1,0 +1,23 @@
+"""Eager PyTorch: the reference backend, on the CPU or CUDA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, module: nn.Module, device, precision: str = "fp32"):
+        super().__init__(device, precision)
+        self.module = module.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module
+
+    @torch.inference_mode()
+    def __call__(self, x, t):
+        return self.module(x.to(self.dtype), t).float()

@@ -1,0 +1,147 @@
+"""Model folders: read and write them.
+
+Formats:
+- the project's own: a folder with ``config.json`` ({"format": "ddpm-engine", "model": {"type":
+  ..., <constructor kwargs>}, "scheduler": {...}, "sample_shape": [C, H, W]}) and
+  ``model.safetensors``;
+- any ``nn.Module`` with ``forward(x, t)``, given with its scheduler config and sample shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InvalidRequestError, ModelLoadError
+from .schedules import SchedulerConfig
+
+PROJECT_FORMAT = "ddpm-engine"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED = {"digits": BUNDLED_DIR / "digits"}
+
+
+@dataclass
+class LoadedModel:
+    """A network with everything needed to sample from it."""
+
+    module: nn.Module
+    scheduler: SchedulerConfig
+    sample_shape: tuple  # (C, H, W)
+    name: str
+    weights_hash: str  # sha256 of the weights: keys export caches
+
+
+def weights_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_module(model_cfg: dict) -> nn.Module:
+    from .models import SeedUNet
+
+    kw = dict(model_cfg)
+    kind = kw.pop("type", None)
+    if kind == "seed_unet":
+        return SeedUNet(**kw)
+    raise ModelLoadError(f"unknown model type {kind!r} in config.json; known: 'seed_unet'")
+
+
+def from_module(module: nn.Module, scheduler: SchedulerConfig | dict | None = None, sample_shape=None,
+                name: str = "module") -> LoadedModel:
+    """Wrap any ``nn.Module`` with ``forward(x, t)``."""
+    if not isinstance(module, nn.Module):
+        raise InvalidRequestError(f"expected a torch.nn.Module with forward(x, t), got {type(module).__name__}")
+    if sample_shape is None or len(tuple(sample_shape)) != 3:
+        raise InvalidRequestError("pass sample_shape=(C, H, W) with a bare nn.Module")
+    if scheduler is None:
+        scheduler = SchedulerConfig()
+    elif isinstance(scheduler, dict):
+        scheduler = SchedulerConfig.from_dict(scheduler)
+    module.eval()
+    return LoadedModel(module, scheduler, tuple(int(s) for s in sample_shape), name, weights_hash(module))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); re-save the model") from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is corrupt or not a safetensors file ({exc}); re-save the model") from None
+
+
+def _load_state(module: nn.Module, state: dict, where: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError(f"the weights in {where} do not fit the model in its config.json ({first})") from None
+
+
+def load_project_folder(folder: Path) -> LoadedModel:
+    cfg = _read_json(folder / "config.json")
+    if cfg.get("format") != PROJECT_FORMAT:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a ddpm-engine config (no \"format\": \"ddpm-engine\")")
+    try:
+        module = build_module(cfg["model"])
+        scheduler = SchedulerConfig.from_dict(cfg.get("scheduler", {}))
+        sample_shape = tuple(int(s) for s in cfg["sample_shape"])
+    except (KeyError, TypeError, InvalidRequestError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is incomplete or invalid ({exc!r})") from None
+    _load_state(module, _load_safetensors(folder / "model.safetensors"), folder)
+    module.eval()
+    return LoadedModel(module, scheduler, sample_shape, cfg.get("name", folder.name), weights_hash(module))
+
+
+def save_project_folder(folder, module: nn.Module, model_cfg: dict, scheduler: SchedulerConfig, sample_shape,
+                        name: str | None = None) -> Path:
+    """Write the project's format: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"format": PROJECT_FORMAT, "name": name or folder.name, "model": model_cfg,
+           "scheduler": scheduler.to_dict(), "sample_shape": list(sample_shape)}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def load(path_or_name) -> LoadedModel:
+    """Open a model: a bundled name ("digits"), or a folder in any supported format."""
+    if isinstance(path_or_name, LoadedModel):
+        return path_or_name
+    if isinstance(path_or_name, str) and path_or_name in BUNDLED:
+        return load_project_folder(BUNDLED[path_or_name])
+    if not isinstance(path_or_name, (str, Path)):
+        raise InvalidRequestError(f"expected a model folder path or a bundled name, got {type(path_or_name).__name__}")
+    folder = Path(path_or_name)
+    if not folder.is_dir():
+        raise ModelLoadError(f"no model folder at {folder} (bundled models: {sorted(BUNDLED)})")
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file() and _read_json(cfg_path).get("format") == PROJECT_FORMAT:
+        return load_project_folder(folder)
+    raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
+                         "(ddpm-engine) or a diffusers folder")

@@ -1,0 +1,197 @@
+"""The public entry point: ``Engine.from_pretrained(...).sample(batch)``."""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import backends, checkpoints
+from .errors import InvalidRequestError
+from .noise import check_seeds, initial_noise, seed_words
+from .samplers import SAMPLERS, Prediction, Variance, check_eta
+from .schedules import Tables
+from .stepping import StepSpec, make_step, resolve_step_impl
+
+_seed_source = random.SystemRandom()
+
+
+@dataclass
+class Snapshot:
+    """The state at one step of a run: x_t fed to the model at training timestep t, and the x0
+    the step predicted from it (seed 001's t = 500 snapshot, seed 003's x0 epilogue)."""
+
+    t: int
+    x_t: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def fresh_seeds(n: int) -> list[int]:
+    return [_seed_source.getrandbits(64) for _ in range(n)]
+
+
+def parse_batch(batch) -> list[int]:
+    """An int (that many fresh random seeds) or a list of seeds -> list of seeds."""
+    if isinstance(batch, bool):
+        raise InvalidRequestError("batch must be a positive int or a list of seeds, got a bool")
+    if isinstance(batch, (int, np.integer)):
+        if batch < 1:
+            raise InvalidRequestError(f"batch must be at least 1, got {batch}")
+        return fresh_seeds(int(batch))
+    if isinstance(batch, (list, tuple, torch.Tensor, np.ndarray)):
+        return check_seeds(batch.tolist() if hasattr(batch, "tolist") else batch)
+    raise InvalidRequestError(f"batch must be a positive int or a list of seeds, got {type(batch).__name__}")
+
+
+def parse_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' asked for, but torch sees no CUDA device here; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+class Engine:
+    """Samples images from a trained diffusion UNet.
+
+    >>> engine = Engine.from_pretrained("digits")
+    >>> images = engine.sample([1, 2, 3], sampler="ddim", steps=50)   # [3, 1, 16, 16] in [-1, 1]
+    """
+
+    def __init__(self, loaded: checkpoints.LoadedModel, backend="auto", device=None, precision="fp32",
+                 step_impl="auto"):
+        self.model = loaded
+        self.device = parse_device(device)
+        self.step_impl = resolve_step_impl(step_impl, self.device)
+        self.backend = backends.create(backend, loaded, self.device, precision)
+        self.precision = precision
+        self.scheduler = loaded.scheduler
+        self.sample_shape = loaded.sample_shape
+        self._train_betas = loaded.scheduler.betas()
+        self._tables: dict[int, Tables] = {}
+        self._lock = threading.Lock()  # backends with internal buffers are not re-entrant
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, backend="auto", device=None, precision="fp32", step_impl="auto"):
+        """Open a bundled model ("digits") or a model folder (ddpm-engine or diffusers format)."""
+        return cls(checkpoints.load(path_or_name), backend=backend, device=device, precision=precision,
+                   step_impl=step_impl)
+
+    @classmethod
+    def from_module(cls, module, scheduler=None, sample_shape=None, **kw):
+        """Wrap any ``nn.Module`` with ``forward(x, t)``; ``scheduler`` is a SchedulerConfig or dict."""
+        return cls(checkpoints.from_module(module, scheduler, sample_shape), **kw)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self._train_betas)
+
+    def tables(self, steps: int | None) -> Tables:
+        steps = self.num_train_timesteps if steps is None else steps
+        if steps not in self._tables:
+            self._tables[steps] = Tables.build(self._train_betas, steps)
+        return self._tables[steps]
+
+    def step_spec(self, sampler="ddpm", eta=0.0, clip_denoised=None) -> StepSpec:
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        eta = check_eta(eta)
+        if clip_denoised is None:
+            clip_denoised = bool(self.scheduler.clip_sample)
+        elif not isinstance(clip_denoised, bool):
+            raise InvalidRequestError(f"clip_denoised must be True, False or None, got {clip_denoised!r}")
+        return StepSpec(sampler=sampler, prediction=Prediction.parse(self.scheduler.prediction_type),
+                        variance=Variance.parse(self.scheduler.variance_type), clip_denoised=clip_denoised,
+                        eta=eta)
+
+    def _check_x_T(self, x_T, n: int) -> torch.Tensor:
+        if not isinstance(x_T, torch.Tensor):
+            raise InvalidRequestError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
+        want = (n, *self.sample_shape)
+        if tuple(x_T.shape) != want:
+            raise InvalidRequestError(f"x_T has shape {tuple(x_T.shape)}, expected {want} (batch, C, H, W)")
+        if not torch.isfinite(x_T).all():
+            raise InvalidRequestError("x_T contains NaN or Inf")
+        return x_T.to(self.device, torch.float32).clone()
+
+    def _snapshot_steps(self, return_intermediates, tables: Tables) -> set:
+        """Training timesteps at which to keep a Snapshot."""
+        if return_intermediates is False or return_intermediates is None:
+            return set()
+        kept = tables.timesteps
+        if return_intermediates is True:  # about ten, evenly spread, always including the last step
+            pick = np.unique(np.linspace(0, len(kept) - 1, num=min(10, len(kept))).round().astype(int))
+            return {int(kept[k]) for k in pick}
+        try:
+            wanted = [int(t) for t in return_intermediates]
+        except (TypeError, ValueError):
+            raise InvalidRequestError("return_intermediates must be a bool or a list of timesteps") from None
+        snap = set()
+        for t in wanted:  # snap each asked-for timestep to the nearest kept one
+            if not 0 <= t < self.num_train_timesteps:
+                raise InvalidRequestError(f"intermediate timestep {t} is outside [0, {self.num_train_timesteps})")
+            snap.add(int(kept[np.abs(kept - t).argmin()]))
+        return snap
+
+    def sample(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, x_T=None,
+               return_intermediates=False, progress=False):
+        """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
+
+        batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
+            same image whatever batch it rides in.
+        sampler: "ddpm" (ancestral, the model's variance type) or "ddim" (with ``eta``).
+        steps: number of reverse steps (default T for DDPM, 50 for DDIM); fewer than T respaces.
+        clip_denoised: clip predicted x0 to [-1, 1]; None takes the model's scheduler config.
+        x_T: optional starting noise [B, C, H, W] (default: drawn from the seeds).
+        return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
+            when set, returns ``(images, [Snapshot, ...])``.
+        progress: show a tqdm progress bar.
+        """
+        seeds = parse_batch(batch)
+        spec = self.step_spec(sampler, eta, clip_denoised)
+        if steps is None:
+            steps = self.num_train_timesteps if sampler == "ddpm" else min(50, self.num_train_timesteps)
+        tables = self.tables(steps)
+        snap_at = self._snapshot_steps(return_intermediates, tables)
+        x = None if x_T is None else self._check_x_T(x_T, len(seeds))
+        with self._lock:
+            images, snaps = self._run(seeds, spec, tables, x, snap_at, progress)
+        return (images, snaps) if return_intermediates not in (False, None) else images
+
+    @torch.inference_mode()
+    def _run(self, seeds, spec: StepSpec, tables: Tables, x, snap_at, progress):
+        dev = self.device
+        tab = tables.on(dev)
+        words = seed_words(seeds, dev)
+        if x is None:
+            x = initial_noise(words, self.sample_shape)
+        step = make_step(self.step_impl, spec, tab, self.sample_shape, dev)
+        n = tables.steps
+        i = torch.full((len(seeds),), n - 1, dtype=torch.int64, device=dev)
+        snaps = []
+        loop = range(n - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            loop = tqdm(loop, total=n, desc=f"{spec.sampler}-{n}", unit="step")
+        for k in loop:  # k is the (host-known) step index all samples share in this run
+            t = tab.timesteps[i]
+            out = self.backend(x, t)
+            x_t = x
+            x, x0 = step(x, out, i, words)
+            if int(tables.timesteps[k]) in snap_at:
+                snaps.append(Snapshot(int(tables.timesteps[k]), x_t.clone(), x0.clone()))
+        return x.clamp_(-1.0, 1.0), snaps
+
+    def __repr__(self):
+        return (f"Engine(model={self.model.name!r}, backend={self.backend.name}, device={self.device}, "
+                f"precision={self.precision}, step_impl={self.step_impl})")

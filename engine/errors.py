@@ -1,0 +1,47 @@
+"""Typed errors raised at the API boundary.
+
+Every error says what was wrong and what to do. They all derive from ``EngineError`` so a
+service can catch one type; each also derives from the builtin a caller would expect
+(``ValueError`` for bad arguments, ``ImportError`` for a missing package, ...).
+"""
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """An argument of a public call is out of range or of the wrong type."""
+
+
+class ModelLoadError(EngineError, OSError):
+    """A model folder or file is missing, corrupt, or belongs to another model."""
+
+
+class MissingDependencyError(EngineError, ImportError):
+    """An optional package is not installed; the message names the pip package to install."""
+
+    def __init__(self, package: str, needed_for: str, extra: str | None = None):
+        hint = f"pip install {package}" if extra is None else f"pip install '{package}' (or ddpm-engine[{extra}])"
+        super().__init__(f"{needed_for} needs the package '{package}', which is not installed: {hint}")
+        self.package = package
+
+
+class BackendUnavailableError(EngineError, RuntimeError):
+    """The requested backend cannot run on this machine or device (the message says why)."""
+
+
+class QueueFullError(EngineError, RuntimeError):
+    """The serving queue is at its bound; retry later or raise ``max_queue``."""
+
+
+def require(package: str, needed_for: str, extra: str | None = None):
+    """Import ``package`` or raise MissingDependencyError naming what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:  # the package or one of its own dependencies is absent
+        pip_name = {"onnxruntime": "onnxruntime", "diffusers": "diffusers", "tensorrt": "tensorrt",
+                    "triton": "triton", "onnx": "onnx", "sklearn": "scikit-learn"}.get(package, package)
+        raise MissingDependencyError(pip_name, needed_for, extra) from exc

@@ -1,0 +1,5 @@
+"""Networks that map (x_t, t) to the model output: the seeds' UNet and the DDPM CIFAR-10 UNet."""
+
+from .seed_unet import SeedUNet
+
+__all__ = ["SeedUNet"]

@@ -1,0 +1,196 @@
+"""The reference reverse steps: plain PyTorch, readable, and the oracle for every faster path.
+
+Both steps take per-sample step indices ``i`` (int64 [B], into a ``Tables``), so the samples of
+one batch may sit at different steps. They are pure and sync-free: coefficients are gathered on
+the device, the t = 0 case is a mask (no ``if`` on a tensor, no ``.item()``), so a step can be
+captured in a CUDA graph. Shapes: x_t, model_output, noise are [B, C, H, W] (any trailing dims).
+
+Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` with diffusers-like ``timesteps`` and
+``step(model_output, timestep, sample, noise)``, where ``timestep`` holds *training* timesteps
+per sample (tensor [B]) and is mapped to step indices on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .errors import InvalidRequestError
+from .schedules import DeviceTables, Tables, make_betas
+
+
+class Prediction(str, Enum):
+    """What the network outputs."""
+    EPSILON = "epsilon"  # the noise (DDPM default)
+    SAMPLE = "sample"    # x0 itself
+    V = "v_prediction"   # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+
+    @classmethod
+    def parse(cls, value) -> "Prediction":
+        aliases = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+        try:
+            return cls(aliases.get(value, value))
+        except ValueError:
+            raise InvalidRequestError(f"unknown prediction type {value!r}; use 'epsilon', 'sample' or 'v_prediction'") from None
+
+
+class Variance(str, Enum):
+    """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
+    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (seeds 002/003)
+    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (seed 001)
+
+    @classmethod
+    def parse(cls, value) -> "Variance":
+        aliases = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
+        try:
+            return cls(aliases.get(value, value))
+        except ValueError:
+            raise InvalidRequestError(f"unknown variance type {value!r}; use 'fixed_small' or 'fixed_large'") from None
+
+
+def _gather(column: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
+    """column[i] shaped [B, 1, 1, ...] to broadcast against a [B, ...] sample."""
+    return column[i].reshape(-1, *([1] * (ndim - 1)))
+
+
+def predict_x0_and_eps(tab: DeviceTables, x_t, model_output, i, prediction: Prediction):
+    """x0 and epsilon implied by the model output at step index i (before any clipping).
+
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  (DDPM eq. 4) is solved for whichever is missing.
+    """
+    nd = x_t.ndim
+    sa = _gather(tab.sqrt_alphas_cumprod, i, nd)
+    s1ma = _gather(tab.sqrt_one_minus_alphas_cumprod, i, nd)
+    if prediction is Prediction.EPSILON:
+        eps = model_output
+        x0 = _gather(tab.sqrt_recip_alphas_cumprod, i, nd) * x_t - _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd) * eps
+    elif prediction is Prediction.SAMPLE:
+        x0 = model_output
+        eps = (x_t - sa * x0) / s1ma
+    else:  # v
+        x0 = sa * x_t - s1ma * model_output
+        eps = sa * model_output + s1ma * x_t
+    return x0, eps
+
+
+def ddpm_step(tab: DeviceTables, x_t, model_output, i, noise, *, prediction=Prediction.EPSILON,
+              variance=Variance.FIXED_SMALL, clip_denoised=False):
+    """One ancestral DDPM step from step index i: returns (x_prev, pred_x0).
+
+    1. x0 from the model output (eq. 15 for epsilon), optionally clipped to [-1, 1];
+    2. posterior mean  mu = coef1 * x0 + coef2 * x_t  (eq. 7);
+    3. x_prev = mu + exp(0.5 log sigma^2) * noise, with the noise masked out where i == 0.
+    """
+    nd = x_t.ndim
+    x0, _ = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+    mean = _gather(tab.posterior_mean_coef1, i, nd) * x0 + _gather(tab.posterior_mean_coef2, i, nd) * x_t
+    log_var = tab.posterior_log_variance_clipped if variance is Variance.FIXED_SMALL else tab.large_log_variance
+    nonzero_mask = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (nd - 1)))
+    x_prev = mean + nonzero_mask * torch.exp(0.5 * _gather(log_var, i, nd)) * noise
+    return x_prev, x0
+
+
+def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, prediction=Prediction.EPSILON,
+              clip_denoised=False):
+    """One DDIM step (Song et al. 2021, eq. 12) from step index i: returns (x_prev, pred_x0).
+
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)   (eq. 16)
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma * noise
+    abar_prev is 1 on the last step. When x0 is clipped, eps is recomputed from the clipped x0
+    (improved-diffusion's choice; diffusers' use_clipped_model_output=True).
+    """
+    nd = x_t.ndim
+    x0, eps = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (_gather(tab.sqrt_recip_alphas_cumprod, i, nd) * x_t - x0) / _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
+    abar = _gather(tab.alphas_cumprod, i, nd)
+    abar_prev = _gather(tab.ddim_alphas_cumprod_prev, i, nd)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    dir_xt = torch.sqrt((1 - abar_prev - sigma**2).clamp_min(0.0)) * eps
+    x_prev = torch.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
+    return x_prev, x0
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class _Sampler:
+    """Shared part of the user-facing samplers: tables on a device and the t -> index map."""
+
+    def __init__(self, betas=None, *, num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                 beta_end=0.02, steps=None, prediction_type="epsilon", clip_sample=False, device="cpu"):
+        train_betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, betas)
+        self.train_betas = train_betas
+        self.prediction = Prediction.parse(prediction_type)
+        self.clip_sample = bool(clip_sample)
+        self.device = torch.device(device)
+        self.set_timesteps(steps or len(train_betas))
+
+    def set_timesteps(self, steps: int, device=None):
+        """Choose how many steps to sample with (respaces the tables)."""
+        if device is not None:
+            self.device = torch.device(device)
+        self.tables = Tables.build(self.train_betas, steps)
+        self.tab = self.tables.on(self.device)
+        T = self.tables.num_train_timesteps
+        index = torch.full((T,), -1, dtype=torch.int64)
+        index[torch.from_numpy(self.tables.timesteps)] = torch.arange(self.tables.steps)
+        self._index_of_t = index.to(self.device)
+        self.timesteps = torch.from_numpy(self.tables.timesteps[::-1].copy()).to(self.device)
+
+    def index_of(self, timestep) -> torch.Tensor:
+        """Step indices [B] of training timesteps (a kept timestep; others map to -1)."""
+        t = torch.as_tensor(timestep, device=self.device).long().reshape(-1)
+        return self._index_of_t[t]
+
+    def _prepare(self, timestep, sample, noise):
+        i = self.index_of(timestep).expand(sample.shape[0]) if torch.as_tensor(timestep).numel() == 1 \
+            else self.index_of(timestep)
+        if noise is None:
+            noise = torch.zeros_like(sample)
+        return i, noise
+
+
+class DDPMSampler(_Sampler):
+    """DDPM ancestral sampling, diffusers-style (``DDPMScheduler``-like names)."""
+
+    def __init__(self, betas=None, *, variance_type="fixed_small", **kw):
+        self.variance = Variance.parse(variance_type)
+        super().__init__(betas, **kw)
+
+    def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
+        i, noise = self._prepare(timestep, sample, noise)
+        x_prev, x0 = ddpm_step(self.tab, sample, model_output, i, noise, prediction=self.prediction,
+                               variance=self.variance, clip_denoised=self.clip_sample)
+        return StepOutput(x_prev, x0)
+
+
+class DDIMSampler(_Sampler):
+    """DDIM sampling with eta in [0, 1] (eta = 0: deterministic; eta = 1: DDPM-like variance)."""
+
+    def __init__(self, betas=None, *, eta=0.0, **kw):
+        self.eta = check_eta(eta)
+        super().__init__(betas, **kw)
+
+    def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
+        i, noise = self._prepare(timestep, sample, noise)
+        x_prev, x0 = ddim_step(self.tab, sample, model_output, i, noise, eta=self.eta,
+                               prediction=self.prediction, clip_denoised=self.clip_sample)
+        return StepOutput(x_prev, x0)
+
+
+def check_eta(eta) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
+        raise InvalidRequestError(f"eta must be a number in [0, 1], got {eta!r}")
+    return float(eta)

@@ -1,0 +1,231 @@
+"""Beta schedules and the coefficient tables of DDPM / DDIM, computed once in float64.
+
+This module is the one place where the diffusion math's constants live. Named schedules are
+frozen: new ones may be added, existing ones never change (improved-diffusion's policy).
+
+Notation (Ho et al. 2020): alpha_t = 1 - beta_t, alphas_cumprod[t] = prod_{s<=t} alpha_s
+(written alpha-bar). Training timesteps t run 0..T-1. A sampling run keeps ``steps`` of them
+(``timesteps``, ascending); tables are indexed by the *step index* i = 0..steps-1 into that
+list, never by t, so respacing only changes the tables and not the step math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequestError
+
+BETA_SCHEDULES = ("linear", "cosine", "scaled_linear", "squaredcos_cap_v2")
+
+
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """DDPM paper's schedule: betas evenly spaced from beta_start to beta_end (float64)."""
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """diffusers' ``scaled_linear``: linear in sqrt(beta)."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal (2021) eq. 17: alpha-bar(t) = cos^2(((t/T + s)/(1 + s)) * pi/2),
+    beta_t = 1 - alpha-bar(t+1)/alpha-bar(t), clipped at ``max_beta`` to avoid a singularity at t = T."""
+    def alpha_bar(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+             for i in range(num_timesteps)]
+    return np.asarray(betas, dtype=np.float64)
+
+
+def make_betas(beta_schedule: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
+               beta_end: float = 0.02, trained_betas=None) -> np.ndarray:
+    """Betas (float64, shape [T]) for a named schedule, or the user's own ``trained_betas``."""
+    if trained_betas is not None:
+        betas = np.asarray(trained_betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) == 0 or not np.all((betas > 0) & (betas < 1)):
+            raise InvalidRequestError("trained_betas must be a non-empty 1-D sequence of values in (0, 1)")
+        return betas
+    if beta_schedule == "linear":
+        return linear_betas(num_timesteps, beta_start, beta_end)
+    if beta_schedule == "scaled_linear":
+        return scaled_linear_betas(num_timesteps, beta_start, beta_end)
+    if beta_schedule in ("cosine", "squaredcos_cap_v2"):
+        return cosine_betas(num_timesteps)
+    raise InvalidRequestError(f"unknown beta schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES} "
+                              "or pass trained_betas")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """The kept training timesteps, ascending: ``arange(steps) * (T // steps)`` — the even
+    ("leading") spacing of the DDIM paper and diffusers, exactly ``steps`` of them; t = 0 is
+    always kept so the last step lands on the data. ``steps == T`` keeps every timestep."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
+        raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
+    return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Per-step coefficient tables of one sampling run, float64, each of shape [steps].
+
+    Index i is the step index: the model sees training timestep ``timesteps[i]``; stepping
+    from index i produces the sample at index i-1 (x_0 after i = 0).
+
+    DDPM (respaced as improved-diffusion's ``SpacedDiffusion``: betas are rebuilt from the
+    kept alpha-bars, beta_i = 1 - abar_i / abar_{i-1}, so the same math serves any step count):
+
+    - ``posterior_variance``  = beta_i (1 - abar_{i-1}) / (1 - abar_i)          (DDPM eq. 7)
+    - ``posterior_log_variance_clipped``: log of the posterior variance with its i = 0 entry
+      (which is 0) replaced by the i = 1 entry — improved-diffusion's rule. Only used where the
+      noise is masked out anyway, it just keeps the log finite.
+    - ``large_log_variance``  = log of [posterior_variance[1], beta_1, beta_2, ...]: the
+      "fixed_large" choice sigma^2 = beta_t (seed 001), again finite at i = 0.
+    - ``posterior_mean_coef1`` = beta_i sqrt(abar_{i-1}) / (1 - abar_i),
+      ``posterior_mean_coef2`` = (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i)  (DDPM eq. 7):
+      mean = coef1 * x0 + coef2 * x_t.
+
+    DDIM: ``ddim_alphas_cumprod_prev`` is abar at the next kept timestep, and 1 for the last
+    step (the DDIM paper's convention, diffusers' ``set_alpha_to_one=True``).
+    """
+
+    num_train_timesteps: int
+    timesteps: np.ndarray
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    sqrt_alphas_cumprod: np.ndarray
+    sqrt_one_minus_alphas_cumprod: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    large_log_variance: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    ddim_alphas_cumprod_prev: np.ndarray
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @classmethod
+    def build(cls, train_betas: np.ndarray, steps: int | None = None) -> "Tables":
+        train_betas = np.asarray(train_betas, dtype=np.float64)
+        T = len(train_betas)
+        timesteps = spaced_timesteps(T, T if steps is None else steps)
+        abar_train = np.cumprod(1.0 - train_betas)
+        abar = abar_train[timesteps]
+        abar_prev = np.append(1.0, abar[:-1])
+        betas = 1.0 - abar / abar_prev
+        alphas = 1.0 - betas
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        first_nonzero = post_var[1] if len(post_var) > 1 else betas[0]
+        return cls(
+            num_train_timesteps=T,
+            timesteps=timesteps,
+            betas=betas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_alphas_cumprod=np.sqrt(abar),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=np.log(np.append(first_nonzero, post_var[1:])),
+            large_log_variance=np.log(np.append(first_nonzero, betas[1:])),
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            ddim_alphas_cumprod_prev=abar_prev.copy(),  # abar_prev[0] == 1: set_alpha_to_one
+        )
+
+    def on(self, device, dtype=torch.float32) -> "DeviceTables":
+        """The tables as device tensors, cast once and cached per (device, dtype)."""
+        key = (str(torch.device(device)), dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = DeviceTables.from_tables(self, torch.device(device), dtype)
+        return self._device_cache[key]
+
+
+# Columns of the packed device table, in order; kernels index this layout (kernels/ reads COLUMNS).
+COLUMNS = (
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",
+    "large_log_variance",
+    "alphas_cumprod",
+    "ddim_alphas_cumprod_prev",
+)
+
+
+@dataclass(frozen=True)
+class DeviceTables:
+    """Tables on a device. ``packed`` is [steps, len(COLUMNS)] (one gather per step for a kernel);
+    each column is also an attribute (a view into ``packed``), and ``timesteps`` is int64 [steps]."""
+
+    packed: torch.Tensor
+    timesteps: torch.Tensor
+    columns: dict
+
+    @classmethod
+    def from_tables(cls, tables: Tables, device: torch.device, dtype) -> "DeviceTables":
+        host = np.stack([getattr(tables, name) for name in COLUMNS], axis=1)
+        packed = torch.from_numpy(host).to(device=device, dtype=dtype).contiguous()
+        columns = {name: packed[:, k] for k, name in enumerate(COLUMNS)}
+        timesteps = torch.from_numpy(tables.timesteps).to(device)
+        return cls(packed=packed, timesteps=timesteps, columns=columns)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["columns"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How a model was trained: its noise schedule and what it predicts. Keys follow diffusers'
+    ``scheduler_config.json`` so a diffusers folder's config maps one to one."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    trained_betas: tuple | None = None
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        from .samplers import Prediction, Variance  # validate early, with a typed error
+
+        Prediction.parse(self.prediction_type)
+        Variance.parse(self.variance_type)
+        self.betas()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("trained_betas") is not None:
+            kw["trained_betas"] = tuple(kw["trained_betas"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        return d
+
+    def betas(self) -> np.ndarray:
+        return make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
+                          self.trained_betas)

@@ -1,0 +1,1 @@
+"""Export of trained UNets to deployable graphs (ONNX), apart from the runtime."""
