@@ -1,32 +1,52 @@
-"""Backends: (x_t, t) -> model output, one small class each. ``create`` picks one by name."""
+"""Backends: (x_t, t) -> model output, one small class each. ``create`` picks one by name.
+
+Each backend module exposes ``unavailable_reason(device) -> str | None`` (why it cannot run on
+``device`` here, or None) and ``create(loaded, device, precision) -> Backend``; modules are
+imported only when asked for, so a missing optional package never breaks ``import engine``.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 import torch
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 from .base import PRECISIONS, Backend, parse_precision
-from .torch_backend import TorchBackend
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+# name -> module; the order is auto's order of preference on CUDA
+BACKEND_MODULES = {
+    "tensorrt": "engine.backends.tensorrt_backend",
+    "aoti": "engine.backends.aoti_backend",
+    "onnxruntime": "engine.backends.onnxruntime_backend",
+    "torch": "engine.backends.torch_backend",
+}
+BACKENDS = ("auto", *BACKEND_MODULES)
 
 
-def available(device: torch.device) -> dict:
+def _module(name: str):
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+def available(device) -> dict:
     """{backend name: None if usable on ``device``, else the reason it is not}."""
     device = torch.device(device)
-    out = {"torch": None}
-    out["onnxruntime"] = None if importlib.util.find_spec("onnxruntime") else \
-        "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu on CUDA)"
+    out = {}
+    for name in BACKEND_MODULES:
+        try:
+            out[name] = _module(name).unavailable_reason(device)
+        except ImportError as exc:  # the module exists only in a later version
+            out[name] = f"not built into this version ({exc})"
     return out
 
 
-def auto_backend(device: torch.device) -> str:
-    """The fastest backend available on ``device``: ONNX Runtime on the CPU (its CPU provider
-    ran the UNets faster than eager PyTorch, see bench/), eager torch otherwise."""
+def auto_backend(device) -> str:
+    """The fastest backend usable on ``device``: on the CPU, ONNX Runtime (its CPU provider ran
+    the UNets faster than eager PyTorch, see bench/); on CUDA, eager torch (the compiled
+    backends are opt-in until the GPU parity suite has passed for them on that machine)."""
     device = torch.device(device)
-    if device.type == "cpu" and available(device)["onnxruntime"] is None:
+    avail = available(device)
+    if device.type == "cpu" and avail.get("onnxruntime") is None:
         return "onnxruntime"
     return "torch"
 
@@ -39,9 +59,11 @@ def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
     device = torch.device(device)
     if name == "auto":
         name = auto_backend(device)
-    if name == "torch":
-        return TorchBackend(loaded.module, device, precision)
-    reason = available(device).get(name)
+    try:
+        module = _module(name)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend {name!r} is not built into this version ({exc})") from None
+    reason = module.unavailable_reason(device)
     if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
-    raise BackendUnavailableError(f"backend {name!r} is not built into this version")
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return module.create(loaded, device, precision)

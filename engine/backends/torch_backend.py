@@ -21,3 +21,11 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def __call__(self, x, t):
         return self.module(x.to(self.dtype), t).float()
+
+
+def unavailable_reason(device) -> str | None:
+    return None
+
+
+def create(loaded, device, precision):
+    return TorchBackend(loaded.module, device, precision)
