@@ -4,6 +4,10 @@ Formats:
 - the project's own: a folder with ``config.json`` ({"format": "ddpm-engine", "model": {"type":
   ..., <constructor kwargs>}, "scheduler": {...}, "sample_shape": [C, H, W]}) and
   ``model.safetensors``;
+- diffusers' pipeline folder as ``DDPMPipeline.save_pretrained`` writes it (model_index.json,
+  unet/, scheduler/), and the older single folder (config.json of the UNet2DModel beside
+  scheduler_config.json and the weights); the scheduler config is honoured (beta schedule,
+  variance_type, clip_sample, prediction_type). Needs the optional package diffusers;
 - any ``nn.Module`` with ``forward(x, t)``, given with its scheduler config and sample shape.
 """
 
@@ -143,5 +147,43 @@ def load(path_or_name) -> LoadedModel:
     cfg_path = folder / "config.json"
     if cfg_path.is_file() and _read_json(cfg_path).get("format") == PROJECT_FORMAT:
         return load_project_folder(folder)
+    if (folder / "model_index.json").is_file():
+        return load_diffusers_folder(folder / "unet", folder / "scheduler" / "scheduler_config.json", folder.name)
+    if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
+        return load_diffusers_folder(folder, folder / "scheduler_config.json", folder.name)
     raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
                          "(ddpm-engine) or a diffusers folder")
+
+
+def _sample_shape_from_unet_config(cfg: dict) -> tuple:
+    size = cfg.get("sample_size")
+    if size is None:
+        raise ModelLoadError("the UNet config has no sample_size; cannot tell the image size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(cfg.get("in_channels", 3)), int(h), int(w))
+
+
+def load_diffusers_folder(unet_dir: Path, scheduler_json: Path, name: str) -> LoadedModel:
+    """A diffusers UNet2DModel folder plus its scheduler_config.json."""
+    from .errors import require
+    from .models.cifar_unet import DiffusersUNet
+
+    diffusers = require("diffusers", f"loading the diffusers folder {unet_dir}", extra="diffusers")
+    unet_cfg = _read_json(unet_dir / "config.json")
+    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ModelLoadError(f"{unet_dir} holds a {unet_cfg.get('_class_name')}; only UNet2DModel is supported")
+    sched_cfg = _read_json(scheduler_json)
+    if sched_cfg.get("thresholding") or float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
+        raise ModelLoadError(f"{scheduler_json} asks for dynamic thresholding or a clip range other than 1; "
+                             "this engine clips x0 to [-1, 1] only (set thresholding=false, clip_sample_range=1.0)")
+    try:
+        scheduler = SchedulerConfig.from_dict(sched_cfg)
+    except InvalidRequestError as exc:
+        raise ModelLoadError(f"{scheduler_json} is not a scheduler config this engine supports ({exc})") from None
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the diffusers UNet in {unet_dir}: {first}") from None
+    module = DiffusersUNet(unet).eval()
+    return LoadedModel(module, scheduler, _sample_shape_from_unet_config(unet_cfg), name, weights_hash(module))

@@ -1,0 +1,122 @@
+"""Command line: ``python -m engine {sample,export,train,info}``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+from .errors import EngineError
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .engine import Engine
+    from .images import save_grid
+
+    engine = Engine.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
+                                    step_impl=args.step_impl)
+    batch = args.seeds if args.seeds else args.n
+    steps = args.steps
+    start = time.perf_counter()
+    images = engine.sample(batch, sampler=args.sampler, steps=steps, eta=args.eta, progress=not args.quiet)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    n_steps = steps or (engine.num_train_timesteps if args.sampler == "ddpm" else min(50, engine.num_train_timesteps))
+    path = save_grid(images, args.out, scale=args.scale)
+    print(f"{engine}")
+    print(f"{images.shape[0]} images, {args.sampler}-{n_steps}: {seconds:.2f} s, "
+          f"{seconds / n_steps * 1e3:.2f} ms/step, {images.shape[0] / seconds:.2f} images/s")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import checkpoints
+    from export.onnx_export import export_onnx
+
+    loaded = checkpoints.load(args.model)
+    path = export_onnx(loaded, path=args.out, opset=args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args.train_args)
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+
+    import torch
+
+    from . import backends
+
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "triton", "tensorrt", "diffusers"):
+        try:
+            print(f"  {pkg:16s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"  {pkg:16s} not installed")
+    devices = ["cpu"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    if not torch.cuda.is_available():
+        print("CUDA: not available (no GPU, or a CPU build of torch)")
+    for dev in devices:
+        name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
+        print(f"device {dev} ({name}): auto -> {backends.auto_backend(dev)}")
+        for backend, reason in backends.available(dev).items():
+            print(f"  {backend:12s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine", description="Sample from trained diffusion UNets.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="sample images and write a PNG grid")
+    s.add_argument("--model", default="digits", help="bundled model name or model folder (default: digits)")
+    s.add_argument("-n", "--n", type=int, default=16, help="number of images (fresh random seeds)")
+    s.add_argument("--seeds", type=int, nargs="+", help="explicit 64-bit seeds (overrides -n)")
+    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T for ddpm, 50 for ddim)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--step-impl", default="auto", choices=["auto", "torch", "triton"])
+    s.add_argument("--out", default="samples.png", help="PNG grid to write")
+    s.add_argument("--scale", type=int, default=4, help="pixel upscale of the grid")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("export", help="export a model to ONNX")
+    e.add_argument("--model", default="digits")
+    e.add_argument("--out", default=None, help="output .onnx path (default: the cache)")
+    e.add_argument("--opset", type=int, default=17)
+    e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("train", help="train a model (python -m engine train --help)", add_help=False)
+    t.add_argument("train_args", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
