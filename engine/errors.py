@@ -31,6 +31,10 @@ class BackendUnavailableError(EngineError, RuntimeError):
     """The requested backend cannot run on this machine or device (the message says why)."""
 
 
+class ExportError(BackendUnavailableError):
+    """The model could not be exported (an unsupported op, or a graph off the I/O spec)."""
+
+
 class QueueFullError(EngineError, RuntimeError):
     """The serving queue is at its bound; retry later or raise ``max_queue``."""
 

@@ -1,0 +1,158 @@
+"""ONNX Runtime: the exported fp32 graph on the CPU provider, or on CUDA with IOBinding.
+
+CPU: x and t are handed to ORT as zero-copy NumPy views, the output comes back as a tensor that
+shares ORT's buffer. Session options: all graph optimisations, ORT's default intra-op thread
+count (one per physical core).
+
+CUDA (UNVERIFIED: written against ORT's documented Python API - ``io_binding``,
+``bind_input(..., buffer_ptr=...)``, the CUDA provider's ``user_compute_stream`` option and the
+``disable_synchronize_execution_providers`` run option - but never run, as this project's CI has
+no GPU; needs ``onnxruntime-gpu``): inputs and the output are torch CUDA tensors bound by pointer,
+and ORT runs on the torch stream that was current when the session was made, so there is neither
+a copy nor a host sync per call. Calling from another torch stream later is not supported.
+
+Only fp32: the graph is exported in fp32 and no fp16 conversion is done here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import iospec
+
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
+from .base import Backend
+
+
+def _ort():
+    return require("onnxruntime", "the onnxruntime backend")
+
+
+def _ort_errors() -> tuple:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def _check_precision(precision: str) -> None:
+    if precision != "fp32":
+        raise BackendUnavailableError(f"the onnxruntime backend runs the fp32 graph only, not {precision!r}; "
+                                      "use precision='fp32', or backend='torch' for reduced precision")
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path, device="cpu", precision: str = "fp32", expected_hash: str | None = None,
+                 expected_shape=None):
+        """Open ``onnx_path``; with ``expected_hash`` / ``expected_shape`` (C, H, W) refuse a graph
+        exported from another model (``ModelLoadError``)."""
+        super().__init__(device, precision)
+        _check_precision(precision)
+        ort = _ort()
+        self.path = Path(onnx_path)
+        self.session = self._open(ort)
+        if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider (CUDA/cuDNN libraries "
+                                          "missing or of another version?); see onnxruntime-gpu's install notes")
+        self._run_options = ort.RunOptions()
+        if self.device.type == "cuda":  # no host sync per call: ORT runs on torch's current stream
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if expected_hash is not None and meta.get(iospec.META_WEIGHTS_HASH) != expected_hash:
+            raise ModelLoadError(f"{self.path} was exported from another model (weights hash "
+                                 f"{meta.get(iospec.META_WEIGHTS_HASH, 'absent')!r}, expected {expected_hash!r}); "
+                                 "delete it or re-export this model")
+        problems = iospec.mismatches(*iospec.from_session(self.session), expected_shape)
+        if problems:
+            raise ModelLoadError(f"{self.path} does not fit this model / ddpm-engine's ONNX I/O spec: "
+                                 f"{'; '.join(problems)}; re-export it with export.onnx_export.export_onnx")
+        self.sample_shape = tuple(self.session.get_inputs()[0].shape[1:])
+        self._errors = _ort_errors()
+
+    @classmethod
+    def from_file(cls, onnx_path, device="cpu", precision: str = "fp32") -> OnnxRuntimeBackend:
+        """Run any ONNX file that follows ``export.iospec`` (no check of which model it came from)."""
+        return cls(onnx_path, device, precision)
+
+    def _open(self, ort):
+        if not self.path.is_file():
+            raise ModelLoadError(f"no ONNX file at {self.path}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            return ort.InferenceSession(str(self.path), options, providers=providers)
+        except _ort_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"ONNX Runtime cannot load {self.path} (corrupt or not an ONNX model?): "
+                                 f"{first}; delete it and re-export") from None
+
+    def _check(self, x, t):
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
+            raise InvalidRequestError(f"onnxruntime backend got x {tuple(x.shape)} and t {tuple(t.shape)}; "
+                                      f"expected x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self._check(x, t)
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        t = t.detach().to(self.device, torch.int64).contiguous()
+        try:
+            if self.device.type == "cuda":
+                return self._run_cuda(x, t)
+            feed = {iospec.SAMPLE: x.numpy(), iospec.TIMESTEP: t.numpy()}
+            out = self.session.run([iospec.OUTPUT], feed, self._run_options)[0]
+            return torch.from_numpy(out)
+        except self._errors as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            error = InvalidRequestError if type(exc).__name__ == "InvalidArgument" else BackendUnavailableError
+            raise error(f"ONNX Runtime failed on {self.path.name} with x {tuple(x.shape)}: {first}") from None
+
+    def _run_cuda(self, x, t):  # UNVERIFIED, see the module docstring
+        out = torch.empty_like(x)
+        index = self.device.index
+        binding = self.session.io_binding()
+        binding.bind_input(iospec.SAMPLE, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_input(iospec.TIMESTEP, "cuda", index, np.int64, tuple(t.shape), t.data_ptr())
+        binding.bind_output(iospec.OUTPUT, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding, self._run_options)
+        return out
+
+    def __repr__(self):
+        return f"OnnxRuntimeBackend({self.path.name}, device={self.device}, precision={self.precision})"
+
+
+def unavailable_reason(device) -> str | None:
+    try:
+        ort = _ort()
+    except ImportError:
+        return "the package 'onnxruntime' is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
+    device = torch.device(device)
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("this onnxruntime has no CUDAExecutionProvider; pip uninstall onnxruntime && "
+                "pip install onnxruntime-gpu")
+    if device.type not in ("cpu", "cuda"):
+        return f"device type {device.type!r} is not supported (cpu or cuda)"
+    return None
+
+
+def create(loaded, device, precision) -> OnnxRuntimeBackend:
+    """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it."""
+    _check_precision(precision)  # before the export, which can take seconds
+    require("onnx", "the onnxruntime backend (ONNX export)")
+    from export.onnx_export import export_onnx
+
+    path = export_onnx(loaded)
+    return OnnxRuntimeBackend(path, device, precision, expected_hash=loaded.weights_hash,
+                              expected_shape=loaded.sample_shape)

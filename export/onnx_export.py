@@ -1,0 +1,142 @@
+"""Export a loaded UNet to ONNX (fp32, dynamic batch), cached on disk.
+
+Exporter: the TorchScript one (``torch.onnx.export(..., dynamo=False)``) by default. Both it and
+the torch.export-based one (``exporter="dynamo"``) export SeedUNet and the diffusers CIFAR-10
+UNet with a dynamic batch and match eager PyTorch in ONNX Runtime to the same ~1e-7 (SeedUNet) /
+~2e-6 (CIFAR UNet) relative error, and run equally fast there; but the TorchScript exporter is
+about 40x faster on SeedUNet (0.05 s vs 2 s) and 8x on the CIFAR UNet (2.6 s vs 20 s) with
+torch 2.13. It is deprecated in torch, so ``exporter="dynamo"`` is kept working for the day it
+goes. It traces: Python control flow is frozen at the example batch of 2, which is why the graph
+is checked against ``export.iospec`` and the tests compare it with eager at batches 1 and 3.
+
+Cache: ``$DDPM_ENGINE_CACHE/onnx`` (default ``~/.cache/ddpm-engine/onnx``), one file per
+(weights hash, model structure, sample shape, opset, exporter, torch version). Files are written
+to a temporary name and renamed, so a crash never leaves a half file that a later run would reuse.
+The weights hash and sample shape go into the file's metadata_props (see ``export.iospec``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.errors import ExportError, InvalidRequestError, require
+
+from . import iospec
+
+EXPORTERS = ("torchscript", "dynamo")
+EXAMPLE_BATCH = 2  # not 1, so the tracer cannot fold the batch size into the graph
+
+
+def cache_dir_default() -> Path:
+    root = os.environ.get("DDPM_ENGINE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "ddpm-engine") / "onnx"
+
+
+def _structure(module: torch.nn.Module) -> str:
+    """What defines the function besides the weights: the layer tree and every ``config`` dict
+    (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift)."""
+    configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
+    return repr(module) + json.dumps(configs, sort_keys=True, default=str)
+
+
+def cache_key(loaded, opset: int, exporter: str) -> str:
+    parts = {"weights": loaded.weights_hash, "structure": _structure(loaded.module),
+             "sample_shape": list(loaded.sample_shape), "opset": opset, "exporter": exporter,
+             "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cached_path(loaded, opset: int = iospec.DEFAULT_OPSET, exporter: str = "torchscript", cache_dir=None) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.name)[:40] or "model"
+    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    return folder / f"{name}-{cache_key(loaded, opset, exporter)[:24]}.onnx"
+
+
+def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=None,
+                exporter: str = "torchscript") -> Path:
+    """Write ``loaded`` (a ``checkpoints.LoadedModel``) as ONNX and return the file's path.
+
+    With ``path=None`` the file goes to the cache and an existing one is reused; with a
+    ``path`` the graph is always (re)written there.
+    """
+    if not isinstance(opset, int) or opset < iospec.MIN_OPSET:
+        raise InvalidRequestError(f"opset must be an int >= {iospec.MIN_OPSET}, got {opset!r}")
+    if exporter not in EXPORTERS:
+        raise InvalidRequestError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    onnx = require("onnx", "ONNX export")
+    if path is None:
+        path = cached_path(loaded, opset, exporter, cache_dir)
+        if path.is_file():
+            return path
+    path = Path(path)
+    model = _trace(_fp32_cpu(loaded.module), loaded.sample_shape, opset, exporter)
+    problems = iospec.mismatches(*iospec.from_onnx(model), loaded.sample_shape)
+    if problems:
+        raise ExportError(f"the ONNX graph of {loaded.name!r} does not follow the I/O spec: {'; '.join(problems)}")
+    for key, value in iospec.metadata(loaded.weights_hash, loaded.sample_shape, exporter).items():
+        model.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the ONNX graph of {loaded.name!r} fails onnx.checker: {exc}") from None
+    _write_atomically(path, model.SerializeToString())
+    return path
+
+
+def _fp32_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """The module in eval mode, fp32 on the CPU; a copy if it is elsewhere (another backend may hold it)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32) for p in tensors):
+        module = copy.deepcopy(module).to("cpu").float()
+    return module.eval()
+
+
+def _trace(module, sample_shape, opset: int, exporter: str):
+    import onnx
+
+    x = torch.randn(EXAMPLE_BATCH, *sample_shape)
+    t = torch.randint(0, 1000, (EXAMPLE_BATCH,), dtype=torch.int64)
+    names = dict(input_names=[iospec.SAMPLE, iospec.TIMESTEP], output_names=[iospec.OUTPUT], opset_version=opset)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", UserWarning)  # constant-folding and axis-naming notes
+            if exporter == "dynamo":
+                batch = torch.export.Dim(iospec.BATCH_AXIS, min=1, max=65536)
+                program = torch.onnx.export(module, (x, t), dynamo=True, dynamic_shapes=({0: batch}, {0: batch}),
+                                            verbose=False, **names)
+                return program.model_proto
+            buf = io.BytesIO()
+            axes = {n: {0: iospec.BATCH_AXIS} for n in (iospec.SAMPLE, iospec.TIMESTEP, iospec.OUTPUT)}
+            torch.onnx.export(module, (x, t), buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
+            return onnx.load_from_string(buf.getvalue())
+    except Exception as exc:  # the exporters raise many unrelated types for an unsupported model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first}; "
+                          f"try exporter={'dynamo' if exporter == 'torchscript' else 'torchscript'!r} "
+                          "or backend='torch'") from exc
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,123 @@
+"""The onnxruntime backend on the CPU: parity with eager per step and over whole trajectories,
+and typed errors for a graph of another model, a corrupt file, bad precision and bad inputs."""
+
+import random
+
+import pytest
+import torch
+
+from engine import Engine, backends
+from engine.backends import onnxruntime_backend
+from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from engine.checkpoints import from_module
+from engine.errors import BackendUnavailableError, InvalidRequestError, ModelLoadError
+from engine.models import SeedUNet
+from export.onnx_export import export_onnx
+
+SHAPE = (1, 8, 8)
+
+
+def small_model(widths=(8, 16), shape=SHAPE):
+    torch.manual_seed(random.getrandbits(31))
+    module = SeedUNet(shape[0], widths).eval()
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return from_module(module, {"clip_sample": True}, shape, name="small")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDPM_ENGINE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def backend(loaded, cache):
+    return onnxruntime_backend.create(loaded, torch.device("cpu"), "fp32")
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_each_step_matches_eager(backend, loaded, batch):
+    for _ in range(3):
+        x = torch.randn(batch, *SHAPE)
+        t = torch.randint(0, 1000, (batch,))
+        with torch.inference_mode():
+            got = backend(x, t)
+            want = loaded.module(x, t)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_trajectories_match_the_torch_backend(loaded, cache, sampler):
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    fast = Engine(loaded, backend="onnxruntime", device="cpu").sample(seeds, sampler=sampler, steps=10)
+    ref = Engine(loaded, backend="torch", device="cpu").sample(seeds, sampler=sampler, steps=10)
+    assert (fast - ref).abs().max() <= 1e-4
+
+
+def test_auto_picks_onnxruntime_on_the_cpu(loaded, cache):
+    assert onnxruntime_backend.unavailable_reason(torch.device("cpu")) is None
+    assert backends.available("cpu")["onnxruntime"] is None
+    assert Engine(loaded, backend="auto", device="cpu").backend.name == "onnxruntime"
+
+
+def test_cuda_needs_the_gpu_package():
+    import onnxruntime as ort
+
+    reason = onnxruntime_backend.unavailable_reason(torch.device("cuda"))
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert reason is None
+    else:
+        assert "onnxruntime-gpu" in reason
+
+
+def test_from_file_runs_any_conforming_graph(backend, loaded):
+    other = OnnxRuntimeBackend.from_file(backend.path)
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    assert torch.equal(other(x, t), backend(x, t))
+
+
+def test_a_graph_of_another_model_is_refused(backend, loaded, tmp_path):
+    with pytest.raises(ModelLoadError, match="another model"):
+        OnnxRuntimeBackend(backend.path, "cpu", expected_hash="0" * 64)
+    wider = small_model(shape=(1, 16, 16))
+    path = export_onnx(wider, tmp_path / "wider.onnx")
+    with pytest.raises(ModelLoadError, match="shape"):
+        OnnxRuntimeBackend(path, "cpu", expected_shape=SHAPE)
+
+
+def test_corrupt_or_missing_file_is_a_model_load_error(backend, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(backend.path.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="re-export"):
+        OnnxRuntimeBackend.from_file(broken)
+    with pytest.raises(ModelLoadError, match="no ONNX file"):
+        OnnxRuntimeBackend.from_file(tmp_path / "absent.onnx")
+
+
+def test_only_fp32(loaded, cache):
+    with pytest.raises(BackendUnavailableError, match="fp32"):
+        Engine(loaded, backend="onnxruntime", device="cpu", precision="fp16")
+
+
+def test_bad_inputs_are_typed_errors(backend, monkeypatch):
+    with pytest.raises(InvalidRequestError, match="expected x"):
+        backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(InvalidRequestError, match="expected x"):
+        backend(torch.randn(2, *SHAPE), torch.zeros(3, dtype=torch.int64))
+    monkeypatch.setattr(backend, "_check", lambda x, t: None)  # what ORT itself says, typed
+    with pytest.raises(InvalidRequestError, match="ONNX Runtime failed"):
+        backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
