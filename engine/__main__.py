@@ -47,7 +47,7 @@ def cmd_export(args) -> int:
 def cmd_train(args) -> int:
     from .train import main as train_main
 
-    return train_main(args.train_args)
+    return train_main([a for a in args.train_args if a != "--"])
 
 
 def cmd_info(args) -> int:
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (argparse.REMAINDER drops leading --options)
+        argv = ["train", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -186,10 +186,13 @@ class Engine:
         for k in loop:  # k is the (host-known) step index all samples share in this run
             t = tab.timesteps[i]
             out = self.backend(x, t)
-            x_t = x
-            x, x0 = step(x, out, i, words)
-            if int(tables.timesteps[k]) in snap_at:
-                snaps.append(Snapshot(int(tables.timesteps[k]), x_t.clone(), x0.clone()))
+            snap_t = int(tables.timesteps[k])
+            if snap_t in snap_at:
+                x_t = x.clone()  # the step may write x_prev in place
+                x, x0 = step(x, out, i, words, want_x0=True)
+                snaps.append(Snapshot(snap_t, x_t, x0.clone()))
+            else:
+                x, _ = step(x, out, i, words)
         return x.clamp_(-1.0, 1.0), snaps
 
     def __repr__(self):

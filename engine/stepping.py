@@ -2,10 +2,12 @@
 
 Each implementation has the same contract so the driver loop does not care which runs:
 
-    x_prev, pred_x0 = step(x_t, model_output, i, seed_words)
+    x_prev, pred_x0 = step(x_t, model_output, i, seed_words, want_x0=False)
 
 and ``i`` (int64 [B], per-sample step index) is decremented in place, saturating at 0, so
-nothing on the host changes between steps. Noise comes from the per-sample Philox stream
+nothing on the host changes between steps. An implementation may write x_prev in place into
+x_t (the Triton one does), so a caller that keeps x_t clones it first. ``pred_x0`` is only
+guaranteed when ``want_x0`` is true. Noise comes from the per-sample Philox stream
 (engine.noise) at step counter i.
 
 - ``TorchStep``: the reference (engine.samplers) plus the torch Philox generator.
@@ -46,7 +48,7 @@ class TorchStep:
         self.tab = tab
         self.numel = math.prod(sample_shape)
 
-    def __call__(self, x_t, model_output, i, seed_words):
+    def __call__(self, x_t, model_output, i, seed_words, want_x0: bool = False):
         s = self.spec
         noise = philox_normal(seed_words, i, self.numel).reshape(x_t.shape)
         if s.sampler == "ddpm":

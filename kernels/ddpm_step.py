@@ -1,0 +1,134 @@
+"""Fused DDPM ancestral step: one kernel per reverse step, noise generated inside.
+
+Reference (engine.samplers.ddpm_step, the specification), per element of sample b at step index i:
+
+    x0     = sqrt_recip[i] * x - sqrt_recipm1[i] * eps      (or x0 = out, or from v)   read x, out
+    x0     = clamp(x0, -1, 1)                                 (optional)
+    mean   = coef1[i] * x0 + coef2[i] * x                     (DDPM eq. 7)
+    x_prev = mean + (i != 0) * exp(0.5 * logvar[i]) * z      z: Philox(e, i, seed_b)  write x_prev
+
+The torch reference reads x, out and a materialised noise tensor and writes noise, x0, several
+temporaries and x_prev: about 10 passes over N elements. The kernel reads x and out once and writes
+x_prev once (plus x0 only when asked): 3 passes of N * itemsize bytes (4 with x0). Coefficients
+come from the packed device table (schedules.DeviceTables.packed) gathered by the kernel at each
+sample's own step index, so samples of one batch may sit at different steps.
+"""
+
+import triton
+import triton.language as tl
+
+from engine.noise import PHILOX_ROUNDS
+from engine.schedules import COLUMNS
+
+from .philox import PHILOX_KEY, philox_normal
+
+PRED_EPSILON, PRED_SAMPLE, PRED_V = 0, 1, 2
+
+
+@triton.jit
+def predict_x0(x, out, sa, s1ma, srecip, srecipm1, PRED: tl.constexpr):
+    """x0 implied by the model output (engine.samplers.predict_x0_and_eps)."""
+    if PRED == 0:
+        x0 = srecip * x - srecipm1 * out
+    elif PRED == 1:
+        x0 = out
+    else:
+        x0 = sa * x - s1ma * out
+    return x0
+
+
+@triton.jit
+def _ddpm_step_kernel(
+    x_ptr,        # [B, N] x_t (fp32 / fp16 / bf16)
+    out_ptr,      # [B, N] model output, same layout
+    xprev_ptr,    # [B, N] out: x_{t-1}, x's dtype
+    x0_ptr,       # [B, N] out: predicted x0 (only written when STORE_X0)
+    i_ptr,        # int64 [B]: each sample's step index (read only here)
+    seed_ptr,     # int64 [B, 2]: each sample's seed words (lo, hi)
+    table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
+    N,            # elements per sample
+    NCOLS: tl.constexpr, C_SA: tl.constexpr, C_S1MA: tl.constexpr, C_SRECIP: tl.constexpr,
+    C_SRECIPM1: tl.constexpr, C_COEF1: tl.constexpr, C_COEF2: tl.constexpr, C_LOGVAR: tl.constexpr,
+    PRED: tl.constexpr, CLIP: tl.constexpr, STORE_X0: tl.constexpr,
+    KEY64: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    i = tl.load(i_ptr + b)
+    row = table_ptr + i * NCOLS
+    sa = tl.load(row + C_SA)
+    s1ma = tl.load(row + C_S1MA)
+    srecip = tl.load(row + C_SRECIP)
+    srecipm1 = tl.load(row + C_SRECIPM1)
+    coef1 = tl.load(row + C_COEF1)
+    coef2 = tl.load(row + C_COEF2)
+    std = tl.exp(0.5 * tl.load(row + C_LOGVAR)) * (i != 0).to(tl.float32)  # no noise at i == 0
+
+    base = b.to(tl.int64) * N + offs
+    x = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + base, mask=mask, other=0.0).to(tl.float32)
+    x0 = predict_x0(x, out, sa, s1ma, srecip, srecipm1, PRED)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    mean = coef1 * x0 + coef2 * x
+
+    element = offs.to(tl.uint32)
+    zero = tl.zeros_like(element)
+    step = i.to(tl.uint32) + zero
+    lo = tl.load(seed_ptr + 2 * b).to(tl.uint32) + zero
+    hi = tl.load(seed_ptr + 2 * b + 1).to(tl.uint32) + zero
+    z = philox_normal(element, step, lo, hi, KEY64, ROUNDS)
+
+    x_prev = mean + std * z
+    tl.store(xprev_ptr + base, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
+    if STORE_X0:
+        tl.store(x0_ptr + base, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _advance_kernel(i_ptr,  # int64 [B]: step indices, decremented in place, saturating at 0
+                    B, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < B
+    i = tl.load(i_ptr + offs, mask=mask, other=0)
+    tl.store(i_ptr + offs, tl.maximum(i - 1, 0), mask=mask)
+
+
+def advance(i):
+    """i <- max(i - 1, 0) on the device. A separate launch after the step kernel: every program
+    of the step must read the old index, and launches on one stream are ordered, so no race."""
+    B = i.shape[0]
+    _advance_kernel[(triton.cdiv(B, 256),)](i, B, BLOCK=256)
+
+
+def block_for(numel: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(numel)))
+
+
+def ddpm_step(x, model_output, i, seed_words, table, *, prediction: int = PRED_EPSILON,
+              variance: str = "fixed_small", clip_denoised: bool = False, x_prev=None, x0=None,
+              store_x0: bool = True, block: int | None = None):
+    """Launch the fused DDPM step. ``table`` is DeviceTables.packed (fp32); ``i`` int64 [B] is NOT
+    advanced here (call ``advance(i)``). Returns (x_prev, x0 or None); pass ``x_prev`` / ``x0`` to
+    write into preallocated buffers (CUDA-graph friendly)."""
+    import torch
+
+    B = x.shape[0]
+    N = x[0].numel()
+    x_prev = torch.empty_like(x) if x_prev is None else x_prev
+    if store_x0 and x0 is None:
+        x0 = torch.empty_like(x)
+    block = block or block_for(N)
+    col = {name: k for k, name in enumerate(COLUMNS)}
+    logvar = "posterior_log_variance_clipped" if variance == "fixed_small" else "large_log_variance"
+    grid = (B, triton.cdiv(N, block))
+    _ddpm_step_kernel[grid](
+        x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, N,
+        NCOLS=len(COLUMNS), C_SA=col["sqrt_alphas_cumprod"], C_S1MA=col["sqrt_one_minus_alphas_cumprod"],
+        C_SRECIP=col["sqrt_recip_alphas_cumprod"], C_SRECIPM1=col["sqrt_recipm1_alphas_cumprod"],
+        C_COEF1=col["posterior_mean_coef1"], C_COEF2=col["posterior_mean_coef2"], C_LOGVAR=col[logvar],
+        PRED=prediction, CLIP=bool(clip_denoised), STORE_X0=bool(store_x0),
+        KEY64=PHILOX_KEY, ROUNDS=PHILOX_ROUNDS, BLOCK=block,
+    )
+    return x_prev, (x0 if store_x0 else None)

@@ -1,0 +1,32 @@
+"""Random inputs for the kernel tests, and the reference step with the engine's noise."""
+
+import random
+
+import torch
+
+from engine.noise import philox_normal, seed_words
+from engine.schedules import Tables, make_betas
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_case(B=5, shape=(3, 5, 7), steps=None, schedule=None, dtype=torch.float32):
+    """Tables, x, model output, mixed per-sample step indices (always including 0 and the first
+    step), and seed words — all fresh random."""
+    schedule = schedule or random.choice(["linear", "cosine"])
+    steps = steps or random.choice([1000, 50, 17])
+    tables = Tables.build(make_betas(schedule, 1000), steps)
+    tab = tables.on(DEVICE)
+    x = torch.randn(B, *shape, device=DEVICE).to(dtype)
+    out = torch.randn(B, *shape, device=DEVICE).to(dtype)
+    i = torch.tensor([0, steps - 1] + [random.randrange(steps) for _ in range(B - 2)], device=DEVICE)
+    words = seed_words([random.getrandbits(64) for _ in range(B)], DEVICE)
+    return tab, x, out, i, words
+
+
+def reference_noise(words, i, like):
+    return philox_normal(words, i, like[0].numel()).reshape(like.shape)
+
+
+def poisoned(like, dtype=None):
+    return torch.full_like(like, float("nan"), dtype=dtype or like.dtype)
