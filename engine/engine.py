@@ -79,6 +79,8 @@ class Engine:
         self._train_betas = loaded.scheduler.betas()
         self._tables: dict[int, Tables] = {}
         self._lock = threading.Lock()  # backends with internal buffers are not re-entrant
+        self._server = None
+        self._server_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path_or_name, backend="auto", device=None, precision="fp32", step_impl="auto"):
@@ -194,6 +196,40 @@ class Engine:
             else:
                 x, _ = step(x, out, i, words)
         return x.clamp_(-1.0, 1.0), snaps
+
+    # ---- serving: many callers, one batch (engine/serving.py) ---------------------------------
+    def serve(self, *, mode="continuous", max_batch=32, max_wait_ms=5.0, max_queue=1024):
+        """Start (or restart with new settings) the engine's batching server and return it."""
+        from .serving import Server
+
+        with self._server_lock:
+            if self._server is not None:
+                self._server.close()
+            self._server = Server(self, mode=mode, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+            return self._server
+
+    def _default_server(self):
+        with self._server_lock:
+            if self._server is None:
+                from .serving import Server
+
+                self._server = Server(self)
+            return self._server
+
+    def submit(self, batch, **kw):
+        """Queue a request on the batching server; returns a concurrent.futures.Future of its images."""
+        return self._default_server().submit(batch, **kw)
+
+    async def sample_async(self, batch, **kw):
+        """``await engine.sample_async(seeds, ...)``: batched with other concurrent callers."""
+        return await self._default_server().sample_async(batch, **kw)
+
+    def close(self):
+        """Stop the batching server if one runs (the engine itself stays usable)."""
+        with self._server_lock:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
     def __repr__(self):
         return (f"Engine(model={self.model.name!r}, backend={self.backend.name}, device={self.device}, "

@@ -1,0 +1,356 @@
+"""Serving many callers at once: request coalescing and continuous batching at step granularity.
+
+A ``Server`` owns one scheduler thread. Callers ``submit`` requests (a list of seeds plus sampler
+options) from any thread or coroutine and get a ``concurrent.futures.Future`` of their images.
+Because each sample's noise comes from its own seed and each sample carries its own step index,
+rows of different requests can share one batch and every caller still gets exactly the images its
+seeds give alone.
+
+- ``mode="coalesce"``: pending requests with the same (sampler options, steps) are gathered into
+  one batch (up to ``max_batch`` rows, waiting at most ``max_wait_ms`` for more), which runs to
+  completion before the next batch forms.
+- ``mode="continuous"``: a new request joins a running batch at its first step while the others
+  are mid-trajectory, and a finished request leaves at once. Different (options, steps) groups run
+  side by side, one step each in turn.
+
+Requests are validated at submission (typed errors, nothing else disturbed), the queue is bounded
+(``QueueFullError``), each request may carry a timeout (it then fails with ``TimeoutError`` and its
+rows are dropped), and ``future.cancel()`` works until the result is set: the future stays pending
+while its rows are being computed, and a cancelled request's rows are dropped at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import EngineError, InvalidRequestError, QueueFullError
+from .noise import initial_noise, seed_words
+from .stepping import StepSpec, make_step
+
+MODES = ("continuous", "coalesce")
+
+
+class ServerClosedError(EngineError, RuntimeError):
+    """The server was closed before the request finished."""
+
+
+@dataclass(eq=False)
+class Request:
+    seeds: list
+    spec: StepSpec
+    steps: int
+    future: Future
+    submitted: float
+    deadline: float | None
+    admitted: float | None = None
+    remaining: int = 0  # steps still to run once admitted
+
+    @property
+    def key(self):
+        return (self.spec, self.steps)
+
+
+@dataclass(eq=False)
+class Group:
+    """The running rows of one (spec, steps) key: one state row per image."""
+
+    spec: StepSpec
+    steps: int
+    step_fn: object
+    timesteps: torch.Tensor
+    pending: collections.deque = field(default_factory=collections.deque)
+    running: list = field(default_factory=list)  # requests, in row order
+    x: torch.Tensor | None = None
+    i: torch.Tensor | None = None
+    words: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.x is None else self.x.shape[0]
+
+
+class Metrics:
+    """Rolling serving statistics (bounded memory)."""
+
+    def __init__(self, window: int = 10_000):
+        self.started = time.perf_counter()
+        self.queue_wait = collections.deque(maxlen=window)
+        self.latency = collections.deque(maxlen=window)
+        self.batch_rows = collections.deque(maxlen=window)
+        self.counts = collections.Counter()
+        self.images = 0
+        self.lock = threading.Lock()
+
+    def snapshot(self) -> dict:
+        def pct(values, q):
+            return float(np.percentile(np.fromiter(values, float), q)) if values else None
+
+        with self.lock:
+            elapsed = time.perf_counter() - self.started
+            rows = list(self.batch_rows)
+            return {
+                "submitted": self.counts["submitted"], "completed": self.counts["completed"],
+                "rejected": self.counts["rejected"], "cancelled": self.counts["cancelled"],
+                "timed_out": self.counts["timed_out"], "failed": self.counts["failed"],
+                "images": self.images, "images_per_s": self.images / elapsed if elapsed > 0 else 0.0,
+                "queue_wait_s": {"p50": pct(self.queue_wait, 50), "p99": pct(self.queue_wait, 99)},
+                "latency_s": {"p50": pct(self.latency, 50), "p90": pct(self.latency, 90),
+                              "p99": pct(self.latency, 99)},
+                "batch_rows": {"mean": float(np.mean(rows)) if rows else None, "max": max(rows) if rows else None,
+                               "histogram": dict(sorted(collections.Counter(rows).items()))},
+            }
+
+
+class Server:
+    """Batches the requests of many callers onto one engine; see the module docstring."""
+
+    def __init__(self, engine, *, mode: str = "continuous", max_batch: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 1024):
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown serving mode {mode!r}; choose one of {MODES}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(max_wait_ms, (int, float)) or max_wait_ms < 0:
+            raise InvalidRequestError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        self.engine = engine
+        self.mode = mode
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._groups: dict = {}
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._metrics = Metrics()
+        self._thread = threading.Thread(target=self._loop, name="ddpm-engine-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- submission (any thread) -------------------------------------------------------------
+    def submit(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+               timeout: float | None = None) -> Future:
+        """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU)."""
+        from .engine import parse_batch
+
+        try:
+            seeds = parse_batch(batch)
+            spec = self.engine.step_spec(sampler, eta, clip_denoised)
+            if steps is None:
+                steps = self.engine.num_train_timesteps if sampler == "ddpm" else min(50, self.engine.num_train_timesteps)
+            self.engine.tables(steps)  # validates steps
+            if len(seeds) > self.max_batch:
+                raise InvalidRequestError(f"a request of {len(seeds)} images exceeds max_batch={self.max_batch}; "
+                                          "split it or raise max_batch")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                        or timeout <= 0):
+                raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        except InvalidRequestError:
+            with self._metrics.lock:
+                self._metrics.counts["rejected"] += 1
+            raise
+        now = time.perf_counter()
+        req = Request(seeds, spec, steps, Future(), now, None if timeout is None else now + timeout)
+        with self._cond:
+            if self._closed:
+                raise ServerClosedError("the server is closed; create a new one")
+            if self._queued >= self.max_queue:
+                with self._metrics.lock:
+                    self._metrics.counts["rejected"] += 1
+                raise QueueFullError(f"the queue holds {self._queued} requests (max_queue={self.max_queue}); "
+                                     "retry later or raise max_queue")
+            group = self._groups.get(req.key) or self._new_group(spec, steps)
+            group.pending.append(req)
+            self._queued += 1
+            with self._metrics.lock:
+                self._metrics.counts["submitted"] += 1
+            self._cond.notify()
+        return req.future
+
+    def sample(self, batch, **kw) -> torch.Tensor:
+        """Blocking: submit and wait for the images."""
+        timeout = kw.get("timeout")
+        return self.submit(batch, **kw).result(timeout=None if timeout is None else timeout + 1.0)
+
+    async def sample_async(self, batch, **kw) -> torch.Tensor:
+        """``await server.sample_async(seeds, ...)``; cancelling the task cancels the request."""
+        return await asyncio.wrap_future(self.submit(batch, **kw))
+
+    def metrics(self) -> dict:
+        """Counts, images/s, queue wait and latency percentiles (seconds), batch sizes in rows."""
+        out = self._metrics.snapshot()
+        with self._cond:
+            out["queued"] = self._queued
+            out["running_rows"] = sum(g.rows for g in self._groups.values())
+        return out
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler thread; unfinished requests fail with ServerClosedError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- the scheduler thread ----------------------------------------------------------------
+    def _new_group(self, spec, steps) -> Group:
+        eng = self.engine
+        tab = eng.tables(steps).on(eng.device)
+        group = Group(spec, steps, make_step(eng.step_impl, spec, tab, eng.sample_shape, eng.device), tab.timesteps)
+        self._groups[(spec, steps)] = group
+        return group
+
+    def _loop(self):
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        if self._closed:
+                            break
+                        self._expire()
+                        ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
+                        if ready:
+                            break
+                        self._cond.wait(self._wait_time())
+                    if self._closed:
+                        break
+                    for g in ready:
+                        self._admit(g)
+                for g in ready:
+                    if g.running:
+                        self._step(g)
+        except BaseException as exc:  # never leave callers hanging
+            self._fail_all(EngineError(f"the serving thread stopped: {exc!r}"))
+            raise
+        self._fail_all(ServerClosedError("the server was closed before this request finished"))
+
+    def _wait_time(self):
+        """Sleep until the oldest pending request may start, or the next deadline (None: until notified)."""
+        wake = []
+        for g in self._groups.values():
+            if g.pending:
+                wake.append(g.pending[0].submitted + self.max_wait)
+                wake.extend(r.deadline for r in g.pending if r.deadline is not None)
+        return None if not wake else max(min(wake) - time.perf_counter(), 0.0005)
+
+    def _should_admit(self, g: Group) -> bool:
+        """Admit pending requests now? Continuous mode: whenever there are rows free. Coalesce
+        mode: only between batches. An idle group waits up to max_wait for a fuller batch."""
+        if not g.pending:
+            return False
+        if g.running:
+            return self.mode == "continuous" and g.rows < self.max_batch
+        waiting_rows = sum(len(r.seeds) for r in g.pending)
+        return waiting_rows >= self.max_batch or time.perf_counter() - g.pending[0].submitted >= self.max_wait
+
+    def _admit(self, g: Group):
+        if not self._should_admit(g):
+            return
+        eng, dev = self.engine, self.engine.device
+        now = time.perf_counter()
+        new = []
+        while g.pending and g.rows + sum(len(r.seeds) for r in new) + len(g.pending[0].seeds) <= self.max_batch:
+            req = g.pending.popleft()
+            self._queued -= 1
+            if req.future.cancelled():
+                self._count("cancelled")
+                continue
+            req.admitted, req.remaining = now, g.steps
+            with self._metrics.lock:
+                self._metrics.queue_wait.append(now - req.submitted)
+            new.append(req)
+        if not new:
+            return
+        words = seed_words([s for r in new for s in r.seeds], dev)
+        x = initial_noise(words, eng.sample_shape)
+        i = torch.full((words.shape[0],), g.steps - 1, dtype=torch.int64, device=dev)
+        if g.x is None:
+            g.x, g.i, g.words = x, i, words
+        else:
+            g.x, g.i, g.words = torch.cat([g.x, x]), torch.cat([g.i, i]), torch.cat([g.words, words])
+        g.running.extend(new)
+
+    def _expire(self):
+        """Fail pending requests past their deadline (running ones are checked after each step)."""
+        now = time.perf_counter()
+        for g in self._groups.values():
+            for req in [r for r in g.pending if r.deadline is not None and now > r.deadline]:
+                g.pending.remove(req)
+                self._queued -= 1
+                self._timeout(req)
+
+    def _step(self, g: Group):
+        eng = self.engine
+        with eng._lock, torch.inference_mode():
+            t = g.timesteps[g.i]
+            out = eng.backend(g.x, t)
+            g.x, _ = g.step_fn(g.x, out, g.i, g.words)
+        with self._metrics.lock:
+            self._metrics.batch_rows.append(g.rows)
+        now = time.perf_counter()
+        keep, done, row = [], [], 0
+        for req in g.running:
+            n = len(req.seeds)
+            req.remaining -= 1
+            if req.future.cancelled():
+                self._count("cancelled")
+            elif req.deadline is not None and now > req.deadline:
+                self._timeout(req)
+            elif req.remaining == 0:
+                done.append((req, row))
+            else:
+                keep.append((req, row))
+            row += n
+        for req, start in done:
+            images = g.x[start:start + len(req.seeds)].clamp(-1.0, 1.0).cpu().clone()
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_result(images)
+                with self._metrics.lock:
+                    self._metrics.counts["completed"] += 1
+                    self._metrics.images += len(req.seeds)
+                    self._metrics.latency.append(now - req.submitted)
+            else:
+                self._count("cancelled")
+        if len(keep) != len(g.running):  # compact: drop the rows of finished/cancelled/expired requests
+            with self._cond:
+                idx = [r for req, start in keep for r in range(start, start + len(req.seeds))]
+                if idx:
+                    sel = torch.tensor(idx, device=g.x.device)
+                    g.x, g.i, g.words = g.x.index_select(0, sel), g.i.index_select(0, sel), g.words.index_select(0, sel)
+                else:
+                    g.x = g.i = g.words = None
+                g.running = [req for req, _ in keep]
+
+    def _timeout(self, req: Request):
+        if req.future.set_running_or_notify_cancel():
+            req.future.set_exception(TimeoutError(f"request of {len(req.seeds)} images did not finish within its "
+                                                  "timeout; its rows were dropped"))
+            self._count("timed_out")
+        else:
+            self._count("cancelled")
+
+    def _count(self, what: str):
+        with self._metrics.lock:
+            self._metrics.counts[what] += 1
+
+    def _fail_all(self, exc: Exception):
+        with self._cond:
+            reqs = list(itertools.chain.from_iterable(list(g.pending) + g.running for g in self._groups.values()))
+            self._groups.clear()
+            self._queued = 0
+        for req in reqs:
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_exception(exc)
