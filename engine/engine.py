@@ -81,6 +81,7 @@ class Engine:
         self._lock = threading.Lock()  # backends with internal buffers are not re-entrant
         self._server = None
         self._server_lock = threading.Lock()
+        self._graphed = {}  # (StepSpec, steps, max_batch) -> engine.cuda.graphs.GraphedSampler
 
     @classmethod
     def from_pretrained(cls, path_or_name, backend="auto", device=None, precision="fp32", step_impl="auto"):
@@ -145,7 +146,7 @@ class Engine:
         return snap
 
     def sample(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, x_T=None,
-               return_intermediates=False, progress=False):
+               return_intermediates=False, progress=False, driver="eager"):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
 
         batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
@@ -157,8 +158,18 @@ class Engine:
         return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
             when set, returns ``(images, [Snapshot, ...])``.
         progress: show a tqdm progress bar.
+        driver: "eager" (a Python loop of backend + step calls), or on CUDA "python" / "c": one
+            reverse step captured in a CUDA graph and replayed from a Python loop or from the
+            compiled C loop (kernels/csrc/graph_driver.c); not with x_T or return_intermediates.
         """
         seeds = parse_batch(batch)
+        if driver not in ("eager", "python", "c"):
+            raise InvalidRequestError(f"unknown driver {driver!r}; choose 'eager', 'python' or 'c'")
+        if driver != "eager":
+            if x_T is not None or return_intermediates not in (False, None) or progress:
+                raise InvalidRequestError("driver='python'/'c' (CUDA graphs) takes no x_T, return_intermediates "
+                                          "or progress; use driver='eager' for those")
+            return self.graphed(sampler, steps, eta, clip_denoised).run(seeds, driver=driver)
         spec = self.step_spec(sampler, eta, clip_denoised)
         if steps is None:
             steps = self.num_train_timesteps if sampler == "ddpm" else min(50, self.num_train_timesteps)
@@ -168,6 +179,19 @@ class Engine:
         with self._lock:
             images, snaps = self._run(seeds, spec, tables, x, snap_at, progress)
         return (images, snaps) if return_intermediates not in (False, None) else images
+
+    def graphed(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, max_batch=64):
+        """The CUDA-graph sampler for one (sampler, steps) setting, captured lazily and cached."""
+        from .cuda.graphs import GraphedSampler
+
+        spec = self.step_spec(sampler, eta, clip_denoised)
+        if steps is None:
+            steps = self.num_train_timesteps if sampler == "ddpm" else min(50, self.num_train_timesteps)
+        steps = self.tables(steps).steps
+        key = (spec, steps, max_batch)
+        if key not in self._graphed:
+            self._graphed[key] = GraphedSampler(self, spec, steps, max_batch=max_batch)
+        return self._graphed[key]
 
     @torch.inference_mode()
     def _run(self, seeds, spec: StepSpec, tables: Tables, x, snap_at, progress):

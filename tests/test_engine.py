@@ -181,3 +181,14 @@ def test_flat_memory_no_per_step_history(engine, monkeypatch):
     engine.sample([1, 2], steps=40)
     gc.collect()
     assert len(refs) == 80 and sum(r() is not None for r in refs) <= 2
+
+
+def test_graph_drivers_need_cuda(engine):
+    with pytest.raises(InvalidRequestError):
+        engine.sample([1], driver="cpp")
+    with pytest.raises(InvalidRequestError):
+        engine.sample([1], driver="c", x_T=torch.zeros(1, *SHAPE))
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError):
+            engine.sample([1], steps=5, driver="python")
+    assert engine.sample([1], steps=5).shape == (1, *SHAPE)
