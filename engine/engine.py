@@ -17,6 +17,7 @@ from .schedules import Tables
 from .stepping import StepSpec, make_step, resolve_step_impl
 
 _seed_source = random.SystemRandom()
+DRIVERS = ("eager", "python", "c", "graph_loop")
 
 
 @dataclass
@@ -158,16 +159,17 @@ class Engine:
         return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
             when set, returns ``(images, [Snapshot, ...])``.
         progress: show a tqdm progress bar.
-        driver: "eager" (a Python loop of backend + step calls), or on CUDA "python" / "c": one
-            reverse step captured in a CUDA graph and replayed from a Python loop or from the
-            compiled C loop (kernels/csrc/graph_driver.c); not with x_T or return_intermediates.
+        driver: "eager" (a Python loop of backend + step calls), or on CUDA "python" / "c" /
+            "graph_loop": one reverse step captured in a CUDA graph and replayed from a Python
+            loop, from the compiled C loop (kernels/csrc/graph_driver.c), or as one launch of a
+            conditional WHILE node (CUDA >= 12.4); not with x_T, return_intermediates or progress.
         """
         seeds = parse_batch(batch)
-        if driver not in ("eager", "python", "c"):
-            raise InvalidRequestError(f"unknown driver {driver!r}; choose 'eager', 'python' or 'c'")
+        if driver not in DRIVERS:
+            raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         if driver != "eager":
             if x_T is not None or return_intermediates not in (False, None) or progress:
-                raise InvalidRequestError("driver='python'/'c' (CUDA graphs) takes no x_T, return_intermediates "
+                raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
                                           "or progress; use driver='eager' for those")
             return self.graphed(sampler, steps, eta, clip_denoised).run(seeds, driver=driver)
         spec = self.step_spec(sampler, eta, clip_denoised)

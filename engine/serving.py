@@ -17,6 +17,8 @@ Requests are validated at submission (typed errors, nothing else disturbed), the
 (``QueueFullError``), each request may carry a timeout (it then fails with ``TimeoutError`` and its
 rows are dropped), and ``future.cancel()`` works until the result is set: the future stays pending
 while its rows are being computed, and a cancelled request's rows are dropped at the next step.
+If the model raises mid-batch (out of memory, say), that batch's requests fail with ``EngineError``
+and the server goes on serving the others. Results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Request:
     deadline: float | None
     admitted: float | None = None
     remaining: int = 0  # steps still to run once admitted
+    resolved: bool = False  # its future has its result, error, or cancellation (notified) already
 
     @property
     def key(self):
@@ -163,6 +166,8 @@ class Server:
             if self._closed:
                 raise ServerClosedError("the server is closed; create a new one")
             if self._queued >= self.max_queue:
+                self._drop_stale_pending()  # cancelled requests free their slots
+            if self._queued >= self.max_queue:
                 with self._metrics.lock:
                     self._metrics.counts["rejected"] += 1
                 raise QueueFullError(f"the queue holds {self._queued} requests (max_queue={self.max_queue}); "
@@ -197,7 +202,8 @@ class Server:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # close() from a done-callback cannot join
+            self._thread.join(timeout)
 
     def __enter__(self):
         return self
@@ -220,7 +226,7 @@ class Server:
                     while True:
                         if self._closed:
                             break
-                        self._expire()
+                        self._drop_stale_pending()
                         ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
                         if ready:
                             break
@@ -231,8 +237,15 @@ class Server:
                         self._admit(g)
                 for g in ready:
                     if g.running:
-                        self._step(g)
+                        try:
+                            self._step(g)
+                        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+                            self._fail_group(g, exc)
+                            continue
+                        self._retire(g)
         except BaseException as exc:  # never leave callers hanging
+            with self._cond:
+                self._closed = True
             self._fail_all(EngineError(f"the serving thread stopped: {exc!r}"))
             raise
         self._fail_all(ServerClosedError("the server was closed before this request finished"))
@@ -266,7 +279,7 @@ class Server:
             req = g.pending.popleft()
             self._queued -= 1
             if req.future.cancelled():
-                self._count("cancelled")
+                self._fail(req, None, "cancelled")
                 continue
             req.admitted, req.remaining = now, g.steps
             with self._metrics.lock:
@@ -283,50 +296,50 @@ class Server:
             g.x, g.i, g.words = torch.cat([g.x, x]), torch.cat([g.i, i]), torch.cat([g.words, words])
         g.running.extend(new)
 
-    def _expire(self):
-        """Fail pending requests past their deadline (running ones are checked after each step)."""
+    def _drop_stale_pending(self):
+        """Under the lock: drop pending requests that were cancelled or are past their deadline
+        (running ones are checked after each step), and forget idle groups (bounded memory
+        whatever options clients send)."""
         now = time.perf_counter()
-        for g in self._groups.values():
-            for req in [r for r in g.pending if r.deadline is not None and now > r.deadline]:
+        for key, g in list(self._groups.items()):
+            stale = [r for r in g.pending if r.future.cancelled() or (r.deadline is not None and now > r.deadline)]
+            for req in stale:
                 g.pending.remove(req)
                 self._queued -= 1
-                self._timeout(req)
+                self._timeout(req)  # a cancelled one is counted as cancelled
+            if not g.pending and not g.running:
+                del self._groups[key]
 
     def _step(self, g: Group):
+        """One step of the group's batch (may raise: nothing else has changed then)."""
         eng = self.engine
         with eng._lock, torch.inference_mode():
             t = g.timesteps[g.i]
             out = eng.backend(g.x, t)
             g.x, _ = g.step_fn(g.x, out, g.i, g.words)
+
+    def _retire(self, g: Group):
+        """After a step: hand finished requests their rows, drop cancelled and expired ones, and
+        compact the batch to the rows still running. O(requests) host work."""
         with self._metrics.lock:
             self._metrics.batch_rows.append(g.rows)
         now = time.perf_counter()
-        keep, done, row = [], [], 0
+        keep, row = [], 0
         for req in g.running:
             n = len(req.seeds)
             req.remaining -= 1
             if req.future.cancelled():
-                self._count("cancelled")
+                self._fail(req, None, "cancelled")
             elif req.deadline is not None and now > req.deadline:
                 self._timeout(req)
             elif req.remaining == 0:
-                done.append((req, row))
+                self._finish(req, g.x[row:row + n].clamp(-1.0, 1.0).cpu().clone(), now)
             else:
                 keep.append((req, row))
             row += n
-        for req, start in done:
-            images = g.x[start:start + len(req.seeds)].clamp(-1.0, 1.0).cpu().clone()
-            if req.future.set_running_or_notify_cancel():
-                req.future.set_result(images)
-                with self._metrics.lock:
-                    self._metrics.counts["completed"] += 1
-                    self._metrics.images += len(req.seeds)
-                    self._metrics.latency.append(now - req.submitted)
-            else:
-                self._count("cancelled")
         if len(keep) != len(g.running):  # compact: drop the rows of finished/cancelled/expired requests
+            idx = [r for req, start in keep for r in range(start, start + len(req.seeds))]
             with self._cond:
-                idx = [r for req, start in keep for r in range(start, start + len(req.seeds))]
                 if idx:
                     sel = torch.tensor(idx, device=g.x.device)
                     g.x, g.i, g.words = g.x.index_select(0, sel), g.i.index_select(0, sel), g.words.index_select(0, sel)
@@ -334,11 +347,40 @@ class Server:
                     g.x = g.i = g.words = None
                 g.running = [req for req, _ in keep]
 
-    def _timeout(self, req: Request):
+    def _finish(self, req: Request, images: torch.Tensor, now: float):
+        req.resolved = True
         if req.future.set_running_or_notify_cancel():
-            req.future.set_exception(TimeoutError(f"request of {len(req.seeds)} images did not finish within its "
-                                                  "timeout; its rows were dropped"))
-            self._count("timed_out")
+            req.future.set_result(images)
+            with self._metrics.lock:
+                self._metrics.counts["completed"] += 1
+                self._metrics.images += len(req.seeds)
+                self._metrics.latency.append(now - req.submitted)
+        else:
+            self._count("cancelled")
+
+    def _fail_group(self, g: Group, exc: Exception):
+        """The model or step raised: the group's running requests fail with it; others go on."""
+        with self._cond:
+            reqs, g.running = g.running, []
+            g.x = g.i = g.words = None
+        for req in reqs:
+            err = EngineError(f"sampling failed for this batch of {len(reqs)} requests: {exc!r}")
+            err.__cause__ = exc
+            self._fail(req, err, "failed")
+
+    def _timeout(self, req: Request):
+        self._fail(req, TimeoutError(f"request of {len(req.seeds)} images did not finish within its timeout; "
+                                     "its rows were dropped"), "timed_out")
+
+    def _fail(self, req: Request, exc: Exception | None, what: str):
+        """Resolve a request with ``exc`` (counted as ``what``), or, if it was cancelled, notify
+        its waiters (``concurrent.futures.wait`` needs that) and count it as cancelled. Once only."""
+        if req.resolved:
+            return
+        req.resolved = True
+        if req.future.set_running_or_notify_cancel():
+            req.future.set_exception(exc)
+            self._count(what)
         else:
             self._count("cancelled")
 
@@ -352,5 +394,4 @@ class Server:
             self._groups.clear()
             self._queued = 0
         for req in reqs:
-            if req.future.set_running_or_notify_cancel():
-                req.future.set_exception(exc)
+            self._fail(req, exc, "failed")

@@ -21,7 +21,9 @@ from engine.errors import BackendUnavailableError, require
 class TritonStep:
     """``x_prev, x0 = step(x_t, model_output, i, seed_words, want_x0=False)``: one fused kernel
     launch writes x_prev in place into x_t (zero allocations per step), then a tiny launch
-    decrements i on the device. x0 is written (to a reused buffer) only when ``want_x0``."""
+    decrements i on the device (see ddpm_step.advance for why it is a second launch). x0 is written
+    only when ``want_x0`` (else None is returned), into a buffer reused by later calls: a caller
+    that keeps it clones it. x_t must be contiguous (the engine's x always is)."""
 
     name = "triton"
 
@@ -32,6 +34,9 @@ class TritonStep:
             raise BackendUnavailableError(
                 "step_impl='triton' on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 before "
                 "triton is imported, or use step_impl='torch'")
+        if device.type not in ("cpu", "cuda"):
+            raise BackendUnavailableError(f"step_impl='triton' runs on CUDA (or ROCm) GPUs, or on the CPU in "
+                                          f"Triton's interpreter, not on {device.type}; use step_impl='torch'")
         from . import ddim_step, ddpm_step
         from engine.samplers import Prediction
 

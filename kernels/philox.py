@@ -1,9 +1,15 @@
 """In-kernel per-sample noise: the engine's Philox stream (engine/noise.py) inside a Triton kernel.
 
-``tl.philox`` runs the raw Philox4x32 rounds with key (seed & 0xffffffff, seed >> 32); we give it
+``tl.philox(seed, c0, c1, c2, c3, n_rounds)`` runs the raw Philox4x32 rounds with key words
+k0 = seed & 0xffffffff, k1 = seed >> 32 (triton/language/random.py; it bumps the key after each
+round where engine.noise bumps it before each round but the first: the same schedule). We give it
 the engine's fixed KEY packed into one 64-bit integer and the counters (element, step, seed_lo,
 seed_hi), then apply the engine's own uint32 -> uniform -> normal transform (not ``tl.randn``,
 whose transform has changed between Triton versions). Reference: ``engine.noise.philox_normal``.
+
+Memory traffic: none of its own; the noise is computed in registers (10 rounds of 2 32-bit
+multiplies per element), so a step kernel never reads or writes a noise tensor. The debug
+kernel below (tests only) reads 8 + 16 bytes per sample and writes 4 * 8 + 4 bytes per element.
 """
 
 import triton
@@ -12,7 +18,6 @@ import triton.language as tl
 from engine.noise import KEY, PHILOX_ROUNDS
 
 PHILOX_KEY = KEY[0] | (KEY[1] << 32)  # tl.philox's 64-bit seed: low word k0, high word k1
-TWO_PI = 6.283185307179586
 
 
 @triton.jit
@@ -27,7 +32,8 @@ def philox_normal(element, step, seed_lo, seed_hi, KEY64: tl.constexpr, ROUNDS: 
     r0, r1, _, _ = philox_words(element, step, seed_lo, seed_hi, KEY64, ROUNDS)
     u0 = ((r0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
     u1 = (r1 >> 9).to(tl.float32) * 1.1920928955078125e-07
-    return tl.sqrt(-2.0 * tl.log(u0)) * tl.cos(6.283185307179586 * u1)
+    # sqrt_rn: IEEE sqrt (tl.sqrt is the fast approximate one on NVIDIA); 6.28... is 2 pi in fp32
+    return tl.sqrt_rn(-2.0 * tl.log(u0)) * tl.cos(6.283185307179586 * u1)
 
 
 @triton.jit

@@ -5,26 +5,38 @@ import gc
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from engine import Engine, InvalidRequestError, QueueFullError
+from engine import Engine, EngineError, InvalidRequestError, QueueFullError
 from engine.models import SeedUNet
 from engine.serving import Server, ServerClosedError
 
 SHAPE = (1, 16, 16)
 OPTS = dict(sampler="ddim", steps=20)
+DIGITS = Path(__file__).resolve().parents[1] / "engine" / "bundled" / "digits" / "config.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core CPU torch's two OpenMP threads spin-wait for each
+    other (measured here: DDIM-20 of one 16x16 image takes 0.1 s with 1 thread, 6-7 s with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def engine():
-    """The digits architecture with random weights (the bundled model when present)."""
-    try:
+    """The bundled digits model when present, else its architecture with random weights."""
+    if DIGITS.exists():
         return Engine.from_pretrained("digits", backend="torch")
-    except Exception:
-        return Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch")
+    return Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch")
 
 
 def seeds(n):
@@ -56,35 +68,43 @@ def test_engine_sample_is_thread_safe(engine):
 
 
 def test_a_burst_is_at_least_twice_as_fast_as_one_by_one(engine):
-    ss = seeds(32)
-    start = time.perf_counter()
-    for s in ss:
-        engine.sample([s], **OPTS)
-    one_by_one = time.perf_counter() - start
-    with Server(engine, max_batch=32, max_wait_ms=20) as server:
-        start = time.perf_counter()
-        futures = [server.submit([s], **OPTS) for s in ss]
-        for f in futures:
+    """The one timing assertion. Each way is timed twice, alternating, and the faster run of each
+    counts, so a burst of load from elsewhere on a shared machine does not decide the result."""
+
+    def one_by_one(ss):
+        for s in ss:
+            engine.sample([s], **OPTS)
+
+    def burst(ss):
+        for f in [server.submit([s], **OPTS) for s in ss]:
             f.result()
-        burst = time.perf_counter() - start
-    assert one_by_one >= 2 * burst, (one_by_one, burst)
+
+    def timed(run):
+        start = time.perf_counter()
+        run(seeds(32))
+        return time.perf_counter() - start
+
+    with Server(engine, max_batch=32, max_wait_ms=20) as server:
+        serial, batched = zip(*[(timed(one_by_one), timed(burst)) for _ in range(2)])
+    print(f"32 requests: one by one {min(serial):.2f} s, burst through the server {min(batched):.2f} s")
+    assert min(serial) >= 2 * min(batched), (serial, batched)
 
 
 def test_continuous_batching_joins_mid_trajectory(engine):
+    ddpm = dict(sampler="ddpm", steps=100)
     with Server(engine, mode="continuous", max_batch=16, max_wait_ms=1) as server:
-        first = server.submit(seeds(2), sampler="ddpm", steps=40)
-        while server.metrics()["running_rows"] == 0:
+        first_seeds, late_seeds = seeds(2), seeds(3)
+        first = server.submit(first_seeds, **ddpm)
+        while server.metrics()["batch_rows"]["histogram"].get(2, 0) < 5:  # first is mid-trajectory
             time.sleep(0.001)
-        time.sleep(0.05)  # the first request is mid-trajectory now
-        late_seeds = seeds(3)
-        late = server.submit(late_seeds, sampler="ddpm", steps=40)
+        late = server.submit(late_seeds, **ddpm)
         other = server.submit([5], sampler="ddim", steps=10)  # another group runs side by side
-        a, b, c = first.result(30), late.result(30), other.result(30)
+        a, b, c = first.result(60), late.result(60), other.result(60)
         rows = server.metrics()["batch_rows"]["histogram"]
-    assert 5 in rows  # both requests shared steps
-    assert close_enough(b, engine.sample(late_seeds, sampler="ddpm", steps=40))
+    assert 5 in rows and 3 in rows  # late joined first's batch; first left it as soon as it finished
+    assert close_enough(a, engine.sample(first_seeds, **ddpm))
+    assert close_enough(b, engine.sample(late_seeds, **ddpm))
     assert close_enough(c, engine.sample([5], sampler="ddim", steps=10))
-    assert a.shape == (2, *SHAPE)
 
 
 def test_cancellation_pending_and_running(engine):
@@ -94,6 +114,8 @@ def test_cancellation_pending_and_running(engine):
             time.sleep(0.001)
         queued = server.submit(seeds(1), **OPTS)  # the batch is full: it waits
         assert queued.cancel() and running.cancel()
+        done, _ = wait([running, queued], timeout=30)  # the server notifies waiters of cancellations
+        assert len(done) == 2
         survivor = server.submit([9], **OPTS)
         assert close_enough(survivor.result(30), engine.sample([9], **OPTS))
         time.sleep(0.05)
@@ -117,8 +139,10 @@ def test_full_queue_and_close(engine):
     a, b = server.submit([1], **OPTS), server.submit([2], **OPTS)
     with pytest.raises(QueueFullError, match="max_queue"):
         server.submit([3], **OPTS)
+    assert a.cancel()  # a cancelled request frees its slot
+    c = server.submit([3], **OPTS)
     server.close()
-    for f in (a, b):
+    for f in (b, c):
         with pytest.raises(ServerClosedError):
             f.result(5)
     with pytest.raises(ServerClosedError):
@@ -137,6 +161,32 @@ def test_bad_request_in_a_burst_is_rejected_alone(engine):
         results = [f.result(30) for f in good]
         assert server.metrics()["rejected"] == 6
     assert close_enough(results[12], engine.sample([12], **OPTS))
+
+
+class Flaky(torch.nn.Module):
+    """A tiny UNet that raises while ``fail`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.fail = SeedUNet(1, (4, 8)).eval(), False
+
+    def forward(self, x, t):
+        if self.fail:
+            raise RuntimeError("simulated out of memory")
+        return self.net(x, t)
+
+
+def test_a_failing_batch_fails_alone_and_the_server_goes_on():
+    tiny = Engine.from_module(Flaky(), sample_shape=(1, 4, 4), backend="torch")
+    flaky = tiny.backend.module  # the backend runs its own copy of the module
+    opts = dict(sampler="ddim", steps=3)
+    with Server(tiny, max_batch=8, max_wait_ms=1) as server:
+        flaky.fail = True
+        with pytest.raises(EngineError, match="simulated out of memory"):
+            server.sample([1, 2], **opts)
+        flaky.fail = False
+        assert close_enough(server.sample([3], **opts), tiny.sample([3], **opts))
+        assert server.metrics()["failed"] == 1
 
 
 def test_asyncio_api(engine):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -13,7 +15,8 @@ class TorchBackend(Backend):
 
     def __init__(self, module: nn.Module, device, precision: str = "fp32"):
         super().__init__(device, precision)
-        self.module = module.to(self.device).eval()
+        # a private copy: moving or casting must not change the caller's module (or another engine's)
+        self.module = copy.deepcopy(module).to(self.device).eval()
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module

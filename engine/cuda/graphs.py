@@ -5,7 +5,9 @@ Every step of a run does the same device work on the same buffers: the per-sampl
 gather, noise comes from the seed words and ``i`` (engine.noise), and the t = 0 case is a mask.
 So one captured step, replayed ``steps`` times, is the whole run, and the host does one graph
 launch per step (``driver="python"``) or one C call for the whole run (``driver="c"``, the
-compiled loop in kernels/csrc/graph_driver.c).
+compiled loop in kernels/csrc/graph_driver.c), or the device loops by itself (``driver="graph_loop"``:
+the step graph inside a conditional WHILE node, one launch per run, kernels/csrc/graph_loop.cu,
+CUDA >= 12.4, UNVERIFIED on a GPU).
 
 Batch sizes are bucketed (1, 2, 4, ... up to ``max_batch``); a request is padded to the next
 bucket with seed-0 rows that are dropped afterwards. Each seed's image does not depend on the
@@ -13,12 +15,12 @@ batch it rides in (per-sample Philox noise, eval-mode model), so padding changes
 One graph (and one set of static buffers x, i, words) per bucket, captured on first use.
 
 About torch's raw graph handles (torch 2.13 here; see torch/cuda/graphs.py):
-``CUDAGraph.raw_cuda_graph_exec()`` returns the cudaGraphExec_t as an int. With the default
-``keep_graph=False`` the exec is instantiated by ``capture_end`` and valid right after capture,
-so no ``keep_graph=True`` is needed for replay from C (``keep_graph=True`` is only needed for
-``raw_cuda_graph()``, the un-instantiated cudaGraph_t, and then ``instantiate()`` must be called
-before ``raw_cuda_graph_exec()``). Calling ``instantiate()`` again destroys a returned exec, so
-the handle is re-read for every run rather than cached.
+``CUDAGraph.raw_cuda_graph_exec()`` returns the cudaGraphExec_t as an int, and
+``raw_cuda_graph()`` the cudaGraph_t, which exists only with ``keep_graph=True``; the graph loop
+needs it, so steps are captured with ``keep_graph=True`` and ``instantiate()`` is called right
+after capture (with ``keep_graph=False`` ``capture_end`` would instantiate and drop the graph).
+Calling ``instantiate()`` again destroys a returned exec, so the handle is re-read for every run
+rather than cached.
 
 Importing this module does not touch CUDA; constructing a GraphedSampler without CUDA raises
 ``BackendUnavailableError``.
@@ -36,7 +38,7 @@ from ..errors import BackendUnavailableError, InvalidRequestError
 from ..noise import check_seeds, initial_noise, seed_words
 from ..stepping import StepSpec, make_step
 
-DRIVERS = ("python", "c")
+DRIVERS = ("python", "c", "graph_loop")
 WARMUP_ITERS = 3
 
 
@@ -59,6 +61,7 @@ class _Bucket:
     i: torch.Tensor  # int64 [b]: per-sample step index, decremented in place by the step
     words: torch.Tensor  # int64 [b, 2]: seed words
     graph: "torch.cuda.CUDAGraph"
+    loop: object = None  # engine.cuda.graph_loop.GraphLoop, built on the first driver="graph_loop" run
 
 
 class GraphedSampler:
@@ -90,6 +93,7 @@ class GraphedSampler:
         self._graphs: dict[int, _Bucket] = {}
         self._lock = threading.Lock()
         self._driver = None
+        self._graph_loop = None
 
     # ---- capture ---------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
@@ -121,9 +125,10 @@ class GraphedSampler:
                 one_step()
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True)  # keep the cudaGraph_t for the graph loop
         with eng._lock, torch.cuda.graph(graph):  # the backend's internal buffers are not re-entrant
             one_step()
+        graph.instantiate()
         return _Bucket(b, x, i, words, graph)
 
     def _bucket(self, b: int) -> _Bucket:
@@ -145,6 +150,13 @@ class GraphedSampler:
 
             self._driver = load_driver()
         return self._driver
+
+    def graph_loop(self):
+        if self._graph_loop is None:
+            from .graph_loop import load_graph_loop
+
+            self._graph_loop = load_graph_loop()
+        return self._graph_loop
 
     def run(self, seeds, driver: str = "python") -> torch.Tensor:
         """Images [n, C, H, W] in [-1, 1] for the seeds, on the engine's device."""
@@ -170,6 +182,10 @@ class GraphedSampler:
             for _ in range(self.steps):
                 bk.graph.replay()
             stream.synchronize()
+        elif driver == "graph_loop":
+            if bk.loop is None:
+                bk.loop = self.graph_loop().create(bk.graph.raw_cuda_graph())
+            bk.loop.run(stream.cuda_stream, self.steps)
         else:
             if not hasattr(bk.graph, "raw_cuda_graph_exec"):
                 raise BackendUnavailableError(

@@ -21,4 +21,6 @@ def test_kernel_words_and_normals_match_the_cpu_generator():
         assert torch.equal(raw[:, k], ref[k]), f"word {k}"
     z_ref = torch.cat([philox_normal(words[b:b + 1], int(step[b]), N) for b in range(B)])
     assert not torch.isnan(z).any()
-    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    # a few ulp of log/cos in the interpreter (measured max 4.8e-7); a GPU's log/cos may differ more
+    tol = 1e-6 if DEVICE == "cpu" else 1e-5
+    torch.testing.assert_close(z, z_ref, rtol=tol, atol=tol)

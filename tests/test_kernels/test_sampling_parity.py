@@ -12,21 +12,46 @@ from engine.models import SeedUNet
 from .helpers import DEVICE
 
 
-@pytest.fixture(scope="module")
-def engines():
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the model is tiny, and on a shared CPU torch's OpenMP threads spin-wait
+    for each other (measured: 25 steps take 0.2 s with 1 thread, 7-16 s with 2 on a loaded box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def engine_pair(scheduler):
     net = SeedUNet(1, (8, 16)).eval()
-    kw = dict(sample_shape=(1, 8, 8), backend="torch", device=DEVICE, scheduler={"clip_sample": True})
+    kw = dict(sample_shape=(1, 8, 8), backend="torch", device=DEVICE, scheduler=scheduler)
     return Engine.from_module(net, step_impl="torch", **kw), Engine.from_module(net, step_impl="triton", **kw)
 
 
+@pytest.fixture(scope="module")
+def engines():
+    return engine_pair({"clip_sample": True})
+
+
 @pytest.mark.parametrize("sampler,eta,clip", [("ddpm", 0.0, True), ("ddpm", 0.0, False), ("ddim", 1.0, True),
-                                              ("ddim", 0.0, False)])
+                                              ("ddim", 1.0, False), ("ddim", 0.0, False), ("ddim", 0.0, True)])
 def test_same_images(engines, sampler, eta, clip):
     ref, fused = engines
     seeds = [random.getrandbits(64) for _ in range(3)]
     a = ref.sample(seeds, sampler=sampler, eta=eta, steps=25, clip_denoised=clip)
     b = fused.sample(seeds, sampler=sampler, eta=eta, steps=25, clip_denoised=clip)
     assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", [{"variance_type": "fixed_large", "prediction_type": "v_prediction"},
+                                       {"prediction_type": "sample", "clip_sample": False}])
+def test_same_images_other_schedulers(scheduler):
+    ref, fused = engine_pair(scheduler)
+    seeds = [random.getrandbits(64) for _ in range(2)]
+    for sampler, eta in [("ddpm", 0.0), ("ddim", random.uniform(0.1, 0.9))]:
+        a = ref.sample(seeds, sampler=sampler, eta=eta, steps=25)
+        b = fused.sample(seeds, sampler=sampler, eta=eta, steps=25)
+        assert (a - b).abs().max() <= 1e-4, sampler
 
 
 def test_intermediates_with_triton(engines):
