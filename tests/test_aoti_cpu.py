@@ -1,0 +1,82 @@
+"""The AOTInductor backend on the CPU: one compile of a tiny SeedUNet (tens of CPU seconds: Inductor
+writes C++ and g++ builds it), then parity with eager at other batch sizes, the on-disk cache, and
+a whole Engine run."""
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from engine import Engine, backends
+from engine.backends import aoti_backend
+from engine.checkpoints import from_module
+from engine.errors import InvalidRequestError
+from engine.models import SeedUNet
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                       reason="AOTInductor on the CPU needs a C++ compiler (c++/g++)"),
+]
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("aoti-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDPM_ENGINE_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.manual_seed(random.getrandbits(31))
+    return from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def backend(cache, loaded):
+    assert backends.available("cpu")["aoti"] is None
+    return backends.create("aoti", loaded, "cpu", "fp32")
+
+
+def test_matches_eager_at_other_batch_sizes(backend, loaded, cache):
+    assert backend.path.parent == cache / "aoti" and backend.path.suffix == ".pt2"
+    for b in (1, 3, 7):  # exported at batch 2: the batch axis must be dynamic
+        x = torch.randn(b, *SHAPE)
+        t = torch.randint(0, 1000, (b,))
+        with torch.no_grad():
+            ref = loaded.module(x, t)
+        out = backend(x, t)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_cache_is_reused(backend, loaded, cache):
+    mtime = backend.path.stat().st_mtime_ns
+    again = backends.create("aoti", loaded, "cpu", "fp32")
+    assert again.path == backend.path and again.path.stat().st_mtime_ns == mtime
+    assert [p.name for p in backend.path.parent.iterdir() if p.name.startswith(".")] == []  # no temp files
+    other = aoti_backend.cached_path(loaded, "cpu", "bf16")
+    assert other != backend.path  # precision keys the cache
+
+
+def test_engine_sample_matches_torch_backend(backend, loaded):
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    ref = Engine(loaded, backend="torch", device="cpu").sample(seeds, sampler="ddim", steps=10)
+    out = Engine(loaded, backend="aoti", device="cpu").sample(seeds, sampler="ddim", steps=10)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_bad_input_is_typed(backend):
+    with pytest.raises(InvalidRequestError, match="expected x"):
+        backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+
+
+def test_cuda_reason_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert "CUDA" in aoti_backend.unavailable_reason("cuda")

@@ -1,0 +1,85 @@
+"""bench/report.py on a small synthetic results file (the numbers are made up, not measured)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SYNTHETIC = {
+    "device": "Synthetic GPU 80GB",
+    "date": "2026-01-01",
+    "versions": {"torch": "2.13.0", "cuda": "13.0", "tensorrt": None},
+    "model": "cifar10 UNet (random weights)",
+    "flops_per_image_step": 11.95e9,
+    "matmul_peak_tflops": 100.0,
+    "parity": [{"model": "cifar10", "backend": "torch", "precision": "fp16", "eps_rel_err": 1.2e-3,
+                "image_max_abs": 0.05, "psnr_db": 41.5}],
+    "host_us_per_step": {"python": 2500.0, "python_graph": 30.0, "c_driver": 8.0, "graph_loop": None},
+    "latency": [{"backend": "torch", "precision": "fp16", "driver": "c_driver", "batch": b, "sampler": "ddim",
+                 "steps": 50, "seconds": 0.1 * b ** 0.5} for b in (1, 4, 16)],
+    "throughput": [{"backend": be, "precision": "fp16", "batch": b, "steps": 1000, "images_per_s": k * b}
+                   for be, k in (("torch", 0.005), ("tensorrt", 0.01)) for b in (8, 64)],
+    "peers": [{"name": "diffusers DDPMPipeline", "precision": "fp32", "batch": 16, "steps": 1000,
+               "seconds": 60.0, "images_per_s": 0.27}],
+}
+
+
+def test_markdown_has_every_section():
+    report = _load("report")
+    md = report.markdown(SYNTHETIC)
+    assert "Synthetic GPU 80GB" in md and "torch 2.13.0" in md and "tensorrt" not in md.split("\n")[0]
+    for section in ("Parity", "Host time per step", "Latency", "Throughput", "Peers"):
+        assert f"## {section}" in md
+    assert "11.95 GFLOP" in md and "diffusers DDPMPipeline" in md
+    # MFU of tensorrt at batch 64: 0.64 img/s * 1000 steps * 11.95 GFLOP / 100 TFLOP/s = 7.648%
+    assert "| tensorrt | fp16 | 64 | 1000 | 0.64 | 7.6% |" in md
+    assert md.count("| torch | fp16 | c_driver | ddim | 50 |") == 3
+
+
+def test_markdown_of_a_sparse_file():
+    md = _load("report").markdown({"device": "x", "host_us_per_step": {"python": 1.0}})
+    assert "## Host time per step" in md and "## Latency" not in md
+
+
+def test_write_report_makes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = _load("report")
+    path = tmp_path / "2026-01-01-synthetic.json"
+    path.write_text(json.dumps(SYNTHETIC))
+    md, png = report.write_report(path, tmp_path / "out")
+    assert md.read_text().startswith("# ddpm-engine performance: Synthetic GPU 80GB")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert report.main([str(path), "--out-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "2026-01-01-synthetic.png").exists()
+
+
+def test_gpu_suite_exits_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the suite would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flops_per_image_step_of_the_cifar_unet():
+    pytest.importorskip("diffusers")
+    flops = _load("gpu_suite").flops_per_image_step()
+    # 11.95 GFLOP with torch 2.13: convolutions 11.42, linear 0.38, attention 0.15 (multiply-add = 2)
+    assert 11.5e9 < flops < 12.5e9

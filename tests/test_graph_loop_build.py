@@ -1,0 +1,54 @@
+"""The one-launch graph loop (kernels/csrc/graph_loop.cu): built with nvcc and loaded here without
+a GPU; its argument checks and a CUDA failure come back as typed errors, not crashes. Running it
+needs a GPU (tests/gpu)."""
+
+import shutil
+
+import pytest
+import torch
+
+from engine.cuda import driver as drv
+from engine.cuda import graph_loop
+from engine.errors import BackendUnavailableError
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and drv._find_nvcc(drv.cuda_home()) is None,
+                                reason="no nvcc here: the graph loop (CUDA C++) cannot be built")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return graph_loop.load_graph_loop(cache_dir=tmp_path_factory.mktemp("loop-cache"))
+
+
+@needs_nvcc
+def test_builds_loads_and_checks_arguments(lib):
+    assert lib.path.suffix == ".so" and lib.path.exists()
+    assert lib.supported  # this toolkit (CUDA 13) has conditional WHILE nodes
+    with pytest.raises(drv.CudaError, match="handle is 0"):
+        lib.create(0)
+    loop = graph_loop.GraphLoop(lib, 0)
+    with pytest.raises(drv.CudaError, match="closed"):
+        loop.run(0, 10)
+    loop.close()  # closing an empty loop is a no-op
+
+
+@needs_nvcc
+def test_cuda_failure_is_a_typed_error_without_a_gpu(lib):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: a bogus graph handle would not fail cleanly")
+    with pytest.raises(drv.CudaError) as info:  # the first CUDA call (cudaMalloc) fails: no driver/device
+        lib.create(1)
+    assert isinstance(info.value, BackendUnavailableError) and info.value.code != 0
+    assert "failed" in str(info.value) and "code" in str(info.value)
+
+
+def test_without_nvcc_the_error_names_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(drv, "_find_nvcc", lambda home: None)
+    with pytest.raises(BackendUnavailableError, match="needs nvcc"):
+        graph_loop.build_graph_loop(tmp_path)
+
+
+def test_graph_loop_is_a_graph_driver():
+    from engine.cuda import graphs
+
+    assert "graph_loop" in graphs.DRIVERS
