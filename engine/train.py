@@ -2,8 +2,14 @@
 
 Loss (DDPM eq. 14, the "simple" objective): draw t ~ U{0..T-1} and eps ~ N(0, I), form
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4) and regress the network's output on eps with
-MSE. AdamW, an exponential moving average of the weights (the saved model is the EMA), a tqdm bar,
-and a resumable checkpoint (model, EMA, optimizer, step, RNG state) in the output folder.
+MSE. AdamW with a short linear warm-up and a cosine decay to 10% of the learning rate, an
+exponential moving average of the weights (the saved model is the EMA), a tqdm bar, and a
+resumable checkpoint (model, EMA, optimizer, step, RNG state) in the output folder.
+
+No augmentation: flips change a digit's identity, and the digits are already centred.
+
+The bundled model (engine/bundled/digits) is ``python -m engine train --out runs/digits`` with the
+defaults below.
 """
 
 from __future__ import annotations
@@ -11,24 +17,28 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from .checkpoints import save_project_folder
-from .data import DIGITS_SHAPE, load_digits_images
+from .data import load_digits_images
+from .errors import InvalidRequestError
 from .models import SeedUNet
 from .schedules import SchedulerConfig
 
 CHECKPOINT = "checkpoint.pt"
+# what the network is; a checkpoint made with other values cannot be resumed
+ARCHITECTURE_FIELDS = ("widths", "time_emb_dim")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 6000
-    batch_size: int = 128
+    steps: int = 4000
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -39,7 +49,14 @@ class TrainConfig:
     warmup: int = 200
 
 
+def scheduler_config() -> SchedulerConfig:
+    """The noise schedule the trainer uses: DDPM's linear betas, T = 1000, epsilon prediction."""
+    return SchedulerConfig(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                           variance_type="fixed_small", clip_sample=True, prediction_type="epsilon")
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over parameters and BatchNorm running stats."""
     with torch.no_grad():
         for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
@@ -58,24 +75,49 @@ def diffusion_loss(model, x0: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_1m_aba
     return F.mse_loss(model(x_t, t), eps)
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10% at ``cfg.steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_config(cfg: TrainConfig | None, overrides: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+    cfg = replace(cfg or TrainConfig(), **overrides)
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.save_every < 1 or not cfg.lr > 0 or not 0 <= cfg.ema_decay < 1:
+        raise InvalidRequestError(f"need steps, batch_size, save_every >= 1, lr > 0 and 0 <= ema_decay < 1; got {cfg}")
+    return cfg
+
+
 def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progress: bool = True,
-          data: torch.Tensor | None = None) -> dict:
+          data: torch.Tensor | None = None, stop_at: int | None = None, **overrides) -> dict:
     """Train (or resume) in ``out_dir``; writes the EMA model in the project format there.
 
-    Returns {"step", "loss" (EMA of the training loss), "losses" (per step of this call)}."""
-    cfg = cfg or TrainConfig()
+    cfg: a TrainConfig; keyword ``overrides`` (steps=, batch_size=, lr=, ema_decay=, widths=, seed=,
+        ...) replace its fields. The learning-rate schedule spans ``cfg.steps``.
+    resume: continue from ``out_dir/checkpoint.pt`` if it exists (False starts over).
+    data: training images [N, C, H, W] in [-1, 1] (default: the 16x16 digits).
+    stop_at: stop early at this step, as if interrupted (checkpoint saved); a later call resumes.
+
+    Returns {"step", "loss" (running average of the training loss), "losses" (per step of this call)}."""
+    cfg = make_config(cfg, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     x_all = load_digits_images()[0] if data is None else data
-    scheduler = SchedulerConfig(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small",
-                                clip_sample=True, prediction_type="epsilon")
-    abar = torch.tensor(scheduler.betas()).neg().add(1).cumprod(0)
+    scheduler = scheduler_config()
+    abar = torch.from_numpy(scheduler.betas()).neg().add(1).cumprod(0)
     sqrt_abar, sqrt_1m_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
 
     model_cfg = {"type": "seed_unet", "in_channels": x_all.shape[1], "widths": list(cfg.widths),
-                 "num_timesteps": 1000, "time_emb_dim": cfg.time_emb_dim}
-    model = SeedUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
+                 "num_timesteps": scheduler.num_train_timesteps, "time_emb_dim": cfg.time_emb_dim}
+    with torch.random.fork_rng():  # seeded initial weights, without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = SeedUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -83,23 +125,27 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
     ckpt = out / CHECKPOINT
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
+        saved = state.get("config", {})
+        mismatch = [n for n in ARCHITECTURE_FIELDS
+                    if n in saved and _same(saved[n]) != _same(getattr(cfg, n))]
+        if mismatch:
+            raise InvalidRequestError(f"{ckpt} holds a model with other {', '.join(mismatch)} "
+                                      f"({', '.join(f'{n}={saved[n]}' for n in mismatch)}); "
+                                      "use another output folder, or resume=False (--no-resume) to start over")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, loss_avg = state["step"], state["loss"]
 
-    def lr_at(s):  # linear warm-up, then cosine decay to 10%
-        if s < cfg.warmup:
-            return cfg.lr * (s + 1) / cfg.warmup
-        frac = (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
     def save():
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "step": step, "loss": loss_avg, "config": asdict(cfg)}, ckpt)
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                 "generator": gen.get_state(), "step": step, "loss": loss_avg, "config": asdict(cfg)}
+        torch.save(state, ckpt.with_suffix(".tmp"))
+        os.replace(ckpt.with_suffix(".tmp"), ckpt)  # an interrupted save leaves the old checkpoint whole
         save_project_folder(out, ema, model_cfg, scheduler, tuple(x_all.shape[1:]), name=out.name)
 
+    last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -107,12 +153,11 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
     losses = []
     model.train()
-    while step < cfg.steps:
+    while step < last:
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
-        x0 = x_all[idx]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        loss = diffusion_loss(model, x0, sqrt_abar, sqrt_1m_abar, gen)
+            g["lr"] = learning_rate(cfg, step)
+        loss = diffusion_loss(model, x_all[idx], sqrt_abar, sqrt_1m_abar, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -123,7 +168,7 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == last:
             save()
     if bar is not None:
         bar.close()
@@ -132,22 +177,27 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
     return {"step": step, "loss": loss_avg, "losses": losses}
 
 
+def _same(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine train",
-                                description="Train a SeedUNet on scikit-learn's handwritten digits (16x16).")
+                                description="Train a SeedUNet on scikit-learn's handwritten digits (16x16). "
+                                            "Resumes from OUT/checkpoint.pt if present.")
     d = TrainConfig()
-    p.add_argument("--out", default="runs/digits", help="output folder (checkpoint + model)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--widths", type=int, nargs="+", default=d.widths)
+    p.add_argument("--out", default="runs/digits", help="output folder: checkpoint.pt, config.json, model.safetensors")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"total optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
+    p.add_argument("--widths", type=int, nargs="+", default=d.widths, help="UNet channel widths per level")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema_decay, widths=a.widths,
-                      seed=a.seed)
-    result = train(a.out, cfg, resume=not a.no_resume, progress=not a.quiet)
+    result = train(a.out, resume=not a.no_resume, progress=not a.quiet, steps=a.steps, batch_size=a.batch_size,
+                   lr=a.lr, ema_decay=a.ema_decay, widths=a.widths, seed=a.seed, save_every=a.save_every)
     print(f"trained to step {result['step']}, loss {result['loss']:.4f}; model in {a.out}")
     return 0
