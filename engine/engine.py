@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,35 @@ class Snapshot:
     t: int
     x_t: torch.Tensor
     pred_x0: torch.Tensor
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = None
+
+
+@contextlib.contextmanager
+def yield_cpu_to(backend):
+    """While a backend with its own CPU thread pool (ONNX Runtime) samples, torch's per-step work
+    (small elementwise ops) runs on one thread: torch's OpenMP workers otherwise spin after each op
+    and steal cores from the backend's pool (2-core CPU, CIFAR-10 UNet, 10 steps: 1.36 s -> 0.98 s).
+    torch's thread count is process-wide; it is restored when the last such run ends."""
+    global _threads_users, _threads_saved
+    if not getattr(backend, "owns_cpu_threads", False):
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 def fresh_seeds(n: int) -> list[int]:
@@ -178,7 +208,7 @@ class Engine:
         tables = self.tables(steps)
         snap_at = self._snapshot_steps(return_intermediates, tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))
-        with self._lock:
+        with self._lock, yield_cpu_to(self.backend):
             images, snaps = self._run(seeds, spec, tables, x, snap_at, progress)
         return (images, snaps) if return_intermediates not in (False, None) else images
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .engine import yield_cpu_to
 from .errors import EngineError, InvalidRequestError, QueueFullError
 from .noise import initial_noise, seed_words
 from .stepping import StepSpec, make_step
@@ -313,7 +314,7 @@ class Server:
     def _step(self, g: Group):
         """One step of the group's batch (may raise: nothing else has changed then)."""
         eng = self.engine
-        with eng._lock, torch.inference_mode():
+        with eng._lock, yield_cpu_to(eng.backend), torch.inference_mode():
             t = g.timesteps[g.i]
             out = eng.backend(g.x, t)
             g.x, _ = g.step_fn(g.x, out, g.i, g.words)

@@ -121,3 +121,30 @@ def test_bad_inputs_are_typed_errors(backend, monkeypatch):
     monkeypatch.setattr(backend, "_check", lambda x, t: None)  # what ORT itself says, typed
     with pytest.raises(InvalidRequestError, match="ONNX Runtime failed"):
         backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+
+
+def test_torch_threads_are_lent_to_ort_and_restored():
+    """During an ORT-on-CPU run the engine's own torch work uses one thread; afterwards the
+    process's setting is back, also after an error."""
+    import torch
+
+    from engine.engine import yield_cpu_to
+
+    class OwnsPool:
+        owns_cpu_threads = True
+
+    before = torch.get_num_threads()
+    with yield_cpu_to(OwnsPool()):
+        assert torch.get_num_threads() == 1
+        with yield_cpu_to(OwnsPool()):  # nested / concurrent runs
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    try:
+        with yield_cpu_to(OwnsPool()):
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert torch.get_num_threads() == before
+    with yield_cpu_to(object()):  # other backends: untouched
+        assert torch.get_num_threads() == before

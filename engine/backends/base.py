@@ -23,6 +23,9 @@ def parse_precision(precision: str) -> torch.dtype:
 
 class Backend:
     name = "base"
+    # True for a backend that runs its own CPU thread pool (ONNX Runtime on the CPU): the engine
+    # then does its per-step torch work on one thread, see engine.engine.yield_cpu_to
+    owns_cpu_threads = False
 
     def __init__(self, device: torch.device, precision: str):
         self.device = torch.device(device)

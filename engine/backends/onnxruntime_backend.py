@@ -55,6 +55,7 @@ class OnnxRuntimeBackend(Backend):
         ort = _ort()
         self.path = Path(onnx_path)
         self.session = self._open(ort)
+        self.owns_cpu_threads = self.device.type == "cpu"
         if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailableError("ONNX Runtime could not start its CUDA provider (CUDA/cuDNN libraries "
                                           "missing or of another version?); see onnxruntime-gpu's install notes")
