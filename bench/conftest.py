@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from engine.checkpoints import from_module
-from engine.models import SeedUNet
+from ddpm_engine.checkpoints import from_module
+from ddpm_engine.models import SeedUNet
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,7 +31,7 @@ def digits16():
 @pytest.fixture(scope="session")
 def cifar32():
     pytest.importorskip("diffusers")
-    from engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
+    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
 
     return from_module(cifar10_unet(seed=random.getrandbits(31)), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
 

@@ -58,8 +58,8 @@ PARITY_TIMESTEPS = (999, 500, 100, 10, 0)
 
 # ---- helpers the GPU tests share (tests/gpu) ---------------------------------------------------
 def cifar_loaded(seed: int = 0):
-    from engine.checkpoints import from_module
-    from engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
+    from ddpm_engine.checkpoints import from_module
+    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
 
     return from_module(cifar10_unet(seed=seed), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
 
@@ -67,7 +67,7 @@ def cifar_loaded(seed: int = 0):
 def make_engine(loaded, backend: str, precision: str, device="cuda"):
     """An Engine on its own copy of the module: TorchBackend moves and casts the module it is given
     in place, so two engines at different precisions must not share one."""
-    from engine import Engine
+    from ddpm_engine import Engine
 
     return Engine(dataclasses.replace(loaded, module=copy.deepcopy(loaded.module)), backend=backend,
                   device=device, precision=precision)
@@ -200,7 +200,7 @@ def parity_rows(models: dict, backends: list, seeds: list, notes: list, log) -> 
 
 
 def graph_image_diff(engine, seeds, ref_images) -> dict:
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     gs = GraphedSampler(engine, "ddpm", engine.num_train_timesteps, max_batch=len(seeds))
     return image_diff(gs.run(seeds, driver="c"), ref_images)
@@ -208,7 +208,7 @@ def graph_image_diff(engine, seeds, ref_images) -> dict:
 
 def _graph_drivers() -> dict:
     """{results name: engine.cuda.graphs driver name} for the graph drivers this checkout has."""
-    from engine.cuda import graphs
+    from ddpm_engine.cuda import graphs
 
     names = {"python_graph": "python", "c_driver": "c", "graph_loop": "graph_loop"}
     return {k: v for k, v in names.items() if v in graphs.DRIVERS}
@@ -216,9 +216,9 @@ def _graph_drivers() -> dict:
 
 def host_us_per_step(steps: int = 200) -> dict:
     """Per-step wall time with a tiny model at batch 1: the host's cost per step for each driver."""
-    from engine import Engine
-    from engine.cuda.graphs import GraphedSampler
-    from engine.models import SeedUNet
+    from ddpm_engine import Engine
+    from ddpm_engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.models import SeedUNet
 
     torch.manual_seed(0)
     eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cuda")
@@ -237,7 +237,7 @@ def host_us_per_step(steps: int = 200) -> dict:
 
 def latency_rows(loaded, backends, configs, notes, log) -> list:
     """configs: [(sampler, steps, batches)]; one row per backend/precision/driver/batch/config."""
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     rows = []
     drivers = _graph_drivers()
@@ -275,7 +275,7 @@ def latency_rows(loaded, backends, configs, notes, log) -> list:
 
 def throughput_rows(loaded, backends, batches, steps, notes, log) -> list:
     """images/s of a full DDPM run, replayed through the C driver (the Python replay loop if it is absent)."""
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     drivers = _graph_drivers()
     driver = "c" if "c_driver" in drivers else "python"
@@ -306,7 +306,7 @@ def peer_rows(loaded, batch, steps, notes, log) -> list:
     try:
         import diffusers
 
-        from engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG
+        from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG
 
         for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
             unet = copy.deepcopy(loaded.module.unet).to("cuda", dtype)
@@ -339,7 +339,7 @@ def peer_rows(loaded, batch, steps, notes, log) -> list:
 
 
 def usable_backends(wanted) -> list:
-    from engine import backends
+    from ddpm_engine import backends
 
     avail = backends.available("cuda")
     return [b for b in wanted if avail.get(b) is None]
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    from engine.backends import available
+    from ddpm_engine.backends import available
 
     notes = []
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -393,7 +393,7 @@ def main(argv=None) -> int:
         f"bf16 matmul peak {results['matmul_peak_tflops']:.1f} TFLOP/s; backends {backends}")
     models = {"cifar10": cifar}
     try:
-        from engine.checkpoints import load
+        from ddpm_engine.checkpoints import load
 
         models["digits"] = load("digits")
     except Exception as exc:

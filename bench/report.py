@@ -93,7 +93,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path) -> Path:
     """Latency (s) and images/s vs batch, one line per configuration; writes a PNG."""
-    from engine.errors import require
+    from ddpm_engine.errors import require
 
     matplotlib = require("matplotlib", "bench/report.py's plot")
     matplotlib.use("Agg")

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from engine import Engine, backends
+from ddpm_engine import Engine, backends
 
 STEP_ROUNDS = {"digits16": 100, "cifar32": 8}
 E2E_STEPS = 10
@@ -51,7 +51,7 @@ def timed(fn) -> float:
 
 def test_cifar10_sampling_engine_auto_vs_ddpm_pipeline(benchmark, cifar32):
     diffusers = pytest.importorskip("diffusers")
-    from engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG
+    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG
 
     engine = Engine(cifar32, backend="auto", device="cpu")
     pipeline = diffusers.DDPMPipeline(unet=cifar32.module.unet,

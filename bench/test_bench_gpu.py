@@ -36,8 +36,8 @@ def suite():
 def samplers(suite):
     """(backend, precision) -> (engine, GraphedSampler for DDIM-50 up to batch 64), built once."""
     pytest.importorskip("diffusers")
-    from engine import backends
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine import backends
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     loaded = suite.cifar_loaded()
     cache = {}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine
-from engine.models import SeedUNet
-from engine.serving import Server
+from ddpm_engine import Engine
+from ddpm_engine.models import SeedUNet
+from ddpm_engine.serving import Server
 
 CLIENTS, REQUESTS, TIME_LIMIT_S = 16, 4, 120
 OPTS = dict(sampler="ddim", steps=20)

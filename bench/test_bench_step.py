@@ -20,10 +20,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from engine.noise import seed_words  # noqa: E402
-from engine.samplers import Prediction, Variance  # noqa: E402
-from engine.schedules import Tables, make_betas  # noqa: E402
-from engine.stepping import StepSpec, TorchStep  # noqa: E402
+from ddpm_engine.noise import seed_words  # noqa: E402
+from ddpm_engine.samplers import Prediction, Variance  # noqa: E402
+from ddpm_engine.schedules import Tables, make_betas  # noqa: E402
+from ddpm_engine.stepping import StepSpec, TorchStep  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 SPECS = {
@@ -42,7 +42,7 @@ def make_step(impl, spec, batch, shape, device):
     if impl == "torch":
         step = TorchStep(spec, tab, shape)
     else:
-        from kernels import TritonStep
+        from ddpm_engine.kernels import TritonStep
 
         step = TritonStep(spec, tab, shape)
     return step, x, out, i, words

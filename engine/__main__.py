@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {sample,export,train,info}``."""
+"""Command line: ``python -m ddpm_engine {sample,export,train,info}``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def cmd_sample(args) -> int:
 
 def cmd_export(args) -> int:
     from . import checkpoints
-    from export.onnx_export import export_onnx
+    from ddpm_engine.export.onnx_export import export_onnx
 
     loaded = checkpoints.load(args.model)
     path = export_onnx(loaded, path=args.out, opset=args.opset)
@@ -75,7 +75,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine", description="Sample from trained diffusion UNets.")
+    p = argparse.ArgumentParser(prog="python -m ddpm_engine", description="Sample from trained diffusion UNets.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample images and write a PNG grid")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("train", help="train a model (python -m engine train --help)", add_help=False)
+    t = sub.add_parser("train", help="train a model (python -m ddpm_engine train --help)", add_help=False)
     t.add_argument("train_args", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
 

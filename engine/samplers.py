@@ -13,41 +13,10 @@ per sample (tensor [B]) and is mapped to step indices on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-
 import torch
 
 from .errors import InvalidRequestError
-from .schedules import DeviceTables, Tables, make_betas
-
-
-class Prediction(str, Enum):
-    """What the network outputs."""
-    EPSILON = "epsilon"  # the noise (DDPM default)
-    SAMPLE = "sample"    # x0 itself
-    V = "v_prediction"   # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
-
-    @classmethod
-    def parse(cls, value) -> "Prediction":
-        aliases = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-        try:
-            return cls(aliases.get(value, value))
-        except ValueError:
-            raise InvalidRequestError(f"unknown prediction type {value!r}; use 'epsilon', 'sample' or 'v_prediction'") from None
-
-
-class Variance(str, Enum):
-    """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
-    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (seeds 002/003)
-    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (seed 001)
-
-    @classmethod
-    def parse(cls, value) -> "Variance":
-        aliases = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
-        try:
-            return cls(aliases.get(value, value))
-        except ValueError:
-            raise InvalidRequestError(f"unknown variance type {value!r}; use 'fixed_small' or 'fixed_large'") from None
+from .schedules import DeviceTables, Prediction, Tables, Variance, make_betas
 
 
 def _gather(column: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:

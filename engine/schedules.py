@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import torch
@@ -20,6 +21,35 @@ import torch
 from .errors import InvalidRequestError
 
 BETA_SCHEDULES = ("linear", "cosine", "scaled_linear", "squaredcos_cap_v2")
+
+
+class Prediction(str, Enum):
+    """What the network outputs."""
+    EPSILON = "epsilon"  # the noise (DDPM default)
+    SAMPLE = "sample"    # x0 itself
+    V = "v_prediction"   # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+
+    @classmethod
+    def parse(cls, value) -> "Prediction":
+        aliases = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+        try:
+            return cls(aliases.get(value, value))
+        except ValueError:
+            raise InvalidRequestError(f"unknown prediction type {value!r}; use 'epsilon', 'sample' or 'v_prediction'") from None
+
+
+class Variance(str, Enum):
+    """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
+    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (seeds 002/003)
+    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (seed 001)
+
+    @classmethod
+    def parse(cls, value) -> "Variance":
+        aliases = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
+        try:
+            return cls(aliases.get(value, value))
+        except ValueError:
+            raise InvalidRequestError(f"unknown variance type {value!r}; use 'fixed_small' or 'fixed_large'") from None
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -207,8 +237,6 @@ class SchedulerConfig:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        from .samplers import Prediction, Variance  # validate early, with a typed error
-
         Prediction.parse(self.prediction_type)
         Variance.parse(self.variance_type)
         self.betas()

@@ -79,6 +79,6 @@ def make_step(step_impl: str, spec: StepSpec, tab: DeviceTables, sample_shape, d
     impl = resolve_step_impl(step_impl, device)
     if impl == "torch":
         return TorchStep(spec, tab, sample_shape)
-    from kernels import TritonStep  # import-gated: raises MissingDependencyError without triton
+    from ddpm_engine.kernels import TritonStep  # import-gated: raises MissingDependencyError without triton
 
     return TritonStep(spec, tab, sample_shape)

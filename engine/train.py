@@ -1,4 +1,4 @@
-"""Train a UNet with the seeds' loss: ``python -m engine train``.
+"""Train a UNet with the seeds' loss: ``python -m ddpm_engine train``.
 
 Loss (DDPM eq. 14, the "simple" objective): draw t ~ U{0..T-1} and eps ~ N(0, I), form
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4) and regress the network's output on eps with
@@ -8,7 +8,7 @@ resumable checkpoint (model, EMA, optimizer, step, RNG state) in the output fold
 
 No augmentation: flips change a digit's identity, and the digits are already centred.
 
-The bundled model (engine/bundled/digits) is ``python -m engine train --out runs/digits`` with the
+The bundled model (engine/bundled/digits) is ``python -m ddpm_engine train --out runs/digits`` with the
 defaults below.
 """
 
@@ -182,7 +182,7 @@ def _same(value):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine train",
+    p = argparse.ArgumentParser(prog="python -m ddpm_engine train",
                                 description="Train a SeedUNet on scikit-learn's handwritten digits (16x16). "
                                             "Resumes from OUT/checkpoint.pt if present.")
     d = TrainConfig()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ExportError, InvalidRequestError, require
+from ddpm_engine.errors import ExportError, InvalidRequestError, require
 
 from . import iospec
 

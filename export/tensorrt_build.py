@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import BackendUnavailableError, ExportError, InvalidRequestError, require
+from ddpm_engine.errors import BackendUnavailableError, ExportError, InvalidRequestError, require
 
 from . import iospec
 

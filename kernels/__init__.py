@@ -12,10 +12,13 @@ install, or to set TRITON_INTERPRET=1 on a machine without a GPU).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from engine.errors import BackendUnavailableError, require
+from ddpm_engine.errors import BackendUnavailableError, require
+
+CSRC = Path(__file__).parent / "csrc"  # C and CUDA sources of the graph drivers (engine/cuda builds them)
 
 
 class TritonStep:
@@ -38,7 +41,7 @@ class TritonStep:
             raise BackendUnavailableError(f"step_impl='triton' runs on CUDA (or ROCm) GPUs, or on the CPU in "
                                           f"Triton's interpreter, not on {device.type}; use step_impl='torch'")
         from . import ddim_step, ddpm_step
-        from engine.samplers import Prediction
+        from ddpm_engine.samplers import Prediction
 
         self.spec = spec
         self.table = tab.packed if tab.packed.dtype == torch.float32 else tab.packed.float()

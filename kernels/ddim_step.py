@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.noise import PHILOX_ROUNDS
-from engine.schedules import COLUMNS
+from ddpm_engine.noise import PHILOX_ROUNDS
+from ddpm_engine.schedules import COLUMNS
 
 from .ddpm_step import PRED_EPSILON, block_for, check_inputs, predict_x0
 from .philox import PHILOX_KEY, philox_normal

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.noise import PHILOX_ROUNDS
-from engine.schedules import COLUMNS
+from ddpm_engine.noise import PHILOX_ROUNDS
+from ddpm_engine.schedules import COLUMNS
 
 from .philox import PHILOX_KEY, philox_normal
 
@@ -120,7 +120,7 @@ def block_for(numel: int) -> int:
 def check_inputs(x, model_output, i, seed_words, table, x_prev, x0):
     """Host-side checks of shapes, dtypes, layout and device (metadata only: no sync). The kernels
     index flat [B, N] buffers, so every per-element tensor must be contiguous."""
-    from engine.errors import InvalidRequestError
+    from ddpm_engine.errors import InvalidRequestError
 
     B = x.shape[0]
     per_element = {"x_t": x, "model_output": model_output, "x_prev": x_prev}

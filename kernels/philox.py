@@ -15,7 +15,7 @@ kernel below (tests only) reads 8 + 16 bytes per sample and writes 4 * 8 + 4 byt
 import triton
 import triton.language as tl
 
-from engine.noise import KEY, PHILOX_ROUNDS
+from ddpm_engine.noise import KEY, PHILOX_ROUNDS
 
 PHILOX_KEY = KEY[0] | (KEY[1] << 32)  # tl.philox's 64-bit seed: low word k0, high word k1
 

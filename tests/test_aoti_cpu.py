@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from engine import Engine, backends
-from engine.backends import aoti_backend
-from engine.checkpoints import from_module
-from engine.errors import InvalidRequestError
-from engine.models import SeedUNet
+from ddpm_engine import Engine, backends
+from ddpm_engine.backends import aoti_backend
+from ddpm_engine.checkpoints import from_module
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.models import SeedUNet
 
 pytestmark = [
     pytest.mark.slow,

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from engine import Engine, backends
-from engine.backends import onnxruntime_backend
-from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from engine.checkpoints import from_module
-from engine.errors import BackendUnavailableError, InvalidRequestError, ModelLoadError
-from engine.models import SeedUNet
-from export.onnx_export import export_onnx
+from ddpm_engine import Engine, backends
+from ddpm_engine.backends import onnxruntime_backend
+from ddpm_engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from ddpm_engine.checkpoints import from_module
+from ddpm_engine.errors import BackendUnavailableError, InvalidRequestError, ModelLoadError
+from ddpm_engine.models import SeedUNet
+from ddpm_engine.export.onnx_export import export_onnx
 
 SHAPE = (1, 8, 8)
 
@@ -128,7 +128,7 @@ def test_torch_threads_are_lent_to_ort_and_restored():
     process's setting is back, also after an error."""
     import torch
 
-    from engine.engine import yield_cpu_to
+    from ddpm_engine.engine import yield_cpu_to
 
     class OwnsPool:
         owns_cpu_threads = True

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from engine import Engine, ModelLoadError, SchedulerConfig, checkpoints
-from engine.models import SeedUNet
+from ddpm_engine import Engine, ModelLoadError, SchedulerConfig, checkpoints
+from ddpm_engine.models import SeedUNet
 
 diffusers = pytest.importorskip("diffusers")
 

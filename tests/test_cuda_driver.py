@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from engine.errors import BackendUnavailableError, EngineError
-from engine.cuda import driver as drv
+from ddpm_engine.errors import BackendUnavailableError, EngineError
+from ddpm_engine.cuda import driver as drv
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and drv.cuda_home() is None,
                                 reason="no nvcc and no CUDA toolkit here: the C driver cannot be built")
@@ -76,13 +76,13 @@ def test_build_error_is_typed(tmp_path):
 
 
 def test_graphs_import_is_cuda_free_and_construct_needs_cuda():
-    from engine.cuda import graphs
+    from ddpm_engine.cuda import graphs
 
     assert graphs.buckets(64) == [1, 2, 4, 8, 16, 32, 64]
     assert graphs.buckets(6) == [1, 2, 4, 6]
     if not torch.cuda.is_available():
-        from engine import Engine
-        from engine.models import SeedUNet
+        from ddpm_engine import Engine
+        from ddpm_engine.models import SeedUNet
 
         eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cpu")
         with pytest.raises(BackendUnavailableError, match="CUDA"):
@@ -97,8 +97,8 @@ SHAPE = (1, 8, 8)
 def cuda_engine():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from engine import Engine
-    from engine.models import SeedUNet
+    from ddpm_engine import Engine
+    from ddpm_engine.models import SeedUNet
 
     torch.manual_seed(0)
     return Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cuda",
@@ -108,7 +108,7 @@ def cuda_engine():
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 50, 0.0), ("ddim", 20, 0.0), ("ddim", 20, 1.0)])
 def test_graph_replay_matches_engine_sample(cuda_engine, sampler, steps, eta):
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     seeds = [random.getrandbits(64) for _ in range(3)]
     ref = cuda_engine.sample(seeds, sampler=sampler, steps=steps, eta=eta)
@@ -124,7 +124,7 @@ def test_graph_replay_matches_engine_sample(cuda_engine, sampler, steps, eta):
 
 @pytest.mark.gpu
 def test_padding_to_a_bucket_does_not_change_an_image(cuda_engine):
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     gs = GraphedSampler(cuda_engine, "ddim", 20, max_batch=8)
     s = random.getrandbits(64)
@@ -138,7 +138,7 @@ def test_padding_to_a_bucket_does_not_change_an_image(cuda_engine):
 
 @pytest.mark.gpu
 def test_c_driver_sees_the_gpu_and_times(cuda_engine):
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     assert drv.load_driver().device_count() >= 1
     gs = GraphedSampler(cuda_engine, "ddim", 20, max_batch=4)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine import Engine
-from engine.data import load_digits_images
+from ddpm_engine import Engine
+from ddpm_engine.data import load_digits_images
 
 pytest.importorskip("sklearn")
 CONFIDENT = 0.8

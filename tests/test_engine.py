@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from engine import Engine, InvalidRequestError, ModelLoadError, Snapshot
-from engine.errors import BackendUnavailableError, EngineError
-from engine.models import SeedUNet
+from ddpm_engine import Engine, InvalidRequestError, ModelLoadError, Snapshot
+from ddpm_engine.errors import BackendUnavailableError, EngineError
+from ddpm_engine.models import SeedUNet
 
 SHAPE = (1, 8, 8)
 
@@ -69,7 +69,7 @@ def test_progress_bar(engine, capsys):
 
 def test_matches_a_diffusers_ddim_loop():
     diffusers = pytest.importorskip("diffusers")
-    from engine.models.cifar_unet import DiffusersUNet
+    from ddpm_engine.models.cifar_unet import DiffusersUNet
 
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
                                  down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -146,8 +146,8 @@ def test_bad_models():
 def test_missing_optional_package_names_it(monkeypatch):
     import sys
 
-    from engine.errors import MissingDependencyError
-    from engine.models import cifar_unet
+    from ddpm_engine.errors import MissingDependencyError
+    from ddpm_engine.models import cifar_unet
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
     with pytest.raises(MissingDependencyError, match="pip install"):
@@ -155,7 +155,7 @@ def test_missing_optional_package_names_it(monkeypatch):
 
 
 def test_backend_unavailable_is_typed(monkeypatch):
-    from engine import backends
+    from ddpm_engine import backends
 
     monkeypatch.setattr(backends, "available", lambda device: {"torch": None, "onnxruntime": "not installed"})
     mod = backends._module("torch")

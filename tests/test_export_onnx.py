@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engine.checkpoints import from_module
-from engine.errors import InvalidRequestError
-from engine.models import SeedUNet
-from export import iospec, onnx_export
-from export.onnx_export import export_onnx
+from ddpm_engine.checkpoints import from_module
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.models import SeedUNet
+from ddpm_engine.export import iospec, onnx_export
+from ddpm_engine.export.onnx_export import export_onnx
 
 SHAPE = (1, 8, 8)
 
@@ -118,7 +118,7 @@ def test_dynamo_exporter_also_matches_eager(tmp_path):
 
 def test_cifar10_unet_export_matches_eager(tmp_path):
     pytest.importorskip("diffusers")
-    from engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
+    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
 
     loaded = from_module(cifar10_unet(seed=random.getrandbits(31)), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
     path = export_onnx(loaded, cache_dir=tmp_path)

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from engine.cuda import driver as drv
-from engine.cuda import graph_loop
-from engine.errors import BackendUnavailableError
+from ddpm_engine.cuda import driver as drv
+from ddpm_engine.cuda import graph_loop
+from ddpm_engine.errors import BackendUnavailableError
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and drv._find_nvcc(drv.cuda_home()) is None,
                                 reason="no nvcc here: the graph loop (CUDA C++) cannot be built")
@@ -49,6 +49,6 @@ def test_without_nvcc_the_error_names_it(monkeypatch, tmp_path):
 
 
 def test_graph_loop_is_a_graph_driver():
-    from engine.cuda import graphs
+    from ddpm_engine.cuda import graphs
 
     assert "graph_loop" in graphs.DRIVERS

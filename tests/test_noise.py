@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from engine.errors import InvalidRequestError
-from engine.noise import KEY, initial_noise, philox4x32, philox_normal, seed_words
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.noise import KEY, initial_noise, philox4x32, philox_normal, seed_words
 
 
 def words(*vals):

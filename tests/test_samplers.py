@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.samplers import (DDIMSampler, DDPMSampler, Prediction, Variance, ddim_step, ddpm_step,
+from ddpm_engine.samplers import (DDIMSampler, DDPMSampler, Prediction, Variance, ddim_step, ddpm_step,
                              predict_x0_and_eps)
-from engine.schedules import Tables, make_betas
+from ddpm_engine.schedules import Tables, make_betas
 
 
 def rand_case(B=4, shape=(3, 5, 7), steps=1000, schedule="linear"):

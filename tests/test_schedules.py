@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from engine.errors import InvalidRequestError
-from engine.schedules import SchedulerConfig, Tables, cosine_betas, linear_betas, make_betas, spaced_timesteps
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.schedules import SchedulerConfig, Tables, cosine_betas, linear_betas, make_betas, spaced_timesteps
 
 
 def closed_forms(betas, t):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import Engine, EngineError, InvalidRequestError, QueueFullError
-from engine.models import SeedUNet
-from engine.serving import Server, ServerClosedError
+from ddpm_engine import Engine, EngineError, InvalidRequestError, QueueFullError
+from ddpm_engine.models import SeedUNet
+from ddpm_engine.serving import Server, ServerClosedError
 
 SHAPE = (1, 16, 16)
 OPTS = dict(sampler="ddim", steps=20)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import Engine
-from engine.data import load_digits_images
-from engine.errors import InvalidRequestError
-from engine.train import TrainConfig, diffusion_loss, main, train
+from ddpm_engine import Engine
+from ddpm_engine.data import load_digits_images
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.train import TrainConfig, diffusion_loss, main, train
 
 
 def small(steps, **kw):

@@ -16,10 +16,10 @@ from .base import PRECISIONS, Backend, parse_precision
 
 # name -> module; the order is auto's order of preference on CUDA
 BACKEND_MODULES = {
-    "tensorrt": "engine.backends.tensorrt_backend",
-    "aoti": "engine.backends.aoti_backend",
-    "onnxruntime": "engine.backends.onnxruntime_backend",
-    "torch": "engine.backends.torch_backend",
+    "tensorrt": "ddpm_engine.backends.tensorrt_backend",
+    "aoti": "ddpm_engine.backends.aoti_backend",
+    "onnxruntime": "ddpm_engine.backends.onnxruntime_backend",
+    "torch": "ddpm_engine.backends.torch_backend",
 }
 BACKENDS = ("auto", *BACKEND_MODULES)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import iospec
+from ddpm_engine.export import iospec
 
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
@@ -152,7 +152,7 @@ def create(loaded, device, precision) -> OnnxRuntimeBackend:
     """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it."""
     _check_precision(precision)  # before the export, which can take seconds
     require("onnx", "the onnxruntime backend (ONNX export)")
-    from export.onnx_export import export_onnx
+    from ddpm_engine.export.onnx_export import export_onnx
 
     path = export_onnx(loaded)
     return OnnxRuntimeBackend(path, device, precision, expected_hash=loaded.weights_hash,

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from export import iospec
+from ddpm_engine.export import iospec
 
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
@@ -98,7 +98,7 @@ def unavailable_reason(device) -> str | None:
 
 def create(loaded, device, precision, profile=None) -> TensorRTBackend:
     """Build (or reuse the cached) engine for ``loaded`` on ``device`` and open it."""
-    from export.tensorrt_build import DEFAULT_PROFILE, build_engine
+    from ddpm_engine.export.tensorrt_build import DEFAULT_PROFILE, build_engine
 
     profile = DEFAULT_PROFILE if profile is None else profile
     device = torch.device(device)

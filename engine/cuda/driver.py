@@ -30,8 +30,9 @@ import threading
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
+from ..kernels import CSRC
 
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "csrc" / "graph_driver.c"
+SOURCE = CSRC / "graph_driver.c"
 ERRLEN = 1024
 
 

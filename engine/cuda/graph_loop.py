@@ -17,9 +17,10 @@ import ctypes
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
+from ..kernels import CSRC
 from . import driver as _driver
 
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "csrc" / "graph_loop.cu"
+SOURCE = CSRC / "graph_loop.cu"
 
 
 class GraphLoop:

@@ -45,7 +45,7 @@ def models(suite):
                 pytest.importorskip("diffusers")
                 cache[name] = suite.cifar_loaded(seed=0)
             else:
-                from engine.checkpoints import load
+                from ddpm_engine.checkpoints import load
 
                 try:
                     cache[name] = load(name)

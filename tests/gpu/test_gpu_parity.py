@@ -14,7 +14,7 @@ confirmed on the first GPU run (bench/gpu_suite.py records the measured values).
 import pytest
 import torch
 
-from engine import backends
+from ddpm_engine import backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -89,7 +89,7 @@ def test_ddpm_1000_run_matches_eager_fp32(model, backend, precision, engines, re
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("precision", ("fp32", "fp16"))
 def test_graph_drivers_match_python_loop(model, precision, engines, seeds):
-    from engine.cuda.graphs import GraphedSampler
+    from ddpm_engine.cuda.graphs import GraphedSampler
 
     eng = engines(model, "torch", precision)
     gs = GraphedSampler(eng, "ddpm", eng.num_train_timesteps, max_batch=len(seeds))

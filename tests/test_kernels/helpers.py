@@ -4,8 +4,8 @@ import random
 
 import torch
 
-from engine.noise import philox_normal, seed_words
-from engine.schedules import Tables, make_betas
+from ddpm_engine.noise import philox_normal, seed_words
+from ddpm_engine.schedules import Tables, make_betas
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

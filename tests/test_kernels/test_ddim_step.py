@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from engine.samplers import Prediction, ddim_step
-from kernels import ddim_step as kernel
-from kernels.ddpm_step import PRED_EPSILON, PRED_SAMPLE, PRED_V
+from ddpm_engine.samplers import Prediction, ddim_step
+from ddpm_engine.kernels import ddim_step as kernel
+from ddpm_engine.kernels.ddpm_step import PRED_EPSILON, PRED_SAMPLE, PRED_V
 
 from .helpers import poisoned, random_case, reference_noise
 

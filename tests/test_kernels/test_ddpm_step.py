@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from engine.samplers import Prediction, Variance, ddpm_step
-from kernels import ddpm_step as kernel
+from ddpm_engine.samplers import Prediction, Variance, ddpm_step
+from ddpm_engine.kernels import ddpm_step as kernel
 
 from .helpers import poisoned, random_case, reference_noise
 

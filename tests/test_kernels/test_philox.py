@@ -4,8 +4,8 @@ import random
 
 import torch
 
-from engine.noise import KEY, XT_STEP, philox4x32, philox_normal, seed_words
-from kernels.philox import philox_debug
+from ddpm_engine.noise import KEY, XT_STEP, philox4x32, philox_normal, seed_words
+from ddpm_engine.kernels.philox import philox_debug
 
 from .helpers import DEVICE
 

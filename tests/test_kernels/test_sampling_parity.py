@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from engine import Engine
-from engine.errors import BackendUnavailableError
-from engine.models import SeedUNet
+from ddpm_engine import Engine
+from ddpm_engine.errors import BackendUnavailableError
+from ddpm_engine.models import SeedUNet
 
 from .helpers import DEVICE
 

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from engine.errors import InvalidRequestError, MissingDependencyError
-from engine.samplers import Prediction, Variance
-from engine.stepping import StepSpec, TorchStep
-from kernels import TritonStep
-from kernels.ddpm_step import ddpm_step
+from ddpm_engine.errors import InvalidRequestError, MissingDependencyError
+from ddpm_engine.samplers import Prediction, Variance
+from ddpm_engine.stepping import StepSpec, TorchStep
+from ddpm_engine.kernels import TritonStep
+from ddpm_engine.kernels.ddpm_step import ddpm_step
 
 from .helpers import random_case
 
