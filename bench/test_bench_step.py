@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from ddpm_engine.noise import seed_words  # noqa: E402
 from ddpm_engine.samplers import Prediction, Variance  # noqa: E402
 from ddpm_engine.schedules import Tables, make_betas  # noqa: E402
-from ddpm_engine.stepping import StepSpec, TorchStep  # noqa: E402
+from ddpm_engine.stepping import Rows, StepSpec, TorchStep  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 SPECS = {
@@ -58,7 +58,7 @@ def test_step_cpu(benchmark, impl, sampler):
     step, x, out, i, words = make_step(impl, SPECS[sampler], batch, shape, "cpu")
     benchmark.group = f"{sampler} step cpu batch {batch} {shape}"
     benchmark.extra_info["device"] = "cpu (Triton interpreter)" if impl == "triton" else "cpu"
-    benchmark.pedantic(lambda: step(x, out, i, words), rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(lambda: step(Rows(x, i, words), out), rounds=3, warmup_rounds=1, iterations=1)
 
 
 def cuda_seconds(fn, repeats=50):
@@ -81,13 +81,13 @@ def test_step_cuda(benchmark, impl, sampler, batch, shape):
     step, x, out, i, words = make_step(impl, SPECS[sampler], batch, shape, "cuda")
 
     def run():
-        step(x, out, i, words)
+        step(Rows(x, i, words), out)
         torch.cuda.synchronize()
 
     benchmark.group = f"{sampler} step cuda batch {batch} {shape}"
     benchmark.pedantic(run, rounds=20, warmup_rounds=3, iterations=1)
 
-    step_s = cuda_seconds(lambda: step(x, out, i, words))  # launches back to back, no per-call sync
+    step_s = cuda_seconds(lambda: step(Rows(x, i, words), out))  # launches back to back, no per-call sync
     nbytes = 3 * x.numel() * x.element_size()  # the fused kernel's traffic; torch moves ~10 passes
     src = torch.randn(nbytes // 2 // 4, device="cuda")  # a copy reads and writes: 2 * src bytes = nbytes
     dst = torch.empty_like(src)

@@ -15,7 +15,7 @@ from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
 from .samplers import SAMPLERS, Prediction, Variance, check_eta
 from .schedules import Tables
-from .stepping import StepSpec, make_step, resolve_step_impl
+from .stepping import Rows, StepSpec, make_step, resolve_step_impl
 
 _seed_source = random.SystemRandom()
 DRIVERS = ("eager", "python", "c", "graph_loop")
@@ -234,7 +234,7 @@ class Engine:
             x = initial_noise(words, self.sample_shape)
         step = make_step(self.step_impl, spec, tab, self.sample_shape, dev)
         n = tables.steps
-        i = torch.full((len(seeds),), n - 1, dtype=torch.int64, device=dev)
+        rows = Rows(x, torch.full((len(seeds),), n - 1, dtype=torch.int64, device=dev), words)
         snaps = []
         loop = range(n - 1, -1, -1)
         if progress:
@@ -242,15 +242,16 @@ class Engine:
 
             loop = tqdm(loop, total=n, desc=f"{spec.sampler}-{n}", unit="step")
         for k in loop:  # k is the (host-known) step index all samples share in this run
-            t = tab.timesteps[i]
-            out = self.backend(x, t)
+            t = tab.timesteps[rows.i]
+            out = self.backend(rows.x, t)
             snap_t = int(tables.timesteps[k])
             if snap_t in snap_at:
-                x_t = x.clone()  # the step may write x_prev in place
-                x, x0 = step(x, out, i, words, want_x0=True)
+                x_t = rows.x.clone()  # the step writes x_prev in place
+                x0 = step(rows, out, want_x0=True)
                 snaps.append(Snapshot(snap_t, x_t, x0.clone()))
             else:
-                x, _ = step(x, out, i, words)
+                step(rows, out)
+        x = rows.x
         return x.clamp_(-1.0, 1.0), snaps
 
     # ---- serving: many callers, one batch (engine/serving.py) ---------------------------------

@@ -37,7 +37,7 @@ import torch
 from .engine import yield_cpu_to
 from .errors import EngineError, InvalidRequestError, QueueFullError
 from .noise import initial_noise, seed_words
-from .stepping import StepSpec, make_step
+from .stepping import Rows, StepSpec, make_step
 
 MODES = ("continuous", "coalesce")
 
@@ -317,7 +317,7 @@ class Server:
         with eng._lock, yield_cpu_to(eng.backend), torch.inference_mode():
             t = g.timesteps[g.i]
             out = eng.backend(g.x, t)
-            g.x, _ = g.step_fn(g.x, out, g.i, g.words)
+            g.step_fn(Rows(g.x, g.i, g.words), out)
 
     def _retire(self, g: Group):
         """After a step: hand finished requests their rows, drop cancelled and expired ones, and

@@ -1,14 +1,15 @@
-"""Step implementations: turn (x_t, model output, step index, seeds) into x_{t-1}.
+"""Step implementations: advance a batch of ``Rows`` by one reverse step, in place.
 
-Each implementation has the same contract so the driver loop does not care which runs:
+Each implementation has the same contract so the loops around it do not care which runs:
 
-    x_prev, pred_x0 = step(x_t, model_output, i, seed_words, want_x0=False)
+    pred_x0 = step(rows, model_output, want_x0=False)
 
-and ``i`` (int64 [B], per-sample step index) is decremented in place, saturating at 0, so
-nothing on the host changes between steps. An implementation may write x_prev in place into
-x_t (the Triton one does), so a caller that keeps x_t clones it first. ``pred_x0`` is only
-guaranteed when ``want_x0`` is true. Noise comes from the per-sample Philox stream
-(engine.noise) at step counter i.
+It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
+saturating at 0) and, for a multistep sampler, updates ``rows.x0_prev``: all in place, so
+nothing on the host changes between steps and a step can be captured in a CUDA graph. A caller
+that keeps x_t clones it first. ``pred_x0`` is returned only when ``want_x0`` (else None), and
+may be a buffer the next call reuses: a caller that keeps it clones it. Noise comes from the
+per-sample Philox stream (engine.noise) at step counter i.
 
 - ``TorchStep``: the reference (engine.samplers) plus the torch Philox generator.
 - ``kernels.TritonStep``: one fused Triton kernel with in-kernel noise (kernels/).
@@ -23,10 +24,35 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import philox_normal
-from .samplers import Prediction, Variance, ddim_step, ddpm_step
-from .schedules import DeviceTables
+from .samplers import ddim_step, ddpm_step
+from .schedules import DeviceTables, Prediction, Variance
 
 STEP_IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(eq=False)
+class Rows:
+    """The per-sample device state of a batch being sampled: one row per image, every field."""
+
+    x: torch.Tensor  # [B, C, H, W] float32: x_t, overwritten with x_{t-1} by each step
+    i: torch.Tensor  # int64 [B]: step index into the tables, decremented by each step
+    words: torch.Tensor  # int64 [B, 2]: seed words (engine.noise.seed_words)
+    x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Rows":
+        """The rows at ``index`` (a device int64 tensor), as new tensors."""
+        return Rows(*(None if v is None else v.index_select(0, index) for v in self.fields()))
+
+    def fields(self):
+        return (self.x, self.i, self.words, self.x0_prev)
+
+    @staticmethod
+    def cat(parts) -> "Rows":
+        parts = list(parts)
+        return Rows(*(None if vs[0] is None else torch.cat(vs) for vs in zip(*(p.fields() for p in parts))))
 
 
 @dataclass(frozen=True)
@@ -38,6 +64,7 @@ class StepSpec:
     variance: Variance
     clip_denoised: bool
     eta: float  # DDIM only
+    use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
 
 
 class TorchStep:
@@ -48,17 +75,18 @@ class TorchStep:
         self.tab = tab
         self.numel = math.prod(sample_shape)
 
-    def __call__(self, x_t, model_output, i, seed_words, want_x0: bool = False):
-        s = self.spec
-        noise = philox_normal(seed_words, i, self.numel).reshape(x_t.shape)
+    def __call__(self, rows: Rows, model_output, want_x0: bool = False):
+        s, x_t, i = self.spec, rows.x, rows.i
+        noise = philox_normal(rows.words, i, self.numel).reshape(x_t.shape)
         if s.sampler == "ddpm":
             x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, prediction=s.prediction,
                                    variance=s.variance, clip_denoised=s.clip_denoised)
         else:
             x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta, prediction=s.prediction,
                                    clip_denoised=s.clip_denoised)
+        x_t.copy_(x_prev)
         i.sub_(1).clamp_(min=0)
-        return x_prev, x0
+        return x0 if want_x0 else None
 
 
 def resolve_step_impl(step_impl: str, device: torch.device) -> str:

@@ -22,8 +22,8 @@ CSRC = Path(__file__).parent / "csrc"  # C and CUDA sources of the graph drivers
 
 
 class TritonStep:
-    """``x_prev, x0 = step(x_t, model_output, i, seed_words, want_x0=False)``: one fused kernel
-    launch writes x_prev in place into x_t (zero allocations per step), then a tiny launch
+    """``x0 = step(rows, model_output, want_x0=False)`` (engine.stepping's contract): one fused
+    kernel launch writes x_prev in place into rows.x (zero allocations per step), then a tiny launch
     decrements i on the device (see ddpm_step.advance for why it is a second launch). x0 is written
     only when ``want_x0`` (else None is returned), into a buffer reused by later calls: a caller
     that keeps it clones it. x_t must be contiguous (the engine's x always is)."""
@@ -50,8 +50,8 @@ class TritonStep:
         self._ddpm, self._ddim, self._advance = ddpm_step.ddpm_step, ddim_step.ddim_step, ddpm_step.advance
         self._x0 = None
 
-    def __call__(self, x_t, model_output, i, seed_words, want_x0: bool = False):
-        s = self.spec
+    def __call__(self, rows, model_output, want_x0: bool = False):
+        s, x_t, i, seed_words = self.spec, rows.x, rows.i, rows.words
         if want_x0 and (self._x0 is None or self._x0.shape != x_t.shape):
             self._x0 = torch.empty_like(x_t)
         common = dict(prediction=self.prediction, clip_denoised=s.clip_denoised, x_prev=x_t,
@@ -61,4 +61,4 @@ class TritonStep:
         else:
             x_prev, x0 = self._ddim(x_t, model_output, i, seed_words, self.table, eta=s.eta, **common)
         self._advance(i)
-        return x_prev, x0
+        return x0

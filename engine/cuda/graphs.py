@@ -36,7 +36,7 @@ import torch
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 from ..noise import check_seeds, initial_noise, seed_words
-from ..stepping import StepSpec, make_step
+from ..stepping import Rows, StepSpec, make_step
 
 DRIVERS = ("python", "c", "graph_loop")
 WARMUP_ITERS = 3
@@ -108,15 +108,14 @@ class GraphedSampler:
         x = torch.zeros((b, *self.sample_shape), dtype=torch.float32, device=dev)
         i = torch.full((b,), self.steps - 1, dtype=torch.int64, device=dev)
         words = seed_words([0] * b, dev)
+        rows = Rows(x, i, words)
         step = make_step(eng.step_impl, self.spec, self.tab, self.sample_shape, dev)
         timesteps = self.tab.timesteps
 
         def one_step():
             t = timesteps[i]
             out = eng.backend(x, t)
-            x_prev, _ = step(x, out, i, words)
-            if x_prev.data_ptr() != x.data_ptr():  # TorchStep returns a new tensor; Triton writes in place
-                x.copy_(x_prev)
+            step(rows, out)
 
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))

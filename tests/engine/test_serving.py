@@ -18,7 +18,7 @@ from ddpm_engine.serving import Server, ServerClosedError
 
 SHAPE = (1, 16, 16)
 OPTS = dict(sampler="ddim", steps=20)
-DIGITS = Path(__file__).resolve().parents[1] / "engine" / "bundled" / "digits" / "config.json"
+DIGITS = Path(__file__).resolve().parents[2] / "engine" / "bundled" / "digits" / "config.json"
 
 
 @pytest.fixture(scope="module", autouse=True)

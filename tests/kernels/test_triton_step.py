@@ -8,7 +8,7 @@ import torch
 
 from ddpm_engine.errors import InvalidRequestError, MissingDependencyError
 from ddpm_engine.samplers import Prediction, Variance
-from ddpm_engine.stepping import StepSpec, TorchStep
+from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 from ddpm_engine.kernels import TritonStep
 from ddpm_engine.kernels.ddpm_step import ddpm_step
 
@@ -29,10 +29,12 @@ def test_same_contract_as_torch_step(sampler, want_x0):
     shape = (3, 5, 7)
     tab, x, out, i, words = random_case(B=4, shape=shape)
     i_ref = i.clone()
-    want, want_x0_tensor = TorchStep(spec, tab, shape)(x.clone(), out, i_ref, words)
-    x_prev, x0 = TritonStep(spec, tab, shape)(x, out, i, words, want_x0=want_x0)
-    assert x_prev is x  # written in place: no allocation per step
-    torch.testing.assert_close(x_prev, want, rtol=1e-5, atol=3e-5)
+    ref_rows, rows = Rows(x.clone(), i_ref, words), Rows(x, i, words)
+    want_x0_tensor = TorchStep(spec, tab, shape)(ref_rows, out, want_x0=True)
+    x_ptr = x.data_ptr()
+    x0 = TritonStep(spec, tab, shape)(rows, out, want_x0=want_x0)
+    assert rows.x.data_ptr() == x_ptr  # written in place: no allocation per step
+    torch.testing.assert_close(rows.x, ref_rows.x, rtol=1e-5, atol=3e-5)
     assert torch.equal(i, i_ref)  # both advanced i -> max(i - 1, 0) on the device
     if want_x0:
         torch.testing.assert_close(x0, want_x0_tensor, rtol=1e-5, atol=3e-5)
@@ -44,8 +46,8 @@ def test_x0_buffer_is_reused_across_steps():
     spec = StepSpec("ddim", Prediction.EPSILON, Variance.FIXED_SMALL, True, 0.0)
     tab, x, out, i, words = random_case(B=2, shape=(1, 4, 4), steps=17)
     step = TritonStep(spec, tab, (1, 4, 4))
-    _, first = step(x, out, i, words, want_x0=True)
-    _, second = step(x, out, i, words, want_x0=True)
+    first = step(Rows(x, i, words), out, want_x0=True)
+    second = step(Rows(x, i, words), out, want_x0=True)
     assert first.data_ptr() == second.data_ptr()
 
 
