@@ -85,7 +85,19 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     return x_prev, x0
 
 
+# The sampler names the engine accepts, and the one place their defaults live.
 SAMPLERS = ("ddpm", "ddim")
+MULTISTEP_SAMPLERS = frozenset()  # samplers whose Rows carry the previous x0 (stepping.Rows.x0_prev)
+
+
+def default_steps(sampler: str, num_train_timesteps: int) -> int:
+    """Steps when the caller gives none: T for DDPM, 50 for DDIM (at most T)."""
+    return num_train_timesteps if sampler == "ddpm" else min(50, num_train_timesteps)
+
+
+def timestep_spacing(sampler: str) -> str:
+    """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM."""
+    return "leading"
 
 
 @dataclass

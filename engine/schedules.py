@@ -91,12 +91,17 @@ def make_betas(beta_schedule: str = "linear", num_timesteps: int = 1000, beta_st
                               "or pass trained_betas")
 
 
-def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+TIMESTEP_SPACINGS = ("leading",)
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
     """The kept training timesteps, ascending: ``arange(steps) * (T // steps)`` — the even
     ("leading") spacing of the DDIM paper and diffusers, exactly ``steps`` of them; t = 0 is
     always kept so the last step lands on the data. ``steps == T`` keeps every timestep."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
     return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
 
 
@@ -146,10 +151,10 @@ class Tables:
         return len(self.timesteps)
 
     @classmethod
-    def build(cls, train_betas: np.ndarray, steps: int | None = None) -> "Tables":
+    def build(cls, train_betas: np.ndarray, steps: int | None = None, spacing: str = "leading") -> "Tables":
         train_betas = np.asarray(train_betas, dtype=np.float64)
         T = len(train_betas)
-        timesteps = spaced_timesteps(T, T if steps is None else steps)
+        timesteps = spaced_timesteps(T, T if steps is None else steps, spacing)
         abar_train = np.cumprod(1.0 - train_betas)
         abar = abar_train[timesteps]
         abar_prev = np.append(1.0, abar[:-1])
