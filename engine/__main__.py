@@ -8,6 +8,8 @@ import sys
 import time
 
 from .errors import EngineError
+from .export.iospec import DEFAULT_OPSET
+from .samplers import SAMPLERS
 
 
 def cmd_sample(args) -> int:
@@ -19,13 +21,14 @@ def cmd_sample(args) -> int:
     engine = Engine.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                     step_impl=args.step_impl)
     batch = args.seeds if args.seeds else args.n
-    steps = args.steps
+    options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta,
+                   use_clipped_model_output=args.use_clipped_model_output)
+    n_steps = engine.plan(**options).steps  # validates the options before any work
     start = time.perf_counter()
-    images = engine.sample(batch, sampler=args.sampler, steps=steps, eta=args.eta, progress=not args.quiet)
+    images = engine.sample(batch, progress=not args.quiet, **options)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    n_steps = steps or (engine.num_train_timesteps if args.sampler == "ddpm" else min(50, engine.num_train_timesteps))
     path = save_grid(images, args.out, scale=args.scale)
     print(f"{engine}")
     print(f"{images.shape[0]} images, {args.sampler}-{n_steps}: {seconds:.2f} s, "
@@ -82,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="digits", help="bundled model name or model folder (default: digits)")
     s.add_argument("-n", "--n", type=int, default=16, help="number of images (fresh random seeds)")
     s.add_argument("--seeds", type=int, nargs="+", help="explicit 64-bit seeds (overrides -n)")
-    s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T for ddpm, 50 for ddim)")
+    s.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
+    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T for ddpm, 50 for ddim, "
+                                                           "20 for dpmpp_2m)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    s.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")
     s.add_argument("--backend", default="auto")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model to ONNX")
     e.add_argument("--model", default="digits")
     e.add_argument("--out", default=None, help="output .onnx path (default: the cache)")
-    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", help="train a model (python -m ddpm_engine train --help)", add_help=False)

@@ -18,13 +18,18 @@ Requests are validated at submission (typed errors, nothing else disturbed), the
 rows are dropped), and ``future.cancel()`` works until the result is set: the future stays pending
 while its rows are being computed, and a cancelled request's rows are dropped at the next step.
 If the model raises mid-batch (out of memory, say), that batch's requests fail with ``EngineError``
-and the server goes on serving the others. Results come back on the CPU.
+and the server goes on serving the others. Results come back on the CPU (``results="cpu"``) or on
+the engine's device (``results="device"``, what ``Engine.sample``'s own batching uses).
+
+The server builds every request's ``SamplingPlan`` through its planner (``Engine.plan``) and runs
+``plan.reverse_step`` on each group's rows: it never reaches into the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -34,12 +39,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import yield_cpu_to
 from .errors import EngineError, InvalidRequestError, QueueFullError
-from .noise import initial_noise, seed_words
-from .stepping import Rows, StepSpec, make_step
+from .plan import SamplingPlan, check_positive_int, reverse_step, yield_cpu_to
+from .stepping import Rows
 
 MODES = ("continuous", "coalesce")
+MAX_QUEUE = 1_000_000  # requests; a larger bound is a typo, not a plan
 
 
 class ServerClosedError(EngineError, RuntimeError):
@@ -49,8 +54,7 @@ class ServerClosedError(EngineError, RuntimeError):
 @dataclass(eq=False)
 class Request:
     seeds: list
-    spec: StepSpec
-    steps: int
+    plan: SamplingPlan
     future: Future
     submitted: float
     deadline: float | None
@@ -58,28 +62,19 @@ class Request:
     remaining: int = 0  # steps still to run once admitted
     resolved: bool = False  # its future has its result, error, or cancellation (notified) already
 
-    @property
-    def key(self):
-        return (self.spec, self.steps)
-
 
 @dataclass(eq=False)
 class Group:
-    """The running rows of one (spec, steps) key: one state row per image."""
+    """The running rows of one plan (requests with equal ``plan.key``): one state row per image."""
 
-    spec: StepSpec
-    steps: int
-    step_fn: object
-    timesteps: torch.Tensor
+    plan: SamplingPlan
     pending: collections.deque = field(default_factory=collections.deque)
     running: list = field(default_factory=list)  # requests, in row order
-    x: torch.Tensor | None = None
-    i: torch.Tensor | None = None
-    words: torch.Tensor | None = None
+    state: Rows | None = None
 
     @property
     def rows(self) -> int:
-        return 0 if self.x is None else self.x.shape[0]
+        return 0 if self.state is None else len(self.state)
 
 
 class Metrics:
@@ -117,67 +112,81 @@ class Metrics:
 class Server:
     """Batches the requests of many callers onto one engine; see the module docstring."""
 
-    def __init__(self, engine, *, mode: str = "continuous", max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024):
+    def __init__(self, planner, *, mode: str = "continuous", max_batch: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 1024, results: str = "cpu", idle_exit_s: float | None = None):
+        """planner: builds a request's SamplingPlan (an ``Engine``: ``planner.plan(sampler=...)``).
+        idle_exit_s: stop the scheduler thread after this long without work (it restarts on the
+        next request); None keeps it until ``close``."""
         if mode not in MODES:
             raise InvalidRequestError(f"unknown serving mode {mode!r}; choose one of {MODES}")
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(max_wait_ms, (int, float)) or max_wait_ms < 0:
-            raise InvalidRequestError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
-        self.engine = engine
+        if results not in ("cpu", "device"):
+            raise InvalidRequestError(f"results must be 'cpu' or 'device', got {results!r}")
+        if not callable(getattr(planner, "plan", None)):
+            raise InvalidRequestError("a Server needs a planner with a plan(...) method, such as an Engine")
+        check_positive_int("max_batch", max_batch, upper=planner.plan().max_batch)
+        check_positive_int("max_queue", max_queue, upper=MAX_QUEUE)
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
+            raise InvalidRequestError(f"max_wait_ms must be a number in [0, 60000], got {max_wait_ms!r}")
+        self.planner = planner
         self.mode = mode
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.results = results
+        self.idle_exit_s = idle_exit_s
         self._groups: dict = {}
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
         self._metrics = Metrics()
-        self._thread = threading.Thread(target=self._loop, name="ddpm-engine-scheduler", daemon=True)
-        self._thread.start()
+        self._thread = None
+        with self._cond:
+            self._start_thread()
+
+    def _start_thread(self):
+        """Under the lock: (re)start the scheduler thread if it is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="ddpm-engine-scheduler", daemon=True)
+            self._thread.start()
 
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
-               timeout: float | None = None) -> Future:
-        """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU)."""
-        from .engine import parse_batch
-
+               use_clipped_model_output=None, timeout: float | None = None,
+               plan: SamplingPlan | None = None) -> Future:
+        """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU, or
+        on the device with ``results="device"``). ``plan`` (from ``Engine.plan``) replaces the
+        sampler options."""
         try:
-            seeds = parse_batch(batch)
-            spec = self.engine.step_spec(sampler, eta, clip_denoised)
-            if steps is None:
-                steps = self.engine.num_train_timesteps if sampler == "ddpm" else min(50, self.engine.num_train_timesteps)
-            self.engine.tables(steps)  # validates steps
+            if plan is None:
+                plan = self.planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output)
+            seeds = plan.seeds(batch)
             if len(seeds) > self.max_batch:
                 raise InvalidRequestError(f"a request of {len(seeds)} images exceeds max_batch={self.max_batch}; "
                                           "split it or raise max_batch")
             if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                        or timeout <= 0):
+                                        or not 0 < timeout < float("inf")):
                 raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
         except InvalidRequestError:
-            with self._metrics.lock:
-                self._metrics.counts["rejected"] += 1
+            self._count("rejected")
             raise
         now = time.perf_counter()
-        req = Request(seeds, spec, steps, Future(), now, None if timeout is None else now + timeout)
+        req = Request(seeds, plan, Future(), now, None if timeout is None else now + timeout)
         with self._cond:
             if self._closed:
                 raise ServerClosedError("the server is closed; create a new one")
             if self._queued >= self.max_queue:
                 self._drop_stale_pending()  # cancelled requests free their slots
             if self._queued >= self.max_queue:
-                with self._metrics.lock:
-                    self._metrics.counts["rejected"] += 1
+                self._count("rejected")
                 raise QueueFullError(f"the queue holds {self._queued} requests (max_queue={self.max_queue}); "
                                      "retry later or raise max_queue")
-            group = self._groups.get(req.key) or self._new_group(spec, steps)
+            group = self._groups.get(plan.key)
+            if group is None:
+                group = self._groups[plan.key] = Group(plan)
             group.pending.append(req)
             self._queued += 1
-            with self._metrics.lock:
-                self._metrics.counts["submitted"] += 1
+            self._count("submitted")
+            self._start_thread()
             self._cond.notify()
         return req.future
 
@@ -203,8 +212,9 @@ class Server:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:  # close() from a done-callback cannot join
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None and threading.current_thread() is not thread:  # a done-callback cannot join
+            thread.join(timeout)
 
     def __enter__(self):
         return self
@@ -213,17 +223,12 @@ class Server:
         self.close()
 
     # ---- the scheduler thread ----------------------------------------------------------------
-    def _new_group(self, spec, steps) -> Group:
-        eng = self.engine
-        tab = eng.tables(steps).on(eng.device)
-        group = Group(spec, steps, make_step(eng.step_impl, spec, tab, eng.sample_shape, eng.device), tab.timesteps)
-        self._groups[(spec, steps)] = group
-        return group
-
     def _loop(self):
+        cpu = contextlib.ExitStack()  # yield_cpu_to(backend), held while there is work
         try:
             while True:
                 with self._cond:
+                    idle_since = None
                     while True:
                         if self._closed:
                             break
@@ -231,13 +236,25 @@ class Server:
                         ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
                         if ready:
                             break
-                        self._cond.wait(self._wait_time())
+                        if not self._groups:
+                            cpu.close()
+                            now = time.perf_counter()
+                            idle_since = idle_since or now
+                            if self.idle_exit_s is not None and now - idle_since >= self.idle_exit_s:
+                                self._thread = None  # the next submit starts a new one
+                                return
+                        wait = self._wait_time()
+                        if self.idle_exit_s is not None and not self._groups:
+                            wait = self.idle_exit_s
+                        self._cond.wait(wait)
                     if self._closed:
                         break
                     for g in ready:
                         self._admit(g)
                 for g in ready:
                     if g.running:
+                        if not cpu._exit_callbacks:
+                            cpu.enter_context(yield_cpu_to(g.plan.backend))
                         try:
                             self._step(g)
                         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
@@ -249,6 +266,8 @@ class Server:
                 self._closed = True
             self._fail_all(EngineError(f"the serving thread stopped: {exc!r}"))
             raise
+        finally:
+            cpu.close()
         self._fail_all(ServerClosedError("the server was closed before this request finished"))
 
     def _wait_time(self):
@@ -273,7 +292,6 @@ class Server:
     def _admit(self, g: Group):
         if not self._should_admit(g):
             return
-        eng, dev = self.engine, self.engine.device
         now = time.perf_counter()
         new = []
         while g.pending and g.rows + sum(len(r.seeds) for r in new) + len(g.pending[0].seeds) <= self.max_batch:
@@ -282,19 +300,14 @@ class Server:
             if req.future.cancelled():
                 self._fail(req, None, "cancelled")
                 continue
-            req.admitted, req.remaining = now, g.steps
+            req.admitted, req.remaining = now, g.plan.steps
             with self._metrics.lock:
                 self._metrics.queue_wait.append(now - req.submitted)
             new.append(req)
         if not new:
             return
-        words = seed_words([s for r in new for s in r.seeds], dev)
-        x = initial_noise(words, eng.sample_shape)
-        i = torch.full((words.shape[0],), g.steps - 1, dtype=torch.int64, device=dev)
-        if g.x is None:
-            g.x, g.i, g.words = x, i, words
-        else:
-            g.x, g.i, g.words = torch.cat([g.x, x]), torch.cat([g.i, i]), torch.cat([g.words, words])
+        fresh = g.plan.start([s for r in new for s in r.seeds])
+        g.state = fresh if g.state is None else Rows.cat([g.state, fresh])
         g.running.extend(new)
 
     def _drop_stale_pending(self):
@@ -312,12 +325,9 @@ class Server:
                 del self._groups[key]
 
     def _step(self, g: Group):
-        """One step of the group's batch (may raise: nothing else has changed then)."""
-        eng = self.engine
-        with eng._lock, yield_cpu_to(eng.backend), torch.inference_mode():
-            t = g.timesteps[g.i]
-            out = eng.backend(g.x, t)
-            g.step_fn(Rows(g.x, g.i, g.words), out)
+        """One step of the group's batch (may raise: the group is then failed as a whole)."""
+        with g.plan.lock, torch.inference_mode():
+            reverse_step(g.plan, g.state)
 
     def _retire(self, g: Group):
         """After a step: hand finished requests their rows, drop cancelled and expired ones, and
@@ -334,18 +344,15 @@ class Server:
             elif req.deadline is not None and now > req.deadline:
                 self._timeout(req)
             elif req.remaining == 0:
-                self._finish(req, g.x[row:row + n].clamp(-1.0, 1.0).cpu().clone(), now)
+                images = g.state.x[row:row + n].clamp(-1.0, 1.0)
+                self._finish(req, images.cpu() if self.results == "cpu" else images, now)
             else:
                 keep.append((req, row))
             row += n
         if len(keep) != len(g.running):  # compact: drop the rows of finished/cancelled/expired requests
             idx = [r for req, start in keep for r in range(start, start + len(req.seeds))]
             with self._cond:
-                if idx:
-                    sel = torch.tensor(idx, device=g.x.device)
-                    g.x, g.i, g.words = g.x.index_select(0, sel), g.i.index_select(0, sel), g.words.index_select(0, sel)
-                else:
-                    g.x = g.i = g.words = None
+                g.state = g.state.select(torch.tensor(idx, device=g.state.x.device)) if idx else None
                 g.running = [req for req, _ in keep]
 
     def _finish(self, req: Request, images: torch.Tensor, now: float):
@@ -363,7 +370,7 @@ class Server:
         """The model or step raised: the group's running requests fail with it; others go on."""
         with self._cond:
             reqs, g.running = g.running, []
-            g.x = g.i = g.words = None
+            g.state = None
         for req in reqs:
             err = EngineError(f"sampling failed for this batch of {len(reqs)} requests: {exc!r}")
             err.__cause__ = exc

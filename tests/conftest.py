@@ -1,9 +1,54 @@
-"""Shared test setup. Without a GPU, Triton kernels run in its interpreter: the variable must be
-set before anything imports triton, so it is set here, first."""
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in its interpreter: the variable must be set before anything
+imports triton, so it is set here, first.
+
+Every random input is seeded: the session draws one seed (or takes ``TEST_SEED`` from the
+environment), and each test reseeds ``random``, numpy and torch from it and its own name, so
+``TEST_SEED=N pytest path::test`` reproduces a failure's inputs. A failing test's report names
+the seed.
+"""
 
 import os
+import random
+import zlib
 
+import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SESSION_SEED = int(os.environ.get("TEST_SEED") or random.SystemRandom().getrandbits(32))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+_seed_everything(SESSION_SEED)  # module- and session-scoped fixtures draw from this
+
+
+def pytest_report_header(config):
+    return f"random inputs: TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request):
+    """This test's seed: a function of the session seed and the test's id."""
+    seed = zlib.crc32(f"{SESSION_SEED}:{request.node.nodeid}".encode())
+    _seed_everything(seed)
+    request.node.test_seed = seed
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("random inputs", f"TEST_SEED={SESSION_SEED} reproduces this test's inputs "
+                                                 f"(its own seed: {getattr(item, 'test_seed', 'not set')})"))

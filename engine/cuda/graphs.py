@@ -22,21 +22,24 @@ after capture (with ``keep_graph=False`` ``capture_end`` would instantiate and d
 Calling ``instantiate()`` again destroys a returned exec, so the handle is re-read for every run
 rather than cached.
 
-Importing this module does not touch CUDA; constructing a GraphedSampler without CUDA raises
-``BackendUnavailableError``.
+Everything but capture and replay runs on the CPU too: ``GraphedSampler(plan, capture=False)``
+keeps the buckets, padding rows, static buffers, in-place step, device-side step index and
+chunking above ``max_batch``, and "replays" by calling the same step function directly, so CI
+checks that logic against ``Engine.sample`` without a GPU. Importing this module does not touch
+CUDA; asking for capture without CUDA raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import BackendUnavailableError, InvalidRequestError
-from ..noise import check_seeds, initial_noise, seed_words
-from ..stepping import Rows, StepSpec, make_step
+from ..noise import initial_noise, seed_words
+from ..plan import SamplingPlan, check_positive_int, parse_batch, reverse_step
+from ..stepping import Rows
 
 DRIVERS = ("python", "c", "graph_loop")
 WARMUP_ITERS = 3
@@ -44,8 +47,7 @@ WARMUP_ITERS = 3
 
 def buckets(max_batch: int) -> list[int]:
     """1, 2, 4, ... below max_batch, then max_batch itself."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise InvalidRequestError(f"max_batch must be a positive int, got {max_batch!r}")
+    check_positive_int("max_batch", max_batch)
     out, b = [], 1
     while b < max_batch:
         out.append(b)
@@ -55,91 +57,98 @@ def buckets(max_batch: int) -> list[int]:
 
 
 @dataclass
-class _Bucket:
+class Bucket:
+    """One batch size's static buffers and its captured step (``graph`` is None without capture:
+    ``replay`` then runs the same step function eagerly)."""
+
     size: int
-    x: torch.Tensor  # [b, *sample_shape] float32: x_t in, x_{t-1} out, every replay
-    i: torch.Tensor  # int64 [b]: per-sample step index, decremented in place by the step
-    words: torch.Tensor  # int64 [b, 2]: seed words
-    graph: "torch.cuda.CUDAGraph"
+    rows: Rows  # static: x_t in, x_{t-1} out, i decremented in place, every replay
+    one_step: object  # the function that was captured
+    graph: "torch.cuda.CUDAGraph | None" = None
     loop: object = None  # engine.cuda.graph_loop.GraphLoop, built on the first driver="graph_loop" run
+
+    def replay(self):
+        if self.graph is None:
+            self.one_step()
+        else:
+            self.graph.replay()
 
 
 class GraphedSampler:
-    """Sample with a captured reverse step: ``GraphedSampler(engine, "ddim", 50).run(seeds)``.
+    """Sample a plan with a captured reverse step: ``GraphedSampler(plan).run(seeds)``.
 
-    engine: an ``Engine`` on a CUDA device. spec: a ``StepSpec`` or a sampler name ("ddpm"/"ddim",
-    with the model's defaults). steps: number of reverse steps (respaced as Engine.sample does).
+    plan: a ``SamplingPlan`` (``Engine.plan(...)``). max_batch: the largest bucket; larger
+    requests run in chunks. capture: capture CUDA graphs (default: when the plan is on CUDA);
+    ``capture=False`` runs the same buffers and step function eagerly (the CPU path tests use).
     """
 
-    def __init__(self, engine, spec, steps: int, max_batch: int = 64):
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("CUDA graphs need a CUDA device; torch sees none here")
-        if engine.device.type != "cuda":
-            raise BackendUnavailableError(
-                f"CUDA graphs need an engine on a CUDA device; this one is on {engine.device}")
-        if isinstance(spec, str):
-            spec = engine.step_spec(spec)
-        if not isinstance(spec, StepSpec):
-            raise InvalidRequestError(f"spec must be a StepSpec or a sampler name, got {type(spec).__name__}")
-        self.engine = engine
-        self.spec = spec
-        self.tables = engine.tables(steps)
-        self.steps = self.tables.steps
-        self.device = engine.device
-        self.sample_shape = tuple(engine.sample_shape)
-        self.tab = self.tables.on(self.device)
+    def __init__(self, plan: SamplingPlan, max_batch: int = 64, capture: bool | None = None):
+        if not isinstance(plan, SamplingPlan):
+            raise InvalidRequestError(f"GraphedSampler takes a SamplingPlan (Engine.plan(...)), got {type(plan).__name__}")
+        check_positive_int("max_batch", max_batch, upper=plan.max_batch)
+        capture = plan.device.type == "cuda" if capture is None else bool(capture)
+        if capture:
+            if not torch.cuda.is_available() or plan.device.type != "cuda":
+                raise BackendUnavailableError(
+                    f"CUDA graphs need a plan on a CUDA device; this one is on {plan.device} (use capture=False)")
+            if not getattr(plan.backend, "graph_capturable", True):
+                raise BackendUnavailableError(
+                    f"backend {plan.backend.name!r} cannot be captured in a CUDA graph here: "
+                    f"{getattr(plan.backend, 'graph_unsupported_reason', 'it runs outside the capturing stream')}; "
+                    "use driver='eager' or another backend")
+        self.plan = plan
+        self.capture = capture
+        self.steps = plan.steps
         self.buckets = buckets(max_batch)
         self.max_batch = max_batch
-        self._graphs: dict[int, _Bucket] = {}
+        self._graphs: dict[int, Bucket] = {}
         self._lock = threading.Lock()
         self._driver = None
         self._graph_loop = None
 
-    # ---- capture ---------------------------------------------------------------------------
+    # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
             if n <= b:
                 return b
         raise InvalidRequestError(f"batch of {n} is above max_batch={self.max_batch}")
 
+    def bucket(self, n: int) -> Bucket:
+        """The bucket that serves a batch of ``n`` (built and captured on first use)."""
+        b = self.bucket_for(n)
+        if b not in self._graphs:
+            self._graphs[b] = self._build(b)
+        return self._graphs[b]
+
     @torch.inference_mode()
-    def _capture(self, b: int) -> _Bucket:
-        dev, eng = self.device, self.engine
-        x = torch.zeros((b, *self.sample_shape), dtype=torch.float32, device=dev)
-        i = torch.full((b,), self.steps - 1, dtype=torch.int64, device=dev)
-        words = seed_words([0] * b, dev)
-        rows = Rows(x, i, words)
-        step = make_step(eng.step_impl, self.spec, self.tab, self.sample_shape, dev)
-        timesteps = self.tab.timesteps
+    def _build(self, b: int) -> Bucket:
+        plan = self.plan
+        rows = plan.start([0] * b)  # static buffers; every run overwrites them
 
         def one_step():
-            t = timesteps[i]
-            out = eng.backend(x, t)
-            step(rows, out)
+            reverse_step(plan, rows)
 
+        if not self.capture:
+            return Bucket(b, rows, one_step)
+        dev = plan.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up: lazy inits, cudnn autotune, Triton compiles
+        with plan.lock, torch.cuda.stream(side):  # warm-up: lazy inits, cudnn autotune, Triton compiles
             for _ in range(WARMUP_ITERS):
                 one_step()
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph(keep_graph=True)  # keep the cudaGraph_t for the graph loop
-        with eng._lock, torch.cuda.graph(graph):  # the backend's internal buffers are not re-entrant
+        with plan.lock, torch.cuda.graph(graph):  # the backend's internal buffers are not re-entrant
             one_step()
         graph.instantiate()
-        return _Bucket(b, x, i, words, graph)
-
-    def _bucket(self, b: int) -> _Bucket:
-        if b not in self._graphs:
-            self._graphs[b] = self._capture(b)
-        return self._graphs[b]
+        return Bucket(b, rows, one_step, graph)
 
     def warm(self, sizes=None):
-        """Capture the graphs for the given bucket sizes (default: all) ahead of traffic."""
+        """Build (and capture) the buckets for the given batch sizes (default: all) ahead of traffic."""
         with self._lock:
-            for b in (self.buckets if sizes is None else sorted({self.bucket_for(n) for n in sizes})):
-                self._bucket(b)
+            for n in (self.buckets if sizes is None else sorted(set(sizes))):
+                self.bucket(n)
         return self
 
     # ---- run ---------------------------------------------------------------------------------
@@ -158,64 +167,46 @@ class GraphedSampler:
         return self._graph_loop
 
     def run(self, seeds, driver: str = "python") -> torch.Tensor:
-        """Images [n, C, H, W] in [-1, 1] for the seeds, on the engine's device."""
+        """Images [n, C, H, W] in [-1, 1] for the seeds, on the plan's device."""
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
-        seeds = check_seeds(list(seeds) if not isinstance(seeds, list) else seeds)
-        if len(seeds) > self.max_batch:  # one graph run per chunk of max_batch
-            return torch.cat([self.run(seeds[k:k + self.max_batch], driver)
-                              for k in range(0, len(seeds), self.max_batch)])
+        if driver != "python" and not self.capture:
+            raise BackendUnavailableError(f"driver={driver!r} replays captured CUDA graphs; without capture "
+                                          "only driver='python' runs")
+        seeds = parse_batch(list(seeds) if isinstance(seeds, (list, tuple)) else seeds, self.plan.max_batch)
+        chunks = [seeds[k:k + self.max_batch] for k in range(0, len(seeds), self.max_batch)]
         with self._lock:
-            return self._run_bucket(seeds, driver)
+            return torch.cat([self._run_bucket(chunk, driver) for chunk in chunks])
 
     @torch.inference_mode()
     def _run_bucket(self, seeds, driver):
         n = len(seeds)
-        bk = self._bucket(self.bucket_for(n))
-        words = seed_words(seeds + [0] * (bk.size - n), self.device)  # padding rows: seed 0, dropped
-        stream = torch.cuda.current_stream(self.device)
-        bk.words.copy_(words)
-        bk.x.copy_(initial_noise(words, self.sample_shape))
-        bk.i.fill_(self.steps - 1)
+        bk = self.bucket(n)
+        words = seed_words(seeds + [0] * (bk.size - n), self.plan.device)  # padding rows: seed 0, dropped
+        rows = bk.rows
+        rows.words.copy_(words)
+        rows.x.copy_(initial_noise(words, self.plan.sample_shape))
+        rows.i.fill_(self.steps - 1)
+        if rows.x0_prev is not None:
+            rows.x0_prev.zero_()
         if driver == "python":
             for _ in range(self.steps):
-                bk.graph.replay()
-            stream.synchronize()
+                bk.replay()
+            if self.capture:
+                torch.cuda.current_stream(self.plan.device).synchronize()
         elif driver == "graph_loop":
             if bk.loop is None:
                 bk.loop = self.graph_loop().create(bk.graph.raw_cuda_graph())
-            bk.loop.run(stream.cuda_stream, self.steps)
+            bk.loop.run(torch.cuda.current_stream(self.plan.device).cuda_stream, self.steps)
         else:
             if not hasattr(bk.graph, "raw_cuda_graph_exec"):
                 raise BackendUnavailableError(
                     f"driver='c' needs torch.cuda.CUDAGraph.raw_cuda_graph_exec (torch {torch.__version__} lacks it); "
                     "use driver='python'")
-            self.driver().replay(bk.graph.raw_cuda_graph_exec(), stream.cuda_stream, self.steps)
-        return bk.x[:n].clamp(-1.0, 1.0)
-
-    def host_us_per_step(self, seeds, driver: str = "python", reps: int = 5) -> dict:
-        """Wall time per step of ``run`` (median over ``reps`` after one warm run), in microseconds,
-        plus the host-only time to enqueue the steps for the Python loop (launches, no sync)."""
-        self.run(seeds, driver)
-        walls = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            self.run(seeds, driver)
-            walls.append(time.perf_counter() - t0)
-        walls.sort()
-        res = {"driver": driver, "steps": self.steps, "batch": len(seeds),
-               "wall_us_per_step": 1e6 * walls[len(walls) // 2] / self.steps}
-        if driver == "python":
-            with self._lock:
-                bk = self._bucket(self.bucket_for(len(seeds)))
-                torch.cuda.synchronize(self.device)
-                t0 = time.perf_counter()
-                for _ in range(self.steps):
-                    bk.graph.replay()
-                res["enqueue_us_per_step"] = 1e6 * (time.perf_counter() - t0) / self.steps
-                torch.cuda.synchronize(self.device)
-        return res
+            self.driver().replay(bk.graph.raw_cuda_graph_exec(), torch.cuda.current_stream(self.plan.device).cuda_stream,
+                                 self.steps)
+        return rows.x[:n].clamp(-1.0, 1.0)
 
     def __repr__(self):
-        return (f"GraphedSampler({self.spec.sampler}-{self.steps}, buckets={self.buckets}, "
-                f"captured={sorted(self._graphs)})")
+        return (f"GraphedSampler({self.plan.spec.sampler}-{self.steps}, buckets={self.buckets}, "
+                f"capture={self.capture}, built={sorted(self._graphs)})")
