@@ -1,48 +1,19 @@
-"""The bundled model's samples look like digits to judges trained on the real digits.
+"""The bundled model's samples look like digits to the judge (ddpm_engine.data.DigitsJudge), and
+the judge itself knows digits from non-digits."""
 
-The judge is two classifiers of different kinds, fitted on 75% of scikit-learn's digits (16x16,
-[-1, 1], as the model sees them): an MLP and 10-nearest-neighbours in pixel space. A sample is
-recognised when both name the same digit with probability >= 0.8. One classifier alone is fooled
-by smooth blobs or a blank image; the pair is not (checked below), so the bar means "looks like a
-digit", not "lands somewhere in a classifier's decision region".
-"""
-
-import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
 from ddpm_engine import Engine
-from ddpm_engine.data import load_digits_images
+from ddpm_engine.data import DigitsJudge
 
 pytest.importorskip("sklearn")
-CONFIDENT = 0.8
-
-
-class Judge:
-    def __init__(self):
-        from sklearn.model_selection import train_test_split
-        from sklearn.neighbors import KNeighborsClassifier
-        from sklearn.neural_network import MLPClassifier
-
-        x, y = load_digits_images()
-        x_tr, self.x_te, y_tr, self.y_te = train_test_split(x.flatten(1).numpy(), y.numpy(), test_size=0.25,
-                                                            random_state=0, stratify=y.numpy())
-        self.mlp = MLPClassifier((128,), max_iter=1000, random_state=0).fit(x_tr, y_tr)
-        self.knn = KNeighborsClassifier(10).fit(x_tr, y_tr)
-
-    def recognise(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """(recognised [N] bool, digit [N]) for images [N, 1, 16, 16] (tensor) or [N, 256] (array)."""
-        x = images.flatten(1).cpu().numpy() if isinstance(images, torch.Tensor) else images
-        p_mlp, p_knn = self.mlp.predict_proba(x), self.knn.predict_proba(x)
-        digit = p_mlp.argmax(1)
-        ok = (p_mlp.max(1) >= CONFIDENT) & (p_knn.max(1) >= CONFIDENT) & (p_knn.argmax(1) == digit)
-        return ok, digit
 
 
 @pytest.fixture(scope="module")
 def judge():
-    return Judge()
+    return DigitsJudge()
 
 
 @pytest.fixture(scope="module")
