@@ -35,6 +35,10 @@ class ExportError(BackendUnavailableError):
     """The model could not be exported (an unsupported op, or a graph off the I/O spec)."""
 
 
+class RequestTimeoutError(EngineError, TimeoutError):
+    """A served request did not finish within its timeout; its rows were dropped."""
+
+
 class QueueFullError(EngineError, RuntimeError):
     """The serving queue is at its bound; retry later or raise ``max_queue``."""
 

@@ -14,7 +14,7 @@ seeds give alone.
   side by side, one step each in turn.
 
 Requests are validated at submission (typed errors, nothing else disturbed), the queue is bounded
-(``QueueFullError``), each request may carry a timeout (it then fails with ``TimeoutError`` and its
+(``QueueFullError``), each request may carry a timeout (it then fails with ``RequestTimeoutError``, a ``TimeoutError``, and its
 rows are dropped), and ``future.cancel()`` works until the result is set: the future stays pending
 while its rows are being computed, and a cancelled request's rows are dropped at the next step.
 If the model raises mid-batch (out of memory, say), that batch's requests fail with ``EngineError``
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import EngineError, InvalidRequestError, QueueFullError
+from .errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
 from .plan import SamplingPlan, check_positive_int, reverse_step, yield_cpu_to
 from .stepping import Rows
 
@@ -377,8 +377,9 @@ class Server:
             self._fail(req, err, "failed")
 
     def _timeout(self, req: Request):
-        self._fail(req, TimeoutError(f"request of {len(req.seeds)} images did not finish within its timeout; "
-                                     "its rows were dropped"), "timed_out")
+        self._fail(req, RequestTimeoutError(f"request of {len(req.seeds)} images did not finish within its timeout "
+                                            "and its rows were dropped; raise its timeout or retry when the server "
+                                            "is less busy"), "timed_out")
 
     def _fail(self, req: Request, exc: Exception | None, what: str):
         """Resolve a request with ``exc`` (counted as ``what``), or, if it was cancelled, notify
