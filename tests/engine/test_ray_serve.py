@@ -72,16 +72,22 @@ def process_tree(root: int) -> dict:
 class Cluster:
     def __init__(self):
         self.port = free_port()
+        self.earlier = process_tree(os.getpid())  # children of other tests are not Ray's
         with pytest.MonkeyPatch.context() as mp:  # Ray's processes inherit the environment at start
             for name, value in SMALL_MACHINE_ENV.items():
                 mp.setenv(name, value)
             ray_serve.start(host="127.0.0.1", port=self.port, num_cpus=2, include_dashboard=False,
                             object_store_memory=128 * 2**20, _node_ip_address="127.0.0.1", log_to_driver=False)
-        self.processes = process_tree(os.getpid())
+        self.processes = {}
+        self.record_processes()
         self.handle = serve.run(ray_serve.app("digits", num_replicas=2, ray_actor_options=REPLICA_OPTIONS,
                                               max_batch_size=MAX_BATCH, **ENGINE_KWARGS), route_prefix="/ddpm")
-        self.processes.update(process_tree(os.getpid()))
+        self.record_processes()
         self.url = f"http://127.0.0.1:{self.port}/ddpm/sample"
+
+    def record_processes(self):
+        """Note the processes Ray has started so far (those the test will expect gone after shutdown)."""
+        self.processes.update((pid, t) for pid, t in process_tree(os.getpid()).items() if self.earlier.get(pid) != t)
 
     def shutdown(self):
         if ray.is_initialized():
@@ -214,7 +220,7 @@ def test_a_bad_request_fails_alone_not_its_batch_mates(cluster, lone):
 
 def test_shutdown_leaves_no_process_behind(cluster):
     # Last in this module: it shuts the module's Ray down.
-    cluster.processes.update(process_tree(os.getpid()))  # with any worker started since
+    cluster.record_processes()  # with any worker started since
     assert cluster.processes, "the test saw no Ray process to begin with"
     names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in cluster.processes
              if Path(f"/proc/{pid}/comm").exists()}
