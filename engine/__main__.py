@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--address", default=None, help="join the Ray cluster at this address (default: start Ray here)")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     v.add_argument("--backend", default="auto")
-    v.add_argument("--max-batch-size", type=int, default=32, help="most images per engine call and per request")
+    v.add_argument("--max-batch-size", type=int, default=32, help="most requests per batch, images per engine call and per request")
     v.set_defaults(func=cmd_serve)
     return p
 
