@@ -1,4 +1,4 @@
-"""Command line: ``python -m ddpm_engine {sample,export,train,info}``."""
+"""Command line: ``python -m ddpm_engine {sample,export,train,info,serve}``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,34 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import signal
+
+    from .ray_serve import app, serve, start  # first: says what to install when Ray is missing
+
+    import ray
+
+    start(args.address, host=args.host, port=args.port)
+    try:
+        serve.run(app(args.model, num_replicas=args.replicas, max_batch_size=args.max_batch_size, device=args.device,
+                      backend=args.backend), name="ddpm", route_prefix="/")
+        where = f"the cluster at {args.address}" if args.address else "a local Ray"
+        print(f"serving {args.model} ({args.replicas} replicas on {where}) at http://{args.host}:{args.port}/sample; "
+              "Ctrl-C stops", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        if args.address:  # leave the cluster's Serve to its other applications
+            serve.delete("ddpm")
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_engine", description="Sample from trained diffusion UNets.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="serve over HTTP with Ray Serve replicas (pip install 'ddpm-engine[ray]')")
+    v.add_argument("--model", default="digits", help="bundled model name or model folder (default: digits)")
+    v.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU with --device cuda)")
+    v.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0: all interfaces)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--address", default=None, help="join the Ray cluster at this address (default: start Ray here)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    v.add_argument("--backend", default="auto")
+    v.add_argument("--max-batch-size", type=int, default=32, help="most requests per batch, images per engine call and per request")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

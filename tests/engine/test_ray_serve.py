@@ -1,0 +1,236 @@
+"""Scale-out on Ray Serve (ddpm_engine.ray_serve): one local Ray + Serve for the whole module, on
+loopback, sized for a 2-core machine. Every image is checked against a lone engine."""
+
+import base64
+import io
+import json
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from ddpm_engine import Engine, InvalidRequestError, to_uint8  # noqa: E402
+from ddpm_engine import ray_serve  # noqa: E402
+
+OPTS = dict(sampler="ddim", steps=5)
+OTHER_OPTS = dict(sampler="ddim", steps=4, eta=1.0)
+MAX_BATCH = 16
+ENGINE_KWARGS = dict(device="cpu", backend="torch")
+# A small shared machine: workers at normal priority (Ray's default nice 15 starves them), a patient
+# proxy readiness check, one OpenMP thread per replica, no dashboard, a small object store.
+SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+REPLICA_OPTIONS = {"num_cpus": 1, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def live_processes() -> dict:
+    """{pid: (parent pid, start time)} of every process that has not exited (from /proc; Linux)."""
+    live = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != "Z":  # a zombie has exited
+            live[int(entry)] = (int(fields[1]), fields[19])
+    return live
+
+
+def process_tree(root: int) -> dict:
+    """{pid: start time} of every live descendant of ``root``."""
+    live = live_processes()
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child, (parent, started) in live.items():
+            if parent == pid:
+                tree[child] = started
+                todo.append(child)
+    return tree
+
+
+class Cluster:
+    def __init__(self):
+        self.port = free_port()
+        self.earlier = process_tree(os.getpid())  # children of other tests are not Ray's
+        with pytest.MonkeyPatch.context() as mp:  # Ray's processes inherit the environment at start
+            for name, value in SMALL_MACHINE_ENV.items():
+                mp.setenv(name, value)
+            ray_serve.start(host="127.0.0.1", port=self.port, num_cpus=2, include_dashboard=False,
+                            object_store_memory=128 * 2**20, _node_ip_address="127.0.0.1", log_to_driver=False)
+        self.processes = {}
+        self.record_processes()
+        self.handle = serve.run(ray_serve.app("digits", num_replicas=2, ray_actor_options=REPLICA_OPTIONS,
+                                              max_batch_size=MAX_BATCH, **ENGINE_KWARGS), route_prefix="/ddpm")
+        self.record_processes()
+        self.url = f"http://127.0.0.1:{self.port}/ddpm/sample"
+
+    def record_processes(self):
+        """Note the processes Ray has started so far (those the test will expect gone after shutdown)."""
+        self.processes.update((pid, t) for pid, t in process_tree(os.getpid()).items() if self.earlier.get(pid) != t)
+
+    def shutdown(self):
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lone():
+    return Engine.from_pretrained("digits", **ENGINE_KWARGS)
+
+
+def post(url, body: bytes):
+    """(status, answer) of a POST: the JSON answer, or the text of one that is not JSON."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, text = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text.decode(errors="replace")
+
+
+def test_concurrent_calls_match_a_lone_engine_and_form_batches(cluster, lone):
+    seed = random.getrandbits(32)
+    rng = random.Random(seed)
+    calls = [([rng.getrandbits(64)], OPTS if k % 2 else OTHER_OPTS) for k in range(32)]
+    before = replica_stats(cluster.handle)
+    responses = [cluster.handle.sample.remote(seeds, **opts) for seeds, opts in calls]
+    for (seeds, opts), response in zip(calls, responses):
+        got = response.result(timeout_s=120)
+        want = lone.sample(seeds, **opts)
+        assert got.dtype == torch.float32 and got.device.type == "cpu"
+        assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-5, f"seed={seed} {seeds} {opts}"
+    after = replica_stats(cluster.handle)
+    assert len(after) == 2, after
+    batches = {}  # requests per batch -> batches of that size, in this test
+    for r, s in after.items():
+        for n, count in s["requests_per_batch"].items():
+            new = count - before.get(r, {}).get("requests_per_batch", {}).get(n, 0)
+            if new:
+                batches[n] = batches.get(n, 0) + new
+    engine_calls = sum(after[r]["engine_calls"] - before.get(r, {}).get("engine_calls", 0) for r in after)
+    assert sum(n * count for n, count in batches.items()) == 32, (before, after)
+    assert max(batches) > 1 and engine_calls < 32, batches
+
+
+def test_requests_of_many_seeds_are_split_into_engine_batches(cluster, lone):
+    seed = random.getrandbits(32)
+    rng = random.Random(seed)
+    calls = [[rng.getrandbits(64) for _ in range(MAX_BATCH - 3)] for _ in range(6)]  # > MAX_BATCH images a batch
+    responses = [cluster.handle.sample.remote(seeds, **OPTS) for seeds in calls]
+    for seeds, response in zip(calls, responses):
+        assert (response.result(timeout_s=120) - lone.sample(seeds, **OPTS)).abs().max().item() <= 1e-5, f"seed={seed}"
+
+
+def replica_stats(handle, tries=200) -> dict:
+    """{replica id: stats} of every replica that answered (the router picks one per call)."""
+    seen = {}
+    for _ in range(tries):
+        s = handle.stats.remote().result(timeout_s=60)
+        seen[s["replica"]] = s
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def test_http_answers_the_same_images_and_pngs(cluster, lone):
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    status, answer = post(cluster.url, json.dumps({"seeds": seeds, **OPTS}).encode())
+    assert status == 200, answer
+    want = lone.sample(seeds, **OPTS)
+    got = ray_serve.from_json(answer)
+    assert answer["shape"] == list(want.shape) and answer["dtype"] == "float32"
+    assert (got - want).abs().max().item() <= 1e-5, f"seeds={seeds}"
+    from PIL import Image
+
+    pngs = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(p)))) for p in answer["png"]])
+    assert np.array_equal(pngs, to_uint8(got)[..., 0])
+
+
+BAD_BODIES = [
+    b"{not json", b"\xff\xfe", b"[1, 2]", b'{"sampler": "ddim"}', b'{"seeds": []}', b'{"seeds": [-1]}',
+    b'{"seeds": [1.5]}', b'{"seeds": "12"}', b'{"seeds": [18446744073709551616]}',
+    b'{"seeds": [1], "sampler": "euler"}', b'{"seeds": [1], "steps": 0}', b'{"seeds": [1], "steps": 1001}',
+    b'{"seeds": [1], "sampler": "ddim", "steps": 2.5}', b'{"seeds": [1], "eta": 2}', b'{"seeds": [1], "eta": NaN}',
+    b'{"seeds": [1], "step": 20}', json.dumps({"seeds": list(range(MAX_BATCH + 1))}).encode(),
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=[b[:24].decode("latin-1") for b in BAD_BODIES])
+def test_a_bad_http_request_gets_400_and_the_next_works(cluster, lone, body):
+    status, answer = post(cluster.url, body)
+    assert status == 400 and answer["error"] == "InvalidRequestError" and answer["message"], answer
+    status, answer = post(cluster.url, json.dumps({"seeds": [7], **OPTS}).encode())
+    assert status == 200 and (ray_serve.from_json(answer) - lone.sample([7], **OPTS)).abs().max().item() <= 1e-5
+
+
+def test_other_routes_and_methods_are_refused(cluster):
+    assert post(cluster.url.replace("/sample", "/other"), b"{}")[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(cluster.url, timeout=60)  # GET
+    assert err.value.code == 405
+
+
+def test_a_bad_request_fails_alone_not_its_batch_mates(cluster, lone):
+    seed = random.getrandbits(32)
+    rng = random.Random(seed)
+    good = [[rng.getrandbits(64)] for _ in range(6)]
+    with ThreadPoolExecutor(8) as pool:
+        bad = [pool.submit(lambda: cluster.handle.sample.remote([1], sampler="euler").result(timeout_s=60)),
+               pool.submit(lambda: cluster.handle.sample.remote([1], **OPTS, eta=-1.0).result(timeout_s=60))]
+        ok = [pool.submit(lambda s=s: cluster.handle.sample.remote(s, **OPTS).result(timeout_s=60)) for s in good]
+        for f in bad:
+            with pytest.raises(InvalidRequestError):
+                f.result()
+        for s, f in zip(good, ok):
+            assert (f.result() - lone.sample(s, **OPTS)).abs().max().item() <= 1e-5, f"seed={seed}"
+
+
+def test_shutdown_leaves_no_process_behind(cluster):
+    # Last in this module: it shuts the module's Ray down.
+    cluster.record_processes()  # with any worker started since
+    assert cluster.processes, "the test saw no Ray process to begin with"
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in cluster.processes
+             if Path(f"/proc/{pid}/comm").exists()}
+    assert {"raylet", "gcs_server"} <= set(names.values()), names
+    cluster.shutdown()
+    end = time.monotonic() + 60  # processes exit asynchronously after ray.shutdown()
+    while True:
+        live = live_processes()
+        alive = [pid for pid, started in cluster.processes.items() if live.get(pid, (0, None))[1] == started]
+        if not alive or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert not alive, {pid: names.get(pid) for pid in alive}
