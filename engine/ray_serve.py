@@ -34,7 +34,6 @@ from .engine import Engine
 from .errors import EngineError, InvalidRequestError, MissingDependencyError
 from .images import to_pil
 from .noise import check_seeds
-from .samplers import default_steps
 
 try:
     from ray import serve
@@ -58,21 +57,13 @@ class Request(NamedTuple):
 
 
 def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, *, max_images: int) -> Request:
-    """Validate one request with the engine's own checks (raises InvalidRequestError)."""
+    """Validate one request with the engine's own checks (``Engine.plan``; raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
+    plan = engine.plan(sampler=sampler, steps=steps, eta=eta)
     if len(seeds) > max_images:
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
-    plan = getattr(engine, "plan", None)
-    if plan is not None:  # newer engines: one check of all the sampler options
-        plan(sampler=sampler, steps=steps, eta=eta, clip_denoised=None)
-    else:
-        engine.step_spec(sampler, eta)  # checks sampler and eta
-    if steps is None:
-        steps = default_steps(sampler, engine.num_train_timesteps)
-    elif plan is None:
-        engine.tables(steps)  # checks steps
-    return Request(seeds, Options(sampler, int(steps), float(eta)))
+    return Request(seeds, Options(sampler, plan.steps, plan.spec.eta))
 
 
 def parse_body(body: bytes) -> dict:
