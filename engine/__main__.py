@@ -1,4 +1,4 @@
-"""Command line: ``python -m ddpm_engine {sample,export,train,info,serve}``."""
+"""Command line: ``python -m ddpm_engine {sample,export,train,info,check,serve}``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,40 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Parity of backends against eager torch, or of this run against a golden file: prints the
+    table; 0 when every check passes, 1 when one fails (usage and engine errors: 2, from main)."""
+    from pathlib import Path
+
+    from . import testing
+    from .errors import InvalidRequestError
+
+    run = {k: getattr(args, k) for k in ("sampler", "steps", "seeds", "eta")}
+    tol = {"atol": args.atol, "rtol": args.rtol}
+    if args.save_golden:
+        if args.backend:
+            raise InvalidRequestError("--save-golden writes the run of --reference (default torch); "
+                                      "leave out --backend")
+        run = {k: v for k, v in run.items() if v is not None}
+        path = testing.save_golden(args.model, args.save_golden, backend=args.reference,
+                                   precision=args.precision or "fp32", device=args.device, **run)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+        return 0
+    if args.against:
+        report = testing.compare_golden(args.model, args.against, backend=args.backend, precision=args.precision,
+                                        device=args.device, **run, **tol)
+    else:
+        defaults = {"sampler": "ddim", "steps": 50, "seeds": list(testing.DEFAULT_SEEDS), "eta": 0.0}
+        run = {k: defaults[k] if v is None else v for k, v in run.items()}
+        report = testing.compare(args.model, backends=args.backend or "all", reference=args.reference,
+                                 precision=args.precision or "fp32", device=args.device, **run, **tol)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n")
+        print(f"wrote {args.json}")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_engine", description="Sample from trained diffusion UNets.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", default="auto")
     v.add_argument("--max-batch-size", type=int, default=32, help="most requests per batch, images per engine call and per request")
     v.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check", help="regression check: backends against eager torch, or against a golden file",
+                       description="Run whole sampling chains on the reference and on each backend and compare "
+                       "them step by step (network error on a shared trajectory, free-running divergence, "
+                       "NaN/Inf). Exit status: 0 every check passed, 1 a check failed, 2 usage error.")
+    c.add_argument("--model", default="digits", help="bundled model name or model folder (default: digits)")
+    c.add_argument("--backend", nargs="+", default=None,
+                   help="backends to check (default: every backend usable here; with --against: the golden's)")
+    c.add_argument("--reference", default="torch", help="reference backend, run at fp32 (default: torch)")
+    c.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="precision of the backends under test (default fp32; with --against: the golden's)")
+    c.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddim")
+    c.add_argument("--steps", type=int, default=None, help="default: 50")
+    c.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 3")
+    c.add_argument("--eta", type=float, default=None, help="DDIM eta (default: 0)")
+    c.add_argument("--atol", type=float, default=None, help="override the precision's chain / image tolerance")
+    c.add_argument("--rtol", type=float, default=None, help="override the precision's per-step network tolerance")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    c.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    golden = c.add_mutually_exclusive_group()
+    golden.add_argument("--save-golden", metavar="FILE", help="write a golden file (.npz) of the reference's run")
+    golden.add_argument("--against", metavar="FILE", help="compare this run with a golden file")
+    c.set_defaults(func=cmd_check)
     return p
 
 
