@@ -60,10 +60,11 @@ import numpy as np
 import torch
 
 from . import checkpoints
-from .engine import Engine, parse_device
+from .engine import Engine
 from .errors import BackendUnavailableError, InvalidRequestError
 from .noise import check_seeds
-from .samplers import SAMPLERS, check_eta, default_steps
+from .plan import parse_device
+from .samplers import check_eta
 
 GOLDEN_FORMAT = "ddpm-engine-golden"
 GOLDEN_VERSION = 1
@@ -346,10 +347,8 @@ def _loaded(model) -> checkpoints.LoadedModel:
 
 
 def _settings(engine: Engine, sampler, steps, eta, seeds) -> dict:
-    if sampler not in SAMPLERS:
-        raise InvalidRequestError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    steps = default_steps(sampler, engine.num_train_timesteps) if steps is None else steps
-    return {"sampler": sampler, "steps": steps, "eta": check_eta(eta), "seeds": check_seeds(seeds),
+    plan = engine.plan(sampler, steps, eta)  # the engine's one place for defaults and checks
+    return {"sampler": sampler, "steps": plan.steps, "eta": plan.spec.eta, "seeds": check_seeds(seeds),
             "device": str(engine.device)}
 
 
