@@ -78,7 +78,8 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
         if use_clipped_model_output:
-            eps = (_gather(tab.sqrt_recip_alphas_cumprod, i, nd) * x_t - x0) / _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
+            srecip, srecipm1 = _gather(tab.sqrt_recip_alphas_cumprod, i, nd), _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
+            eps = (srecip * x_t - x0) / srecipm1
     abar = _gather(tab.alphas_cumprod, i, nd)
     abar_prev = _gather(tab.ddim_alphas_cumprod_prev, i, nd)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))

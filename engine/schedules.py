@@ -1,4 +1,4 @@
-"""Beta schedules and the coefficient tables of DDPM / DDIM, computed once in float64.
+"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M), computed once in float64.
 
 This module is the one place where the diffusion math's constants live. Named schedules are
 frozen: new ones may be added, existing ones never change (improved-diffusion's policy).

@@ -139,7 +139,8 @@ def check_inputs(x, i, table, seed_words=None, **per_element):
         raise InvalidRequestError(f"i must be int64 [{B}] on {x.device}, got {i.dtype} {tuple(i.shape)} on {i.device}")
     if seed_words is not None and (seed_words.dtype != torch.int64 or seed_words.shape != (B, 2)
                                    or not seed_words.is_contiguous() or seed_words.device != x.device):
-        raise InvalidRequestError(f"seed_words must be contiguous int64 [{B}, 2] on {x.device} (engine.noise.seed_words)")
+        raise InvalidRequestError(f"seed_words must be contiguous int64 [{B}, 2] on {x.device} "
+                                  "(engine.noise.seed_words)")
     if (table.dtype != torch.float32 or table.ndim != 2 or table.shape[1] != len(COLUMNS) or not table.is_contiguous()
             or table.device != x.device):
         raise InvalidRequestError(f"table must be DeviceTables.packed: contiguous float32 [steps, {len(COLUMNS)}] "

@@ -62,8 +62,8 @@ def _ddpm_step_kernel(
 def ddpm_step(x, model_output, i, seed_words, table, *, prediction=PRED_EPSILON, variance="fixed_small",
               clip_denoised: bool = False, x_prev=None, x0=None, store_x0: bool = True, block: int | None = None):
     """Launch the fused DDPM step. ``table`` is DeviceTables.packed (fp32); ``prediction`` a code of
-    common.PREDICTION_CODE; ``variance`` a Variance or its name; ``i`` int64 [B] is NOT advanced here (call ``common.advance(i)``).
-    Returns (x_prev, x0 or None); pass ``x_prev`` / ``x0`` to write into preallocated buffers
+    common.PREDICTION_CODE; ``variance`` a Variance or its name; ``i`` int64 [B] is NOT advanced
+    here (call ``common.advance(i)``). Returns (x_prev, x0 or None); pass ``x_prev`` / ``x0`` to write into preallocated buffers
     (CUDA-graph friendly); ``x_prev=x`` steps in place (each element is read and then written by
     the same program, so that is safe)."""
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
@@ -73,7 +73,7 @@ def ddpm_step(x, model_output, i, seed_words, table, *, prediction=PRED_EPSILON,
     block = block or block_for(x[0].numel())
     _ddpm_step_kernel[grid_for(x, block)](
         x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(),  # x_prev: dummy x0
-        PRED=prediction, CLIP=bool(clip_denoised), FIXED_LARGE=Variance.parse(variance) is Variance.FIXED_LARGE, STORE_X0=bool(store_x0),
-        BLOCK=block,
+        PRED=prediction, CLIP=bool(clip_denoised), FIXED_LARGE=Variance.parse(variance) is Variance.FIXED_LARGE,
+        STORE_X0=bool(store_x0), BLOCK=block,
     )
     return x_prev, (x0 if store_x0 else None)

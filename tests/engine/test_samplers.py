@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_engine import DPMSolverSampler  # the single-step API, as users import it
 from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import philox_normal, seed_words
-from ddpm_engine.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, Prediction, Variance, ddim_step,
-                                  ddpm_step, default_steps, dpmpp_2m_step, predict_x0_and_eps, timestep_spacing)
+from ddpm_engine.samplers import (DDIMSampler, DDPMSampler, Prediction, Variance, ddim_step, ddpm_step,
+                                  default_steps, dpmpp_2m_step, predict_x0_and_eps, timestep_spacing)
 from ddpm_engine.schedules import Tables, make_betas
 from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
@@ -290,11 +291,10 @@ def test_engine_dpmpp_2m_step_matches_diffusers(seeded, prediction):
     assert (got - run_diffusers(ref, model, x_T)).abs().max() <= 1e-4
 
 
-def test_dpmpp_2m_step_is_ddim_on_first_order_steps():
+def test_dpmpp_2m_step_is_ddim_on_first_order_steps(seeded):
     """On its first-order steps DPM-Solver++ is DDIM (eta = 0): the paper's first-order solver."""
-    _, tables, _, x, out, _, _ = rand_case(B=3, steps=50)
-    tables = Tables.build(make_betas("linear", 1000), 50, "linspace")
-    tab = tables.on("cpu", torch.float64)
+    tab = Tables.build(make_betas("linear", 1000), 50, "linspace").on("cpu", torch.float64)
+    x, out = torch.randn(2, 3, 3, 5, 7, dtype=torch.float64)
     i = torch.tensor([49, 49, 0])
     stale = torch.full_like(x, float("nan"))
     got, x0 = dpmpp_2m_step(tab, x, out, i, stale)
