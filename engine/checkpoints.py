@@ -9,12 +9,16 @@ Formats:
   scheduler_config.json and the weights); the scheduler config is honoured (beta schedule,
   variance_type, clip_sample, prediction_type). Needs the optional package diffusers;
 - any ``nn.Module`` with ``forward(x, t)``, given with its scheduler config and sample shape.
+
+A Hugging Face Hub id ("google/ddpm-cifar10-32") resolves through huggingface_hub as in
+diffusers: its cache (HF_HOME / HF_HUB_CACHE), HF_HUB_OFFLINE, and a ``revision``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,26 +137,112 @@ def save_project_folder(folder, module: nn.Module, model_cfg: dict, scheduler: S
     return folder
 
 
-def load(path_or_name) -> LoadedModel:
-    """Open a model: a bundled name ("digits"), or a folder in any supported format."""
+def load(path_or_name, revision: str | None = None) -> LoadedModel:
+    """Open a model: a bundled name ("digits"), a folder in any supported format, or a Hugging Face
+    Hub id ("google/ddpm-cifar10-32": an "org/name" that is not a local path), resolved through
+    huggingface_hub's cache at ``revision`` (a branch, tag or commit; default "main")."""
     if isinstance(path_or_name, LoadedModel):
         return path_or_name
     if isinstance(path_or_name, str) and path_or_name in BUNDLED:
         return load_project_folder(BUNDLED[path_or_name])
     if not isinstance(path_or_name, (str, Path)):
-        raise InvalidRequestError(f"expected a model folder path or a bundled name, got {type(path_or_name).__name__}")
+        raise InvalidRequestError(f"expected a model folder path, a Hub id or a bundled name, "
+                                  f"got {type(path_or_name).__name__}")
+    if is_hub_id(path_or_name):
+        return load_folder(hub_snapshot(path_or_name, revision), name=path_or_name)
     folder = Path(path_or_name)
     if not folder.is_dir():
-        raise ModelLoadError(f"no model folder at {folder} (bundled models: {sorted(BUNDLED)})")
-    cfg_path = folder / "config.json"
-    if cfg_path.is_file() and _read_json(cfg_path).get("format") == PROJECT_FORMAT:
+        raise ModelLoadError(f"no model folder at {folder} (bundled models: {sorted(BUNDLED)}; a Hugging Face Hub "
+                             "id looks like 'org/name')")
+    return load_folder(folder)
+
+
+def load_folder(folder: Path, name: str | None = None) -> LoadedModel:
+    """A model folder in any supported format (see the module docstring)."""
+    name = name or folder.name
+    layout = folder_layout(folder)
+    if layout == "ddpm-engine":
         return load_project_folder(folder)
-    if (folder / "model_index.json").is_file():
-        return load_diffusers_folder(folder / "unet", folder / "scheduler" / "scheduler_config.json", folder.name)
-    if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
-        return load_diffusers_folder(folder, folder / "scheduler_config.json", folder.name)
+    if layout == "diffusers-pipeline":
+        return load_diffusers_folder(folder / "unet", folder / "scheduler" / "scheduler_config.json", name)
+    if layout == "diffusers-single":
+        return load_diffusers_folder(folder, folder / "scheduler_config.json", name)
     raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
                          "(ddpm-engine) or a diffusers folder")
+
+
+def folder_layout(folder: Path) -> str | None:
+    """"ddpm-engine", "diffusers-pipeline" (model_index.json, unet/, scheduler/), "diffusers-single"
+    (a UNet's config.json beside scheduler_config.json), or None, from the folder's config files."""
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file() and _read_json(cfg_path).get("format") == PROJECT_FORMAT:
+        return "ddpm-engine"
+    if (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file():
+        return "diffusers-pipeline"
+    if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
+        return "diffusers-single"
+    return None
+
+
+# ---- Hugging Face Hub ids ----
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_CONFIG_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/config.json",
+                    "scheduler/scheduler_config.json"]
+HUB_WEIGHTS = {  # per layout, in order of preference
+    "ddpm-engine": ["model.safetensors"],
+    "diffusers-pipeline": ["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"],
+    "diffusers-single": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"],
+}
+
+
+def is_hub_id(name) -> bool:
+    """An "org/name" string that is not a local path (as diffusers' from_pretrained decides)."""
+    return isinstance(name, str) and HUB_ID.fullmatch(name) is not None and not Path(name).exists()
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of a Hub model repo, downloading only what loading needs (the config
+    files, then one weights file) into huggingface_hub's cache (HF_HOME / HF_HUB_CACHE) unless it is
+    there already; with HF_HUB_OFFLINE=1 the cache alone is used."""
+    from .errors import require
+
+    hub = require("huggingface_hub", f"loading {repo_id!r} from the Hugging Face Hub", extra="diffusers")
+    from huggingface_hub import errors
+
+    def fetch(rev, patterns) -> Path:
+        return Path(hub.snapshot_download(repo_id, revision=rev, allow_patterns=patterns))
+
+    try:
+        folder = fetch(revision, HUB_CONFIG_FILES)
+        layout = folder_layout(folder)
+        if layout is None:
+            raise ModelLoadError(f"the Hub repo {repo_id!r} (revision {revision or 'main'}) holds no model this engine "
+                                 "can read: expected a DDPMPipeline (model_index.json, unet/, scheduler/) or a "
+                                 "UNet2DModel config.json beside scheduler_config.json")
+        for weights in HUB_WEIGHTS[layout]:
+            folder = fetch(folder.name, [weights])  # folder.name: the snapshot's commit hash
+            if (folder / weights).is_file():
+                return folder
+        raise ModelLoadError(f"the cached snapshot of {repo_id!r} at {folder} has no weights "
+                             f"({' or '.join(HUB_WEIGHTS[layout])}); download it where the Hub can be reached")
+    except ModelLoadError:  # ours, from above (an OSError too)
+        raise
+    except errors.RevisionNotFoundError:
+        raise ModelLoadError(f"the Hub repo {repo_id!r} has no revision {revision!r}") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelLoadError(f"no Hub repo {repo_id!r} (and no local folder of that name); if it is private or "
+                             "gated, log in first (`hf auth login`)") from None
+    except errors.LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id!r} is neither a local folder nor in the Hugging Face cache ({hub.constants.HF_HUB_CACHE}), "
+            f"and the Hub cannot be reached (HF_HUB_OFFLINE={'1' if hub.constants.HF_HUB_OFFLINE else '0'}). "
+            f"Get it where there is network: `hf download {repo_id}` fills that cache (copy it here, or point "
+            f"HF_HOME / HF_HUB_CACHE at it), or save it with DDPMPipeline.save_pretrained(folder) and pass the "
+            "folder") from None
+    except (errors.HfHubHTTPError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {first}") from None
 
 
 def _sample_shape_from_unet_config(cfg: dict) -> tuple:

@@ -1,12 +1,12 @@
 """The reference reverse steps: plain PyTorch, readable, and the oracle for every faster path.
 
-Both steps take per-sample step indices ``i`` (int64 [B], into a ``Tables``), so the samples of
+The steps take per-sample step indices ``i`` (int64 [B], into a ``Tables``), so the samples of
 one batch may sit at different steps. They are pure and sync-free: coefficients are gathered on
 the device, the t = 0 case is a mask (no ``if`` on a tensor, no ``.item()``), so a step can be
 captured in a CUDA graph. Shapes: x_t, model_output, noise are [B, C, H, W] (any trailing dims).
 
-Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` with diffusers-like ``timesteps`` and
-``step(model_output, timestep, sample, noise)``, where ``timestep`` holds *training* timesteps
+Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` with diffusers-like
+``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps
 per sample (tensor [B]) and is mapped to step indices on the device.
 """
 
@@ -64,19 +64,22 @@ def ddpm_step(tab: DeviceTables, x_t, model_output, i, noise, *, prediction=Pred
 
 
 def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, prediction=Prediction.EPSILON,
-              clip_denoised=False):
+              clip_denoised=False, use_clipped_model_output=False):
     """One DDIM step (Song et al. 2021, eq. 12) from step index i: returns (x_prev, pred_x0).
 
     sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)   (eq. 16)
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma * noise
-    abar_prev is 1 on the last step. When x0 is clipped, eps is recomputed from the clipped x0
-    (improved-diffusion's choice; diffusers' use_clipped_model_output=True).
+    abar_prev is 1 on the last step. With clipping, the direction term keeps the eps implied by the
+    model output (diffusers' default) unless ``use_clipped_model_output``: then eps is recomputed
+    from the clipped x0, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (improved-diffusion's way).
     """
     nd = x_t.ndim
     x0, eps = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
-        eps = (_gather(tab.sqrt_recip_alphas_cumprod, i, nd) * x_t - x0) / _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
+        if use_clipped_model_output:
+            srecip, srecipm1 = _gather(tab.sqrt_recip_alphas_cumprod, i, nd), _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
+            eps = (srecip * x_t - x0) / srecipm1
     abar = _gather(tab.alphas_cumprod, i, nd)
     abar_prev = _gather(tab.ddim_alphas_cumprod_prev, i, nd)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
@@ -85,19 +88,50 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     return x_prev, x0
 
 
+def dpmpp_2m_step(tab: DeviceTables, x_t, model_output, i, x0_prev, *, prediction=Prediction.EPSILON,
+                  clip_denoised=False):
+    """One DPM-Solver++(2M) step from step index i: returns (x_prev, x0). No noise: an ODE solver.
+
+    x0 comes from the model output (clipped to [-1, 1] if asked: diffusers' thresholding with
+    sample_max_value=1), then (schedules.Tables documents the coefficients)
+
+        x_prev = coef_x[i] * x_t + coef_x0[i] * x0 + coef_x0_prev[i] * x0_prev
+
+    where x0_prev is the x0 this sample's previous step returned; the caller keeps it (engine:
+    ``Rows.x0_prev``) and replaces it by the returned x0. On first-order steps (the first step,
+    i = steps - 1, and the last, i = 0) coef_x0_prev is 0 and x0_prev is not used at all, so a
+    fresh (zeros) or stale buffer cannot leak in, not even a NaN.
+    """
+    nd = x_t.ndim
+    x0, _ = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+    c_prev = _gather(tab.dpmpp_coef_x0_prev, i, nd)
+    from_prev = torch.where(c_prev != 0, c_prev * x0_prev, 0.0)
+    x_prev = _gather(tab.dpmpp_coef_x, i, nd) * x_t + _gather(tab.dpmpp_coef_x0, i, nd) * x0 + from_prev
+    return x_prev, x0
+
+
 # The sampler names the engine accepts, and the one place their defaults live.
-SAMPLERS = ("ddpm", "ddim")
-MULTISTEP_SAMPLERS = frozenset()  # samplers whose Rows carry the previous x0 (stepping.Rows.x0_prev)
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+MULTISTEP_SAMPLERS = frozenset({"dpmpp_2m"})  # samplers whose Rows carry the previous x0 (stepping.Rows.x0_prev)
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
-    """Steps when the caller gives none: T for DDPM, 50 for DDIM (at most T)."""
-    return num_train_timesteps if sampler == "ddpm" else min(50, num_train_timesteps)
+    """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++(2M) (at most
+    what the sampler's spacing allows: T, or T - 1 for "linspace")."""
+    T = num_train_timesteps
+    if sampler == "ddpm":
+        return T
+    if sampler == "dpmpp_2m":
+        return min(20, max(1, T - 1))
+    return min(50, T)
 
 
 def timestep_spacing(sampler: str) -> str:
-    """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM."""
-    return "leading"
+    """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM
+    (diffusers' DDPMScheduler / DDIMScheduler), "linspace" for DPM-Solver++ (its diffusers default)."""
+    return "linspace" if sampler == "dpmpp_2m" else "leading"
 
 
 @dataclass
@@ -109,6 +143,8 @@ class StepOutput:
 class _Sampler:
     """Shared part of the user-facing samplers: tables on a device and the t -> index map."""
 
+    sampler = "ddpm"  # the name in SAMPLERS: picks the default steps and the timestep spacing
+
     def __init__(self, betas=None, *, num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                  beta_end=0.02, steps=None, prediction_type="epsilon", clip_sample=False, device="cpu"):
         train_betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, betas)
@@ -116,13 +152,13 @@ class _Sampler:
         self.prediction = Prediction.parse(prediction_type)
         self.clip_sample = bool(clip_sample)
         self.device = torch.device(device)
-        self.set_timesteps(steps or len(train_betas))
+        self.set_timesteps(steps or default_steps(self.sampler, len(train_betas)))
 
     def set_timesteps(self, steps: int, device=None):
-        """Choose how many steps to sample with (respaces the tables)."""
+        """Choose how many steps to sample with (respaces the tables); starts a new run."""
         if device is not None:
             self.device = torch.device(device)
-        self.tables = Tables.build(self.train_betas, steps)
+        self.tables = Tables.build(self.train_betas, steps, timestep_spacing(self.sampler))
         self.tab = self.tables.on(self.device)
         T = self.tables.num_train_timesteps
         index = torch.full((T,), -1, dtype=torch.int64)
@@ -146,6 +182,8 @@ class _Sampler:
 class DDPMSampler(_Sampler):
     """DDPM ancestral sampling, diffusers-style (``DDPMScheduler``-like names)."""
 
+    sampler = "ddpm"
+
     def __init__(self, betas=None, *, variance_type="fixed_small", **kw):
         self.variance = Variance.parse(variance_type)
         super().__init__(betas, **kw)
@@ -158,16 +196,49 @@ class DDPMSampler(_Sampler):
 
 
 class DDIMSampler(_Sampler):
-    """DDIM sampling with eta in [0, 1] (eta = 0: deterministic; eta = 1: DDPM-like variance)."""
+    """DDIM sampling with eta in [0, 1] (eta = 0: deterministic; eta = 1: DDPM-like variance).
+    ``use_clipped_model_output`` as diffusers' ``DDIMScheduler.step`` (a constructor default that
+    ``step(..., use_clipped_model_output=...)`` overrides)."""
 
-    def __init__(self, betas=None, *, eta=0.0, **kw):
+    sampler = "ddim"
+
+    def __init__(self, betas=None, *, eta=0.0, use_clipped_model_output=False, **kw):
         self.eta = check_eta(eta)
+        self.use_clipped_model_output = bool(use_clipped_model_output)
         super().__init__(betas, **kw)
 
-    def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
+    def step(self, model_output, timestep, sample, noise=None, *, use_clipped_model_output=None) -> StepOutput:
         i, noise = self._prepare(timestep, sample, noise)
-        x_prev, x0 = ddim_step(self.tab, sample, model_output, i, noise, eta=self.eta,
-                               prediction=self.prediction, clip_denoised=self.clip_sample)
+        if use_clipped_model_output is None:
+            use_clipped_model_output = self.use_clipped_model_output
+        x_prev, x0 = ddim_step(self.tab, sample, model_output, i, noise, eta=self.eta, prediction=self.prediction,
+                               clip_denoised=self.clip_sample, use_clipped_model_output=bool(use_clipped_model_output))
+        return StepOutput(x_prev, x0)
+
+
+class DPMSolverSampler(_Sampler):
+    """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
+    "linspace" timesteps, final sigma 0). Like diffusers it keeps the multistep state itself (the
+    previous x0 of each sample): call ``set_timesteps`` to start each new run, then ``step`` once
+    per timestep in order. ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
+    sample_max_value=1.0)."""
+
+    sampler = "dpmpp_2m"
+
+    def set_timesteps(self, steps: int, device=None):
+        super().set_timesteps(steps, device)
+        self._x0_prev = None
+
+    def step(self, model_output, timestep, sample) -> StepOutput:
+        i, _ = self._prepare(timestep, sample, None)
+        if self._x0_prev is None:
+            self._x0_prev = torch.zeros_like(sample)
+        elif self._x0_prev.shape != sample.shape:
+            raise InvalidRequestError(f"sample has shape {tuple(sample.shape)} but this run started with "
+                                      f"{tuple(self._x0_prev.shape)}; call set_timesteps to start a new run")
+        x_prev, x0 = dpmpp_2m_step(self.tab, sample, model_output, i, self._x0_prev, prediction=self.prediction,
+                                   clip_denoised=self.clip_sample)
+        self._x0_prev = x0
         return StepOutput(x_prev, x0)
 
 

@@ -1,4 +1,4 @@
-"""Beta schedules and the coefficient tables of DDPM / DDIM, computed once in float64.
+"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M), computed once in float64.
 
 This module is the one place where the diffusion math's constants live. Named schedules are
 frozen: new ones may be added, existing ones never change (improved-diffusion's policy).
@@ -91,18 +91,30 @@ def make_betas(beta_schedule: str = "linear", num_timesteps: int = 1000, beta_st
                               "or pass trained_betas")
 
 
-TIMESTEP_SPACINGS = ("leading",)
+TIMESTEP_SPACINGS = ("leading", "linspace")
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
-    """The kept training timesteps, ascending: ``arange(steps) * (T // steps)`` — the even
-    ("leading") spacing of the DDIM paper and diffusers, exactly ``steps`` of them; t = 0 is
-    always kept so the last step lands on the data. ``steps == T`` keeps every timestep."""
+    """The kept training timesteps, ascending, exactly ``steps`` of them.
+
+    - "leading" (DDPM, DDIM): ``arange(steps) * (T // steps)``, the even spacing of the DDIM paper
+      and diffusers' DDPM/DDIM schedulers; t = 0 is kept, so the last step lands on the data, and
+      ``steps == T`` keeps every timestep.
+    - "linspace" (DPM-Solver++, diffusers' default there): ``linspace(0, T - 1, steps + 1)``
+      rounded half to even, without its first entry 0 (diffusers writes it descending:
+      ``.round()[::-1][:-1]``). The sampler's final step goes to sigma = 0 instead of t = 0.
+      Needs ``steps <= T - 1``: more would round two entries onto one timestep.
+    """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
-    return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+    if spacing == "leading":
+        return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+    if spacing == "linspace":
+        if steps > num_timesteps - 1:
+            raise InvalidRequestError(f"the linspace timestep spacing (DPM-Solver++) takes at most T - 1 = "
+                                      f"{num_timesteps - 1} steps, got {steps}; use fewer steps")
+        return np.linspace(0, num_timesteps - 1, steps + 1).round()[1:].astype(np.int64)
+    raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,31 @@ class Tables:
 
     DDIM: ``ddim_alphas_cumprod_prev`` is abar at the next kept timestep, and 1 for the last
     step (the DDIM paper's convention, diffusers' ``set_alpha_to_one=True``).
+
+    DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095, with diffusers'
+    ``DPMSolverMultistepScheduler`` defaults: dpmsolver++, solver_order=2, midpoint,
+    lower_order_final, final_sigmas_type="zero"). In VP notation alpha_i = sqrt(abar_i),
+    sigma_i = sqrt(1 - abar_i) and the half log-SNR ``dpmpp_lambda`` lambda_i = log(alpha_i / sigma_i).
+    Stepping from index i goes to index i - 1, and from i = 0 to the final point alpha = 1,
+    sigma = 0 (lambda = +inf). ``dpmpp_h`` is the step in lambda, h_i = lambda_{i-1} - lambda_i
+    (+inf at i = 0). With the data-prediction model x0(x, lambda), the ODE's exact solution is
+    (Prop. 4.1)  x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0 dlambda.
+    Holding x0 constant over the step gives the first-order update (DPM-Solver++(1) = DDIM):
+
+        x_{i-1} = (sigma_{i-1} / sigma_i) x_i + A_i x0_i,      A_i = alpha_{i-1} (1 - e^{-h_i});
+
+    the multistep second-order update (Algorithm 2, DPM-Solver++(2M)) replaces x0_i by
+    D_i = (1 + 1 / (2 r_i)) x0_i - 1 / (2 r_i) x0_{i+1}, where x0_{i+1} is the previous step's x0
+    and r_i = h_{i+1} / h_i. So each step is  x_{i-1} = coef_x x_i + coef_x0 x0_i + coef_x0_prev x0_{i+1}:
+
+    - ``dpmpp_coef_x``       = sigma_{i-1} / sigma_i  (0 at i = 0);
+    - ``dpmpp_coef_x0``      = A_i (1 + 1 / (2 r_i))  (A_i on first-order steps);
+    - ``dpmpp_coef_x0_prev`` = -A_i / (2 r_i)         (0 on first-order steps).
+
+    First-order steps: the first (i = steps - 1: no previous x0) and the last (i = 0: sigma goes to
+    0, so coef_x = 0, A = 1 and the result is x0_0 itself; diffusers' lower_order_final /
+    final_sigmas_type="zero"). With solver_order 2 no other step is lowered. The order is thus a
+    function of each sample's step index, read from the table: no state but the previous x0.
     """
 
     num_train_timesteps: int
@@ -144,6 +181,11 @@ class Tables:
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
     ddim_alphas_cumprod_prev: np.ndarray
+    dpmpp_lambda: np.ndarray
+    dpmpp_h: np.ndarray
+    dpmpp_coef_x: np.ndarray
+    dpmpp_coef_x0: np.ndarray
+    dpmpp_coef_x0_prev: np.ndarray
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -178,6 +220,7 @@ class Tables:
             posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             ddim_alphas_cumprod_prev=abar_prev.copy(),  # abar_prev[0] == 1: set_alpha_to_one
+            **dpmpp_2m_coefficients(abar),
         )
 
     def on(self, device, dtype=torch.float32) -> "DeviceTables":
@@ -186,6 +229,25 @@ class Tables:
         if key not in self._device_cache:
             self._device_cache[key] = DeviceTables.from_tables(self, torch.device(device), dtype)
         return self._device_cache[key]
+
+
+def dpmpp_2m_coefficients(abar: np.ndarray) -> dict:
+    """DPM-Solver++(2M)'s per-step-index columns (see Tables), float64, from the kept alpha-bars."""
+    n = len(abar)
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # log(alpha / sigma)
+    h = np.full(n, np.inf)
+    h[1:] = lam[:-1] - lam[1:]
+    coef_x = np.zeros(n)
+    coef_x[1:] = np.sqrt((1.0 - abar[:-1]) / (1.0 - abar[1:]))
+    A = np.ones(n)  # the final step (i = 0) goes to alpha = 1, sigma = 0: A = 1 * (1 - e^{-inf})
+    A[1:] = np.sqrt(abar[:-1]) * -np.expm1(-h[1:])
+    coef_x0, coef_x0_prev = A.copy(), np.zeros(n)
+    second = np.arange(1, n - 1)  # every step but the first (n - 1) and the last (0)
+    half_inv_r = 0.5 * h[second] / h[second + 1]  # 1 / (2 r_i), r_i = h_{i+1} / h_i
+    coef_x0[second] = A[second] * (1.0 + half_inv_r)
+    coef_x0_prev[second] = -A[second] * half_inv_r
+    return dict(dpmpp_lambda=lam, dpmpp_h=h, dpmpp_coef_x=coef_x, dpmpp_coef_x0=coef_x0,
+                dpmpp_coef_x0_prev=coef_x0_prev)
 
 
 # Columns of the packed device table, in order; kernels index this layout (kernels/ reads COLUMNS).
@@ -200,6 +262,9 @@ COLUMNS = (
     "large_log_variance",
     "alphas_cumprod",
     "ddim_alphas_cumprod_prev",
+    "dpmpp_coef_x",
+    "dpmpp_coef_x0",
+    "dpmpp_coef_x0_prev",
 )
 
 
@@ -240,6 +305,7 @@ class SchedulerConfig:
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     prediction_type: str = "epsilon"
+    use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
 
     def __post_init__(self):
         Prediction.parse(self.prediction_type)

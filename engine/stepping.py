@@ -5,11 +5,12 @@ Each implementation has the same contract so the loops around it do not care whi
     pred_x0 = step(rows, model_output, want_x0=False)
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
-saturating at 0) and, for a multistep sampler, updates ``rows.x0_prev``: all in place, so
+saturating at 0) and, for a multistep sampler (samplers.MULTISTEP_SAMPLERS), writes this step's x0
+into ``rows.x0_prev`` (allocated by the caller, zeros, same shape as x): all in place, so
 nothing on the host changes between steps and a step can be captured in a CUDA graph. A caller
 that keeps x_t clones it first. ``pred_x0`` is returned only when ``want_x0`` (else None), and
 may be a buffer the next call reuses: a caller that keeps it clones it. Noise comes from the
-per-sample Philox stream (engine.noise) at step counter i.
+per-sample Philox stream (engine.noise) at step counter i (DPM-Solver++ draws none).
 
 - ``TorchStep``: the reference (engine.samplers) plus the torch Philox generator.
 - ``kernels.TritonStep``: one fused Triton kernel with in-kernel noise (kernels/).
@@ -24,7 +25,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import philox_normal
-from .samplers import ddim_step, ddpm_step
+from .samplers import ddim_step, ddpm_step, dpmpp_2m_step
 from .schedules import DeviceTables, Prediction, Variance
 
 STEP_IMPLS = ("auto", "torch", "triton")
@@ -59,12 +60,19 @@ class Rows:
 class StepSpec:
     """Everything that fixes the step math of one sampling run."""
 
-    sampler: str  # "ddpm" | "ddim"
+    sampler: str  # a name in samplers.SAMPLERS: "ddpm" | "ddim" | "dpmpp_2m"
     prediction: Prediction
     variance: Variance
     clip_denoised: bool
     eta: float  # DDIM only
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
+
+
+def check_x0_prev(rows: Rows) -> None:
+    """A multistep sampler's rows must carry their previous x0 (a host check of metadata only)."""
+    if rows.x0_prev is None or rows.x0_prev.shape != rows.x.shape:
+        raise InvalidRequestError("a multistep sampler (samplers.MULTISTEP_SAMPLERS) keeps each sample's previous "
+                                  "x0 in rows.x0_prev: allocate it (zeros, shaped as rows.x) before the first step")
 
 
 class TorchStep:
@@ -77,13 +85,21 @@ class TorchStep:
 
     def __call__(self, rows: Rows, model_output, want_x0: bool = False):
         s, x_t, i = self.spec, rows.x, rows.i
-        noise = philox_normal(rows.words, i, self.numel).reshape(x_t.shape)
-        if s.sampler == "ddpm":
-            x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, prediction=s.prediction,
-                                   variance=s.variance, clip_denoised=s.clip_denoised)
+        if s.sampler == "dpmpp_2m":  # an ODE solver: no noise; the previous x0 lives in rows.x0_prev
+            check_x0_prev(rows)
+            x_prev, x0 = dpmpp_2m_step(self.tab, x_t, model_output, i, rows.x0_prev, prediction=s.prediction,
+                                       clip_denoised=s.clip_denoised)
+            rows.x0_prev.copy_(x0)
+            x0 = rows.x0_prev
         else:
-            x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta, prediction=s.prediction,
-                                   clip_denoised=s.clip_denoised)
+            noise = philox_normal(rows.words, i, self.numel).reshape(x_t.shape)
+            if s.sampler == "ddpm":
+                x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, prediction=s.prediction,
+                                       variance=s.variance, clip_denoised=s.clip_denoised)
+            else:
+                x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta, prediction=s.prediction,
+                                       clip_denoised=s.clip_denoised,
+                                       use_clipped_model_output=s.use_clipped_model_output)
         x_t.copy_(x_prev)
         i.sub_(1).clamp_(min=0)
         return x0 if want_x0 else None

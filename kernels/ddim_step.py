@@ -1,8 +1,10 @@
 """Fused DDIM step (Song et al. 2021, eq. 12), any eta, noise generated inside.
 
-Reference (engine.samplers.ddim_step), per element of sample b at step index i:
+Reference: ``engine.samplers.ddim_step`` (imported here as ``reference``; the tests hold the
+kernel to it). Per element of sample b at step index i:
 
-    x0, eps = from the model output; if clipping: x0 = clamp(x0), eps = (srecip x - x0) / srecipm1
+    x0, eps = from the model output;  if clipping: x0 = clamp(x0, -1, 1), and only with
+              use_clipped_model_output eps = (srecip x - x0) / srecipm1 (diffusers' option)
     sigma   = eta * sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))        (eq. 16)
     x_prev  = sqrt(abar_prev) x0 + sqrt(max(1 - abar_prev - sigma^2, 0)) eps + sigma z
 
@@ -15,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_engine.noise import PHILOX_ROUNDS
-from ddpm_engine.schedules import COLUMNS
+from ddpm_engine.samplers import ddim_step as reference  # noqa: F401  (the specification)
 
-from .ddpm_step import PRED_EPSILON, block_for, check_inputs, predict_x0
-from .philox import PHILOX_KEY, philox_normal
+from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_RECIP_ABAR, COL_SQRT_RECIPM1_ABAR, PRED_EPSILON,
+                     block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise, step_prologue)
 
 
 @triton.jit
@@ -32,71 +33,46 @@ def _ddim_step_kernel(
     seed_ptr,     # int64 [B, 2]: seed words
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
     N, eta,
-    NCOLS: tl.constexpr, C_SA: tl.constexpr, C_S1MA: tl.constexpr, C_SRECIP: tl.constexpr,
-    C_SRECIPM1: tl.constexpr, C_ABAR: tl.constexpr, C_ABAR_PREV: tl.constexpr,
-    PRED: tl.constexpr, CLIP: tl.constexpr, STORE_X0: tl.constexpr, HAS_NOISE: tl.constexpr,
-    KEY64: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
+    PRED: tl.constexpr, CLIP: tl.constexpr, USE_CLIPPED_MODEL_OUTPUT: tl.constexpr, STORE_X0: tl.constexpr,
+    HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    i = tl.load(i_ptr + b)
-    row = table_ptr + i * NCOLS
-    sa = tl.load(row + C_SA)
-    s1ma = tl.load(row + C_S1MA)
-    srecip = tl.load(row + C_SRECIP)
-    srecipm1 = tl.load(row + C_SRECIPM1)
-    abar = tl.load(row + C_ABAR)
-    abar_prev = tl.load(row + C_ABAR_PREV)
+    b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
+    abar = tl.load(row + COL_ABAR)
+    abar_prev = tl.load(row + COL_DDIM_ABAR_PREV)
 
-    base = b.to(tl.int64) * N + offs
-    x = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + base, mask=mask, other=0.0).to(tl.float32)
-    x0 = predict_x0(x, out, sa, s1ma, srecip, srecipm1, PRED)
-    if PRED == 0:
-        eps = out
-    elif PRED == 1:
-        eps = (x - sa * x0) / s1ma
-    else:
-        eps = sa * out + s1ma * x
+    x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    x0, eps = predict_x0_and_eps(x, out, row, PRED)
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-        eps = (srecip * x - x0) / srecipm1
+        x0 = clip_x0(x0)
+        if USE_CLIPPED_MODEL_OUTPUT:
+            eps = (tl.load(row + COL_SQRT_RECIP_ABAR) * x - x0) / tl.load(row + COL_SQRT_RECIPM1_ABAR)
     x_prev = tl.sqrt_rn(abar_prev) * x0
     if HAS_NOISE:
         sigma = eta * tl.sqrt_rn((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-        element = offs.to(tl.uint32)
-        zero = tl.zeros_like(element)
-        lo = tl.load(seed_ptr + 2 * b).to(tl.uint32) + zero
-        hi = tl.load(seed_ptr + 2 * b + 1).to(tl.uint32) + zero
-        z = philox_normal(element, i.to(tl.uint32) + zero, lo, hi, KEY64, ROUNDS)
-        x_prev += tl.sqrt_rn(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)) * eps + sigma * z
+        x_prev += tl.sqrt_rn(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)) * eps
+        x_prev += sigma * step_noise(b, i, offs, seed_ptr)
     else:
         x_prev += tl.sqrt_rn(tl.maximum(1.0 - abar_prev, 0.0)) * eps
-    tl.store(xprev_ptr + base, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
+    tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
     if STORE_X0:
-        tl.store(x0_ptr + base, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + flat, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def ddim_step(x, model_output, i, seed_words, table, *, eta: float = 0.0, prediction: int = PRED_EPSILON,
-              clip_denoised: bool = False, x_prev=None, x0=None, store_x0: bool = True, block: int | None = None):
-    """Launch the fused DDIM step (``i`` is not advanced here; see ddpm_step.advance). Arguments
-    and return value as ddpm_step.ddpm_step, plus ``eta`` in [0, 1]."""
-    B = x.shape[0]
-    N = x[0].numel()
+def ddim_step(x, model_output, i, seed_words, table, *, eta: float = 0.0, prediction=PRED_EPSILON,
+              clip_denoised: bool = False, use_clipped_model_output: bool = False, x_prev=None, x0=None,
+              store_x0: bool = True, block: int | None = None):
+    """Launch the fused DDIM step (``i`` is not advanced here; see common.advance). Arguments and
+    return value as ddpm_step.ddpm_step, plus ``eta`` in [0, 1] and ``use_clipped_model_output``
+    (diffusers' DDIMScheduler.step option; only matters with ``clip_denoised``)."""
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     if store_x0 and x0 is None:
         x0 = torch.empty_like(x)
-    check_inputs(x, model_output, i, seed_words, table, x_prev, x0 if store_x0 else None)
-    block = block or block_for(N)
-    col = {name: k for k, name in enumerate(COLUMNS)}
-    grid = (B, triton.cdiv(N, block))
-    _ddim_step_kernel[grid](
-        x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, N, float(eta),  # dummy x0
-        NCOLS=len(COLUMNS), C_SA=col["sqrt_alphas_cumprod"], C_S1MA=col["sqrt_one_minus_alphas_cumprod"],
-        C_SRECIP=col["sqrt_recip_alphas_cumprod"], C_SRECIPM1=col["sqrt_recipm1_alphas_cumprod"],
-        C_ABAR=col["alphas_cumprod"], C_ABAR_PREV=col["ddim_alphas_cumprod_prev"],
-        PRED=prediction, CLIP=bool(clip_denoised), STORE_X0=bool(store_x0), HAS_NOISE=float(eta) > 0.0,
-        KEY64=PHILOX_KEY, ROUNDS=PHILOX_ROUNDS, BLOCK=block,
+    check_inputs(x, i, table, seed_words, model_output=model_output, x_prev=x_prev, x0=x0 if store_x0 else None)
+    block = block or block_for(x[0].numel())
+    _ddim_step_kernel[grid_for(x, block)](
+        x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(), float(eta),
+        PRED=prediction, CLIP=bool(clip_denoised), USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
+        STORE_X0=bool(store_x0), HAS_NOISE=float(eta) > 0.0, BLOCK=block,
     )
     return x_prev, (x0 if store_x0 else None)

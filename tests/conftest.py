@@ -52,3 +52,9 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         report.sections.append(("random inputs", f"TEST_SEED={SESSION_SEED} reproduces this test's inputs "
                                                  f"(its own seed: {getattr(item, 'test_seed', 'not set')})"))
+
+
+@pytest.fixture
+def seeded(test_seed):
+    """This test's seed, for tests that name it (the reseeding itself is automatic: ``test_seed``)."""
+    return test_seed

@@ -1,7 +1,8 @@
-"""Model folders: the project's format, diffusers folders (both layouts), corrupt and foreign files."""
+"""Model folders: the project's format, diffusers folders (both layouts), Hub ids, corrupt and foreign files."""
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -88,3 +89,64 @@ def test_corrupt_diffusers_weights(tmp_path):
     w.write_bytes(b"garbage" * 10)
     with pytest.raises(ModelLoadError):
         checkpoints.load(tmp_path)
+
+
+# ---- Hugging Face Hub ids, resolved through a local hub cache (no download in tests) ----
+
+def put_in_hub_cache(cache, repo_id, folder, commit, refs=("main",)):
+    """Lay out ``folder`` as huggingface_hub caches a download: models--org--name/snapshots/<commit>/...
+    and refs/<branch or tag> holding the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache at tmp_path/hub, offline: HF_HUB_CACHE and HF_HUB_OFFLINE=1 in the
+    environment and in huggingface_hub.constants (read once at import, as diffusers users set them)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_hub_id_loads_from_the_cache_at_a_revision(tmp_path, offline_hub_cache):
+    unets = [tiny_diffusers_unet(), tiny_diffusers_unet()]  # two commits with different weights
+    commits = ["%040x" % random.getrandbits(160) for _ in unets]
+    for k, (unet, commit) in enumerate(zip(unets, commits)):
+        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=100 * (k + 1))) \
+            .save_pretrained(tmp_path / f"src{k}")
+        put_in_hub_cache(offline_hub_cache, "org/tiny-ddpm", tmp_path / f"src{k}", commit,
+                         refs=("main",) if k == 0 else ("v2",))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 50])
+    for revision, k in [(None, 0), ("main", 0), ("v2", 1), (commits[1], 1)]:
+        loaded = checkpoints.load("org/tiny-ddpm", revision=revision)
+        assert loaded.name == "org/tiny-ddpm" and loaded.scheduler.num_train_timesteps == 100 * (k + 1)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module(x, t), unets[k](x, t).sample)
+    assert Engine.from_pretrained("org/tiny-ddpm", backend="torch").sample([1], steps=2).shape == (1, 1, 8, 8)
+
+
+def test_hub_id_in_the_single_folder_layout(tmp_path, offline_hub_cache):
+    unet = tiny_diffusers_unet()
+    unet.save_pretrained(tmp_path / "src")
+    diffusers.DDPMScheduler(clip_sample=False).save_config(tmp_path / "src")
+    put_in_hub_cache(offline_hub_cache, "org/single", tmp_path / "src", "%040x" % random.getrandbits(160))
+    loaded = checkpoints.load("org/single")
+    assert loaded.scheduler.clip_sample is False and loaded.sample_shape == (1, 8, 8)
+
+
+def test_hub_id_offline_and_not_cached_says_how_to_get_it(offline_hub_cache):
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1") as err:
+        checkpoints.load("google/ddpm-cifar10-32")
+    assert "hf download google/ddpm-cifar10-32" in str(err.value) and str(offline_hub_cache) in str(err.value)
+    with pytest.raises(ModelLoadError, match="no model folder"):  # not an org/name: a missing local path
+        checkpoints.load("runs/a/b")

@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_engine import DPMSolverSampler  # the single-step API, as users import it
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.noise import philox_normal, seed_words
 from ddpm_engine.samplers import (DDIMSampler, DDPMSampler, Prediction, Variance, ddim_step, ddpm_step,
-                             predict_x0_and_eps)
+                                  default_steps, dpmpp_2m_step, predict_x0_and_eps, timestep_spacing)
 from ddpm_engine.schedules import Tables, make_betas
+from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
 
 def rand_case(B=4, shape=(3, 5, 7), steps=1000, schedule="linear"):
@@ -155,3 +159,158 @@ def test_cosine_schedule_steps_are_finite():
     i = torch.arange(4) * 333
     out, x0 = ddpm_step(tab, x, eps, i, noise, clip_denoised=True)
     assert torch.isfinite(out).all() and np.isfinite(tables.posterior_log_variance_clipped).all()
+
+
+# ---- against diffusers, whole loops: DDIM's use_clipped_model_output and DPM-Solver++(2M) ----
+
+LINEAR_ABAR = torch.from_numpy(np.cumprod(1 - make_betas("linear", 1000)))
+
+
+def fixed_model(prediction: str, overshoot: float = 0.0):
+    """A deterministic "network": the smooth denoiser x0 = (1 + overshoot t / T) tanh(1.3 x + 0.5 sin 3x),
+    written as an epsilon, x0 or v output with the (float64) linear alpha-bars, so every prediction
+    type describes the same model. overshoot > 0: x0 often leaves [-1, 1] at large t, so clipping
+    matters there, while the final images stay inside."""
+    def model(x, t):
+        a = LINEAR_ABAR[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        scale = 1 + overshoot * t.to(x.dtype).reshape(a.shape) / 1000
+        x0 = scale * torch.tanh(1.3 * x + 0.5 * torch.sin(3 * x))
+        if prediction == "sample":
+            return x0
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    return model
+
+
+def fixed_random_model(prediction: str, shape):
+    """A fixed random output (plus a little of x), scaled so that x0 is often far outside [-1, 1]:
+    with clipping, whether eps is recomputed from the clipped x0 changes the images a lot."""
+    out = torch.randn(shape) * (1.0 if prediction == "epsilon" else 1.5)
+    return lambda x, t: out + 0.1 * x
+
+
+def run_diffusers(scheduler, model, x, noises=None, **step_kw):
+    for k, t in enumerate(scheduler.timesteps):
+        if noises is not None:
+            step_kw["variance_noise"] = noises[k]
+        x = scheduler.step(model(x, t.expand(x.shape[0])), t, x, **step_kw).prev_sample
+    return x
+
+
+def run_torch_step(spec, tables, model, x, words):
+    """The engine's loop in miniature: Rows updated in place by TorchStep (engine.stepping)."""
+    rows = Rows(x.clone(), torch.full((x.shape[0],), tables.steps - 1), words, torch.zeros_like(x))
+    tab, step = tables.on("cpu"), TorchStep(spec, tables.on("cpu"), x.shape[1:])
+    for _ in range(tables.steps):
+        step(rows, model(rows.x, tab.timesteps[rows.i]))
+    return rows.x
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_use_clipped_model_output_matches_diffusers(seeded, use_clipped, clip, eta):
+    """DDIM-10 loops from one x_T with the same noise: diffusers' DDIMScheduler.step(...,
+    use_clipped_model_output=...) and DDIMSampler (constructor option, and the step kwarg)."""
+    diffusers = pytest.importorskip("diffusers")
+    prediction = random.choice(["epsilon", "v_prediction"])
+    model = fixed_random_model(prediction, (2, 3, 8, 8))
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, set_alpha_to_one=True,
+                                  prediction_type=prediction)
+    ref.set_timesteps(10)
+    x_T = torch.randn(2, 3, 8, 8)
+    noises = torch.randn(10, *x_T.shape)
+    want = run_diffusers(ref, model, x_T, noises, eta=eta, use_clipped_model_output=use_clipped)
+    for ours in (DDIMSampler(eta=eta, steps=10, clip_sample=clip, prediction_type=prediction,
+                             use_clipped_model_output=use_clipped),
+                 DDIMSampler(eta=eta, steps=10, clip_sample=clip, prediction_type=prediction)):
+        kw = {} if ours.use_clipped_model_output else {"use_clipped_model_output": use_clipped}
+        x = x_T
+        for k, t in enumerate(ours.timesteps):
+            x = ours.step(model(x, t.expand(2)), t.expand(2), x, noises[k], **kw).prev_sample
+        # float32 round-off; unclipped, this "model" drives x to |x| ~ 300 (measured: |diff| <= 1.5e-5 + 2e-6 |x|)
+        torch.testing.assert_close(x, want, rtol=2e-6, atol=1e-4, msg=prediction)
+    if clip:  # the option is not a no-op here: the other value gives another image
+        other = run_diffusers(ref, model, x_T, noises, eta=eta, use_clipped_model_output=not use_clipped)
+        assert (other - want).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_engine_ddim_step_honours_use_clipped_model_output(seeded, use_clipped):
+    """TorchStep (the engine's step) with StepSpec.use_clipped_model_output against diffusers, with
+    the engine's own Philox noise handed to diffusers as variance_noise."""
+    diffusers = pytest.importorskip("diffusers")
+    x_T = torch.randn(2, 1, 6, 6)
+    model = fixed_random_model("epsilon", x_T.shape)
+    tables = Tables.build(make_betas("linear", 1000), 10, timestep_spacing("ddim"))
+    words = seed_words([random.getrandbits(64) for _ in range(2)], "cpu")
+    noises = [philox_normal(words, torch.full((2,), i), x_T[0].numel()).reshape(x_T.shape) for i in range(9, -1, -1)]
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True)
+    ref.set_timesteps(10)
+    want = run_diffusers(ref, model, x_T, noises, eta=1.0, use_clipped_model_output=use_clipped)
+    spec = StepSpec("ddim", Prediction.EPSILON, Variance.FIXED_SMALL, True, 1.0, use_clipped_model_output=use_clipped)
+    got = run_torch_step(spec, tables, model, x_T, words)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 2, 10, 20, 50])
+@pytest.mark.parametrize("clip", [False, True])
+def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip):
+    """DPMSolverSampler against diffusers' DPMSolverMultistepScheduler with its defaults (clipping =
+    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    diffusers = pytest.importorskip("diffusers")
+    model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
+                                                thresholding=clip, sample_max_value=1.0)
+    ref.set_timesteps(steps)
+    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    x_T = torch.randn(2, 3, 8, 8)
+    want = run_diffusers(ref, model, x_T)
+    x = x_T
+    for t in ours.timesteps:
+        x = ours.step(model(x, t.expand(2)), t.expand(2), x).prev_sample
+    # measured max |diff| 3.8e-6 (float32 on both sides; the tables are float64 cast once)
+    assert (x - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_engine_dpmpp_2m_step_matches_diffusers(seeded, prediction):
+    """The engine's path: default steps and spacing from samplers, Rows.x0_prev, TorchStep."""
+    diffusers = pytest.importorskip("diffusers")
+    steps = default_steps("dpmpp_2m", 1000)
+    tables = Tables.build(make_betas("linear", 1000), steps, timestep_spacing("dpmpp_2m"))
+    ref = diffusers.DPMSolverMultistepScheduler(prediction_type=prediction)
+    ref.set_timesteps(steps)
+    assert np.array_equal(tables.timesteps[::-1], ref.timesteps.numpy())
+    model = fixed_model(prediction)
+    x_T = torch.randn(3, 1, 6, 6)
+    spec = StepSpec("dpmpp_2m", Prediction.parse(prediction), Variance.FIXED_SMALL, False, 0.0)
+    got = run_torch_step(spec, tables, model, x_T, seed_words([1, 2, 3], "cpu"))
+    assert (got - run_diffusers(ref, model, x_T)).abs().max() <= 1e-4
+
+
+def test_dpmpp_2m_step_is_ddim_on_first_order_steps(seeded):
+    """On its first-order steps DPM-Solver++ is DDIM (eta = 0): the paper's first-order solver."""
+    tab = Tables.build(make_betas("linear", 1000), 50, "linspace").on("cpu", torch.float64)
+    x, out = torch.randn(2, 3, 3, 5, 7, dtype=torch.float64)
+    i = torch.tensor([49, 49, 0])
+    stale = torch.full_like(x, float("nan"))
+    got, x0 = dpmpp_2m_step(tab, x, out, i, stale)
+    want, want_x0 = ddim_step(tab, x, out, i, torch.zeros_like(x), eta=0.0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x0, want_x0)
+    torch.testing.assert_close(got[2], x0[2])  # the final step lands on x0 (sigma = 0)
+
+
+def test_dpm_solver_sampler_keeps_its_state_per_run():
+    sampler = DPMSolverSampler(steps=5)
+    x = torch.randn(2, 1, 4, 4)
+    t = sampler.timesteps[0].expand(2)
+    sampler.step(torch.randn_like(x), t, x)
+    with pytest.raises(InvalidRequestError, match="set_timesteps"):
+        sampler.step(torch.randn(3, 1, 4, 4), sampler.timesteps[1].expand(3), torch.randn(3, 1, 4, 4))
+    sampler.set_timesteps(5)  # a new run: any batch
+    out = sampler.step(torch.zeros(3, 1, 4, 4), t[:1].expand(3), torch.randn(3, 1, 4, 4))
+    assert out.prev_sample.shape == (3, 1, 4, 4)

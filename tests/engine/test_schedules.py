@@ -5,9 +5,12 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from ddpm_engine.errors import InvalidRequestError
-from ddpm_engine.schedules import SchedulerConfig, Tables, cosine_betas, linear_betas, make_betas, spaced_timesteps
+from ddpm_engine.samplers import SAMPLERS, default_steps, timestep_spacing
+from ddpm_engine.schedules import (COLUMNS, SchedulerConfig, Tables, cosine_betas, linear_betas, make_betas,
+                                   spaced_timesteps)
 
 
 def closed_forms(betas, t):
@@ -90,3 +93,68 @@ def test_device_tables_are_cached_and_cast_once():
     assert d1 is d2
     assert d1.packed.dtype.is_floating_point and d1.packed.shape[0] == 10
     assert float(d1.alphas_cumprod[3]) == pytest.approx(tab.alphas_cumprod[3], rel=1e-6)
+
+
+# ---- DPM-Solver++(2M): linspace timesteps and the multistep coefficients ----
+
+def test_linspace_timesteps_match_diffusers(seeded):
+    diffusers = pytest.importorskip("diffusers")
+    for T in (1000, 37):
+        for steps in {1, 2, T - 1, random.randrange(3, T - 1)}:
+            ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T)
+            ref.set_timesteps(steps)
+            got = spaced_timesteps(T, steps, "linspace")
+            assert np.array_equal(got[::-1], ref.timesteps.numpy()), (T, steps)
+            assert np.all(np.diff(got) > 0)
+    with pytest.raises(InvalidRequestError, match="T - 1"):
+        spaced_timesteps(1000, 1000, "linspace")  # would round two entries onto one timestep
+    with pytest.raises(InvalidRequestError, match="spacing"):
+        spaced_timesteps(1000, 10, "trailing")
+
+
+def dpmpp_closed_form(abar, i, steps):
+    """x_{i-1} = cx x_i + c0 x0_i + c1 x0_{i+1} from DPM-Solver++(2M)'s definitions, in Python floats."""
+    def lam(k):
+        return math.log(math.sqrt(abar[k]) / math.sqrt(1 - abar[k]))
+
+    if i == 0:  # to sigma = 0: x0 itself
+        return 0.0, 1.0, 0.0
+    h = lam(i - 1) - lam(i)
+    sigma_ratio = math.sqrt(1 - abar[i - 1]) / math.sqrt(1 - abar[i])
+    A = math.sqrt(abar[i - 1]) * (1 - math.exp(-h))
+    if i == steps - 1:  # first step: first order
+        return sigma_ratio, A, 0.0
+    r = (lam(i) - lam(i + 1)) / h
+    return sigma_ratio, A * (1 + 1 / (2 * r)), -A / (2 * r)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpmpp_coefficients_match_closed_forms(seeded, schedule):
+    steps = random.choice([20, 7, 50])
+    tab = Tables.build(make_betas(schedule, 1000), steps, "linspace")
+    abar = list(tab.alphas_cumprod)
+    for i in {0, 1, steps - 2, steps - 1, random.randrange(steps)}:
+        want = dpmpp_closed_form(abar, i, steps)
+        got = (tab.dpmpp_coef_x[i], tab.dpmpp_coef_x0[i], tab.dpmpp_coef_x0_prev[i])
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), i
+    # in the device table, next to the DDPM / DDIM columns
+    packed = tab.on("cpu", torch.float64).packed
+    for name in ("dpmpp_coef_x", "dpmpp_coef_x0", "dpmpp_coef_x0_prev"):
+        assert np.array_equal(packed[:, COLUMNS.index(name)].numpy(), getattr(tab, name))
+
+
+def test_every_sampler_default_builds_its_tables():
+    betas = make_betas("linear", 1000)
+    for sampler in SAMPLERS:
+        for T in (1000, 20, 2):
+            steps = default_steps(sampler, T)
+            tab = Tables.build(betas[:T], steps, timestep_spacing(sampler))
+            assert tab.steps == steps and np.all(np.diff(tab.timesteps) > 0), (sampler, T)
+            assert np.isfinite(tab.on("cpu").packed.numpy()).all()
+
+
+def test_scheduler_config_reads_use_clipped_model_output():
+    assert SchedulerConfig().use_clipped_model_output is False
+    cfg = SchedulerConfig.from_dict({"clip_sample": True, "use_clipped_model_output": True, "_class_name": "X"})
+    assert cfg.use_clipped_model_output is True
+    assert SchedulerConfig.from_dict(cfg.to_dict()) == cfg

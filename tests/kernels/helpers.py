@@ -4,18 +4,20 @@ import random
 
 import torch
 
+from ddpm_engine.kernels.common import PREDICTION_CODE
 from ddpm_engine.noise import philox_normal, seed_words
 from ddpm_engine.schedules import Tables, make_betas
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = ["DEVICE", "PREDICTION_CODE", "random_case", "reference_noise", "poisoned"]
 
 
-def random_case(B=5, shape=(3, 5, 7), steps=None, schedule=None, dtype=torch.float32):
+def random_case(B=5, shape=(3, 5, 7), steps=None, schedule=None, dtype=torch.float32, spacing="leading"):
     """Tables, x, model output, mixed per-sample step indices (always including 0 and the first
     step), and seed words — all fresh random."""
     schedule = schedule or random.choice(["linear", "cosine"])
-    steps = steps or random.choice([1000, 50, 17])
-    tables = Tables.build(make_betas(schedule, 1000), steps)
+    steps = steps or random.choice([999 if spacing == "linspace" else 1000, 50, 17])
+    tables = Tables.build(make_betas(schedule, 1000), steps, spacing)
     tab = tables.on(DEVICE)
     x = torch.randn(B, *shape, device=DEVICE).to(dtype)
     out = torch.randn(B, *shape, device=DEVICE).to(dtype)

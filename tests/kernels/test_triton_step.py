@@ -7,39 +7,84 @@ import pytest
 import torch
 
 from ddpm_engine.errors import InvalidRequestError, MissingDependencyError
-from ddpm_engine.samplers import Prediction, Variance
-from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 from ddpm_engine.kernels import TritonStep
 from ddpm_engine.kernels.ddpm_step import ddpm_step
+from ddpm_engine.samplers import SAMPLERS, Prediction, Variance, timestep_spacing
+from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
 from .helpers import random_case
 
+pytestmark = pytest.mark.usefixtures("seeded")
 
-def random_spec():
-    sampler = random.choice(["ddpm", "ddim"])
+
+def random_spec(sampler):
     return StepSpec(sampler, random.choice(list(Prediction)), random.choice(list(Variance)),
-                    random.choice([False, True]), random.choice([0.0, 1.0, random.uniform(0.05, 0.95)]))
+                    random.choice([False, True]), random.choice([0.0, 1.0, random.uniform(0.05, 0.95)]),
+                    use_clipped_model_output=random.choice([False, True]))
 
 
 @pytest.mark.parametrize("want_x0", [False, True])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_contract_as_torch_step(sampler, want_x0):
-    spec = random_spec()
-    spec = StepSpec(sampler, spec.prediction, spec.variance, spec.clip_denoised, spec.eta)
+    spec = random_spec(sampler)
     shape = (3, 5, 7)
-    tab, x, out, i, words = random_case(B=4, shape=shape)
+    tab, x, out, i, words = random_case(B=4, shape=shape, spacing=timestep_spacing(sampler))
+    out = 2 * out  # x0 often beyond [-1, 1]: the clip options matter
+    x0_prev = torch.randn_like(x)
     i_ref = i.clone()
-    ref_rows, rows = Rows(x.clone(), i_ref, words), Rows(x, i, words)
+    ref_rows = Rows(x.clone(), i_ref, words, x0_prev.clone())
+    rows = Rows(x, i, words, x0_prev)
     want_x0_tensor = TorchStep(spec, tab, shape)(ref_rows, out, want_x0=True)
     x_ptr = x.data_ptr()
     x0 = TritonStep(spec, tab, shape)(rows, out, want_x0=want_x0)
     assert rows.x.data_ptr() == x_ptr  # written in place: no allocation per step
     torch.testing.assert_close(rows.x, ref_rows.x, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(rows.x0_prev, ref_rows.x0_prev, rtol=1e-5, atol=3e-5)  # untouched unless multistep
     assert torch.equal(i, i_ref)  # both advanced i -> max(i - 1, 0) on the device
     if want_x0:
         torch.testing.assert_close(x0, want_x0_tensor, rtol=1e-5, atol=3e-5)
     else:
         assert x0 is None
+
+
+def test_dpmpp_2m_runs_agree_and_a_seed_does_not_depend_on_its_batch():
+    """Whole DPM-Solver++(2M) runs through both steps, with a row joining two steps late and the
+    others leaving when done (as the continuous server does): each row ends as in its run alone."""
+    steps, shape = 6, (1, 4, 6)
+    spec = StepSpec("dpmpp_2m", Prediction.EPSILON, Variance.FIXED_SMALL, True, 0.0)
+    tab, x, _, _, words = random_case(B=3, shape=shape, steps=steps, spacing="linspace")
+    i = torch.full((3,), steps - 1, device=x.device)
+    model = lambda x: 0.7 * torch.sin(2 * x) + 0.2 * x  # noqa: E731
+
+    def rows_of(b0, b1):
+        return Rows(x[b0:b1].clone(), i[b0:b1].clone(), words[b0:b1], torch.zeros_like(x[b0:b1]))
+
+    alone = []
+    for b in range(3):
+        rows, step = rows_of(b, b + 1), TorchStep(spec, tab, shape)
+        for _ in range(steps):
+            step(rows, model(rows.x))
+        alone.append(rows.x)
+    alone = torch.cat(alone)
+    for impl in (TorchStep, TritonStep):
+        rows, step = rows_of(0, 2), impl(spec, tab, shape)
+        for k in range(steps + 2):
+            if k == 2:
+                rows = Rows.cat([rows, rows_of(2, 3)])
+            step(rows, model(rows.x))
+            if k == steps - 1:  # rows 0 and 1 are done and leave the batch
+                first_two = rows.x[:2].clone()
+                rows = rows.select(torch.tensor([2], device=x.device))
+        got = torch.cat([first_two, rows.x])
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5, msg=impl.__name__)
+
+
+def test_multistep_rows_need_x0_prev():
+    spec = StepSpec("dpmpp_2m", Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+    tab, x, out, i, words = random_case(B=2, shape=(1, 4, 4), steps=10, spacing="linspace")
+    for impl in (TorchStep, TritonStep):
+        with pytest.raises(InvalidRequestError, match="x0_prev"):
+            impl(spec, tab, (1, 4, 4))(Rows(x, i, words), out)
 
 
 def test_x0_buffer_is_reused_across_steps():
