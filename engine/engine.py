@@ -51,11 +51,13 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_name, backend="auto", device=None, precision="fp32", step_impl="auto",
-                        batching=True):
-        """Open a bundled model ("digits") or a model folder (ddpm-engine or diffusers format).
-        batching=False runs concurrent ``sample`` calls one after another instead of batching them."""
-        return cls(checkpoints.load(path_or_name), backend=backend, device=device, precision=precision,
-                   step_impl=step_impl, batching=batching)
+                        batching=True, revision=None):
+        """Open a bundled model ("digits"), a model folder (ddpm-engine or diffusers format), or a
+        Hugging Face hub id ("google/ddpm-cifar10-32", at ``revision``; the hub cache and
+        ``HF_HUB_OFFLINE`` work as in diffusers). batching=False runs concurrent ``sample`` calls
+        one after another instead of batching them."""
+        return cls(checkpoints.load(path_or_name, revision=revision), backend=backend, device=device,
+                   precision=precision, step_impl=step_impl, batching=batching)
 
     @classmethod
     def from_module(cls, module, scheduler=None, sample_shape=None, **kw):

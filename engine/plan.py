@@ -29,7 +29,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
-from .samplers import MULTISTEP_SAMPLERS, SAMPLERS, check_eta, default_steps, timestep_spacing
+from .samplers import MULTISTEP_SAMPLERS, SAMPLERS, check_eta, default_clip, default_steps
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, StepSpec
 
@@ -116,7 +116,7 @@ def make_spec(scheduler: SchedulerConfig, sampler="ddpm", eta=0.0, clip_denoised
         raise InvalidRequestError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     eta = check_eta(eta)
     if clip_denoised is None:
-        clip_denoised = bool(scheduler.clip_sample)
+        clip_denoised = default_clip(sampler, scheduler.clip_sample)
     elif not isinstance(clip_denoised, bool):
         raise InvalidRequestError(f"clip_denoised must be True, False or None, got {clip_denoised!r}")
     if use_clipped_model_output is None:

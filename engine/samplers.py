@@ -128,6 +128,13 @@ def default_steps(sampler: str, num_train_timesteps: int) -> int:
     return min(50, T)
 
 
+def default_clip(sampler: str, clip_sample: bool) -> bool:
+    """Whether x0 is clipped when the caller does not say: the scheduler config's ``clip_sample``
+    for DDPM and DDIM; never for DPM-Solver++, whose diffusers scheduler has no such option (it
+    thresholds instead), so a diffusers model gives diffusers' images."""
+    return bool(clip_sample) and sampler in ("ddpm", "ddim")
+
+
 def timestep_spacing(sampler: str) -> str:
     """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM
     (diffusers' DDPMScheduler / DDIMScheduler), "linspace" for DPM-Solver++ (its diffusers default)."""

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ddpm_engine.errors import InvalidRequestError
+
 from ddpm_engine.samplers import dpmpp_2m_step as reference  # noqa: F401  (the specification)
 
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED_EPSILON, block_for, check_inputs,
@@ -62,6 +64,9 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
     start of a run) is read and overwritten in place with this step's x0, which is also returned.
     ``table`` is DeviceTables.packed (fp32), ``prediction`` a code of common.PREDICTION_CODE; ``i`` is
     not advanced here (see common.advance). Returns (x_prev, x0); ``x_prev=x`` steps in place."""
+    if x0_prev is None:
+        raise InvalidRequestError("the DPM-Solver++(2M) step keeps each sample's previous x0 in x0_prev "
+                                  "(stepping.Rows.x0_prev): allocate it (zeros, shaped as x) before the first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev)
     block = block or block_for(x[0].numel())

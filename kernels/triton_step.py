@@ -18,7 +18,6 @@ import os
 import torch
 
 from ddpm_engine.errors import BackendUnavailableError, require
-from ddpm_engine.stepping import check_x0_prev
 
 
 class TritonStep:
@@ -46,7 +45,6 @@ class TritonStep:
     def __call__(self, rows, model_output, want_x0: bool = False):
         s, x_t, i = self.spec, rows.x, rows.i
         if s.sampler == "dpmpp_2m":
-            check_x0_prev(rows)
             _, x0 = self._dpmpp(x_t, model_output, i, rows.x0_prev, self.table, prediction=self.prediction,
                                 clip_denoised=s.clip_denoised, x_prev=x_t)
             self._advance(i)

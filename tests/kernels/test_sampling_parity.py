@@ -33,13 +33,15 @@ def engines():
     return engine_pair({"clip_sample": True})
 
 
-@pytest.mark.parametrize("sampler,eta,clip", [("ddpm", 0.0, True), ("ddpm", 0.0, False), ("ddim", 1.0, True),
-                                              ("ddim", 1.0, False), ("ddim", 0.0, False), ("ddim", 0.0, True)])
-def test_same_images(engines, sampler, eta, clip):
+@pytest.mark.parametrize("sampler,eta,clip,clipped_eps", [
+    ("ddpm", 0.0, True, None), ("ddpm", 0.0, False, None), ("ddim", 1.0, True, False), ("ddim", 1.0, True, True),
+    ("ddim", 1.0, False, None), ("ddim", 0.0, False, None), ("ddim", 0.0, True, False), ("ddim", 0.0, True, True),
+    ("dpmpp_2m", 0.0, False, None), ("dpmpp_2m", 0.0, True, None)])
+def test_same_images(engines, sampler, eta, clip, clipped_eps):
     ref, fused = engines
     seeds = [random.getrandbits(64) for _ in range(3)]
-    a = ref.sample(seeds, sampler=sampler, eta=eta, steps=25, clip_denoised=clip)
-    b = fused.sample(seeds, sampler=sampler, eta=eta, steps=25, clip_denoised=clip)
+    opts = dict(sampler=sampler, eta=eta, steps=25, clip_denoised=clip, use_clipped_model_output=clipped_eps)
+    a, b = ref.sample(seeds, **opts), fused.sample(seeds, **opts)
     assert (a - b).abs().max() <= 1e-4
 
 

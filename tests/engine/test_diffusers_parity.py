@@ -1,0 +1,125 @@
+"""The engine against diffusers' own scheduler loops, end to end: a model saved as diffusers saves
+it, loaded into the engine, sampled from the same x_T, gives diffusers' images. DDIM with x0
+clipping (both values of ``use_clipped_model_output``, and the scheduler config's default) and
+DPM-Solver++(2M) for each prediction type."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_engine import Engine
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (1, 8, 8)
+# An untrained network's chain is chaotic: diffusers' float32 cumprod of the alphas (ours is float64)
+# differs by ~1e-7 and grows along the chain, to ~3e-4 after 20 DDIM steps and ~0.1 after 50 here.
+# Ten steps keep that below 1e-4 while x0 clipping still changes the images completely.
+STEPS = 10
+
+
+def save_pipeline(folder, **scheduler):
+    torch.manual_seed(random.getrandbits(31))
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                 norm_num_groups=8).eval()
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler)).save_pretrained(folder)
+    return unet
+
+
+@torch.inference_mode()
+def diffusers_loop(unet, scheduler, x, steps, **step_kw):
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        out = unet(x, t.expand(x.shape[0])).sample
+        x = scheduler.step(out, t, x, **step_kw).prev_sample
+    return x.clamp(-1, 1)
+
+
+@pytest.fixture(scope="module")
+def clipped(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clipped")
+    unet = save_pipeline(folder, clip_sample=True)
+    engine = Engine.from_pretrained(folder, backend="torch", batching=False)
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    # diffusers takes the cumulative product of the alphas in float32, the engine in float64; give
+    # diffusers the float64 product rounded once, so the comparison is of the step rule alone
+    # (untrained chains are chaotic and would grow the ~1e-7 difference past the tolerance)
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - engine.scheduler.betas())).float()
+    return unet, scheduler, engine
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("use_clipped", [None, False, True])
+def test_ddim_with_clipping_gives_diffusers_images(clipped, use_clipped, eta):
+    """None: the scheduler config's default (False, as in diffusers' DDIMPipeline). With eta = 1
+    both sides step from the same x_t with the same noise (the engine's stream, passed to diffusers
+    as ``variance_noise``) at every kept timestep."""
+    unet, scheduler, engine = clipped
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    x_T = torch.randn(3, *SHAPE)
+    opts = dict(sampler="ddim", steps=STEPS, eta=eta, x_T=x_T)
+    if use_clipped is not None:
+        opts["use_clipped_model_output"] = use_clipped
+    if eta == 0.0:
+        ours = engine.sample(seeds, **opts)
+        theirs = diffusers_loop(unet, scheduler, x_T.clone(), STEPS, eta=0.0,
+                                use_clipped_model_output=bool(use_clipped))
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        return
+    # eta = 1: one step from the same x_t with the same noise, at every kept timestep
+    plan = engine.plan(**{k: v for k, v in opts.items() if k != "x_T"})
+    scheduler.set_timesteps(STEPS)
+    x = x_T.clone()
+    from ddpm_engine.noise import philox_normal, seed_words
+
+    words = seed_words(seeds)
+    rows = plan.start(seeds, x.clone())
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            noise = philox_normal(words, rows.i, x[0].numel()).reshape(x.shape)
+            out = unet(rows.x, t.expand(3)).sample
+            want = scheduler.step(out, t, rows.x, eta=1.0, use_clipped_model_output=bool(use_clipped),
+                                  variance_noise=noise).prev_sample
+            plan.step(rows, out)
+            assert (rows.x - want).abs().max().item() <= 1e-4, int(t)
+
+
+def test_clipping_really_happens_and_the_option_matters(clipped):
+    unet, scheduler, engine = clipped
+    x_T = torch.randn(2, *SHAPE)
+    a = engine.sample([1, 2], sampler="ddim", steps=STEPS, x_T=x_T, use_clipped_model_output=False)
+    b = engine.sample([1, 2], sampler="ddim", steps=STEPS, x_T=x_T, use_clipped_model_output=True)
+    assert (a - b).abs().max().item() > 1e-2  # x0 was clipped: the two rules give other images
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_gives_diffusers_images(tmp_path, prediction, steps):
+    unet = save_pipeline(tmp_path, prediction_type=prediction, clip_sample=True)  # DPM-Solver ignores clip_sample
+    engine = Engine.from_pretrained(tmp_path, backend="torch", batching=False)
+    # diffusers' DPMSolverMultistepScheduler with its own defaults (linspace spacing, ...) on the model's betas
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                      prediction_type=prediction)
+    x_T = torch.randn(2, *SHAPE)
+    ours = engine.sample([5, 6], sampler="dpmpp_2m", steps=steps, x_T=x_T)
+    theirs = diffusers_loop(unet, scheduler, x_T.clone(), steps)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_dpmpp_2m_rows_join_mid_run_and_graph_buckets(clipped):
+    """Each sample's multistep state rides in its rows: a server batch that rows join mid-run, and
+    the graph sampler's padded buckets (without capture), give each seed its lone image."""
+    _, _, engine = clipped
+    seeds = [random.getrandbits(64) for _ in range(5)]
+    alone = torch.cat([engine.sample([s], sampler="dpmpp_2m", steps=15) for s in seeds])
+    graphed = engine.graphed("dpmpp_2m", 15, max_batch=4, capture=False).run(seeds)
+    assert (graphed - alone).abs().max().item() <= 1e-4  # batch-size rounding, grown along an untrained chain
+    with engine.serve(mode="continuous", max_batch=8, max_wait_ms=0) as server:
+        first = server.submit(seeds[:2], sampler="dpmpp_2m", steps=15)
+        late = [server.submit([s], sampler="dpmpp_2m", steps=15) for s in seeds[2:]]
+        got = torch.cat([first.result(60)] + [f.result(60) for f in late])
+    assert (got - alone).abs().max().item() <= 1e-4
