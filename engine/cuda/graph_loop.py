@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
@@ -24,6 +25,7 @@ from . import driver as _driver
 
 SOURCE = CSRC / "graph_loop.cu"
 DEFAULT_ARCH = 90
+FATBIN_MAGIC = 0xBA55ED50
 
 
 class GraphLoop:
@@ -88,6 +90,27 @@ class GraphLoopLibrary:
 
 
 _loaded: dict = {}
+
+
+def embedded_device_code(path) -> list[tuple[str, int]]:
+    """The device code a built library carries, e.g. [("ptx", 90), ("sm", 90)]: "sm" is machine
+    code (a cubin) for that compute capability, "ptx" is PTX that newer GPUs JIT-compile. Read from
+    the fatbin container nvcc embeds (magic 0xBA55ED50; entries of kind 1 = PTX, 2 = cubin, with
+    the SM version at byte 28 of each entry's header)."""
+    data = Path(path).read_bytes()
+    entries, start = set(), 0
+    while (start := data.find(struct.pack("<I", FATBIN_MAGIC), start)) >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, start)
+        pos, end = start + header, min(start + header + size, len(data))
+        while pos + 32 <= end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
+            if kind in (1, 2):
+                entries.add(("ptx" if kind == 1 else "sm", struct.unpack_from("<I", data, pos + 28)[0]))
+            if entry_header == 0:
+                break
+            pos += entry_header + payload
+        start = max(end, start + 4)
+    return sorted(entries)
 
 
 def cuda_arch() -> int:

@@ -176,7 +176,7 @@ def test_graphs_import_is_cuda_free_and_construct_needs_cuda():
 
         eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cpu")
         with pytest.raises(BackendUnavailableError, match="CUDA"):
-            graphs.GraphedSampler(eng, "ddpm", 10)
+            eng.graphed("ddpm", 10)
 
 
 # ---- GPU: graph replay matches Engine.sample ---------------------------------------------------
