@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -346,7 +347,7 @@ def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None)
     def collect(out_dir: Path, log_path: Path) -> dict:
         junit = Path(out_dir) / "junit" / f"{name}.xml"
         data = parse_junit(junit) if junit.is_file() else parse_pytest_log(log_path)
-        data["command"] = " ".join(argv(out_dir)[1:])
+        data["command"] = shlex.join(argv(out_dir)[1:])
         return data
 
     return Section(name, budget_s, True, argv, collect)
@@ -393,7 +394,7 @@ def _child_env() -> dict:
 def _run(section: Section, out_dir: Path, timeout: float, log_path: Path) -> dict:
     t0 = time.perf_counter()
     argv = section.argv(out_dir)
-    record = {"budget_s": round(timeout, 1), "command": " ".join(map(str, argv))}
+    record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv))}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as logf:
         try:
