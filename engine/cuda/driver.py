@@ -27,6 +27,7 @@ this process already has mapped (torch's), so the process holds a single CUDA ru
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -112,7 +113,9 @@ def find_cudart() -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _version(cmd: str) -> str:
+    """``cmd --version``'s output (once per process): part of the build cache's key."""
     try:
         return subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:

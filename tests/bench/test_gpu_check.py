@@ -76,6 +76,13 @@ def test_cpu_smoke_run_of_the_real_sections(tmp_path):
     assert (out / "gpu_check.log").read_text().count("----- environment output -----") == 1
 
 
+def test_default_budgets_fit_in_eight_minutes():
+    sections = gpu_check.default_sections()
+    assert sum(s.budget_s for s in sections) <= gpu_check.TOTAL_BUDGET_S <= 8 * 60 - 30  # 30 s for the install
+    assert len({s.name for s in sections}) == len(sections)
+    assert all(s.needs_gpu for s in sections if s.name.startswith("tests_") or s.name == "timing")
+
+
 def test_parse_junit_and_a_cut_short_log(tmp_path):
     junit = tmp_path / "j.xml"
     junit.write_text(textwrap.dedent("""\
