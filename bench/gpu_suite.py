@@ -1,13 +1,18 @@
 """The GPU bench: parity, host time per step, latency, throughput, peers; one JSON per run.
 
-    python bench/gpu_suite.py                       # everything, writes bench/results/<date>-<gpu>.json
-    python bench/gpu_suite.py --quick               # fewer batches/steps, no peers (minutes)
-    python bench/gpu_suite.py --flops-only          # the model FLOP count only; runs on the CPU too
-    python bench/report.py bench/results/<file>.json   # markdown table + PNG plot
+    python -m bench.gpu_suite                       # everything, writes bench/results/<date>-<gpu>.json
+    python -m bench.gpu_suite --quick               # fewer batches/steps, no peers (minutes)
+    python -m bench.gpu_suite --flops-only          # the model FLOP count only; runs on the CPU too
+    python -m bench.report bench/results/<file>.json   # markdown table + PNG plot
 
 Needs a CUDA GPU (it exits with status 2 and a message otherwise, except --flops-only). All
 models have random weights except the bundled "digits" model (parity only); latency does not
-depend on the weights. fp32 runs with TF32 off, so fp32 means fp32.
+depend on the weights. fp32 runs with TF32 off, so fp32 means fp32. The CIFAR-10 UNet needs
+diffusers (see README, "GPU verification", for bringing it as a wheel).
+
+Every section (the models, the FLOP count, the matmul peak, parity, host time, latency,
+throughput, peers) runs on its own: one that fails records its error with the traceback under
+``errors`` and the rest still run; the JSON is rewritten after each section.
 
 What each key means:
 - parity: per (model, backend, precision): eps_rel_err = max |out - eager fp32| / max |eager fp32|
@@ -15,8 +20,8 @@ What each key means:
   same seeds against the eager fp32 run (PSNR over the [-1, 1] range, i.e. peak-to-peak 2).
 - host_us_per_step: wall time per step with a tiny model at batch 1 (the GPU work is a few µs,
   so this is the host's cost per step) for: python (Engine.sample's eager loop), python_graph
-  (engine.cuda.graphs replay loop in Python), c_driver (the C loop of cudaGraphLaunch), graph_loop
-  (one launch for the whole chain with a conditional WHILE node, where engine.cuda offers it).
+  (CUDA-graph replay from a Python loop, driver="python"), c_driver (the C loop of cuGraphLaunch,
+  driver="c"), graph_loop (one launch for the whole chain with a conditional WHILE node).
 - latency: seconds for one request (sampler, steps, batch) per backend/precision/driver.
 - throughput: images/s for full-length runs at large batches (best driver available).
 - peers: diffusers DDPMPipeline (fp32, fp16) and eager torch with torch.compile(mode="max-autotune").
@@ -30,30 +35,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import datetime
 import gc
 import importlib
-import importlib.util
-import json
 import math
 import platform
 import random
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from bench.gpu_timing import host_us_per_step as graph_host_us_per_step
+from bench.gpu_timing import sync_time
+from bench.sections import run_section
 
+RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("torch", "aoti", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 PARITY_TIMESTEPS = (999, 500, 100, 10, 0)
+GRAPH_DRIVERS = {"python_graph": "python", "c_driver": "c", "graph_loop": "graph_loop"}  # results name: driver
 
 
 # ---- helpers the GPU tests share (tests/gpu) ---------------------------------------------------
@@ -65,12 +68,11 @@ def cifar_loaded(seed: int = 0):
 
 
 def make_engine(loaded, backend: str, precision: str, device="cuda"):
-    """An Engine on its own copy of the module: TorchBackend moves and casts the module it is given
-    in place, so two engines at different precisions must not share one."""
+    """An Engine for ``loaded`` on ``device``. Engines can share one LoadedModel: every backend
+    works on its own copy of the module (TorchBackend deep-copies it before moving or casting)."""
     from ddpm_engine import Engine
 
-    return Engine(dataclasses.replace(loaded, module=copy.deepcopy(loaded.module)), backend=backend,
-                  device=device, precision=precision)
+    return Engine(loaded, backend=backend, device=device, precision=precision)
 
 
 def backend_precisions(name: str) -> tuple:
@@ -78,15 +80,20 @@ def backend_precisions(name: str) -> tuple:
 
 
 @contextlib.contextmanager
-def tf32_off():
-    """fp32 means fp32: no TF32 in matmuls or convolutions while inside."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def exact_fp32():
+    """fp32 means fp32, and a run repeats exactly: while inside, no TF32 in matmuls or cuDNN
+    convolutions, and cuDNN picks deterministic algorithms without autotuning (benchmark=False),
+    so results compared across batch sizes, drivers and runs differ only by real differences."""
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark")
+    old = [getattr(obj, name) for obj, name in flags]
+    for (obj, name), value in zip(flags, (False, False, True, False)):
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (obj, name), value in zip(flags, old):
+            setattr(obj, name, value)
 
 
 @torch.inference_mode()
@@ -110,19 +117,6 @@ def image_diff(images, reference) -> dict:
     return {"image_max_abs": diff.abs().max().item(),
             "psnr_db": math.inf if mse == 0 else 10 * math.log10(4.0 / mse),
             "finite": bool(torch.isfinite(images).all().item())}
-
-
-def sync_time(fn, reps: int = 3) -> float:
-    """Median wall seconds of fn() with a device sync after each call (one untimed warm call first)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def free():
@@ -172,15 +166,16 @@ def versions() -> dict:
 def parity_rows(models: dict, backends: list, seeds: list, notes: list, log) -> list:
     rows = []
     for model_name, loaded in models.items():
-        with tf32_off():
+        with exact_fp32():
             ref_engine = make_engine(loaded, "torch", "fp32")
             reference = ref_engine.backend
             ref_images = ref_engine.sample(seeds, sampler="ddpm")
             for name in backends:
                 for precision in backend_precisions(name):
+                    eng = None
                     try:
                         eng = make_engine(loaded, name, precision)
-                        row = {"model": model_name, "backend": name, "precision": precision, "driver": "python",
+                        row = {"model": model_name, "backend": name, "precision": precision, "driver": "eager",
                                "eps_rel_err": eps_rel_err(eng.backend, reference, loaded.sample_shape, "cuda")}
                         row.update(image_diff(eng.sample(seeds, sampler="ddpm"), ref_images))
                         if name == "torch" and precision == "fp32":
@@ -200,57 +195,45 @@ def parity_rows(models: dict, backends: list, seeds: list, notes: list, log) -> 
 
 
 def graph_image_diff(engine, seeds, ref_images) -> dict:
-    from ddpm_engine.cuda.graphs import GraphedSampler
-
-    gs = GraphedSampler(engine, "ddpm", engine.num_train_timesteps, max_batch=len(seeds))
-    return image_diff(gs.run(seeds, driver="c"), ref_images)
-
-
-def _graph_drivers() -> dict:
-    """{results name: engine.cuda.graphs driver name} for the graph drivers this checkout has."""
-    from ddpm_engine.cuda import graphs
-
-    names = {"python_graph": "python", "c_driver": "c", "graph_loop": "graph_loop"}
-    return {k: v for k, v in names.items() if v in graphs.DRIVERS}
+    return image_diff(engine.sample(seeds, sampler="ddpm", driver="c"), ref_images)
 
 
 def host_us_per_step(steps: int = 200) -> dict:
     """Per-step wall time with a tiny model at batch 1: the host's cost per step for each driver."""
     from ddpm_engine import Engine
-    from ddpm_engine.cuda.graphs import GraphedSampler
     from ddpm_engine.models import SeedUNet
 
     torch.manual_seed(0)
     eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cuda")
     seeds = [1]
     out = {"python": 1e6 * sync_time(lambda: eng.sample(seeds, sampler="ddim", steps=steps)) / steps}
-    gs = GraphedSampler(eng, "ddim", steps, max_batch=1)
-    for key, driver in _graph_drivers().items():
+    graphed = eng.graphed("ddim", steps, max_batch=1)
+    for key, driver in GRAPH_DRIVERS.items():
         try:
-            out[key] = 1e6 * sync_time(lambda d=driver: gs.run(seeds, driver=d)) / steps
+            res = graph_host_us_per_step(graphed, seeds, driver, reps=3)
+            out[key] = res["wall_us_per_step"]
+            if "enqueue_us_per_step" in res:
+                out[f"{key}_enqueue"] = res["enqueue_us_per_step"]
         except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
             out[key] = None
             out.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"
-    out.setdefault("graph_loop", None)
     return out
 
 
 def latency_rows(loaded, backends, configs, notes, log) -> list:
     """configs: [(sampler, steps, batches)]; one row per backend/precision/driver/batch/config."""
-    from ddpm_engine.cuda.graphs import GraphedSampler
-
     rows = []
-    drivers = _graph_drivers()
     for name in backends:
         for precision in backend_precisions(name):
+            eng = gs = None
             try:
                 eng = make_engine(loaded, name, precision)
                 for sampler, steps, batches in configs:
-                    gs = GraphedSampler(eng, sampler, steps, max_batch=max(batches))
+                    gs = eng.graphed(sampler, steps, max_batch=max(batches))
                     for b in batches:
                         seeds = list(range(1, b + 1))
                         runs = {"python": lambda: eng.sample(seeds, sampler=sampler, steps=steps)}
-                        runs.update({k: (lambda d=d: gs.run(seeds, driver=d)) for k, d in drivers.items()})
+                        runs.update({k: (lambda d=d: gs.run(seeds, driver=d)) for k, d in GRAPH_DRIVERS.items()})
                         for driver, fn in runs.items():
                             try:
                                 seconds = sync_time(fn)
@@ -274,17 +257,15 @@ def latency_rows(loaded, backends, configs, notes, log) -> list:
 
 
 def throughput_rows(loaded, backends, batches, steps, notes, log) -> list:
-    """images/s of a full DDPM run, replayed through the C driver (the Python replay loop if it is absent)."""
-    from ddpm_engine.cuda.graphs import GraphedSampler
-
-    drivers = _graph_drivers()
-    driver = "c" if "c_driver" in drivers else "python"
+    """images/s of a full DDPM run, replayed through the C driver."""
+    driver = "c"
     rows = []
     for name in backends:
         for precision in backend_precisions(name):
+            eng = gs = None
             try:
                 eng = make_engine(loaded, name, precision)
-                gs = GraphedSampler(eng, "ddpm", steps, max_batch=max(batches))
+                gs = eng.graphed("ddpm", steps, max_batch=max(batches))
                 for b in batches:
                     seeds = list(range(1, b + 1))
                     seconds = sync_time(lambda: gs.run(seeds, driver=driver), reps=1)
@@ -321,6 +302,7 @@ def peer_rows(loaded, batch, steps, notes, log) -> list:
     except Exception as exc:
         notes.append(f"peer diffusers failed: {type(exc).__name__}: {exc}")
         log(notes[-1])
+    eng = None
     try:
         eng = make_engine(loaded, "torch", "fp16")
         eng.backend.module = torch.compile(eng.backend.module, mode="max-autotune")
@@ -362,7 +344,7 @@ def main(argv=None) -> int:
         print(f"flops_per_image_step: {flops_per_image_step():.4g} (CIFAR-10 UNet, a multiply-add counts 2)")
         return 0
     if not torch.cuda.is_available():
-        print(f"bench/gpu_suite.py needs a CUDA GPU: torch {torch.__version__} sees none here "
+        print(f"python -m bench.gpu_suite needs a CUDA GPU: torch {torch.__version__} sees none here "
               f"(torch.version.cuda={torch.version.cuda}); run it on a GPU machine, or use "
               "`--flops-only` / the CPU benches in bench/test_bench_cpu.py", file=sys.stderr)
         return 2
@@ -370,13 +352,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    from ddpm_engine.backends import available
-
     notes = []
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-    backends = usable_backends(wanted)
-    for b in sorted(set(wanted) - set(backends)):
-        notes.append(f"backend {b} skipped: {available('cuda').get(b, 'unknown backend')}")
     batches = (1, 8) if args.quick else (1, 4, 16, 64)
     tput_batches = (16,) if args.quick else (16, 64, 256)
     tput_steps = 100 if args.quick else 1000
@@ -384,42 +361,58 @@ def main(argv=None) -> int:
     seeds = [random.getrandbits(64) for _ in range(4)]
 
     results = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-               "versions": versions(), "model": "DDPM CIFAR-10 UNet (35.7 M params, random weights), 3x32x32",
+               "model": "DDPM CIFAR-10 UNet (35.7 M params, random weights), 3x32x32",
                "seeds": [str(s) for s in seeds], "notes": notes}
-    cifar = cifar_loaded()
-    results["flops_per_image_step"] = flops_per_image_step(cifar)
-    results["matmul_peak_tflops"] = matmul_peak_tflops()
-    log(f"{results['device']}: {results['flops_per_image_step'] / 1e9:.2f} GFLOP/image-step, "
-        f"bf16 matmul peak {results['matmul_peak_tflops']:.1f} TFLOP/s; backends {backends}")
-    models = {"cifar10": cifar}
-    try:
+    out = Path(args.out) if args.out else RESULTS / f"{results['date']}-{gpu_slug()}.json"
+    log(f"{results['device']}: writing {out}")
+    models = {}
+
+    def cifar():
+        if "cifar10" not in models:
+            raise RuntimeError(f"the CIFAR-10 model is not loaded (see errors['models']: "
+                               f"{results.get('errors', {}).get('models', {}).get('error', 'unknown')})")
+        return models["cifar10"]
+
+    def load_models():
         from ddpm_engine.checkpoints import load
 
-        models["digits"] = load("digits")
-    except Exception as exc:
-        notes.append(f"digits model not loaded: {exc}")
-    sections = (
-        ("parity", lambda: parity_rows(models, backends, seeds, notes, log)),
-        ("host_us_per_step", lambda: host_us_per_step()),
-        ("latency", lambda: latency_rows(cifar, backends, configs, notes, log)),
-        ("throughput", lambda: throughput_rows(cifar, backends, tput_batches, tput_steps, notes, log)),
-    )
-    if not (args.quick or args.no_peers):
-        sections += (("peers", lambda: peer_rows(cifar, tput_batches[0], tput_steps, notes, log)),)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{results['date']}-{gpu_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for key, fn in sections:
         try:
-            results[key] = fn()
-        except Exception as exc:
-            notes.append(f"{key} failed: {type(exc).__name__}: {exc}")
-            log(traceback.format_exc())
-        out.write_text(json.dumps(results, indent=1, default=str))  # keep partial results
+            models["digits"] = load("digits")
+        except Exception as exc:  # the CIFAR model is the one the sections need
+            notes.append(f"digits model not loaded: {type(exc).__name__}: {exc}")
+        models["cifar10"] = cifar_loaded()
+        return sorted(models)
+
+    def usable():
+        from ddpm_engine.backends import available
+
+        names = usable_backends(wanted)
+        for b in sorted(set(wanted) - set(names)):
+            notes.append(f"backend {b} skipped: {available('cuda').get(b, 'unknown backend')}")
+        return names
+
+    sections = [
+        ("versions", versions),
+        ("backends", usable),
+        ("models", load_models),
+        ("flops_per_image_step", lambda: flops_per_image_step(cifar())),
+        ("matmul_peak_tflops", matmul_peak_tflops),
+        ("parity", lambda: parity_rows(models, results.get("backends") or [], seeds, notes, log)),
+        ("host_us_per_step", host_us_per_step),
+        ("latency", lambda: latency_rows(cifar(), results.get("backends") or [], configs, notes, log)),
+        ("throughput", lambda: throughput_rows(cifar(), results.get("backends") or [], tput_batches, tput_steps,
+                                               notes, log)),
+    ]
+    if not (args.quick or args.no_peers):
+        sections.append(("peers", lambda: peer_rows(cifar(), tput_batches[0], tput_steps, notes, log)))
+    for key, fn in sections:
+        log(f"section {key}")
+        run_section(results, key, fn, log, out)
+        free()
     log(f"wrote {out}")
     try:
-        spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-        report = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(report)
+        from bench import report
+
         md, png = report.write_report(out)
         log(f"wrote {md} and {png}")
     except ImportError as exc:

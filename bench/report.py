@@ -1,6 +1,6 @@
-"""Turn a bench results JSON (bench/gpu_suite.py writes them) into a markdown report and a plot.
+"""Turn a bench results JSON (python -m bench.gpu_suite writes them) into a markdown report and a plot.
 
-    python bench/report.py bench/results/2026-11-23-NVIDIA_H100.json   # writes .md and .png beside it
+    python -m bench.report bench/results/2026-11-23-NVIDIA_H100.json   # writes .md and .png beside it
 
 The markdown has the device and versions, the parity table, host time per step by driver, the
 latency and throughput tables (throughput with model FLOP utilisation when the FLOP count and the
@@ -144,7 +144,7 @@ def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="a results JSON written by bench/gpu_suite.py")
+    ap.add_argument("results", help="a results JSON written by python -m bench.gpu_suite")
     ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
     args = ap.parse_args(argv)
     md, png = write_report(args.results, args.out_dir)

@@ -47,17 +47,18 @@ def _mulhilo32(a: torch.Tensor, m: int):
     return hi, lo
 
 
-def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
-    """Raw Philox4x32 rounds on int64 tensors holding uint32 values (broadcasting)."""
-    k0 = torch.as_tensor(k0, dtype=torch.int64)
-    k1 = torch.as_tensor(k1, dtype=torch.int64)
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+    """Raw Philox4x32 rounds on int64 tensors holding uint32 values (broadcasting); the key words
+    k0, k1 are Python ints, so the key schedule is host arithmetic and nothing is copied to the
+    device (a host->device copy per round would sync, and is illegal during CUDA-graph capture)."""
+    k0, k1 = int(k0) & MASK32, int(k1) & MASK32
     for r in range(rounds):
         if r:
             k0 = (k0 + PHILOX_W0) & MASK32
             k1 = (k1 + PHILOX_W1) & MASK32
         hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0.to(c1.device), lo1, hi0 ^ c3 ^ k1.to(c3.device), lo0
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
 
 
@@ -98,7 +99,10 @@ def philox_normal(seed_words: torch.Tensor, step: torch.Tensor | int, numel: int
     device = seed_words.device
     B = seed_words.shape[0]
     element = torch.arange(numel, dtype=torch.int64, device=device).unsqueeze(0)  # [1, N]
-    step = torch.as_tensor(step, dtype=torch.int64, device=device).reshape(-1, 1) & MASK32  # [B or 1, 1]
+    if isinstance(step, torch.Tensor):
+        step = step.to(device=device, dtype=torch.int64).reshape(-1, 1) & MASK32  # [B or 1, 1]
+    else:  # a fill on the device, not a copy from the host
+        step = torch.full((1, 1), int(step) & MASK32, dtype=torch.int64, device=device)
     lo = seed_words[:, 0:1]
     hi = seed_words[:, 1:2]
     c0 = element.expand(B, numel)

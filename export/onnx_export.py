@@ -9,26 +9,23 @@ torch 2.13. It is deprecated in torch, so ``exporter="dynamo"`` is kept working 
 goes. It traces: Python control flow is frozen at the example batch of 2, which is why the graph
 is checked against ``export.iospec`` and the tests compare it with eager at batches 1 and 3.
 
-Cache: ``$DDPM_ENGINE_CACHE/onnx`` (default ``~/.cache/ddpm-engine/onnx``), one file per
-(weights hash, model structure, sample shape, opset, exporter, torch version). Files are written
-to a temporary name and renamed, so a crash never leaves a half file that a later run would reuse.
+Cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/onnx`` (default ``~/.cache/ddpm-engine/onnx``),
+one file per (weights hash, model structure, sample shape, opset, exporter, torch version). Files
+are written to a temporary name and renamed, so a crash never leaves a half file that a later run
+would reuse; a cached file ONNX Runtime cannot open is re-exported once (backends.onnxruntime_backend).
 The weights hash and sample shape go into the file's metadata_props (see ``export.iospec``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
-import json
-import os
-import re
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 
+from ddpm_engine import cache
 from ddpm_engine.errors import ExportError, InvalidRequestError, require
 
 from . import iospec
@@ -37,29 +34,14 @@ EXPORTERS = ("torchscript", "dynamo")
 EXAMPLE_BATCH = 2  # not 1, so the tracer cannot fold the batch size into the graph
 
 
-def cache_dir_default() -> Path:
-    root = os.environ.get("DDPM_ENGINE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ddpm-engine") / "onnx"
-
-
-def _structure(module: torch.nn.Module) -> str:
-    """What defines the function besides the weights: the layer tree and every ``config`` dict
-    (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift)."""
-    configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
-    return repr(module) + json.dumps(configs, sort_keys=True, default=str)
-
-
 def cache_key(loaded, opset: int, exporter: str) -> str:
-    parts = {"weights": loaded.weights_hash, "structure": _structure(loaded.module),
-             "sample_shape": list(loaded.sample_shape), "opset": opset, "exporter": exporter,
-             "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return cache.key({"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
+                      "sample_shape": list(loaded.sample_shape), "opset": opset, "exporter": exporter,
+                      "torch": torch.__version__})
 
 
 def cached_path(loaded, opset: int = iospec.DEFAULT_OPSET, exporter: str = "torchscript", cache_dir=None) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.name)[:40] or "model"
-    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    return folder / f"{name}-{cache_key(loaded, opset, exporter)[:24]}.onnx"
+    return cache.folder("onnx", cache_dir) / f"{cache.slug(loaded.name)}-{cache_key(loaded, opset, exporter)[:24]}.onnx"
 
 
 def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=None,
@@ -89,8 +71,7 @@ def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the ONNX graph of {loaded.name!r} fails onnx.checker: {exc}") from None
-    _write_atomically(path, model.SerializeToString())
-    return path
+    return cache.write_bytes(path, model.SerializeToString())
 
 
 def _fp32_cpu(module: torch.nn.Module) -> torch.nn.Module:
@@ -128,15 +109,3 @@ def _trace(module, sample_shape, opset: int, exporter: str):
                           f"try exporter={'dynamo' if exporter == 'torchscript' else 'torchscript'!r} "
                           "or backend='torch'") from exc
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -12,25 +12,22 @@ parity suite compares true fp32), "fp16" / "bf16" set the matching builder flag 
 pick the faster kernel per layer (the graph stays weakly typed: its inputs and outputs are
 float32 and int64, the precision is internal).
 
-Cache: ``$DDPM_ENGINE_CACHE/tensorrt`` (default ``~/.cache/ddpm-engine/tensorrt``): one
+Cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/tensorrt`` (default ``~/.cache/ddpm-engine/tensorrt``): one
 serialized engine per (ONNX file content - which holds the weights hash -, weights hash,
 TensorRT version, GPU name and compute capability, precision, profile), plus one timing cache
 per (TensorRT version, GPU) shared by all builds, so a rebuild at another precision or profile
-reuses the measured tactics. Files are written under a temporary name and renamed.
+reuses the measured tactics. Files are written under a temporary name and renamed; a plan that
+TensorRT cannot deserialize is rebuilt once (backends.tensorrt_backend).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ddpm_engine import cache
 from ddpm_engine.errors import BackendUnavailableError, ExportError, InvalidRequestError, require
 
 from . import iospec
@@ -59,11 +56,6 @@ def tensorrt():
     return require("tensorrt", "the tensorrt backend (a TensorRT 10 build for your CUDA version)")
 
 
-def cache_dir_default() -> Path:
-    root = os.environ.get("DDPM_ENGINE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ddpm-engine") / "tensorrt"
-
-
 def gpu_name(device) -> str:
     """'NVIDIA H100 80GB HBM3 sm90': the name and compute capability key the engine cache."""
     device = torch.device(device)
@@ -71,31 +63,23 @@ def gpu_name(device) -> str:
     return f"{props.name} sm{props.major}{props.minor}"
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:40]
-
-
 def cache_key(onnx_bytes: bytes, weights_hash: str, trt_version: str, gpu: str, precision: str,
               profile: Profile) -> str:
-    parts = {"onnx": hashlib.sha256(onnx_bytes).hexdigest(), "weights": weights_hash, "tensorrt": trt_version,
-             "gpu": gpu, "precision": precision, "profile": [profile.min, profile.opt, profile.max]}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return cache.key({"onnx": onnx_bytes, "weights": weights_hash, "tensorrt": trt_version, "gpu": gpu,
+                      "precision": precision, "profile": [profile.min, profile.opt, profile.max]})
 
 
 def build_engine(loaded, device, precision: str = "fp32", profile: Profile = DEFAULT_PROFILE,
                  cache_dir=None) -> Path:
     """Export ``loaded`` to ONNX (cached), build a TensorRT engine for ``device`` (cached) and
     return the path of the serialized engine (a ``.plan`` file)."""
+    plan, make = plan_builder(loaded, device, precision, profile, cache_dir)
+    return cache.build(plan, make)
+
+
+def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEFAULT_PROFILE, cache_dir=None):
+    """(the cached plan's path, ``make(out)`` that builds the engine into ``out``): for
+    ``cache.build`` / ``cache.load``; the ONNX export (cached too) happens here, the build in make."""
     if precision not in ("fp32", "fp16", "bf16"):
         raise InvalidRequestError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     trt = tensorrt()
@@ -105,18 +89,19 @@ def build_engine(loaded, device, precision: str = "fp32", profile: Profile = DEF
     onnx_path = export_onnx(loaded)
     onnx_bytes = onnx_path.read_bytes()
     gpu = gpu_name(device)
-    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
+    folder = cache.folder("tensorrt", cache_dir)
     key = cache_key(onnx_bytes, loaded.weights_hash, trt.__version__, gpu, precision, profile)
-    plan = folder / f"{_slug(loaded.name) or 'model'}-{precision}-{key[:24]}.plan"
-    if plan.is_file():
-        return plan
-    timing = folder / f"timing-{_slug(trt.__version__)}-{_slug(gpu)}.cache"
-    engine_bytes, timing_bytes = _build(trt, onnx_bytes, onnx_path, loaded.sample_shape, precision, profile,
-                                        timing.read_bytes() if timing.is_file() else b"")
-    _write_atomically(plan, engine_bytes)
-    if timing_bytes:
-        _write_atomically(timing, timing_bytes)
-    return plan
+    plan = folder / f"{cache.slug(loaded.name)}-{precision}-{key[:24]}.plan"
+    timing = folder / f"timing-{cache.slug(trt.__version__)}-{cache.slug(gpu)}.cache"
+
+    def make(out: Path) -> None:
+        engine_bytes, timing_bytes = _build(trt, onnx_bytes, onnx_path, loaded.sample_shape, precision, profile,
+                                            timing.read_bytes() if timing.is_file() else b"")
+        out.write_bytes(engine_bytes)
+        if timing_bytes:
+            cache.write_bytes(timing, timing_bytes)
+
+    return plan, make
 
 
 def _build(trt, onnx_bytes: bytes, onnx_path: Path, sample_shape, precision: str, profile: Profile,

@@ -3,32 +3,31 @@ into a ``.pt2`` package by ``torch._inductor.aoti_compile_and_package``, then ru
 ``torch._inductor.aoti_load_package`` - generated C++/Triton code, no Python per layer.
 
 The package holds the model at the requested precision behind a float32 in / float32 out
-wrapper, so the graph matches the backend contract. It is cached on disk at
+wrapper, so the graph matches the backend contract. It is cached on disk (``ddpm_engine.cache``) at
 ``$DDPM_ENGINE_CACHE/aoti`` (default ``~/.cache/ddpm-engine/aoti``), one file per (weights hash,
 model structure, sample shape, precision, torch version, device: GPU name and capability, or the
 CPU's ISA level, and the TF32 settings, which Inductor bakes in). A build takes seconds on a small
-model and minutes on the CIFAR-10 UNet; later engines load the file.
+model and minutes on the CIFAR-10 UNet; later engines load the file (one that fails to load is
+rebuilt once). The package is loaded with ``run_single_threaded=True`` (see ``load_package``),
+so a call can be captured in a CUDA graph.
 
 CUDA: UNVERIFIED here (this project's CI has no GPU); the GPU parity suite (tests/gpu) checks
 it. The compiled model runs on the current torch stream. CPU: works with torch 2.13 and a C++
-compiler, see tests/test_aoti_cpu.py.
+compiler, see tests/engine/backends/test_aoti_backend.py.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import re
+import inspect
 import threading
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import cache
 from ..errors import ExportError, InvalidRequestError
 from .base import Backend, parse_precision
 
@@ -48,11 +47,6 @@ class _Float32IO(nn.Module):
         return self.module(x.to(self.dtype), t).float()
 
 
-def cache_dir_default() -> Path:
-    root = os.environ.get("DDPM_ENGINE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ddpm-engine") / "aoti"
-
-
 def device_key(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -62,48 +56,51 @@ def device_key(device) -> str:
     return f"cpu {torch.backends.cpu.get_cpu_capability()}"
 
 
-def _structure(module: nn.Module) -> str:
-    configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
-    return repr(module) + json.dumps(configs, sort_keys=True, default=str)
-
-
 def cached_path(loaded, device, precision: str, cache_dir=None) -> Path:
-    parts = {"weights": loaded.weights_hash, "structure": _structure(loaded.module),
+    parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
              "sample_shape": list(loaded.sample_shape), "precision": precision, "torch": torch.__version__,
              "device": device_key(device)}
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.name)[:40] or "model"
-    folder = Path(cache_dir) if cache_dir is not None else cache_dir_default()
-    return folder / f"{name}-{precision}-{torch.device(device).type}-{key[:24]}.pt2"
+    name = f"{cache.slug(loaded.name)}-{precision}-{torch.device(device).type}-{cache.key(parts)[:24]}.pt2"
+    return cache.folder("aoti", cache_dir) / name
 
 
 def compile_package(loaded, device, precision: str = "fp32", cache_dir=None) -> Path:
     """Export and AOT-compile ``loaded`` for ``device`` at ``precision``; the .pt2's path (cached)."""
-    dtype = parse_precision(precision)
+    parse_precision(precision)
     device = torch.device(device)
-    path = cached_path(loaded, device, precision, cache_dir)
-    if path.is_file():
-        return path
+    return cache.build(cached_path(loaded, device, precision, cache_dir),
+                       lambda tmp: _compile(loaded, device, precision, tmp))
+
+
+def _compile(loaded, device: torch.device, precision: str, out: Path) -> None:
+    dtype = parse_precision(precision)
     module = copy.deepcopy(loaded.module).to(device=device, dtype=dtype).eval()
     wrapped = _Float32IO(module, dtype).eval()
     x = torch.randn(EXAMPLE_BATCH, *loaded.sample_shape, device=device)
     t = torch.randint(0, 1000, (EXAMPLE_BATCH,), dtype=torch.int64, device=device)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.pt2")
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.export(wrapped, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-        os.replace(tmp, path)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(out))
     except Exception as exc:  # export and Inductor raise many unrelated types for an unsupported model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"AOTInductor could not compile {loaded.name!r} for {device} at {precision}: "
                           f"{type(exc).__name__}: {first}; use backend='torch'") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+
+def load_package(path):
+    """``aoti_load_package`` with ``run_single_threaded=True`` where torch has the keyword: with
+    False, AOTI's runtime keeps a pool of model instances and queries a CUDA event
+    (cudaEventQuery) on every call to find a free one, which is illegal while a CUDA graph is
+    being captured. Calls are serialised by the backend's lock anyway."""
+    kw = {}
+    if "run_single_threaded" in inspect.signature(torch._inductor.aoti_load_package).parameters:
+        kw["run_single_threaded"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch._inductor.aoti_load_package(str(path), **kw)
 
 
 class AOTIBackend(Backend):
@@ -113,9 +110,7 @@ class AOTIBackend(Backend):
         super().__init__(device, precision)
         self.path = Path(package_path)
         self.sample_shape = tuple(sample_shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.runner = torch._inductor.aoti_load_package(str(self.path))
+        self.runner = load_package(self.path)
         self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -148,4 +143,7 @@ def create(loaded, device, precision) -> AOTIBackend:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return AOTIBackend(compile_package(loaded, device, precision), device, precision, loaded.sample_shape)
+    parse_precision(precision)
+    # a cached package that does not load (truncated, or from an incompatible build) is rebuilt once
+    return cache.load(cached_path(loaded, device, precision), lambda tmp: _compile(loaded, device, precision, tmp),
+                      lambda path: AOTIBackend(path, device, precision, loaded.sample_shape))

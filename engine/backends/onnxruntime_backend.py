@@ -9,7 +9,8 @@ CUDA (UNVERIFIED: written against ORT's documented Python API - ``io_binding``,
 ``disable_synchronize_execution_providers`` run option - but never run, as this project's CI has
 no GPU; needs ``onnxruntime-gpu``): inputs and the output are torch CUDA tensors bound by pointer,
 and ORT runs on the torch stream that was current when the session was made, so there is neither
-a copy nor a host sync per call. Calling from another torch stream later is not supported.
+a copy nor a host sync per call. Calling from another torch stream later is not supported, which
+is why this backend is not ``graph_capturable`` (CUDA graphs capture on a side stream).
 
 Only fp32: the graph is exported in fp32 and no fp16 conversion is done here.
 """
@@ -23,6 +24,7 @@ import torch
 
 from ddpm_engine.export import iospec
 
+from .. import cache
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
 
@@ -45,6 +47,11 @@ def _check_precision(precision: str) -> None:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    graph_capturable = False
+    graph_capture_refusal = ("ONNX Runtime's CUDA provider runs on the stream fixed when its session was made "
+                             "(user_compute_stream), but a CUDA graph is captured on a side stream, so its work "
+                             "would not be recorded; use driver='eager', or backend='torch', 'aoti' or 'tensorrt' "
+                             "for CUDA graphs")
 
     def __init__(self, onnx_path, device="cpu", precision: str = "fp32", expected_hash: str | None = None,
                  expected_shape=None):
@@ -149,11 +156,13 @@ def unavailable_reason(device) -> str | None:
 
 
 def create(loaded, device, precision) -> OnnxRuntimeBackend:
-    """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it."""
+    """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it; a
+    cached file that does not open as this model's graph is re-exported once."""
     _check_precision(precision)  # before the export, which can take seconds
     require("onnx", "the onnxruntime backend (ONNX export)")
-    from ddpm_engine.export.onnx_export import export_onnx
+    from ddpm_engine.export.onnx_export import cached_path, export_onnx
 
-    path = export_onnx(loaded)
-    return OnnxRuntimeBackend(path, device, precision, expected_hash=loaded.weights_hash,
-                              expected_shape=loaded.sample_shape)
+    return cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
+                      lambda path: OnnxRuntimeBackend(path, device, precision, expected_hash=loaded.weights_hash,
+                                                      expected_shape=loaded.sample_shape),
+                      corrupt=(ModelLoadError,))

@@ -20,6 +20,7 @@ import torch
 
 from ddpm_engine.export import iospec
 
+from .. import cache
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
 
@@ -98,11 +99,13 @@ def unavailable_reason(device) -> str | None:
 
 def create(loaded, device, precision, profile=None) -> TensorRTBackend:
     """Build (or reuse the cached) engine for ``loaded`` on ``device`` and open it."""
-    from ddpm_engine.export.tensorrt_build import DEFAULT_PROFILE, build_engine
+    from ddpm_engine.export.tensorrt_build import DEFAULT_PROFILE, plan_builder
 
     profile = DEFAULT_PROFILE if profile is None else profile
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    plan = build_engine(loaded, device, precision, profile)
-    return TensorRTBackend(plan, device, precision, loaded.sample_shape, profile)
+    plan, make = plan_builder(loaded, device, precision, profile)
+    # a plan TensorRT cannot deserialize (another TensorRT version, a truncated file) is rebuilt once
+    return cache.load(plan, make, lambda path: TensorRTBackend(path, device, precision, loaded.sample_shape, profile),
+                      corrupt=(ModelLoadError,))

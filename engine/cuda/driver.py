@@ -1,54 +1,56 @@
-"""Build and load the C driver loop (kernels/csrc/graph_driver.c) with ctypes.
+"""Build and load the C driver loop (kernels/csrc/graph_driver.c) with ctypes; the build helpers
+the graph loop (graph_loop.py) shares.
 
-``build_driver()`` compiles the C source into a shared library in a cache folder
-($DDPM_ENGINE_CACHE/driver, else ~/.cache/ddpm-engine/driver), keyed by the sha256 of the
-source, the compiler's version and the link flags, so a second call reuses the file and an
-edited source gets a new one. The file is written under a temporary name and renamed, so two
-processes building at once never load a half-written library.
+``build_driver()`` compiles the C source into a shared library in the cache
+(``ddpm_engine.cache``, folder ``driver``: $DDPM_ENGINE_CACHE/driver, else
+~/.cache/ddpm-engine/driver), keyed by the source, the compiler's version and the command, so a
+second call reuses the file and an edited source gets a new one; the file is written under a
+temporary name and renamed, and a cached library that does not load is rebuilt once.
 
 ``load_driver()`` returns a ``GraphDriver``: ``replay(graph_exec, stream, steps)`` launches a
 captured cudaGraphExec_t ``steps`` times and synchronises once; a CUDA failure raises
 ``CudaError`` (a ``BackendUnavailableError``) carrying CUDA's own message and code.
 
-Build command (nvcc found):
-    nvcc -shared -Xcompiler -fPIC -O2 -o <lib> graph_driver.c -L<cuda>/lib64 -lcudart -Xlinker -rpath,<cuda>/lib64
-or, without nvcc but with the CUDA headers and libcudart:
-    cc -shared -fPIC -O2 -I<cuda>/include -o <lib> graph_driver.c -L<cuda>/lib64 -lcudart -Wl,-rpath,<cuda>/lib64
-``cudart=`` (or $DDPM_CUDART) links a specific libcudart.so instead, e.g. the one bundled with
-torch's CUDA wheels, so the process holds a single CUDA runtime.
+Why the driver API: the C loop calls ``cuGraphLaunch`` from ``libcuda.so.1``, opened at run time
+with dlopen ($DDPM_LIBCUDA names another file), instead of linking the CUDA runtime. A
+pip-installed CUDA (torch's wheels) has ``libcudart.so.13`` but not the ``libcudart.so`` that
+``-lcudart`` needs, whereas libcuda.so.1 comes with the NVIDIA driver wherever there is a GPU;
+the runtime's handles are the driver's, so torch's graph exec and stream pass through as they
+are; and the library needs no CUDA headers, so it builds with any C compiler:
+
+    cc -shared -fPIC -O2 -o <lib> graph_driver.c -ldl        (nvcc as the compiler if there is no cc)
+
+The graph loop (CUDA C++ with kernels) needs the runtime; ``find_cudart()`` picks the libcudart
+this process already has mapped (torch's), so the process holds a single CUDA runtime.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import functools
 import os
+import re
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
+from .. import cache
 from ..errors import BackendUnavailableError
 from ..kernels import CSRC
 
 SOURCE = CSRC / "graph_driver.c"
 ERRLEN = 1024
+NO_LIBCUDA = -1  # graph_driver.c's code for "the CUDA driver library could not be opened"
+CACHE_KIND = "driver"
 
 
 class CudaError(BackendUnavailableError):
-    """A CUDA runtime call in the C driver failed; ``code`` is the cudaError_t, the message CUDA's."""
+    """A CUDA call in a compiled driver failed; ``code`` is CUDA's error code, the message CUDA's."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
-
-
-def driver_cache_dir(cache_dir=None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    root = os.environ.get("DDPM_ENGINE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ddpm-engine") / "driver"
 
 
 def cuda_home() -> Path | None:
@@ -76,107 +78,134 @@ def _find_nvcc(home: Path | None) -> str | None:
     return None
 
 
-def _lib_dir(home: Path) -> Path:
+_CUDART_NAME = re.compile(r"libcudart\.so(\.\d+)*$")
+
+
+def mapped_cudart(maps: Path = Path("/proc/self/maps")) -> Path | None:
+    """The libcudart.so* file this process has mapped (torch's, once torch's CUDA build is
+    imported), or None."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if _CUDART_NAME.search(Path(path).name):
+            return Path(path)
+    return None
+
+
+def find_cudart() -> Path | None:
+    """The libcudart to link the graph loop against: $DDPM_CUDART, else the one this process has
+    mapped, else the toolkit's versioned file (libcudart.so.13, not the unversioned dev link)."""
+    if os.environ.get("DDPM_CUDART"):
+        return Path(os.environ["DDPM_CUDART"])
+    mapped = mapped_cudart()
+    if mapped is not None:
+        return mapped
+    home = cuda_home()
+    if home is None:
+        return None
     for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-        if list((home / sub).glob("libcudart.so*")):
-            return home / sub
-    return home / "lib64"
+        found = sorted(p for p in (home / sub).glob("libcudart.so.*") if re.fullmatch(r"libcudart\.so\.\d+", p.name))
+        if found:
+            return found[-1]
+    return None
 
 
+@functools.lru_cache(maxsize=None)
 def _version(cmd: str) -> str:
+    """``cmd --version``'s output (once per process): part of the build cache's key."""
     try:
         return subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
         raise BackendUnavailableError(f"could not run '{cmd} --version' to key the driver cache: {exc}") from None
 
 
-def _command(source: Path, out: Path, cudart: str | None) -> tuple[list[str], str]:
-    """(compile command with '{out}' for the output, compiler version) or BackendUnavailableError."""
-    home = cuda_home()
-    nvcc = _find_nvcc(home)
-    if cudart is not None:
-        cudart = str(Path(cudart).resolve())
-        if not Path(cudart).exists():
-            raise BackendUnavailableError(f"the libcudart given to link against does not exist: {cudart}")
-        link = [f"-L{Path(cudart).parent}", f"-Wl,-l:{Path(cudart).name}", f"-Wl,-rpath,{Path(cudart).parent}"]
-    elif home is not None:
-        lib = _lib_dir(home)
-        link = [f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"]
-    else:
-        link = None
-    if nvcc is not None:
-        if link is None:
-            link = ["-lcudart"]
-        nvlink = [a if not a.startswith("-Wl,") else "-Xlinker=" + a[4:] for a in link]
-        cmd = [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-o", str(out), str(source), *nvlink]
-        return cmd, _version(nvcc)
-    if home is None or not (home / "include" / "cuda_runtime_api.h").exists():
-        raise BackendUnavailableError(
-            "the C graph driver needs the CUDA toolkit to build: no nvcc on PATH and no CUDA headers "
-            "(cuda_runtime_api.h) under $CUDA_HOME or /usr/local/cuda; install the CUDA toolkit or set CUDA_HOME")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _c_compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or _find_nvcc(cuda_home())
     if cc is None:
-        raise BackendUnavailableError("the C graph driver needs nvcc or a C compiler (cc/gcc); neither was found")
-    cmd = [cc, "-shared", "-fPIC", "-O2", f"-I{home / 'include'}", "-o", str(out), str(source), *link]
-    return cmd, _version(cc)
+        raise BackendUnavailableError("the C graph driver needs a C compiler (cc, gcc or nvcc); none was found")
+    return cc
+
+
+def library(source: Path, command, cache_dir=None, what: str = "the C graph driver"):
+    """(the cached library's path, ``make(out)`` that compiles it into ``out``) for ``source`` built
+    with ``command(out_path) -> argv``, keyed by (source, compiler version, command). Build
+    failures raise BackendUnavailableError."""
+    source = Path(source)
+    if not source.exists():
+        raise BackendUnavailableError(f"the source of {what} is missing: {source}")
+    placeholder = "OUT.so"
+    argv = command(placeholder)
+    parts = {"source": source.read_bytes(), "compiler": _version(argv[0]),
+             "command": [a for a in argv[1:] if a not in (placeholder, str(source))]}
+    target = cache.folder(CACHE_KIND, cache_dir) / f"{source.stem}-{cache.key(parts)[:16]}.so"
+
+    def make(out: Path) -> None:
+        cmd = [str(out) if a == placeholder else a for a in argv]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BackendUnavailableError(f"building {what} failed: {' '.join(cmd)}: {exc}") from None
+        if proc.returncode != 0:
+            raise BackendUnavailableError(f"building {what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                                          f"{proc.stderr.strip() or proc.stdout.strip()}")
+
+    return target, make
 
 
 _build_lock = threading.Lock()
 
 
-def build_driver(cache_dir=None, *, source=None, cudart=None) -> Path:
-    """Compile the C driver (once per source + compiler + link flags) and return the library's path."""
-    folder = driver_cache_dir(cache_dir)
-    source = Path(source) if source is not None else SOURCE
-    if not source.exists():
-        raise BackendUnavailableError(f"the C graph driver source is missing: {source}")
-    cudart = cudart if cudart is not None else os.environ.get("DDPM_CUDART") or None
-    src = source.read_bytes()
-    placeholder = folder / "OUT.so"
-    cmd, version = _command(source, placeholder, cudart)
-    key = hashlib.sha256()
-    for part in (src, version.encode(), " ".join(cmd[:1] + cmd[2:]).replace(str(source), "").encode()):
-        key.update(part)
-        key.update(b"\0")
-    target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+def build(lib) -> Path:
+    """Compile a ``library(...)`` into the cache if absent; its path."""
     with _build_lock:
-        if target.exists():
-            return target
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so", dir=folder)
-        os.close(fd)
-        cmd = [tmp if a == str(placeholder) else a for a in cmd]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise BackendUnavailableError(
-                    f"building the C graph driver failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                    f"{proc.stderr.strip() or proc.stdout.strip()}")
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise BackendUnavailableError(f"building the C graph driver failed: {' '.join(cmd)}: {exc}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return target
+        return cache.build(*lib)
+
+
+def load(lib, open_, loaded: dict):
+    """``open_(path)`` of a ``library(...)``, built if absent and rebuilt once if the cached file does
+    not load; memoised in ``loaded`` per path."""
+    target, make = lib
+    with _build_lock:
+        if target not in loaded:
+            loaded[target] = cache.load(target, make, open_, corrupt=(BackendUnavailableError,))
+        return loaded[target]
+
+
+def _driver_library(cache_dir=None, source=None):
+    source = Path(source) if source is not None else SOURCE
+    cc = _c_compiler()
+    flags = ["-shared", "-Xcompiler", "-fPIC", "-O2"] if Path(cc).name == "nvcc" else ["-shared", "-fPIC", "-O2"]
+    return library(source, lambda out: [cc, *flags, "-o", out, str(source), "-ldl"], cache_dir)
+
+
+def build_driver(cache_dir=None, *, source=None) -> Path:
+    """Compile the C driver (once per source + compiler + command) and return the library's path."""
+    return build(_driver_library(cache_dir, source))
 
 
 class GraphDriver:
-    """ctypes front of the compiled driver; every call raises CudaError on a CUDA failure."""
+    """ctypes front of the compiled driver; every call raises CudaError on a CUDA failure. The CUDA
+    driver library (``libcuda``: a path, else $DDPM_LIBCUDA, else libcuda.so.1) is opened on first
+    use, so a driver builds and loads on a machine without one and says so when called."""
 
-    def __init__(self, path):
+    def __init__(self, path, libcuda: str | None = None):
         self.path = Path(path)
+        self.libcuda = libcuda or os.environ.get("DDPM_LIBCUDA") or "libcuda.so.1"
         try:
             lib = ctypes.CDLL(str(self.path))
         except OSError as exc:
             raise BackendUnavailableError(f"could not load the C graph driver {self.path}: {exc}") from None
-        lib.ddpm_graph_replay.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.ddpm_graph_replay.restype = ctypes.c_int
-        lib.ddpm_driver_version.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
-        lib.ddpm_driver_version.restype = ctypes.c_int
-        lib.ddpm_device_count.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
-        lib.ddpm_device_count.restype = ctypes.c_int
+        vp, cp, ci, pi = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+        lib.ddpm_driver_open.argtypes, lib.ddpm_driver_open.restype = [cp, cp, ci], ci
+        lib.ddpm_graph_replay.argtypes, lib.ddpm_graph_replay.restype = [vp, vp, ci, cp, ci], ci
+        lib.ddpm_driver_version.argtypes, lib.ddpm_driver_version.restype = [pi, cp, ci], ci
+        lib.ddpm_device_count.argtypes, lib.ddpm_device_count.restype = [pi, cp, ci], ci
         self._lib = lib
+        self._opened = False
+        self._open_lock = threading.Lock()
 
     @staticmethod
     def _check(code: int, err, what: str):
@@ -184,39 +213,51 @@ class GraphDriver:
             msg = err.value.decode(errors="replace") or f"CUDA error {code}"
             raise CudaError(f"{what}: {msg}", code)
 
+    def _open(self):
+        if not self._opened:
+            with self._open_lock:
+                err = ctypes.create_string_buffer(ERRLEN)
+                self._check(self._lib.ddpm_driver_open(self.libcuda.encode(), err, ERRLEN), err, "opening the CUDA driver")
+                self._opened = True
+        return self._lib
+
     def replay(self, graph_exec_ptr: int, stream_ptr: int, steps: int) -> None:
         """Launch the cudaGraphExec_t ``graph_exec_ptr`` ``steps`` times on ``stream_ptr``; sync once."""
         if not graph_exec_ptr:
             raise CudaError("graph replay: the graph exec handle is 0 (graph not instantiated?)", 1)
+        lib = self._open()
         err = ctypes.create_string_buffer(ERRLEN)
-        code = self._lib.ddpm_graph_replay(ctypes.c_void_p(int(graph_exec_ptr)), ctypes.c_void_p(int(stream_ptr)),
-                                           int(steps), err, ERRLEN)
+        code = lib.ddpm_graph_replay(ctypes.c_void_p(int(graph_exec_ptr)), ctypes.c_void_p(int(stream_ptr)),
+                                     int(steps), err, ERRLEN)
         self._check(code, err, "graph replay")
 
-    def runtime_version(self) -> int:
-        """CUDA runtime version the library runs against, e.g. 13000 for 13.0 (needs no GPU)."""
+    def driver_version(self) -> int:
+        """The installed CUDA driver's version (cuDriverGetVersion), e.g. 13000 for 13.0; needs no GPU,
+        but the driver library (raises CudaError without it)."""
         v = ctypes.c_int(0)
         err = ctypes.create_string_buffer(ERRLEN)
-        self._check(self._lib.ddpm_driver_version(ctypes.byref(v), err, ERRLEN), err, "cudaRuntimeGetVersion")
+        self._check(self._open().ddpm_driver_version(ctypes.byref(v), err, ERRLEN), err, "cuDriverGetVersion")
         return v.value
 
     def device_count(self) -> int:
         """Number of CUDA devices; without a GPU/driver, raises CudaError with CUDA's message."""
         n = ctypes.c_int(0)
         err = ctypes.create_string_buffer(ERRLEN)
-        self._check(self._lib.ddpm_device_count(ctypes.byref(n), err, ERRLEN), err, "cudaGetDeviceCount")
+        self._check(self._open().ddpm_device_count(ctypes.byref(n), err, ERRLEN), err, "cuDeviceGetCount")
         return n.value
 
     def __repr__(self):
-        return f"GraphDriver({self.path})"
+        return f"GraphDriver({self.path}, libcuda={self.libcuda})"
 
 
 _loaded: dict[Path, GraphDriver] = {}
 
 
-def load_driver(path=None, **build_kw) -> GraphDriver:
-    """Build (if needed) and load the driver; the loaded library is cached per path."""
-    path = Path(path) if path is not None else build_driver(**build_kw)
+def load_driver(path=None, *, cache_dir=None, source=None) -> GraphDriver:
+    """The loaded driver at ``path``, or built (if needed) into the cache; loaded once per path."""
+    if path is None:
+        return load(_driver_library(cache_dir, source), GraphDriver, _loaded)
+    path = Path(path)
     with _build_lock:
         if path not in _loaded:
             _loaded[path] = GraphDriver(path)

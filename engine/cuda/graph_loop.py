@@ -1,19 +1,22 @@
 """The whole reverse chain as one graph launch: kernels/csrc/graph_loop.cu, loaded with ctypes.
 
 ``load_graph_loop()`` builds the CUDA source with nvcc (cached like the C driver, see
-engine/cuda/driver.py) and returns a ``GraphLoopLibrary``; ``lib.create(step_graph_ptr)`` wraps a
-captured step's cudaGraph_t (``torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph()``) in a
+engine/cuda/driver.py; real sm_XX code for this GPU, default sm_90, plus its PTX; linked against
+the libcudart this process already has, ``driver.find_cudart``) and returns a
+``GraphLoopLibrary``; ``lib.create(step_graph_ptr)`` wraps a captured step's cudaGraph_t (``torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph()``) in a
 conditional WHILE node and returns a ``GraphLoop`` whose ``run(stream_ptr, steps)`` launches the
 chain once and synchronises once. Needs CUDA >= 12.4 (conditional nodes) at build and run time.
 
 UNVERIFIED on a GPU (this project's CI has nvcc but no GPU): it builds and loads there, and its
-argument checks answer without a device; tests/gpu and tests/test_cuda_driver.py's GPU cases
+argument checks answer without a device; tests/gpu and tests/engine/cuda/test_driver.py's GPU cases
 compare its images with the Python replay loop's where a GPU is present.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
@@ -21,6 +24,8 @@ from ..kernels import CSRC
 from . import driver as _driver
 
 SOURCE = CSRC / "graph_loop.cu"
+DEFAULT_ARCH = 90
+FATBIN_MAGIC = 0xBA55ED50
 
 
 class GraphLoop:
@@ -87,15 +92,79 @@ class GraphLoopLibrary:
 _loaded: dict = {}
 
 
-def build_graph_loop(cache_dir=None, source=None) -> Path:
+def embedded_device_code(path) -> list[tuple[str, int]]:
+    """The device code a built library carries, e.g. [("ptx", 90), ("sm", 90)]: "sm" is machine
+    code (a cubin) for that compute capability, "ptx" is PTX that newer GPUs JIT-compile. Read from
+    the fatbin container nvcc embeds (magic 0xBA55ED50; entries of kind 1 = PTX, 2 = cubin, with
+    the SM version at byte 28 of each entry's header)."""
+    data = Path(path).read_bytes()
+    entries, start = set(), 0
+    while (start := data.find(struct.pack("<I", FATBIN_MAGIC), start)) >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, start)
+        pos, end = start + header, min(start + header + size, len(data))
+        while pos + 32 <= end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
+            if kind in (1, 2):
+                entries.add(("ptx" if kind == 1 else "sm", struct.unpack_from("<I", data, pos + 28)[0]))
+            if entry_header == 0:
+                break
+            pos += entry_header + payload
+        start = max(end, start + 4)
+    return sorted(entries)
+
+
+def cuda_arch() -> int:
+    """The SM version to build real code for: $DDPM_CUDA_ARCH (e.g. 90), else the current GPU's
+    compute capability, else 90 (H100)."""
+    if os.environ.get("DDPM_CUDA_ARCH"):
+        return int(os.environ["DDPM_CUDA_ARCH"])
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return 10 * major + minor
+    except Exception:  # no torch CUDA build or no device: the default below
+        pass
+    return DEFAULT_ARCH
+
+
+def nvcc_command(out: str, source: Path, arch: int, cudart: Path) -> list[str]:
+    """nvcc command line: sm_<arch> machine code plus compute_<arch> PTX (JIT-compiled by newer
+    GPUs), linked against the given libcudart file by its exact name (-cudart none: no static
+    runtime, no -lcudart, which needs the unversioned libcudart.so a pip-installed CUDA lacks)."""
+    nvcc = _driver._find_nvcc(_driver.cuda_home())
+    return [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-cudart", "none",
+            "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-gencode", f"arch=compute_{arch},code=compute_{arch}",
+            "-o", out, str(source), f"-L{cudart.parent}", f"-l:{cudart.name}", "-Xlinker", f"-rpath,{cudart.parent}"]
+
+
+def _library(cache_dir=None, source=None, arch=None, cudart=None):
     if _driver._find_nvcc(_driver.cuda_home()) is None:
         raise BackendUnavailableError("the one-launch graph loop (driver='graph_loop') is CUDA C++ and needs nvcc "
                                       "to build; install the CUDA toolkit or use driver='c'")
-    return _driver.build_driver(cache_dir, source=source if source is not None else SOURCE)
+    cudart = Path(cudart) if cudart is not None else _driver.find_cudart()
+    if cudart is None or not cudart.exists():
+        raise BackendUnavailableError(f"the graph loop links the CUDA runtime, but no libcudart was found "
+                                      f"({cudart or 'none mapped, none in the toolkit'}); set DDPM_CUDART to "
+                                      "torch's libcudart.so.* (see /proc/self/maps)")
+    source = Path(source) if source is not None else SOURCE
+    arch = int(arch) if arch is not None else cuda_arch()
+    return _driver.library(source, lambda out: nvcc_command(out, source, arch, cudart), cache_dir,
+                           what="the graph loop")
+
+
+def build_graph_loop(cache_dir=None, source=None, arch=None, cudart=None) -> Path:
+    """Compile graph_loop.cu for ``arch`` (default ``cuda_arch()``) against ``cudart`` (default
+    ``driver.find_cudart()``) into the cache; the library's path."""
+    return _driver.build(_library(cache_dir, source, arch, cudart))
 
 
 def load_graph_loop(path=None, **build_kw) -> GraphLoopLibrary:
-    path = Path(path) if path is not None else build_graph_loop(**build_kw)
+    """The loaded graph loop at ``path``, or built (if needed) into the cache; loaded once per path."""
+    if path is None:
+        return _driver.load(_library(**build_kw), GraphLoopLibrary, _loaded)
+    path = Path(path)
     if path not in _loaded:
         _loaded[path] = GraphLoopLibrary(path)
     return _loaded[path]

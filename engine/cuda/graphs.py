@@ -91,11 +91,7 @@ class GraphedSampler:
             if not torch.cuda.is_available() or plan.device.type != "cuda":
                 raise BackendUnavailableError(
                     f"CUDA graphs need a plan on a CUDA device; this one is on {plan.device} (use capture=False)")
-            if not getattr(plan.backend, "graph_capturable", True):
-                raise BackendUnavailableError(
-                    f"backend {plan.backend.name!r} cannot be captured in a CUDA graph here: "
-                    f"{getattr(plan.backend, 'graph_unsupported_reason', 'it runs outside the capturing stream')}; "
-                    "use driver='eager' or another backend")
+            plan.backend.check_graph_capturable()
         self.plan = plan
         self.capture = capture
         self.steps = plan.steps

@@ -69,7 +69,7 @@ def test_gpu_suite_exits_cleanly_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the suite would run")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite"], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

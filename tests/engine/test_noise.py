@@ -60,3 +60,37 @@ def test_initial_noise_shape_and_key():
 def test_bad_seeds(bad):
     with pytest.raises(InvalidRequestError):
         seed_words(bad)
+
+
+class _HostTensorOps:
+    """A dispatch mode that records every op that reads or makes a CPU tensor."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if any(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in tree_flatten((args, out))[0]):
+                    ops.append(str(func))
+                return out
+
+        self.mode = Mode()
+
+
+def test_noise_on_a_device_touches_no_host_tensor():
+    """Drawing noise for device tensors makes no CPU tensor and copies nothing host->device (a
+    pageable copy per Philox round would sync, and cannot be captured in a CUDA graph). Run on
+    the meta device, which stands in for CUDA here: any op on a CPU tensor shows up."""
+    w = seed_words([random.getrandbits(64) for _ in range(3)], device="meta")
+    i = torch.full((3,), 5, dtype=torch.int64, device="meta")
+    rec = _HostTensorOps()
+    with rec.mode:
+        z = philox_normal(w, i, 48)
+        x = initial_noise(w, (3, 4, 4))
+    assert z.device.type == "meta" and x.shape == (3, 3, 4, 4)
+    assert rec.ops == []
+

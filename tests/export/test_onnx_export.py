@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ddpm_engine import cache
 from ddpm_engine.checkpoints import from_module
 from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.models import SeedUNet
@@ -90,7 +91,7 @@ def test_a_crash_while_writing_leaves_no_file_to_reuse(tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx_export.os, "fsync", crash)
+    monkeypatch.setattr(cache.os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         export_onnx(loaded, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file

@@ -1,37 +1,33 @@
 """GPU tests: every test module here is marked ``gpu`` and skipped without a CUDA device.
 
-Run them with ``pytest -m gpu tests/gpu`` on a GPU machine (the default ``-m 'not gpu'`` in
-pyproject deselects them). fp32 runs with TF32 off for the whole session, so fp32 means fp32.
-The measuring helpers are bench/gpu_suite.py's, so the tests and the bench compute the same numbers.
+Run them with ``pytest -m "gpu or not gpu" tests/gpu`` on a GPU machine (the default
+``-m 'not gpu'`` in pyproject deselects them). The whole session runs under
+``bench.gpu_suite.exact_fp32``: no TF32 in matmuls or cuDNN, deterministic cuDNN algorithms
+without autotuning, so fp32 means fp32 and runs compared across batch sizes, drivers and repeats
+differ only by real differences. The measuring helpers are bench/gpu_suite.py's, so the tests and
+the bench compute the same numbers.
 """
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench import gpu_suite
 
 
 @pytest.fixture(scope="session")
 def suite():
-    spec = importlib.util.spec_from_file_location("bench_gpu_suite", ROOT / "bench" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return gpu_suite
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_tf32():
+def exact_math():
     if not torch.cuda.is_available():
         yield
         return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    with gpu_suite.exact_fp32():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,39 @@ def test_cuda_reason_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     assert "CUDA" in aoti_backend.unavailable_reason("cuda")
+
+
+def test_corrupt_cached_package_is_rebuilt_once(backend, loaded, monkeypatch):
+    good = backend.path.read_bytes()
+    builds = []
+
+    def rebuild(loaded_, device, precision, out):  # stands in for the minutes-long compile
+        builds.append(out)
+        out.write_bytes(good)
+
+    monkeypatch.setattr(aoti_backend, "_compile", rebuild)
+    backend.path.write_bytes(good[: len(good) // 3])  # a truncated package, as after a crash of an old version
+    again = backends.create("aoti", loaded, "cpu", "fp32")
+    assert len(builds) == 1 and again.path == backend.path and again.path.read_bytes() == good
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    torch.testing.assert_close(again(x, t), backend(x, t))
+
+
+def test_package_is_loaded_single_threaded(monkeypatch, tmp_path):
+    """run_single_threaded=False makes AOTI's runtime query a CUDA event per call, which is
+    illegal during CUDA-graph capture; the loader must ask for the single-threaded runner."""
+    seen = []
+
+    def fake_load(path, run_single_threaded=False, device_index=-1):
+        seen.append(run_single_threaded)
+        return "runner"
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == "runner" and seen == [True]
+
+    def old_load(path):  # a torch without the keyword
+        seen.append("old")
+        return "old runner"
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", old_load)
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == "old runner" and seen[-1] == "old"

@@ -148,3 +148,28 @@ def test_torch_threads_are_lent_to_ort_and_restored():
     assert torch.get_num_threads() == before
     with yield_cpu_to(object()):  # other backends: untouched
         assert torch.get_num_threads() == before
+
+
+def test_a_corrupt_cached_graph_is_re_exported_once(loaded, cache):
+    first = onnxruntime_backend.create(loaded, torch.device("cpu"), "fp32")
+    good = first.path.read_bytes()
+    first.path.write_bytes(good[:1000])  # truncated, as by a crash of an older version
+    again = onnxruntime_backend.create(loaded, torch.device("cpu"), "fp32")
+    assert again.path == first.path and again.path.read_bytes() == good
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    assert torch.equal(again(x, t), first(x, t))
+
+
+def test_graph_drivers_are_refused_with_the_reason(backend):
+    """ORT's CUDA provider is pinned to one stream, a graph is captured on another: the graph
+    sampler checks ``graph_capturable`` and refuses with a typed error that says why."""
+    from ddpm_engine.backends.aoti_backend import AOTIBackend
+    from ddpm_engine.backends.base import Backend
+    from ddpm_engine.backends.tensorrt_backend import TensorRTBackend
+    from ddpm_engine.backends.torch_backend import TorchBackend
+
+    assert OnnxRuntimeBackend.graph_capturable is False and backend.graph_capturable is False
+    assert [cls.graph_capturable for cls in (Backend, TorchBackend, AOTIBackend, TensorRTBackend)] == [True] * 4
+    with pytest.raises(BackendUnavailableError, match="stream"):
+        backend.check_graph_capturable()
+    TorchBackend(torch.nn.Identity(), "cpu").check_graph_capturable()  # no error

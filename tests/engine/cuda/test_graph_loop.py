@@ -2,7 +2,9 @@
 a GPU; its argument checks and a CUDA failure come back as typed errors, not crashes. Running it
 needs a GPU (tests/gpu)."""
 
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -40,6 +42,35 @@ def test_cuda_failure_is_a_typed_error_without_a_gpu(lib):
         lib.create(1)
     assert isinstance(info.value, BackendUnavailableError) and info.value.code != 0
     assert "failed" in str(info.value) and "code" in str(info.value)
+
+
+@needs_nvcc
+def test_builds_sm90_machine_code_plus_ptx_linked_to_a_versioned_cudart(lib):
+    code = graph_loop.embedded_device_code(lib.path)
+    if not torch.cuda.is_available():  # the default arch without a GPU: 90 (H100)
+        assert code == [("ptx", 90), ("sm", 90)]
+    else:
+        assert code == [("ptx", graph_loop.cuda_arch()), ("sm", graph_loop.cuda_arch())]
+    needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
+    if needed:
+        assert re.search(r"NEEDED.*\[libcudart\.so\.\d+\]", needed), needed  # linked by SONAME, not libcudart.so
+        assert "RUNPATH" in needed or "RPATH" in needed
+
+
+@needs_nvcc
+def test_arch_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_CUDA_ARCH", "80")
+    assert graph_loop.cuda_arch() == 80
+    cmd = graph_loop.nvcc_command("out.so", graph_loop.SOURCE, 80, drv.find_cudart())
+    assert "arch=compute_80,code=sm_80" in cmd and "arch=compute_80,code=compute_80" in cmd
+    assert "-cudart" in cmd and cmd[cmd.index("-cudart") + 1] == "none" and "-lcudart" not in cmd
+
+
+def test_missing_cudart_is_a_typed_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(drv, "find_cudart", lambda: None)
+    monkeypatch.setattr(drv, "_find_nvcc", lambda home: "/usr/bin/nvcc")
+    with pytest.raises(BackendUnavailableError, match="DDPM_CUDART"):
+        graph_loop.build_graph_loop(tmp_path)
 
 
 def test_without_nvcc_the_error_names_it(monkeypatch, tmp_path):
