@@ -86,8 +86,8 @@ def check_seeds(seeds) -> list[int]:
 
 
 def seed_words(seeds, device=None) -> torch.Tensor:
-    """Seeds as an int64 tensor [B, 2] of (low word, high word), each a uint32 value."""
-    seeds = check_seeds(seeds)
+    """Seeds (already checked at the API boundary with ``check_seeds``) as an int64 tensor [B, 2]
+    of (low word, high word), each a uint32 value."""
     return torch.tensor([[s & MASK32, s >> 32] for s in seeds], dtype=torch.int64, device=device)
 
 

@@ -174,8 +174,14 @@ class _Sampler:
         self.timesteps = torch.from_numpy(self.tables.timesteps[::-1].copy()).to(self.device)
 
     def index_of(self, timestep) -> torch.Tensor:
-        """Step indices [B] of training timesteps (a kept timestep; others map to -1)."""
+        """Step indices [B] of training timesteps, each one of ``self.timesteps``. This is the
+        user-facing single-step API, so it checks its input on the host (the engine's own loop
+        never calls it): an unknown timestep raises instead of indexing a wrong table row."""
         t = torch.as_tensor(timestep, device=self.device).long().reshape(-1)
+        T = len(self._index_of_t)
+        if ((t < 0) | (t >= T)).any() or (self._index_of_t[t.clamp(0, T - 1)] < 0).any():
+            raise InvalidRequestError(f"timestep {timestep!r} is not one of this sampler's timesteps "
+                                      f"(set_timesteps kept {self.tables.steps} of {T}); use sampler.timesteps")
         return self._index_of_t[t]
 
     def _prepare(self, timestep, sample, noise):

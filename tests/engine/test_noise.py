@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm_engine.errors import InvalidRequestError
-from ddpm_engine.noise import KEY, initial_noise, philox4x32, philox_normal, seed_words
+from ddpm_engine.noise import check_seeds, KEY, initial_noise, philox4x32, philox_normal, seed_words
 
 
 def words(*vals):
@@ -59,7 +59,7 @@ def test_initial_noise_shape_and_key():
 @pytest.mark.parametrize("bad", [[-1], [2**64], [1.5], ["3"], [], [True]])
 def test_bad_seeds(bad):
     with pytest.raises(InvalidRequestError):
-        seed_words(bad)
+        check_seeds(bad)
 
 
 class _HostTensorOps:

@@ -314,3 +314,13 @@ def test_dpm_solver_sampler_keeps_its_state_per_run():
     sampler.set_timesteps(5)  # a new run: any batch
     out = sampler.step(torch.zeros(3, 1, 4, 4), t[:1].expand(3), torch.randn(3, 1, 4, 4))
     assert out.prev_sample.shape == (3, 1, 4, 4)
+
+
+def test_single_step_api_refuses_a_timestep_it_did_not_keep():
+    sampler = DDIMSampler(steps=10)
+    kept = int(sampler.timesteps[0])
+    x = torch.randn(2, 1, 4, 4)
+    sampler.step(torch.zeros_like(x), torch.tensor([kept, kept]), x)  # a kept timestep works
+    for bad in (kept + 1, -1, 1000, [kept, kept - 1]):
+        with pytest.raises(InvalidRequestError, match="timesteps"):
+            sampler.step(torch.zeros_like(x), torch.tensor(bad), x)
