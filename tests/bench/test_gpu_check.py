@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,9 @@ def test_a_failing_or_hanging_section_does_not_stop_the_others(tmp_path):
         python_section("late", "import time; time.sleep(6)", budget_s=30),
         python_section("after_budget", "print('never runs')"),
     ]
-    t0 = time.perf_counter()
     lines = []
     results = gpu_check.run_sections(sections, tmp_path, total_budget_s=12, gpu=False, mode_note="test",
                                      echo=lambda line, flush=True: lines.append(line))
-    assert time.perf_counter() - t0 < 30  # the hanging section was stopped at its budget
     on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
     assert on_disk["summary"] == results["summary"] == {
         "crashes": "failed", "hangs": "timeout", "works": "ok", "needs_gpu": "skipped", "late": "ok",
