@@ -9,8 +9,11 @@ environment), and each test reseeds ``random``, numpy and torch from it and its 
 the seed.
 """
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -19,6 +22,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's compile cache (AOTI tests) per test session: another process compiling at the same
+# time on the machine must not swap precompiled headers under this one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-engine-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 SESSION_SEED = int(os.environ.get("TEST_SEED") or random.SystemRandom().getrandbits(32))
 
