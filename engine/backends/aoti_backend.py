@@ -2,6 +2,12 @@
 into a ``.pt2`` package by ``torch._inductor.aoti_compile_and_package``, then run through
 ``torch._inductor.aoti_load_package`` - generated C++/Triton code, no Python per layer.
 
+The package serves batch sizes 1..MAX_BATCH. A model that branches on the batch size (diffusers'
+``Upsample2D``: ``if batch >= 64``) cannot be exported over that range; ``export_programs`` then
+exports one program per range the branches cut it into, all compiled into the one package, and a
+call picks its program by comparing the batch size (host metadata, no sync). See
+``export_programs``.
+
 The package holds the model at the requested precision behind a float32 in / float32 out
 wrapper, so the graph matches the backend contract. It is cached on disk (``ddpm_engine.cache``) at
 ``$DDPM_ENGINE_CACHE/aoti`` (default ``~/.cache/ddpm-engine/aoti``), one file per (weights hash,
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -33,6 +40,7 @@ from .base import Backend, parse_precision
 
 EXAMPLE_BATCH = 2  # not 1: export would specialise the batch axis to 1
 MAX_BATCH = 4096
+MAX_PROGRAMS = 4  # the most programs (batch ranges, one compile each) for a model that branches on the batch size
 
 
 class _Float32IO(nn.Module):
@@ -72,35 +80,144 @@ def compile_package(loaded, device, precision: str = "fp32", cache_dir=None) -> 
                        lambda tmp: _compile(loaded, device, precision, tmp))
 
 
+def _example(sample_shape, device, batch: int):
+    x = torch.randn(batch, *sample_shape, device=device)
+    t = torch.randint(0, 1000, (batch,), dtype=torch.int64, device=device)
+    return x, t
+
+
+def _export(wrapped, sample_shape, device, lo: int, hi: int):
+    """``wrapped`` exported for every batch size in lo..hi (one named dynamic batch axis)."""
+    batch = torch.export.Dim("batch", min=lo, max=hi)
+    example = _example(sample_shape, device, min(max(lo, EXAMPLE_BATCH), hi))
+    return torch.export.export(wrapped, example, dynamic_shapes=({0: batch}, {0: batch}))
+
+
+def _is_batch_range_refused(exc: Exception) -> bool:
+    """Whether ``exc`` is torch.export refusing the declared batch range because a guard (the model
+    branches on the batch size) holds on part of it only."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    return isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION
+
+
+def _guarded_max(wrapped, sample_shape, device, lo: int) -> int:
+    """The largest batch size that takes the same branches as batch ``max(lo, 2)``: exported with
+    ``Dim.DYNAMIC``, torch.export narrows the batch range to the one its guards hold on."""
+    batch = torch.export.Dim.DYNAMIC
+    program = torch.export.export(wrapped, _example(sample_shape, device, max(lo, EXAMPLE_BATCH)),
+                                  dynamic_shapes=({0: batch}, {0: batch}))
+    x_name = program.graph_signature.user_inputs[0]
+    size = next(n for n in program.graph.nodes if n.name == x_name).meta["val"].shape[0]
+    upper = program.range_constraints[size.node.expr].upper  # DYNAMIC raises where export specialises
+    return MAX_BATCH if upper >= MAX_BATCH else int(upper)
+
+
+def export_programs(wrapped, sample_shape, device) -> list[tuple[int, int, object]]:
+    """``[(lo, hi, exported program)]`` that cover batch sizes 1..MAX_BATCH in order.
+
+    One program over the whole range where torch.export accepts it (most models). A model that
+    branches on the batch size (diffusers' ``Upsample2D``: ``if batch >= 64: .contiguous()``) makes
+    torch.export refuse the range; then the range is cut where the guards cut it, one program per
+    piece (1..63 and 64..MAX_BATCH for a diffusers UNet), at most MAX_PROGRAMS of them."""
+    programs, lo = [], 1
+    while lo <= MAX_BATCH:
+        try:
+            hi, program = MAX_BATCH, _export(wrapped, sample_shape, device, lo, MAX_BATCH)
+        except Exception as exc:
+            if not _is_batch_range_refused(exc):
+                raise
+            if len(programs) + 1 >= MAX_PROGRAMS:
+                raise RuntimeError(f"the model branches on the batch size into more than {MAX_PROGRAMS} ranges "
+                                   f"of 1..{MAX_BATCH}, one compile each") from exc
+            hi = _guarded_max(wrapped, sample_shape, device, lo)
+            if not lo <= hi < MAX_BATCH:
+                raise
+            program = _export(wrapped, sample_shape, device, lo, hi)
+        programs.append((lo, hi, program))
+        lo = hi + 1
+    return programs
+
+
+def _program_name(lo: int, hi: int) -> str:
+    return f"batch_{lo}_{hi}"
+
+
+def _package(programs, out: Path) -> None:
+    """AOT-compile the programs into one .pt2: a single whole-range program as the package's
+    default model "model" (``aoti_compile_and_package``, as always), several as models named
+    ``batch_<lo>_<hi>`` (the multi-model recipe of ``aoti_compile_and_package``'s docstring)."""
+    if len(programs) == 1:
+        torch._inductor.aoti_compile_and_package(programs[0][2], package_path=str(out))
+        return
+    if _load_pt2() is None:
+        raise RuntimeError(f"the model branches on the batch size, so it needs {len(programs)} programs in one "
+                           f"package, which torch {torch.__version__} cannot load (needs torch >= 2.8)")
+    from torch._inductor.package import package_aoti
+
+    files = {}
+    for lo, hi, program in programs:
+        args, kwargs = program.example_inputs
+        files[_program_name(lo, hi)] = torch._inductor.aot_compile(program.module(), args, kwargs,
+                                                                   options={"aot_inductor.package": True})
+    package_aoti(str(out), files)
+
+
 def _compile(loaded, device: torch.device, precision: str, out: Path) -> None:
     dtype = parse_precision(precision)
     module = copy.deepcopy(loaded.module).to(device=device, dtype=dtype).eval()
     wrapped = _Float32IO(module, dtype).eval()
-    x = torch.randn(EXAMPLE_BATCH, *loaded.sample_shape, device=device)
-    t = torch.randint(0, 1000, (EXAMPLE_BATCH,), dtype=torch.int64, device=device)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
-            program = torch.export.export(wrapped, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
-            torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+            _package(export_programs(wrapped, loaded.sample_shape, device), out)
     except Exception as exc:  # export and Inductor raise many unrelated types for an unsupported model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"AOTInductor could not compile {loaded.name!r} for {device} at {precision}: "
                           f"{type(exc).__name__}: {first}; use backend='torch'") from exc
 
 
-def load_package(path):
-    """``aoti_load_package`` with ``run_single_threaded=True`` where torch has the keyword: with
-    False, AOTI's runtime keeps a pool of model instances and queries a CUDA event
-    (cudaEventQuery) on every call to find a free one, which is illegal while a CUDA graph is
-    being captured. Calls are serialised by the backend's lock anyway."""
-    kw = {}
-    if "run_single_threaded" in inspect.signature(torch._inductor.aoti_load_package).parameters:
-        kw["run_single_threaded"] = True
+def _load_pt2():
+    """torch's loader of every model in a .pt2 (torch >= 2.8), or None."""
+    try:
+        from torch.export.pt2_archive._package import load_pt2
+    except ImportError:
+        return None
+    return load_pt2
+
+
+def _load_runners(path) -> dict:
+    """Every model in the package by name, loaded with ``run_single_threaded=True`` where torch
+    has the keyword: with False, AOTI's runtime keeps a pool of model instances and queries a CUDA
+    event (cudaEventQuery) on every call to find a free one, which is illegal while a CUDA graph is
+    being captured. Calls are serialised by the backend's lock anyway. ``load_pt2`` (torch >= 2.8)
+    loads all models of a package at once; without it, the default model only."""
+    load_pt2 = _load_pt2()
+    load = load_pt2 or torch._inductor.aoti_load_package
+    kw = {"run_single_threaded": True} if "run_single_threaded" in inspect.signature(load).parameters else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return torch._inductor.aoti_load_package(str(path), **kw)
+        if load_pt2 is not None:
+            return dict(load_pt2(str(path), **kw).aoti_runners)
+        return {"model": torch._inductor.aoti_load_package(str(path), **kw)}
+
+
+def load_package(path) -> list[tuple[int, int, object]]:
+    """``[(lo, hi, runner)]``, the package's programs by the batch sizes lo..hi they serve, in
+    order; a package whose programs do not cover 1..MAX_BATCH exactly raises ExportError."""
+    runners = _load_runners(path)
+    programs = []
+    for name, runner in runners.items():
+        if name == "model":
+            programs.append((1, MAX_BATCH, runner))
+        elif match := re.fullmatch(r"batch_(\d+)_(\d+)", name):
+            programs.append((int(match[1]), int(match[2]), runner))
+    programs.sort(key=lambda p: p[0])
+    starts = [1] + [hi + 1 for _, hi, _ in programs[:-1]]
+    if not programs or [lo for lo, _, _ in programs] != starts or programs[-1][1] != MAX_BATCH:
+        raise ExportError(f"{Path(path).name} holds the models {sorted(runners)}, which do not cover batch sizes "
+                          f"1..{MAX_BATCH} one each; delete it to rebuild")
+    return programs
 
 
 class AOTIBackend(Backend):
@@ -110,22 +227,27 @@ class AOTIBackend(Backend):
         super().__init__(device, precision)
         self.path = Path(package_path)
         self.sample_shape = tuple(sample_shape)
-        self.runner = load_package(self.path)
+        self.programs = load_package(self.path)
         self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
             raise InvalidRequestError(f"aoti backend got x {tuple(x.shape)} and t {tuple(t.shape)}; expected "
                                       f"x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
-        if x.shape[0] > MAX_BATCH:
-            raise InvalidRequestError(f"the aoti backend takes batches up to {MAX_BATCH}, got {x.shape[0]}")
+        batch = x.shape[0]
+        if batch > MAX_BATCH:
+            raise InvalidRequestError(f"the aoti backend takes batches up to {MAX_BATCH}, got {batch}")
+        for _, hi, runner in self.programs:  # a host-side compare of the shape: no sync
+            if batch <= hi:
+                break
         x = x.to(self.device, torch.float32).contiguous()
         t = t.to(self.device, torch.int64).contiguous()
         with self._lock, torch.inference_mode():
-            return self.runner(x, t)
+            return runner(x, t)
 
     def __repr__(self):
-        return f"AOTIBackend({self.path.name}, device={self.device}, precision={self.precision})"
+        return (f"AOTIBackend({self.path.name}, device={self.device}, precision={self.precision}, "
+                f"batch ranges={[p[:2] for p in self.programs]})")
 
 
 def unavailable_reason(device) -> str | None:

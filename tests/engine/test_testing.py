@@ -22,7 +22,7 @@ from torch import nn
 
 from ddpm_engine import checkpoints
 from ddpm_engine.__main__ import main
-from ddpm_engine.errors import ExportError, InvalidRequestError
+from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.export import onnx_export
 from ddpm_engine.models import SeedUNet
 from ddpm_engine.testing import (DEFAULT_TOLERANCES, GoldenMismatchError, assert_matches_golden, assert_parity,
@@ -100,9 +100,6 @@ def test_diffusers_unet_onnxruntime_matches_torch(diffusers_folder, seeds):
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="AOTInductor on the CPU needs a C++ compiler")
-@pytest.mark.xfail(strict=True, raises=ExportError,
-                   reason="aoti_backend exports a batch axis of 1..4096, but diffusers' Upsample2D branches on "
-                          "batch >= 64, so torch.export refuses the range; the fix belongs in aoti_backend")
 def test_diffusers_unet_aoti_matches_torch(diffusers_folder, seeds):
     assert_parity(diffusers_folder, backends=["aoti"], seeds=seeds, **RUN)
 

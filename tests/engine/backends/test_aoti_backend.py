@@ -1,18 +1,24 @@
 """The AOTInductor backend on the CPU: one compile of a tiny SeedUNet (tens of CPU seconds: Inductor
 writes C++ and g++ builds it), then parity with eager at other batch sizes, the on-disk cache, and
-a whole Engine run."""
+a whole Engine run; and a tiny diffusers UNet, whose Upsample2D branches on batch >= 64, compiled
+as two programs (batch 1..63 and 64..4096) in one package, with parity on both sides."""
 
+import copy
 import random
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from torch import nn
+
 from ddpm_engine import Engine, backends
 from ddpm_engine.backends import aoti_backend
 from ddpm_engine.checkpoints import from_module
-from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.errors import ExportError, InvalidRequestError
 from ddpm_engine.models import SeedUNet
+from ddpm_engine.models.cifar_unet import DiffusersUNet
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,16 +49,22 @@ def backend(cache, loaded):
     return backends.create("aoti", loaded, "cpu", "fp32")
 
 
-def test_matches_eager_at_other_batch_sizes(backend, loaded, cache):
-    assert backend.path.parent == cache / "aoti" and backend.path.suffix == ".pt2"
-    for b in (1, 3, 7):  # exported at batch 2: the batch axis must be dynamic
-        x = torch.randn(b, *SHAPE)
+def assert_matches_eager(backend, module, batch_sizes, shape):
+    for b in batch_sizes:
+        x = torch.randn(b, *shape)
         t = torch.randint(0, 1000, (b,))
         with torch.no_grad():
-            ref = loaded.module(x, t)
+            ref = module(x, t)
         out = backend(x, t)
         assert out.dtype == torch.float32 and out.shape == ref.shape
-        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5, f"batch {b}"
+
+
+def test_matches_eager_at_other_batch_sizes(backend, loaded, cache):
+    assert backend.path.parent == cache / "aoti" and backend.path.suffix == ".pt2"
+    # no branch on the batch size: one program, the package's default model, as before the split existed
+    assert [p[:2] for p in backend.programs] == [(1, aoti_backend.MAX_BATCH)]
+    assert_matches_eager(backend, loaded.module, (1, 3, 7), SHAPE)  # exported at batch 2: the axis is dynamic
 
 
 def test_cache_is_reused(backend, loaded, cache):
@@ -100,19 +112,115 @@ def test_corrupt_cached_package_is_rebuilt_once(backend, loaded, monkeypatch):
 
 def test_package_is_loaded_single_threaded(monkeypatch, tmp_path):
     """run_single_threaded=False makes AOTI's runtime query a CUDA event per call, which is
-    illegal during CUDA-graph capture; the loader must ask for the single-threaded runner."""
-    seen = []
+    illegal during CUDA-graph capture; the loader must ask for the single-threaded runner, through
+    load_pt2 (every model of the package) or, on a torch without it, aoti_load_package."""
+    from torch.export.pt2_archive import _package
+
+    seen, whole = [], [(1, aoti_backend.MAX_BATCH, "runner")]
+
+    def fake_load_pt2(path, *, run_single_threaded=False, num_runners=1, device_index=-1):
+        seen.append(("load_pt2", run_single_threaded))
+        return SimpleNamespace(aoti_runners={"model": "runner"})
 
     def fake_load(path, run_single_threaded=False, device_index=-1):
-        seen.append(run_single_threaded)
+        seen.append(("aoti_load_package", run_single_threaded))
         return "runner"
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
-    assert aoti_backend.load_package(tmp_path / "m.pt2") == "runner" and seen == [True]
-
     def old_load(path):  # a torch without the keyword
-        seen.append("old")
-        return "old runner"
+        seen.append(("aoti_load_package", "old"))
+        return "runner"
 
+    monkeypatch.setattr(_package, "load_pt2", fake_load_pt2)
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == whole and seen == [("load_pt2", True)]
+    monkeypatch.delattr(_package, "load_pt2")
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == whole and seen[-1] == ("aoti_load_package", True)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", old_load)
-    assert aoti_backend.load_package(tmp_path / "m.pt2") == "old runner" and seen[-1] == "old"
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == whole and seen[-1] == ("aoti_load_package", "old")
+
+
+# ---- a model that branches on the batch size ------------------------------------------------------
+
+class BatchBranches(nn.Module):
+    """Computes something else from batch 5 and again from batch 100 on, as diffusers' Upsample2D
+    does (there the branch is a no-op, so only a model like this one shows a wrong program)."""
+
+    def __init__(self, cuts=(5, 100)):
+        super().__init__()
+        self.cuts = cuts
+        self.scale = nn.Parameter(torch.randn(1))
+
+    def forward(self, x, t):
+        y = x * self.scale + t.float().view(-1, 1, 1, 1) / 1000
+        for i, cut in enumerate(self.cuts):
+            if x.shape[0] >= cut:
+                y = y * (i + 2)
+        return y
+
+
+def test_export_cuts_the_batch_range_where_the_model_branches():
+    module = BatchBranches().eval()
+    with torch.no_grad():
+        programs = aoti_backend.export_programs(module, SHAPE, torch.device("cpu"))
+        assert [p[:2] for p in programs] == [(1, 4), (5, 99), (100, aoti_backend.MAX_BATCH)]
+        for lo, hi, program in programs:
+            for b in (lo, hi) if hi < 200 else (lo, lo + 1):
+                x, t = torch.randn(b, *SHAPE), torch.randint(0, 1000, (b,))
+                torch.testing.assert_close(program.module()(x, t), module(x, t), msg=f"batch {b} in {lo}..{hi}")
+
+
+def test_too_many_batch_ranges_is_a_typed_export_error(cache):
+    cuts = tuple(range(10, 10 * (aoti_backend.MAX_PROGRAMS + 1), 10))  # one range more than MAX_PROGRAMS
+    loaded = from_module(BatchBranches(cuts), sample_shape=SHAPE, name="many-branches")
+    with pytest.raises(ExportError, match="branches on the batch size.*backend='torch'"):  # before any compile
+        backends.create("aoti", loaded, "cpu", "fp32")
+
+
+def test_a_package_that_does_not_cover_every_batch_size_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(aoti_backend, "_load_runners", lambda path: {"batch_1_63": "runner"})
+    with pytest.raises(ExportError, match="1..4096"):
+        aoti_backend.load_package(tmp_path / "m.pt2")
+    monkeypatch.setattr(aoti_backend, "_load_runners", lambda path: {"batch_64_4096": "b", "batch_1_63": "a"})
+    assert aoti_backend.load_package(tmp_path / "m.pt2") == [(1, 63, "a"), (64, 4096, "b")]
+
+
+@pytest.fixture(scope="module")
+def diffusers_loaded():
+    """The tiny diffusers UNet of tests/engine/test_checkpoints.py (with an Upsample2D), at random weights."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(random.getrandbits(31))
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
+    return from_module(DiffusersUNet(unet).eval(), sample_shape=SHAPE, name="tiny-diffusers")
+
+
+@pytest.fixture(scope="module")
+def diffusers_backend(cache, diffusers_loaded):
+    return backends.create("aoti", diffusers_loaded, "cpu", "fp32")
+
+
+def test_diffusers_unet_matches_eager_on_both_sides_of_its_batch_branch(diffusers_backend, diffusers_loaded):
+    assert [p[:2] for p in diffusers_backend.programs] == [(1, 63), (64, aoti_backend.MAX_BATCH)]
+    assert_matches_eager(diffusers_backend, diffusers_loaded.module, (3, 65), SHAPE)
+
+
+def test_each_batch_size_runs_the_program_of_its_range(diffusers_backend):
+    """Upsample2D's branch is a no-op, so parity alone cannot see a wrong program: record the calls."""
+    calls = []
+
+    def recording(name, runner):
+        return lambda x, t: calls.append((name, x.shape[0])) or runner(x, t)
+
+    backend = copy.copy(diffusers_backend)
+    backend.programs = [(lo, hi, recording(f"{lo}..{hi}", runner)) for lo, hi, runner in backend.programs]
+    for b in (1, 63, 64, 65):
+        backend(torch.randn(b, *SHAPE), torch.randint(0, 1000, (b,)))
+    assert calls == [("1..63", 1), ("1..63", 63), ("64..4096", 64), ("64..4096", 65)]
+
+
+def test_split_package_is_cached_as_one_file(diffusers_backend, diffusers_loaded, monkeypatch):
+    monkeypatch.setattr(aoti_backend, "_compile", lambda *args: pytest.fail("the cached package was rebuilt"))
+    again = backends.create("aoti", diffusers_loaded, "cpu", "fp32")
+    assert again.path == diffusers_backend.path == aoti_backend.cached_path(diffusers_loaded, "cpu", "fp32")
+    assert [p[:2] for p in again.programs] == [p[:2] for p in diffusers_backend.programs]
