@@ -54,9 +54,10 @@ def parse_batch(batch, limit: int | None = None) -> list[int]:
         _check_limit(int(batch), limit)
         return [_seed_source.getrandbits(64) for _ in range(int(batch))]
     if isinstance(batch, (list, tuple, torch.Tensor, np.ndarray)):
-        if len(batch) > (limit or math.inf):
-            _check_limit(len(batch), limit)
-        return check_seeds(batch.tolist() if hasattr(batch, "tolist") else batch)
+        seeds = batch.tolist() if hasattr(batch, "tolist") else batch  # a 0-d tensor gives an int: refused below
+        if isinstance(seeds, (list, tuple)):
+            _check_limit(len(seeds), limit)
+        return check_seeds(seeds)
     raise InvalidRequestError(f"batch must be a positive int or a list of seeds, got {type(batch).__name__}")
 
 

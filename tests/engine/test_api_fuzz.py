@@ -5,6 +5,8 @@ do. Nothing else is raised, nothing hangs, and the engine gives the same images 
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -52,7 +54,8 @@ def mostly(good, bad):
 
 batches = mostly(st.one_of(st.integers(1, 3), st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=3)),
                  st.one_of(st.integers(-2, 0), st.just(10**12), st.lists(st.integers(-1, 2**64), max_size=4),
-                           st.just([]), st.just(True), st.just("3"), st.just(2.5), st.just([1.5])))
+                           st.just([]), st.just(True), st.just("3"), st.just(2.5), st.just([1.5]),
+                           st.just(torch.tensor(3)), st.just(np.array([[1, 2]])), st.just(torch.tensor([1.5]))))
 samplers = mostly(st.sampled_from(SAMPLERS), st.one_of(st.just("euler"), anything()))
 steps = mostly(st.one_of(st.none(), st.integers(1, 6)),
                st.one_of(st.integers(-1, 0), st.just(T + 1), st.just(2.0), st.just("4"), st.just(True)))
