@@ -66,3 +66,13 @@ def pytest_runtest_makereport(item, call):
 def seeded(test_seed):
     """This test's seed, for tests that name it (the reseeding itself is automatic: ``test_seed``)."""
     return test_seed
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh on-disk artifact cache ($DDPM_ENGINE_CACHE) shared by one test module's tests, so a
+    module compiles each export once; yields its folder."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDPM_ENGINE_CACHE", str(folder))
+        yield folder

@@ -30,7 +30,8 @@ from ddpm_engine.testing import (DEFAULT_TOLERANCES, GoldenMismatchError, assert
 
 diffusers = pytest.importorskip("diffusers")
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("cache")]  # one module-wide cache: the AOTI compile of digits happens once
 RUN = {"sampler": "ddim", "steps": 10}  # timesteps 900, 800, ..., 0
 HAS_CXX = shutil.which("c++") is not None or shutil.which("g++") is not None
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "test_regression.py"
@@ -39,15 +40,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "test_regression.py
 @pytest.fixture(scope="module")
 def seeds():
     return [random.getrandbits(64) for _ in range(2)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One export / compile cache for the module: the AOTI compile of digits happens once."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDPM_ENGINE_CACHE", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,6 @@ SHAPE = (1, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("aoti-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDPM_ENGINE_CACHE", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def loaded():
     torch.manual_seed(random.getrandbits(31))
     return from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, name="tiny")

@@ -28,13 +28,6 @@ def small_model(widths=(8, 16), shape=SHAPE):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDPM_ENGINE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def loaded():
     return small_model()
 

@@ -21,7 +21,7 @@ FAKE_LIBCUDA = Path(__file__).with_name("fake_libcuda.c")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def build_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("driver-cache")
 
 
@@ -34,9 +34,9 @@ def has_libcuda() -> bool:
 
 
 @needs_cc
-def test_driver_builds_loads_and_reports_cleanly(cache):
-    path = drv.build_driver(cache)
-    assert path.exists() and path.parent == cache and path.suffix == ".so"
+def test_driver_builds_loads_and_reports_cleanly(build_dir):
+    path = drv.build_driver(build_dir)
+    assert path.exists() and path.parent == build_dir and path.suffix == ".so"
     d = drv.GraphDriver(path)
     with pytest.raises(drv.CudaError, match="handle is 0"):
         d.replay(0, 0, 1)
@@ -104,18 +104,18 @@ def test_replay_loop_against_a_fake_driver(fake_libcuda, tmp_path):
 
 
 @needs_cc
-def test_cache_is_reused_and_keyed_by_source(cache, tmp_path):
-    first = drv.build_driver(cache)
+def test_cache_is_reused_and_keyed_by_source(build_dir, tmp_path):
+    first = drv.build_driver(build_dir)
     mtime = first.stat().st_mtime_ns
     time.sleep(0.01)
-    again = drv.build_driver(cache)
+    again = drv.build_driver(build_dir)
     assert again == first and again.stat().st_mtime_ns == mtime  # not recompiled
     src = tmp_path / "graph_driver.c"
     src.write_text(drv.SOURCE.read_text() + "\n/* changed */\n")
-    changed = drv.build_driver(cache, source=src)
+    changed = drv.build_driver(build_dir, source=src)
     assert changed != first and changed.exists() and first.exists()
     drv.GraphDriver(changed)  # loads
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left behind
+    assert not [p for p in build_dir.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
 @needs_cc
