@@ -121,9 +121,10 @@ class Server:
             raise InvalidRequestError(f"unknown serving mode {mode!r}; choose one of {MODES}")
         if results not in ("cpu", "device"):
             raise InvalidRequestError(f"results must be 'cpu' or 'device', got {results!r}")
-        if not callable(getattr(planner, "plan", None)):
-            raise InvalidRequestError("a Server needs a planner with a plan(...) method, such as an Engine")
-        check_positive_int("max_batch", max_batch, upper=planner.plan().max_batch)
+        if not callable(getattr(planner, "plan", None)) or not isinstance(getattr(planner, "max_batch", None), int):
+            raise InvalidRequestError("a Server needs a planner with a plan(...) method and a max_batch, such as "
+                                      "an Engine")
+        check_positive_int("max_batch", max_batch, upper=planner.max_batch)
         check_positive_int("max_queue", max_queue, upper=MAX_QUEUE)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
             raise InvalidRequestError(f"max_wait_ms must be a number in [0, 60000], got {max_wait_ms!r}")
@@ -225,6 +226,7 @@ class Server:
     # ---- the scheduler thread ----------------------------------------------------------------
     def _loop(self):
         cpu = contextlib.ExitStack()  # yield_cpu_to(backend), held while there is work
+        lent = False
         try:
             while True:
                 with self._cond:
@@ -238,6 +240,7 @@ class Server:
                             break
                         if not self._groups:
                             cpu.close()
+                            lent = False
                             now = time.perf_counter()
                             idle_since = idle_since or now
                             if self.idle_exit_s is not None and now - idle_since >= self.idle_exit_s:
@@ -253,8 +256,9 @@ class Server:
                         self._admit(g)
                 for g in ready:
                     if g.running:
-                        if not cpu._exit_callbacks:
+                        if not lent:
                             cpu.enter_context(yield_cpu_to(g.plan.backend))
+                            lent = True
                         try:
                             self._step(g)
                         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
