@@ -16,7 +16,7 @@ from .serving import Server
 from .stepping import make_step, resolve_step_impl
 
 __all__ = ["Engine", "Snapshot"]
-DRIVERS = ("eager", "python", "c", "graph_loop")
+DRIVERS = ("auto", "eager", "python", "c", "graph_loop")
 
 
 class Engine:
@@ -109,7 +109,7 @@ class Engine:
 
     def sample(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, x_T=None, return_intermediates=False, progress=False,
-               driver="eager"):
+               driver="auto"):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
 
         batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
@@ -126,27 +126,38 @@ class Engine:
         return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
             when set, returns ``(images, [Snapshot, ...])``.
         progress: show a tqdm progress bar.
-        driver: "eager" (a Python loop of backend + step calls), or on CUDA "python" / "c" /
-            "graph_loop": one reverse step captured in a CUDA graph and replayed from a Python
-            loop, from the compiled C loop (kernels/csrc/graph_driver.c), or as one launch of a
-            conditional WHILE node (CUDA >= 12.4); not with x_T, return_intermediates or progress.
+        driver: "auto" (the default: the fast path, below), "eager" (a Python loop of backend +
+            step calls), or on CUDA "python" / "c" / "graph_loop": one reverse step captured in a
+            CUDA graph and replayed from a Python loop, from the compiled C loop
+            (kernels/csrc/graph_driver.c), or as one launch of a conditional WHILE node
+            (CUDA >= 12.4); the graph drivers take no x_T, return_intermediates or progress.
+
+        The default path: on CUDA with a graph-capturable backend (``plan.graphable``; not
+        onnxruntime), the run replays one captured reverse step per batch bucket (1, 2, 4, ...):
+        through the batching server below, or with ``batching=False`` through the C driver
+        (Python replay if it cannot be built). The eager loop runs where graphs cannot serve:
+        on the CPU, with x_T, return_intermediates or a progress bar. The graph path on a GPU is
+        UNVERIFIED (README, "GPU status"); ``driver="eager"`` always takes the eager loop.
 
         Concurrent calls from several threads batch themselves (``batching=True``, the default):
         a call that arrives while another runs joins the running batch at its next step, with
         the same images it would get alone; a lone call starts at once. Calls with x_T,
-        intermediates, a progress bar or a graph driver run on their own.
+        intermediates, a progress bar or an explicit driver run on their own.
         """
         plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output)
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
-        if driver != "eager":
+        if driver not in ("auto", "eager"):
             if alone:
                 raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
                                           "or progress; use driver='eager' for those")
             return self._graphed(plan, capture=True).run(plan.seeds(batch), driver=driver)
-        if self.batching and not alone:
-            return self._batcher().sample(batch, plan=plan)
+        if driver == "auto" and not alone:
+            if self.batching:
+                return self._batcher().sample(batch, plan=plan)
+            if plan.graphable:
+                return self._graphed(plan).run(plan.seeds(batch))
         seeds = plan.seeds(batch)
         snap_at = snapshot_steps(return_intermediates, plan.tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))

@@ -4,7 +4,7 @@ A ``SamplingPlan`` is a validated request: the step math (``StepSpec``), the num
 their coefficient tables on the device, the step implementation and the backend. The engine
 builds plans in one place (``Engine.plan``, through ``make_spec`` and ``resolve_steps`` here);
 the eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and the serving
-scheduler (engine/batching.py) take a plan and never call back into the engine.
+scheduler (engine/serving.py) take a plan and never call back into the engine.
 
 ``reverse_step(plan, rows)`` is the one reverse step on a batch: gather t = timesteps[i], call
 the backend, step in place. Intermediates, progress bars, graph capture and continuous batching
@@ -157,6 +157,11 @@ class SamplingPlan:
     @property
     def steps(self) -> int:
         return self.tables.steps
+
+    @property
+    def graphable(self) -> bool:
+        """Whether CUDA graphs can serve this plan: on a CUDA device, with a capturable backend."""
+        return self.device.type == "cuda" and self.backend.graph_capturable
 
     @property
     def key(self) -> tuple:

@@ -21,8 +21,10 @@ If the model raises mid-batch (out of memory, say), that batch's requests fail w
 and the server goes on serving the others. Results come back on the CPU (``results="cpu"``) or on
 the engine's device (``results="device"``, what ``Engine.sample``'s own batching uses).
 
-The server builds every request's ``SamplingPlan`` through its planner (``Engine.plan``) and runs
-``plan.reverse_step`` on each group's rows: it never reaches into the engine.
+The server builds every request's ``SamplingPlan`` through its planner (``Engine.plan``); each
+group's rows live in a ``SlotBatch`` (engine/slots.py), stepped by ``reverse_step`` or, on CUDA
+with a capturable backend, by replaying the CUDA graph of its batch bucket, so rows joining and
+leaving keep the batch on the graph path. It never reaches into the engine.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ import numpy as np
 import torch
 
 from .errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
-from .plan import SamplingPlan, check_positive_int, reverse_step, yield_cpu_to
-from .stepping import Rows
+from .plan import SamplingPlan, check_positive_int, yield_cpu_to
+from .slots import SlotBatch
 
 MODES = ("continuous", "coalesce")
 MAX_QUEUE = 1_000_000  # requests; a larger bound is a typo, not a plan
+KEPT_GRAPHS = 4  # graph samplers (one per plan, its captured buckets) kept for plans no longer running
 
 
 class ServerClosedError(EngineError, RuntimeError):
@@ -65,16 +68,16 @@ class Request:
 
 @dataclass(eq=False)
 class Group:
-    """The running rows of one plan (requests with equal ``plan.key``): one state row per image."""
+    """The requests of one plan (equal ``plan.key``): queued ones, and the running ones' rows."""
 
     plan: SamplingPlan
+    batch: SlotBatch
     pending: collections.deque = field(default_factory=collections.deque)
-    running: list = field(default_factory=list)  # requests, in row order
-    state: Rows | None = None
+    running: list = field(default_factory=list)  # requests admitted, in admission order
 
     @property
     def rows(self) -> int:
-        return 0 if self.state is None else len(self.state)
+        return self.batch.live
 
 
 class Metrics:
@@ -113,14 +116,19 @@ class Server:
     """Batches the requests of many callers onto one engine; see the module docstring."""
 
     def __init__(self, planner, *, mode: str = "continuous", max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, results: str = "cpu", idle_exit_s: float | None = None):
+                 max_queue: int = 1024, results: str = "cpu", idle_exit_s: float | None = None,
+                 graphs: bool | None = None):
         """planner: builds a request's SamplingPlan (an ``Engine``: ``planner.plan(sampler=...)``).
         idle_exit_s: stop the scheduler thread after this long without work (it restarts on the
-        next request); None keeps it until ``close``."""
+        next request); None keeps it until ``close``. graphs: run each batch in CUDA-graph buckets
+        (engine/slots.py); None: wherever ``plan.graphable`` (CUDA, a capturable backend); True
+        off CUDA runs the same buckets without capture."""
         if mode not in MODES:
             raise InvalidRequestError(f"unknown serving mode {mode!r}; choose one of {MODES}")
         if results not in ("cpu", "device"):
             raise InvalidRequestError(f"results must be 'cpu' or 'device', got {results!r}")
+        if graphs not in (None, True, False):
+            raise InvalidRequestError(f"graphs must be True, False or None, got {graphs!r}")
         if not callable(getattr(planner, "plan", None)) or not isinstance(getattr(planner, "max_batch", None), int):
             raise InvalidRequestError("a Server needs a planner with a plan(...) method and a max_batch, such as "
                                       "an Engine")
@@ -135,6 +143,8 @@ class Server:
         self.max_queue = max_queue
         self.results = results
         self.idle_exit_s = idle_exit_s
+        self.graphs = graphs
+        self._graphed = collections.OrderedDict()  # plan.key -> GraphedSampler, least recently used first
         self._groups: dict = {}
         self._queued = 0
         self._cond = threading.Condition()
@@ -183,7 +193,7 @@ class Server:
                                      "retry later or raise max_queue")
             group = self._groups.get(plan.key)
             if group is None:
-                group = self._groups[plan.key] = Group(plan)
+                group = self._groups[plan.key] = Group(plan, SlotBatch(plan, self._graphed_sampler(plan)))
             group.pending.append(req)
             self._queued += 1
             self._count("submitted")
@@ -223,6 +233,19 @@ class Server:
     def __exit__(self, *exc):
         self.close()
 
+    def _graphed_sampler(self, plan: SamplingPlan):
+        """Under the lock: the plan's GraphedSampler (its buckets are captured on first use and
+        kept for the next group of the same plan), or None where graphs do not serve it."""
+        if not (plan.graphable if self.graphs is None else self.graphs):
+            return None
+        from .cuda.graphs import GraphedSampler
+
+        gs = self._graphed.pop(plan.key, None) or GraphedSampler(plan, max_batch=self.max_batch)
+        self._graphed[plan.key] = gs
+        while len(self._graphed) > KEPT_GRAPHS:  # a running group keeps its own reference
+            self._graphed.popitem(last=False)
+        return gs
+
     # ---- the scheduler thread ----------------------------------------------------------------
     def _loop(self):
         cpu = contextlib.ExitStack()  # yield_cpu_to(backend), held while there is work
@@ -252,14 +275,15 @@ class Server:
                         self._cond.wait(wait)
                     if self._closed:
                         break
-                    for g in ready:
-                        self._admit(g)
+                    joining = {g: self._admit(g) for g in ready}
                 for g in ready:
                     if g.running:
                         if not lent:
                             cpu.enter_context(yield_cpu_to(g.plan.backend))
                             lent = True
                         try:
+                            if joining[g]:  # outside the lock: placing rows may capture a graph
+                                g.batch.add(joining[g], g.plan.start([s for r in joining[g] for s in r.seeds]))
                             self._step(g)
                         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
                             self._fail_group(g, exc)
@@ -293,9 +317,11 @@ class Server:
         waiting_rows = sum(len(r.seeds) for r in g.pending)
         return waiting_rows >= self.max_batch or time.perf_counter() - g.pending[0].submitted >= self.max_wait
 
-    def _admit(self, g: Group):
+    def _admit(self, g: Group) -> list:
+        """Under the lock: move the pending requests that fit from the queue to ``g.running``;
+        returns them (their rows are placed in ``g.batch`` outside the lock)."""
         if not self._should_admit(g):
-            return
+            return []
         now = time.perf_counter()
         new = []
         while g.pending and g.rows + sum(len(r.seeds) for r in new) + len(g.pending[0].seeds) <= self.max_batch:
@@ -308,11 +334,8 @@ class Server:
             with self._metrics.lock:
                 self._metrics.queue_wait.append(now - req.submitted)
             new.append(req)
-        if not new:
-            return
-        fresh = g.plan.start([s for r in new for s in r.seeds])
-        g.state = fresh if g.state is None else Rows.cat([g.state, fresh])
         g.running.extend(new)
+        return new
 
     def _drop_stale_pending(self):
         """Under the lock: drop pending requests that were cancelled or are past their deadline
@@ -330,34 +353,32 @@ class Server:
 
     def _step(self, g: Group):
         """One step of the group's batch (may raise: the group is then failed as a whole)."""
-        with g.plan.lock, torch.inference_mode():
-            reverse_step(g.plan, g.state)
+        with g.plan.lock:
+            g.batch.step()
 
     def _retire(self, g: Group):
         """After a step: hand finished requests their rows, drop cancelled and expired ones, and
-        compact the batch to the rows still running. O(requests) host work."""
+        free their slots. O(requests) host work."""
         with self._metrics.lock:
             self._metrics.batch_rows.append(g.rows)
         now = time.perf_counter()
-        keep, row = [], 0
+        leaving = []
         for req in g.running:
-            n = len(req.seeds)
             req.remaining -= 1
             if req.future.cancelled():
                 self._fail(req, None, "cancelled")
             elif req.deadline is not None and now > req.deadline:
                 self._timeout(req)
             elif req.remaining == 0:
-                images = g.state.x[row:row + n].clamp(-1.0, 1.0)
+                images = g.batch.images(req)
                 self._finish(req, images.cpu() if self.results == "cpu" else images, now)
             else:
-                keep.append((req, row))
-            row += n
-        if len(keep) != len(g.running):  # compact: drop the rows of finished/cancelled/expired requests
-            idx = [r for req, start in keep for r in range(start, start + len(req.seeds))]
+                continue
+            leaving.append(req)
+        if leaving:
+            g.batch.remove(leaving)
             with self._cond:
-                g.state = g.state.select(torch.tensor(idx, device=g.state.x.device)) if idx else None
-                g.running = [req for req, _ in keep]
+                g.running = [req for req in g.running if req in g.batch.where]
 
     def _finish(self, req: Request, images: torch.Tensor, now: float):
         req.resolved = True
@@ -374,7 +395,7 @@ class Server:
         """The model or step raised: the group's running requests fail with it; others go on."""
         with self._cond:
             reqs, g.running = g.running, []
-            g.state = None
+            g.batch.clear()
         for req in reqs:
             err = EngineError(f"sampling failed for this batch of {len(reqs)} requests: {exc!r}")
             err.__cause__ = exc

@@ -47,6 +47,16 @@ class Rows:
         """The rows at ``index`` (a device int64 tensor), as new tensors."""
         return Rows(*(None if v is None else v.index_select(0, index) for v in self.fields()))
 
+    def part(self, start: int, stop: int) -> "Rows":
+        """Rows start..stop-1, as views."""
+        return Rows(*(None if v is None else v[start:stop] for v in self.fields()))
+
+    def write(self, start: int, src: "Rows") -> None:
+        """Copy ``src`` into rows start.., in place (static buffers stay where they are)."""
+        for dst, v in zip(self.fields(), src.fields()):
+            if dst is not None:
+                dst[start:start + len(src)].copy_(v)
+
     def fields(self):
         return (self.x, self.i, self.words, self.x0_prev)
 

@@ -32,12 +32,12 @@ CUDA; asking for capture without CUDA raises ``BackendUnavailableError``.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import BackendUnavailableError, InvalidRequestError
-from ..noise import initial_noise, seed_words
+from ..errors import BackendUnavailableError, EngineError, InvalidRequestError
 from ..plan import SamplingPlan, check_positive_int, parse_batch, reverse_step
 from ..stepping import Rows
 
@@ -101,6 +101,7 @@ class GraphedSampler:
         self._lock = threading.Lock()
         self._driver = None
         self._graph_loop = None
+        self._fastest = None  # fastest_driver(), decided on first use
 
     # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
@@ -135,7 +136,9 @@ class GraphedSampler:
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph(keep_graph=True)  # keep the cudaGraph_t for the graph loop
-        with plan.lock, torch.cuda.graph(graph):  # the backend's internal buffers are not re-entrant
+        # plan.lock: the backend's internal buffers are not re-entrant. thread_local: other threads
+        # (callers reading results, the serving scheduler's neighbours) may sync while this captures
+        with plan.lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):
             one_step()
         graph.instantiate()
         return Bucket(b, rows, one_step, graph)
@@ -162,8 +165,25 @@ class GraphedSampler:
             self._graph_loop = load_graph_loop()
         return self._graph_loop
 
-    def run(self, seeds, driver: str = "python") -> torch.Tensor:
-        """Images [n, C, H, W] in [-1, 1] for the seeds, on the plan's device."""
+    def fastest_driver(self) -> str:
+        """The driver ``run`` uses by default: "c" with captured graphs when the C driver loads
+        (one C call per run), else "python" (a Python loop of replays, or of steps without capture)."""
+        if not self.capture:
+            return "python"
+        if self._fastest is None:
+            try:
+                self.driver()
+                self._fastest = "c"
+            except EngineError as exc:  # no C compiler or no libcuda: Python replay still works
+                warnings.warn(f"the C graph driver is unavailable ({exc}); replaying from Python",
+                              RuntimeWarning, stacklevel=2)
+                self._fastest = "python"
+        return self._fastest
+
+    def run(self, seeds, driver: str | None = None) -> torch.Tensor:
+        """Images [n, C, H, W] in [-1, 1] for the seeds, on the plan's device. driver: one of
+        DRIVERS, default ``fastest_driver()``."""
+        driver = self.fastest_driver() if driver is None else driver
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         if driver != "python" and not self.capture:
@@ -178,13 +198,8 @@ class GraphedSampler:
     def _run_bucket(self, seeds, driver):
         n = len(seeds)
         bk = self.bucket(n)
-        words = seed_words(seeds + [0] * (bk.size - n), self.plan.device)  # padding rows: seed 0, dropped
         rows = bk.rows
-        rows.words.copy_(words)
-        rows.x.copy_(initial_noise(words, self.plan.sample_shape))
-        rows.i.fill_(self.steps - 1)
-        if rows.x0_prev is not None:
-            rows.x0_prev.zero_()
+        rows.write(0, self.plan.start(seeds + [0] * (bk.size - n)))  # padding rows: seed 0, dropped
         if driver == "python":
             for _ in range(self.steps):
                 bk.replay()

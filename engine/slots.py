@@ -1,0 +1,136 @@
+"""The rows of a running batch, kept at slots of one buffer, so requests can join and leave it.
+
+The serving scheduler (engine/serving.py) runs one ``SlotBatch`` per group of requests that share
+a plan. Each request's rows sit in a contiguous run of slots ``[start, start + n)``; a step
+advances every slot; a request that finishes is read out of its slots and frees them.
+
+- With a ``GraphedSampler`` (engine/cuda/graphs.py), the buffer is the static rows of one of its
+  buckets (capacity 1, 2, 4, ... max_batch) and a step is that bucket's captured graph replayed:
+  requests joining and leaving never take the batch off the graph path. Joining rows go into a
+  free run of slots if there is one; otherwise the live rows are repacked, in request order, into
+  the bucket that fits them all. When the live rows fit a smaller bucket, they move down to it
+  (fewer padded rows to compute). Free slots keep being stepped with whatever they hold (finished
+  or padding rows, each row's computation is its own) and are never read.
+- Without one, the buffer holds exactly the live rows: every join or leave repacks (a
+  concatenation or a gather) and a step is ``reverse_step`` on them.
+
+Repacking happens only when requests join or leave, never in a step; it reads the slots by
+slices, so it needs no index tensor from the host. If capturing a bucket fails, the batch warns
+once and goes on without graphs (the rows are kept).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .plan import SamplingPlan, reverse_step
+from .stepping import Rows
+
+
+class SlotBatch:
+    """One group's running rows; ``graphed``: a GraphedSampler of the plan, or None (see module doc)."""
+
+    def __init__(self, plan: SamplingPlan, graphed=None):
+        self.plan = plan
+        self.graphed = graphed
+        self.rows: Rows | None = None  # the buffer: ``capacity`` slots
+        self.bucket = None  # the graphs.Bucket whose static rows are the buffer (graphed only)
+        self.where: dict = {}  # request -> (start, n), in slot order
+
+    @property
+    def live(self) -> int:
+        """Rows that belong to a request."""
+        return sum(n for _, n in self.where.values())
+
+    @property
+    def capacity(self) -> int:
+        """Slots stepped each step (live rows plus free slots)."""
+        return 0 if self.rows is None else len(self.rows)
+
+    def __len__(self):
+        return self.live
+
+    # ---- joining and leaving ---------------------------------------------------------------
+    @torch.inference_mode()  # the buckets' static rows are inference tensors
+    def add(self, requests, fresh: Rows) -> None:
+        """Place ``fresh`` (the rows of ``requests``, in order, ``len(r.seeds)`` rows each)."""
+        sizes = [len(r.seeds) for r in requests]
+        m = sum(sizes)
+        start = self._free_run(m)
+        if start is None:
+            start = self.live
+            self._repack(fresh)
+        else:
+            self.rows.write(start, fresh)
+        for req, n in zip(requests, sizes):
+            self.where[req] = (start, n)
+            start += n
+        self.where = dict(sorted(self.where.items(), key=lambda kv: kv[1][0]))
+
+    def images(self, req) -> torch.Tensor:
+        """The request's current x, clamped to [-1, 1] (a new tensor: later steps do not change it)."""
+        start, n = self.where[req]
+        return self.rows.x[start:start + n].clamp(-1.0, 1.0)
+
+    @torch.inference_mode()
+    def remove(self, requests) -> None:
+        """Free the slots of ``requests``; then move the rest to a smaller buffer if one fits them."""
+        for req in requests:
+            del self.where[req]
+        if not self.where:
+            self.rows = self.bucket = None
+        elif self._capacity_for(self.live) < self.capacity:
+            self._repack(None)
+
+    def clear(self) -> None:
+        self.where.clear()
+        self.rows = self.bucket = None
+
+    # ---- the step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One reverse step of every slot (no host work: a graph replay or ``reverse_step``)."""
+        if self.bucket is not None:
+            self.bucket.replay()
+        else:
+            reverse_step(self.plan, self.rows)
+
+    # ---- layout ------------------------------------------------------------------------------
+    def _capacity_for(self, n: int) -> int:
+        return n if self.graphed is None else self.graphed.bucket_for(n)
+
+    def _free_run(self, m: int) -> int | None:
+        """The first slot of a run of ``m`` free slots in the buffer (graphed only), or None."""
+        if self.bucket is None:
+            return None
+        end = 0
+        for start, n in self.where.values():
+            if start - end >= m:
+                return end
+            end = start + n
+        return end if self.capacity - end >= m else None
+
+    def _repack(self, fresh: Rows | None) -> None:
+        """Live rows in slot order, then ``fresh``, into slots 0.. of a buffer that fits them."""
+        parts = [self.rows.part(start, start + n) for start, n in self.where.values()]
+        parts += [] if fresh is None else [fresh]
+        packed = Rows.cat(parts)  # new tensors: safe to write back into the same bucket
+        start = 0
+        for req, (_, n) in self.where.items():
+            self.where[req] = (start, n)
+            start += n
+        if self.graphed is not None:
+            try:
+                bucket = self.graphed.bucket(len(packed))  # built and captured on first use
+            except Exception as exc:  # capture failed: keep serving without graphs
+                warnings.warn(f"CUDA-graph bucket of {self.graphed.bucket_for(len(packed))} rows could not be "
+                              f"built ({type(exc).__name__}: {exc}); this batch goes on without graphs",
+                              RuntimeWarning, stacklevel=2)
+                self.graphed = None
+            else:
+                bucket.rows.write(0, packed)
+                self.rows, self.bucket = bucket.rows, bucket
+                return
+        self.rows, self.bucket = packed, None
