@@ -48,10 +48,12 @@ Sections and time estimates (H100, guesses: CIFAR UNet batch 1 at 1-3 ms per eag
 torch.compile of it ~100 s max-autotune + ~40 s reduce-overhead; an AOTI compile ~180 s, a
 TensorRT build ~300 s): ``--list`` prints them. Order, by importance: FLOPs and the matmul peak;
 latency of the CIFAR UNet on torch (~130 s); peers at batch 1 (diffusers ~30 s, compile at fp32
-and bf16, ~150 s each) = call 1; then CIFAR throughput on torch (~190 s) and the compile peers at
-fp16 and tf32 = call 2; then the batch-64 peers, the digits model, host time per step, parity,
+and bf16, ~150 s each) = call 1 (~480 s); then CIFAR throughput on torch (~240 s: at fp32 the
+largest batch, ~8192, runs ~4 s per step, and capturing it runs 4 more steps) and the compile
+peers at fp16 and tf32; then the batch-64 peers, the digits model, host time per step, parity,
 the other backends. A section starts only if the seconds elapsed plus its estimate fit in
---budget-s; the rest is skipped with a note and listed in ``sections_left``; running the same
+--budget-s, else it is skipped with a note (a later, shorter one may still run) and listed in
+``sections_left``; running the same
 command again with the JSON at --out runs those and merges them in (rows carry their
 ``section``; a section run again replaces its rows). ``section_seconds`` has the measured times.
 
@@ -624,7 +626,7 @@ class Section:
 COMPILE_S = {"torch": 0, "aoti": 180, "tensorrt": 300, "onnxruntime": 30}  # building a CIFAR engine (digits: half)
 ESTIMATE_S = {  # (kind, model): {mode: seconds} on torch
     ("latency", "cifar10"): {"fp32": 40, "tf32": 30, "fp16": 30, "bf16": 30},
-    ("throughput", "cifar10"): {"fp32": 100, "tf32": 40, "fp16": 25, "bf16": 25},
+    ("throughput", "cifar10"): {"fp32": 130, "tf32": 50, "fp16": 30, "bf16": 30},
     ("latency", "digits"): dict.fromkeys(MODES, 15),
     ("throughput", "digits"): dict.fromkeys(MODES, 20),
 }
