@@ -1,4 +1,4 @@
-"""Wall-clock timing on a CUDA device: a synchronised median, and the host's cost per step of a
+"""Wall-clock timing on a CUDA device (or the CPU): a synchronised median, and the host's cost per step of a
 graph driver (moved here from engine.cuda.graphs: measuring is the bench's job)."""
 
 from __future__ import annotations
@@ -8,17 +8,23 @@ import time
 import torch
 
 
-def sync_time(fn, reps: int = 3, warm: bool = True) -> float:
+def sync(device="cuda"):
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sync_time(fn, reps: int = 3, warm: bool = True, device="cuda") -> float:
     """Median wall seconds of fn() with a device sync after each call (one untimed call first
     unless ``warm=False``)."""
     if warm:
         fn()
-        torch.cuda.synchronize()
+        sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

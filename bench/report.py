@@ -2,10 +2,13 @@
 
     python -m bench.report bench/results/2026-11-23-NVIDIA_H100.json   # writes .md and .png beside it
 
-The markdown has the device and versions, the parity table, host time per step by driver, the
-latency and throughput tables (throughput with model FLOP utilisation when the FLOP count and the
-measured matmul peak are in the file) and the peers. The PNG plots latency and images/s against
-batch size, one line per backend/precision(/driver), log-log. Needs matplotlib for the plot only.
+The markdown has the device and versions, issue 10's latency target (best engine DDPM-1000 at
+batch 1 against DDPMPipeline fp32), the parity table, host time per step by driver, the latency
+table (one step, DDIM-50, DDPM-1000 per backend/precision/driver), the throughput table (images/s
+at the full step count with % of the measured bf16 matmul peak, the roofline), the peers with the
+engine's speed-up at the same model, precision, batch and steps, and the sections not run yet.
+The PNG plots, per model, seconds per full-length request and images/s against batch, one line
+per backend/precision/driver, peers as crosses, log-log. Needs matplotlib for the plot only.
 """
 
 from __future__ import annotations
@@ -40,92 +43,192 @@ def title(results: dict) -> str:
     return f"{results.get('device', 'unknown device')}, {results.get('date', 'undated')}" + (f" ({names})" if names else "")
 
 
-def mfu(images_per_s: float, steps: int, results: dict):
+def model_flops(results: dict, model: str | None = None):
+    """FLOPs per image-step of ``model`` ({model: FLOPs} in the JSON; a bare number is the CIFAR UNet's)."""
+    flops = results.get("flops_per_image_step")
+    return flops.get(model or "cifar10") if isinstance(flops, dict) else flops
+
+
+def mfu(images_per_s: float, steps: int, results: dict, model: str | None = None):
     """Model FLOP utilisation: achieved model FLOP/s over the measured bf16 matmul peak."""
-    flops, peak = results.get("flops_per_image_step"), results.get("matmul_peak_tflops")
+    flops, peak = model_flops(results, model), results.get("matmul_peak_tflops")
     if not flops or not peak:
         return None
     return images_per_s * steps * flops / (peak * 1e12)
+
+
+ORDER = {name: k for k, name in enumerate(("fp32", "tf32", "fp16", "bf16", "auto", "eager", *HOST_DRIVERS))}
+
+
+def _key(r: dict) -> tuple:
+    return r.get("model", "cifar10"), r["backend"], r["precision"], r.get("driver", "-")
+
+
+def _sorted(keys) -> list:
+    """model/backend/precision/driver keys, precisions and drivers in the suite's order."""
+    return sorted(keys, key=lambda k: (k[0], k[1], ORDER.get(k[2], len(ORDER)), ORDER.get(k[3], len(ORDER))))
+
+
+def latency_table(rows: list) -> list[str]:
+    """One line per model/backend/precision/driver, one column per (sampler, steps, batch), in ms."""
+    configs = sorted({(r["steps"], r["sampler"], r["batch"]) for r in rows})
+    cells = {(_key(r), (r["steps"], r["sampler"], r["batch"])): 1e3 * r["seconds"] for r in rows}
+    keys = _sorted({_key(r) for r in rows})
+    headers = ["model", "backend", "precision", "driver"] + [
+        f"{'one step' if steps == 1 else f'{sampler}-{steps}'} b{batch} (ms)" for steps, sampler, batch in configs]
+    return _table(headers, [list(k) + [cells.get((k, c)) for c in configs] for k in keys])
+
+
+def throughput_table(rows: list, results: dict) -> list[str]:
+    """images/s (and % of the bf16 matmul peak) per model/backend/precision/driver and batch."""
+    batches = sorted({r["batch"] for r in rows if not r.get("largest")})
+    cells, largest = {}, {}
+    for r in rows:
+        u = mfu(r["images_per_s"], r["steps"], results, r.get("model"))
+        cell = _fmt(r["images_per_s"]) + ("" if u is None else f" ({100 * u:.1f}%)")
+        if r["batch"] in batches:
+            cells[_key(r), r["batch"]] = cell
+        if r.get("largest"):
+            largest[_key(r)] = (r["batch"], cell)
+    keys = _sorted({_key(r) for r in rows})
+    headers = ["model", "backend", "precision", "driver"] + [f"b{b}" for b in batches]
+    if largest:
+        headers += ["largest batch", "at the largest"]
+    return _table(headers, [list(k) + [cells.get((k, b)) for b in batches] +
+                            (list(largest.get(k, (None, None))) if largest else []) for k in keys])
+
+
+def best_engine(results: dict, peer: dict):
+    """The fastest engine row (any backend and driver) at the peer's model, precision, batch and
+    steps: (seconds per request, its row), or None."""
+    same = [r for r in results.get("latency", []) if r.get("model", "cifar10") == peer.get("model", "cifar10")
+            and r["precision"] == peer.get("precision") and r["batch"] == peer.get("batch")
+            and r["steps"] == peer.get("steps") and r["sampler"] == peer.get("sampler", "ddpm")]
+    found = [(r["seconds"], r) for r in same]
+    found += [(r["batch"] / r["images_per_s"], r) for r in results.get("throughput", [])
+              if r.get("model", "cifar10") == peer.get("model", "cifar10") and r["precision"] == peer.get("precision")
+              and r["batch"] == peer.get("batch") and r["steps"] == peer.get("steps")]
+    return min(found, key=lambda f: f[0]) if found else None
+
+
+def peers_table(results: dict) -> list[str]:
+    rows = []
+    for p in results["peers"]:
+        best = best_engine(results, p)
+        engine = None if best is None else f"{best[1]['backend']} {best[1].get('driver', '')}".strip()
+        rows.append([p.get("model", "cifar10"), p["name"], p.get("precision"), p.get("batch"), p.get("steps"),
+                     p.get("steps_measured", p.get("steps")), p.get("seconds"), p.get("images_per_s"),
+                     None if best is None else best[0], engine,
+                     None if best is None or not p.get("seconds") else f"{p['seconds'] / best[0]:.1f}x"])
+    return _table(["model", "peer", "precision", "batch", "steps", "steps timed", "seconds", "images/s",
+                   "engine seconds", "engine (best)", "engine speed-up"], rows)
+
+
+def latency_target(results: dict) -> list[str]:
+    """Issue 10's line: the best engine DDPM-1000 at batch 1 (any precision) against DDPMPipeline fp32."""
+    base = [p for p in results.get("peers", []) if p["name"].startswith("diffusers") and p.get("precision") == "fp32"
+            and p.get("batch") == 1 and p.get("steps") == 1000]
+    engine = [r for r in results.get("latency", []) if r.get("model", "cifar10") == "cifar10" and r["batch"] == 1
+              and r["sampler"] == "ddpm" and r["steps"] == 1000]
+    if not base or not engine:
+        return []
+    best = min(engine, key=lambda r: r["seconds"])
+    return [f"Latency target (CIFAR-10, DDPM-1000, batch 1): best engine {best['seconds']:.3g} s "
+            f"({best['backend']} {best['precision']} {best.get('driver', '')}) vs DDPMPipeline fp32 "
+            f"{base[0]['seconds']:.3g} s: **{base[0]['seconds'] / best['seconds']:.1f}x** (target >= 25x)", ""]
 
 
 def markdown(results: dict) -> str:
     lines = [f"# ddpm-engine performance: {title(results)}", ""]
     if results.get("model"):
         lines += [f"Model: {results['model']}", ""]
-    if results.get("flops_per_image_step"):
-        lines += [f"Model FLOPs per image per step: {results['flops_per_image_step'] / 1e9:.2f} GFLOP "
+    flops = results.get("flops_per_image_step")
+    for name, value in (flops.items() if isinstance(flops, dict) else [("CIFAR-10 UNet", flops)] if flops else []):
+        lines += [f"Model FLOPs per image per step ({name}): {value / 1e9:.2f} GFLOP "
                   "(torch.utils.flop_counter, a multiply-add counts 2)"]
     if results.get("matmul_peak_tflops"):
         lines += [f"Measured bf16 matmul peak: {results['matmul_peak_tflops']:.1f} TFLOP/s"]
     lines.append("")
+    lines += latency_target(results)
     if results.get("parity"):
         lines += ["## Parity against eager fp32", ""]
-        lines += _table(["model", "backend", "precision", "eps rel err", "image max abs", "PSNR dB"],
-                        [[r.get("model", "-"), r["backend"], r["precision"], r.get("eps_rel_err"),
+        lines += _table(["model", "backend", "precision", "driver", "eps rel err", "image max abs", "PSNR dB"],
+                        [[r.get("model", "-"), r["backend"], r["precision"], r.get("driver", "-"), r.get("eps_rel_err"),
                           r.get("image_max_abs"), r.get("psnr_db")] for r in results["parity"]])
     host = results.get("host_us_per_step") or {}
     if host:
         lines += ["## Host time per step (µs)", ""]
         lines += _table(list(HOST_DRIVERS), [[host.get(k) for k in HOST_DRIVERS]])
     if results.get("latency"):
-        lines += ["## Latency", ""]
-        rows = sorted(results["latency"], key=lambda r: (r["backend"], r["precision"], r.get("driver", ""),
-                                                         r["sampler"], r["steps"], r["batch"]))
-        lines += _table(["backend", "precision", "driver", "sampler", "steps", "batch", "seconds", "ms/step"],
-                        [[r["backend"], r["precision"], r.get("driver", "-"), r["sampler"], r["steps"], r["batch"],
-                          r["seconds"], 1e3 * r["seconds"] / r["steps"]] for r in rows])
+        lines += ["## Latency (ms per request)", ""] + latency_table(results["latency"])
     if results.get("throughput"):
-        lines += ["## Throughput", ""]
-        rows = sorted(results["throughput"], key=lambda r: (r["backend"], r["precision"], r["batch"]))
-        util = [mfu(r["images_per_s"], r["steps"], results) for r in rows]
-        lines += _table(["backend", "precision", "batch", "steps", "images/s", "MFU"],
-                        [[r["backend"], r["precision"], r["batch"], r["steps"], r["images_per_s"],
-                          None if u is None else f"{100 * u:.1f}%"] for r, u in zip(rows, util)])
+        lines += ["## Throughput (images/s at the full step count; % of the bf16 matmul peak)", ""]
+        lines += throughput_table(results["throughput"], results)
     if results.get("peers"):
-        lines += ["## Peers", ""]
-        lines += _table(["peer", "precision", "batch", "steps", "seconds", "images/s"],
-                        [[r["name"], r.get("precision"), r.get("batch"), r.get("steps"), r.get("seconds"),
-                          r.get("images_per_s")] for r in results["peers"]])
+        lines += ["## Peers (engine: the fastest engine row at the same model, precision, batch and steps)", ""]
+        lines += peers_table(results)
+    if results.get("sections_left"):
+        lines += [f"Sections not run yet: {', '.join(results['sections_left'])}", ""]
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
 
 
+def request_points(results: dict, model: str) -> dict:
+    """label -> [(batch, seconds per full-length request)] from the latency rows at the longest
+    step count and from the throughput rows (seconds = batch / images/s)."""
+    series: dict[str, list] = {}
+    latency = [r for r in results.get("latency", []) if r.get("model", "cifar10") == model]
+    full = max((r["steps"] for r in latency), default=None)
+    for r in latency:
+        if r["steps"] == full and r["sampler"] == "ddpm":
+            series.setdefault(f"{r['backend']} {r['precision']} {r.get('driver', '')}".strip(), []).append(
+                (r["batch"], r["seconds"]))
+    for r in results.get("throughput", []):
+        if r.get("model", "cifar10") == model:
+            series.setdefault(f"{r['backend']} {r['precision']} {r.get('driver', '')}".strip(), []).append(
+                (r["batch"], r["batch"] / r["images_per_s"]))
+    return {label: sorted(set(pts)) for label, pts in series.items()}
+
+
 def plot(results: dict, path) -> Path:
-    """Latency (s) and images/s vs batch, one line per configuration; writes a PNG."""
+    """Per model: seconds per full-length request and images/s against batch, one line per
+    backend/precision/driver (colour: precision; line style: driver), log-log; writes a PNG."""
     from ddpm_engine.errors import require
 
     matplotlib = require("matplotlib", "bench/report.py's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.8))
-    series: dict[str, list] = {}
-    for r in results.get("latency", []):
-        label = f"{r['backend']} {r['precision']} {r.get('driver', '')} {r['sampler']}-{r['steps']}".replace("  ", " ")
-        series.setdefault(label, []).append((r["batch"], r["seconds"]))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax_lat.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=label)
-    series = {}
-    for r in results.get("throughput", []):
-        series.setdefault(f"{r['backend']} {r['precision']} ({r['steps']} steps)", []).append(
-            (r["batch"], r["images_per_s"]))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax_tput.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=label)
-    for ax, ylabel in ((ax_lat, "latency per request (s)"), (ax_tput, "images / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+    models = sorted({r.get("model", "cifar10") for r in results.get("latency", []) + results.get("throughput", [])}) \
+        or ["cifar10"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
+    colours = {"fp32": "C0", "tf32": "C1", "fp16": "C2", "bf16": "C3"}
+    styles = {"auto": "-", "eager": ":", "python_graph": "-.", "c_driver": "--", "graph_loop": (0, (1, 1))}
+    for (ax_lat, ax_tput), model in zip(axes, models):
+        for label, pts in sorted(request_points(results, model).items()):
+            parts = label.split()
+            kw = {"color": colours.get(parts[1] if len(parts) > 1 else ""),
+                  "linestyle": styles.get(parts[2] if len(parts) > 2 else "", "-"), "marker": "o", "label": label}
+            ax_lat.plot([b for b, _ in pts], [s for _, s in pts], **kw)
+            ax_tput.plot([b for b, _ in pts], [b / s for b, s in pts], **kw)
+        for p in results.get("peers", []):
+            if p.get("model", "cifar10") == model and p.get("seconds"):
+                ax_lat.plot([p["batch"]], [p["seconds"]], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
+                ax_tput.plot([p["batch"]], [p["images_per_s"]], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
+        for ax, ylabel in ((ax_lat, "seconds per full-length request"), (ax_tput, "images / s")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{model} (x: peers)", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        if ax_lat.lines:
+            ax_lat.legend(fontsize=6, ncol=2)
     fig.suptitle(title(results), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -2,11 +2,14 @@
 
     python -m pytest bench/test_bench_gpu.py --benchmark-only -q -m gpu
 
-- one whole sampling run (DDIM-50, CIFAR-10 UNet, random weights) per backend/precision and
-  driver: ``python`` (Engine.sample's eager loop), ``python_graph`` (CUDA-graph replay from a
-  Python loop), ``c_driver`` (the C loop of cuGraphLaunch), at batch 1 and 64;
+- issue 10's latency cases: one request at batch 1 of ONE step, DDIM-50 and DDPM-1000 (CIFAR-10
+  UNet, random weights) per backend x precision (fp32 with TF32 off, tf32, fp16, bf16: engines
+  built, captured and timed under ``bench.gpu_suite.math_mode``) x driver: ``auto``
+  (``engine.sample(seeds)``, no driver argument), ``eager``, ``python_graph``, ``c_driver``,
+  ``graph_loop`` (``GraphedSampler.run``);
 - host time per step of each driver with a tiny model (the device work is negligible).
-``extra_info`` has ms/step and images/s. ``python -m bench.gpu_suite`` writes the same numbers to a JSON file.
+``extra_info`` has ms/step. ``python -m bench.gpu_suite`` writes the same numbers, and throughput
+and the peers, to a JSON file.
 """
 
 import pytest
@@ -16,61 +19,65 @@ from bench import gpu_suite as suite
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-STEPS = 50
-DRIVERS = {"python": None, "python_graph": "python", "c_driver": "c"}
-CASES = [(b, p) for b in ("torch", "aoti", "onnxruntime", "tensorrt") for p in ("fp32", "fp16", "bf16")
-         if b != "onnxruntime" or p == "fp32"]
+CASES = [(b, m) for b in suite.BACKENDS for m in suite.backend_modes(b)]
+CONFIGS = {"one_step" if steps == 1 else f"{sampler}{steps}": (sampler, steps) for sampler, steps in suite.FULL.latency}
 
 
 @pytest.fixture(scope="module")
-def samplers():
-    """(backend, precision) -> (engine, its graphed DDIM-50 sampler up to batch 64), built once."""
+def engines():
+    """(backend, mode) -> engine built under the mode's math flags; (..., sampler, steps) -> its
+    captured GraphedSampler at batch 1; built once."""
     pytest.importorskip("diffusers")
     from ddpm_engine import backends
 
     loaded = suite.cifar_loaded()
     cache = {}
 
-    def get(backend, precision):
+    def get(backend, mode, config=None):
         reason = backends.available("cuda").get(backend)
         if reason is not None:
             pytest.skip(f"backend {backend} unavailable: {reason}")
-        if (backend, precision) not in cache:
-            eng = suite.make_engine(loaded, backend, precision)
-            cache[backend, precision] = (eng, eng.graphed("ddim", STEPS, max_batch=64))
-        return cache[backend, precision]
+        if (backend, mode) not in cache:
+            with suite.math_mode(mode):
+                cache[backend, mode] = suite.make_engine(loaded, backend, suite.engine_precision(mode))
+        eng = cache[backend, mode]
+        if config is None:
+            return eng
+        why = suite.graph_drivers_usable(eng, "cuda")
+        if why is not None:
+            pytest.skip(why)
+        if (backend, mode, config) not in cache:
+            with suite.math_mode(mode):
+                cache[backend, mode, config] = suite.graphed_sampler(eng, *config, 1)
+        return cache[backend, mode, config]
 
     yield get
+    for value in cache.values():
+        if hasattr(value, "close"):
+            value.close()
     cache.clear()
     torch.cuda.empty_cache()
 
 
-def _synced(fn):
-    def run():
-        out = fn()
+@pytest.mark.parametrize("driver", suite.DRIVERS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("backend,mode", CASES)
+def test_latency(benchmark, engines, backend, mode, config, driver):
+    sampler, steps = CONFIGS[config]
+    eng = engines(backend, mode)
+    graphed = engines(backend, mode, (sampler, steps)) if driver in suite.GRAPH_DRIVERS else None
+    run = suite.request_fn(eng, sampler, steps, [1], driver, graphed)
+
+    def synced():
+        run()
         torch.cuda.synchronize()
-        return out
 
-    return run
-
-
-@pytest.mark.parametrize("driver", list(DRIVERS))
-@pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize("backend,precision", CASES)
-def test_ddim50_run(benchmark, samplers, backend, precision, batch, driver):
-    eng, gs = samplers(backend, precision)
-    seeds = list(range(1, batch + 1))
-    if DRIVERS[driver] is None:
-        fn = _synced(lambda: eng.sample(seeds, sampler="ddim", steps=STEPS))
-    else:
-        fn = _synced(lambda: gs.run(seeds, driver=DRIVERS[driver]))
-    fn()  # capture / compile / warm-up outside the timing
-    benchmark.group = f"ddim-{STEPS} cifar10 batch {batch}"
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), backend=backend, precision=precision,
-                                driver=driver)
-    benchmark.pedantic(fn, rounds=3, iterations=1)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(ms_per_step=1e3 * seconds / STEPS, images_per_s=batch / seconds)
+    benchmark.group = f"{config} cifar10 batch 1"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), backend=backend, precision=mode, driver=driver)
+    with suite.math_mode(mode):
+        synced()  # warm-up outside the timing
+        benchmark.pedantic(synced, rounds=suite.latency_reps(steps), iterations=1)
+    benchmark.extra_info.update(ms_per_step=1e3 * benchmark.stats.stats.median / steps)
 
 
 def test_host_us_per_step(benchmark):

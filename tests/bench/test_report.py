@@ -24,11 +24,22 @@ SYNTHETIC = {
                 "image_max_abs": 0.05, "psnr_db": 41.5}],
     "host_us_per_step": {"python": 2500.0, "python_graph": 30.0, "c_driver": 8.0, "graph_loop": None},
     "latency": [{"backend": "torch", "precision": "fp16", "driver": "c_driver", "batch": b, "sampler": "ddim",
-                 "steps": 50, "seconds": 0.1 * b ** 0.5} for b in (1, 4, 16)],
+                 "steps": 50, "seconds": 0.1 * b ** 0.5} for b in (1, 4, 16)]
+    + [{"model": "cifar10", "backend": "torch", "precision": p, "driver": d, "batch": 1, "sampler": "ddpm",
+        "steps": 1000, "seconds": s} for p, d, s in (("fp32", "eager", 3.0), ("fp32", "c_driver", 0.8),
+                                                     ("bf16", "graph_loop", 0.4))],
     "throughput": [{"backend": be, "precision": "fp16", "batch": b, "steps": 1000, "images_per_s": k * b}
-                   for be, k in (("torch", 0.005), ("tensorrt", 0.01)) for b in (8, 64)],
+                   for be, k in (("torch", 0.005), ("tensorrt", 0.01)) for b in (8, 64)]
+    + [{"model": "cifar10", "backend": "torch", "precision": "bf16", "driver": "eager", "batch": 4096, "steps": 1000,
+        "steps_measured": 2, "images_per_s": 4.0, "largest": True, "largest_limit": "out of memory at 8192"}],
     "peers": [{"name": "diffusers DDPMPipeline", "precision": "fp32", "batch": 16, "steps": 1000,
-               "seconds": 60.0, "images_per_s": 0.27}],
+               "seconds": 60.0, "images_per_s": 0.27},
+              {"name": "diffusers DDPMPipeline", "model": "cifar10", "precision": "fp32", "batch": 1, "steps": 1000,
+               "sampler": "ddpm", "seconds": 10.0, "images_per_s": 0.1},
+              {"name": "torch.compile max-autotune (Python loop)", "model": "cifar10", "precision": "fp16",
+               "batch": 64, "steps": 1000, "steps_measured": 20, "sampler": "ddpm", "seconds": 400.0,
+               "images_per_s": 0.16}],
+    "sections_left": ["aoti.cifar10.fp32"],
 }
 
 
@@ -39,14 +50,36 @@ def test_markdown_has_every_section():
     for section in ("Parity", "Host time per step", "Latency", "Throughput", "Peers"):
         assert f"## {section}" in md
     assert "11.95 GFLOP" in md and "diffusers DDPMPipeline" in md
-    # MFU of tensorrt at batch 64: 0.64 img/s * 1000 steps * 11.95 GFLOP / 100 TFLOP/s = 7.648%
-    assert "| tensorrt | fp16 | 64 | 1000 | 0.64 | 7.6% |" in md
-    assert md.count("| torch | fp16 | c_driver | ddim | 50 |") == 3
+    # throughput: images/s (% of the bf16 peak) per batch; MFU of tensorrt at batch 64:
+    # 0.64 img/s * 1000 steps * 11.95 GFLOP / 100 TFLOP/s = 7.648%; at 8: 0.956%
+    assert "| cifar10 | tensorrt | fp16 | - | 0.08 (1.0%) | 0.64 (7.6%) | - | - |" in md
+    assert "| cifar10 | torch | bf16 | eager | - | - | 4096 | 4.0 (47.8%) |" in md
+    # latency: one line per backend/precision/driver, one column per request setting (ms)
+    assert "| ddim-50 b1 (ms) | ddim-50 b4 (ms) | ddim-50 b16 (ms) | ddpm-1000 b1 (ms) |" in md
+    assert "| cifar10 | torch | fp16 | c_driver | 100.0 | 200.0 | 400.0 | - |" in md
+    assert "| cifar10 | torch | fp32 | c_driver | - | - | - | 800.0 |" in md
+    # peers: the engine's best row at the same model, precision, batch and steps
+    assert "| cifar10 | diffusers DDPMPipeline | fp32 | 1 | 1000 | 1000 | 10.0 | 0.1 | 0.8 | torch c_driver | 12.5x |" in md
+    assert ("| cifar10 | torch.compile max-autotune (Python loop) | fp16 | 64 | 1000 | 20 | 400.0 | 0.16 | 100.0 "
+            "| tensorrt | 4.0x |") in md
+    assert "| cifar10 | diffusers DDPMPipeline | fp32 | 16 | 1000 | 1000 | 60.0 | 0.27 | - | - | - |" in md
+    assert "best engine 0.4 s (torch bf16 graph_loop) vs DDPMPipeline fp32 10 s: **25.0x** (target >= 25x)" in md
+    assert "Sections not run yet: aoti.cifar10.fp32" in md
 
 
 def test_markdown_of_a_sparse_file():
     md = _load("report").markdown({"device": "x", "host_us_per_step": {"python": 1.0}})
     assert "## Host time per step" in md and "## Latency" not in md
+
+
+def test_mfu_per_model():
+    report = _load("report")
+    results = {"flops_per_image_step": {"cifar10": 1e10, "digits": 1e8}, "matmul_peak_tflops": 100.0}
+    assert report.mfu(10.0, 1000, results, "digits") == pytest.approx(10 * 1000 * 1e8 / 1e14)
+    assert report.mfu(10.0, 1000, results) == pytest.approx(10 * 1000 * 1e10 / 1e14)  # the CIFAR UNet's
+    assert report.mfu(5.0, 1000, {"flops_per_image_step": 1e10, "matmul_peak_tflops": 100.0}, "cifar10") == \
+        pytest.approx(0.5)  # a bare number (older files) is the CIFAR UNet's
+    assert report.mfu(10.0, 1000, {"flops_per_image_step": 1e10}) is None
 
 
 def test_write_report_makes_a_png(tmp_path):
