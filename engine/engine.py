@@ -213,9 +213,12 @@ class Engine:
         return await self._default_server().sample_async(batch, **kw)
 
     def close(self):
-        """Stop the batching servers if any run (the engine itself stays usable)."""
+        """Stop the batching servers if any run and drop the captured graphs (their buffers and
+        memory pools); the engine itself stays usable and captures again when asked."""
         with self._server_lock:
             servers, self._server, self._auto = (self._server, self._auto), None, None
+        with self._plans_lock:
+            self._graph_samplers.clear()
         for server in servers:
             if server is not None:
                 server.close()

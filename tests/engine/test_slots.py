@@ -197,3 +197,6 @@ def test_default_path_takes_the_graph_buckets_where_graphable(graphable, batchin
     eng.sample(seeds, sampler="ddim", steps=4, progress=False, x_T=torch.randn(3, *SHAPE))
     assert eng.backend.rows == [3] * 4  # x_T: graphs cannot serve it, the eager loop does
     eng.close()
+    assert not eng._graph_samplers  # close drops the captured buckets
+    again = eng.sample(seeds, sampler="ddim", steps=4)  # and the engine goes on
+    assert torch.equal(again, got)
