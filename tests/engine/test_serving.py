@@ -14,6 +14,7 @@ import torch
 
 from ddpm_engine import Engine, EngineError, InvalidRequestError, QueueFullError
 from ddpm_engine.models import SeedUNet
+from ddpm_engine.plan import SamplingPlan
 from ddpm_engine.serving import Server, ServerClosedError
 
 SHAPE = (1, 16, 16)
@@ -29,6 +30,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, params=["exact", "buckets"])
+def layout(request, monkeypatch):
+    """Every test twice: rows in exact-size buffers (the CPU default) and in graph-bucket slots
+    (engine/slots.py, the CUDA default; run here without capture)."""
+    if request.param == "buckets":
+        monkeypatch.setattr(SamplingPlan, "graphable", property(lambda self: True))
+    return request.param
 
 
 @pytest.fixture(scope="module")
