@@ -270,18 +270,18 @@ def versions() -> dict:
     return out
 
 
-def graph_drivers_usable(eng, device) -> str | None:
-    """None if the graph drivers can run this engine, else why not."""
-    if torch.device(device).type != "cuda":
-        return "the graph drivers need CUDA"
+def graph_drivers_usable(eng) -> str | None:
+    """None if the graph drivers can run this engine (``plan.graphable``), else why not."""
+    if eng.plan().graphable:
+        return None
     backend = eng.backend
-    if not backend.graph_capturable:
-        return f"the {backend.name} backend cannot be captured: {backend.graph_capture_refusal}"
-    return None
+    if eng.device.type != "cuda":
+        return "the graph drivers need CUDA"
+    return f"the {backend.name} backend cannot be captured: {backend.graph_capture_refusal}"
 
 
 def usable_drivers(eng, device, drivers, where: str, notes: list) -> list:
-    why = graph_drivers_usable(eng, device)
+    why = graph_drivers_usable(eng)
     if why is None:
         return list(drivers)
     skipped = [d for d in drivers if d in GRAPH_DRIVERS]
@@ -538,7 +538,7 @@ def parity_rows(loaded, model, backend, modes, seeds, device, steps: int = 1000,
                                "eps_rel_err": eps_rel_err(eng.backend, reference, loaded.sample_shape, device)}
                         row.update(image_diff(eng.sample(seeds, sampler="ddpm", steps=steps, driver="eager"), ref_images))
                         rows.append(row)
-                        if backend == "torch" and mode == "fp32" and graph_drivers_usable(eng, device) is None:
+                        if backend == "torch" and mode == "fp32" and graph_drivers_usable(eng) is None:
                             images = eng.sample(seeds, sampler="ddpm", steps=steps, driver="c")
                             rows.append(dict(row, driver="c_driver", **image_diff(images, ref_images)))
                     log(f"parity {rows[-1]}")
@@ -567,7 +567,7 @@ def host_us_per_step(device="cuda", steps: int = 200) -> dict:
     seeds = [1]
     out = {"python": 1e6 * sync_time(lambda: eng.sample(seeds, sampler="ddim", steps=steps, driver="eager"),
                                      device=device) / steps}
-    why = graph_drivers_usable(eng, device)
+    why = graph_drivers_usable(eng)
     graphed = None if why else graphed_sampler(eng, "ddim", steps, 1)
     for key, driver in GRAPH_DRIVERS.items():
         try:

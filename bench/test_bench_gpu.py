@@ -43,7 +43,7 @@ def engines():
         eng = cache[backend, mode]
         if config is None:
             return eng
-        why = suite.graph_drivers_usable(eng, "cuda")
+        why = suite.graph_drivers_usable(eng)
         if why is not None:
             pytest.skip(why)
         if (backend, mode, config) not in cache:

@@ -137,7 +137,7 @@ class Engine:
         through the batching server below, or with ``batching=False`` through the C driver
         (Python replay if it cannot be built). The eager loop runs where graphs cannot serve:
         on the CPU, with x_T, return_intermediates or a progress bar. The graph path on a GPU is
-        UNVERIFIED (README, "GPU status"); ``driver="eager"`` always takes the eager loop.
+        UNVERIFIED (README, "The CUDA path"); ``driver="eager"`` always takes the eager loop.
 
         Concurrent calls from several threads batch themselves (``batching=True``, the default):
         a call that arrives while another runs joins the running batch at its next step, with

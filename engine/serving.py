@@ -283,7 +283,7 @@ class Server:
                             lent = True
                         try:
                             if joining[g]:  # outside the lock: placing rows may capture a graph
-                                g.batch.add(joining[g], g.plan.start([s for r in joining[g] for s in r.seeds]))
+                                g.batch.add(joining[g])
                             self._step(g)
                         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
                             self._fail_group(g, exc)

@@ -54,10 +54,11 @@ class SlotBatch:
 
     # ---- joining and leaving ---------------------------------------------------------------
     @torch.inference_mode()  # the buckets' static rows are inference tensors
-    def add(self, requests, fresh: Rows) -> None:
-        """Place ``fresh`` (the rows of ``requests``, in order, ``len(r.seeds)`` rows each)."""
+    def add(self, requests) -> None:
+        """Start the rows of ``requests`` (``plan.start`` of their seeds, in order) in free slots."""
         sizes = [len(r.seeds) for r in requests]
-        m = sum(sizes)
+        fresh = self.plan.start([s for r in requests for s in r.seeds])
+        m = len(fresh)
         start = self._free_run(m)
         if start is None:
             start = self.live

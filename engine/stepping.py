@@ -43,10 +43,6 @@ class Rows:
     def __len__(self):
         return self.x.shape[0]
 
-    def select(self, index: torch.Tensor) -> "Rows":
-        """The rows at ``index`` (a device int64 tensor), as new tensors."""
-        return Rows(*(None if v is None else v.index_select(0, index) for v in self.fields()))
-
     def part(self, start: int, stop: int) -> "Rows":
         """Rows start..stop-1, as views."""
         return Rows(*(None if v is None else v[start:stop] for v in self.fields()))

@@ -69,7 +69,7 @@ def run_schedule(plan, batch, arrivals):
                 joining.append(Req([rng.getrandbits(64) for _ in range(n)], plan.steps))
                 room -= n
         if joining:
-            batch.add(joining, plan.start([s for r in joining for s in r.seeds]))
+            batch.add(joining)
             running += joining
             check_layout(batch)
         k += 1
@@ -96,8 +96,7 @@ def check_layout(batch: SlotBatch):
     if batch.graphed is None:
         assert batch.capacity == batch.live  # exact buffers: no padding rows
     elif batch.live:
-        assert batch.capacity == batch.graphed.bucket_for(batch.live) or batch.capacity > batch.live
-        assert batch.capacity in buckets(MAX_BATCH)
+        assert batch.capacity == batch.graphed.bucket_for(batch.live)  # the smallest bucket that holds them
         assert batch.rows is batch.bucket.rows  # the bucket's static buffers: what its graph replays
 
 
@@ -119,11 +118,11 @@ def test_buckets_grow_reuse_holes_and_shrink(engine):
     plan = engine.plan("ddim", 4)
     batch = SlotBatch(plan, GraphedSampler(plan, max_batch=MAX_BATCH, capture=False))
     a, b, c = Req([1, 2, 3], 4), Req([4], 4), Req([5, 6], 4)
-    batch.add([a], plan.start(a.seeds))
+    batch.add([a])
     assert batch.capacity == 4 and batch.where[a] == (0, 3)
-    batch.add([b], plan.start(b.seeds))  # the free slot 3
+    batch.add([b])  # the free slot 3
     assert batch.capacity == 4 and batch.where[b] == (3, 1)
-    batch.add([c], plan.start(c.seeds))  # 6 rows: repacked into bucket 8, in slot order
+    batch.add([c])  # 6 rows: repacked into bucket 8, in slot order
     assert batch.capacity == 8 and [batch.where[r] for r in (a, b, c)] == [(0, 3), (3, 1), (4, 2)]
     batch.remove([a])  # 3 live rows fit bucket 4: moved down, packed
     assert batch.capacity == 4 and [batch.where[r] for r in (b, c)] == [(0, 1), (1, 2)]
@@ -141,7 +140,7 @@ def test_a_bucket_that_cannot_be_built_falls_back_to_exact_buffers(engine):
     batch = SlotBatch(plan, Broken(plan, max_batch=MAX_BATCH, capture=False))
     r = Req([7, 8], 3)
     with pytest.warns(RuntimeWarning, match="capture failed"):
-        batch.add([r], plan.start(r.seeds))
+        batch.add([r])
     assert batch.graphed is None and batch.capacity == 2
     for _ in range(3):
         batch.step()
