@@ -1,14 +1,18 @@
-"""One-call GPU verification: versions, a driver probe, the GPU tests and a quick timing, in <= 8 minutes.
+"""One-call GPU verification and the headline numbers, in <= 8 minutes (one device call of 8.5).
 
     python -m bench.gpu_check --out DIR                # on the GPU machine (see README, "GPU verification")
     python -m bench.gpu_check --out DIR --cpu-smoke    # anywhere: the sections that need no GPU
+    python -m bench.gpu_check --failed-in gpu_check.json   # here: the --only value of a warm rerun
 
-Writes DIR/gpu_check.json and DIR/gpu_check.log. Every section runs in its own process with its
-own time budget, inside a total budget (default 450 s): a crash, a hang or a CUDA error in one
-section is recorded (status, exit code, the tail of its output) and the next one runs; a section
-that would start after the total budget is spent is skipped. Without CUDA (or with --cpu-smoke)
-the GPU sections are recorded as skipped with the reason. The JSON is rewritten after each
-section, so a run cut short still leaves one.
+Writes DIR/gpu_check.json and DIR/gpu_check.log and nothing else into DIR (a device call returns
+at most 8 files): the log gets every section's output as it comes, the JSON is rewritten after
+each section and every POLL_S seconds while one runs, so a call cut short (``timeout``, SIGTERM:
+the running section is killed and recorded as "killed") still returns what was measured. Junit
+files and the sections' own JSON go to --work (default: a temporary folder). Every section runs in
+its own process with its own time budget, inside a total budget (default 460 s): a crash, a hang
+or a CUDA error in one section is recorded (status, exit code, the tail of its output) and the
+next one runs; a section that would start after the total budget is spent is skipped. Without
+CUDA (or with --cpu-smoke) the GPU sections are recorded as skipped with the reason.
 
 Sections:
 - environment: Python/torch/CUDA/cuDNN/triton/onnxruntime/diffusers versions, the GPU, nvidia-smi,
@@ -18,12 +22,18 @@ Sections:
 - driver_probe: builds the C driver and the graph loop (engine/cuda), the CUDA driver's version,
   the device count, the graph loop's embedded device code and the libcudart it links.
 - tests_engine_cuda, tests_kernels, tests_gpu: `pytest -m "gpu or not gpu" <folder>` with
-  TRITON_INTERPRET unset; AOTI cases are deselected (`--tests-k`, default "not aoti": one CIFAR
-  compile takes minutes). Counts, failures, skip reasons and recorded properties (eps_rel_err,
-  psnr_db) from the junit XML, or from the verbose log if the budget ran out.
-- timing: host µs per step of each graph driver (a tiny model, DDIM-200, batch 1), then the
-  digits and CIFAR-10 DDPM-1000 runs at batch 1 and 64 per driver through the public
-  Engine.sample(seeds, driver=...), fp32, torch backend.
+  TRITON_INTERPRET unset; AOTI cases and the sm_90 compile test (CI runs it) are deselected
+  (`--tests-k`). Counts, failures, skip reasons and recorded properties (eps_rel_err, psnr_db)
+  from the junit XML, or from the verbose log if the budget ran out.
+- latency: the CIFAR-10 UNet (random weights), fp32 with TF32 off, batch 1, DDPM-1000 in full per
+  driver (eager, Python graph replay, the C driver, the graph loop, and the default path "auto"),
+  each driver a part of its own (bench.gpu_suite.latency_rows: the graph drivers replay a sampler
+  captured before the timing); the engine's ``fast_path()`` report; diffusers' DDPMPipeline fp32.
+- throughput: the bf16 matmul peak, then images/s at 1000 DDPM steps at batch 256, fp32 and
+  bf16, with the fastest driver that runs (C driver, else Python replay, else eager), from runs
+  of THROUGHPUT_STEPS steps (bench.gpu_suite.time_drivers).
+The full benchmark (peers under torch.compile, every precision and batch) is bench/gpu_suite.py:
+an optional, later call.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -48,10 +59,16 @@ from typing import Callable
 from bench.sections import error_record, run_section, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TOTAL_BUDGET_S = 450
+TOTAL_BUDGET_S = 460  # the device command allows 480 (timeout), plus the install: 8.5 minutes
 MIN_SECTION_S = 5  # a section with less time than this left is skipped
 TAIL_LINES = 40
-DEFAULT_TESTS_K = "not aoti"
+DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
+HEADLINE_STEPS = 1000  # DDPM-1000
+LATENCY_DRIVERS = ("eager", "python_graph", "c_driver", "graph_loop", "auto")  # bench.gpu_suite's driver names
+THROUGHPUT_DRIVERS = ("c_driver", "python_graph", "eager")  # fastest first
+THROUGHPUT_BATCH = 256
+THROUGHPUT_STEPS = 50  # steps timed per throughput run (every DDPM step does the same device work)
+POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
 MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
            "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
            "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
@@ -59,19 +76,20 @@ MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pyte
 
 @dataclass
 class Section:
-    """One step of the check: ``argv(out_dir)`` is its command, run from the repository root;
-    ``collect(out_dir, log_path)`` turns what it left behind into the JSON's ``data``."""
+    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
+    ``collect(work_dir, output)`` turns what it left behind (and its output so far) into the
+    JSON's ``data``."""
 
     name: str
     budget_s: float
     needs_gpu: bool
     argv: Callable[[Path], list]
-    collect: Callable[[Path, Path], dict] | None = None
+    collect: Callable[[Path, str], dict] | None = None
 
 
 # ---- the sections that run inside a child process (python -m bench.gpu_check --section NAME) ------
-def _section_json(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / "sections" / f"{name}.json"
+def _section_json(work_dir: Path, name: str) -> Path:
+    return Path(work_dir) / "sections" / f"{name}.json"
 
 
 def _environment(data):
@@ -210,76 +228,99 @@ def _driver_probe(data):
     yield "graph_loop", loop
 
 
-def _timing(data):
+def _headline_engine(suite, loaded, mode):
+    return suite.make_engine(loaded, "torch", suite.engine_precision(mode), "cuda")
+
+
+def _latency(data):
+    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver as its own part."""
     import torch
 
-    from bench.gpu_suite import cifar_loaded
-    from bench.gpu_timing import host_us_per_step, sync_time
-    from ddpm_engine import Engine
-    from ddpm_engine.checkpoints import load
-    from ddpm_engine.models import SeedUNet
+    from bench import gpu_suite as suite
 
-    drivers = ("eager", "python", "c", "graph_loop", "auto")  # auto: Engine.sample's default path
-    engines = {}
+    state = {}
 
-    def settings():
-        return {"device": torch.cuda.get_device_name(), "backend": "torch", "precision": "fp32",
-                "matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    def model():
+        state["loaded"] = suite.cifar_loaded(seed=0)
+        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device":
+                torch.cuda.get_device_name(), "precision": "fp32 (TF32 off)", "backend": "torch"}
 
-    def host_us():
-        torch.manual_seed(0)
-        eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch",
-                                 device="cuda")
-        steps, seeds = 200, [1]
-        out = {"model": "SeedUNet(1, (8, 16)) 1x8x8", "sampler": f"ddim-{steps}", "batch": 1,
-               "eager": {"wall_us_per_step": 1e6 * sync_time(lambda: eng.sample(seeds, sampler="ddim",
-                                                                                 steps=steps, driver="eager")) / steps}}
-        graphed = eng.graphed("ddim", steps, max_batch=1)
-        for d in drivers[1:-1]:
+    def driver_row(driver):
+        notes = []
+        matrix = suite.Matrix(latency=(("ddpm", HEADLINE_STEPS),))
+        rows = suite.latency_rows(state["loaded"], "cifar10", "torch", "fp32", "cuda", matrix, (driver,), notes=notes)
+        if not rows:
+            raise RuntimeError("; ".join(notes) or f"{driver} gave no row")
+        return dict(rows[0], notes=notes) if notes else rows[0]
+
+    def fast_path():
+        with suite.math_mode("fp32"):
+            eng = _headline_engine(suite, state["loaded"], "fp32")
             try:
-                out[d] = host_us_per_step(graphed, seeds, d, reps=3)
-            except Exception as exc:  # one driver failing must not drop the others
-                out[d] = error_record(exc)
-        return out
+                eng.sample([1], sampler="ddpm", steps=HEADLINE_STEPS)  # the default path, once
+                return eng.fast_path()
+            finally:
+                eng.close()
 
-    def engine(model):
-        if model not in engines:
-            loaded = load("digits") if model == "digits" else cifar_loaded(seed=0)
-            engines[model] = Engine(loaded, backend="torch", device="cuda", precision="fp32")
-        return engines[model]
+    def diffusers_fp32():
+        notes = []
+        rows = suite.diffusers_peer_rows(state["loaded"], "cifar10", "cuda", 1, HEADLINE_STEPS, HEADLINE_STEPS,
+                                         precisions=("fp32",), notes=notes)
+        if not rows:
+            raise RuntimeError("; ".join(notes) or "the DDPMPipeline peer gave no row")
+        return rows[0]
 
-    def runs(model, batch, steps=1000):
-        eng = engine(model)
-        seeds = list(range(1, batch + 1))
-        out = {}
-        eng.sample(seeds, sampler="ddpm", steps=10, driver="eager")  # warm-up: cuDNN algorithm choice, lazy inits
-        try:  # capture this bucket's graph outside the timing
-            eng.graphed("ddpm", steps).bucket(batch)
-        except Exception as exc:  # the graph drivers below record their own errors
-            out["capture_error"] = error_record(exc)
-        for d in drivers:
+    yield "model", model
+    for driver in LATENCY_DRIVERS:
+        yield driver, lambda d=driver: driver_row(d)
+    yield "fast_path", fast_path
+    yield "diffusers_ddpm_pipeline_fp32", diffusers_fp32
+
+
+def _throughput(data):
+    """images/s at 1000 DDPM steps, batch 256, fp32 and bf16, with the fastest driver that runs
+    (the C driver, else Python graph replay, else eager), from runs of THROUGHPUT_STEPS steps;
+    and the bf16 matmul peak (the roofline's denominator)."""
+    from bench import gpu_suite as suite
+
+    state = {}
+
+    def model():
+        state["loaded"] = suite.cifar_loaded(seed=0)
+        return {"flops_per_image_step": suite.flops_per_image_step(state["loaded"])}
+
+    def rate(mode):
+        notes = []
+        with suite.math_mode(mode):
+            eng = _headline_engine(suite, state["loaded"], mode)
             try:
-                seconds = sync_time(lambda: eng.sample(seeds, sampler="ddpm", steps=steps, driver=d), reps=1,
-                                    warm=False)
-                out[d] = {"seconds": seconds, "ms_per_step": 1e3 * seconds / steps, "images_per_s": batch / seconds}
-            except Exception as exc:
-                out[d] = error_record(exc)
-        return out
+                for driver in THROUGHPUT_DRIVERS:  # fastest first; the first that runs is the row
+                    times = suite.time_drivers(eng, "ddpm", THROUGHPUT_STEPS, THROUGHPUT_BATCH, [driver], "cuda", 3,
+                                               True, f"throughput {mode}", notes, print)
+                    if driver in times:
+                        per_step = times[driver] / THROUGHPUT_STEPS
+                        return {"precision": mode, "driver": driver, "batch": THROUGHPUT_BATCH,
+                                "steps": HEADLINE_STEPS, "steps_measured": THROUGHPUT_STEPS,
+                                "seconds_per_step": per_step,
+                                "images_per_s": THROUGHPUT_BATCH / (per_step * HEADLINE_STEPS), "notes": notes}
+            finally:
+                eng.close()
+                suite.free("cuda")
+        raise RuntimeError("no driver ran: " + "; ".join(notes))
 
-    yield "settings", settings
-    yield "host_us_per_step", host_us
-    for model in ("digits", "cifar10"):
-        for batch in (1, 64):
-            yield f"{model}_ddpm1000_b{batch}", lambda m=model, b=batch: runs(m, b)
+    yield "matmul_peak_tflops_bf16", lambda: suite.matmul_peak_tflops("cuda")
+    yield "model", model
+    for mode in ("fp32", "bf16"):
+        yield f"b{THROUGHPUT_BATCH}_{mode}", lambda m=mode: rate(m)
 
 
-CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "timing": _timing}
+CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "latency": _latency,
+                  "throughput": _throughput}
 
 
-def run_child(name: str, out_dir: Path) -> int:
+def run_child(name: str, work_dir: Path) -> int:
     """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
-    path = _section_json(out_dir, name)
+    path = _section_json(work_dir, name)
     data: dict = {}
 
     def log(msg):
@@ -325,10 +366,10 @@ def parse_junit(path: Path) -> dict:
 _RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
 
 
-def parse_pytest_log(path: Path) -> dict:
+def parse_pytest_log(text: str) -> dict:
     """Per-outcome counts and the failed tests from ``pytest -v`` output (for a run cut short)."""
     counts, failed = {}, []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         m = _RESULT_LINE.match(line)
         if m:
             counts[m.group(2)] = counts.get(m.group(2), 0) + 1
@@ -338,49 +379,49 @@ def parse_pytest_log(path: Path) -> dict:
 
 
 def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None) -> Section:
-    def argv(out_dir: Path) -> list:
+    def junit(work_dir: Path) -> Path:
+        return Path(work_dir) / "junit" / f"{name}.xml"
+
+    def argv(work_dir: Path) -> list:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
-               "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
-               f"--junitxml={Path(out_dir) / 'junit' / f'{name}.xml'}"]
+               "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit(work_dir)}"]
         return cmd + (["-k", tests_k] if tests_k else [])
 
-    def collect(out_dir: Path, log_path: Path) -> dict:
-        junit = Path(out_dir) / "junit" / f"{name}.xml"
-        data = parse_junit(junit) if junit.is_file() else parse_pytest_log(log_path)
-        data["command"] = shlex.join(argv(out_dir)[1:])
+    def collect(work_dir: Path, output: str) -> dict:
+        data = parse_junit(junit(work_dir)) if junit(work_dir).is_file() else parse_pytest_log(output)
+        data["command"] = shlex.join(argv(work_dir)[1:])
         return data
 
     return Section(name, budget_s, True, argv, collect)
 
 
 def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
-    def collect(out_dir: Path, log_path: Path) -> dict:
-        path = _section_json(out_dir, name)
+    def collect(work_dir: Path, output: str) -> dict:
+        path = _section_json(work_dir, name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
     return Section(name, budget_s, needs_gpu,
-                   lambda out_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--out", str(out_dir)],
+                   lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work",
+                                     str(work_dir)],
                    collect)
 
 
 def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
     """The check's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
     return [
-        child_section("environment", 35, needs_gpu=False),
-        child_section("driver_probe", 35, needs_gpu=False),
-        pytest_section("tests_engine_cuda", "tests/engine/cuda", 60, tests_k),
-        pytest_section("tests_kernels", "tests/kernels", 100, tests_k),
-        pytest_section("tests_gpu", "tests/gpu", 130, tests_k),
-        child_section("timing", 90, needs_gpu=True),
+        child_section("environment", 30, needs_gpu=False),
+        child_section("driver_probe", 30, needs_gpu=False),
+        pytest_section("tests_engine_cuda", "tests/engine/cuda", 50, tests_k),
+        pytest_section("tests_kernels", "tests/kernels", 80, tests_k),
+        pytest_section("tests_gpu", "tests/gpu", 115, tests_k),
+        child_section("latency", 95, needs_gpu=True),
+        child_section("throughput", 60, needs_gpu=True),
     ]
 
 
 # ---- the orchestrating parent -------------------------------------------------------------------
-def _tail(path: Path, n: int = TAIL_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+def _tail(text: str, n: int = TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-n:])
 
 
 def _child_env() -> dict:
@@ -391,43 +432,80 @@ def _child_env() -> dict:
     return env
 
 
-def _run(section: Section, out_dir: Path, timeout: float, log_path: Path) -> dict:
+class Stopped(Exception):
+    """SIGTERM (the device command's ``timeout``): the running section was killed, the JSON written."""
+
+
+def _run(section: Section, work_dir: Path, timeout: float, log, progress) -> dict:
+    """Run one section with its output appended to the open gpu_check.log ``log``; every POLL_S
+    seconds ``progress(partial record)`` sees what it has collected so far."""
     t0 = time.perf_counter()
-    argv = section.argv(out_dir)
-    record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv))}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as logf:
-        try:
-            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(),
-                                    start_new_session=True)
-        except OSError as exc:
-            return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
-        try:
-            rc = proc.wait(timeout=timeout)
-            record.update(status="ok" if rc == 0 else "failed", rc=rc)
-        except subprocess.TimeoutExpired:
+    argv = section.argv(work_dir)
+    record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv)), "status": "running"}
+    log.write(f"----- {section.name} output -----\n")
+    log.flush()
+    begin = log.tell()
+
+    def output() -> str:
+        log.flush()
+        with open(log.name, errors="replace") as f:
+            f.seek(begin)
+            return f.read()
+
+    def collect():
+        if section.collect is not None:
+            try:
+                record["data"] = section.collect(work_dir, output())
+            except Exception as exc:  # e.g. a half-written junit file
+                record["collect_error"] = f"{type(exc).__name__}: {exc}"
+
+    try:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(),
+                                start_new_session=True)
+    except OSError as exc:
+        return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=max(0.1, min(POLL_S, timeout - (time.perf_counter() - t0))))
+                record.update(status="ok" if rc == 0 else "failed", rc=rc)
+                break
+            except subprocess.TimeoutExpired:
+                if time.perf_counter() - t0 >= timeout:
+                    record.update(status="timeout", rc=None, error=f"stopped after its budget of {timeout:.0f} s")
+                    break
+                collect()
+                record["seconds"] = round(time.perf_counter() - t0, 2)
+                progress(record)
+    except Stopped:
+        record.update(status="killed", rc=None, error="the check was stopped (SIGTERM) while this section ran")
+        raise
+    finally:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group: it and its children
             proc.wait()
-            record.update(status="timeout", rc=None, error=f"stopped after its budget of {timeout:.0f} s")
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    if section.collect is not None:
-        try:
-            record["data"] = section.collect(out_dir, log_path)
-        except Exception as exc:  # e.g. a half-written junit file
-            record["collect_error"] = f"{type(exc).__name__}: {exc}"
-    if record["status"] != "ok":
-        record.setdefault("error", f"exit code {record.get('rc')}")
-        record["output_tail"] = _tail(log_path)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        collect()
+        if record["status"] != "ok":
+            record.setdefault("error", f"exit code {record.get('rc')}")
+            record["output_tail"] = _tail(output())
+        log.write(f"\n----- end {section.name} -----\n")
+        log.flush()
     return record
 
 
 def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL_BUDGET_S, gpu: bool | None = None,
-                 mode_note: str = "", echo=print) -> dict:
+                 mode_note: str = "", echo=print, work_dir=None) -> dict:
     """Run ``sections`` in order, each in its own process with min(its budget, the time left);
-    write out_dir/gpu_check.json after each and out_dir/gpu_check.log throughout; the results.
+    write out_dir/gpu_check.json after each (and every POLL_S seconds while one runs) and every
+    section's output to out_dir/gpu_check.log as it comes: those two files, nothing else, go to
+    ``out_dir``; junit files and the children's JSON go to ``work_dir`` (default: a temporary
+    folder). On SIGTERM the running section is killed and recorded as such, and the JSON written.
     ``gpu=None``: decided after the environment section (torch.cuda.is_available() there)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ddpm-gpu-check-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
     json_path, log_path = out_dir / "gpu_check.json", out_dir / "gpu_check.log"
     start = time.perf_counter()
     results = {"tool": "bench.gpu_check", "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -436,8 +514,18 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
     def set_mode():
         results["mode"] = None if gpu is None else "gpu" if gpu else f"cpu-smoke ({mode_note or 'no GPU'})"
 
-    set_mode()
+    def save(name=None, record=None):
+        if name is not None:
+            results["sections"][name] = record
+            results["summary"][name] = record["status"]
+        results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        write_json(json_path, results)
 
+    def stop(signum, frame):
+        raise Stopped()
+
+    set_mode()
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     with open(log_path, "a") as log:
         def say(msg):
             line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -445,40 +533,63 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
             log.write(line + "\n")
             log.flush()
 
-        for section in sections:
-            left = total_budget_s - (time.perf_counter() - start)
-            if section.needs_gpu and gpu is None:
-                gpu = results["gpu"] = _gpu_from(results)
-                set_mode()
-            if section.needs_gpu and not gpu:
-                record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
-            elif left < MIN_SECTION_S:
-                record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
-                                                         "total budget left"}
-            else:
-                budget = min(section.budget_s, left)
-                say(f"section {section.name}: start (budget {budget:.0f} s)")
-                section_log = out_dir / "logs" / f"{section.name}.log"
-                record = _run(section, out_dir, budget, section_log)
-                log.write(f"----- {section.name} output -----\n{_read(section_log)}\n----- end {section.name} -----\n")
-            results["sections"][section.name] = record
-            results["summary"][section.name] = record["status"]
-            say(f"section {section.name}: {record['status']}"
-                + (f" in {record['seconds']} s" if "seconds" in record else f" ({record.get('reason')})")
-                + (f": {record['error']}" if record.get("error") else ""))
-            results["elapsed_s"] = round(time.perf_counter() - start, 1)
-            write_json(json_path, results)
+        try:
+            for section in sections:
+                left = total_budget_s - (time.perf_counter() - start)
+                if section.needs_gpu and gpu is None:
+                    gpu = results["gpu"] = _gpu_from(results)
+                    set_mode()
+                if section.needs_gpu and not gpu:
+                    record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
+                elif left < MIN_SECTION_S:
+                    record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
+                                                             "total budget left"}
+                else:
+                    budget = min(section.budget_s, left)
+                    say(f"section {section.name}: start (budget {budget:.0f} s)")
+                    try:
+                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r))
+                    except Stopped:
+                        save(section.name, results["sections"].get(section.name, {"status": "killed"}))
+                        raise
+                save(section.name, record)
+                say(f"section {section.name}: {record['status']}"
+                    + (f" in {record['seconds']} s" if "seconds" in record else f" ({record.get('reason')})")
+                    + (f": {record['error']}" if record.get("error") else ""))
+        except Stopped:
+            results["stopped"] = "SIGTERM: the sections after the killed one did not run"
+            say(results["stopped"])
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-        write_json(json_path, results)
+        save()
+        for line in headline_lines(results):
+            say(line)
         say(f"wrote {json_path} and {log_path}: " + json.dumps(results["summary"]))
     return results
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
+def headline_lines(results: dict) -> list[str]:
+    """The headline numbers as short lines (the device reply shows the end of the output)."""
+    lines = []
+    latency = results["sections"].get("latency", {}).get("data", {})
+    for key in (*LATENCY_DRIVERS, "diffusers_ddpm_pipeline_fp32"):
+        if isinstance(latency.get(key), dict) and "seconds" in latency[key]:
+            lines.append(f"latency b1 DDPM-{HEADLINE_STEPS} fp32 {key}: {latency[key]['seconds']:.3f} s")
+    throughput = results["sections"].get("throughput", {}).get("data", {})
+    for key, value in throughput.items():
+        if isinstance(value, dict) and "images_per_s" in value:
+            lines.append(f"throughput {key} ({value['driver']}): {value['images_per_s']:.1f} images/s")
+    if isinstance(throughput.get("matmul_peak_tflops_bf16"), (int, float)):
+        lines.append(f"bf16 matmul peak: {throughput['matmul_peak_tflops_bf16']:.0f} TFLOP/s")
+    return lines
+
+
+def failed_sections(results: dict) -> list[str]:
+    """The sections of a gpu_check.json that did not end ok (skipped for want of a GPU excepted)."""
+    return [name for name, record in results.get("sections", {}).items()
+            if record.get("status") not in ("ok", "skipped") or str(record.get("reason", "")).startswith("out of time")]
 
 
 def _gpu_from(results: dict) -> bool:
@@ -496,20 +607,29 @@ def _gpu_from(results: dict) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.log and the section logs")
+    ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.log (nothing else is written there)")
+    ap.add_argument("--work", default=None, help="folder for the junit files and the sections' own JSON "
+                                                 "(default: a new temporary folder)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run only the sections that need no GPU (automatic when torch sees no CUDA device)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
     ap.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
+    ap.add_argument("--failed-in", default=None, metavar="JSON",
+                    help="print the --only value that reruns the sections of this gpu_check.json that did not "
+                         "end ok, and exit")
     ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k expression for the test sections "
                     "('' for all, e.g. to include the AOTI cases)")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one child section
     args = ap.parse_args(argv)
-    out_dir = Path(args.out)
+    if args.failed_in is not None:
+        print(",".join(failed_sections(json.loads(Path(args.failed_in).read_text()))))
+        return 0
     if args.section is not None:
-        if args.section not in CHILD_SECTIONS:
-            ap.error(f"unknown section {args.section!r}; child sections: {sorted(CHILD_SECTIONS)}")
-        return run_child(args.section, out_dir)
+        if args.section not in CHILD_SECTIONS or args.work is None:
+            ap.error(f"--section takes --work and one of {sorted(CHILD_SECTIONS)}")
+        return run_child(args.section, Path(args.work))
+    if args.out is None:
+        ap.error("--out is required")
     sections = default_sections(args.tests_k or None)
     if args.only:
         wanted = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -519,7 +639,7 @@ def main(argv=None) -> int:
         sections = [s for s in sections if s.name in wanted]
     gpu = False if args.cpu_smoke else None
     note = "--cpu-smoke given" if args.cpu_smoke else "torch.cuda.is_available() is False"
-    results = run_sections(sections, out_dir, args.budget_s, gpu, note)
+    results = run_sections(sections, Path(args.out), args.budget_s, gpu, note, work_dir=args.work)
     return 0 if all(v in ("ok", "skipped") for v in results["summary"].values()) else 1
 
 

@@ -360,39 +360,39 @@ def latency_rows(loaded, model, backend, mode, device, matrix=FULL, drivers=DRIV
 
 def largest_batch(eng, start: int, cap: int, device) -> tuple[int, str]:
     """The largest batch start * 2^k (k >= 0; or start / 2^k if start does not fit) that runs one
-    eager DDPM step of ``eng`` without running out of memory, at most min(cap, eng.max_batch);
-    and why the next doubling was not taken."""
+    eager DDPM step of ``eng``, at most min(cap, eng.max_batch); and why the next doubling was not
+    taken. Any error counts as not fitting (out of memory, the engine refusing a size, a failing
+    kernel), with the error in the reason, so one refusal never ends the section."""
     from ddpm_engine.plan import reverse_step
 
     plan = eng.plan("ddpm")
     limit = min(cap, eng.max_batch)
 
-    def step(b: int) -> bool:
+    def step(b: int) -> str | None:
         try:
             with torch.inference_mode():
                 reverse_step(plan, plan.start(list(range(1, b + 1))))
             sync(device)
-            return True
+            return None
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            return False
+            return "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
 
-    def fits(b: int) -> bool:
-        ok = step(b)
+    def fails(b: int) -> str | None:
+        why = step(b)
         free(device)  # after step() returned: its traceback, holding the tensors, is gone
-        return ok
+        return why
 
     b = min(start, limit)
-    while not fits(b):
+    failed = None  # why the last halving was needed
+    while (why := fails(b)) is not None:
         if b == 1:
-            raise torch.cuda.OutOfMemoryError("one image does not fit in memory")
-        b //= 2
-    if b < min(start, limit):
-        return b, f"out of memory at {2 * b}"
+            raise RuntimeError(f"one image does not run: {why}")
+        failed, b = why, b // 2
+    if failed is not None:
+        return b, f"{failed} at {2 * b}"
     while 2 * b <= limit:
-        if not fits(2 * b):
-            return b, f"out of memory at {2 * b}"
+        if (why := fails(2 * b)) is not None:
+            return b, f"{why} at {2 * b}"
         b *= 2
     return b, f"the cap: at most {limit} (min of --largest-cap {cap} and the engine's max_batch {eng.max_batch})"
 

@@ -9,11 +9,9 @@
 # All are pure-Python wheels (they match any platform). The GPU machine has no package index,
 # so they travel with the working tree: pass carry=[".whl"] to the device run.
 #
-# The device command (run from the repository root; under 2000 characters):
-#
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && (python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest/*.whl) && PYTHONPATH=/tmp/site python3 -m bench.gpu_check --out $OUT
-#
-# It writes $OUT/gpu_check.json and $OUT/gpu_check.log within 8 minutes (bench/gpu_check.py).
+# The device command is in README.md ("GPU verification"): pip install --upgrade --no-compile
+# into /tmp/site (a warm rerun replaces the old ddpm_engine), then bench.gpu_check under `timeout`;
+# it writes $OUT/gpu_check.json and $OUT/gpu_check.log only.
 # Extra wheels (e.g. EXTRA_WHEELS="requests==2.32.3 certifi==2025.8.3") are fetched the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +35,6 @@ download .whl "${WHEELS[@]}"
 # shellcheck disable=SC2206
 [ -n "${EXTRA_WHEELS:-}" ] && download .whl ${EXTRA_WHEELS}
 download .whl/pytest "${PYTEST_WHEELS[@]}"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+"$PY" -m pip wheel -q --no-deps -w .whl .  # build isolation: works without the `wheel` package
 ls -l .whl .whl/pytest
 du -sh .whl

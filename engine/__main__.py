@@ -74,7 +74,25 @@ def cmd_info(args) -> int:
         print(f"device {dev} ({name}): auto -> {backends.auto_backend(dev)}")
         for backend, reason in backends.available(dev).items():
             print(f"  {backend:12s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print_fast_path(devices[-1])
     return 0
+
+
+def print_fast_path(device: str) -> None:
+    """The default path's report (Engine.fast_path) after one short digits run on ``device``."""
+    from .engine import Engine
+
+    try:
+        engine = Engine.from_pretrained("digits", device=device, batching=False)
+        engine.sample([0], sampler="ddim", steps=2)  # builds and checks the default path once
+        reports = engine.fast_path()
+        engine.close()
+    except Exception as exc:  # info reports; it never fails on this
+        print(f"fast path on {device}: not checked ({type(exc).__name__}: {exc})")
+        return
+    for r in reports:
+        print(f"fast path on {device} (digits, {r['plan']}): {r['path']}; graphs: {r['graphs']}; "
+              f"C driver: {r['c_driver']}")
 
 
 def cmd_serve(args) -> int:

@@ -174,11 +174,38 @@ class Engine:
     def _graphed(self, plan: SamplingPlan, max_batch=64, capture=None):
         from .cuda.graphs import GraphedSampler
 
+        capture = plan.device.type == "cuda" if capture is None else bool(capture)  # one sampler for None and its value
         key = (plan.key, max_batch, capture)
         with self._plans_lock:
             if key not in self._graph_samplers:
                 self._graph_samplers[key] = GraphedSampler(plan, max_batch=max_batch, capture=capture)
             return self._graph_samplers[key]
+
+    def fast_path(self) -> list[dict]:
+        """Which path each plan this engine has made takes, and why: one dict per plan, {"plan",
+        "path": "graphs" | "eager", "graphs": verified (buckets) / refused with the reason / why
+        not used, "c_driver": verified / failed with the reason / not used}. README, "The fast
+        path checks itself"."""
+        with self._server_lock:
+            servers = [s for s in (self._server, self._auto) if s is not None]
+        with self._plans_lock:
+            plans = list(self._plans.values())
+            reports = [gs.report() for gs in self._graph_samplers.values()]
+        reports += [r for server in servers for r in server.fast_path()]
+        by_plan = {}  # one report per plan: a refusal wins, then the one that built buckets
+        for r in sorted(reports, key=lambda r: (r["path"] != "eager", not r["graphs"].startswith("verified"))):
+            by_plan.setdefault(r["plan"], r)
+        reports = list(by_plan.values())
+        from .cuda.graphs import plan_name
+
+        for plan in plans:
+            if plan_name(plan) not in by_plan:
+                why = ("not used yet" if plan.graphable else "not used: " + (
+                    f"the {plan.backend.name} backend cannot be captured" if plan.device.type == "cuda"
+                    else f"no CUDA graphs on {plan.device}"))
+                reports.append({"plan": plan_name(plan), "path": "graphs" if plan.graphable else "eager",
+                                "graphs": why, "c_driver": "not used"})
+        return reports
 
     # ---- serving: many callers, one batch (engine/serving.py) ---------------------------------
     def serve(self, *, mode="continuous", max_batch=32, max_wait_ms=5.0, max_queue=1024):

@@ -211,11 +211,13 @@ class Server:
         return await asyncio.wrap_future(self.submit(batch, **kw))
 
     def metrics(self) -> dict:
-        """Counts, images/s, queue wait and latency percentiles (seconds), batch sizes in rows."""
+        """Counts, images/s, queue wait and latency percentiles (seconds), batch sizes in rows, and
+        ``fast_path``: which path each plan's batches take and why (``fast_path()``)."""
         out = self._metrics.snapshot()
         with self._cond:
             out["queued"] = self._queued
             out["running_rows"] = sum(g.rows for g in self._groups.values())
+        out["fast_path"] = self.fast_path()
         return out
 
     def close(self, timeout: float = 10.0) -> None:
@@ -244,7 +246,13 @@ class Server:
         self._graphed[plan.key] = gs
         while len(self._graphed) > KEPT_GRAPHS:  # a running group keeps its own reference
             self._graphed.popitem(last=False)
-        return gs
+        return None if gs.refused else gs  # refused (capture or canary failed): the plan runs eagerly
+
+    def fast_path(self) -> list[dict]:
+        """The graph samplers' reports (GraphedSampler.report) of the plans this server kept."""
+        with self._cond:
+            samplers = list(self._graphed.values())
+        return [gs.report() for gs in samplers]
 
     # ---- the scheduler thread ----------------------------------------------------------------
     def _loop(self):

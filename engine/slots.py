@@ -15,8 +15,10 @@ advances every slot; a request that finishes is read out of its slots and frees 
   concatenation or a gather) and a step is ``reverse_step`` on them.
 
 Repacking happens only when requests join or leave, never in a step; it reads the slots by
-slices, so it needs no index tensor from the host. If capturing a bucket fails, the batch warns
-once and goes on without graphs (the rows are kept).
+slices, so it needs no index tensor from the host. A bucket built for the first time is checked
+by its canary on the rows about to move in (engine/cuda/graphs.py); if capturing or the canary
+fails, graphs are off for the plan (warned once, recorded in the sampler's report) and the batch
+goes on without them (the rows are kept).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import warnings
 
 import torch
 
+from .cuda.graphs import GraphsRefused
 from .plan import SamplingPlan, reverse_step
 from .stepping import Rows
 
@@ -34,7 +37,7 @@ class SlotBatch:
 
     def __init__(self, plan: SamplingPlan, graphed=None):
         self.plan = plan
-        self.graphed = graphed
+        self.graphed = None if graphed is None or graphed.refused else graphed  # a refused plan runs eagerly
         self.rows: Rows | None = None  # the buffer: ``capacity`` slots
         self.bucket = None  # the graphs.Bucket whose static rows are the buffer (graphed only)
         self.where: dict = {}  # request -> (start, n), in slot order
@@ -123,12 +126,13 @@ class SlotBatch:
             self.where[req] = (start, n)
             start += n
         if self.graphed is not None:
-            try:
-                bucket = self.graphed.bucket(len(packed))  # built and captured on first use
-            except Exception as exc:  # capture failed: keep serving without graphs
-                warnings.warn(f"CUDA-graph bucket of {self.graphed.bucket_for(len(packed))} rows could not be "
-                              f"built ({type(exc).__name__}: {exc}); this batch goes on without graphs",
-                              RuntimeWarning, stacklevel=2)
+            try:  # built, captured and checked by the canary on first use, on these very rows
+                bucket = self.graphed.bucket(len(packed), sample=packed)
+            except Exception as exc:  # capture or canary failed: keep serving without graphs
+                if not isinstance(exc, GraphsRefused):  # a refusal was warned about (and recorded) once
+                    warnings.warn(f"CUDA-graph bucket of {self.graphed.bucket_for(len(packed))} rows could not be "
+                                  f"built ({type(exc).__name__}: {exc}); this batch goes on without graphs",
+                                  RuntimeWarning, stacklevel=2)
                 self.graphed = None
             else:
                 bucket.rows.write(0, packed)

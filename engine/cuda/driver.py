@@ -7,6 +7,12 @@ the graph loop (graph_loop.py) shares.
 second call reuses the file and an edited source gets a new one; the file is written under a
 temporary name and renamed, and a cached library that does not load is rebuilt once.
 
+``trusted_driver()`` is what the engine uses: the built driver, loaded in this process only after
+``probe(path)`` has loaded it in a subprocess, opened libcuda and (on a GPU) replayed a tiny
+captured graph through it, so a crash there (a segfault in C) costs a child process, not the
+caller's. The verdict is cached per build (beside the library, ``<lib>.probe-<key>.json``; delete
+it to probe again) and per process.
+
 ``load_driver()`` returns a ``GraphDriver``: ``replay(graph_exec, stream, steps)`` launches a
 captured cudaGraphExec_t ``steps`` times and synchronises once; a CUDA failure raises
 ``CudaError`` (a ``BackendUnavailableError``) carrying CUDA's own message and code.
@@ -28,10 +34,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -262,3 +271,81 @@ def load_driver(path=None, *, cache_dir=None, source=None) -> GraphDriver:
         if path not in _loaded:
             _loaded[path] = GraphDriver(path)
         return _loaded[path]
+
+
+# ---- trust: probe a build in a subprocess before loading it here ----------------------------------
+PROBE_TIMEOUT_S = 180
+_verdicts: dict[tuple, dict] = {}
+
+
+def probe_child(path: str, libcuda: str) -> None:
+    """The probe's body (in the subprocess): load the library, open libcuda, and on a GPU replay a
+    captured one-kernel graph 3 times through it; prints a JSON line; any failure exits non-zero."""
+    d = GraphDriver(path, libcuda)
+    out = {"driver_version": d.driver_version()}
+    import torch
+
+    if torch.cuda.is_available():
+        out["device_count"] = d.device_count()
+        x = torch.zeros(1, device="cuda")
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            x.add_(1)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x.add_(1)
+        x.zero_()
+        d.replay(graph.raw_cuda_graph_exec(), torch.cuda.current_stream().cuda_stream, 3)
+        if x.item() != 3.0:
+            raise RuntimeError(f"3 replays of x += 1 gave {x.item()}")
+        out["replayed"] = 3
+    print(json.dumps(out), flush=True)
+
+
+def _probe_in_subprocess(path: Path, libcuda: str) -> dict:
+    code = "import sys; from ddpm_engine.cuda.driver import probe_child; probe_child(sys.argv[1], sys.argv[2])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(path), libcuda], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"the probe process hung (killed after {PROBE_TIMEOUT_S} s)"}
+    except OSError as exc:
+        return {"ok": False, "reason": f"the probe process could not start: {exc}"}
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:500]
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else proc.returncode
+        return {"ok": False, "reason": f"the probe process died of {name} (a crash in the C driver or the CUDA "
+                                       f"driver under it){': ' + tail if tail else ''}"}
+    if proc.returncode != 0:
+        return {"ok": False, "reason": f"the probe failed (exit {proc.returncode}): {tail}"}
+    return {"ok": True, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def probe(path, libcuda: str | None = None) -> dict:
+    """{"ok": bool, "reason" (if not ok), ...}: the verdict of ``probe_child`` on the build at ``path``
+    run in a subprocess; cached beside the library (one file per build and libcuda) and per process."""
+    path = Path(path)
+    libcuda = libcuda or os.environ.get("DDPM_LIBCUDA") or "libcuda.so.1"
+    memo = (path, libcuda)
+    with _build_lock:
+        if memo not in _verdicts:
+            record = path.with_name(f"{path.name}.probe-{cache.key({'libcuda': libcuda})[:8]}.json")
+            try:
+                verdict = json.loads(record.read_text())
+            except (OSError, ValueError):  # not probed yet (or a foreign file): probe now
+                verdict = _probe_in_subprocess(path, libcuda)
+                cache.write_bytes(record, json.dumps(verdict).encode())
+            _verdicts[memo] = verdict
+        return _verdicts[memo]
+
+
+def trusted_driver(cache_dir=None) -> GraphDriver:
+    """The C driver, built if needed, loaded here only once ``probe`` passed on the same build;
+    BackendUnavailableError with the probe's reason otherwise."""
+    path = build_driver(cache_dir)
+    verdict = probe(path)
+    if not verdict.get("ok"):
+        raise BackendUnavailableError(f"the C graph driver {path.name} failed its probe in a subprocess: "
+                                      f"{verdict.get('reason')}")
+    return load_driver(path)

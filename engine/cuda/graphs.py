@@ -22,6 +22,16 @@ after capture (with ``keep_graph=False`` ``capture_end`` would instantiate and d
 Calling ``instantiate()`` again destroys a returned exec, so the handle is re-read for every run
 rather than cached.
 
+The fast path checks itself (README, "The fast path checks itself"). The first time a bucket is
+built, its replay is a canary: one replay on a copy of the real rows it was built for, compared
+with one eager ``reverse_step`` on the same rows at ``CANARY_TOL[precision]`` (the GPU parity
+tests' graph tolerance). A mismatch, a NaN, or an exception in warm-up, capture, instantiate or
+that replay refuses graphs for the plan (``refused``: the reason; warned once): ``run()`` with
+the default driver then runs the eager loop (the same images as ``driver="eager"``), and an
+explicit driver raises ``GraphsRefused``. The C driver is trusted only after a subprocess has
+loaded and exercised the same build (``driver.trusted_driver``); if it fails, the default driver
+is Python replay. ``report()`` says which path the plan takes and why.
+
 Everything but capture and replay runs on the CPU too: ``GraphedSampler(plan, capture=False)``
 keeps the buckets, padding rows, static buffers, in-place step, device-side step index and
 chunking above ``max_batch``, and "replays" by calling the same step function directly, so CI
@@ -38,11 +48,39 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BackendUnavailableError, EngineError, InvalidRequestError
-from ..plan import SamplingPlan, check_positive_int, parse_batch, reverse_step
+from ..plan import SamplingPlan, check_positive_int, parse_batch, reverse_step, run_chain
 from ..stepping import Rows
 
 DRIVERS = ("python", "c", "graph_loop")
 WARMUP_ITERS = 3
+# The canary's tolerance per precision: max |replay - eager| over one reverse step, relative to
+# max(1, max |eager|); the GPU parity tests hold the graph drivers to the same numbers.
+CANARY_TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
+
+
+class GraphsRefused(BackendUnavailableError):
+    """CUDA graphs are refused for a plan: a bucket's capture or canary failed (the message says how)."""
+
+
+def plan_name(plan: SamplingPlan) -> str:
+    """"ddpm-1000", "ddim-50 eta=0": a plan as the fast-path report names it."""
+    spec = plan.spec
+    return f"{spec.sampler}-{plan.steps}" + (f" eta={spec.eta:g}" if spec.sampler == "ddim" else "")
+
+
+def canary_mismatch(got: Rows, want: Rows, precision: str) -> str | None:
+    """Why rows after one replay (``got``) are not those after one eager step (``want``), or None.
+    Host syncs: run once per bucket, never per step."""
+    tol = CANARY_TOL.get(precision, max(CANARY_TOL.values()))
+    x, ref = got.x.float(), want.x.float()
+    if not bool(torch.isfinite(x).all()):
+        return "the replay wrote NaN or Inf"
+    err = (x - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    if not err <= tol:
+        return f"the replay differs from one eager reverse_step by {err:.3g} (tolerance {tol:g} at {precision})"
+    if not torch.equal(got.i, want.i):
+        return "the replay left other step indices than one eager reverse_step"
+    return None
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -102,6 +140,8 @@ class GraphedSampler:
         self._driver = None
         self._graph_loop = None
         self._fastest = None  # fastest_driver(), decided on first use
+        self.refused: str | None = None  # why graphs are off for this plan (then run() samples eagerly)
+        self.c_driver: str | None = None  # the C driver's verdict: None until asked for
 
     # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
@@ -110,11 +150,23 @@ class GraphedSampler:
                 return b
         raise InvalidRequestError(f"batch of {n} is above max_batch={self.max_batch}")
 
-    def bucket(self, n: int) -> Bucket:
-        """The bucket that serves a batch of ``n`` (built and captured on first use)."""
+    def bucket(self, n: int, sample: Rows | None = None) -> Bucket:
+        """The bucket that serves a batch of ``n``, built, captured and checked by the canary on first
+        use (on ``sample``, the real rows it is built for, padded with seed-0 rows; default: those
+        alone). Raises GraphsRefused (graphs are then off for the plan) if any of that fails."""
         b = self.bucket_for(n)
+        if self.refused is not None:
+            raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
         if b not in self._graphs:
-            self._graphs[b] = self._build(b)
+            try:
+                bk = self._build(b)
+                why = self._canary(bk, sample)
+            except Exception as exc:  # warm-up, capture, instantiate or the first replay failed
+                why = f"{type(exc).__name__}: {exc}"
+            if why is not None:
+                self._refuse(f"bucket {b}: {why}")
+                raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
+            self._graphs[b] = bk
         return self._graphs[b]
 
     @torch.inference_mode()
@@ -143,6 +195,42 @@ class GraphedSampler:
         graph.instantiate()
         return Bucket(b, rows, one_step, graph)
 
+    @torch.inference_mode()
+    def _canary(self, bk: Bucket, sample: Rows | None) -> str | None:
+        """Replay ``bk`` once on a copy of ``sample`` (padded to the bucket) and compare it with one
+        eager reverse_step on another copy; the reason for a mismatch, or None."""
+        plan = self.plan
+        rows = plan.start([0] * bk.size)
+        if sample is not None:
+            rows.write(0, sample.part(0, min(len(sample), bk.size)))
+        want = Rows.cat([rows])  # a copy
+        with plan.lock:
+            reverse_step(plan, want)
+        bk.rows.write(0, rows)
+        bk.replay()
+        if self.capture:
+            torch.cuda.current_stream(plan.device).synchronize()
+        return canary_mismatch(bk.rows, want, plan.backend.precision)
+
+    def _refuse(self, reason: str) -> None:
+        if self.refused is None:
+            self.refused = reason
+            warnings.warn(f"CUDA graphs are off for {plan_name(self.plan)} on this engine ({reason}); it samples "
+                          "with the eager loop (the same images)", RuntimeWarning, stacklevel=4)
+
+    def report(self) -> dict:
+        """Which path this plan takes and why: {"plan", "path": "graphs" | "eager", "graphs", "c_driver"}."""
+        if self.refused is not None:
+            graphs = f"refused: {self.refused}"
+        elif self._graphs:
+            graphs = f"verified by the canary: buckets {sorted(self._graphs)}"
+        else:
+            graphs = "no bucket built yet"
+        if not self.capture:
+            graphs += " (uncaptured: capture=False)"
+        return {"plan": plan_name(self.plan), "path": "eager" if self.refused else "graphs", "graphs": graphs,
+                "c_driver": self.c_driver or ("not used without capture" if not self.capture else "not asked for yet")}
+
     def warm(self, sizes=None):
         """Build (and capture) the buckets for the given batch sizes (default: all) ahead of traffic."""
         with self._lock:
@@ -152,10 +240,17 @@ class GraphedSampler:
 
     # ---- run ---------------------------------------------------------------------------------
     def driver(self):
+        """The C driver, once a subprocess has loaded and exercised the same build (its verdict cached
+        per build); raises BackendUnavailableError, recorded in ``c_driver``, if it failed."""
         if self._driver is None:
-            from .driver import load_driver
+            from .driver import trusted_driver
 
-            self._driver = load_driver()
+            try:
+                self._driver = trusted_driver()
+            except EngineError as exc:
+                self.c_driver = f"failed: {exc}"
+                raise
+            self.c_driver = "verified: loaded and replayed in a subprocess first"
         return self._driver
 
     def graph_loop(self):
@@ -174,7 +269,7 @@ class GraphedSampler:
             try:
                 self.driver()
                 self._fastest = "c"
-            except EngineError as exc:  # no C compiler or no libcuda: Python replay still works
+            except EngineError as exc:  # no C compiler, no libcuda, a failed probe: Python replay still works
                 warnings.warn(f"the C graph driver is unavailable ({exc}); replaying from Python",
                               RuntimeWarning, stacklevel=2)
                 self._fastest = "python"
@@ -182,24 +277,41 @@ class GraphedSampler:
 
     def run(self, seeds, driver: str | None = None) -> torch.Tensor:
         """Images [n, C, H, W] in [-1, 1] for the seeds, on the plan's device. driver: one of
-        DRIVERS, default ``fastest_driver()``."""
-        driver = self.fastest_driver() if driver is None else driver
-        if driver not in DRIVERS:
+        DRIVERS, default ``fastest_driver()``; with the default, a refused or failing graph path
+        runs the eager loop instead (the same images); an explicit driver raises."""
+        explicit = driver is not None
+        if explicit and driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
-        if driver != "python" and not self.capture:
+        if explicit and driver != "python" and not self.capture:
             raise BackendUnavailableError(f"driver={driver!r} replays captured CUDA graphs; without capture "
                                           "only driver='python' runs")
         seeds = parse_batch(list(seeds) if isinstance(seeds, (list, tuple)) else seeds, self.plan.max_batch)
         chunks = [seeds[k:k + self.max_batch] for k in range(0, len(seeds), self.max_batch)]
         with self._lock:
-            return torch.cat([self._run_bucket(chunk, driver) for chunk in chunks])
+            if self.refused is None:
+                try:
+                    driver = self.fastest_driver() if driver is None else driver
+                    return torch.cat([self._run_bucket(chunk, driver) for chunk in chunks])
+                except GraphsRefused:
+                    if explicit:
+                        raise
+                except Exception as exc:  # a replay that raised: graphs off for this plan, the eager loop runs
+                    if explicit:
+                        raise
+                    self._refuse(f"replay with driver {driver!r}: {type(exc).__name__}: {exc}")
+            elif explicit:
+                raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
+            with self.plan.lock:
+                images, _ = run_chain(self.plan, self.plan.start(seeds))
+            return images
 
     @torch.inference_mode()
     def _run_bucket(self, seeds, driver):
         n = len(seeds)
-        bk = self.bucket(n)
+        start = self.plan.start(seeds + [0] * (self.bucket_for(n) - n))  # padding rows: seed 0, dropped
+        bk = self.bucket(n, sample=start)
         rows = bk.rows
-        rows.write(0, self.plan.start(seeds + [0] * (bk.size - n)))  # padding rows: seed 0, dropped
+        rows.write(0, start)
         if driver == "python":
             for _ in range(self.steps):
                 bk.replay()

@@ -123,15 +123,22 @@ def test_largest_batch_stops_where_memory_runs_out(limit, start, expect):
     assert eng.sample([1], steps=2).shape == (1, 1, 8, 8)  # the engine still works afterwards
 
 
-def test_largest_batch_lets_other_errors_through():
+def test_largest_batch_stops_at_any_error_and_says_which():
+    """An error that is not out-of-memory (the engine refusing a size, a failing kernel) stops the
+    doubling with the error as the reason instead of ending the section; a model that cannot run
+    one image raises."""
     from ddpm_engine import Engine
 
-    class Broken(RunsOutAbove):
+    class RefusesAbove(RunsOutAbove):
         def forward(self, x, t):
-            raise RuntimeError("a shape mismatch")
+            if x.shape[0] > self.limit:
+                raise ValueError(f"batch {x.shape[0]} refused")
+            return self.net(x, t)
 
-    eng = Engine.from_module(Broken(8), sample_shape=(1, 8, 8), backend="torch", device="cpu")
-    with pytest.raises(RuntimeError, match="shape mismatch"):
+    eng = Engine.from_module(RefusesAbove(8), sample_shape=(1, 8, 8), backend="torch", device="cpu")
+    assert suite.largest_batch(eng, 2, cap=64, device="cpu") == (8, "ValueError: batch 16 refused at 16")
+    eng = Engine.from_module(RefusesAbove(0), sample_shape=(1, 8, 8), backend="torch", device="cpu")
+    with pytest.raises(RuntimeError, match="one image does not run: ValueError: batch 1 refused"):
         suite.largest_batch(eng, 2, cap=64, device="cpu")
 
 

@@ -134,14 +134,18 @@ def test_a_bucket_that_cannot_be_built_falls_back_to_exact_buffers(engine):
     plan = engine.plan("ddim", 3)
 
     class Broken(GraphedSampler):
-        def bucket(self, n):
+        def _build(self, b):
             raise RuntimeError("capture failed")
 
-    batch = SlotBatch(plan, Broken(plan, max_batch=MAX_BATCH, capture=False))
+    graphed = Broken(plan, max_batch=MAX_BATCH, capture=False)
+    batch = SlotBatch(plan, graphed)
     r = Req([7, 8], 3)
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
         batch.add([r])
+    assert len(warned) == 1  # once, by the sampler, which records why
     assert batch.graphed is None and batch.capacity == 2
+    assert graphed.report()["path"] == "eager" and "capture failed" in graphed.report()["graphs"]
+    assert SlotBatch(plan, graphed).graphed is None  # the next batch of the plan starts without graphs
     for _ in range(3):
         batch.step()
     want = engine.sample(r.seeds, sampler="ddim", steps=3, driver="eager")
