@@ -16,6 +16,7 @@ from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import PHILOX_ROUNDS
 from ddpm_engine.schedules import COLUMNS, Prediction
 
+from .options import FP_FUSION
 from .philox import PHILOX_KEY, philox_normal
 
 # What the network outputs (engine.schedules.Prediction), as the kernels' PRED constant.
@@ -111,7 +112,12 @@ def advance(i):
     this kernel sees i only after every program of the step has read it. No host sync, no
     allocation: the step stays CUDA-graph capturable."""
     B = i.shape[0]
-    _advance_kernel[(triton.cdiv(B, 256),)](i, B, BLOCK=256)
+    _advance_kernel[(triton.cdiv(B, 256),)](i, B, BLOCK=256, enable_fp_fusion=FP_FUSION)
+
+
+def launches(t):
+    """Every launch ``advance`` can make (one), on the stand-in tensors ``t``: see ddpm_step.launches."""
+    yield lambda: advance(t.i)
 
 
 def block_for(numel: int) -> int:

@@ -13,14 +13,17 @@ write x_prev (s), plus s for x0 only when STORE_X0: 3 s bytes (12 in fp32). Per 
 bytes), seed words (16), 6 table entries (24). With eta == 0 (HAS_NOISE false) no noise is drawn.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from ddpm_engine.samplers import ddim_step as reference  # noqa: F401  (the specification)
 
+from .options import FP_FUSION
 from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_RECIP_ABAR, COL_SQRT_RECIPM1_ABAR, PRED_EPSILON,
-                     block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise, step_prologue)
+                     PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise, step_prologue)
 
 
 @triton.jit
@@ -73,6 +76,16 @@ def ddim_step(x, model_output, i, seed_words, table, *, eta: float = 0.0, predic
     _ddim_step_kernel[grid_for(x, block)](
         x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(), float(eta),
         PRED=prediction, CLIP=bool(clip_denoised), USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
-        STORE_X0=bool(store_x0), HAS_NOISE=float(eta) > 0.0, BLOCK=block,
+        STORE_X0=bool(store_x0), HAS_NOISE=float(eta) > 0.0, BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, (x0 if store_x0 else None)
+
+
+def launches(t):
+    """Every compile-time choice ``ddim_step`` can pass its kernel (eta 0 or not: HAS_NOISE), as
+    launches on the stand-in tensors ``t``: see ddpm_step.launches."""
+    for pred, clip, clipped_out, store, eta in itertools.product(PREDICTION_CODE.values(), (False, True), (False, True),
+                                                                 (False, True), (0.0, 0.5)):
+        yield lambda p=pred, c=clip, u=clipped_out, s=store, e=eta: ddim_step(
+            t.x, t.model_output, t.i, t.seed_words, t.table, eta=e, prediction=p, clip_denoised=c,
+            use_clipped_model_output=u, store_x0=s)

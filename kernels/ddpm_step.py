@@ -15,6 +15,8 @@ all cache hits after the first program of a sample. The torch reference reads x,
 materialised noise tensor and writes noise, x0, several temporaries and x_prev: about 10 passes.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -22,8 +24,9 @@ import triton.language as tl
 from ddpm_engine.samplers import ddpm_step as reference  # noqa: F401  (the specification)
 from ddpm_engine.schedules import Variance
 
+from .options import FP_FUSION
 from .common import (COL_LARGE_LOG_VARIANCE, COL_POSTERIOR_COEF1, COL_POSTERIOR_COEF2, COL_SMALL_LOG_VARIANCE,
-                     PRED_EPSILON, block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise,
+                     PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise,
                      step_prologue)
 
 
@@ -74,6 +77,17 @@ def ddpm_step(x, model_output, i, seed_words, table, *, prediction=PRED_EPSILON,
     _ddpm_step_kernel[grid_for(x, block)](
         x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(),  # x_prev: dummy x0
         PRED=prediction, CLIP=bool(clip_denoised), FIXED_LARGE=Variance.parse(variance) is Variance.FIXED_LARGE,
-        STORE_X0=bool(store_x0), BLOCK=block,
+        STORE_X0=bool(store_x0), BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, (x0 if store_x0 else None)
+
+
+def launches(t):
+    """Every compile-time choice ``ddpm_step`` can pass its kernel, as launches on the stand-in tensors
+    ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype and sample size). The
+    sm_90 compile test (tests/kernels/test_compile_sm90.py) runs each with every I/O dtype; a
+    module with a kernel declares its own ``launches`` beside its launcher."""
+    for pred, variance, clip, store in itertools.product(PREDICTION_CODE.values(), Variance, (False, True),
+                                                         (False, True)):
+        yield lambda p=pred, v=variance, c=clip, s=store: ddpm_step(
+            t.x, t.model_output, t.i, t.seed_words, t.table, prediction=p, variance=v, clip_denoised=c, store_x0=s)

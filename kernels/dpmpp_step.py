@@ -18,6 +18,8 @@ x0_prev (3 s; x0_prev is skipped on first-order steps), write x_prev and x0 (2 s
 8 passes (x0, its products, the where, the sums, the copies into the state).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,8 +28,9 @@ from ddpm_engine.errors import InvalidRequestError
 
 from ddpm_engine.samplers import dpmpp_2m_step as reference  # noqa: F401  (the specification)
 
-from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED_EPSILON, block_for, check_inputs,
-                     clip_x0, grid_for, predict_x0_and_eps, step_prologue)
+from .options import FP_FUSION
+from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for,
+                     check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_prologue)
 
 
 @triton.jit
@@ -72,6 +75,14 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
     block = block or block_for(x[0].numel())
     _dpmpp_2m_step_kernel[grid_for(x, block)](
         x, model_output, x0_prev, x_prev, i, table, x[0].numel(),
-        PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block,
+        PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0_prev
+
+
+def launches(t):
+    """Every compile-time choice ``dpmpp_2m_step`` can pass its kernel, as launches on the stand-in
+    tensors ``t``: see ddpm_step.launches."""
+    for pred, clip in itertools.product(PREDICTION_CODE.values(), (False, True)):
+        yield lambda p=pred, c=clip: dpmpp_2m_step(t.x, t.model_output, t.i, t.x0_prev, t.table, prediction=p,
+                                                   clip_denoised=c)
