@@ -172,6 +172,15 @@ MULTISTEP_SAMPLERS = frozenset(ROW_STATE)
 LINSPACE_SAMPLERS = frozenset({"dpmpp_2m", "dpmpp_2m_sde", "unipc"})  # diffusers' DPMSolver / UniPC schedulers
 
 
+def check_state(sampler: str, rows) -> None:
+    """A multistep sampler's rows (stepping.Rows) must carry its state (ROW_STATE; a host check of metadata only)."""
+    for name in ROW_STATE.get(sampler, ()):
+        v = getattr(rows, name)
+        if v is None or v.shape != rows.x.shape:
+            raise InvalidRequestError(f"the {sampler} sampler keeps each sample's multistep state in rows.{name}: "
+                                      "allocate it (zeros, shaped as rows.x) before the first step")
+
+
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
     """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++ and UniPC (at
     most what the sampler's spacing allows: T, or T - 1 for "linspace")."""

@@ -27,7 +27,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import SDE_STEP, philox_normal
-from .samplers import ROW_STATE, ddim_step, ddpm_step, dpmpp_2m_sde_step, dpmpp_2m_step, unipc_step
+from .samplers import ROW_STATE, check_state, ddim_step, ddpm_step, dpmpp_2m_sde_step, dpmpp_2m_step, unipc_step
 from .schedules import DeviceTables, Prediction, Variance
 
 STEP_IMPLS = ("auto", "torch", "triton")
@@ -75,15 +75,6 @@ class StepSpec:
     clip_denoised: bool
     eta: float  # DDIM only
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
-
-
-def check_state(sampler: str, rows: Rows) -> None:
-    """A multistep sampler's rows must carry its state (samplers.ROW_STATE; a host check of metadata only)."""
-    for name in ROW_STATE.get(sampler, ()):
-        v = getattr(rows, name)
-        if v is None or v.shape != rows.x.shape:
-            raise InvalidRequestError(f"the {sampler} sampler keeps each sample's multistep state in rows.{name}: "
-                                      "allocate it (zeros, shaped as rows.x) before the first step")
 
 
 class TorchStep:

@@ -24,6 +24,8 @@ and, for the SDE, the seed words (16). The torch reference makes about 8 passes 
 products, the where, the sums, the copies into the state; the SDE also writes and reads the noise).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +37,7 @@ from ddpm_engine.samplers import dpmpp_2m_step as reference  # noqa: F401  (the 
 from ddpm_engine.samplers import dpmpp_2m_sde_step as reference_sde  # noqa: F401  (the specification)
 
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_SDE_NOISE_STD, COL_SDE_X, COL_SDE_X0,
-                     COL_SDE_X0_PREV, PRED_EPSILON, block_for, check_inputs, clip_x0, grid_for, load_state,
+                     COL_SDE_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_state,
                      predict_x0_and_eps, step_noise, step_prologue)
 
 SDE_COUNTER = tl.constexpr(SDE_STEP)
@@ -116,3 +118,13 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
         _dpmpp_2m_sde_step_kernel[grid_for(x, block)](x, model_output, x0_prev, x_prev, i, seed_words, table,
                                                       x[0].numel(), **consts)
     return x_prev, x0_prev
+
+
+def launches(t):
+    """Every compile-time choice ``dpmpp_2m_step`` can pass its two kernels (ODE: no seed words;
+    SDE: seed words), as launches on stand-in tensors ``t`` (x, model_output, i, seed_words, table,
+    x0_prev of one I/O dtype): for the sm_90 compile check."""
+    for pred, clip, seeds in itertools.product(PREDICTION_CODE.values(), (False, True), (None, "sde")):
+        yield lambda p=pred, c=clip, s=seeds: dpmpp_2m_step(
+            t.x, t.model_output, t.i, t.x0_prev, t.table, prediction=p, clip_denoised=c,
+            seed_words=None if s is None else t.seed_words)

@@ -19,8 +19,7 @@ import os
 import torch
 
 from ddpm_engine.errors import BackendUnavailableError, require
-from ddpm_engine.samplers import ROW_STATE
-from ddpm_engine.stepping import check_state
+from ddpm_engine.samplers import ROW_STATE, check_state
 
 
 class TritonStep:

@@ -24,6 +24,8 @@ reference makes about 16 passes (x0, the corrector's where, the predictor, the n
 their products, the copies into the state).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +35,7 @@ from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.samplers import unipc_step as reference  # noqa: F401  (the specification)
 
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_UNIPC_CORR_X0, COL_UNIPC_NEXT_X,
-                     COL_UNIPC_NEXT_X0, COL_UNIPC_NEXT_X0_PREV, PRED_EPSILON, block_for, check_inputs, clip_x0,
+                     COL_UNIPC_NEXT_X0, COL_UNIPC_NEXT_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0,
                      grid_for, load_state, predict_x0_and_eps, step_prologue)
 
 
@@ -87,3 +89,11 @@ def unipc_step(x, model_output, i, x0_prev, corrector, table, *, prediction=PRED
         PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block,
     )
     return x_prev, x0_prev, corrector
+
+
+def launches(t):
+    """Every compile-time choice ``unipc_step`` can pass its kernel, as launches on stand-in tensors
+    ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""
+    for pred, clip in itertools.product(PREDICTION_CODE.values(), (False, True)):
+        yield lambda p=pred, c=clip: unipc_step(t.x, t.model_output, t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
+                                                t.table, prediction=p, clip_denoised=c)
