@@ -24,8 +24,8 @@ import torch
 from ddpm_engine import Engine
 from ddpm_engine.data import DigitsJudge
 
-CONFIGS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 100), ("ddim", 10), ("ddim", 20), ("ddim", 50),
-           ("dpmpp_2m", 10), ("dpmpp_2m", 15), ("dpmpp_2m", 20), ("dpmpp_2m", 25)]
+CONFIGS = [("ddpm", 1000)] + [(sampler, steps) for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+                              for steps in (5, 10, 15, 20)]
 SEED0 = 10_000
 
 
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--n", type=int, default=500, help="samples per configuration")
-    ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: the issue's ten)")
+    ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: DDPM-1000, then each "
+                    "few-step sampler at 5, 10, 15 and 20 steps)")
     args = ap.parse_args(argv)
     configs = CONFIGS if args.configs is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
     engine = Engine.from_pretrained("digits", device="cpu", batching=False)

@@ -4,13 +4,14 @@ from .engine import Engine, Snapshot
 from .errors import (BackendUnavailableError, EngineError, InvalidRequestError, MissingDependencyError,
                      ModelLoadError, QueueFullError, RequestTimeoutError)
 from .images import make_grid, save_grid, to_pil, to_uint8
-from .samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, ddim_step, ddpm_step, dpmpp_2m_step
+from .samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, UniPCSampler, ddim_step, ddpm_step,
+                       dpmpp_2m_sde_step, dpmpp_2m_step, unipc_step)
 from .schedules import SchedulerConfig, Tables
 
 __all__ = [
     "Engine", "Snapshot", "EngineError", "InvalidRequestError", "ModelLoadError", "MissingDependencyError",
-    "BackendUnavailableError", "QueueFullError", "RequestTimeoutError", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "ddpm_step",
-    "ddim_step", "dpmpp_2m_step",
+    "BackendUnavailableError", "QueueFullError", "RequestTimeoutError", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "UniPCSampler", "ddpm_step",
+    "ddim_step", "dpmpp_2m_step", "dpmpp_2m_sde_step", "unipc_step",
     "SchedulerConfig", "Tables", "to_uint8", "to_pil", "make_grid", "save_grid",
 ]
 __version__ = "0.1.0"

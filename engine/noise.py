@@ -10,7 +10,9 @@ C*H*W of them) of the noise drawn at step ``s`` for a sample with 64-bit seed ``
 
 so a seed gives the same noise whatever the batch size, its position in the batch or the
 device (up to the rounding of log/cos). The step counter ``s`` is the per-sample step index i
-of the step being taken (see schedules.Tables); x_T uses ``s = XT_STEP``. The Triton kernels
+of the step being taken (see schedules.Tables); x_T uses ``s = XT_STEP``, and the stochastic
+DPM-Solver++ (dpmpp_2m_sde) draws at ``s = SDE_STEP + i``, counters no other sampler uses, so its
+noise is not DDPM's or DDIM's noise of the same seed. The Triton kernels
 (kernels/) compute the same stream with ``tl.philox`` (raw rounds, same counters, same key)
 and the same transform written out by hand.
 
@@ -33,6 +35,7 @@ PHILOX_W1 = 0xBB67AE85  # sqrt(3) - 1
 PHILOX_ROUNDS = 10
 KEY = (0x5EED0DDB, 0x0D1FF05E)  # fixed key of the engine's stream; never change it
 XT_STEP = 0xFFFFFFFF  # step counter used for the initial noise x_T
+SDE_STEP = 0x80000000  # dpmpp_2m_sde's step counters are SDE_STEP + i (i < 2**31 - 1, so never XT_STEP)
 MASK32 = 0xFFFFFFFF
 SEED_LIMIT = 1 << 64
 

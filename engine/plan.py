@@ -29,7 +29,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
-from .samplers import MULTISTEP_SAMPLERS, SAMPLERS, check_eta, default_clip, default_steps
+from .samplers import ROW_STATE, SAMPLERS, check_eta, default_clip, default_steps
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, StepSpec
 
@@ -177,8 +177,8 @@ class SamplingPlan:
         words = seed_words(seeds, self.device)
         x = initial_noise(words, self.sample_shape) if x_T is None else x_T
         i = torch.full((len(seeds),), self.steps - 1, dtype=torch.int64, device=self.device)
-        x0_prev = torch.zeros_like(x) if self.spec.sampler in MULTISTEP_SAMPLERS else None
-        return Rows(x, i, words, x0_prev)
+        state = {name: torch.zeros_like(x) for name in ROW_STATE.get(self.spec.sampler, ())}
+        return Rows(x, i, words, **state)
 
 
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):

@@ -5,7 +5,7 @@ one batch may sit at different steps. They are pure and sync-free: coefficients 
 the device, the t = 0 case is a mask (no ``if`` on a tensor, no ``.item()``), so a step can be
 captured in a CUDA graph. Shapes: x_t, model_output, noise are [B, C, H, W] (any trailing dims).
 
-Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` with diffusers-like
+Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` with diffusers-like
 ``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps
 per sample (tensor [B]) and is mapped to step indices on the device.
 """
@@ -88,6 +88,23 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     return x_prev, x0
 
 
+def _x0_of(tab, x_t, model_output, i, prediction, clip_denoised):
+    x0, _ = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
+    return x0.clamp(-1.0, 1.0) if clip_denoised else x0
+
+
+def _masked(coef, value):
+    """coef * value, and exactly 0 where coef is 0: a stale or fresh state (even NaN) cannot leak in."""
+    return torch.where(coef != 0, coef * value, 0.0)
+
+
+def _multistep_update(tab, prefix, x_t, x0, x0_prev, i):
+    """coef_x[i] x_t + coef_x0[i] x0 + coef_x0_prev[i] x0_prev, from the columns ``<prefix>_coef_*``."""
+    nd = x_t.ndim
+    c_x, c_x0, c_prev = (_gather(getattr(tab, f"{prefix}_{name}"), i, nd) for name in ("coef_x", "coef_x0", "coef_x0_prev"))
+    return c_x * x_t + c_x0 * x0 + _masked(c_prev, x0_prev)
+
+
 def dpmpp_2m_step(tab: DeviceTables, x_t, model_output, i, x0_prev, *, prediction=Prediction.EPSILON,
                   clip_denoised=False):
     """One DPM-Solver++(2M) step from step index i: returns (x_prev, x0). No noise: an ODE solver.
@@ -102,43 +119,91 @@ def dpmpp_2m_step(tab: DeviceTables, x_t, model_output, i, x0_prev, *, predictio
     i = steps - 1, and the last, i = 0) coef_x0_prev is 0 and x0_prev is not used at all, so a
     fresh (zeros) or stale buffer cannot leak in, not even a NaN.
     """
+    x0 = _x0_of(tab, x_t, model_output, i, prediction, clip_denoised)
+    return _multistep_update(tab, "dpmpp", x_t, x0, x0_prev, i), x0
+
+
+def dpmpp_2m_sde_step(tab: DeviceTables, x_t, model_output, i, x0_prev, noise, *, prediction=Prediction.EPSILON,
+                      clip_denoised=False):
+    """One SDE-DPM-Solver++(2M) step (diffusers' "sde-dpmsolver++", midpoint): returns (x_prev, x0).
+
+        x_prev = sde_coef_x[i] * x_t + sde_coef_x0[i] * x0 + sde_coef_x0_prev[i] * x0_prev
+                 + sde_noise_std[i] * noise
+
+    The same multistep state and first-order steps as ``dpmpp_2m_step``; the noise is standard
+    normal (engine: the sample's Philox stream at step counter noise.SDE_STEP + i), and its std is
+    0 on the last step, which lands on x0.
+    """
+    x0 = _x0_of(tab, x_t, model_output, i, prediction, clip_denoised)
+    std = _gather(tab.sde_noise_std, i, x_t.ndim)
+    return _multistep_update(tab, "sde", x_t, x0, x0_prev, i) + std * noise, x0
+
+
+def unipc_step(tab: DeviceTables, x_t, model_output, i, x0_prev, corrector, *, prediction=Prediction.EPSILON,
+               clip_denoised=False):
+    """One UniPC step (bh2, order 2, predict_x0): returns (x_prev, x0, corrector for the next step).
+
+    1. x0 from the model output at the predicted x_t (clipped if asked);
+    2. UniC corrects x_t, except on the first step (unipc_corr_x0 = 0 there):
+       x_c = corrector + unipc_corr_x0[i] * x0, where ``corrector`` is what the previous step
+       stored (its corrected sample, x0 and previous x0 terms; schedules.Tables);
+    3. UniP predicts from x_c: the DPM-Solver++(2M) update,
+       x_prev = dpmpp_coef_x[i] x_c + dpmpp_coef_x0[i] x0 + dpmpp_coef_x0_prev[i] x0_prev;
+    4. the next step's corrector, known part:
+       unipc_next_x[i] x_c + unipc_next_x0[i] x0 + unipc_next_x0_prev[i] x0_prev (0 after the last step).
+
+    The caller keeps x0 (``Rows.x0_prev``) and the returned corrector (``Rows.corrector``) per sample;
+    neither state is read where its coefficient is 0, so fresh or stale buffers cannot leak in.
+    """
     nd = x_t.ndim
-    x0, _ = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
-    if clip_denoised:
-        x0 = x0.clamp(-1.0, 1.0)
-    c_prev = _gather(tab.dpmpp_coef_x0_prev, i, nd)
-    from_prev = torch.where(c_prev != 0, c_prev * x0_prev, 0.0)
-    x_prev = _gather(tab.dpmpp_coef_x, i, nd) * x_t + _gather(tab.dpmpp_coef_x0, i, nd) * x0 + from_prev
-    return x_prev, x0
+    x0 = _x0_of(tab, x_t, model_output, i, prediction, clip_denoised)
+    k = _gather(tab.unipc_corr_x0, i, nd)
+    x_c = torch.where(k != 0, corrector + k * x0, x_t)
+    x_prev = _multistep_update(tab, "dpmpp", x_c, x0, x0_prev, i)
+    n_x, n_x0, n_prev = (_gather(getattr(tab, f"unipc_next_{name}"), i, nd) for name in ("x", "x0", "x0_prev"))
+    return x_prev, x0, n_x * x_c + n_x0 * x0 + _masked(n_prev, x0_prev)
 
 
 # The sampler names the engine accepts, and the one place their defaults live.
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-MULTISTEP_SAMPLERS = frozenset({"dpmpp_2m"})  # samplers whose Rows carry the previous x0 (stepping.Rows.x0_prev)
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# The per-sample multistep state each sampler keeps in its Rows (stepping.Rows fields, zeros at the start).
+ROW_STATE = {"dpmpp_2m": ("x0_prev",), "dpmpp_2m_sde": ("x0_prev",), "unipc": ("x0_prev", "corrector")}
+MULTISTEP_SAMPLERS = frozenset(ROW_STATE)
+LINSPACE_SAMPLERS = frozenset({"dpmpp_2m", "dpmpp_2m_sde", "unipc"})  # diffusers' DPMSolver / UniPC schedulers
+
+
+def check_state(sampler: str, rows) -> None:
+    """A multistep sampler's rows (stepping.Rows) must carry its state (ROW_STATE; a host check of metadata only)."""
+    for name in ROW_STATE.get(sampler, ()):
+        v = getattr(rows, name)
+        if v is None or v.shape != rows.x.shape:
+            raise InvalidRequestError(f"the {sampler} sampler keeps each sample's multistep state in rows.{name}: "
+                                      "allocate it (zeros, shaped as rows.x) before the first step")
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
-    """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++(2M) (at most
-    what the sampler's spacing allows: T, or T - 1 for "linspace")."""
+    """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++ and UniPC (at
+    most what the sampler's spacing allows: T, or T - 1 for "linspace")."""
     T = num_train_timesteps
     if sampler == "ddpm":
         return T
-    if sampler == "dpmpp_2m":
+    if sampler in LINSPACE_SAMPLERS:
         return min(20, max(1, T - 1))
     return min(50, T)
 
 
 def default_clip(sampler: str, clip_sample: bool) -> bool:
     """Whether x0 is clipped when the caller does not say: the scheduler config's ``clip_sample``
-    for DDPM and DDIM; never for DPM-Solver++, whose diffusers scheduler has no such option (it
-    thresholds instead), so a diffusers model gives diffusers' images."""
+    for DDPM and DDIM; never for DPM-Solver++ and UniPC, whose diffusers schedulers have no such
+    option (they threshold instead), so a diffusers model gives diffusers' images."""
     return bool(clip_sample) and sampler in ("ddpm", "ddim")
 
 
 def timestep_spacing(sampler: str) -> str:
     """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM
-    (diffusers' DDPMScheduler / DDIMScheduler), "linspace" for DPM-Solver++ (its diffusers default)."""
-    return "linspace" if sampler == "dpmpp_2m" else "leading"
+    (diffusers' DDPMScheduler / DDIMScheduler), "linspace" for DPM-Solver++ and UniPC (their diffusers
+    default)."""
+    return "linspace" if sampler in LINSPACE_SAMPLERS else "leading"
 
 
 @dataclass
@@ -229,29 +294,67 @@ class DDIMSampler(_Sampler):
         return StepOutput(x_prev, x0)
 
 
-class DPMSolverSampler(_Sampler):
-    """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
-    "linspace" timesteps, final sigma 0). Like diffusers it keeps the multistep state itself (the
-    previous x0 of each sample): call ``set_timesteps`` to start each new run, then ``step`` once
-    per timestep in order. ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
-    sample_max_value=1.0)."""
-
-    sampler = "dpmpp_2m"
+class _MultistepSampler(_Sampler):
+    """Like diffusers, a multistep sampler keeps its state itself (per sample, the fields of
+    ROW_STATE): call ``set_timesteps`` to start each new run, then ``step`` once per timestep in order."""
 
     def set_timesteps(self, steps: int, device=None):
         super().set_timesteps(steps, device)
-        self._x0_prev = None
+        self._state = None
+
+    def _state_for(self, sample) -> dict:
+        if self._state is None:
+            self._state = {name: torch.zeros_like(sample) for name in ROW_STATE[self.sampler]}
+        elif self._state["x0_prev"].shape != sample.shape:
+            raise InvalidRequestError(f"sample has shape {tuple(sample.shape)} but this run started with "
+                                      f"{tuple(self._state['x0_prev'].shape)}; call set_timesteps to start a new run")
+        return self._state
+
+
+class DPMSolverSampler(_MultistepSampler):
+    """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
+    "linspace" timesteps, final sigma 0, midpoint). ``algorithm_type="sde-dpmsolver++"`` is its
+    stochastic form: ``step(..., noise=z)`` takes standard normal noise as ``DDPMSampler.step`` does
+    (diffusers' ``variance_noise``; None: zeros). ``clip_sample=True`` clips x0 to [-1, 1]
+    (diffusers: thresholding=True, sample_max_value=1.0)."""
+
+    ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
+
+    def __init__(self, betas=None, *, algorithm_type="dpmsolver++", **kw):
+        if algorithm_type not in self.ALGORITHMS:
+            raise InvalidRequestError(f"unknown algorithm_type {algorithm_type!r}; choose one of "
+                                      f"{tuple(self.ALGORITHMS)}")
+        self.sampler = self.ALGORITHMS[algorithm_type]
+        super().__init__(betas, **kw)
+
+    def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
+        if noise is not None and self.sampler == "dpmpp_2m":
+            raise InvalidRequestError("noise is only used by the stochastic solver: "
+                                      "DPMSolverSampler(..., algorithm_type='sde-dpmsolver++')")
+        i, noise = self._prepare(timestep, sample, noise)
+        state = self._state_for(sample)
+        opts = dict(prediction=self.prediction, clip_denoised=self.clip_sample)
+        if self.sampler == "dpmpp_2m":
+            x_prev, x0 = dpmpp_2m_step(self.tab, sample, model_output, i, state["x0_prev"], **opts)
+        else:
+            x_prev, x0 = dpmpp_2m_sde_step(self.tab, sample, model_output, i, state["x0_prev"], noise, **opts)
+        state["x0_prev"] = x0
+        return StepOutput(x_prev, x0)
+
+
+class UniPCSampler(_MultistepSampler):
+    """UniPC, diffusers' ``UniPCMultistepScheduler`` with its defaults (solver_order 2, bh2,
+    predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0). ``clip_sample=True`` clips
+    x0 to [-1, 1] (diffusers: thresholding=True, sample_max_value=1.0)."""
+
+    sampler = "unipc"
 
     def step(self, model_output, timestep, sample) -> StepOutput:
         i, _ = self._prepare(timestep, sample, None)
-        if self._x0_prev is None:
-            self._x0_prev = torch.zeros_like(sample)
-        elif self._x0_prev.shape != sample.shape:
-            raise InvalidRequestError(f"sample has shape {tuple(sample.shape)} but this run started with "
-                                      f"{tuple(self._x0_prev.shape)}; call set_timesteps to start a new run")
-        x_prev, x0 = dpmpp_2m_step(self.tab, sample, model_output, i, self._x0_prev, prediction=self.prediction,
-                                   clip_denoised=self.clip_sample)
-        self._x0_prev = x0
+        state = self._state_for(sample)
+        x_prev, x0, corrector = unipc_step(self.tab, sample, model_output, i, state["x0_prev"], state["corrector"],
+                                           prediction=self.prediction, clip_denoised=self.clip_sample)
+        state.update(x0_prev=x0, corrector=corrector)
         return StepOutput(x_prev, x0)
 
 

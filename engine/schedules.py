@@ -1,4 +1,5 @@
-"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M), computed once in float64.
+"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M) (ODE and SDE) / UniPC,
+computed once in float64.
 
 This module is the one place where the diffusion math's constants live. Named schedules are
 frozen: new ones may be added, existing ones never change (improved-diffusion's policy).
@@ -100,7 +101,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -
     - "leading" (DDPM, DDIM): ``arange(steps) * (T // steps)``, the even spacing of the DDIM paper
       and diffusers' DDPM/DDIM schedulers; t = 0 is kept, so the last step lands on the data, and
       ``steps == T`` keeps every timestep.
-    - "linspace" (DPM-Solver++, diffusers' default there): ``linspace(0, T - 1, steps + 1)``
+    - "linspace" (DPM-Solver++ and UniPC, diffusers' default there): ``linspace(0, T - 1, steps + 1)``
       rounded half to even, without its first entry 0 (diffusers writes it descending:
       ``.round()[::-1][:-1]``). The sampler's final step goes to sigma = 0 instead of t = 0.
       Needs ``steps <= T - 1``: more would round two entries onto one timestep.
@@ -111,7 +112,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -
         return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
     if spacing == "linspace":
         if steps > num_timesteps - 1:
-            raise InvalidRequestError(f"the linspace timestep spacing (DPM-Solver++) takes at most T - 1 = "
+            raise InvalidRequestError(f"the linspace timestep spacing (DPM-Solver++, UniPC) takes at most T - 1 = "
                                       f"{num_timesteps - 1} steps, got {steps}; use fewer steps")
         return np.linspace(0, num_timesteps - 1, steps + 1).round()[1:].astype(np.int64)
     raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
@@ -164,6 +165,38 @@ class Tables:
     0, so coef_x = 0, A = 1 and the result is x0_0 itself; diffusers' lower_order_final /
     final_sigmas_type="zero"). With solver_order 2 no other step is lowered. The order is thus a
     function of each sample's step index, read from the table: no state but the previous x0.
+
+    SDE-DPM-Solver++(2M) (diffusers' ``algorithm_type="sde-dpmsolver++"``, midpoint; Lu et al. 2022
+    sec. 5 / Gonzalez et al.): the same step in the same lambda grid, with the SDE's exact linear part
+    and noise z drawn per step,
+
+        x_{i-1} = (sigma_{i-1} / sigma_i) e^{-h_i} x_i + A2_i D_i + sigma_{i-1} sqrt(1 - e^{-2 h_i}) z,
+        A2_i = alpha_{i-1} (1 - e^{-2 h_i}),
+
+    D_i as above (same r_i, same first-order steps). Columns ``sde_coef_x``, ``sde_coef_x0``,
+    ``sde_coef_x0_prev`` and ``sde_noise_std``; the last step (i = 0) again lands on x0, without noise.
+
+    UniPC (Zhao et al. 2023, arXiv:2302.04867; diffusers' ``UniPCMultistepScheduler`` defaults:
+    solver_order 2, bh2, predict_x0, lower_order_final, final sigma 0, the corrector after every
+    predictor step but the last). Its predictor UniP-2 with B(h) = e^h - 1 (bh2) and rho = 1/2 is
+    exactly the DPM-Solver++(2M) step above (same columns, same first-order steps). Its corrector
+    UniC, applied at the start of step c (c <= steps - 2) once the model has been evaluated at the
+    predicted x_c, recomputes x_c from the previous step's corrected sample x_{c+1}, its x0 m0,
+    the x0 before that m1 and this step's x0 m_c (which is taken from the *uncorrected* x_c):
+
+        x_c <- (sigma_c / sigma_{c+1}) x_{c+1} + A_{c+1} (m0 + sum_k rho_k D_k + rho_t (m_c - m0)),
+
+    with D_1 = (m1 - m0) / r_k, r_k = (lambda_{c+2} - lambda_{c+1}) / h_{c+1}, and rho solving
+    UniC's order-2 system [[1, 1], [r_k, 1]] rho = (b_1, b_2), b_k from phi-functions of -h_{c+1}
+    (order 1 after a first-order predictor: no D term, rho_t = 1/2). Everything but the m_c term is
+    known when step c+1 ends, so that step stores it (``Rows.corrector``) and the state stays two
+    tensors (x0_prev and the corrector's known part):
+
+    - ``unipc_corr_x0``       = A_{c+1} rho_t at index c: the coefficient of this step's x0 in the
+      corrector (0 at the first step, which has no corrector);
+    - ``unipc_next_x``, ``unipc_next_x0``, ``unipc_next_x0_prev`` at index j = c + 1: the coefficients
+      of this step's corrected x_j, its x0 and its previous x0 in the next step's corrector (0 at
+      j = 0: no next step).
     """
 
     num_train_timesteps: int
@@ -186,6 +219,14 @@ class Tables:
     dpmpp_coef_x: np.ndarray
     dpmpp_coef_x0: np.ndarray
     dpmpp_coef_x0_prev: np.ndarray
+    sde_coef_x: np.ndarray
+    sde_coef_x0: np.ndarray
+    sde_coef_x0_prev: np.ndarray
+    sde_noise_std: np.ndarray
+    unipc_corr_x0: np.ndarray
+    unipc_next_x: np.ndarray
+    unipc_next_x0: np.ndarray
+    unipc_next_x0_prev: np.ndarray
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -221,6 +262,8 @@ class Tables:
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             ddim_alphas_cumprod_prev=abar_prev.copy(),  # abar_prev[0] == 1: set_alpha_to_one
             **dpmpp_2m_coefficients(abar),
+            **dpmpp_2m_sde_coefficients(abar),
+            **unipc_coefficients(abar),
         )
 
     def on(self, device, dtype=torch.float32) -> "DeviceTables":
@@ -231,23 +274,82 @@ class Tables:
         return self._device_cache[key]
 
 
-def dpmpp_2m_coefficients(abar: np.ndarray) -> dict:
-    """DPM-Solver++(2M)'s per-step-index columns (see Tables), float64, from the kept alpha-bars."""
-    n = len(abar)
-    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # log(alpha / sigma)
-    h = np.full(n, np.inf)
+def _lambda_and_h(abar: np.ndarray):
+    """The half log-SNR lambda_i = log(alpha_i / sigma_i) and the steps h_i = lambda_{i-1} - lambda_i
+    (+inf at i = 0: the final step goes to sigma = 0)."""
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+    h = np.full(len(abar), np.inf)
     h[1:] = lam[:-1] - lam[1:]
-    coef_x = np.zeros(n)
-    coef_x[1:] = np.sqrt((1.0 - abar[:-1]) / (1.0 - abar[1:]))
-    A = np.ones(n)  # the final step (i = 0) goes to alpha = 1, sigma = 0: A = 1 * (1 - e^{-inf})
-    A[1:] = np.sqrt(abar[:-1]) * -np.expm1(-h[1:])
+    return lam, h
+
+
+def _second_order(A: np.ndarray, h: np.ndarray):
+    """(coef_x0, coef_x0_prev) of the multistep update A_i D_i, D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i+1},
+    r_i = h_{i+1} / h_i: second order on every step but the first (i = n - 1) and the last (i = 0)."""
+    n = len(A)
     coef_x0, coef_x0_prev = A.copy(), np.zeros(n)
-    second = np.arange(1, n - 1)  # every step but the first (n - 1) and the last (0)
-    half_inv_r = 0.5 * h[second] / h[second + 1]  # 1 / (2 r_i), r_i = h_{i+1} / h_i
+    second = np.arange(1, n - 1)
+    half_inv_r = 0.5 * h[second] / h[second + 1]
     coef_x0[second] = A[second] * (1.0 + half_inv_r)
     coef_x0_prev[second] = -A[second] * half_inv_r
-    return dict(dpmpp_lambda=lam, dpmpp_h=h, dpmpp_coef_x=coef_x, dpmpp_coef_x0=coef_x0,
+    return coef_x0, coef_x0_prev
+
+
+def _sigma_ratio(abar: np.ndarray) -> np.ndarray:
+    """sigma_{i-1} / sigma_i (0 at i = 0, where sigma goes to 0)."""
+    ratio = np.zeros(len(abar))
+    ratio[1:] = np.sqrt((1.0 - abar[:-1]) / (1.0 - abar[1:]))
+    return ratio
+
+
+def _data_coefficient(abar: np.ndarray, h: np.ndarray, scale: float) -> np.ndarray:
+    """alpha_{i-1} (1 - e^{-scale h_i}); 1 at i = 0 (alpha = 1 and h = inf there)."""
+    A = np.ones(len(abar))
+    A[1:] = np.sqrt(abar[:-1]) * -np.expm1(-scale * h[1:])
+    return A
+
+
+def dpmpp_2m_coefficients(abar: np.ndarray) -> dict:
+    """DPM-Solver++(2M)'s per-step-index columns (see Tables), float64, from the kept alpha-bars."""
+    lam, h = _lambda_and_h(abar)
+    coef_x0, coef_x0_prev = _second_order(_data_coefficient(abar, h, 1.0), h)
+    return dict(dpmpp_lambda=lam, dpmpp_h=h, dpmpp_coef_x=_sigma_ratio(abar), dpmpp_coef_x0=coef_x0,
                 dpmpp_coef_x0_prev=coef_x0_prev)
+
+
+def dpmpp_2m_sde_coefficients(abar: np.ndarray) -> dict:
+    """SDE-DPM-Solver++(2M)'s columns (see Tables): e^{-h} on x, A2 with 2h, the noise's std."""
+    _, h = _lambda_and_h(abar)
+    coef_x0, coef_x0_prev = _second_order(_data_coefficient(abar, h, 2.0), h)
+    std = np.zeros(len(abar))
+    std[1:] = np.sqrt(1.0 - abar[:-1]) * np.sqrt(-np.expm1(-2.0 * h[1:]))
+    return dict(sde_coef_x=_sigma_ratio(abar) * np.exp(-h), sde_coef_x0=coef_x0, sde_coef_x0_prev=coef_x0_prev,
+                sde_noise_std=std)
+
+
+def unipc_coefficients(abar: np.ndarray) -> dict:
+    """UniPC's corrector columns (see Tables); its predictor uses the DPM-Solver++(2M) columns."""
+    n = len(abar)
+    _, h = _lambda_and_h(abar)
+    A = _data_coefficient(abar, h, 1.0)
+    corr_x0, next_x, next_x0, next_x0_prev = (np.zeros(n) for _ in range(4))
+    c = np.arange(n - 1)  # steps with a corrector; it corrects the predictor of step j = c + 1
+    j = c + 1
+    hh = -h[j]  # UniC's phi-functions of -h (predict_x0)
+    B = np.expm1(hh)  # bh2
+    phi = B / hh - 1.0
+    b1 = phi / B
+    b2 = 2.0 * (phi / hh - 0.5) / B
+    order2 = j < n - 1  # the predictor of step j was second order (not the first step)
+    rk = np.full(len(c), -1.0)
+    rk[order2] = -h[j[order2] + 1] / h[j[order2]]  # (lambda_{c+2} - lambda_{c+1}) / h_{c+1}
+    rho_d = np.where(order2, (b1 - b2) / (1.0 - rk), 0.0)  # [[1, 1], [rk, 1]] rho = (b1, b2)
+    rho_t = np.where(order2, b1 - rho_d, 0.5)
+    corr_x0[c] = A[j] * rho_t
+    next_x[j] = _sigma_ratio(abar)[j]
+    next_x0[j] = A[j] * (1.0 - rho_d / rk - rho_t)
+    next_x0_prev[j] = A[j] * rho_d / rk
+    return dict(unipc_corr_x0=corr_x0, unipc_next_x=next_x, unipc_next_x0=next_x0, unipc_next_x0_prev=next_x0_prev)
 
 
 # Columns of the packed device table, in order; kernels index this layout (kernels/ reads COLUMNS).
@@ -265,6 +367,14 @@ COLUMNS = (
     "dpmpp_coef_x",
     "dpmpp_coef_x0",
     "dpmpp_coef_x0_prev",
+    "sde_coef_x",
+    "sde_coef_x0",
+    "sde_coef_x0_prev",
+    "sde_noise_std",
+    "unipc_corr_x0",
+    "unipc_next_x",
+    "unipc_next_x0",
+    "unipc_next_x0_prev",
 )
 
 

@@ -5,12 +5,14 @@ Each implementation has the same contract so the loops around it do not care whi
     pred_x0 = step(rows, model_output, want_x0=False)
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
-saturating at 0) and, for a multistep sampler (samplers.MULTISTEP_SAMPLERS), writes this step's x0
-into ``rows.x0_prev`` (allocated by the caller, zeros, same shape as x): all in place, so
+saturating at 0) and, for a multistep sampler (samplers.ROW_STATE), writes this step's x0 into
+``rows.x0_prev`` and, for UniPC, its corrector's known part into ``rows.corrector`` (allocated by
+the caller, zeros, same shape as x): all in place, so
 nothing on the host changes between steps and a step can be captured in a CUDA graph. A caller
 that keeps x_t clones it first. ``pred_x0`` is returned only when ``want_x0`` (else None), and
 may be a buffer the next call reuses: a caller that keeps it clones it. Noise comes from the
-per-sample Philox stream (engine.noise) at step counter i (DPM-Solver++ draws none).
+per-sample Philox stream (engine.noise) at step counter i (SDE-DPM-Solver++: noise.SDE_STEP + i;
+DPM-Solver++ and UniPC draw none).
 
 - ``TorchStep``: the reference (engine.samplers) plus the torch Philox generator.
 - ``kernels.TritonStep``: one fused Triton kernel with in-kernel noise (kernels/).
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidRequestError
-from .noise import philox_normal
-from .samplers import ddim_step, ddpm_step, dpmpp_2m_step
+from .noise import SDE_STEP, philox_normal
+from .samplers import ROW_STATE, check_state, ddim_step, ddpm_step, dpmpp_2m_sde_step, dpmpp_2m_step, unipc_step
 from .schedules import DeviceTables, Prediction, Variance
 
 STEP_IMPLS = ("auto", "torch", "triton")
@@ -39,6 +41,7 @@ class Rows:
     i: torch.Tensor  # int64 [B]: step index into the tables, decremented by each step
     words: torch.Tensor  # int64 [B, 2]: seed words (engine.noise.seed_words)
     x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
+    corrector: torch.Tensor | None = None  # [B, C, H, W]: UniPC's next corrector, the part known after a step
 
     def __len__(self):
         return self.x.shape[0]
@@ -54,7 +57,7 @@ class Rows:
                 dst[start:start + len(src)].copy_(v)
 
     def fields(self):
-        return (self.x, self.i, self.words, self.x0_prev)
+        return (self.x, self.i, self.words, self.x0_prev, self.corrector)
 
     @staticmethod
     def cat(parts) -> "Rows":
@@ -66,19 +69,12 @@ class Rows:
 class StepSpec:
     """Everything that fixes the step math of one sampling run."""
 
-    sampler: str  # a name in samplers.SAMPLERS: "ddpm" | "ddim" | "dpmpp_2m"
+    sampler: str  # a name in samplers.SAMPLERS
     prediction: Prediction
     variance: Variance
     clip_denoised: bool
     eta: float  # DDIM only
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
-
-
-def check_x0_prev(rows: Rows) -> None:
-    """A multistep sampler's rows must carry their previous x0 (a host check of metadata only)."""
-    if rows.x0_prev is None or rows.x0_prev.shape != rows.x.shape:
-        raise InvalidRequestError("a multistep sampler (samplers.MULTISTEP_SAMPLERS) keeps each sample's previous "
-                                  "x0 in rows.x0_prev: allocate it (zeros, shaped as rows.x) before the first step")
 
 
 class TorchStep:
@@ -91,21 +87,26 @@ class TorchStep:
 
     def __call__(self, rows: Rows, model_output, want_x0: bool = False):
         s, x_t, i = self.spec, rows.x, rows.i
+        check_state(s.sampler, rows)
+        opts = dict(prediction=s.prediction, clip_denoised=s.clip_denoised)
         if s.sampler == "dpmpp_2m":  # an ODE solver: no noise; the previous x0 lives in rows.x0_prev
-            check_x0_prev(rows)
-            x_prev, x0 = dpmpp_2m_step(self.tab, x_t, model_output, i, rows.x0_prev, prediction=s.prediction,
-                                       clip_denoised=s.clip_denoised)
-            rows.x0_prev.copy_(x0)
-            x0 = rows.x0_prev
+            x_prev, x0 = dpmpp_2m_step(self.tab, x_t, model_output, i, rows.x0_prev, **opts)
+        elif s.sampler == "dpmpp_2m_sde":
+            noise = philox_normal(rows.words, i + SDE_STEP, self.numel).reshape(x_t.shape)
+            x_prev, x0 = dpmpp_2m_sde_step(self.tab, x_t, model_output, i, rows.x0_prev, noise, **opts)
+        elif s.sampler == "unipc":
+            x_prev, x0, corrector = unipc_step(self.tab, x_t, model_output, i, rows.x0_prev, rows.corrector, **opts)
+            rows.corrector.copy_(corrector)
         else:
             noise = philox_normal(rows.words, i, self.numel).reshape(x_t.shape)
             if s.sampler == "ddpm":
-                x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, prediction=s.prediction,
-                                       variance=s.variance, clip_denoised=s.clip_denoised)
+                x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, variance=s.variance, **opts)
             else:
-                x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta, prediction=s.prediction,
-                                       clip_denoised=s.clip_denoised,
-                                       use_clipped_model_output=s.use_clipped_model_output)
+                x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta,
+                                       use_clipped_model_output=s.use_clipped_model_output, **opts)
+        if s.sampler in ROW_STATE:
+            rows.x0_prev.copy_(x0)
+            x0 = rows.x0_prev
         x_t.copy_(x_prev)
         i.sub_(1).clamp_(min=0)
         return x0 if want_x0 else None

@@ -40,6 +40,14 @@ COL_DDIM_ABAR_PREV = tl.constexpr(COLUMNS.index("ddim_alphas_cumprod_prev"))
 COL_DPMPP_X = tl.constexpr(COLUMNS.index("dpmpp_coef_x"))
 COL_DPMPP_X0 = tl.constexpr(COLUMNS.index("dpmpp_coef_x0"))
 COL_DPMPP_X0_PREV = tl.constexpr(COLUMNS.index("dpmpp_coef_x0_prev"))
+COL_SDE_X = tl.constexpr(COLUMNS.index("sde_coef_x"))
+COL_SDE_X0 = tl.constexpr(COLUMNS.index("sde_coef_x0"))
+COL_SDE_X0_PREV = tl.constexpr(COLUMNS.index("sde_coef_x0_prev"))
+COL_SDE_NOISE_STD = tl.constexpr(COLUMNS.index("sde_noise_std"))
+COL_UNIPC_CORR_X0 = tl.constexpr(COLUMNS.index("unipc_corr_x0"))
+COL_UNIPC_NEXT_X = tl.constexpr(COLUMNS.index("unipc_next_x"))
+COL_UNIPC_NEXT_X0 = tl.constexpr(COLUMNS.index("unipc_next_x0"))
+COL_UNIPC_NEXT_X0_PREV = tl.constexpr(COLUMNS.index("unipc_next_x0_prev"))
 
 KEY64 = tl.constexpr(PHILOX_KEY)
 ROUNDS = tl.constexpr(PHILOX_ROUNDS)
@@ -85,6 +93,14 @@ def step_noise(b, i, offs, seed_ptr):
     lo = tl.load(seed_ptr + 2 * b).to(tl.uint32) + zero
     hi = tl.load(seed_ptr + 2 * b + 1).to(tl.uint32) + zero
     return philox_normal(element, i.to(tl.uint32) + zero, lo, hi, KEY64, ROUNDS)
+
+
+@triton.jit
+def load_state(ptr, flat, offs, N, coef):
+    """A multistep state (x0_prev, corrector) as fp32, read only where its coefficient is nonzero:
+    on the steps that do not use it, none of it is read, so a fresh or stale buffer cannot leak in."""
+    n = tl.where(coef != 0.0, N, 0)
+    return tl.load(ptr + flat, mask=offs < n, other=0.0).to(tl.float32)
 
 
 @triton.jit

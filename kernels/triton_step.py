@@ -5,8 +5,9 @@
 One fused kernel launch writes x_prev in place into rows.x (zero allocations per step), then a
 tiny launch decrements i on the device (see common.advance for why it is a second launch).
 DDPM / DDIM write x0 only when ``want_x0`` (else None is returned), into a buffer reused by later
-calls: a caller that keeps it clones it. DPM-Solver++(2M) always writes x0, into rows.x0_prev (its
-multistep state), and returns that buffer when ``want_x0``. x_t must be contiguous (the engine's x
+calls: a caller that keeps it clones it. The multistep samplers (DPM-Solver++(2M), ODE and SDE, and
+UniPC) always write x0, into rows.x0_prev (their multistep state; UniPC also rows.corrector), and
+return that buffer when ``want_x0``. x_t must be contiguous (the engine's x
 always is). Building one imports triton (and says what to install, or to set TRITON_INTERPRET=1
 on a machine without a GPU); importing this module does not.
 """
@@ -18,6 +19,7 @@ import os
 import torch
 
 from ddpm_engine.errors import BackendUnavailableError, require
+from ddpm_engine.samplers import ROW_STATE, check_state
 
 
 class TritonStep:
@@ -33,22 +35,28 @@ class TritonStep:
         if device.type not in ("cpu", "cuda"):
             raise BackendUnavailableError(f"step_impl='triton' runs on CUDA (or ROCm) GPUs, or on the CPU in "
                                           f"Triton's interpreter, not on {device.type}; use step_impl='torch'")
-        from . import common, ddim_step, ddpm_step, dpmpp_step
+        from . import common, ddim_step, ddpm_step, dpmpp_step, unipc_step
 
         self.spec = spec
         self.table = tab.packed if tab.packed.dtype == torch.float32 else tab.packed.float()
         self.prediction = common.PREDICTION_CODE[spec.prediction]
         self._ddpm, self._ddim, self._dpmpp = ddpm_step.ddpm_step, ddim_step.ddim_step, dpmpp_step.dpmpp_2m_step
+        self._unipc = unipc_step.unipc_step
         self._advance = common.advance
         self._x0 = None
 
     def __call__(self, rows, model_output, want_x0: bool = False):
         s, x_t, i = self.spec, rows.x, rows.i
-        if s.sampler == "dpmpp_2m":
-            _, x0 = self._dpmpp(x_t, model_output, i, rows.x0_prev, self.table, prediction=self.prediction,
-                                clip_denoised=s.clip_denoised, x_prev=x_t)
+        if s.sampler in ROW_STATE:
+            check_state(s.sampler, rows)
+            kw = dict(prediction=self.prediction, clip_denoised=s.clip_denoised, x_prev=x_t)
+            if s.sampler == "unipc":
+                self._unipc(x_t, model_output, i, rows.x0_prev, rows.corrector, self.table, **kw)
+            else:
+                self._dpmpp(x_t, model_output, i, rows.x0_prev, self.table,
+                            seed_words=rows.words if s.sampler == "dpmpp_2m_sde" else None, **kw)
             self._advance(i)
-            return x0 if want_x0 else None
+            return rows.x0_prev if want_x0 else None
         if want_x0 and (self._x0 is None or self._x0.shape != x_t.shape):
             self._x0 = torch.empty_like(x_t)
         kw = dict(prediction=self.prediction, clip_denoised=s.clip_denoised, x_prev=x_t,

@@ -1,7 +1,7 @@
 """The engine against diffusers' own scheduler loops, end to end: a model saved as diffusers saves
 it, loaded into the engine, sampled from the same x_T, gives diffusers' images. DDIM with x0
-clipping (both values of ``use_clipped_model_output``, and the scheduler config's default) and
-DPM-Solver++(2M) for each prediction type."""
+clipping (both values of ``use_clipped_model_output``, and the scheduler config's default),
+DPM-Solver++(2M) and UniPC for each prediction type, and SDE-DPM-Solver++(2M) given the same noise."""
 
 import random
 
@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from ddpm_engine import Engine
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.noise import SDE_STEP, philox_normal, seed_words
+from ddpm_engine.samplers import ROW_STATE
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -74,8 +77,6 @@ def test_ddim_with_clipping_gives_diffusers_images(clipped, use_clipped, eta):
     plan = engine.plan(**{k: v for k, v in opts.items() if k != "x_T"})
     scheduler.set_timesteps(STEPS)
     x = x_T.clone()
-    from ddpm_engine.noise import philox_normal, seed_words
-
     words = seed_words(seeds)
     rows = plan.start(seeds, x.clone())
     with torch.inference_mode():
@@ -110,16 +111,79 @@ def test_dpmpp_2m_gives_diffusers_images(tmp_path, prediction, steps):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-def test_dpmpp_2m_rows_join_mid_run_and_graph_buckets(clipped):
-    """Each sample's multistep state rides in its rows: a server batch that rows join mid-run, and
-    the graph sampler's padded buckets (without capture), give each seed its lone image."""
+@pytest.fixture(scope="module")
+def pipeline_for(tmp_path_factory):
+    """A saved diffusers pipeline and the engine on it, one per prediction type, made on first use."""
+    made = {}
+
+    def get(prediction):
+        if prediction not in made:
+            folder = tmp_path_factory.mktemp(prediction)
+            unet = save_pipeline(folder, prediction_type=prediction)
+            made[prediction] = unet, Engine.from_pretrained(folder, backend="torch", batching=False)
+        return made[prediction]
+    return get
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_unipc_gives_diffusers_images(pipeline_for, prediction):
+    """UniPCMultistepScheduler with its defaults (order 2, bh2, predict_x0, lower_order_final) at
+    5, 10 and 20 steps."""
+    unet, engine = pipeline_for(prediction)
+    scheduler = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                  prediction_type=prediction)
+    for steps in (5, 10, 20):
+        x_T = torch.randn(2, *SHAPE)
+        ours = engine.sample([5, 6], sampler="unipc", steps=steps, x_T=x_T)
+        theirs = diffusers_loop(unet, scheduler, x_T.clone(), steps)
+        assert (ours - theirs).abs().max().item() <= 1e-4, steps
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_sde_gives_diffusers_images_given_the_same_noise(pipeline_for, prediction):
+    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") given, as variance_noise, the noise
+    the engine draws: each seed's Philox stream at step counter SDE_STEP + i (i: the step index)."""
+    steps = 10
+    unet, engine = pipeline_for(prediction)
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                      prediction_type=prediction, algorithm_type="sde-dpmsolver++")
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    x_T = torch.randn(3, *SHAPE)
+    ours = engine.sample(seeds, sampler="dpmpp_2m_sde", steps=steps, x_T=x_T)
+    words, x = seed_words(seeds), x_T.clone()
+    scheduler.set_timesteps(steps)
+    with torch.inference_mode():
+        for k, t in enumerate(scheduler.timesteps):
+            noise = philox_normal(words, SDE_STEP + steps - 1 - k, x[0].numel()).reshape(x.shape)
+            x = scheduler.step(unet(x, t.expand(3)).sample, t, x, variance_noise=noise).prev_sample
+    assert (ours - x.clamp(-1, 1)).abs().max().item() <= 1e-4
+    # the noise matters: other seeds' noise from the same x_T gives other images
+    other = engine.sample([s ^ 1 for s in seeds], sampler="dpmpp_2m_sde", steps=steps, x_T=x_T)
+    assert (other - ours).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("sampler", sorted(ROW_STATE))
+def test_multistep_rows_join_mid_run_and_graph_buckets(clipped, sampler):
+    """Each sample's multistep state rides in its rows: a server batch that rows join mid-run (each
+    starting with its own first-order step), and the graph sampler's padded buckets (without
+    capture), give each seed its lone image."""
     _, _, engine = clipped
     seeds = [random.getrandbits(64) for _ in range(5)]
-    alone = torch.cat([engine.sample([s], sampler="dpmpp_2m", steps=15) for s in seeds])
-    graphed = engine.graphed("dpmpp_2m", 15, max_batch=4, capture=False).run(seeds)
+    alone = torch.cat([engine.sample([s], sampler=sampler, steps=15) for s in seeds])
+    graphed = engine.graphed(sampler, 15, max_batch=4, capture=False).run(seeds)
     assert (graphed - alone).abs().max().item() <= 1e-4  # batch-size rounding, grown along an untrained chain
     with engine.serve(mode="continuous", max_batch=8, max_wait_ms=0) as server:
-        first = server.submit(seeds[:2], sampler="dpmpp_2m", steps=15)
-        late = [server.submit([s], sampler="dpmpp_2m", steps=15) for s in seeds[2:]]
+        first = server.submit(seeds[:2], sampler=sampler, steps=15)
+        late = [server.submit([s], sampler=sampler, steps=15) for s in seeds[2:]]
         got = torch.cat([first.result(60)] + [f.result(60) for f in late])
     assert (got - alone).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpmpp_2m_sde"])
+def test_more_steps_than_the_spacing_allows_are_refused(clipped, sampler):
+    """linspace spacing keeps at most T - 1 timesteps; the error states the limit, and the engine
+    keeps working after it."""
+    _, _, engine = clipped
+    with pytest.raises(InvalidRequestError, match="at most T - 1 = 999"):
+        engine.sample([1], sampler=sampler, steps=1000)
+    assert engine.sample([1], sampler=sampler, steps=2).shape == (1, *SHAPE)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_engine import DPMSolverSampler  # the single-step API, as users import it
+from ddpm_engine import DPMSolverSampler, UniPCSampler  # the single-step API, as users import it
 from ddpm_engine.errors import InvalidRequestError
-from ddpm_engine.noise import philox_normal, seed_words
+from ddpm_engine.noise import SDE_STEP, philox_normal, seed_words
 from ddpm_engine.samplers import (DDIMSampler, DDPMSampler, Prediction, Variance, ddim_step, ddpm_step,
                                   default_steps, dpmpp_2m_step, predict_x0_and_eps, timestep_spacing)
 from ddpm_engine.schedules import Tables, make_betas
@@ -197,9 +197,17 @@ def run_diffusers(scheduler, model, x, noises=None, **step_kw):
     return x
 
 
+def run_single_step(sampler, model, x, noises=None):
+    """Our single-step API's loop, as run_diffusers: noise per step when given."""
+    for k, t in enumerate(sampler.timesteps):
+        kw = {} if noises is None else {"noise": noises[k]}
+        x = sampler.step(model(x, t.expand(x.shape[0])), t.expand(x.shape[0]), x, **kw).prev_sample
+    return x
+
+
 def run_torch_step(spec, tables, model, x, words):
     """The engine's loop in miniature: Rows updated in place by TorchStep (engine.stepping)."""
-    rows = Rows(x.clone(), torch.full((x.shape[0],), tables.steps - 1), words, torch.zeros_like(x))
+    rows = Rows(x.clone(), torch.full((x.shape[0],), tables.steps - 1), words, torch.zeros_like(x), torch.zeros_like(x))
     tab, step = tables.on("cpu"), TorchStep(spec, tables.on("cpu"), x.shape[1:])
     for _ in range(tables.steps):
         step(rows, model(rows.x, tab.timesteps[rows.i]))
@@ -267,10 +275,7 @@ def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip):
     ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_T = torch.randn(2, 3, 8, 8)
-    want = run_diffusers(ref, model, x_T)
-    x = x_T
-    for t in ours.timesteps:
-        x = ours.step(model(x, t.expand(2)), t.expand(2), x).prev_sample
+    want, x = run_diffusers(ref, model, x_T), run_single_step(ours, model, x_T)
     # measured max |diff| 3.8e-6 (float32 on both sides; the tables are float64 cast once)
     assert (x - want).abs().max() <= 1e-4
 
@@ -304,8 +309,82 @@ def test_dpmpp_2m_step_is_ddim_on_first_order_steps(seeded):
     torch.testing.assert_close(got[2], x0[2])  # the final step lands on x0 (sigma = 0)
 
 
-def test_dpm_solver_sampler_keeps_its_state_per_run():
-    sampler = DPMSolverSampler(steps=5)
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_unipc_sampler_matches_diffusers(seeded, prediction, clip):
+    """UniPCSampler against diffusers' UniPCMultistepScheduler with its defaults (clipping =
+    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    diffusers = pytest.importorskip("diffusers")
+    steps = random.choice([5, 10, 20])
+    model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
+    ref = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
+                                            thresholding=clip, sample_max_value=1.0)
+    ref.set_timesteps(steps)
+    ours = UniPCSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    x_T = torch.randn(2, 3, 8, 8)
+    assert (run_single_step(ours, model, x_T) - run_diffusers(ref, model, x_T)).abs().max() <= 1e-4, steps
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sde_dpm_solver_sampler_matches_diffusers_given_the_noise(seeded, prediction):
+    """DPMSolverSampler(algorithm_type="sde-dpmsolver++").step(..., noise=z) against diffusers'
+    step(..., variance_noise=z): whole runs within 1e-4, and the noise changes the image."""
+    diffusers = pytest.importorskip("diffusers")
+    steps = random.choice([5, 10, 20])
+    model = fixed_model(prediction)
+    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
+                                                algorithm_type="sde-dpmsolver++")
+    ref.set_timesteps(steps)
+    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, algorithm_type="sde-dpmsolver++")
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    x_T = torch.randn(2, 3, 8, 8)
+    noises = torch.randn(steps, *x_T.shape)
+    x = run_single_step(ours, model, x_T, noises)
+    assert (x - run_diffusers(ref, model, x_T, noises)).abs().max() <= 1e-4, steps
+    ours.set_timesteps(steps)
+    quiet = run_single_step(ours, model, x_T)  # noise=None: zeros
+    assert (quiet - x).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "unipc"])
+def test_engine_multistep_step_matches_diffusers(seeded, sampler):
+    """The engine's path for the new samplers: default steps and spacing, Rows state, TorchStep; the
+    SDE's noise is the engine's own (Philox at SDE_STEP + i), handed to diffusers."""
+    diffusers = pytest.importorskip("diffusers")
+    steps = default_steps(sampler, 1000)
+    tables = Tables.build(make_betas("linear", 1000), steps, timestep_spacing(sampler))
+    if sampler == "unipc":
+        ref = diffusers.UniPCMultistepScheduler()
+    else:
+        ref = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    ref.set_timesteps(steps)
+    assert np.array_equal(tables.timesteps[::-1], ref.timesteps.numpy())
+    model = fixed_model("epsilon")
+    x_T = torch.randn(3, 1, 6, 6)
+    words = seed_words([random.getrandbits(64) for _ in range(3)], "cpu")
+    noises = [philox_normal(words, SDE_STEP + steps - 1 - k, x_T[0].numel()).reshape(x_T.shape) for k in range(steps)]
+    spec = StepSpec(sampler, Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+    got = run_torch_step(spec, tables, model, x_T, words)
+    assert (got - run_diffusers(ref, model, x_T, noises if sampler == "dpmpp_2m_sde" else None)).abs().max() <= 1e-4
+
+
+def test_dpm_solver_sampler_refuses_what_it_cannot_do():
+    with pytest.raises(InvalidRequestError, match="algorithm_type"):
+        DPMSolverSampler(steps=5, algorithm_type="dpmsolver")
+    sampler = DPMSolverSampler(steps=5)  # the ODE: no noise to take
+    x = torch.randn(1, 1, 4, 4)
+    with pytest.raises(InvalidRequestError, match="sde-dpmsolver"):
+        sampler.step(torch.zeros_like(x), sampler.timesteps[0], x, noise=torch.randn_like(x))
+    for make in (lambda: UniPCSampler(steps=1000), lambda: DPMSolverSampler(steps=1000, algorithm_type="sde-dpmsolver++")):
+        with pytest.raises(InvalidRequestError, match="at most T - 1 = 999"):
+            make()
+
+
+@pytest.mark.parametrize("make", [DPMSolverSampler, UniPCSampler,
+                                  lambda steps: DPMSolverSampler(steps=steps, algorithm_type="sde-dpmsolver++")])
+def test_multistep_sampler_keeps_its_state_per_run(make):
+    sampler = make(steps=5)
     x = torch.randn(2, 1, 4, 4)
     t = sampler.timesteps[0].expand(2)
     sampler.step(torch.randn_like(x), t, x)

@@ -51,7 +51,8 @@ def test_every_launch_compiles_for_sm90(compiled):
     names = {c["kernel"] for c in results["compiled"]}
     assert set(results["entry_kernels"]) <= names, "kernels no `launches` compiled: " + str(
         set(results["entry_kernels"]) - names)
-    assert {"_ddpm_step_kernel", "_ddim_step_kernel", "_dpmpp_2m_step_kernel", "_advance_kernel"} <= names
+    assert {"_ddpm_step_kernel", "_ddim_step_kernel", "_dpmpp_2m_step_kernel", "_dpmpp_2m_sde_step_kernel",
+            "_unipc_step_kernel", "_advance_kernel"} <= names
 
 
 def test_no_register_spills_or_stack(compiled):
@@ -70,12 +71,13 @@ def test_every_constexpr_combination_and_io_dtype_is_compiled(compiled):
 
     results, _ = compiled
     fake = SimpleNamespace(x=None, model_output=None, i=None, seed_words=None, table=None, x0_prev=None)
-    for module, kernel in (("ddpm_step", "_ddpm_step_kernel"), ("ddim_step", "_ddim_step_kernel"),
-                           ("dpmpp_step", "_dpmpp_2m_step_kernel")):
+    for module, kernels in (("ddpm_step", {"_ddpm_step_kernel"}), ("ddim_step", {"_ddim_step_kernel"}),
+                            ("dpmpp_step", {"_dpmpp_2m_step_kernel", "_dpmpp_2m_sde_step_kernel"}),
+                            ("unipc_step", {"_unipc_step_kernel"})):
         expected = len(list(importlib.import_module(f"ddpm_engine.kernels.{module}").launches(fake)))
         for io in ("*fp32", "*fp16", "*bf16"):
-            settings = {json.dumps(c["constexprs"], sort_keys=True) for c in results["compiled"]
-                        if c["kernel"] == kernel and c["signature"]["x_ptr"] == io and c["constexprs"]["BLOCK"] == 1024}
-            assert len(settings) == expected, (kernel, io, len(settings), expected)
-        blocks = {c["constexprs"]["BLOCK"] for c in results["compiled"] if c["kernel"] == kernel}
-        assert blocks == {16, 32, 64, 128, 256, 512, 1024}, (kernel, blocks)
+            settings = {(c["kernel"], json.dumps(c["constexprs"], sort_keys=True)) for c in results["compiled"]
+                        if c["kernel"] in kernels and c["signature"]["x_ptr"] == io and c["constexprs"]["BLOCK"] == 1024}
+            assert len(settings) == expected, (module, io, len(settings), expected)
+        blocks = {c["constexprs"]["BLOCK"] for c in results["compiled"] if c["kernel"] in kernels}
+        assert blocks == {16, 32, 64, 128, 256, 512, 1024}, (module, blocks)

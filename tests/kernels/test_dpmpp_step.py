@@ -1,4 +1,5 @@
-"""Fused DPM-Solver++(2M) step against its reference (engine.samplers.dpmpp_2m_step)."""
+"""Fused DPM-Solver++(2M) steps, ODE and SDE, against their references (engine.samplers.dpmpp_2m_step,
+dpmpp_2m_sde_step)."""
 
 import random
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from ddpm_engine.kernels.common import advance
-from ddpm_engine.kernels.dpmpp_step import dpmpp_2m_step, reference
+from ddpm_engine.kernels.dpmpp_step import dpmpp_2m_step, reference, reference_sde
+from ddpm_engine.noise import SDE_STEP
 from ddpm_engine.samplers import Prediction
 
-from .helpers import PREDICTION_CODE, poisoned, random_case
+from .helpers import PREDICTION_CODE, poisoned, random_case, reference_noise
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -73,3 +75,22 @@ def test_half_precision_io(dtype):
     assert x_prev.dtype == dtype
     torch.testing.assert_close(x_prev.float(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(state, want_x0, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_sde_matches_reference_with_the_engine_noise(prediction):
+    """The SDE form draws its noise in the kernel: the sample's Philox stream at counters
+    SDE_STEP + i (engine.noise), which the reference gets as a tensor. Mixed steps, clip random."""
+    tab, x, out, i, words = random_case(B=5, spacing="linspace")
+    clip = random.choice([False, True])
+    x0_prev = torch.randn_like(x)
+    noise = reference_noise(words, i + SDE_STEP, x)
+    want, want_x0 = reference_sde(tab, x, out, i, x0_prev, noise, prediction=prediction, clip_denoised=clip)
+    x_prev, state = poisoned(x), x0_prev.clone()
+    dpmpp_2m_step(x, out, i, state, tab.packed, prediction=PREDICTION_CODE[prediction], clip_denoised=clip,
+                  x_prev=x_prev, seed_words=words, block=random.choice([16, 64]))
+    torch.testing.assert_close(x_prev, want, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(state, want_x0, rtol=1e-5, atol=3e-5)
+    # the noise is not DDPM's of the same seed and step, and the last step (i = 0) lands on x0 without it
+    assert not torch.allclose(noise, reference_noise(words, i, x))
+    torch.testing.assert_close(x_prev[0], want_x0[0], rtol=1e-5, atol=3e-5)

@@ -9,7 +9,7 @@ import torch
 from ddpm_engine.errors import InvalidRequestError, MissingDependencyError
 from ddpm_engine.kernels import TritonStep
 from ddpm_engine.kernels.ddpm_step import ddpm_step
-from ddpm_engine.samplers import SAMPLERS, Prediction, Variance, timestep_spacing
+from ddpm_engine.samplers import ROW_STATE, SAMPLERS, Prediction, Variance, timestep_spacing
 from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
 from .helpers import random_case
@@ -30,16 +30,17 @@ def test_same_contract_as_torch_step(sampler, want_x0):
     shape = (3, 5, 7)
     tab, x, out, i, words = random_case(B=4, shape=shape, spacing=timestep_spacing(sampler))
     out = 2 * out  # x0 often beyond [-1, 1]: the clip options matter
-    x0_prev = torch.randn_like(x)
+    x0_prev, corrector = torch.randn_like(x), torch.randn_like(x)  # state left by a previous step
     i_ref = i.clone()
-    ref_rows = Rows(x.clone(), i_ref, words, x0_prev.clone())
-    rows = Rows(x, i, words, x0_prev)
+    ref_rows = Rows(x.clone(), i_ref, words, x0_prev.clone(), corrector.clone())
+    rows = Rows(x, i, words, x0_prev, corrector)
     want_x0_tensor = TorchStep(spec, tab, shape)(ref_rows, out, want_x0=True)
     x_ptr = x.data_ptr()
     x0 = TritonStep(spec, tab, shape)(rows, out, want_x0=want_x0)
     assert rows.x.data_ptr() == x_ptr  # written in place: no allocation per step
     torch.testing.assert_close(rows.x, ref_rows.x, rtol=1e-5, atol=3e-5)
     torch.testing.assert_close(rows.x0_prev, ref_rows.x0_prev, rtol=1e-5, atol=3e-5)  # untouched unless multistep
+    torch.testing.assert_close(rows.corrector, ref_rows.corrector, rtol=1e-5, atol=3e-5)  # untouched unless unipc
     assert torch.equal(i, i_ref)  # both advanced i -> max(i - 1, 0) on the device
     if want_x0:
         torch.testing.assert_close(x0, want_x0_tensor, rtol=1e-5, atol=3e-5)
@@ -47,17 +48,20 @@ def test_same_contract_as_torch_step(sampler, want_x0):
         assert x0 is None
 
 
-def test_dpmpp_2m_runs_agree_and_a_seed_does_not_depend_on_its_batch():
-    """Whole DPM-Solver++(2M) runs through both steps, with a row joining two steps late and the
-    others leaving when done (as the continuous server does): each row ends as in its run alone."""
+@pytest.mark.parametrize("sampler", sorted(ROW_STATE))
+def test_multistep_runs_agree_and_a_seed_does_not_depend_on_its_batch(sampler):
+    """Whole multistep runs (DPM-Solver++(2M), its SDE, UniPC) through both steps, with a row joining
+    two steps late and the others leaving when done (as the continuous server does): each row ends
+    as in its run alone."""
     steps, shape = 6, (1, 4, 6)
-    spec = StepSpec("dpmpp_2m", Prediction.EPSILON, Variance.FIXED_SMALL, True, 0.0)
+    spec = StepSpec(sampler, Prediction.EPSILON, Variance.FIXED_SMALL, True, 0.0)
     tab, x, _, _, words = random_case(B=3, shape=shape, steps=steps, spacing="linspace")
     i = torch.full((3,), steps - 1, device=x.device)
     model = lambda x: 0.7 * torch.sin(2 * x) + 0.2 * x  # noqa: E731
 
     def rows_of(b0, b1):
-        return Rows(x[b0:b1].clone(), i[b0:b1].clone(), words[b0:b1], torch.zeros_like(x[b0:b1]))
+        state = {name: torch.zeros_like(x[b0:b1]) for name in ROW_STATE[sampler]}
+        return Rows(x[b0:b1].clone(), i[b0:b1].clone(), words[b0:b1], **state)
 
     alone = []
     for b in range(3):
@@ -79,12 +83,15 @@ def test_dpmpp_2m_runs_agree_and_a_seed_does_not_depend_on_its_batch():
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5, msg=impl.__name__)
 
 
-def test_multistep_rows_need_x0_prev():
-    spec = StepSpec("dpmpp_2m", Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+def test_multistep_rows_need_their_state():
     tab, x, out, i, words = random_case(B=2, shape=(1, 4, 4), steps=10, spacing="linspace")
-    for impl in (TorchStep, TritonStep):
-        with pytest.raises(InvalidRequestError, match="x0_prev"):
-            impl(spec, tab, (1, 4, 4))(Rows(x, i, words), out)
+    for sampler, rows, missing in [("dpmpp_2m", Rows(x, i, words), "x0_prev"),
+                                   ("dpmpp_2m_sde", Rows(x, i, words), "x0_prev"),
+                                   ("unipc", Rows(x, i, words, torch.zeros_like(x)), "corrector")]:
+        spec = StepSpec(sampler, Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+        for impl in (TorchStep, TritonStep):
+            with pytest.raises(InvalidRequestError, match=missing):
+                impl(spec, tab, (1, 4, 4))(rows, out)
 
 
 def test_x0_buffer_is_reused_across_steps():

@@ -1,0 +1,100 @@
+"""Fused UniPC step (Zhao et al. 2023; bh2, order 2, predict_x0): corrector and predictor in one kernel.
+
+Reference: ``engine.samplers.unipc_step`` (imported here as ``reference``; the tests hold the
+kernel to it); the coefficients and their derivation are in ``engine.schedules.Tables``. Per
+element of sample b at step index i:
+
+    x0        = from the model output at the predicted x (eps / x0 / v), clamp optional  read x, out
+    x_c       = corrector + unipc_corr_x0[i] * x0     (UniC; x_c = x on the first step)  read corrector
+    x_prev    = dpmpp_coef_x[i] x_c + dpmpp_coef_x0[i] x0 + dpmpp_coef_x0_prev[i] x0_prev (UniP) read x0_prev
+    corrector <- unipc_next_x[i] x_c + unipc_next_x0[i] x0 + unipc_next_x0_prev[i] x0_prev
+    x0_prev   <- x0                                                        write x_prev, x0, corrector
+
+The state (``Rows.x0_prev``, ``Rows.corrector``) is updated in place; neither is read on the steps
+whose coefficients for it are 0 (masked loads: the first step reads neither), so a zeros or stale
+buffer cannot leak in, and a batch may mix samples at any steps.
+
+Launch choices (compile-time constants): PRED in PREDICTION_CODE (3), CLIP (2), BLOCK from
+common.block_for (powers of two 16..1024); fp32 / fp16 / bf16 x and model output, fp32 state.
+
+Memory traffic per element, s = itemsize of the I/O dtype: read x_t and the model output (2 s),
+the two fp32 states (8 bytes; skipped on the first step), write x_prev (s) and the two states
+(8): 3 s + 16 bytes (28 in fp32). Per sample: i (8 bytes) and 9 table entries (36). The torch
+reference makes about 16 passes (x0, the corrector's where, the predictor, the next corrector,
+their products, the copies into the state).
+"""
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ddpm_engine.errors import InvalidRequestError
+
+from ddpm_engine.samplers import unipc_step as reference  # noqa: F401  (the specification)
+
+from .options import FP_FUSION
+from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_UNIPC_CORR_X0, COL_UNIPC_NEXT_X,
+                     COL_UNIPC_NEXT_X0, COL_UNIPC_NEXT_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0,
+                     grid_for, load_state, predict_x0_and_eps, step_prologue)
+
+
+@triton.jit
+def _unipc_step_kernel(
+    x_ptr,        # [B, N] x_t as predicted by the previous step (fp32 / fp16 / bf16)
+    out_ptr,      # [B, N] model output at x_t
+    x0prev_ptr,   # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
+    corr_ptr,     # [B, N] in: this step's corrector, known part; out: the next step's (float32 state)
+    xprev_ptr,    # [B, N] out: x_{t-1}, x's dtype
+    i_ptr,        # int64 [B]: step indices (read only)
+    table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
+    N,
+    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
+    corr_x0 = tl.load(row + COL_UNIPC_CORR_X0)
+    coef_x0_prev = tl.load(row + COL_DPMPP_X0_PREV)
+    next_x0_prev = tl.load(row + COL_UNIPC_NEXT_X0_PREV)
+
+    x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    corrector = load_state(corr_ptr, flat, offs, N, corr_x0)
+    x0_prev = load_state(x0prev_ptr, flat, offs, N, tl.abs(coef_x0_prev) + tl.abs(next_x0_prev))
+    x0, _ = predict_x0_and_eps(x, out, row, PRED)
+    if CLIP:
+        x0 = clip_x0(x0)
+    x_c = tl.where(corr_x0 != 0.0, corrector + corr_x0 * x0, x)
+    x_prev = tl.load(row + COL_DPMPP_X) * x_c + tl.load(row + COL_DPMPP_X0) * x0 + coef_x0_prev * x0_prev
+    corrector = tl.load(row + COL_UNIPC_NEXT_X) * x_c + tl.load(row + COL_UNIPC_NEXT_X0) * x0 + next_x0_prev * x0_prev
+    tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(corr_ptr + flat, corrector.to(corr_ptr.dtype.element_ty), mask=mask)
+
+
+def unipc_step(x, model_output, i, x0_prev, corrector, table, *, prediction=PRED_EPSILON, clip_denoised: bool = False,
+               x_prev=None, block: int | None = None):
+    """Launch the fused UniPC step. ``x0_prev`` and ``corrector`` (shaped as x, contiguous; zeros at the
+    start of a run) are read and overwritten in place with this step's x0 and the next step's
+    corrector. ``table`` is DeviceTables.packed (fp32), ``prediction`` a code of common.PREDICTION_CODE;
+    ``i`` is not advanced here (see common.advance). Returns (x_prev, x0, corrector); ``x_prev=x``
+    steps in place."""
+    if x0_prev is None or corrector is None:
+        raise InvalidRequestError("the UniPC step keeps each sample's previous x0 and corrector in x0_prev and "
+                                  "corrector (stepping.Rows): allocate both (zeros, shaped as x) before the first step")
+    x_prev = torch.empty_like(x) if x_prev is None else x_prev
+    check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev, corrector=corrector)
+    block = block or block_for(x[0].numel())
+    _unipc_step_kernel[grid_for(x, block)](
+        x, model_output, x0_prev, corrector, x_prev, i, table, x[0].numel(),
+        PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
+    )
+    return x_prev, x0_prev, corrector
+
+
+def launches(t):
+    """Every compile-time choice ``unipc_step`` can pass its kernel, as launches on stand-in tensors
+    ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""
+    for pred, clip in itertools.product(PREDICTION_CODE.values(), (False, True)):
+        yield lambda p=pred, c=clip: unipc_step(t.x, t.model_output, t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
+                                                t.table, prediction=p, clip_denoised=c)
