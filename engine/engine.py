@@ -42,7 +42,8 @@ def _after_fork(child: bool):
 def _fork_refusal(engine) -> str | None:
     """Why ``engine`` cannot sample in a forked child, or None."""
     if not engine.__dict__.get("_held_at_fork", True):
-        return f"the process was forked while this engine was sampling (its backend was busy for {FORK_WAIT_S:.0f} s)"
+        return (f"the process was forked while this engine was sampling (its backend was still busy after "
+                f"{FORK_WAIT_S:.0f} s)")
     if engine.device.type == "cuda":
         return "CUDA does not survive fork()"
     if not getattr(engine.backend, "survives_fork", True):
@@ -241,8 +242,8 @@ class Engine:
         """The server behind ``sample``: continuous batching, no added wait, results on the device."""
         with self._server_lock:
             if self._auto is None:
-                self._auto = Server(weakref.proxy(self), mode="continuous", max_batch=self.max_batch, max_wait_ms=0.0, results="device",
-                                    idle_exit_s=1.0)
+                self._auto = Server(weakref.proxy(self), mode="continuous", max_batch=self.max_batch, max_wait_ms=0.0,
+                                    results="device", idle_exit_s=1.0)
             return self._auto
 
     def submit(self, batch, **kw):

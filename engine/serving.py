@@ -21,6 +21,12 @@ If the model raises mid-batch (out of memory, say), that batch's requests fail w
 and the server goes on serving the others. Results come back on the CPU (``results="cpu"``) or on
 the engine's device (``results="device"``, what ``Engine.sample``'s own batching uses).
 
+Lifecycle: every server still open at interpreter exit is closed and its thread joined (an
+``atexit`` hook: a daemon thread inside torch while the interpreter finalizes aborts the process).
+A caller of ``Server.sample`` interrupted by Ctrl-C drops its request and stops its batch (the
+other riders get ``BatchInterruptedError``). In a forked child a server starts afresh: new locks,
+no requests (the parent's belong to the parent's callers), a new thread on the next submit.
+
 The server builds every request's ``SamplingPlan`` through its planner (``Engine.plan``); each
 group's rows live in a ``SlotBatch`` (engine/slots.py), stepped by ``reverse_step`` or, on CUDA
 with a capturable backend, by replaying the CUDA graph of its batch bucket, so rows joining and
@@ -466,15 +472,14 @@ class Server:
 
         self._fail_running(g, error)
 
-    def _fail_running(self, g: Group, error) -> list:
+    def _fail_running(self, g: Group, error):
         """The scheduler thread: drop the group's running rows; each of their requests fails with
-        an ``error()`` of its own. Returns the requests."""
+        an ``error()`` of its own."""
         with self._cond:
             reqs, g.running = g.running, []
             g.batch.clear()
         for req in reqs:
             self._fail(req, error(), "failed")
-        return reqs
 
     def _timeout(self, req: Request):
         self._fail(req, RequestTimeoutError(f"request of {len(req.seeds)} images did not finish within its timeout "

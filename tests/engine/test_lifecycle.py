@@ -197,6 +197,58 @@ def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
     assert "ServerClosedError" in outcomes  # the DDPM-1000 requests were still running
 
 
+def test_sigterm_to_the_cli_serve_stops_serve_and_ray_within_10_s():
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+    import json as json_
+    import urllib.request
+
+    from tests.engine.test_ray_serve import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
+
+    port = free_port()
+    env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine", "serve", "--port", str(port), "--backend", "torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        ray_processes = process_tree(proc.pid)
+        answer = {}
+
+        def post():  # in flight when SIGTERM arrives
+            body = json_.dumps({"seeds": [1], "sampler": "ddim", "steps": 30}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/sample", data=body, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    answer["status"] = resp.status
+            except OSError as exc:
+                answer["error"] = exc
+
+        client = threading.Thread(target=post)
+        client.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+        client.join(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM) and elapsed < 10.0, (proc.returncode, elapsed)
+    assert answer.get("status") == 200 or "error" in answer, answer  # finished, or failed: no hang
+    assert ray_processes
+    for _ in range(20):  # the exit status is in: Ray's processes are on their way out
+        live = live_processes()
+        left = [pid for pid, started in ray_processes.items() if live.get(pid, (0, None))[1] == started]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {left}"
+
+
 # ---- 4. fork and spawn -----------------------------------------------------------------------
 FORKED = """
 import json, multiprocessing as mp, sys, threading
