@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 
 import torch
 
 from . import backends, checkpoints
-from .errors import InvalidRequestError
+from .errors import BackendUnavailableError, InvalidRequestError
 from .plan import (SamplingPlan, Snapshot, make_spec, max_batch_that_fits, parse_device, resolve_steps, run_chain,
                    snapshot_steps, yield_cpu_to)
 from .samplers import timestep_spacing
@@ -17,6 +19,40 @@ from .stepping import make_step, resolve_step_impl
 
 __all__ = ["Engine", "Snapshot"]
 DRIVERS = ("auto", "eager", "python", "c", "graph_loop")
+FORK_WAIT_S = 60.0  # how long a fork waits for the engines' running steps to finish
+_ENGINES = weakref.WeakSet()
+
+
+def _before_fork():
+    """Hold every engine's backend lock across ``fork``, so no backend call is half done in the
+    child (a lock the parent's scheduler held at the fork would stay locked there forever)."""
+    for engine in list(_ENGINES):
+        engine._held_at_fork = engine._backend_lock.acquire(timeout=FORK_WAIT_S)
+
+
+def _after_fork(child: bool):
+    for engine in list(_ENGINES):
+        if child:
+            engine._plans_lock, engine._server_lock = threading.Lock(), threading.Lock()
+            engine._fork_refusal = engine._fork_refusal or _fork_refusal(engine)
+        if engine.__dict__.pop("_held_at_fork", False):
+            engine._backend_lock.release()
+
+
+def _fork_refusal(engine) -> str | None:
+    """Why ``engine`` cannot sample in a forked child, or None."""
+    if not engine.__dict__.get("_held_at_fork", True):
+        return (f"the process was forked while this engine was sampling (its backend was still busy after "
+                f"{FORK_WAIT_S:.0f} s)")
+    if engine.device.type == "cuda":
+        return "CUDA does not survive fork()"
+    if not getattr(engine.backend, "survives_fork", True):
+        return f"the {engine.backend.name} backend does not survive fork()"
+    return None
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=lambda: _after_fork(False),
+                    after_in_child=lambda: _after_fork(True))
 
 
 class Engine:
@@ -48,6 +84,8 @@ class Engine:
         self._auto = None  # the server behind sample()'s own batching of concurrent calls
         self._server_lock = threading.Lock()
         self._graph_samplers = {}  # (plan key, max_batch, capture) -> cuda.graphs.GraphedSampler
+        self._fork_refusal = None  # in a forked child: why this engine cannot sample here
+        _ENGINES.add(self)
 
     @classmethod
     def from_pretrained(cls, path_or_name, backend="auto", device=None, precision="fp32", step_impl="auto",
@@ -83,6 +121,9 @@ class Engine:
         sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``samplers.default_steps``);
         clip_denoised / use_clipped_model_output: None takes the model's scheduler config.
         """
+        if self._fork_refusal:
+            raise BackendUnavailableError(f"this engine came through a fork: {self._fork_refusal}; open the engine "
+                                          "in the child process, or start children with multiprocessing's 'spawn'")
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
         steps = resolve_steps(sampler, steps, self.num_train_timesteps)
         with self._plans_lock:
@@ -209,7 +250,8 @@ class Engine:
 
     # ---- serving: many callers, one batch (engine/serving.py) ---------------------------------
     def serve(self, *, mode="continuous", max_batch=32, max_wait_ms=5.0, max_queue=1024):
-        """Start (or restart with new settings) the engine's batching server and return it."""
+        """Start (or restart with new settings) the engine's batching server and return it (it
+        keeps the engine alive until one of them is closed)."""
         server = Server(self, mode=mode, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
         with self._server_lock:
             old, self._server = self._server, server
@@ -220,15 +262,15 @@ class Engine:
     def _default_server(self) -> Server:
         with self._server_lock:
             if self._server is None:
-                self._server = Server(self)
+                self._server = Server(weakref.proxy(self))
             return self._server
 
     def _batcher(self) -> Server:
         """The server behind ``sample``: continuous batching, no added wait, results on the device."""
         with self._server_lock:
             if self._auto is None:
-                self._auto = Server(self, mode="continuous", max_batch=self.max_batch, max_wait_ms=0.0, results="device",
-                                    idle_exit_s=1.0)
+                self._auto = Server(weakref.proxy(self), mode="continuous", max_batch=self.max_batch, max_wait_ms=0.0,
+                                    results="device", idle_exit_s=1.0)
             return self._auto
 
     def submit(self, batch, **kw):
@@ -240,8 +282,12 @@ class Engine:
         return await self._default_server().sample_async(batch, **kw)
 
     def close(self):
-        """Stop the batching servers if any run and drop the captured graphs (their buffers and
-        memory pools); the engine itself stays usable and captures again when asked."""
+        """Stop the batching servers if any run (their threads joined) and drop the captured graphs
+        (their buffers and memory pools); the engine itself stays usable and captures again when
+        asked. Garbage collection and the end of ``with Engine.from_pretrained(...) as engine:``
+        close it too."""
+        if not hasattr(self, "_server_lock"):  # __init__ raised
+            return
         with self._server_lock:
             servers, self._server, self._auto = (self._server, self._auto), None, None
         with self._plans_lock:
@@ -249,6 +295,15 @@ class Engine:
         for server in servers:
             if server is not None:
                 server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()  # the servers of sample() and submit() hold it weakly: their threads do not keep it alive
 
     def __repr__(self):
         return (f"Engine(model={self.model.name!r}, backend={self.backend.name}, device={self.device}, "

@@ -21,6 +21,12 @@ If the model raises mid-batch (out of memory, say), that batch's requests fail w
 and the server goes on serving the others. Results come back on the CPU (``results="cpu"``) or on
 the engine's device (``results="device"``, what ``Engine.sample``'s own batching uses).
 
+Lifecycle: every server still open at interpreter exit is closed and its thread joined (an
+``atexit`` hook: a daemon thread inside torch while the interpreter finalizes aborts the process).
+A caller of ``Server.sample`` interrupted by Ctrl-C drops its request and stops its batch (the
+other riders get ``BatchInterruptedError``). In a forked child a server starts afresh: new locks,
+no requests (the parent's belong to the parent's callers), a new thread on the next submit.
+
 The server builds every request's ``SamplingPlan`` through its planner (``Engine.plan``); each
 group's rows live in a ``SlotBatch`` (engine/slots.py), stepped by ``reverse_step`` or, on CUDA
 with a capturable backend, by replaying the CUDA graph of its batch bucket, so rows joining and
@@ -30,11 +36,14 @@ leaving keep the batch on the graph path. It never reaches into the engine.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import itertools
+import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -52,6 +61,33 @@ KEPT_GRAPHS = 4  # graph samplers (one per plan, its captured buckets) kept for 
 
 class ServerClosedError(EngineError, RuntimeError):
     """The server was closed before the request finished."""
+
+
+class BatchInterruptedError(EngineError, RuntimeError):
+    """A caller riding the same batch was interrupted (Ctrl-C), which stops the batch; retry."""
+
+
+_LIVE = weakref.WeakSet()  # servers not closed yet
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every live server and join its scheduler thread, at interpreter exit (before the
+    interpreter tears down, after the non-daemon threads have been joined). A daemon thread still
+    inside torch when the interpreter finalizes is killed there mid-call, which aborts the process
+    ("terminate called without an active exception")."""
+    for server in list(_LIVE):
+        server.close()
+
+
+def _reset_in_child() -> None:
+    """After ``fork``, in the child: the scheduler threads did not come along, and the parent's
+    queued and running requests belong to the parent's callers."""
+    for server in list(_LIVE):
+        server._forget_parent()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 @dataclass(eq=False)
@@ -74,6 +110,7 @@ class Group:
     batch: SlotBatch
     pending: collections.deque = field(default_factory=collections.deque)
     running: list = field(default_factory=list)  # requests admitted, in admission order
+    interrupted: bool = False  # a running request's caller was interrupted: stop the batch at the next step
 
     @property
     def rows(self) -> int:
@@ -151,6 +188,7 @@ class Server:
         self._closed = False
         self._metrics = Metrics()
         self._thread = None
+        _LIVE.add(self)
         with self._cond:
             self._start_thread()
 
@@ -202,9 +240,24 @@ class Server:
         return req.future
 
     def sample(self, batch, **kw) -> torch.Tensor:
-        """Blocking: submit and wait for the images."""
+        """Blocking: submit and wait for the images. Interrupted while waiting (Ctrl-C: the
+        KeyboardInterrupt is raised at once), the request is dropped and the batch it rides in
+        stops at its next step: its other callers get BatchInterruptedError."""
         timeout = kw.get("timeout")
-        return self.submit(batch, **kw).result(timeout=None if timeout is None else timeout + 1.0)
+        future = self.submit(batch, **kw)
+        try:
+            return future.result(timeout=None if timeout is None else timeout + 1.0)
+        except (KeyboardInterrupt, SystemExit):
+            self._interrupt(future)
+            raise
+
+    def _interrupt(self, future: Future):
+        future.cancel()
+        with self._cond:
+            for g in self._groups.values():
+                if any(req.future is future for req in g.running):
+                    g.interrupted = True
+            self._cond.notify()
 
     async def sample_async(self, batch, **kw) -> torch.Tensor:
         """``await server.sample_async(seeds, ...)``; cancelling the task cancels the request."""
@@ -221,13 +274,24 @@ class Server:
         return out
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the scheduler thread; unfinished requests fail with ServerClosedError."""
+        """Stop the scheduler thread (after the step it is running) and join it; unfinished
+        requests fail with ServerClosedError."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        _LIVE.discard(self)
         thread = self._thread
         if thread is not None and threading.current_thread() is not thread:  # a done-callback cannot join
             thread.join(timeout)
+
+    def _forget_parent(self):
+        """In a forked child: fresh locks, no requests, no thread (the next submit starts one)."""
+        self._cond = threading.Condition()
+        self._metrics.lock = threading.Lock()
+        self._groups.clear()
+        self._graphed.clear()  # CUDA graphs do not survive a fork
+        self._queued = 0
+        self._thread = None
 
     def __enter__(self):
         return self
@@ -265,6 +329,12 @@ class Server:
                     while True:
                         if self._closed:
                             break
+                        for g in self._groups.values():
+                            if g.interrupted:
+                                g.interrupted = False
+                                self._fail_running(g, lambda: BatchInterruptedError(
+                                    "another caller of this batch was interrupted (Ctrl-C), which stopped the "
+                                    "batch; retry"))
                         self._drop_stale_pending()
                         ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
                         if ready:
@@ -401,13 +471,23 @@ class Server:
 
     def _fail_group(self, g: Group, exc: Exception):
         """The model or step raised: the group's running requests fail with it; others go on."""
+        n = len(g.running)
+
+        def error():
+            err = EngineError(f"sampling failed for this batch of {n} requests: {exc!r}")
+            err.__cause__ = exc
+            return err
+
+        self._fail_running(g, error)
+
+    def _fail_running(self, g: Group, error):
+        """The scheduler thread: drop the group's running rows; each of their requests fails with
+        an ``error()`` of its own."""
         with self._cond:
             reqs, g.running = g.running, []
             g.batch.clear()
         for req in reqs:
-            err = EngineError(f"sampling failed for this batch of {len(reqs)} requests: {exc!r}")
-            err.__cause__ = exc
-            self._fail(req, err, "failed")
+            self._fail(req, error(), "failed")
 
     def _timeout(self, req: Request):
         self._fail(req, RequestTimeoutError(f"request of {len(req.seeds)} images did not finish within its timeout "

@@ -1,0 +1,325 @@
+"""A process that uses the engine never dies abnormally: at exit, on Ctrl-C, on SIGTERM, after fork.
+
+Every check runs real Python processes (the failures it guards against happen only while an
+interpreter tears down). Short processes run two at a time; the bench
+(bench/test_bench_lifecycle.py) runs the exit scripts 500 times.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ddpm_engine import Engine
+
+# The issue's scripts: sample once and end; four threads sampling at once, then end.
+SINGLE = """
+from ddpm_engine import Engine
+Engine.from_pretrained("digits", device="cpu").sample([1], sampler="ddim", steps=3)
+"""
+CONCURRENT = """
+import threading
+from ddpm_engine import Engine
+engine = Engine.from_pretrained("digits", device="cpu")
+threads = [threading.Thread(target=engine.sample, args=([k],), kwargs=dict(sampler="ddim", steps=3))
+           for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+# submit, sample_async and serve(), each left running when the script ends
+SERVING = """
+import asyncio
+from ddpm_engine import Engine
+engine = Engine.from_pretrained("digits", device="cpu", backend="torch")
+engine.submit([1], sampler="ddim", steps=3).result()
+asyncio.run(engine.sample_async([2], sampler="ddim", steps=3))
+server = engine.serve(max_batch=4)
+server.sample([3], sampler="ddim", steps=3)
+server.submit([4], sampler="ddpm")  # still running at exit: fails with ServerClosedError, no abort
+"""
+SCRIPT_TIMEOUT_S = 300  # a hang, not a slow machine
+
+
+def run_script(code: str, *args, env=None, timeout=SCRIPT_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def run_many(code: str, runs: int, workers: int = 2) -> list:
+    """The (returncode, stderr) of each of ``runs`` runs of ``code``, ``workers`` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(lambda _: run_script(code, env=env), range(runs)))
+    return [(p.returncode, p.stderr) for p in done]
+
+
+def assert_all_clean(results):
+    bad = [(rc, err[-2000:]) for rc, err in results if rc != 0 or "terminate called" in err]
+    assert not bad, f"{len(bad)} of {len(results)} runs ended abnormally; first: {bad[0]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_cache(cache):
+    """One ONNX export for every process of this module (they inherit $DDPM_ENGINE_CACHE)."""
+    Engine.from_pretrained("digits", device="cpu").close()
+    return cache
+
+
+# ---- 1. interpreter exit ---------------------------------------------------------------------
+def test_a_script_that_samples_once_always_exits_with_status_0():
+    assert_all_clean(run_many(SINGLE, 50))
+
+
+def test_a_script_whose_threads_sample_at_once_always_exits_with_status_0():
+    assert_all_clean(run_many(CONCURRENT, 30))
+
+
+def test_submit_sample_async_and_serve_exit_with_status_0():
+    assert_all_clean(run_many(SERVING, 4))
+
+
+def test_the_cli_sample_and_check_exit_with_status_0(tmp_path):
+    sample = [sys.executable, "-m", "ddpm_engine", "sample", "--sampler", "ddim", "--steps", "3", "-n", "2",
+              "--quiet", "--out", str(tmp_path / "grid.png")]
+    check = [sys.executable, "-m", "ddpm_engine", "check", "--backend", "onnxruntime", "--steps", "3"]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True,
+                                                        timeout=SCRIPT_TIMEOUT_S), [sample, check]))
+    for p in done:
+        assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file()
+
+
+# ---- 2. Ctrl-C -------------------------------------------------------------------------------
+INTERRUPTED = """
+import json, sys, threading, time, torch
+from ddpm_engine import Engine, EngineError
+engine = Engine.from_pretrained("digits", device="cpu", backend="torch")
+seeds = [5, 6]
+before = engine.sample(seeds, sampler="ddim", steps=4)
+rider = {}
+def ride():
+    try:
+        engine.sample([7], sampler="ddpm")
+        rider["outcome"] = "finished"
+    except EngineError as exc:
+        rider["outcome"] = type(exc).__name__
+t = threading.Thread(target=ride)
+t.start()
+time.sleep(0.5)  # the rider's request runs: the next one joins its batch
+print("ready", flush=True)
+try:
+    engine.sample(8, sampler="ddpm")
+    outcome = "finished"
+except KeyboardInterrupt:
+    outcome = "KeyboardInterrupt"
+t.join(60)
+after = engine.sample(seeds, sampler="ddim", steps=4)
+print(json.dumps({"caller": outcome, "rider": rider.get("outcome", "hung"), "same": torch.equal(before, after)}))
+"""
+
+
+def wait_for_line(proc, text: str):
+    for line in proc.stdout:
+        if line.strip() == text:
+            return
+    raise AssertionError(f"the process ended before printing {text!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_ctrl_c_interrupts_the_caller_fails_its_batch_mates_and_the_engine_goes_on():
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_line(proc, "ready")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    assert proc.returncode == 0 and "terminate called" not in err, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"caller": "KeyboardInterrupt", "rider": "BatchInterruptedError", "same": True}
+
+
+def test_ctrl_c_in_the_cli_exits_130_with_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-u", "-c", "import sys; from ddpm_engine.__main__ import main; "
+                             "print('ready', flush=True); sys.exit(main(sys.argv[1:]))", "sample", "-n", "8",
+                             "--backend", "torch", "--quiet", "--out", str(tmp_path / "g.png")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "ready")
+    time.sleep(4.0)  # into the 1000 DDPM steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    assert proc.returncode == 130
+    assert err == "interrupted\n"
+
+
+# ---- 3. SIGTERM ------------------------------------------------------------------------------
+SERVER_UNDER_SIGTERM = """
+import signal, sys
+from ddpm_engine import Engine
+from ddpm_engine.serving import Server, ServerClosedError
+if sys.argv[1] == "exit":  # a service's usual handler: leave through SystemExit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+server = Server(Engine.from_pretrained("digits", device="cpu", backend="torch"), max_batch=8)
+def report(f):
+    print("done" if f.exception() is None else type(f.exception()).__name__, flush=True)
+futures = [server.submit([k], sampler="ddpm" if k % 2 else "ddim", steps=None if k % 2 else 5) for k in range(6)]
+for f in futures:
+    f.add_done_callback(report)
+print("ready", flush=True)
+for f in futures:
+    f.result()
+"""
+
+
+@pytest.mark.parametrize("handler", ["exit", "default"])
+def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_UNDER_SIGTERM, handler], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_line(proc, "ready")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    assert time.monotonic() - sent < 10.0
+    assert "terminate called" not in err, err[-2000:]
+    if handler == "default":
+        assert proc.returncode == -signal.SIGTERM
+        return
+    assert proc.returncode == 0, err[-2000:]
+    outcomes = out.split()
+    assert len(outcomes) == 6 and set(outcomes) <= {"done", "ServerClosedError"}, out
+    assert "ServerClosedError" in outcomes  # the DDPM-1000 requests were still running
+
+
+def test_sigterm_to_the_cli_serve_stops_serve_and_ray_within_10_s():
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+    import json as json_
+    import urllib.request
+
+    from tests.engine.test_ray_serve import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
+
+    port = free_port()
+    env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine", "serve", "--port", str(port), "--backend", "torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        ray_processes = process_tree(proc.pid)
+        answer = {}
+
+        def post():  # in flight when SIGTERM arrives
+            body = json_.dumps({"seeds": [1], "sampler": "ddim", "steps": 30}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/sample", data=body, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    answer["status"] = resp.status
+            except OSError as exc:
+                answer["error"] = exc
+
+        client = threading.Thread(target=post)
+        client.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+        client.join(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM) and elapsed < 10.0, (proc.returncode, elapsed)
+    assert answer.get("status") == 200 or "error" in answer, answer  # finished, or failed: no hang
+    assert ray_processes
+    for _ in range(20):  # the exit status is in: Ray's processes are on their way out
+        live = live_processes()
+        left = [pid for pid, started in ray_processes.items() if live.get(pid, (0, None))[1] == started]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind: {left}"
+
+
+# ---- 4. fork and spawn -----------------------------------------------------------------------
+FORKED = """
+import json, multiprocessing as mp, sys, threading
+from ddpm_engine import Engine, EngineError
+backend, method = sys.argv[1], sys.argv[2]
+SEEDS = [11, 12, 13]
+
+def child_sample(_):
+    try:
+        engine = ENGINE if method == "fork" else Engine.from_pretrained("digits", device="cpu", backend=backend)
+        return engine.sample(SEEDS, sampler="ddim", steps=4).tolist()
+    except EngineError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+if __name__ == "__main__":
+    ENGINE = Engine.from_pretrained("digits", device="cpu", backend=backend)
+    parent = ENGINE.sample(SEEDS, sampler="ddim", steps=4).tolist()
+    if len(sys.argv) > 3:
+        ENGINE.backend.survives_fork = False
+    busy = threading.Thread(target=ENGINE.sample, args=(list(range(8)),), kwargs=dict(sampler="ddim", steps=30))
+    busy.start()  # the scheduler is mid-batch when the children fork
+    with mp.get_context(method).Pool(2) as pool:
+        children = pool.map_async(child_sample, range(2)).get(120)
+    busy.join()
+    print(json.dumps({"same": [c == parent for c in children], "errors": [c for c in children if isinstance(c, str)]}))
+"""
+
+
+@pytest.mark.parametrize("backend,method", [("onnxruntime", "fork"), ("torch", "fork"), ("onnxruntime", "spawn")])
+def test_children_sample_the_parents_images(backend, method, tmp_path):
+    script = tmp_path / "forked.py"  # spawn re-imports the main module: a file, not -c
+    script.write_text(FORKED)
+    p = subprocess.run([sys.executable, str(script), backend, method], capture_output=True, text=True,
+                       timeout=SCRIPT_TIMEOUT_S)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"same": [True, True], "errors": []}
+
+
+def test_a_backend_that_cannot_survive_fork_gives_the_child_a_typed_error(tmp_path):
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    p = subprocess.run([sys.executable, str(script), "torch", "fork", "refuse"], capture_output=True, text=True,
+                       timeout=SCRIPT_TIMEOUT_S)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["same"] == [False, False]
+    assert all(e.startswith("BackendUnavailableError: this engine came through a fork: the torch backend does "
+                            "not survive fork()") and "spawn" in e for e in result["errors"]), result
+
+
+# ---- 5. closing ------------------------------------------------------------------------------
+def scheduler_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "ddpm-engine-scheduler"]
+
+
+def test_close_garbage_collection_and_with_stop_the_engines_threads():
+    import gc
+
+    before = len(scheduler_threads())
+    engine = Engine.from_pretrained("digits", device="cpu", backend="torch")
+    images = engine.sample([1, 2], sampler="ddim", steps=3)
+    engine.submit([3], sampler="ddim", steps=3).result()
+    assert len(scheduler_threads()) == before + 2
+    engine.close()
+    assert len(scheduler_threads()) == before
+    assert engine.sample([1, 2], sampler="ddim", steps=3).equal(images)  # usable after close
+    engine.submit([3], sampler="ddim", steps=3).result()
+    del engine
+    gc.collect()
+    assert len(scheduler_threads()) == before
+    with Engine.from_pretrained("digits", device="cpu", backend="torch") as engine:
+        assert engine.sample([1, 2], sampler="ddim", steps=3).equal(images)
+        assert len(scheduler_threads()) == before + 1
+    assert len(scheduler_threads()) == before
