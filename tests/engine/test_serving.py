@@ -54,7 +54,10 @@ def seeds(n):
 
 
 def close_enough(a, b):
-    return (a - b).abs().max().item() <= 1e-5
+    """A seed's image in a batch against alone: oneDNN's fp32 convolutions sum in another order at
+    another batch size, and 20 DDIM steps amplify it (measured 1e-6 typically, 1.1e-5 for one seed
+    of TEST_SEED=408039136's 32)."""
+    return (a - b).abs().max().item() <= 5e-5
 
 
 @pytest.mark.parametrize("mode", ["continuous", "coalesce"])
@@ -119,7 +122,7 @@ def test_concurrent_engine_sample_calls_batch_themselves(layout):
         got = list(pool.map(call, ss))
     assert all(isinstance(g, torch.Tensor) and g.device == eng.device and g.shape == (1, *SHAPE) for g in got)
     worst = max((a - b).abs().max().item() for a, b in zip(got, alone))
-    assert worst <= 1e-5, worst
+    assert worst <= 5e-5, worst  # see close_enough
     assert eng.backend.calls <= serial_calls // 4, (eng.backend.calls, max(eng.backend.rows))
     assert max(eng.backend.rows) > 1  # rows of several callers shared one model call
     eng.close()
