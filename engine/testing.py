@@ -360,7 +360,7 @@ def _engines(loaded, names, precision, device, exclude: str | None = None):
 
     if names == "all":
         out = []
-        for name, why in backends.available(device).items():
+        for name, why in backends.available(device, precision).items():
             if name == exclude:
                 continue
             try:
