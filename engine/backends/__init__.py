@@ -1,44 +1,13 @@
-"""Backends: (x_t, t) -> model output, one small class each. ``create`` picks one by name.
-
-Each backend module exposes ``unavailable_reason(device, precision) -> str | None`` (why it
-cannot run on ``device`` at ``precision`` here, or None) and ``create(loaded, device, precision) -> Backend``; modules are
-imported only when asked for, so a missing optional package never breaks ``import engine``.
-"""
+"""Backends: (x_t, t) -> model output, one small class each. ``create`` picks one by name
+(backends/registry.py), or measures for "auto" (backends/auto.py)."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..errors import BackendUnavailableError, InvalidRequestError
+from ..errors import InvalidRequestError
 from .base import PRECISIONS, Backend, parse_precision
-
-# name -> module (auto's choice: backends/auto.py)
-BACKEND_MODULES = {
-    "tensorrt": "ddpm_engine.backends.tensorrt_backend",
-    "aoti": "ddpm_engine.backends.aoti_backend",
-    "onnxruntime": "ddpm_engine.backends.onnxruntime_backend",
-    "openvino": "ddpm_engine.backends.openvino_backend",
-    "torch": "ddpm_engine.backends.torch_backend",
-}
-BACKENDS = ("auto", *BACKEND_MODULES)
-
-
-def _module(name: str):
-    return importlib.import_module(BACKEND_MODULES[name])
-
-
-def available(device, precision: str = "fp32") -> dict:
-    """{backend name: None if usable on ``device`` at ``precision``, else the reason it is not}."""
-    device = torch.device(device)
-    out = {}
-    for name in BACKEND_MODULES:
-        try:
-            out[name] = _module(name).unavailable_reason(device, precision)
-        except ImportError as exc:  # the module exists only in a later version
-            out[name] = f"not built into this version ({exc})"
-    return out
+from .registry import BACKEND_MODULES, BACKENDS, _module, available, create_named
 
 
 def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
@@ -48,18 +17,9 @@ def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
         raise InvalidRequestError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     parse_precision(precision)
     device = torch.device(device)
-    if name == "auto":
-        from .auto import decide
+    if name != "auto":
+        return create_named(name, loaded, device, precision)
+    from .auto import decide
 
-        verdict, built = decide(loaded, device, precision)
-        if built is not None:
-            return built
-        name = verdict.choice
-    try:
-        module = _module(name)
-    except ImportError as exc:
-        raise BackendUnavailableError(f"backend {name!r} is not built into this version ({exc})") from None
-    reason = module.unavailable_reason(device, precision)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} cannot run {precision} on {device}: {reason}")
-    return module.create(loaded, device, precision)
+    verdict, built = decide(loaded, device, precision)
+    return built if built is not None else create_named(verdict.choice, loaded, device, precision)

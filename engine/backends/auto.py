@@ -39,6 +39,7 @@ import torch
 
 from .. import cache, cpu
 from ..errors import EngineError, InvalidRequestError
+from .registry import BACKEND_MODULES, available, create_named
 
 ENV = "DDPM_ENGINE_BACKEND"
 CPU_CANDIDATES = ("openvino", "onnxruntime", "torch")  # aoti is opt-in: its compile takes minutes
@@ -123,8 +124,6 @@ class _Unreadable(ValueError):
 
 def override() -> str | None:
     """The backend named by $DDPM_ENGINE_BACKEND, or None."""
-    from . import BACKEND_MODULES
-
     name = os.environ.get(ENV, "").strip()
     if not name or name == "auto":
         return None
@@ -135,8 +134,6 @@ def override() -> str | None:
 
 def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
     """(auto's verdict, the chosen backend if it had to be built to measure, else None)."""
-    from . import available, create
-
     device = torch.device(device)
     name = override()
     if name is not None:
@@ -153,7 +150,7 @@ def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
     def make(tmp: Path):
         for n in candidates:
             try:
-                built[n] = create(n, loaded, device, precision)
+                built[n] = create_named(n, loaded, device, precision)
             except EngineError as exc:  # e.g. a model the ONNX exporter cannot trace: not a candidate
                 skipped[n] = f"failed to build: {exc}"
         ms = measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
