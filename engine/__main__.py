@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
-    i.add_argument("--model", default=None, help="also show backend='auto''s measured choice on the CPU for this model")
+    i.add_argument("--model", default=None, help="also show auto's measured backend choice on the CPU for this model")
     i.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision of that choice")
     i.set_defaults(func=cmd_info)
 

@@ -95,8 +95,8 @@ def verdict_path(loaded, precision: str, candidates, cache_dir=None) -> Path:
 def measure(built: dict, sample_shape, num_train_timesteps: int) -> dict:
     """{name: {batch: median ms}} of the built backends, timed in alternating rounds."""
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: (torch.randn(b, *sample_shape, generator=gen), torch.randint(0, num_train_timesteps, (b,), generator=gen))
-              for b in (1, TYPICAL_BATCH)}
+    inputs = {b: (torch.randn(b, *sample_shape, generator=gen),
+                  torch.randint(0, num_train_timesteps, (b,), generator=gen)) for b in (1, TYPICAL_BATCH)}
     with torch.inference_mode():
         for backend in built.values():
             for x, t in inputs.values():
@@ -155,7 +155,8 @@ def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
                 skipped[n] = f"failed to build: {exc}"
         ms = measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
         choice = min(ms, key=lambda n: sum(ms[n].values()))
-        tmp.write_text(json.dumps(asdict(Verdict(choice, "measured", precision, ms, skipped, cpu.describe())), indent=1))
+        measured = Verdict(choice, "measured", precision, ms, skipped, cpu.describe())
+        tmp.write_text(json.dumps(asdict(measured), indent=1))
 
     verdict = cache.load(verdict_path(loaded, precision, candidates), make, _read, corrupt=(_Unreadable,))
     if not built:

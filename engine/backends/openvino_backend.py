@@ -180,7 +180,8 @@ class OpenVINOBackend(Backend):
             self.request.infer()
         except RuntimeError as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: {first}") from None
+            raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "
+                                          f"{first}") from None
         return out
 
     def __repr__(self):
