@@ -18,7 +18,6 @@ torch's thread count and the library versions (``extra_info``).
 Warm-up runs (and torch.compile's compile, timed apart as ``compile_s``) are excluded.
 """
 
-import importlib.metadata as md
 import random
 import statistics
 import time
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 from ddpm_engine import Engine, backends, cpu
+from ddpm_engine.testing import versions
 
 E2E_STEPS = 10
 E2E_ROUNDS = 2
@@ -36,13 +36,7 @@ ENGINE_CONFIGS = [(b, p) for b in ("torch", "onnxruntime", "openvino") for p in 
 
 
 def machine() -> dict:
-    versions = {}
-    for dist in ("torch", "onnxruntime", "openvino", "diffusers"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    return {"cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), **versions}
+    return {"cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), "versions": versions()}
 
 
 @pytest.mark.parametrize("batch", [1, 8])

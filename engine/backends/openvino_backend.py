@@ -95,7 +95,7 @@ def read_onnx(core, loaded, path):
         raise ModelLoadError(f"OpenVINO cannot read {path} (corrupt?): {type(exc).__name__}") from None
     if meta.get(iospec.META_WEIGHTS_HASH) != loaded.weights_hash:
         raise ModelLoadError(f"{path} was exported from another model; delete it or re-export this model")
-    problems = iospec.mismatches(*from_model(model), loaded.sample_shape)
+    problems = iospec.mismatches(*iospec.from_openvino(model), loaded.sample_shape)
     if problems:
         raise ModelLoadError(f"{path} does not fit this model / ddpm-engine's ONNX I/O spec: {'; '.join(problems)}")
     return model
@@ -118,18 +118,6 @@ def compile_blob(loaded, precision: str, path) -> None:
     with open(path, "wb") as f:
         f.write(header)
         f.write(compiled.export_model().getbuffer())
-
-
-def from_model(model) -> tuple[list, list]:
-    """(inputs, outputs) of an ``openvino.Model`` in ``iospec``'s terms."""
-    dtypes = {"f32": "float32", "i64": "int64", "f16": "float16", "bf16": "bfloat16", "i32": "int32", "f64": "float64"}
-
-    def one(port):
-        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-        name = port.get_element_type().get_type_name()
-        return (port.get_any_name(), dtypes.get(name, name), shape)
-
-    return [one(p) for p in model.inputs], [one(p) for p in model.outputs]
 
 
 class OpenVINOBackend(Backend):

@@ -3,6 +3,7 @@ it) and over whole trajectories, zero-copy output, its compiled-model cache (reu
 another model, another OpenVINO version or a corrupt one rebuilt once), precision refusals on a
 CPU faked to lack bf16, the missing-package error and bad inputs."""
 
+import dataclasses
 import json
 import random
 import sys
@@ -148,3 +149,18 @@ def test_bad_inputs_are_typed_errors(backend):
         backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(InvalidRequestError, match="expected x"):
         backend(torch.randn(2, *SHAPE), torch.zeros(3, dtype=torch.int64))
+
+
+def test_an_onnx_graph_of_another_model_or_shape_is_refused(backend, loaded, tmp_path):
+    from ddpm_engine.export.onnx_export import cached_path, export_onnx
+
+    core = openvino_backend._ov().Core()
+    assert openvino_backend.read_onnx(core, loaded, cached_path(loaded)) is not None
+    with pytest.raises(ModelLoadError, match="another model"):
+        openvino_backend.read_onnx(core, small_model(), cached_path(loaded))
+    wider = dataclasses.replace(small_model(shape=(1, 16, 16)), weights_hash=loaded.weights_hash)
+    with pytest.raises(ModelLoadError, match="shape"):  # the right hash, another sample shape
+        openvino_backend.read_onnx(core, loaded, export_onnx(wider, tmp_path / "wider.onnx"))
+    (tmp_path / "broken.onnx").write_bytes(cached_path(loaded).read_bytes()[:500])
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        openvino_backend.read_onnx(core, loaded, tmp_path / "broken.onnx")
