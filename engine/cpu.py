@@ -20,12 +20,12 @@ NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")
 NATIVE_FP16 = ("avx512_fp16", "amx_fp16", "asimdhp")
 
 
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> dict:
+@functools.lru_cache(maxsize=2)
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict:
     """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 if not line.strip():
                     if fields:
