@@ -18,6 +18,7 @@ torch's thread count and the library versions (``extra_info``).
 Warm-up runs (and torch.compile's compile, timed apart as ``compile_s``) are excluded.
 """
 
+import os
 import random
 import statistics
 import time
@@ -29,7 +30,7 @@ from ddpm_engine import Engine, backends, cpu
 from ddpm_engine.testing import versions
 
 E2E_STEPS = 10
-E2E_ROUNDS = 2
+E2E_ROUNDS = int(os.environ.get("BENCH_E2E_ROUNDS", "2"))  # 1: a quicker look on a loaded machine
 CALL_ROUNDS = {"digits16": 20, "cifar32": 3}
 ENGINE_CONFIGS = [(b, p) for b in ("torch", "onnxruntime", "openvino") for p in ("fp32", "bf16", "fp16")
                   if backends.available("cpu", p)[b] is None and cpu.native(p)]
