@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_engine import Engine
+from ddpm_engine import Engine, cpu
 from ddpm_engine.data import DigitsJudge
 
 CONFIGS = [("ddpm", 1000)] + [(sampler, steps) for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -69,11 +69,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--n", type=int, default=500, help="samples per configuration")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: DDPM-1000, then each "
                     "few-step sampler at 5, 10, 15 and 20 steps)")
     args = ap.parse_args(argv)
     configs = CONFIGS if args.configs is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
-    engine = Engine.from_pretrained("digits", device="cpu", batching=False)
+    engine = Engine.from_pretrained("digits", device="cpu", batching=False, backend=args.backend,
+                                    precision=args.precision)
     judge = DigitsJudge()
     rows = []
     for sampler, steps in configs:
@@ -85,12 +88,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": date, "model": "digits (bundled)", "backend": engine.backend.name,
+              "precision": engine.backend.precision, "cpu": cpu.describe(),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "judge": "DigitsJudge: MLP and 10-NN agree with p >= 0.8",
               "rows": rows}
-    path = out / f"quality-{date}.json"
+    tag = f"-{engine.backend.name}-{engine.backend.precision}"
+    path = out / f"quality-{date}{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path} and {plot(rows, out / f'quality-{date}.png')}")
+    print(f"wrote {path} and {plot(rows, out / f'quality-{date}{tag}.png')}")
     return 0
 
 

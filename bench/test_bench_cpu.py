@@ -1,16 +1,24 @@
-"""CPU bench: per-step latency of each backend, and CIFAR-10 sampling, engine vs diffusers.
+"""CPU bench: every backend x precision this CPU runs natively, against diffusers and torch.compile.
 
-    python -m pytest bench/test_bench_cpu.py --benchmark-only -q [--benchmark-json out.json]
+    python -m pytest bench/test_bench_cpu.py --benchmark-only -q -s [--benchmark-json out.json]
 
-1. One UNet call (x_t, t) -> eps through the torch and onnxruntime backends, at batch 1 and 4,
-   for the digits-like SeedUNet(1, (32, 64, 128)) at 16x16 and the DDPM CIFAR-10 UNet at 32x32.
-2. The CIFAR-10 UNet sampled end to end, 10 DDPM steps at batch 1, through Engine(backend="auto")
-   and through diffusers' DDPMPipeline with the same UNet weights. The two are timed in
-   alternation (fair on a shared machine); the medians and their ratio are in the benchmark's
-   extra_info ("speedup_auto_vs_ddpm_pipeline", target >= 1.5) and printed.
-Warm-up runs are excluded everywhere.
+Every record names the CPU (model and the flags that decide the fast paths, ``cpu.describe``),
+torch's thread count and the library versions (``extra_info``).
+
+1. ``test_call``: one UNet call (x_t, t) -> eps per engine config (``ENGINE_CONFIGS``: the
+   backends x precisions usable here; bf16 / fp16 only where the CPU has them natively, emulated
+   ones are left out) at batch 1 and 8, for the digits-like SeedUNet(1, (32, 64, 128)) at 16x16
+   and the DDPM CIFAR-10 UNet at 32x32 (random weights: latency does not depend on them).
+2. ``test_sampling``: the CIFAR-10 UNet sampled end to end, 10 DDPM steps at batch 1 and 8:
+   every engine config, ``Engine(backend="auto")`` at fp32 (the default) and at bf16, and the
+   peers: diffusers' DDPMPipeline fp32, and the engine's torch backend with its UNet under
+   torch.compile (inductor) at fp32 and bf16. All are timed in alternating rounds (fair on a
+   shared machine); the medians and each one's speed-up over DDPMPipeline and over the fp32
+   default go to ``extra_info`` and are printed.
+Warm-up runs (and torch.compile's compile, timed apart as ``compile_s``) are excluded.
 """
 
+import os
 import random
 import statistics
 import time
@@ -18,29 +26,37 @@ import time
 import pytest
 import torch
 
-from ddpm_engine import Engine, backends
+from ddpm_engine import Engine, backends, cpu
+from ddpm_engine.testing import versions
 
-STEP_ROUNDS = {"digits16": 100, "cifar32": 8}
 E2E_STEPS = 10
-E2E_ROUNDS = 4
+E2E_ROUNDS = int(os.environ.get("BENCH_E2E_ROUNDS", "2"))  # 1: a quicker look on a loaded machine
+CALL_ROUNDS = {"digits16": 20, "cifar32": 3}
+ENGINE_CONFIGS = [(b, p) for b in ("torch", "onnxruntime", "openvino") for p in ("fp32", "bf16", "fp16")
+                  if backends.available("cpu", p)[b] is None and cpu.native(p)]
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def machine() -> dict:
+    return {"cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), "versions": versions()}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}")
 @pytest.mark.parametrize("model", ["digits16", "cifar32"])
-def test_step_latency(benchmark, request, model, backend, batch):
+def test_call(benchmark, request, model, config, batch):
     loaded = request.getfixturevalue(model)
-    run = backends.create(backend, loaded, "cpu")
+    backend, precision = config
+    run = backends.create(backend, loaded, "cpu", precision)
     x = torch.randn(batch, *loaded.sample_shape)
     t = torch.randint(0, loaded.scheduler.num_train_timesteps, (batch,))
-    benchmark.group = f"step {model} batch {batch}"
-    benchmark.extra_info.update(model=model, backend=backend, batch=batch, threads=torch.get_num_threads())
+    benchmark.group = f"call {model} batch {batch}"
+    benchmark.extra_info.update(model=model, backend=backend, precision=precision, batch=batch, **machine())
 
-    def step():
+    def call():
         with torch.inference_mode():
             return run(x, t)
 
-    benchmark.pedantic(step, rounds=STEP_ROUNDS[model], warmup_rounds=3, iterations=1)
+    benchmark.pedantic(call, rounds=CALL_ROUNDS[model], warmup_rounds=2, iterations=1)
 
 
 def timed(fn) -> float:
@@ -49,31 +65,54 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def test_cifar10_sampling_engine_auto_vs_ddpm_pipeline(benchmark, cifar32):
+def contenders(loaded, batch):
+    """{name: run(steps)}: each samples ``batch`` fresh seeds with ``steps`` DDPM steps (respaced)."""
     diffusers = pytest.importorskip("diffusers")
     from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG
 
-    engine = Engine(cifar32, backend="auto", device="cpu")
-    pipeline = diffusers.DDPMPipeline(unet=cifar32.module.unet,
+    out = {}
+
+    def engine_runner(engine):
+        return lambda steps: engine.sample([random.getrandbits(64) for _ in range(batch)], sampler="ddpm",
+                                           steps=steps, driver="eager")
+
+    for backend, precision in ENGINE_CONFIGS:
+        out[f"{backend} {precision}"] = engine_runner(Engine(loaded, backend=backend, precision=precision,
+                                                             device="cpu", batching=False))
+    for precision in ("fp32", "bf16"):
+        engine = Engine(loaded, backend="auto", precision=precision, device="cpu", batching=False)
+        out[f"auto {precision} ({engine.backend.name})"] = engine_runner(engine)
+    pipeline = diffusers.DDPMPipeline(unet=loaded.module.unet,
                                       scheduler=diffusers.DDPMScheduler.from_config(CIFAR10_SCHEDULER_CONFIG))
     pipeline.set_progress_bar_config(disable=True)
+    out["DDPMPipeline fp32"] = lambda steps: pipeline(batch_size=batch, num_inference_steps=steps, output_type="np",
+                                                      generator=torch.Generator().manual_seed(random.getrandbits(63)))
+    for precision in ("fp32", "bf16"):
+        engine = Engine(loaded, backend="torch", precision=precision, device="cpu", batching=False)
+        engine.backend.module = torch.compile(engine.backend.module)
+        out[f"torch.compile {precision}"] = engine_runner(engine)
+    return out
 
-    def run_auto():
-        return engine.sample([random.getrandbits(64)], sampler="ddpm", steps=E2E_STEPS)
 
-    def run_pipeline():
-        generator = torch.Generator().manual_seed(random.getrandbits(63))
-        return pipeline(batch_size=1, num_inference_steps=E2E_STEPS, generator=generator, output_type="np")
-
-    run_auto(), run_pipeline()  # warm-up
-    auto_s, pipeline_s = [], []
+@pytest.mark.parametrize("batch", [1, 8])
+def test_sampling(benchmark, cifar32, batch):
+    runs = contenders(cifar32, batch)
+    warm = {name: timed(lambda: run(1)) for name, run in runs.items()}  # compiles torch.compile's UNets
+    seconds = {name: [] for name in runs}
     for _ in range(E2E_ROUNDS):
-        auto_s.append(timed(run_auto))
-        pipeline_s.append(timed(run_pipeline))
-    auto, pipe = statistics.median(auto_s), statistics.median(pipeline_s)
-    benchmark.group = f"cifar32 sampling, {E2E_STEPS} DDPM steps, batch 1"
-    benchmark.extra_info.update(backend=engine.backend.name, engine_auto_median_s=round(auto, 4),
-                                ddpm_pipeline_median_s=round(pipe, 4), speedup_auto_vs_ddpm_pipeline=round(pipe / auto, 3))
-    print(f"\nCIFAR-10 UNet, {E2E_STEPS} steps, batch 1: engine auto ({engine.backend.name}) {auto:.3f} s, "
-          f"DDPMPipeline {pipe:.3f} s, speedup {pipe / auto:.2f}x")
-    benchmark.pedantic(run_auto, rounds=E2E_ROUNDS, warmup_rounds=0, iterations=1)
+        for name, run in runs.items():
+            seconds[name].append(timed(lambda: run(E2E_STEPS)))
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    default = next(name for name in median if name.startswith("auto fp32"))
+    benchmark.group = f"cifar32 sampling, {E2E_STEPS} DDPM steps, batch {batch}"
+    benchmark.extra_info.update(
+        batch=batch, steps=E2E_STEPS, rounds=E2E_ROUNDS, median_s={n: round(s, 4) for n, s in median.items()},
+        speedup_vs_ddpm_pipeline={n: round(median["DDPMPipeline fp32"] / s, 3) for n, s in median.items()},
+        speedup_vs_fp32_default={n: round(median[default] / s, 3) for n, s in median.items()},
+        first_call_s={n: round(s, 2) for n, s in warm.items()}, **machine())
+    print(f"\nCIFAR-10 UNet, {E2E_STEPS} DDPM steps, batch {batch}, on {cpu.describe()}:")
+    for name, s in sorted(median.items(), key=lambda kv: kv[1]):
+        print(f"  {name:32s} {s:8.3f} s   x{median['DDPMPipeline fp32'] / s:5.2f} DDPMPipeline   "
+              f"x{median[default] / s:5.2f} fp32 default")
+    fastest = min(median, key=median.get)
+    benchmark.pedantic(lambda: runs[fastest](E2E_STEPS), rounds=1, warmup_rounds=0, iterations=1)

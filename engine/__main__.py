@@ -58,10 +58,10 @@ def cmd_info(args) -> int:
 
     import torch
 
-    from . import backends
+    from . import backends, cpu
 
     print(f"python {platform.python_version()} on {platform.machine()}")
-    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "triton", "tensorrt", "diffusers"):
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "triton", "tensorrt", "diffusers"):
         try:
             print(f"  {pkg:16s} {md.version(pkg)}")
         except md.PackageNotFoundError:
@@ -70,10 +70,15 @@ def cmd_info(args) -> int:
     if not torch.cuda.is_available():
         print("CUDA: not available (no GPU, or a CPU build of torch)")
     for dev in devices:
-        name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
-        print(f"device {dev} ({name}): auto -> {backends.auto_backend(dev)}")
+        name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else cpu.describe()
+        print(f"device {dev} ({name})")
         for backend, reason in backends.available(dev).items():
             print(f"  {backend:12s} {'available' if reason is None else 'unavailable: ' + reason}")
+    if args.model:  # auto's measured choice for this model (cached on disk, see backends/auto.py)
+        from . import checkpoints
+        from .backends.auto import decide
+
+        print(decide(checkpoints.load(args.model), "cpu", args.precision)[0].report())
     print_fast_path(devices[-1])
     return 0
 
@@ -191,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
+    i.add_argument("--model", default=None, help="also show auto's measured backend choice on the CPU for this model")
+    i.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision of that choice")
     i.set_defaults(func=cmd_info)
 
     v = sub.add_parser("serve", help="serve over HTTP with Ray Serve replicas (pip install 'ddpm-engine[ray]')")

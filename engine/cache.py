@@ -1,4 +1,4 @@
-"""The on-disk cache of built artifacts: ONNX graphs, AOTInductor packages, TensorRT engines, the
+"""The on-disk cache of built artifacts: ONNX graphs, AOTInductor packages, TensorRT engines, OpenVINO blobs, the
 compiled CUDA drivers. One place for where files go, how they are named, how they are written and
 what happens to a file that does not load.
 

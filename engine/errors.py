@@ -43,6 +43,11 @@ class QueueFullError(EngineError, RuntimeError):
     """The serving queue is at its bound; retry later or raise ``max_queue``."""
 
 
+class EmulatedPrecisionWarning(UserWarning):
+    """A reduced precision asked for runs emulated (no native bf16 / fp16 on this CPU): the numerics
+    are those asked for, but it runs slower than fp32."""
+
+
 def require(package: str, needed_for: str, extra: str | None = None):
     """Import ``package`` or raise MissingDependencyError naming what to install."""
     import importlib

@@ -105,14 +105,14 @@ def model_identity(loaded: checkpoints.LoadedModel) -> dict:
 
 
 def versions() -> dict:
-    """Versions of what decides the numbers: ddpm_engine, torch, numpy, onnxruntime, onnx, diffusers."""
+    """Versions of what decides the numbers: ddpm_engine, torch, numpy, onnxruntime, onnx, openvino, diffusers."""
     import importlib.metadata as md
 
     from . import __version__
 
     out = {"ddpm_engine": __version__, "torch": torch.__version__, "numpy": np.__version__}
     for key, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("onnx", ("onnx",)),
-                       ("diffusers", ("diffusers",))):
+                       ("openvino", ("openvino",)), ("diffusers", ("diffusers",))):
         out[key] = None
         for dist in dists:
             try:
@@ -360,7 +360,7 @@ def _engines(loaded, names, precision, device, exclude: str | None = None):
 
     if names == "all":
         out = []
-        for name, why in backends.available(device).items():
+        for name, why in backends.available(device, precision).items():
             if name == exclude:
                 continue
             try:

@@ -96,3 +96,17 @@ def from_session(session) -> tuple[list[Tensor], list[Tensor]]:
         return (v.name, _ORT_DTYPES.get(v.type, v.type), tuple(s if isinstance(s, int) else None for s in v.shape))
 
     return [one(v) for v in session.get_inputs()], [one(v) for v in session.get_outputs()]
+
+
+_OV_DTYPES = {"f32": "float32", "i64": "int64", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i32": "int32"}
+
+
+def from_openvino(model) -> tuple[list[Tensor], list[Tensor]]:
+    """(inputs, outputs) of an ``openvino.Model``."""
+
+    def one(port):
+        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        name = port.get_element_type().get_type_name()
+        return (port.get_any_name(), _OV_DTYPES.get(name, name), shape)
+
+    return [one(p) for p in model.inputs], [one(p) for p in model.outputs]

@@ -250,7 +250,7 @@ class AOTIBackend(Backend):
                 f"batch ranges={[p[:2] for p in self.programs]})")
 
 
-def unavailable_reason(device) -> str | None:
+def unavailable_reason(device, precision: str = "fp32") -> str | None:
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"device type {device.type!r} is not supported (cpu or cuda)"

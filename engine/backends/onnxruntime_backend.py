@@ -42,7 +42,7 @@ def _ort_errors() -> tuple:
 def _check_precision(precision: str) -> None:
     if precision != "fp32":
         raise BackendUnavailableError(f"the onnxruntime backend runs the fp32 graph only, not {precision!r}; "
-                                      "use precision='fp32', or backend='torch' for reduced precision")
+                                      "use precision='fp32', or backend='openvino' or 'torch' for reduced precision")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -141,7 +141,9 @@ class OnnxRuntimeBackend(Backend):
         return f"OnnxRuntimeBackend({self.path.name}, device={self.device}, precision={self.precision})"
 
 
-def unavailable_reason(device) -> str | None:
+def unavailable_reason(device, precision: str = "fp32") -> str | None:
+    if precision != "fp32":
+        return "it runs the fp32 graph only; use precision='fp32', or another backend for reduced precision"
     try:
         ort = _ort()
     except ImportError:

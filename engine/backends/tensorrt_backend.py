@@ -84,7 +84,7 @@ class TensorRTBackend(Backend):
         return f"TensorRTBackend({self.path.name}, device={self.device}, precision={self.precision})"
 
 
-def unavailable_reason(device) -> str | None:
+def unavailable_reason(device, precision: str = "fp32") -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return "TensorRT runs on NVIDIA GPUs only; use backend='onnxruntime' or 'torch' on the CPU"

@@ -25,7 +25,7 @@ def rgb_model():
 
 def test_channels_last_output_is_contiguous_and_equal(rgb_model):
     seed, loaded = rgb_model
-    plain = TorchBackend(loaded.module, "cpu")
+    plain = TorchBackend(loaded.module, "cpu", channels_last=False)
     cl = TorchBackend(loaded.module, "cpu", channels_last=True)
     assert not plain.channels_last and cl.channels_last
     x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))

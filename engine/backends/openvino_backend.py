@@ -1,0 +1,197 @@
+"""OpenVINO on the CPU: the cached ONNX export (export/onnx_export.py), compiled by OpenVINO's CPU
+plugin at the precision asked for.
+
+- ``fp32``: ``INFERENCE_PRECISION_HINT`` f32 (true fp32: OpenVINO would otherwise pick bf16 by
+  itself on a CPU that has it);
+- ``bf16``: only on a CPU with native bf16 (``cpu.native_bf16``: AVX512_BF16 or AMX); OpenVINO
+  would run f32 under a bf16 hint elsewhere, so this backend refuses instead of pretending;
+- ``fp16``: only on a CPU with native fp16 (AVX512-FP16 or AMX-FP16; ``backend="auto"`` measures
+  whether it is faster). UNVERIFIED: no CPU with AVX512-FP16 was at hand.
+
+I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
+shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
+the request's output tensor: no copy either way.
+
+Threads: OpenVINO runs its own pool (``owns_cpu_threads``, so the engine's per-step torch work
+yields to it, see ``plan.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` =
+``threads()``: torch's intra-op thread count when the backend is built, the one CPU thread
+setting of the process.
+
+Compiled-model cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/openvino``, one file per
+(ONNX export key, precision, thread count, OpenVINO version, CPU model and flags): a JSON header
+line naming what the blob was compiled from, then OpenVINO's exported blob. A file whose header
+names another model, precision, OpenVINO version or CPU is refused and rebuilt, and so is one
+OpenVINO cannot import (corrupt): once, through ``cache.load``. (OpenVINO's own ``CACHE_DIR``
+names its blobs by its own hash and would import a stray blob of another model; the engine keeps
+the identity check in its hands.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ddpm_engine.export import iospec
+
+from .. import cache, cpu
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
+from .base import Backend
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+BLOB_FORMAT = "ddpm-engine-openvino-blob"
+
+
+def _ov():
+    return require("openvino", "the openvino backend", extra="openvino")
+
+
+def threads() -> int:
+    """OpenVINO's inference threads: torch's intra-op thread count (the process's one setting)."""
+    return torch.get_num_threads()
+
+
+def config(precision: str) -> dict:
+    """The CPU plugin's settings, given both to compile and to import (an imported blob does not
+    keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU)."""
+    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": threads()}
+
+
+def precision_refusal(precision: str) -> str | None:
+    """Why OpenVINO cannot run ``precision`` natively on this CPU, or None."""
+    if precision == "fp32" or cpu.native(precision):
+        return None
+    need = "AVX512_BF16 or AMX-BF16" if precision == "bf16" else "AVX512-FP16 or AMX-FP16"
+    return (f"OpenVINO runs {precision} only on a CPU with native {precision} ({need}); this CPU ({cpu.model()}) "
+            f"has none; use precision='fp32', or backend='torch' to run {precision} emulated (slower)")
+
+
+def identity(loaded, precision: str) -> dict:
+    """What a compiled blob must have been compiled from (its cache key and its file header)."""
+    from ddpm_engine.export.onnx_export import cached_path
+
+    return {"format": BLOB_FORMAT, "onnx": cached_path(loaded).name, "weights": loaded.weights_hash,
+            "precision": precision, "threads": threads(), "openvino": _ov().get_version(),
+            "cpu": cpu.model(), "flags": sorted(cpu.flags())}
+
+
+def cached_path(loaded, precision: str, cache_dir=None) -> Path:
+    name = f"{cache.slug(loaded.name)}-{precision}-{cache.key(identity(loaded, precision))[:24]}.ovblob"
+    return cache.folder("openvino", cache_dir) / name
+
+
+def read_onnx(core, loaded, path):
+    """The ONNX graph at ``path`` as an ``openvino.Model``, checked to be ``loaded``'s export that
+    follows the I/O spec (``ModelLoadError`` otherwise)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        model = core.read_model(str(path))
+    except (RuntimeError, OSError, ValueError, DecodeError) as exc:
+        raise ModelLoadError(f"OpenVINO cannot read {path} (corrupt?): {type(exc).__name__}") from None
+    if meta.get(iospec.META_WEIGHTS_HASH) != loaded.weights_hash:
+        raise ModelLoadError(f"{path} was exported from another model; delete it or re-export this model")
+    problems = iospec.mismatches(*iospec.from_openvino(model), loaded.sample_shape)
+    if problems:
+        raise ModelLoadError(f"{path} does not fit this model / ddpm-engine's ONNX I/O spec: {'; '.join(problems)}")
+    return model
+
+
+def compile_blob(loaded, precision: str, path) -> None:
+    """Compile ``loaded``'s cached ONNX export (re-exported once if it is not this model's graph)
+    for the CPU and write header + blob to ``path``."""
+    from ddpm_engine.export.onnx_export import cached_path as onnx_path, export_onnx
+
+    core = _ov().Core()
+    model = cache.load(onnx_path(loaded), lambda tmp: export_onnx(loaded, tmp), lambda p: read_onnx(core, loaded, p),
+                       corrupt=(ModelLoadError,))
+    compiled = core.compile_model(model, "CPU", config(precision))
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if got != HINTS[precision]:
+        raise BackendUnavailableError(f"OpenVINO compiled {loaded.name!r} at {got}, not {HINTS[precision]} "
+                                      f"({precision}) as asked; use precision='fp32'")
+    header = json.dumps(identity(loaded, precision), sort_keys=True).encode() + b"\n"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(compiled.export_model().getbuffer())
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    owns_cpu_threads = True
+    graph_capturable = False
+    graph_capture_refusal = "OpenVINO runs on the CPU only; CUDA graphs need a CUDA backend"
+
+    def __init__(self, blob_path, expected: dict, sample_shape, precision: str = "fp32"):
+        """Import the compiled blob at ``blob_path``; a header other than ``expected`` or a blob
+        OpenVINO cannot import raises ``ModelLoadError``."""
+        super().__init__("cpu", precision)
+        ov = _ov()
+        self.path = Path(blob_path)
+        with open(self.path, "rb") as f:
+            header, blob = f.readline(), f.read()
+        try:
+            found = json.loads(header)
+        except ValueError:
+            found = None
+        if found != expected:
+            differs = sorted(k for k in expected if not isinstance(found, dict) or found.get(k) != expected[k])
+            raise ModelLoadError(f"{self.path} is a compiled model of something else (differs in {differs}); "
+                                 "delete it and rebuild")
+        try:
+            self.compiled = ov.Core().import_model(blob, "CPU", config(precision))
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"OpenVINO cannot import {self.path} (corrupt?): {first}") from None
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if got != HINTS[precision]:
+            raise ModelLoadError(f"{self.path} imported at {got}, not {HINTS[precision]}; delete it and rebuild")
+        self.sample_shape = tuple(sample_shape)
+        self.request = self.compiled.create_infer_request()
+        self._tensor = ov.Tensor
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
+            raise InvalidRequestError(f"openvino backend got x {tuple(x.shape)} and t {tuple(t.shape)}; "
+                                      f"expected x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        t = t.detach().to("cpu", torch.int64).contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        self.request.set_input_tensor(0, self._tensor(x.numpy(), shared_memory=True))
+        self.request.set_input_tensor(1, self._tensor(t.numpy(), shared_memory=True))
+        self.request.set_output_tensor(0, self._tensor(out.numpy(), shared_memory=True))
+        try:
+            self.request.infer()
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "
+                                          f"{first}") from None
+        return out
+
+    def __repr__(self):
+        return f"OpenVINOBackend({self.path.name}, precision={self.precision})"
+
+
+def unavailable_reason(device, precision: str = "fp32") -> str | None:
+    try:
+        _ov()
+    except ImportError:
+        return "the package 'openvino' is not installed (pip install openvino, or ddpm-engine[openvino])"
+    if torch.device(device).type != "cpu":
+        return "the openvino backend runs on the CPU only; use backend='torch', 'aoti' or 'tensorrt' on CUDA"
+    return precision_refusal(precision)
+
+
+def create(loaded, device, precision) -> OpenVINOBackend:
+    """Export ``loaded`` to ONNX (cached), compile it for the CPU at ``precision`` (cached) and open it."""
+    reason = unavailable_reason(device, precision)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend 'openvino' cannot run {precision} on {device}: {reason}")
+    expected = identity(loaded, precision)
+    return cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
+                      lambda path: OpenVINOBackend(path, expected, loaded.sample_shape, precision),
+                      corrupt=(ModelLoadError,))

@@ -1,0 +1,136 @@
+"""backend="auto": the candidates that can run the precision are timed with a fake timer (never
+wall time), the fastest is taken and the verdict cached on disk per model, precision and CPU;
+$DDPM_ENGINE_BACKEND overrides; reduced precision on a CPU faked to lack it runs emulated with a
+warning; ``info --model`` prints the verdict."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from ddpm_engine import Engine, cpu  # noqa: E402
+from ddpm_engine.__main__ import main  # noqa: E402
+from ddpm_engine.backends import auto  # noqa: E402
+from ddpm_engine.errors import EmulatedPrecisionWarning, InvalidRequestError  # noqa: E402
+
+from .test_onnxruntime_backend import small_model  # noqa: E402
+
+BF16_CPU = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"})
+PLAIN_CPU = frozenset({"avx2", "fma"})
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """time_call replaced: each backend takes ``ms_per_image[name]`` per image; records the calls."""
+    calls = []
+    ms_per_image = {}
+
+    def fake(backend, x, t):
+        calls.append((backend.name, x.shape[0]))
+        return ms_per_image[backend.name] * x.shape[0] / 1e3
+
+    monkeypatch.setattr(auto, "time_call", fake)
+    monkeypatch.delenv(auto.ENV, raising=False)
+    return ms_per_image, calls
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(cpu, "flags", lambda: BF16_CPU)
+
+
+@pytest.mark.parametrize("fastest", ["openvino", "onnxruntime", "torch"])
+def test_the_fastest_candidate_is_chosen_and_remembered(fake_timer, cache, bf16_cpu, fastest):
+    ms_per_image, calls = fake_timer
+    ms_per_image.update({"openvino": 2.0, "onnxruntime": 3.0, "torch": 5.0, fastest: 1.0})
+    loaded = small_model()
+    engine = Engine(loaded, backend="auto", device="cpu")
+    assert engine.backend.name == fastest
+    assert {name for name, _ in calls} == {"openvino", "onnxruntime", "torch"}
+    assert {b for _, b in calls} == {1, auto.TYPICAL_BATCH}
+    assert len(calls) == 3 * 2 * auto.ROUNDS  # a few calls each, at batch 1 and the typical batch
+    verdict, built = auto.decide(loaded, "cpu", "fp32")
+    assert (verdict.choice, verdict.source, built) == (fastest, "cached", None)
+    assert len(calls) == 3 * 2 * auto.ROUNDS  # the cached verdict measured nothing
+    assert verdict.ms[fastest] == {1: 1.0, auto.TYPICAL_BATCH: 1.0 * auto.TYPICAL_BATCH}
+
+
+def test_a_new_cpu_or_a_corrupt_verdict_measures_again(fake_timer, cache, monkeypatch):
+    ms_per_image, calls = fake_timer
+    ms_per_image.update({"openvino": 2.0, "onnxruntime": 1.0, "torch": 5.0})
+    loaded = small_model()
+    monkeypatch.setattr(cpu, "flags", lambda: BF16_CPU)
+    first, _ = auto.decide(loaded, "cpu", "fp32")
+    path = auto.verdict_path(loaded, "fp32", ["openvino", "onnxruntime", "torch"])
+    assert json.loads(path.read_text())["choice"] == first.choice == "onnxruntime"
+    path.write_text("{not json")
+    again, built = auto.decide(loaded, "cpu", "fp32")
+    assert again.source == "measured" and built is not None and built.name == "onnxruntime"
+    n = len(calls)
+    monkeypatch.setattr(cpu, "flags", lambda: BF16_CPU | {"amx_bf16"})  # another CPU
+    ms_per_image["torch"] = 0.5
+    other, _ = auto.decide(loaded, "cpu", "fp32")
+    assert len(calls) > n and other.choice == "torch" and other.source == "measured"
+
+
+def test_bf16_considers_only_backends_that_run_it(fake_timer, cache, bf16_cpu):
+    ms_per_image, calls = fake_timer
+    ms_per_image.update({"openvino": 1.0, "torch": 2.0})
+    engine = Engine(small_model(), backend="auto", device="cpu", precision="bf16")
+    assert (engine.backend.name, engine.backend.precision) == ("openvino", "bf16")
+    assert {name for name, _ in calls} == {"openvino", "torch"}
+    verdict, _ = auto.decide(engine.model, "cpu", "bf16")
+    assert "fp32" in verdict.skipped["onnxruntime"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_without_native_support_reduced_precision_runs_emulated_with_a_warning(fake_timer, cache, monkeypatch,
+                                                                                precision):
+    _, calls = fake_timer
+    monkeypatch.setattr(cpu, "flags", lambda: PLAIN_CPU)
+    loaded = small_model()
+    with pytest.warns(EmulatedPrecisionWarning, match=f"{precision} runs emulated"):
+        engine = Engine(loaded, backend="auto", device="cpu", precision=precision)
+    assert (engine.backend.name, engine.backend.precision) == ("torch", precision)
+    assert calls == []  # one candidate: nothing to measure
+    verdict, _ = auto.decide(loaded, "cpu", precision)
+    assert verdict.source == "only candidate" and "native" in verdict.skipped["openvino"]
+    images = engine.sample([1, 2], sampler="ddim", steps=2)
+    assert images.shape == (2, *loaded.sample_shape) and torch.isfinite(images).all()
+
+
+def test_native_bf16_gives_no_warning(fake_timer, cache, bf16_cpu, recwarn):
+    fake_timer[0].update({"openvino": 1.0, "torch": 2.0})
+    from ddpm_engine.backends.torch_backend import TorchBackend
+
+    TorchBackend(small_model().module, "cpu", "bf16")
+    assert not [w for w in recwarn if issubclass(w.category, EmulatedPrecisionWarning)]
+
+
+def test_the_environment_variable_and_backend_argument_override(fake_timer, cache, monkeypatch):
+    _, calls = fake_timer
+    loaded = small_model()
+    monkeypatch.setenv(auto.ENV, "torch")
+    assert Engine(loaded, backend="auto", device="cpu").backend.name == "torch"
+    assert Engine(loaded, backend="onnxruntime", device="cpu").backend.name == "onnxruntime"
+    assert calls == []
+    monkeypatch.setenv(auto.ENV, "fastest-please")
+    with pytest.raises(InvalidRequestError, match=auto.ENV):
+        Engine(loaded, backend="auto", device="cpu")
+
+
+def test_cuda_keeps_eager_torch(fake_timer):
+    verdict, built = auto.decide(small_model(), "cuda", "fp16")
+    assert (verdict.choice, verdict.source, built) == ("torch", "cuda default", None)
+    assert fake_timer[1] == []
+
+
+def test_info_shows_each_candidates_ms_and_the_choice(fake_timer, cache, bf16_cpu, capsys):
+    fake_timer[0].update({"openvino": 1.0, "onnxruntime": 3.0, "torch": 4.0})
+    assert main(["info", "--model", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "auto (fp32) -> openvino [measured]" in out
+    assert "onnxruntime  batch 1: 3.00 ms, batch 8: 24.00 ms" in out
+    assert "openvino     batch 1: 1.00 ms, batch 8: 8.00 ms   <- chosen" in out
