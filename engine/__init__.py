@@ -1,6 +1,10 @@
 """ddpm-engine: fast, trustworthy sampling from a trained diffusion UNet."""
 
-from .engine import Engine, Snapshot
+from . import threads as _threads
+
+_threads.configure_openmp()  # before torch loads OpenMP: idle threads sleep (engine/threads.py)
+
+from .engine import Engine, Snapshot  # noqa: E402  (after configure_openmp)
 from .errors import (BackendUnavailableError, EngineError, InvalidRequestError, MissingDependencyError,
                      ModelLoadError, QueueFullError, RequestTimeoutError)
 from .images import make_grid, save_grid, to_pil, to_uint8

@@ -11,6 +11,7 @@ import importlib
 
 import torch
 
+from .. import threads
 from ..errors import BackendUnavailableError, InvalidRequestError
 from .base import PRECISIONS, Backend, parse_precision
 
@@ -57,6 +58,9 @@ def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
         raise InvalidRequestError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     parse_precision(precision)
     device = torch.device(device)
+    policy = threads.cpu_policy()  # a bad DDPM_ENGINE_THREADS fails here, before any work
+    if device.type == "cpu":
+        threads.apply_torch(policy)  # torch's pool also runs the steps, whatever the backend
     if name == "auto":
         name = auto_backend(device)
     try:

@@ -1,0 +1,123 @@
+"""The engine's CPU thread policy, in one place: how many threads a backend's own pool runs, and
+whether its idle threads spin (busy-wait) or sleep.
+
+Why: on a CPU shared with another process, a thread pool whose workers spin between parallel
+regions loses its core's time slices to the busy-waiting, and the sampler slows 10x or more
+(bench/test_bench_threads.py starts its own competing process and measures it; README,
+Performance). Idle threads that sleep cost little when the machine is idle and nothing under
+load. So the default is: the runtime's own thread count (one per core), no spinning.
+
+- torch (and AOTInductor's CPU code, same OpenMP runtime): OpenMP's wait policy is read once,
+  when the OpenMP library loads with torch, so ``configure_openmp`` (called by the package's
+  ``__init__``, before it imports torch) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set
+  a wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME) or torch was imported first
+  (then torch spins as it would without the engine: import ddpm_engine first, or set
+  OMP_WAIT_POLICY=PASSIVE yourself). Thread count: ``apply_torch`` (``backends.create`` calls it).
+- ONNX Runtime: ``onnxruntime_options`` sets the session's intra-op thread count and
+  ``session.intra_op.allow_spinning``.
+- Any other backend with its own pool reads ``cpu_policy()`` (``threads``: None for the
+  runtime's default; ``spin``) when it builds its session.
+
+The user's override, read when a backend is built (``DDPM_ENGINE_SPIN`` for torch: before the
+package is imported): ``DDPM_ENGINE_THREADS=N`` (threads per pool; torch's is process-wide) and
+``DDPM_ENGINE_SPIN=1`` (let idle threads spin: each runtime's own default; faster by a little
+on an idle machine for tiny models, much slower under load).
+
+``yield_cpu_to(backend)``: while a backend with its own pool (ONNX Runtime) samples, torch's
+per-step work runs on one thread, so two pools do not compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+THREADS_ENV = "DDPM_ENGINE_THREADS"
+SPIN_ENV = "DDPM_ENGINE_SPIN"
+MAX_THREADS = 1024
+# a wait policy the user chose for the OpenMP runtime (GNU, LLVM / Intel)
+OPENMP_WAIT_ENVS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+@dataclass(frozen=True)
+class CpuPolicy:
+    threads: int | None  # threads per backend pool; None: the runtime's default (one per core)
+    spin: bool  # idle pool threads busy-wait (True) or sleep (False)
+
+
+def cpu_policy() -> CpuPolicy:
+    """The policy from the environment (``DDPM_ENGINE_THREADS``, ``DDPM_ENGINE_SPIN``), checked."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    threads = None
+    if raw:
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREADS:
+            raise InvalidRequestError(f"{THREADS_ENV}={raw!r}: use a whole number of threads in [1, {MAX_THREADS}], "
+                                      "or leave it unset for one per core")
+        threads = int(raw)
+    spin = os.environ.get(SPIN_ENV, "").strip()
+    if spin not in ("", "0", "1"):
+        raise InvalidRequestError(f"{SPIN_ENV}={spin!r}: use 1 (idle threads spin) or 0 / unset (they sleep)")
+    return CpuPolicy(threads=threads, spin=spin == "1")
+
+
+def configure_openmp(env=os.environ, modules=sys.modules) -> bool:
+    """Make OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE`` in ``env``) if it is not too
+    late (torch not in ``modules``) and the user chose nothing; returns whether it set it."""
+    if "torch" in modules or any(k in env for k in OPENMP_WAIT_ENVS) or env.get(SPIN_ENV, "").strip() == "1":
+        return False
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def apply_torch(policy: CpuPolicy | None = None) -> None:
+    """Set torch's intra-op thread count (process-wide) from the policy, if it names one."""
+    import torch
+
+    policy = cpu_policy() if policy is None else policy
+    if policy.threads is not None and torch.get_num_threads() != policy.threads:
+        torch.set_num_threads(policy.threads)
+
+
+def onnxruntime_options(options, policy: CpuPolicy | None = None):
+    """Apply the policy to an ``onnxruntime.SessionOptions`` (thread count 0: ORT's default)."""
+    policy = cpu_policy() if policy is None else policy
+    options.intra_op_num_threads = policy.threads or 0
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if policy.spin else "0")
+    return options
+
+
+# ---- lending the CPU to a backend's own pool ---------------------------------------------------
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = None
+
+
+@contextlib.contextmanager
+def yield_cpu_to(backend):
+    """While a backend with its own CPU thread pool (ONNX Runtime) samples, torch's per-step work
+    (small elementwise ops) runs on one thread: torch's OpenMP workers otherwise wait after each op
+    and steal cores from the backend's pool (2-core CPU, CIFAR-10 UNet, 10 steps: 1.36 s -> 0.98 s).
+    torch's thread count is process-wide; it is restored when the last such run ends."""
+    import torch
+
+    global _threads_users, _threads_saved
+    if not getattr(backend, "owns_cpu_threads", False):
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
