@@ -1,8 +1,11 @@
 """ddpm-engine: fast, trustworthy sampling from a trained diffusion UNet."""
 
+import os
+import sys
+
 from . import threads as _threads
 
-_threads.configure_openmp()  # before torch loads OpenMP: idle threads sleep (engine/threads.py)
+_threads.configure_openmp(os.environ, sys.modules)  # before torch loads OpenMP: idle threads sleep (engine/threads.py)
 
 from .engine import Engine, Snapshot  # noqa: E402  (after configure_openmp)
 from .errors import (BackendUnavailableError, EngineError, InvalidRequestError, MissingDependencyError,

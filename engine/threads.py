@@ -11,8 +11,8 @@ load. So the default is: the runtime's own thread count (one per core), no spinn
   when the OpenMP library loads with torch, so ``configure_openmp`` (called by the package's
   ``__init__``, before it imports torch) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set
   a wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME) or torch was imported first
-  (then torch spins as it would without the engine: import ddpm_engine first, or set
-  OMP_WAIT_POLICY=PASSIVE yourself). Thread count: ``apply_torch`` (``backends.create`` calls it).
+  (then OpenMP spins, so the engine samples on one torch thread: import ddpm_engine first, or
+  set OMP_WAIT_POLICY=PASSIVE yourself). Thread count while sampling: ``yield_cpu_to``.
 - ONNX Runtime: ``onnxruntime_options`` sets the session's intra-op thread count and
   ``session.intra_op.allow_spinning``.
 - Any other backend with its own pool reads ``cpu_policy()`` (``threads``: None for the
@@ -23,8 +23,9 @@ package is imported): ``DDPM_ENGINE_THREADS=N`` (threads per pool; torch's is pr
 ``DDPM_ENGINE_SPIN=1`` (let idle threads spin: each runtime's own default; faster by a little
 on an idle machine for tiny models, much slower under load).
 
-``yield_cpu_to(backend)``: while a backend with its own pool (ONNX Runtime) samples, torch's
-per-step work runs on one thread, so two pools do not compete for the same cores.
+``yield_cpu_to(backend)``: torch's thread count while the engine samples (``torch_sampling_threads``):
+one beside a backend with its own pool (ONNX Runtime), so two pools do not compete for the same
+cores, and one where OpenMP spins; ``DDPM_ENGINE_THREADS`` otherwise, if set.
 """
 
 from __future__ import annotations
@@ -65,13 +66,34 @@ def cpu_policy() -> CpuPolicy:
     return CpuPolicy(threads=threads, spin=spin == "1")
 
 
-def configure_openmp(env=os.environ, modules=sys.modules) -> bool:
-    """Make OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE`` in ``env``) if it is not too
-    late (torch not in ``modules``) and the user chose nothing; returns whether it set it."""
-    if "torch" in modules or any(k in env for k in OPENMP_WAIT_ENVS) or env.get(SPIN_ENV, "").strip() == "1":
-        return False
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return True
+def configure_openmp(env=os.environ, modules=sys.modules) -> str:
+    """Make OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE`` in ``env``) if the user chose
+    nothing and it is not too late (torch not in ``modules``). Returns who decides how OpenMP's
+    threads wait: "user" (a wait policy or DDPM_ENGINE_SPIN=1 in ``env``), "engine" (set here)
+    or "spinning" (torch loaded first, with the runtime's spinning default)."""
+    global OPENMP_WAIT
+    if any(k in env for k in OPENMP_WAIT_ENVS) or env.get(SPIN_ENV, "").strip() == "1":
+        OPENMP_WAIT = "user"
+    elif "torch" in modules:
+        OPENMP_WAIT = "spinning"
+    else:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        OPENMP_WAIT = "engine"
+    return OPENMP_WAIT
+
+
+OPENMP_WAIT = "spinning"  # configure_openmp's answer, set when the package is imported
+
+
+def torch_sampling_threads(backend) -> int | None:
+    """torch's thread count while the engine samples with ``backend`` (None: leave it): 1 beside a
+    backend with its own pool; DDPM_ENGINE_THREADS if set; 1 if OpenMP's threads spin."""
+    policy = cpu_policy()
+    if getattr(backend, "owns_cpu_threads", False):
+        return 1
+    if policy.threads is not None:
+        return policy.threads
+    return 1 if OPENMP_WAIT == "spinning" and getattr(getattr(backend, "device", None), "type", None) == "cpu" else None
 
 
 def apply_torch(policy: CpuPolicy | None = None) -> None:
@@ -99,20 +121,23 @@ _threads_saved = None
 
 @contextlib.contextmanager
 def yield_cpu_to(backend):
-    """While a backend with its own CPU thread pool (ONNX Runtime) samples, torch's per-step work
-    (small elementwise ops) runs on one thread: torch's OpenMP workers otherwise wait after each op
-    and steal cores from the backend's pool (2-core CPU, CIFAR-10 UNet, 10 steps: 1.36 s -> 0.98 s).
-    torch's thread count is process-wide; it is restored when the last such run ends."""
+    """While the engine samples with ``backend``, torch runs ``torch_sampling_threads(backend)``
+    threads: beside a backend with its own CPU pool (ONNX Runtime) one, since torch's OpenMP
+    workers otherwise wait after each small op and steal cores from that pool (2-core CPU,
+    CIFAR-10 UNet, 10 steps: 1.36 s -> 0.98 s); one too where OpenMP's threads spin (torch was
+    imported before the engine). torch's thread count is process-wide; it is restored when the
+    last such run ends."""
     import torch
 
     global _threads_users, _threads_saved
-    if not getattr(backend, "owns_cpu_threads", False):
+    count = torch_sampling_threads(backend)
+    if count is None:
         yield
         return
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(count)
         _threads_users += 1
     try:
         yield

@@ -58,9 +58,7 @@ def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
         raise InvalidRequestError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     parse_precision(precision)
     device = torch.device(device)
-    policy = threads.cpu_policy()  # a bad DDPM_ENGINE_THREADS fails here, before any work
-    if device.type == "cpu":
-        threads.apply_torch(policy)  # torch's pool also runs the steps, whatever the backend
+    threads.cpu_policy()  # a bad DDPM_ENGINE_THREADS / DDPM_ENGINE_SPIN fails here, before any work
     if name == "auto":
         name = auto_backend(device)
     try:

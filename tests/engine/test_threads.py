@@ -41,14 +41,16 @@ def test_openmp_is_left_alone_when_torch_loaded_first():
     assert "GOMP_SPINCOUNT = '0'" not in openmp_settings("import torch, ddpm_engine")
 
 
-@pytest.mark.parametrize("env, modules, sets", [({}, {}, True), ({threads.SPIN_ENV: "1"}, {}, False),
-                                                ({"OMP_WAIT_POLICY": "ACTIVE"}, {}, False),
-                                                ({"GOMP_SPINCOUNT": "1000"}, {}, False),
-                                                ({"KMP_BLOCKTIME": "0"}, {}, False), ({}, {"torch": None}, False)])
-def test_openmp_wait_policy_is_set_only_when_nobody_chose_and_in_time(env, modules, sets):
+@pytest.mark.parametrize("env, modules, who", [({}, {}, "engine"), ({threads.SPIN_ENV: "1"}, {}, "user"),
+                                               ({"OMP_WAIT_POLICY": "ACTIVE"}, {}, "user"),
+                                               ({"GOMP_SPINCOUNT": "1000"}, {}, "user"),
+                                               ({"KMP_BLOCKTIME": "0"}, {"torch": None}, "user"),
+                                               ({}, {"torch": None}, "spinning")])
+def test_openmp_wait_policy_is_set_only_when_nobody_chose_and_in_time(monkeypatch, env, modules, who):
+    monkeypatch.setattr(threads, "OPENMP_WAIT", threads.OPENMP_WAIT)  # restored after
     before = dict(env)
-    assert threads.configure_openmp(env, modules) is sets
-    assert env == ({**before, "OMP_WAIT_POLICY": "PASSIVE"} if sets else before)
+    assert threads.configure_openmp(env, modules) == who == threads.OPENMP_WAIT
+    assert env == ({**before, "OMP_WAIT_POLICY": "PASSIVE"} if who == "engine" else before)
 
 
 @pytest.mark.parametrize("env, policy", [({}, threads.CpuPolicy(None, False)),
@@ -74,14 +76,40 @@ def test_a_bad_setting_is_refused_when_an_engine_is_built(monkeypatch, name, val
     Engine.from_pretrained("digits", backend="torch")  # and the next one works
 
 
-def test_torch_threads_follow_the_setting(monkeypatch, torch_threads):
+class CpuBackend:
+    device = torch.device("cpu")
+    owns_cpu_threads = False
+
+
+@pytest.mark.parametrize("setting, waits, owns, during", [
+    (None, "engine", False, 2),       # threads sleep: torch keeps its count
+    (None, "user", False, 2),
+    (None, "spinning", False, 1),     # torch loaded first: spinning threads, so one
+    ("3", "spinning", False, 3),      # the user's count wins
+    ("3", "engine", True, 1),         # beside ONNX Runtime's own pool: one
+])
+def test_torch_threads_while_sampling(monkeypatch, torch_threads, setting, waits, owns, during):
     torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "OPENMP_WAIT", waits)
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    if setting:
+        monkeypatch.setenv(threads.THREADS_ENV, setting)
+    backend = CpuBackend()
+    backend.owns_cpu_threads = owns
+    with threads.yield_cpu_to(backend):
+        assert torch.get_num_threads() == during
+    assert torch.get_num_threads() == 2
+
+
+def test_an_engine_samples_with_the_set_thread_count(monkeypatch, torch_threads):
+    engine = Engine.from_pretrained("digits", backend="torch", batching=False)
+    seen = []
+    module = engine.backend.module
+    monkeypatch.setattr(engine.backend, "module", lambda x, t: seen.append(torch.get_num_threads()) or module(x, t))
     monkeypatch.setenv(threads.THREADS_ENV, "1")
-    Engine.from_pretrained("digits", backend="torch")
-    assert torch.get_num_threads() == 1
-    monkeypatch.delenv(threads.THREADS_ENV)
-    Engine.from_pretrained("digits", backend="torch")
-    assert torch.get_num_threads() == 1  # no setting: the process's count is left as it is
+    torch.set_num_threads(2)
+    engine.sample([1], sampler="ddim", steps=2)
+    assert seen == [1, 1] and torch.get_num_threads() == 2
 
 
 @pytest.fixture(scope="module")
