@@ -44,3 +44,30 @@ def test_readme_block_runs_as_pasted(tmp_path, cache_dir, line, code):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"README.md:{line} failed as pasted:\n{code}\n--- stderr ---\n{run.stderr[-3000:]}"
+
+
+WRITTEN_BY_README = ["samples.png", "grid.png", "runs/digits/model.safetensors", "digits.onnx", "golden.npz",
+                     "R.json"]  # and R.md, R.png: bench.report writes them beside R.json
+
+
+@pytest.mark.parametrize("path", WRITTEN_BY_README)
+def test_what_the_readme_commands_write_in_the_checkout_is_git_ignored(path):
+    root = README.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert path.split("/")[0] in README.read_text()  # still one of README's outputs
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, f"{path} is not ignored"
+
+
+def test_readme_lists_every_server_metric():
+    from ddpm_engine import Engine
+
+    server = Engine.from_pretrained("digits", backend="torch").serve()
+    try:
+        server.submit([1], sampler="ddim", steps=2).result(timeout=120)
+        keys = server.metrics()
+    finally:
+        server.close()
+    text = " ".join(README.read_text().split())
+    listed = text[text.index("`server.metrics()` returns a dict"):][:1000]
+    assert [k for k in keys if f"`{k}`" not in listed] == []
