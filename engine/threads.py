@@ -20,8 +20,9 @@ load. So the default is: the runtime's own thread count (one per core), no spinn
 
 The user's override, read when a backend is built (``DDPM_ENGINE_SPIN`` for torch: before the
 package is imported): ``DDPM_ENGINE_THREADS=N`` (threads per pool; torch's is process-wide) and
-``DDPM_ENGINE_SPIN=1`` (let idle threads spin: each runtime's own default; faster by a little
-on an idle machine for tiny models, much slower under load).
+``DDPM_ENGINE_SPIN=1`` (let idle threads spin: each runtime's own default, 10x slower and more
+under a competing process in the bench). ``train`` sets torch's count from DDPM_ENGINE_THREADS
+for the whole run (``apply_torch``).
 
 ``yield_cpu_to(backend)``: torch's thread count while the engine samples (``torch_sampling_threads``):
 one beside a backend with its own pool (ONNX Runtime), so two pools do not compete for the same
