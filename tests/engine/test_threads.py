@@ -132,3 +132,22 @@ def test_onnxruntime_sessions_follow_the_policy(monkeypatch, digits_onnx, env, c
     options = OnnxRuntimeBackend(digits_onnx).session.get_session_options()
     assert options.intra_op_num_threads == count
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+
+
+def test_apply_torch_sets_only_a_named_count(torch_threads):
+    torch.set_num_threads(2)
+    threads.apply_torch(threads.CpuPolicy(None, False))
+    assert torch.get_num_threads() == 2
+    threads.apply_torch(threads.CpuPolicy(1, False))
+    assert torch.get_num_threads() == 1
+
+
+def test_train_reads_the_thread_setting(monkeypatch, torch_threads, tmp_path):
+    from ddpm_engine import train
+
+    seen = []
+    monkeypatch.setenv(threads.THREADS_ENV, "1")
+    monkeypatch.setattr(train, "train", lambda *a, **k: seen.append(torch.get_num_threads()) or {"step": 0, "loss": 0.0})
+    torch.set_num_threads(2)
+    assert train.main(["--out", str(tmp_path), "--steps", "1", "--quiet"]) == 0
+    assert seen == [1]
