@@ -789,7 +789,7 @@ def csv(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", default=None, help="results JSON; merged into when it exists "
                                                 "(default bench/results/<date>-<gpu>.json)")
     ap.add_argument("--sections", default=None, help="comma-separated section names or dotted prefixes "

@@ -1,6 +1,13 @@
 """ddpm-engine: fast, trustworthy sampling from a trained diffusion UNet."""
 
-from .engine import Engine, Snapshot
+import os
+import sys
+
+from . import threads as _threads
+
+_threads.configure_openmp(os.environ, sys.modules)  # before torch loads OpenMP: idle threads sleep (engine/threads.py)
+
+from .engine import Engine, Snapshot  # noqa: E402  (after configure_openmp)
 from .errors import (BackendUnavailableError, EngineError, InvalidRequestError, MissingDependencyError,
                      ModelLoadError, QueueFullError, RequestTimeoutError)
 from .images import make_grid, save_grid, to_pil, to_uint8

@@ -6,34 +6,82 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
 from .samplers import SAMPLERS
 
 
+MAX_SCALE = 32
+
+
+def grid_scale(text: str) -> int:
+    """--scale: a whole number of pixels per image pixel in [1, MAX_SCALE]."""
+    try:
+        scale = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= scale <= MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{scale} is outside [1, {MAX_SCALE}]")
+    return scale
+
+
+def writable_png(out: str) -> Path:
+    """--out, checked before any sampling: a .png name in an existing folder that can be written."""
+    from .errors import InvalidRequestError
+
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise InvalidRequestError(f"--out {out}: the grid is written as PNG (with its seeds in the metadata); "
+                                  "give a file name ending in .png")
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"--out {out}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise InvalidRequestError(f"--out {out} is a folder; give a file name ending in .png")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise InvalidRequestError(f"--out {out}: cannot write there ({exc.strerror}); choose another path") from None
+    if not existed:
+        path.unlink()
+    return path.resolve()
+
+
 def cmd_sample(args) -> int:
+    import shlex
+
     import torch
 
     from .engine import Engine
     from .images import save_grid
 
+    out = writable_png(args.out)
+    replaced = out.exists()
     engine = Engine.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                     step_impl=args.step_impl)
-    batch = args.seeds if args.seeds else args.n
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta,
                    use_clipped_model_output=args.use_clipped_model_output)
-    n_steps = engine.plan(**options).steps  # validates the options before any work
+    plan = engine.plan(**options)  # validates the options before any work
+    seeds = plan.seeds(args.seeds if args.seeds else args.n)  # drawn here, so they can be printed
+    again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", args.sampler,
+             "--steps", str(plan.steps), "--eta", str(args.eta)]
+    if args.use_clipped_model_output is not None:
+        again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
+    again += ["--seeds", *map(str, seeds)]
     start = time.perf_counter()
-    images = engine.sample(batch, progress=not args.quiet, **options)
+    images = engine.sample(seeds, progress=not args.quiet, **options)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    path = save_grid(images, args.out, scale=args.scale)
+    path = save_grid(images, out, scale=args.scale, seeds=seeds, text={"command": shlex.join(again)})
     print(f"{engine}")
-    print(f"{images.shape[0]} images, {args.sampler}-{n_steps}: {seconds:.2f} s, "
-          f"{seconds / n_steps * 1e3:.2f} ms/step, {images.shape[0] / seconds:.2f} images/s")
-    print(f"wrote {path}")
+    print(f"{images.shape[0]} images, {args.sampler}-{plan.steps}: {seconds:.2f} s, "
+          f"{seconds / plan.steps * 1e3:.2f} ms/step, {images.shape[0] / seconds:.2f} images/s")
+    print(f"seeds (in the PNG's metadata too): {shlex.join(again[again.index('--seeds'):])}")
+    print(f"wrote {path}" + (" (replaced the file that was there)" if replaced else ""))
     return 0
 
 
@@ -180,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.add_argument("--step-impl", default="auto", choices=["auto", "torch", "triton"])
-    s.add_argument("--out", default="samples.png", help="PNG grid to write")
-    s.add_argument("--scale", type=int, default=4, help="pixel upscale of the grid")
+    s.add_argument("--out", default="samples.png",
+                   help="PNG grid to write, seeds in its metadata (default: samples.png in the current folder)")
+    s.add_argument("--scale", type=grid_scale, default=4, help=f"pixel upscale of the grid, 1 to {MAX_SCALE} (default: 4)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 

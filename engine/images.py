@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SEEDS_KEY = "seeds"  # PNG text entry: the grid's seeds, space-separated, in grid order
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C]."""
@@ -39,12 +41,28 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, s
     return grid
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write a PNG grid of the samples; returns the path."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 1, seeds=None,
+              text: dict | None = None) -> Path:
+    """Write a PNG grid of the samples; returns the path. ``seeds`` (the images' seeds, in grid
+    order) and ``text`` ({key: value}) go into the PNG's text metadata: ``read_png_text(path)``."""
+    from PIL import Image, PngImagePlugin
 
     grid = make_grid(images, nrow=nrow, scale=scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    info = PngImagePlugin.PngInfo()
+    entries = dict(text or {})
+    if seeds is not None:
+        entries[SEEDS_KEY] = " ".join(str(int(s)) for s in seeds)
+    for key, value in entries.items():
+        info.add_text(key, str(value))
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, pnginfo=info)
     return path
+
+
+def read_png_text(path) -> dict:
+    """A PNG's text metadata ({key: value}), as ``save_grid`` wrote it; seeds: ``SEEDS_KEY``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)

@@ -17,7 +17,6 @@ list of seeds), devices, and the memory bound that refuses absurd batch sizes at
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -32,6 +31,7 @@ from .noise import check_seeds, initial_noise, seed_words
 from .samplers import ROW_STATE, SAMPLERS, check_eta, default_clip, default_steps
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, StepSpec
+from .threads import yield_cpu_to  # noqa: F401  (re-exported: the engine's loops lend the CPU here)
 
 _seed_source = random.SystemRandom()
 
@@ -237,33 +237,3 @@ def run_chain(plan: SamplingPlan, rows: Rows, snap_at=frozenset(), progress: boo
         else:
             reverse_step(plan, rows)
     return rows.x.clamp_(-1.0, 1.0), snaps
-
-
-# ---- CPU threads -------------------------------------------------------------------------------
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = None
-
-
-@contextlib.contextmanager
-def yield_cpu_to(backend):
-    """While a backend with its own CPU thread pool (ONNX Runtime) samples, torch's per-step work
-    (small elementwise ops) runs on one thread: torch's OpenMP workers otherwise spin after each op
-    and steal cores from the backend's pool (2-core CPU, CIFAR-10 UNet, 10 steps: 1.36 s -> 0.98 s).
-    torch's thread count is process-wide; it is restored when the last such run ends."""
-    global _threads_users, _threads_saved
-    if not getattr(backend, "owns_cpu_threads", False):
-        yield
-        return
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)

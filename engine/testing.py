@@ -441,9 +441,16 @@ def load_golden(path) -> tuple[dict, Trajectory]:
     return meta, run
 
 
+def _differences(name: str, golden, now) -> list[str]:
+    """'name.key: golden A, this model B' for each differing entry (dicts compared key by key)."""
+    if isinstance(golden, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(golden) | set(now), key=str)
+                for line in _differences(f"{name}.{key}", golden.get(key, "absent"), now.get(key, "absent"))]
+    return [] if golden == now else [f"{name}: golden {golden!r}, this model {now!r}"]
+
+
 def _check_same_model(path, golden: dict, now: dict) -> None:
-    differs = [f"{key}: golden {golden[key]!r}, this model {now[key]!r}"
-               for key in ("sample_shape", "scheduler") if golden[key] != now[key]]
+    differs = [line for key in ("sample_shape", "scheduler") for line in _differences(key, golden[key], now[key])]
     if golden["architecture"] != now["architecture"]:
         differs.append(f"architecture (layer names and shapes): golden {golden['architecture'][:12]}, "
                        f"this model {now['architecture'][:12]}")

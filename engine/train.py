@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from . import threads
 from .checkpoints import save_project_folder
 from .data import load_digits_images
 from .errors import InvalidRequestError
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    threads.apply_torch()  # DDPM_ENGINE_THREADS (engine/threads.py)
     result = train(a.out, resume=not a.no_resume, progress=not a.quiet, steps=a.steps, batch_size=a.batch_size,
                    lr=a.lr, ema_decay=a.ema_decay, widths=a.widths, seed=a.seed, save_every=a.save_every)
     print(f"trained to step {result['step']}, loss {result['loss']:.4f}; model in {a.out}")

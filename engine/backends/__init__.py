@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import threads
 from ..errors import InvalidRequestError
 from .base import PRECISIONS, Backend, parse_precision
 from .registry import BACKEND_MODULES, BACKENDS, _module, available, create_named
@@ -17,6 +18,7 @@ def create(name: str, loaded, device, precision: str = "fp32") -> Backend:
         raise InvalidRequestError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     parse_precision(precision)
     device = torch.device(device)
+    threads.cpu_policy()  # a bad DDPM_ENGINE_THREADS / DDPM_ENGINE_SPIN fails here, before any work
     if name != "auto":
         return create_named(name, loaded, device, precision)
     from .auto import decide

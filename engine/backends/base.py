@@ -24,7 +24,7 @@ def parse_precision(precision: str) -> torch.dtype:
 class Backend:
     name = "base"
     # True for a backend that runs its own CPU thread pool (ONNX Runtime on the CPU): the engine
-    # then does its per-step torch work on one thread, see engine.engine.yield_cpu_to
+    # then does its per-step torch work on one thread, see engine.threads
     owns_cpu_threads = False
     # whether a call can be recorded in a CUDA graph captured on a side stream (the graph drivers,
     # engine.cuda.graphs); a backend that cannot says why in graph_capture_refusal

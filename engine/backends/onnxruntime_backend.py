@@ -1,8 +1,9 @@
 """ONNX Runtime: the exported fp32 graph on the CPU provider, or on CUDA with IOBinding.
 
 CPU: x and t are handed to ORT as zero-copy NumPy views, the output comes back as a tensor that
-shares ORT's buffer. Session options: all graph optimisations, ORT's default intra-op thread
-count (one per physical core).
+shares ORT's buffer. Session options: all graph optimisations; threads and spinning from the
+engine's CPU policy (``engine/threads.py``: ORT's default count, one per physical core, and no
+spinning unless DDPM_ENGINE_THREADS / DDPM_ENGINE_SPIN say otherwise).
 
 CUDA (UNVERIFIED: written against ORT's documented Python API - ``io_binding``,
 ``bind_input(..., buffer_ptr=...)``, the CUDA provider's ``user_compute_stream`` option and the
@@ -24,7 +25,7 @@ import torch
 
 from ddpm_engine.export import iospec
 
-from .. import cache
+from .. import cache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
 
@@ -92,6 +93,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
+        threads.onnxruntime_options(options)
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", index)

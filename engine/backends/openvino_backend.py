@@ -13,9 +13,9 @@ shared_memory=True)``), and the output is written straight into a fresh torch te
 the request's output tensor: no copy either way.
 
 Threads: OpenVINO runs its own pool (``owns_cpu_threads``, so the engine's per-step torch work
-yields to it, see ``plan.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` =
-``threads()``: torch's intra-op thread count when the backend is built, the one CPU thread
-setting of the process.
+yields to it, see ``threads.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` from the
+engine's CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else
+OpenVINO's default of one thread per core).
 
 Compiled-model cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/openvino``, one file per
 (ONNX export key, precision, thread count, OpenVINO version, CPU model and flags): a JSON header
@@ -35,7 +35,7 @@ import torch
 
 from ddpm_engine.export import iospec
 
-from .. import cache, cpu
+from .. import cache, cpu, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
 from .base import Backend
 
@@ -47,16 +47,11 @@ def _ov():
     return require("openvino", "the openvino backend", extra="openvino")
 
 
-def threads() -> int:
-    """OpenVINO's inference threads: torch's intra-op thread count (the process's one setting)."""
-    return torch.get_num_threads()
-
-
 def config(precision: str) -> dict:
     """The CPU plugin's settings, given both to compile and to import (an imported blob does not
     keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU)."""
     return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-            "INFERENCE_NUM_THREADS": threads()}
+            **threads.openvino_options()}
 
 
 def precision_refusal(precision: str) -> str | None:
@@ -73,7 +68,8 @@ def identity(loaded, precision: str) -> dict:
     from ddpm_engine.export.onnx_export import cached_path
 
     return {"format": BLOB_FORMAT, "onnx": cached_path(loaded).name, "weights": loaded.weights_hash,
-            "precision": precision, "threads": threads(), "openvino": _ov().get_version(),
+            "precision": precision, "threads": threads.openvino_options()["INFERENCE_NUM_THREADS"],
+            "openvino": _ov().get_version(),
             "cpu": cpu.model(), "flags": sorted(cpu.flags())}
 
 

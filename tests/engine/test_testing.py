@@ -262,3 +262,18 @@ def test_the_example_test_file_runs(tmp_path, cache):
     run = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "DDPM_ENGINE_CACHE": str(cache)},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_golden_of_another_scheduler_names_only_the_differing_keys():
+    from ddpm_engine.testing import _check_same_model, model_identity
+
+    now = model_identity(checkpoints.load("digits"))
+    golden = copy.deepcopy(now)
+    golden["scheduler"]["beta_schedule"] = "cosine"
+    golden["scheduler"]["clip_sample"] = not now["scheduler"]["clip_sample"]
+    with pytest.raises(GoldenMismatchError) as exc:
+        _check_same_model("g.npz", golden, now)
+    message = str(exc.value)
+    assert "scheduler.beta_schedule: golden 'cosine', this model 'linear'" in message
+    assert f"scheduler.clip_sample: golden {golden['scheduler']['clip_sample']!r}" in message
+    assert message.count("scheduler.") == 2 and "beta_end" not in message, message
