@@ -140,7 +140,7 @@ def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
         return Verdict(name, f"override (${ENV})", precision), None
     if device.type != "cpu":
         return Verdict("torch", "cuda default", precision), None
-    reasons = available(device, precision)
+    reasons = available(device, precision, CPU_CANDIDATES)
     candidates = [n for n in CPU_CANDIDATES if reasons.get(n) is None]
     skipped = {n: reasons[n] for n in CPU_CANDIDATES if reasons.get(n) is not None}
     if len(candidates) == 1:
