@@ -11,7 +11,7 @@ import torch
 from . import backends, checkpoints
 from .errors import BackendUnavailableError, InvalidRequestError
 from .plan import (SamplingPlan, Snapshot, make_spec, max_batch_that_fits, parse_device, resolve_steps, run_chain,
-                   snapshot_steps, yield_cpu_to)
+                   snapshot_steps)
 from .samplers import timestep_spacing
 from .schedules import Tables
 from .serving import Server
@@ -202,8 +202,7 @@ class Engine:
         seeds = plan.seeds(batch)
         snap_at = snapshot_steps(return_intermediates, plan.tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))
-        with plan.lock, yield_cpu_to(plan.backend):
-            images, snaps = run_chain(plan, plan.start(seeds, x), snap_at, progress)
+        images, snaps = run_chain(plan, plan.start(seeds, x), snap_at, progress)
         return (images, snaps) if return_intermediates not in (False, None) else images
 
     def graphed(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, use_clipped_model_output=None,

@@ -31,7 +31,7 @@ from .noise import check_seeds, initial_noise, seed_words
 from .samplers import ROW_STATE, SAMPLERS, check_eta, default_clip, default_steps
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, StepSpec
-from .threads import yield_cpu_to  # noqa: F401  (re-exported: the engine's loops lend the CPU here)
+from .threads import yield_cpu_to
 
 _seed_source = random.SystemRandom()
 
@@ -221,8 +221,14 @@ def snapshot_steps(return_intermediates, tables: Tables) -> set:
 
 @torch.inference_mode()
 def run_chain(plan: SamplingPlan, rows: Rows, snap_at=frozenset(), progress: bool = False):
-    """The eager loop: ``plan.steps`` reverse steps on ``rows``; returns (images, snapshots).
-    Snapshots are taken only at the training timesteps in ``snap_at``."""
+    """The eager loop: ``plan.steps`` reverse steps on ``rows``, holding the plan's backend lock and
+    with the CPU's threads lent as the thread policy says (``yield_cpu_to``); returns (images,
+    snapshots). Snapshots are taken only at the training timesteps in ``snap_at``."""
+    with plan.lock, yield_cpu_to(plan.backend):
+        return _chain(plan, rows, snap_at, progress)
+
+
+def _chain(plan: SamplingPlan, rows: Rows, snap_at, progress: bool):
     snaps = []
     loop = range(plan.steps - 1, -1, -1)
     if progress:

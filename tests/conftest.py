@@ -18,6 +18,10 @@ import zlib
 
 import numpy as np
 import pytest
+
+import ddpm_engine  # noqa: F401  before torch, as README asks: OpenMP's idle threads sleep, and the
+# engine samples on torch's default threads (not one: its policy where torch came first), like
+# the peers (diffusers) the parity tests run beside it
 import torch
 
 if not torch.cuda.is_available():

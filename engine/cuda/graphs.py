@@ -301,8 +301,7 @@ class GraphedSampler:
                     self._refuse(f"replay with driver {driver!r}: {type(exc).__name__}: {exc}")
             elif explicit:
                 raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
-            with self.plan.lock:
-                images, _ = run_chain(self.plan, self.plan.start(seeds))
+            images, _ = run_chain(self.plan, self.plan.start(seeds))
             return images
 
     @torch.inference_mode()
