@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from .errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
-from .plan import SamplingPlan, check_positive_int, yield_cpu_to
+from .plan import SamplingPlan, check_positive_int
+from .threads import yield_cpu_to
 from .slots import SlotBatch
 
 MODES = ("continuous", "coalesce")

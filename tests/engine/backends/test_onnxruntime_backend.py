@@ -121,7 +121,7 @@ def test_torch_threads_are_lent_to_ort_and_restored():
     process's setting is back, also after an error."""
     import torch
 
-    from ddpm_engine.engine import yield_cpu_to
+    from ddpm_engine.threads import yield_cpu_to
 
     class OwnsPool:
         owns_cpu_threads = True
