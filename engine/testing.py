@@ -429,11 +429,11 @@ def load_golden(path) -> tuple[dict, Trajectory]:
         raise InvalidRequestError(f"no golden file at {path}; write one with save_golden(...) or "
                                   "`python -m ddpm_engine check --save-golden FILE`")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:  # np.load(path) leaks the file it fails on
             meta = json.loads(str(f["meta"]))
             run = Trajectory([int(t) for t in f["timesteps"]], torch.from_numpy(f["states"]),
                              torch.from_numpy(f["outputs"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"{path} is not a readable golden file ({type(exc).__name__}: {exc}); "
                                   "write it again with save_golden") from None
     if meta.get("format") != GOLDEN_FORMAT or meta.get("version") != GOLDEN_VERSION:

@@ -195,6 +195,7 @@ def test_section_order_and_the_first_call():
         suite.select(sections, ["peers.b1.comp"])
 
 
+@pytest.mark.filterwarnings("ignore::ddpm_engine.errors.EmulatedPrecisionWarning")  # the parity section runs fp16 on this CPU on purpose
 def test_main_skips_what_does_not_fit_then_merges_later_calls(tmp_path):
     out = tmp_path / "r.json"
     base = ["--device", "cpu", "--quick", "--models", "digits", "--backends", "torch", "--precisions", "fp32",

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 
 from pathlib import Path
 
@@ -240,13 +241,16 @@ class Flaky(torch.nn.Module):
         return self.net(x, t)
 
 
-def test_a_failing_batch_fails_alone_and_the_server_goes_on():
+def test_a_failing_batch_fails_alone_and_the_server_goes_on(layout):
     tiny = Engine.from_module(Flaky(), sample_shape=(1, 4, 4), backend="torch")
     flaky = tiny.backend.module  # the backend runs its own copy of the module
     opts = dict(sampler="ddim", steps=3)
+    # in graph-bucket slots the failure comes first in the bucket's build: graphs are refused, with a
+    # warning, and the eager loop then fails too
+    refused = pytest.warns(RuntimeWarning, match="CUDA graphs are off") if layout == "buckets" else nullcontext()
     with Server(tiny, max_batch=8, max_wait_ms=1) as server:
         flaky.fail = True
-        with pytest.raises(EngineError, match="simulated out of memory"):
+        with refused, pytest.raises(EngineError, match="simulated out of memory"):
             server.sample([1, 2], **opts)
         flaky.fail = False
         assert close_enough(server.sample([3], **opts), tiny.sample([3], **opts))
