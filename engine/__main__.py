@@ -122,11 +122,18 @@ def cmd_info(args) -> int:
         print(f"device {dev} ({name})")
         for backend, reason in backends.available(dev).items():
             print(f"  {backend:12s} {'available' if reason is None else 'unavailable: ' + reason}")
-    if args.model:  # auto's measured choice for this model (cached on disk, see backends/auto.py)
+    if args.model:  # the measured choices for this model (cached on disk: backends/auto.py, torch_backend.py)
         from . import checkpoints
         from .backends.auto import decide
+        from .backends.torch_backend import choose_layout
 
-        print(decide(checkpoints.load(args.model), "cpu", args.precision)[0].report())
+        loaded = checkpoints.load(args.model)
+        print(decide(loaded, "cpu", args.precision)[0].report())
+        layout = choose_layout(loaded, args.precision)[0]
+        cells = "; ".join(f"{name} " + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in by_batch.items())
+                          for name, by_batch in layout["ms"].items())
+        print(f"torch backend's CPU layout ({args.precision}) -> {layout['choice']}   "
+              f"({cells or 'unmeasured: ' + layout.get('unmeasured', '')})")
     print_fast_path(devices[-1])
     return 0
 
@@ -245,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
-    i.add_argument("--model", default=None, help="also show auto's measured backend choice on the CPU for this model")
+    i.add_argument("--model", default=None, help="also show the measured CPU choices for this model: auto's backend, "
+                   "the torch backend's layout")
     i.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision of that choice")
     i.set_defaults(func=cmd_info)
 

@@ -6,15 +6,13 @@ once and remembered on disk.
 - ``$DDPM_ENGINE_BACKEND`` (``ENV``) names a backend: auto takes it, as if passed as ``backend=``.
 - The CPU: the candidates are the backends of ``CPU_CANDIDATES`` that can run the precision here
   (``unavailable_reason(device, precision)`` is None: onnxruntime runs fp32 only, openvino runs
-  bf16 / fp16 only where the CPU has them natively). With more than one, each is built and timed:
-  one warm-up call at each batch, then ``ROUNDS`` rounds that alternate the candidates (fair on a shared
-  machine), each round one call at batch 1 and one at ``TYPICAL_BATCH``; a candidate's score is
-  the sum of its two medians, the lowest wins. That is 2 x (ROUNDS + 1) calls of the UNet per
-  candidate at small batches: a few seconds, never a sample.
-- The verdict is cached as JSON in ``$DDPM_ENGINE_CACHE/auto``, keyed (``cache.key``) by the
-  model (weights hash, structure, sample shape), the precision, the CPU's model and flags, the
-  thread count, the versions of torch, onnxruntime and openvino, and the candidates: a new CPU,
-  library or model measures again; an unreadable verdict is measured again once.
+  bf16 / fp16 only where the CPU has them natively). With more than one, each is built and timed
+  by the one timing rule (``timing.measure``: a few calls at batch 1 and at a typical batch, in
+  alternating rounds; a few seconds, never a sample) and the fastest is taken (``timing.fastest``).
+- The verdict is cached as JSON in ``$DDPM_ENGINE_CACHE/auto``, keyed by ``timing.verdict_parts``
+  (the model, the precision, the CPU's model and flags, the thread count, the library versions)
+  and the candidates: a new CPU, library or model measures again; an unreadable verdict is
+  measured again once.
 - Reduced precision on a CPU without it natively (no AVX512_BF16 / AMX for bf16, no AVX512-FP16
   for fp16): only torch can run it, emulated through fp32 kernels and slower than fp32 itself;
   auto takes torch and the torch backend warns (``EmulatedPrecisionWarning``). The request is
@@ -22,16 +20,13 @@ once and remembered on disk.
   for speed.
 
 ``python -m ddpm_engine info --model M [--precision P]`` prints the verdict (``Verdict.report``).
-Tests replace ``time_call`` with a fake timer.
+Tests replace ``timing.time_call`` with a fake timer.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,12 +34,11 @@ import torch
 
 from .. import cache, cpu
 from ..errors import EngineError, InvalidRequestError
+from . import timing
 from .registry import BACKEND_MODULES, available, create_named
 
 ENV = "DDPM_ENGINE_BACKEND"
 CPU_CANDIDATES = ("openvino", "onnxruntime", "torch")  # aoti is opt-in: its compile takes minutes
-TYPICAL_BATCH = 8
-ROUNDS = 3
 
 
 @dataclass
@@ -69,44 +63,9 @@ class Verdict:
         return "\n".join(lines)
 
 
-def time_call(backend, x, t) -> float:
-    """Seconds one call of ``backend`` takes (the CPU backends return finished results)."""
-    start = time.perf_counter()
-    backend(x, t)
-    return time.perf_counter() - start
-
-
-def _version(dist: str):
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
 def verdict_path(loaded, precision: str, candidates, cache_dir=None) -> Path:
-    parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
-             "sample_shape": list(loaded.sample_shape), "precision": precision, "device": "cpu",
-             "cpu": cpu.model(), "flags": sorted(cpu.flags()), "threads": torch.get_num_threads(),
-             "versions": {d: _version(d) for d in ("torch", "onnxruntime", "openvino")}, "candidates": list(candidates),
-             "rounds": ROUNDS, "typical_batch": TYPICAL_BATCH}
+    parts = {**timing.verdict_parts(loaded, precision), "candidates": list(candidates)}
     return cache.folder("auto", cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
-
-
-def measure(built: dict, sample_shape, num_train_timesteps: int) -> dict:
-    """{name: {batch: median ms}} of the built backends, timed in alternating rounds."""
-    gen = torch.Generator().manual_seed(0)
-    inputs = {b: (torch.randn(b, *sample_shape, generator=gen),
-                  torch.randint(0, num_train_timesteps, (b,), generator=gen)) for b in (1, TYPICAL_BATCH)}
-    with torch.inference_mode():
-        for backend in built.values():
-            for x, t in inputs.values():
-                backend(x, t)  # warm-up: first-call allocations, per-shape kernel selection
-        times = {name: {b: [] for b in inputs} for name in built}
-        for _ in range(ROUNDS):
-            for name, backend in built.items():
-                for b, (x, t) in inputs.items():
-                    times[name][b].append(time_call(backend, x, t))
-    return {name: {b: 1e3 * statistics.median(v) for b, v in by_batch.items()} for name, by_batch in times.items()}
 
 
 def _read(path: Path) -> Verdict:
@@ -153,8 +112,8 @@ def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
                 built[n] = create_named(n, loaded, device, precision)
             except EngineError as exc:  # e.g. a model the ONNX exporter cannot trace: not a candidate
                 skipped[n] = f"failed to build: {exc}"
-        ms = measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
-        choice = min(ms, key=lambda n: sum(ms[n].values()))
+        ms = timing.measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
+        choice = timing.fastest(ms)
         measured = Verdict(choice, "measured", precision, ms, skipped, cpu.describe())
         tmp.write_text(json.dumps(asdict(measured), indent=1))
 

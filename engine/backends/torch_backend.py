@@ -1,9 +1,17 @@
 """Eager PyTorch: the reference backend, on the CPU or CUDA.
 
-The module runs in channels_last by default on both: cuDNN's fast layout for convolutions, and
-oneDNN's on the CPU (one UNet call on a 2-core AMD EPYC Zen 4, loaded machine: digits 10.7 ->
-6.2 ms at batch 1, CIFAR-10 UNet 2.9 -> 2.0 s; README, "The CPU: OpenVINO, native bf16 and a
-measuring auto"). Its output then comes back in the input's logical NCHW shape but with
+Memory format:
+- CUDA: channels_last, cuDNN's fast layout for convolutions.
+- The CPU: whichever of NCHW and channels_last measures faster for this model, precision and CPU
+  (``choose_layout``: the one timing rule of ``timing.py``, a few calls of each at batch 1 and 8,
+  cached on disk in ``$DDPM_ENGINE_CACHE/torch-layout`` keyed like auto's verdicts). Neither wins
+  everywhere: on a 2-core AMD EPYC Zen 4 (AVX-512, AVX512_BF16, no AMX) the CIFAR-10 UNet ran
+  fp32 NCHW faster on a quiet machine and channels_last faster under heavy load; on a 2-core Xeon
+  with AMX channels_last was faster (README, "The CPU: OpenVINO, native bf16 and a measuring
+  auto"). ``TorchBackend(module, ...)`` built directly runs NCHW unless told
+  (``channels_last=True``).
+
+A channels_last module's output comes back in the input's logical NCHW shape but with
 channels-last strides unless C == 1; the step kernels index flat contiguous buffers, so the output
 is returned contiguous (one copy fused with the cast to float32, none when it already is).
 
@@ -15,21 +23,26 @@ slower than fp32 itself: the backend then warns (``EmulatedPrecisionWarning``) a
 from __future__ import annotations
 
 import copy
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import cpu
+from .. import cache, cpu
 from ..errors import EmulatedPrecisionWarning
+from . import timing
 from .base import Backend
+
+LAYOUTS = ("nchw", "channels_last")  # a tie in the measurement keeps the plain layout
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None):
-        """channels_last: run the module in that memory format (default: yes)."""
+        """channels_last: run the module in that memory format (default: on CUDA only)."""
         super().__init__(device, precision)
         if self.device.type == "cpu" and not cpu.native(precision):
             warnings.warn(f"{precision} runs emulated on this CPU ({cpu.model()}: no native {precision} "
@@ -37,7 +50,7 @@ class TorchBackend(Backend):
                           EmulatedPrecisionWarning, stacklevel=3)
         # a private copy: moving or casting must not change the caller's module (or another engine's)
         self.module = copy.deepcopy(module).to(self.device).eval()
-        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module
@@ -53,5 +66,43 @@ def unavailable_reason(device, precision: str = "fp32") -> str | None:
     return None
 
 
+def layout_path(loaded, precision: str, cache_dir=None) -> Path:
+    parts = {**timing.verdict_parts(loaded, precision), "layouts": list(LAYOUTS)}
+    return cache.folder("torch-layout", cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
+
+
+def _read_layout(path: Path) -> dict:
+    verdict = json.loads(path.read_text())
+    if not isinstance(verdict, dict) or verdict.get("choice") not in LAYOUTS:
+        raise ValueError(f"{path} names no layout")
+    return verdict
+
+
+def choose_layout(loaded, precision: str) -> tuple[dict, TorchBackend | None]:
+    """(the CPU layout verdict ``{"choice": layout, "ms": {layout: {batch: ms}}}``, measured once
+    and cached; the chosen backend if it had to be built to measure, else None). A model that
+    fails a probe call runs NCHW, unmeasured (``"unmeasured"``: the error), and is measured again
+    next time."""
+    built = {}
+
+    def make(tmp: Path):
+        for layout in LAYOUTS:
+            built[layout] = TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last")
+        ms = timing.measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
+        tmp.write_text(json.dumps({"choice": timing.fastest(ms), "ms": ms}, indent=1))
+
+    try:
+        verdict = cache.load(layout_path(loaded, precision), make, _read_layout,
+                             corrupt=(ValueError, KeyError, TypeError))
+    except Exception as exc:  # the model failed a probe call (out of memory, a batch it refuses): plain layout
+        return {"choice": "nchw", "ms": {}, "unmeasured": f"{type(exc).__name__}: {exc}"}, None
+    return verdict, built.get(verdict["choice"])
+
+
 def create(loaded, device, precision):
-    return TorchBackend(loaded.module, device, precision)
+    if torch.device(device).type != "cpu":
+        return TorchBackend(loaded.module, device, precision)
+    verdict, backend = choose_layout(loaded, precision)
+    if backend is None:  # a cached verdict
+        backend = TorchBackend(loaded.module, "cpu", precision, channels_last=verdict["choice"] == "channels_last")
+    return backend

@@ -12,7 +12,7 @@ pytest.importorskip("openvino")
 
 from ddpm_engine import Engine, cpu  # noqa: E402
 from ddpm_engine.__main__ import main  # noqa: E402
-from ddpm_engine.backends import auto  # noqa: E402
+from ddpm_engine.backends import auto, timing  # noqa: E402
 from ddpm_engine.errors import EmulatedPrecisionWarning, InvalidRequestError  # noqa: E402
 
 from .test_onnxruntime_backend import small_model  # noqa: E402
@@ -23,15 +23,16 @@ PLAIN_CPU = frozenset({"avx2", "fma"})
 
 @pytest.fixture
 def fake_timer(monkeypatch):
-    """time_call replaced: each backend takes ``ms_per_image[name]`` per image; records the calls."""
+    """timing.time_call replaced: each backend takes ``ms_per_image[name]`` per image (torch's two
+    CPU layouts alike: a tie keeps NCHW); records the calls."""
     calls = []
     ms_per_image = {}
 
     def fake(backend, x, t):
         calls.append((backend.name, x.shape[0]))
-        return ms_per_image[backend.name] * x.shape[0] / 1e3
+        return ms_per_image.get(backend.name, 1.0) * x.shape[0] / 1e3
 
-    monkeypatch.setattr(auto, "time_call", fake)
+    monkeypatch.setattr(timing, "time_call", fake)
     monkeypatch.delenv(auto.ENV, raising=False)
     return ms_per_image, calls
 
@@ -49,12 +50,13 @@ def test_the_fastest_candidate_is_chosen_and_remembered(fake_timer, cache, bf16_
     engine = Engine(loaded, backend="auto", device="cpu")
     assert engine.backend.name == fastest
     assert {name for name, _ in calls} == {"openvino", "onnxruntime", "torch"}
-    assert {b for _, b in calls} == {1, auto.TYPICAL_BATCH}
-    assert len(calls) == 3 * 2 * auto.ROUNDS  # a few calls each, at batch 1 and the typical batch
+    assert {b for _, b in calls} == {1, timing.TYPICAL_BATCH}
+    # a few calls each, at batch 1 and the typical batch; torch's build timed its two CPU layouts too
+    assert len(calls) == (3 + 2) * 2 * timing.ROUNDS
     verdict, built = auto.decide(loaded, "cpu", "fp32")
     assert (verdict.choice, verdict.source, built) == (fastest, "cached", None)
-    assert len(calls) == 3 * 2 * auto.ROUNDS  # the cached verdict measured nothing
-    assert verdict.ms[fastest] == {1: 1.0, auto.TYPICAL_BATCH: 1.0 * auto.TYPICAL_BATCH}
+    assert len(calls) == (3 + 2) * 2 * timing.ROUNDS  # the cached verdict measured nothing
+    assert verdict.ms[fastest] == {1: 1.0, timing.TYPICAL_BATCH: 1.0 * timing.TYPICAL_BATCH}
 
 
 def test_a_new_cpu_or_a_corrupt_verdict_measures_again(fake_timer, cache, monkeypatch):
@@ -94,7 +96,7 @@ def test_without_native_support_reduced_precision_runs_emulated_with_a_warning(f
     with pytest.warns(EmulatedPrecisionWarning, match=f"{precision} runs emulated"):
         engine = Engine(loaded, backend="auto", device="cpu", precision=precision)
     assert (engine.backend.name, engine.backend.precision) == ("torch", precision)
-    assert calls == []  # one candidate: nothing to measure
+    assert len(calls) == 2 * 2 * timing.ROUNDS  # one candidate: only torch's two CPU layouts were timed
     verdict, _ = auto.decide(loaded, "cpu", precision)
     assert verdict.source == "only candidate" and "native" in verdict.skipped["openvino"]
     images = engine.sample([1, 2], sampler="ddim", steps=2)
@@ -115,7 +117,7 @@ def test_the_environment_variable_and_backend_argument_override(fake_timer, cach
     monkeypatch.setenv(auto.ENV, "torch")
     assert Engine(loaded, backend="auto", device="cpu").backend.name == "torch"
     assert Engine(loaded, backend="onnxruntime", device="cpu").backend.name == "onnxruntime"
-    assert calls == []
+    assert len(calls) == 2 * 2 * timing.ROUNDS and {n for n, _ in calls} == {"torch"}  # only torch's CPU layouts
     monkeypatch.setenv(auto.ENV, "fastest-please")
     with pytest.raises(InvalidRequestError, match=auto.ENV):
         Engine(loaded, backend="auto", device="cpu")
@@ -134,3 +136,4 @@ def test_info_shows_each_candidates_ms_and_the_choice(fake_timer, cache, bf16_cp
     assert "auto (fp32) -> openvino [measured]" in out
     assert "onnxruntime  batch 1: 3.00 ms, batch 8: 24.00 ms" in out
     assert "openvino     batch 1: 1.00 ms, batch 8: 8.00 ms   <- chosen" in out
+    assert "torch backend's CPU layout (fp32) -> nchw   (nchw batch 1: 4.00 ms, batch 8: 32.00 ms;" in out
