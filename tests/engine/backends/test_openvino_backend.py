@@ -1,7 +1,8 @@
 """The openvino backend on the CPU: parity with eager per call (fp32, and bf16 where the CPU has
-it) and over whole trajectories, zero-copy output, its compiled-model cache (reused; a blob of
-another model, another OpenVINO version or a corrupt one rebuilt once), precision refusals on a
-CPU faked to lack bf16, the missing-package error and bad inputs."""
+it) and over whole trajectories, static-shape compiles of the first batch sizes, zero-copy output,
+its compiled-model cache (reused; a blob of another model, another OpenVINO version or a corrupt
+one rebuilt once), precision refusals on a CPU faked to lack bf16, the missing-package error and
+bad inputs."""
 
 import dataclasses
 import json
@@ -60,9 +61,38 @@ def test_outputs_are_written_in_place_and_never_reused(backend):
     t = torch.randint(0, 1000, (2,))
     first = backend(x1, t)
     kept = first.clone()
-    assert backend.request.get_output_tensor(0).data.ctypes.data == first.data_ptr()  # no copy out
+    assert backend.request_for(2).get_output_tensor(0).data.ctypes.data == first.data_ptr()  # no copy out
     second = backend(x2, t)
     assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+def test_the_first_batch_sizes_run_static_shapes_and_the_rest_the_dynamic_model(loaded, cache, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "STATIC_BATCHES", 2)
+    backend = openvino_backend.create(loaded, "cpu", "fp32")
+    for batch in (3, 1, 2, 3):  # 3 and 1 take the two static slots; 2 runs dynamic shapes
+        x, t = torch.randn(batch, *SHAPE), torch.randint(0, 1000, (batch,))
+        with torch.inference_mode():
+            got, want = backend(x, t), loaded.module(x, t)
+        assert rel_err(got, want) <= 1e-5, f"batch {batch}"
+    static = {b: backend.request_for(b) for b in (1, 2, 3)}
+    assert static[2] is backend.request and static[1] is not backend.request and static[3] is not static[1]
+    assert all(r.get_compiled_model().input(0).get_partial_shape().is_static for r in (static[1], static[3]))
+    assert [d.get_length() for d in static[3].get_compiled_model().input(0).get_partial_shape()] == [3, *SHAPE]
+    assert not backend.request.get_compiled_model().input(0).get_partial_shape().is_static
+
+
+def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache, monkeypatch):
+    def fails(*a):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(openvino_backend, "compile_static", fails)
+    backend = openvino_backend.create(loaded, "cpu", "fp32")
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    with pytest.warns(RuntimeWarning, match="simulated compile failure"):
+        got = backend(x, t)
+    with torch.inference_mode():
+        assert rel_err(got, loaded.module(x, t)) <= 1e-5
+    assert backend.request_for(2) is backend.request
 
 
 def test_trajectories_match_the_torch_backend(loaded, cache):
