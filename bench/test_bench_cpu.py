@@ -9,7 +9,9 @@ torch's thread count and the library versions (``extra_info``).
    backends x precisions usable here; bf16 / fp16 only where the CPU has them natively, emulated
    ones are left out) at batch 1 and 8, for the digits-like SeedUNet(1, (32, 64, 128)) at 16x16
    and the DDPM CIFAR-10 UNet at 32x32 (random weights: latency does not depend on them).
-2. ``test_sampling``: the CIFAR-10 UNet sampled end to end, 10 DDPM steps at batch 1 and 8:
+2. ``test_design_choices``: one call of the torch backend in NCHW and channels_last, and of
+   OpenVINO with and without its static-shape compiles, side by side (printed).
+3. ``test_sampling``: the CIFAR-10 UNet sampled end to end, 10 DDPM steps at batch 1 and 8:
    every engine config, ``Engine(backend="auto")`` at fp32 (the default) and at bf16, and the
    peers: diffusers' DDPMPipeline fp32, and the engine's torch backend with its UNet under
    torch.compile (inductor) at fp32 and bf16. All are timed in alternating rounds (fair on a
@@ -26,7 +28,7 @@ import time
 import pytest
 import torch
 
-from ddpm_engine import Engine, backends, cpu
+from ddpm_engine import Engine, backends, cpu, threads
 from ddpm_engine.testing import versions
 
 E2E_STEPS = 10
@@ -37,7 +39,8 @@ ENGINE_CONFIGS = [(b, p) for b in ("torch", "onnxruntime", "openvino") for p in 
 
 
 def machine() -> dict:
-    return {"cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), "versions": versions()}
+    return {"cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), "openmp_wait": threads.OPENMP_WAIT,
+            "versions": versions()}
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -57,6 +60,40 @@ def test_call(benchmark, request, model, config, batch):
             return run(x, t)
 
     benchmark.pedantic(call, rounds=CALL_ROUNDS[model], warmup_rounds=2, iterations=1)
+
+
+def test_design_choices(benchmark, cifar32, monkeypatch):
+    """The two measured design choices, one UNet call side by side in alternating rounds: the
+    torch backend's CPU layout (NCHW vs channels_last, which ``torch_backend.choose_layout``
+    measures per model and CPU) and OpenVINO's static-shape compiles (vs the dynamic-batch blob
+    alone), at each precision the CPU runs natively, batch 1 and 8."""
+    from ddpm_engine.backends import openvino_backend
+    from ddpm_engine.backends.timing import measure
+    from ddpm_engine.backends.torch_backend import TorchBackend
+
+    precisions = [p for p in ("fp32", "bf16", "fp16") if cpu.native(p)]
+    built = {}
+    for p in precisions:
+        built[f"torch {p} NCHW"] = TorchBackend(cifar32.module, "cpu", p, channels_last=False)
+        built[f"torch {p} channels_last"] = TorchBackend(cifar32.module, "cpu", p, channels_last=True)
+    if backends.available("cpu", "fp32", ["openvino"])["openvino"] is None:
+        for p in precisions:
+            static = built[f"openvino {p} static shapes"] = backends.create("openvino", cifar32, "cpu", p)
+            built[f"openvino {p} dynamic"] = openvino_backend.OpenVINOBackend(  # no compile_static: dynamic only
+                static.path, openvino_backend.identity(cifar32, p), cifar32.sample_shape, p)
+    with monkeypatch.context() as mp:
+        mp.setattr("ddpm_engine.backends.timing.ROUNDS", CALL_ROUNDS["cifar32"] * 3)
+        ms = measure(built, cifar32.sample_shape, cifar32.scheduler.num_train_timesteps)
+    print(f"\nOne CIFAR-10 UNet call, ms, median of {CALL_ROUNDS['cifar32'] * 3} alternating rounds, on {cpu.describe()} "
+          f"(OpenMP wait: {threads.OPENMP_WAIT}):")
+    for name, by_batch in ms.items():
+        print(f"  {name:32s} " + "   ".join(f"batch {b}: {v:8.1f}" for b, v in by_batch.items()))
+    benchmark.group = "cifar32 design choices, one call"
+    benchmark.extra_info.update(ms={n: {str(b): round(v, 2) for b, v in by_batch.items()} for n, by_batch in ms.items()},
+                                rounds=CALL_ROUNDS["cifar32"] * 3, **machine())
+    fastest = min(ms, key=lambda n: ms[n][1])
+    x, t = torch.randn(1, *cifar32.sample_shape), torch.zeros(1, dtype=torch.int64)
+    benchmark.pedantic(lambda: built[fastest](x, t), rounds=1, warmup_rounds=0, iterations=1)
 
 
 def timed(fn) -> float:
@@ -110,7 +147,8 @@ def test_sampling(benchmark, cifar32, batch):
         speedup_vs_ddpm_pipeline={n: round(median["DDPMPipeline fp32"] / s, 3) for n, s in median.items()},
         speedup_vs_fp32_default={n: round(median[default] / s, 3) for n, s in median.items()},
         first_call_s={n: round(s, 2) for n, s in warm.items()}, **machine())
-    print(f"\nCIFAR-10 UNet, {E2E_STEPS} DDPM steps, batch {batch}, on {cpu.describe()}:")
+    print(f"\nCIFAR-10 UNet, {E2E_STEPS} DDPM steps, batch {batch}, on {cpu.describe()} "
+          f"(OpenMP wait: {threads.OPENMP_WAIT}):")
     for name, s in sorted(median.items(), key=lambda kv: kv[1]):
         print(f"  {name:32s} {s:8.3f} s   x{median['DDPMPipeline fp32'] / s:5.2f} DDPMPipeline   "
               f"x{median[default] / s:5.2f} fp32 default")
