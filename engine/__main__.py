@@ -129,11 +129,7 @@ def cmd_info(args) -> int:
 
         loaded = checkpoints.load(args.model)
         print(decide(loaded, "cpu", args.precision)[0].report())
-        layout = choose_layout(loaded, args.precision)[0]
-        cells = "; ".join(f"{name} " + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in by_batch.items())
-                          for name, by_batch in layout["ms"].items())
-        print(f"torch backend's CPU layout ({args.precision}) -> {layout['choice']}   "
-              f"({cells or 'unmeasured: ' + layout.get('unmeasured', '')})")
+        print(choose_layout(loaded, args.precision)[0].report())
     print_fast_path(devices[-1])
     return 0
 

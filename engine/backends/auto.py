@@ -9,10 +9,10 @@ once and remembered on disk.
   bf16 / fp16 only where the CPU has them natively). With more than one, each is built and timed
   by the one timing rule (``timing.measure``: a few calls at batch 1 and at a typical batch, in
   alternating rounds; a few seconds, never a sample) and the fastest is taken (``timing.fastest``).
-- The verdict is cached as JSON in ``$DDPM_ENGINE_CACHE/auto``, keyed by ``timing.verdict_parts``
-  (the model, the precision, the CPU's model and flags, the thread count, the library versions)
-  and the candidates: a new CPU, library or model measures again; an unreadable verdict is
-  measured again once.
+- The verdict (``timing.Verdict``) is cached as JSON in ``$DDPM_ENGINE_CACHE/auto``, keyed by
+  ``timing.verdict_path`` (the model, the precision, the CPU's model and flags, the thread count,
+  the library versions, the candidates): a new CPU, library or model measures again; an
+  unreadable verdict is measured again once (``timing.measured_choice``).
 - Reduced precision on a CPU without it natively (no AVX512_BF16 / AMX for bf16, no AVX512-FP16
   for fp16): only torch can run it, emulated through fp32 kernels and slower than fp32 itself;
   auto takes torch and the torch backend warns (``EmulatedPrecisionWarning``). The request is
@@ -25,60 +25,23 @@ Tests replace ``timing.time_call`` with a fake timer.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import cache, cpu
+from .. import cpu
 from ..errors import EngineError, InvalidRequestError
 from . import timing
+from .timing import Verdict
 from .registry import BACKEND_MODULES, available, create_named
 
 ENV = "DDPM_ENGINE_BACKEND"
 CPU_CANDIDATES = ("openvino", "onnxruntime", "torch")  # aoti is opt-in: its compile takes minutes
 
 
-@dataclass
-class Verdict:
-    """auto's choice and how it was reached: ``ms[name] = {batch: median ms}`` of the measured
-    candidates, ``skipped[name]`` = why a backend was not a candidate."""
-
-    choice: str
-    source: str  # "measured", "cached", "only candidate", "override (ENV)", "cuda default"
-    precision: str
-    ms: dict = field(default_factory=dict)
-    skipped: dict = field(default_factory=dict)
-    cpu: str = ""
-
-    def report(self) -> str:
-        lines = [f"auto ({self.precision}) -> {self.choice} [{self.source}]" + (f" on {self.cpu}" if self.cpu else "")]
-        for name, by_batch in self.ms.items():
-            cells = ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in by_batch.items())
-            lines.append(f"  {name:12s} {cells}{'   <- chosen' if name == self.choice else ''}")
-        for name, reason in self.skipped.items():
-            lines.append(f"  {name:12s} not a candidate: {reason}")
-        return "\n".join(lines)
-
-
 def verdict_path(loaded, precision: str, candidates, cache_dir=None) -> Path:
-    parts = {**timing.verdict_parts(loaded, precision), "candidates": list(candidates)}
-    return cache.folder("auto", cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
-
-
-def _read(path: Path) -> Verdict:
-    try:
-        data = json.loads(path.read_text())
-        data["ms"] = {n: {int(b): float(ms) for b, ms in v.items()} for n, v in data["ms"].items()}
-        return Verdict(**data)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _Unreadable(str(exc)) from None
-
-
-class _Unreadable(ValueError):
-    pass
+    return timing.verdict_path("auto", loaded, precision, candidates, cache_dir)
 
 
 def override() -> str | None:
@@ -104,20 +67,15 @@ def decide(loaded, device, precision: str) -> tuple[Verdict, object | None]:
     skipped = {n: reasons[n] for n in CPU_CANDIDATES if reasons.get(n) is not None}
     if len(candidates) == 1:
         return Verdict(candidates[0], "only candidate", precision, skipped=skipped, cpu=cpu.describe()), None
-    built = {}
 
-    def make(tmp: Path):
+    def build(skipped: dict) -> dict:
+        built = {}
         for n in candidates:
             try:
                 built[n] = create_named(n, loaded, device, precision)
             except EngineError as exc:  # e.g. a model the ONNX exporter cannot trace: not a candidate
                 skipped[n] = f"failed to build: {exc}"
-        ms = timing.measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
-        choice = timing.fastest(ms)
-        measured = Verdict(choice, "measured", precision, ms, skipped, cpu.describe())
-        tmp.write_text(json.dumps(asdict(measured), indent=1))
+        return built
 
-    verdict = cache.load(verdict_path(loaded, precision, candidates), make, _read, corrupt=(_Unreadable,))
-    if not built:
-        verdict.source = "cached"
-    return verdict, built.get(verdict.choice)
+    return timing.measured_choice(verdict_path(loaded, precision, candidates), "auto", loaded, precision, candidates,
+                                  build, skipped)

@@ -8,9 +8,15 @@ backend (which memory format, ``torch_backend.py``).
   never a sample.
 - ``fastest``: a candidate's score is the sum of its two medians, the lowest wins (a tie goes to
   the first candidate).
-- ``verdict_parts``: what a cached verdict is keyed by (``cache.key``): the model (weights hash,
+- ``verdict_path``: what a cached verdict is keyed by (``cache.key``): the model (weights hash,
   structure, sample shape), the precision, the CPU's model and flags, torch's thread count, the
-  versions of torch, onnxruntime and openvino, and the timing rule itself (``RULE``).
+  versions of torch, onnxruntime and openvino, the timing rule itself (``RULE``) and the
+  candidates.
+
+- ``measured_choice``: the whole of a measured choice, one verdict (``Verdict``) cached as JSON
+  under ``verdict_path``: build the candidates, ``measure``, take the ``fastest``, write it; a
+  cached verdict is read back (source "cached"), one that is unreadable or names no candidate is
+  measured again once.
 
 Tests replace ``time_call`` with a fake timer (never wall time).
 """
@@ -18,8 +24,12 @@ Tests replace ``time_call`` with a fake timer (never wall time).
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,9 +76,71 @@ def version(dist: str):
         return None
 
 
-def verdict_parts(loaded, precision: str) -> dict:
-    return {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
-            "sample_shape": list(loaded.sample_shape), "precision": precision, "device": "cpu",
-            "cpu": cpu.model(), "flags": sorted(cpu.flags()), "threads": torch.get_num_threads(),
-            "versions": {d: version(d) for d in ("torch", "onnxruntime", "openvino")},
-            "rounds": ROUNDS, "typical_batch": TYPICAL_BATCH, "rule": RULE}
+@dataclass
+class Verdict:
+    """A measured choice and how it was reached: ``what`` was chosen ("auto" a backend, "torch
+    layout" a memory format), ``ms[name] = {batch: median ms}`` of the measured candidates,
+    ``skipped[name]`` = why one was not a candidate."""
+
+    choice: str
+    source: str  # "measured", "cached", "only candidate", "override (...)", "cuda default", "unmeasured: ..."
+    precision: str
+    ms: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    cpu: str = ""
+    what: str = "auto"
+
+    def report(self) -> str:
+        lines = [f"{self.what} ({self.precision}) -> {self.choice} [{self.source}]" + (f" on {self.cpu}" if self.cpu else "")]
+        for name, by_batch in self.ms.items():
+            cells = ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in by_batch.items())
+            lines.append(f"  {name:12s} {cells}{'   <- chosen' if name == self.choice else ''}")
+        for name, reason in self.skipped.items():
+            lines.append(f"  {name:12s} not a candidate: {reason}")
+        return "\n".join(lines)
+
+
+class Unreadable(ValueError):
+    """A cached verdict that does not parse, or names no candidate."""
+
+
+def verdict_path(kind: str, loaded, precision: str, candidates, cache_dir=None) -> Path:
+    """Where the verdict of one measured choice (``kind``: its cache folder) is cached, keyed by
+    everything that decides it."""
+    parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
+             "sample_shape": list(loaded.sample_shape), "precision": precision, "device": "cpu",
+             "cpu": cpu.model(), "flags": sorted(cpu.flags()), "threads": torch.get_num_threads(),
+             "versions": {d: version(d) for d in ("torch", "onnxruntime", "openvino")},
+             "rounds": ROUNDS, "typical_batch": TYPICAL_BATCH, "rule": RULE, "candidates": list(candidates)}
+    return cache.folder(kind, cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
+
+
+def read_verdict(path: Path, candidates) -> Verdict:
+    try:
+        data = json.loads(path.read_text())
+        data["ms"] = {n: {int(b): float(ms) for b, ms in v.items()} for n, v in data["ms"].items()}
+        verdict = Verdict(**data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Unreadable(str(exc)) from None
+    if verdict.choice not in candidates:
+        raise Unreadable(f"{path} names {verdict.choice!r}, not one of {list(candidates)}")
+    return verdict
+
+
+def measured_choice(path: Path, what: str, loaded, precision: str, candidates,
+                    build: Callable[[dict], dict], skipped: dict | None = None) -> tuple[Verdict, object | None]:
+    """(the verdict cached at ``path``, measured first if there is none; the chosen candidate if it
+    was built to measure, else None). ``build(skipped)`` returns {name: backend} of the
+    ``candidates`` it could build, recording in ``skipped`` why others could not."""
+    built, skipped = {}, dict(skipped or {})
+
+    def make(tmp: Path):
+        built.update(build(skipped))
+        ms = measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
+        verdict = Verdict(fastest(ms), "measured", precision, ms, skipped, cpu.describe(), what)
+        tmp.write_text(json.dumps(asdict(verdict), indent=1))
+
+    verdict = cache.load(path, make, lambda p: read_verdict(p, candidates), corrupt=(Unreadable,))
+    if not built:
+        verdict.source = "cached"
+    return verdict, built.get(verdict.choice)

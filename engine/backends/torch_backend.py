@@ -3,8 +3,8 @@
 Memory format:
 - CUDA: channels_last, cuDNN's fast layout for convolutions.
 - The CPU: whichever of NCHW and channels_last measures faster for this model, precision and CPU
-  (``choose_layout``: the one timing rule of ``timing.py``, a few calls of each at batch 1 and 8,
-  cached on disk in ``$DDPM_ENGINE_CACHE/torch-layout`` keyed like auto's verdicts). Neither wins
+  (``choose_layout``: the one measured choice of ``timing.py``, a few calls of each at batch 1
+  and 8, cached on disk in ``$DDPM_ENGINE_CACHE/torch-layout`` keyed like auto's verdicts). Neither wins
   everywhere: on a 2-core AMD EPYC Zen 4 (AVX-512, AVX512_BF16, no AMX) the CIFAR-10 UNet ran
   fp32 NCHW faster on a quiet machine and channels_last faster under heavy load; on a 2-core Xeon
   with AMX channels_last was faster (README, "The CPU: OpenVINO, native bf16 and a measuring
@@ -23,14 +23,13 @@ slower than fp32 itself: the backend then warns (``EmulatedPrecisionWarning``) a
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import cache, cpu
+from .. import cpu
 from ..errors import EmulatedPrecisionWarning
 from . import timing
 from .base import Backend
@@ -67,36 +66,21 @@ def unavailable_reason(device, precision: str = "fp32") -> str | None:
 
 
 def layout_path(loaded, precision: str, cache_dir=None) -> Path:
-    parts = {**timing.verdict_parts(loaded, precision), "layouts": list(LAYOUTS)}
-    return cache.folder("torch-layout", cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
+    return timing.verdict_path("torch-layout", loaded, precision, LAYOUTS, cache_dir)
 
 
-def _read_layout(path: Path) -> dict:
-    verdict = json.loads(path.read_text())
-    if not isinstance(verdict, dict) or verdict.get("choice") not in LAYOUTS:
-        raise ValueError(f"{path} names no layout")
-    return verdict
-
-
-def choose_layout(loaded, precision: str) -> tuple[dict, TorchBackend | None]:
-    """(the CPU layout verdict ``{"choice": layout, "ms": {layout: {batch: ms}}}``, measured once
-    and cached; the chosen backend if it had to be built to measure, else None). A model that
-    fails a probe call runs NCHW, unmeasured (``"unmeasured"``: the error), and is measured again
-    next time."""
-    built = {}
-
-    def make(tmp: Path):
-        for layout in LAYOUTS:
-            built[layout] = TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last")
-        ms = timing.measure(built, loaded.sample_shape, loaded.scheduler.num_train_timesteps)
-        tmp.write_text(json.dumps({"choice": timing.fastest(ms), "ms": ms}, indent=1))
+def choose_layout(loaded, precision: str) -> tuple[timing.Verdict, TorchBackend | None]:
+    """(the CPU layout verdict, measured once and cached: ``timing.measured_choice``; the chosen
+    backend if it had to be built to measure, else None). A model that fails a probe call runs
+    NCHW, unmeasured (the source says why), and is measured again next time."""
+    def build(skipped: dict) -> dict:
+        return {layout: TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last")
+                for layout in LAYOUTS}
 
     try:
-        verdict = cache.load(layout_path(loaded, precision), make, _read_layout,
-                             corrupt=(ValueError, KeyError, TypeError))
+        return timing.measured_choice(layout_path(loaded, precision), "torch layout", loaded, precision, LAYOUTS, build)
     except Exception as exc:  # the model failed a probe call (out of memory, a batch it refuses): plain layout
-        return {"choice": "nchw", "ms": {}, "unmeasured": f"{type(exc).__name__}: {exc}"}, None
-    return verdict, built.get(verdict["choice"])
+        return timing.Verdict("nchw", f"unmeasured: {type(exc).__name__}: {exc}", precision, what="torch layout"), None
 
 
 def create(loaded, device, precision):
@@ -104,5 +88,5 @@ def create(loaded, device, precision):
         return TorchBackend(loaded.module, device, precision)
     verdict, backend = choose_layout(loaded, precision)
     if backend is None:  # a cached verdict
-        backend = TorchBackend(loaded.module, "cpu", precision, channels_last=verdict["choice"] == "channels_last")
+        backend = TorchBackend(loaded.module, "cpu", precision, channels_last=verdict.choice == "channels_last")
     return backend

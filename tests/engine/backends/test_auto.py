@@ -136,4 +136,6 @@ def test_info_shows_each_candidates_ms_and_the_choice(fake_timer, cache, bf16_cp
     assert "auto (fp32) -> openvino [measured]" in out
     assert "onnxruntime  batch 1: 3.00 ms, batch 8: 24.00 ms" in out
     assert "openvino     batch 1: 1.00 ms, batch 8: 8.00 ms   <- chosen" in out
-    assert "torch backend's CPU layout (fp32) -> nchw   (nchw batch 1: 4.00 ms, batch 8: 32.00 ms;" in out
+    assert "torch layout (fp32) -> nchw [cached]" in out  # measured when auto built its torch candidate
+    assert "nchw         batch 1: 4.00 ms, batch 8: 32.00 ms   <- chosen" in out
+

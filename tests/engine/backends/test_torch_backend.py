@@ -4,6 +4,7 @@ runs in channels_last, where a 3-channel model's output has channels-last stride
 layout is forced on the CPU and the output goes through the Triton step in its interpreter. On the
 CPU the layout is measured (a fake timer here, never wall time) and the verdict cached."""
 
+import json
 import random
 
 import pytest
@@ -83,8 +84,8 @@ def test_the_cpu_layout_is_measured_once_and_the_faster_kept(rgb_model, layout_t
     assert Engine(loaded, backend="torch", device="cpu").backend.channels_last == (faster == "channels_last")
     assert len(calls) == 2 * 2 * timing.ROUNDS  # the cached verdict measured nothing
     verdict, built = torch_backend.choose_layout(loaded, "fp32")
-    assert (verdict["choice"], built) == (faster, None)
-    assert verdict["ms"][faster] == {"1": 1.0, str(timing.TYPICAL_BATCH): 1.0 * timing.TYPICAL_BATCH}
+    assert (verdict.choice, verdict.source, built) == (faster, "cached", None)
+    assert verdict.ms[faster] == {1: 1.0, timing.TYPICAL_BATCH: 1.0 * timing.TYPICAL_BATCH}
 
 
 def test_a_tie_keeps_nchw_and_a_corrupt_verdict_measures_again(rgb_model, layout_timer, cache):
@@ -93,7 +94,7 @@ def test_a_tie_keeps_nchw_and_a_corrupt_verdict_measures_again(rgb_model, layout
     ms.update({"nchw": 1.0, "channels_last": 1.0})
     assert not backends.create("torch", loaded, "cpu", "bf16").channels_last
     path = torch_backend.layout_path(loaded, "bf16")
-    path.write_text('{"choice": "sideways"}')
+    path.write_text(json.dumps({"choice": "sideways", "source": "measured", "precision": "bf16", "ms": {}}))
     ms["channels_last"] = 0.5
     n = len(calls)
     assert backends.create("torch", loaded, "cpu", "bf16").channels_last
@@ -117,6 +118,6 @@ def test_a_model_that_fails_the_probe_runs_nchw_unmeasured(cache):
     backend = backends.create("torch", loaded, "cpu", "fp32")
     assert not backend.channels_last
     verdict, _ = torch_backend.choose_layout(loaded, "fp32")
-    assert verdict["unmeasured"] == f"ValueError: batch {timing.TYPICAL_BATCH} refused"
+    assert verdict.source == f"unmeasured: ValueError: batch {timing.TYPICAL_BATCH} refused"
     assert not torch_backend.layout_path(loaded, "fp32").exists()  # nothing cached: measured again next time
     assert backend(torch.randn(2, 1, 8, 8), torch.tensor([3, 4])).shape == (2, 1, 8, 8)
