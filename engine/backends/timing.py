@@ -18,6 +18,9 @@ backend (which memory format, ``torch_backend.py``).
   cached verdict is read back (source "cached"), one that is unreadable or names no candidate is
   measured again once.
 
+Each candidate is timed as the engine samples with it: inside ``threads.yield_cpu_to(backend)``
+(torch's thread count while sampling).
+
 Tests replace ``time_call`` with a fake timer (never wall time).
 """
 
@@ -34,10 +37,11 @@ from typing import Callable
 import torch
 
 from .. import cache, cpu
+from ..threads import yield_cpu_to
 
 TYPICAL_BATCH = 8
 ROUNDS = 3
-RULE = 2  # bump when what a measured candidate runs changes (2: OpenVINO's static-shape compiles)
+RULE = 3  # bump when what a measured candidate runs changes (2: OpenVINO static shapes; 3: timed in yield_cpu_to)
 
 
 def time_call(backend, x, t) -> float:
@@ -54,13 +58,15 @@ def measure(built: dict, sample_shape, num_train_timesteps: int) -> dict:
                   torch.randint(0, num_train_timesteps, (b,), generator=gen)) for b in (1, TYPICAL_BATCH)}
     with torch.inference_mode():
         for backend in built.values():
-            for x, t in inputs.values():
-                backend(x, t)  # warm-up: first-call allocations, per-shape kernel selection
+            with yield_cpu_to(backend):
+                for x, t in inputs.values():
+                    backend(x, t)  # warm-up: first-call allocations, per-shape kernel selection
         times = {name: {b: [] for b in inputs} for name in built}
         for _ in range(ROUNDS):
             for name, backend in built.items():
-                for b, (x, t) in inputs.items():
-                    times[name][b].append(time_call(backend, x, t))
+                with yield_cpu_to(backend):
+                    for b, (x, t) in inputs.items():
+                        times[name][b].append(time_call(backend, x, t))
     return {name: {b: 1e3 * statistics.median(v) for b, v in by_batch.items()} for name, by_batch in times.items()}
 
 

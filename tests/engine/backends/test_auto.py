@@ -139,3 +139,28 @@ def test_info_shows_each_candidates_ms_and_the_choice(fake_timer, cache, bf16_cp
     assert "torch layout (fp32) -> nchw [cached]" in out  # measured when auto built its torch candidate
     assert "nchw         batch 1: 4.00 ms, batch 8: 32.00 ms   <- chosen" in out
 
+
+def test_candidates_are_timed_on_the_threads_they_sample_with(monkeypatch):
+    """measure() times each candidate inside threads.yield_cpu_to, as the engine samples with it:
+    torch on one thread beside a backend with its own pool, its own count otherwise."""
+    seen = {}
+
+    class Candidate:
+        device = torch.device("cpu")
+
+        def __init__(self, name, owns_cpu_threads):
+            self.name, self.owns_cpu_threads = name, owns_cpu_threads
+
+        def __call__(self, x, t):
+            seen.setdefault(self.name, set()).add(torch.get_num_threads())
+            return x
+
+    monkeypatch.delenv("DDPM_ENGINE_THREADS", raising=False)
+    monkeypatch.setattr(timing, "time_call", lambda backend, x, t: (backend(x, t), 1e-3)[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timing.measure({"pool": Candidate("pool", True), "plain": Candidate("plain", False)}, (1, 4, 4), 1000)
+        assert seen == {"pool": {1}, "plain": {2}} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
