@@ -40,10 +40,17 @@ def _ort_errors() -> tuple:
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
+def precision_refusal(precision: str) -> str | None:
+    """Why ONNX Runtime cannot run ``precision``, or None: it runs the exported fp32 graph only."""
+    if precision == "fp32":
+        return None
+    return "it runs the fp32 graph only; use precision='fp32', or backend='openvino' or 'torch' for reduced precision"
+
+
 def _check_precision(precision: str) -> None:
-    if precision != "fp32":
-        raise BackendUnavailableError(f"the onnxruntime backend runs the fp32 graph only, not {precision!r}; "
-                                      "use precision='fp32', or backend='openvino' or 'torch' for reduced precision")
+    reason = precision_refusal(precision)
+    if reason is not None:
+        raise BackendUnavailableError(f"the onnxruntime backend cannot run {precision!r}: {reason}")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -144,8 +151,9 @@ class OnnxRuntimeBackend(Backend):
 
 
 def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    if precision != "fp32":
-        return "it runs the fp32 graph only; use precision='fp32', or another backend for reduced precision"
+    refusal = precision_refusal(precision)
+    if refusal is not None:
+        return refusal
     try:
         ort = _ort()
     except ImportError:
