@@ -48,6 +48,12 @@ class EmulatedPrecisionWarning(UserWarning):
     are those asked for, but it runs slower than fp32."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name if it has no message): runtimes such as
+    ONNX Runtime and OpenVINO raise many-line messages, and an engine error quotes the first."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def require(package: str, needed_for: str, extra: str | None = None):
     """Import ``package`` or raise MissingDependencyError naming what to install."""
     import importlib

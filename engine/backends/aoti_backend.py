@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import cache
-from ..errors import ExportError, InvalidRequestError
+from ..errors import ExportError, InvalidRequestError, first_line
 from .base import Backend, parse_precision
 
 EXAMPLE_BATCH = 2  # not 1: export would specialise the batch axis to 1
@@ -172,7 +172,7 @@ def _compile(loaded, device: torch.device, precision: str, out: Path) -> None:
             warnings.simplefilter("ignore", FutureWarning)
             _package(export_programs(wrapped, loaded.sample_shape, device), out)
     except Exception as exc:  # export and Inductor raise many unrelated types for an unsupported model
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ExportError(f"AOTInductor could not compile {loaded.name!r} for {device} at {precision}: "
                           f"{type(exc).__name__}: {first}; use backend='torch'") from exc
 

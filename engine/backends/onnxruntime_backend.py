@@ -26,7 +26,7 @@ import torch
 from ddpm_engine.export import iospec
 
 from .. import cache, threads
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
 from .base import Backend
 
 
@@ -112,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(str(self.path), options, providers=providers)
         except _ort_errors() as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path} (corrupt or not an ONNX model?): "
                                  f"{first}; delete it and re-export") from None
 
@@ -132,7 +132,7 @@ class OnnxRuntimeBackend(Backend):
             out = self.session.run([iospec.OUTPUT], feed, self._run_options)[0]
             return torch.from_numpy(out)
         except self._errors as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             error = InvalidRequestError if type(exc).__name__ == "InvalidArgument" else BackendUnavailableError
             raise error(f"ONNX Runtime failed on {self.path.name} with x {tuple(x.shape)}: {first}") from None
 

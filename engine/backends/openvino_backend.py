@@ -45,7 +45,7 @@ import torch
 from ddpm_engine.export import iospec
 
 from .. import cache, cpu, threads
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
 from .base import Backend
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -116,11 +116,16 @@ def onnx_model(core, loaded):
                       corrupt=(ModelLoadError,))
 
 
+def precision_of(compiled) -> str:
+    """The precision OpenVINO runs a compiled model at, as a hint value ("f32", "bf16", "f16")."""
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
 def compile_model(core, model, precision: str, what: str):
     """``model`` compiled for the CPU at ``precision``; BackendUnavailableError if OpenVINO chose
     another precision."""
     compiled = core.compile_model(model, "CPU", config(precision))
-    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    got = precision_of(compiled)
     if got != HINTS[precision]:
         raise BackendUnavailableError(f"OpenVINO compiled {what} at {got}, not {HINTS[precision]} "
                                       f"({precision}) as asked; use precision='fp32'")
@@ -172,9 +177,9 @@ class OpenVINOBackend(Backend):
         try:
             self.compiled = ov.Core().import_model(blob, "CPU", config(precision))
         except RuntimeError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ModelLoadError(f"OpenVINO cannot import {self.path} (corrupt?): {first}") from None
-        got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        got = precision_of(self.compiled)
         if got != HINTS[precision]:
             raise ModelLoadError(f"{self.path} imported at {got}, not {HINTS[precision]}; delete it and rebuild")
         self.sample_shape = tuple(sample_shape)
@@ -197,7 +202,7 @@ class OpenVINOBackend(Backend):
                 try:
                     self._static[batch] = self._compile_static(batch).create_infer_request()
                 except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    first = first_line(exc)
                     warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
                                   "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=3)
                     self._static[batch] = self.request
@@ -217,7 +222,7 @@ class OpenVINOBackend(Backend):
         try:
             request.infer()
         except RuntimeError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "
                                           f"{first}") from None
         return out
