@@ -39,6 +39,7 @@ FLAGS = {
     "aoti": (False, True),
     "tensorrt": (False, True),
 }
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 SLOW_TO_BUILD = {"aoti"}  # an AOTInductor compile takes tens of CPU seconds
 BUILT = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_BUILD else n for n in BACKEND_CLASSES]
 
@@ -203,3 +204,21 @@ def test_the_cached_artifact_is_reused(built, loaded, cache):
     x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
     torch.testing.assert_close(again(x.to(again.device), t.to(again.device)),
                                backend(x.to(backend.device), t.to(backend.device)))
+
+
+def test_versions_reads_the_installed_distributions(monkeypatch):
+    import importlib.metadata as md
+
+    from ddpm_engine.backends.base import versions
+
+    assert versions(("torch", "surely-not-a-package")) == {"torch": md.version("torch"),
+                                                           "surely-not-a-package": None}
+    installed = {"onnxruntime-gpu": "9.9.9"}  # only the GPU build of onnxruntime
+
+    def version(dist):
+        if dist not in installed:
+            raise md.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(md, "version", version)
+    assert versions(("onnxruntime", "openvino")) == {"onnxruntime": "9.9.9", "openvino": None}
