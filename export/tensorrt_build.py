@@ -63,13 +63,6 @@ def gpu_name(device) -> str:
     return f"{props.name} sm{props.major}{props.minor}"
 
 
-def plan_parts(onnx_bytes: bytes, weights_hash: str, trt_version: str, gpu: str, precision: str,
-               profile: Profile) -> dict:
-    """What a built engine depends on: its cache key's parts."""
-    return {"onnx": onnx_bytes, "weights": weights_hash, "tensorrt": trt_version, "gpu": gpu,
-            "precision": precision, "profile": [profile.min, profile.opt, profile.max]}
-
-
 def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEFAULT_PROFILE, cache_dir=None):
     """(the cached plan's path, ``make(out)`` that builds the engine into ``out``): for
     ``cache.build`` / ``cache.load``; the ONNX export (cached too) happens here, the build in make."""
@@ -80,9 +73,9 @@ def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEF
     onnx_path = export_onnx(loaded)
     onnx_bytes = onnx_path.read_bytes()
     gpu = gpu_name(device)
-    plan = cache.artifact_path("tensorrt", loaded.name, plan_parts(onnx_bytes, loaded.weights_hash, trt.__version__,
-                                                                   gpu, precision, profile), ".plan", (precision,),
-                               cache_dir)
+    parts = {"onnx": onnx_bytes, "weights": loaded.weights_hash, "tensorrt": trt.__version__, "gpu": gpu,
+             "precision": precision, "profile": [profile.min, profile.opt, profile.max]}
+    plan = cache.artifact_path("tensorrt", loaded.name, parts, ".plan", (precision,), cache_dir)
     timing = plan.parent / f"timing-{cache.slug(trt.__version__)}-{cache.slug(gpu)}.cache"
 
     def make(out: Path) -> None:

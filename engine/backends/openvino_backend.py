@@ -141,8 +141,9 @@ def compile_blob(loaded, precision: str, path) -> None:
 
 
 def compile_static(loaded, precision: str, batch: int):
-    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: a compile
-    takes longer than an import of the blob would, and the blobs are large)."""
+    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: importing a
+    cached blob would save little over compiling, and each blob would take as much disk as the
+    dynamic one)."""
     core = _ov().Core()
     model = onnx_model(core, loaded)
     model.reshape({model.inputs[0].any_name: [batch, *loaded.sample_shape], model.inputs[1].any_name: [batch]})
