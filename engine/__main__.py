@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends.base import PRECISIONS
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
 from .samplers import SAMPLERS
@@ -102,18 +103,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import importlib.metadata as md
-
     import torch
 
     from . import backends, cpu
 
     print(f"python {platform.python_version()} on {platform.machine()}")
-    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "triton", "tensorrt", "diffusers"):
-        try:
-            print(f"  {pkg:16s} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            print(f"  {pkg:16s} not installed")
+    for pkg, version in backends.versions().items():
+        print(f"  {pkg:16s} {version or 'not installed'}")
     devices = ["cpu"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
     if not torch.cuda.is_available():
         print("CUDA: not available (no GPU, or a CPU build of torch)")
@@ -229,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")
     s.add_argument("--backend", default="auto")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     s.add_argument("--step-impl", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--out", default="samples.png",
                    help="PNG grid to write, seeds in its metadata (default: samples.png in the current folder)")
@@ -250,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="backends and devices available here, and why the others are not")
     i.add_argument("--model", default=None, help="also show the measured CPU choices for this model: auto's backend, "
                    "the torch backend's layout")
-    i.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision of that choice")
+    i.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="precision of that choice")
     i.set_defaults(func=cmd_info)
 
     v = sub.add_parser("serve", help="serve over HTTP with Ray Serve replicas (pip install 'ddpm-engine[ray]')")
@@ -272,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", nargs="+", default=None,
                    help="backends to check (default: every backend usable here; with --against: the golden's)")
     c.add_argument("--reference", default="torch", help="reference backend, run at fp32 (default: torch)")
-    c.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+    c.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="precision of the backends under test (default fp32; with --against: the golden's)")
     c.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddim")
     c.add_argument("--steps", type=int, default=None, help="default: 50")

@@ -7,6 +7,8 @@ what happens to a file that does not load.
   are hashed first), stable across processes and machines;
 - ``slug(name)``: a model name made safe for a file name;
 - ``module_structure(module)``: what defines a module's function besides its weights (a key part);
+- ``artifact_path(kind, name, parts, suffix, tags)``: the one file name of a cached artifact,
+  ``<kind folder>/<slug(name)>-<tag>-...-<key(parts)[:24]><suffix>``;
 - ``write_bytes(path, data)`` / ``build(path, make)``: write under a temporary name in the same
   folder, then ``os.replace``, so a crash never leaves a half file that a later run would reuse;
 - ``load(path, make, open_)``: build the file if absent and open it; a cached file that fails to
@@ -65,6 +67,15 @@ def module_structure(module) -> str:
     dict (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift)."""
     configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
     return repr(module) + json.dumps(configs, sort_keys=True, default=str)
+
+
+def artifact_path(kind: str, name: str, parts: dict, suffix: str, tags=(), cache_dir=None) -> Path:
+    """Where the artifact of model ``name`` keyed by ``parts`` goes: ``folder(kind, cache_dir) /
+    "<slug(name)>-<tags...>-<first 24 hex digits of key(parts)><suffix>"``. The tags (a precision,
+    a device type) only make the name readable; ``parts`` must hold everything that decides the
+    artifact's content."""
+    stem = "-".join([slug(name), *map(str, tags), key(parts)[:24]])
+    return folder(kind, cache_dir) / f"{stem}{suffix}"
 
 
 def _temp_path(path: Path) -> Path:

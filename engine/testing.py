@@ -20,18 +20,16 @@ For each backend, against the reference (eager torch at fp32 unless ``reference=
 A backend passes when ``max err(t) <= rtol``, every state of its chain is within ``atol`` of the
 reference's, and everything is finite. Steps are named by their training timestep t.
 
-Default tolerances, by the precision under test (the reference stays fp32), chosen from
-measurements on a 2-core CPU (torch 2.13, onnxruntime 1.32) over DDIM-50 / DDPM-100 runs of the
-bundled digits model and a small diffusers UNet, and DDIM-20 of the CIFAR-10 UNet (random weights):
+Default tolerances (``DEFAULT_TOLERANCES``), by the precision under test (the reference stays
+fp32), were chosen from measured errors of the CPU backends over DDIM / DDPM runs of the bundled
+digits model, a small diffusers UNet and the CIFAR-10 UNet, with a wide margin over them, while
+a 1% change of the network fails by far (docs/performance.md has the measurements):
 
-- ``fp32``: rtol 1e-4, atol 1e-3. Measured (onnxruntime, aoti): network <= 2.3e-6, chain
-  <= 3.8e-5; 25x margin or more, while a 1% change of the network fails by far.
-- ``fp16``: rtol 5e-2, atol 0.1. Measured (torch fp16 on the CPU): network <= 1.3e-2 (at t = 0,
-  where the predicted noise is smallest), chain <= 5e-3; the CIFAR UNet in fp16 was too slow to run
-  on this CPU, so atol leaves room for its larger amplification (bf16: 6x digits').
-- ``bf16``: rtol 0.2, atol 0.5. Measured (torch and aoti bf16): network <= 5.8e-2, chain <= 0.05
-  on digits and 0.26 on the random CIFAR UNet (PSNR 46 dB): bf16's 8-bit mantissa, amplified by a
-  deterministic chain. Read the PSNR column for a finer view.
+- ``fp32``: rtol 1e-4, atol 1e-3;
+- ``fp16``: rtol 5e-2, atol 0.1 (the largest network error is at t = 0, where the predicted noise
+  is smallest);
+- ``bf16``: rtol 0.2, atol 0.5: bf16's 8-bit mantissa, amplified by a deterministic chain. Read
+  the PSNR column for a finer view.
 
 No GPU measured these (TensorRT's fp16 kernels may differ); pass ``atol`` / ``rtol`` to tighten.
 
@@ -60,6 +58,7 @@ import numpy as np
 import torch
 
 from . import checkpoints
+from .backends.base import parse_precision, versions as backend_versions
 from .engine import Engine
 from .errors import BackendUnavailableError, InvalidRequestError
 from .noise import check_seeds
@@ -105,24 +104,14 @@ def model_identity(loaded: checkpoints.LoadedModel) -> dict:
 
 
 def versions() -> dict:
-    """Versions of what decides the numbers: ddpm_engine, torch, numpy, onnxruntime, onnx, openvino, diffusers."""
-    import importlib.metadata as md
-
+    """Versions of what decides the numbers: ddpm_engine, the packages of ``backends.base.versions``
+    that a run can use (torch, numpy, onnxruntime, onnx, openvino, diffusers), python and the CPU."""
     from . import __version__
 
-    out = {"ddpm_engine": __version__, "torch": torch.__version__, "numpy": np.__version__}
-    for key, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu")), ("onnx", ("onnx",)),
-                       ("openvino", ("openvino",)), ("diffusers", ("diffusers",))):
-        out[key] = None
-        for dist in dists:
-            try:
-                out[key] = md.version(dist)
-                break
-            except md.PackageNotFoundError:
-                pass
-    out["python"] = platform.python_version()
-    out["cpu"] = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
-    return out
+    return {"ddpm_engine": __version__,
+            **backend_versions(("torch", "numpy", "onnxruntime", "onnx", "openvino", "diffusers")),
+            "python": platform.python_version(),
+            "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"}
 
 
 # ---- one run, step by step ------------------------------------------------------------------------
@@ -327,8 +316,7 @@ def _measure(engine: Engine, ref: Trajectory, seeds, sampler, steps, eta, tol: T
 
 
 def _tolerance(precision: str, atol, rtol) -> Tolerance:
-    if precision not in DEFAULT_TOLERANCES:
-        raise InvalidRequestError(f"unknown precision {precision!r}; use one of {sorted(DEFAULT_TOLERANCES)}")
+    parse_precision(precision)  # before the reference runs
     base = DEFAULT_TOLERANCES[precision]
     for name, value in (("atol", atol), ("rtol", rtol)):
         if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):

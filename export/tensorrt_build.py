@@ -63,25 +63,9 @@ def gpu_name(device) -> str:
     return f"{props.name} sm{props.major}{props.minor}"
 
 
-def cache_key(onnx_bytes: bytes, weights_hash: str, trt_version: str, gpu: str, precision: str,
-              profile: Profile) -> str:
-    return cache.key({"onnx": onnx_bytes, "weights": weights_hash, "tensorrt": trt_version, "gpu": gpu,
-                      "precision": precision, "profile": [profile.min, profile.opt, profile.max]})
-
-
-def build_engine(loaded, device, precision: str = "fp32", profile: Profile = DEFAULT_PROFILE,
-                 cache_dir=None) -> Path:
-    """Export ``loaded`` to ONNX (cached), build a TensorRT engine for ``device`` (cached) and
-    return the path of the serialized engine (a ``.plan`` file)."""
-    plan, make = plan_builder(loaded, device, precision, profile, cache_dir)
-    return cache.build(plan, make)
-
-
 def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEFAULT_PROFILE, cache_dir=None):
     """(the cached plan's path, ``make(out)`` that builds the engine into ``out``): for
     ``cache.build`` / ``cache.load``; the ONNX export (cached too) happens here, the build in make."""
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise InvalidRequestError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     trt = tensorrt()
     require("onnx", "the tensorrt backend (ONNX export)")
     from .onnx_export import export_onnx
@@ -89,10 +73,10 @@ def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEF
     onnx_path = export_onnx(loaded)
     onnx_bytes = onnx_path.read_bytes()
     gpu = gpu_name(device)
-    folder = cache.folder("tensorrt", cache_dir)
-    key = cache_key(onnx_bytes, loaded.weights_hash, trt.__version__, gpu, precision, profile)
-    plan = folder / f"{cache.slug(loaded.name)}-{precision}-{key[:24]}.plan"
-    timing = folder / f"timing-{cache.slug(trt.__version__)}-{cache.slug(gpu)}.cache"
+    parts = {"onnx": onnx_bytes, "weights": loaded.weights_hash, "tensorrt": trt.__version__, "gpu": gpu,
+             "precision": precision, "profile": [profile.min, profile.opt, profile.max]}
+    plan = cache.artifact_path("tensorrt", loaded.name, parts, ".plan", (precision,), cache_dir)
+    timing = plan.parent / f"timing-{cache.slug(trt.__version__)}-{cache.slug(gpu)}.cache"
 
     def make(out: Path) -> None:
         engine_bytes, timing_bytes = _build(trt, onnx_bytes, onnx_path, loaded.sample_shape, precision, profile,

@@ -1,5 +1,7 @@
-"""Backends: (x_t, t) -> model output, one small class each. ``create`` picks one by name
-(backends/registry.py), or measures for "auto" (backends/auto.py)."""
+"""Backends: (x_t, t) -> model output, one small class each, all on the contract of
+``base.Backend``. ``create`` is the API boundary: it checks the name, the precision and the
+device once, then builds one by name (backends/registry.py) or measures for "auto"
+(backends/auto.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import torch
 
 from .. import threads
 from ..errors import InvalidRequestError
-from .base import PRECISIONS, Backend, parse_precision
-from .registry import BACKEND_MODULES, BACKENDS, _module, available, create_named
+from .base import PACKAGES, PRECISIONS, Backend, parse_precision, versions
+from .registry import BACKEND_CLASSES, BACKENDS, available, backend_class, create_named
 
 
 def create(name: str, loaded, device, precision: str = "fp32") -> Backend:

@@ -12,14 +12,14 @@ The package holds the model at the requested precision behind a float32 in / flo
 wrapper, so the graph matches the backend contract. It is cached on disk (``ddpm_engine.cache``) at
 ``$DDPM_ENGINE_CACHE/aoti`` (default ``~/.cache/ddpm-engine/aoti``), one file per (weights hash,
 model structure, sample shape, precision, torch version, device: GPU name and capability, or the
-CPU's ISA level, and the TF32 settings, which Inductor bakes in). A build takes seconds on a small
-model and minutes on the CIFAR-10 UNet; later engines load the file (one that fails to load is
+CPU's ISA level, and the TF32 settings, which Inductor bakes in). A build is a C++ compile, long
+for a large model (docs/performance.md); later engines load the file (one that fails to load is
 rebuilt once). The package is loaded with ``run_single_threaded=True`` (see ``load_package``),
 so a call can be captured in a CUDA graph.
 
 CUDA: UNVERIFIED here (this project's CI has no GPU); the GPU parity suite (tests/gpu) checks
-it. The compiled model runs on the current torch stream. CPU: works with torch 2.13 and a C++
-compiler, see tests/engine/backends/test_aoti_backend.py.
+it. The compiled model runs on the current torch stream. CPU: needs a C++ compiler, see
+tests/engine/backends/test_aoti_backend.py.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .. import cache
-from ..errors import ExportError, InvalidRequestError, first_line
-from .base import Backend, parse_precision
+from ..errors import ExportError, first_line
+from .base import PRECISIONS, Backend
 
 EXAMPLE_BATCH = 2  # not 1: export would specialise the batch axis to 1
 MAX_BATCH = 4096
@@ -68,16 +68,7 @@ def cached_path(loaded, device, precision: str, cache_dir=None) -> Path:
     parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
              "sample_shape": list(loaded.sample_shape), "precision": precision, "torch": torch.__version__,
              "device": device_key(device)}
-    name = f"{cache.slug(loaded.name)}-{precision}-{torch.device(device).type}-{cache.key(parts)[:24]}.pt2"
-    return cache.folder("aoti", cache_dir) / name
-
-
-def compile_package(loaded, device, precision: str = "fp32", cache_dir=None) -> Path:
-    """Export and AOT-compile ``loaded`` for ``device`` at ``precision``; the .pt2's path (cached)."""
-    parse_precision(precision)
-    device = torch.device(device)
-    return cache.build(cached_path(loaded, device, precision, cache_dir),
-                       lambda tmp: _compile(loaded, device, precision, tmp))
+    return cache.artifact_path("aoti", loaded.name, parts, ".pt2", (precision, torch.device(device).type), cache_dir)
 
 
 def _example(sample_shape, device, batch: int):
@@ -164,7 +155,7 @@ def _package(programs, out: Path) -> None:
 
 
 def _compile(loaded, device: torch.device, precision: str, out: Path) -> None:
-    dtype = parse_precision(precision)
+    dtype = PRECISIONS[precision]
     module = copy.deepcopy(loaded.module).to(device=device, dtype=dtype).eval()
     wrapped = _Float32IO(module, dtype).eval()
     try:
@@ -224,19 +215,35 @@ class AOTIBackend(Backend):
     name = "aoti"
 
     def __init__(self, package_path, device, precision: str, sample_shape):
-        super().__init__(device, precision)
+        super().__init__(device, precision, sample_shape, batches=(1, MAX_BATCH))
         self.path = Path(package_path)
-        self.sample_shape = tuple(sample_shape)
         self.programs = load_package(self.path)
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
-            raise InvalidRequestError(f"aoti backend got x {tuple(x.shape)} and t {tuple(t.shape)}; expected "
-                                      f"x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
+    @classmethod
+    def unavailable_reason(cls, device, precision: str) -> str | None:
+        """Imports torch._inductor (seconds): ``backends.available`` asks only when aoti is named."""
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            return f"device type {device.type!r} is not supported (cpu or cuda)"
+        if not hasattr(torch, "_inductor") or not hasattr(torch._inductor, "aoti_compile_and_package"):
+            return f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package (needs torch >= 2.6)"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "torch sees no CUDA device here"
+        return None
+
+    @classmethod
+    def create(cls, loaded, device, precision) -> AOTIBackend:
+        """Export and AOT-compile ``loaded`` for ``device`` at ``precision`` (cached) and load it."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        # a cached package that does not load (truncated, or from an incompatible build) is rebuilt once
+        return cache.load(cached_path(loaded, device, precision), lambda tmp: _compile(loaded, device, precision, tmp),
+                          lambda path: cls(path, device, precision, loaded.sample_shape))
+
+    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        if batch > MAX_BATCH:
-            raise InvalidRequestError(f"the aoti backend takes batches up to {MAX_BATCH}, got {batch}")
         for _, hi, runner in self.programs:  # a host-side compare of the shape: no sync
             if batch <= hi:
                 break
@@ -248,24 +255,3 @@ class AOTIBackend(Backend):
     def __repr__(self):
         return (f"AOTIBackend({self.path.name}, device={self.device}, precision={self.precision}, "
                 f"batch ranges={[p[:2] for p in self.programs]})")
-
-
-def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        return f"device type {device.type!r} is not supported (cpu or cuda)"
-    if not hasattr(torch, "_inductor") or not hasattr(torch._inductor, "aoti_compile_and_package"):
-        return f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package (needs torch >= 2.6)"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "torch sees no CUDA device here"
-    return None
-
-
-def create(loaded, device, precision) -> AOTIBackend:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    parse_precision(precision)
-    # a cached package that does not load (truncated, or from an incompatible build) is rebuilt once
-    return cache.load(cached_path(loaded, device, precision), lambda tmp: _compile(loaded, device, precision, tmp),
-                      lambda path: AOTIBackend(path, device, precision, loaded.sample_shape))

@@ -34,7 +34,7 @@ from .. import cpu
 from ..errors import EngineError, InvalidRequestError
 from . import timing
 from .timing import Verdict
-from .registry import BACKEND_MODULES, available, create_named
+from .registry import BACKEND_CLASSES, available, create_named
 
 ENV = "DDPM_ENGINE_BACKEND"
 CPU_CANDIDATES = ("openvino", "onnxruntime", "torch")  # aoti is opt-in: its compile takes minutes
@@ -49,8 +49,8 @@ def override() -> str | None:
     name = os.environ.get(ENV, "").strip()
     if not name or name == "auto":
         return None
-    if name not in BACKEND_MODULES:
-        raise InvalidRequestError(f"${ENV}={name!r} is not a backend; use one of {tuple(BACKEND_MODULES)} or unset it")
+    if name not in BACKEND_CLASSES:
+        raise InvalidRequestError(f"${ENV}={name!r} is not a backend; use one of {tuple(BACKEND_CLASSES)} or unset it")
     return name
 
 

@@ -1,11 +1,29 @@
-"""What every backend is: a callable (x_t, t) -> model output, nothing else.
+"""What every backend is: a callable (x_t, t) -> model output, and the class-level contract that
+the registry (backends/registry.py) and the engine rely on.
 
-x is [B, C, H, W] float32 on the backend's device, t is int64 [B] (training timesteps); the
-output is float32 of x's shape. A backend knows nothing about schedules or samplers, keeps its
-own precision inside, and never synchronises with the host per call.
+A call: x is [B, C, H, W] floating point, t is integer [B] (training timesteps); the output is
+float32 of x's shape, contiguous, on the backend's device, and stays valid after the next call. A
+backend knows nothing about schedules or samplers, keeps its own precision inside, and never
+synchronises with the host per call.
+
+The contract, one home each:
+
+- ``unavailable_reason(device, precision)`` (class method): why this backend cannot run on
+  ``device`` at ``precision`` here (a missing package, a device type, a precision the runtime
+  cannot honour), or None. Cheap: it may import the backend's runtime, nothing more;
+- ``create(loaded, device, precision)`` (class method): the backend for a
+  ``checkpoints.LoadedModel``, its artifacts built or reused through ``ddpm_engine.cache``
+  (``cache.artifact_path`` names them). Called only after ``unavailable_reason`` said None;
+- ``check_inputs(x, t)``: the one input check (``__call__`` runs it, then ``run``);
+- precision: a name of ``PRECISIONS``, validated once at the API boundary (``parse_precision`` in
+  ``backends.create``); the classes trust it;
+- ``versions(packages)``: the installed versions of the packages that decide a backend's numbers,
+  for cache keys, reports and golden files.
 """
 
 from __future__ import annotations
+
+import importlib.metadata as md
 
 import torch
 
@@ -13,12 +31,38 @@ from ..errors import BackendUnavailableError, InvalidRequestError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# the packages whose versions decide the numbers a backend gives (``versions``)
+PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "openvino", "triton", "tensorrt", "diffusers")
+# a package that installs from one of several distributions, in order of preference
+DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
+
 
 def parse_precision(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name; InvalidRequestError for anything else. The API
+    boundary's check: deeper layers index ``PRECISIONS`` directly."""
     try:
         return PRECISIONS[precision]
     except (KeyError, TypeError):
         raise InvalidRequestError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}") from None
+
+
+def versions(packages=PACKAGES) -> dict:
+    """{package: its installed version, or None}, read from the distributions' metadata (nothing is
+    imported); a package of ``DISTRIBUTIONS`` takes the first of its distributions installed."""
+    out = {}
+    for package in packages:
+        out[package] = None
+        for dist in DISTRIBUTIONS.get(package, (package,)):
+            try:
+                out[package] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                pass
+    return out
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 class Backend:
@@ -30,14 +74,52 @@ class Backend:
     # engine.cuda.graphs); a backend that cannot says why in graph_capture_refusal
     graph_capturable = True
     graph_capture_refusal = ""
+    path = None  # the cached artifact it runs (an ONNX graph, a compiled package, ...), or None
 
-    def __init__(self, device: torch.device, precision: str):
+    def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None):
+        """sample_shape: the (C, H, W) every call must have (None: any); batches: the (least, most)
+        images a call takes (None: any)."""
         self.device = torch.device(device)
         self.precision = precision
-        self.dtype = parse_precision(precision)
+        self.dtype = PRECISIONS[precision]  # validated at the API boundary (parse_precision)
+        self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
+        self.batches = batches
+
+    # ---- the class-level contract (see the module docstring) ----
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device, precision: str) -> str | None:
+        return None
+
+    @classmethod
+    def create(cls, loaded, device: torch.device, precision: str) -> Backend:
+        raise NotImplementedError(f"{cls.__name__} must implement create(loaded, device, precision)")
+
+    # ---- a call ----
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, t)")
+        self.check_inputs(x, t)
+        return self.run(x, t)
+
+    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model output for inputs that passed ``check_inputs``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run(x, t)")
+
+    def check_inputs(self, x, t) -> None:
+        """InvalidRequestError unless x is a floating [B, C, H, W] tensor (of ``sample_shape`` if
+        set) and t an integer [B] tensor, with B in ``batches`` if set. Host metadata only: no sync."""
+        ok = (isinstance(x, torch.Tensor) and isinstance(t, torch.Tensor) and x.dim() == 4
+              and x.dtype.is_floating_point and tuple(t.shape) == (x.shape[0],) and _is_integer(t.dtype)
+              and (self.sample_shape is None or tuple(x.shape[1:]) == self.sample_shape))
+        if not ok:
+            got = [f"{n} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
+                   else f"{n} of type {type(v).__name__}" for n, v in (("x", x), ("t", t))]
+            shape = "C, H, W" if self.sample_shape is None else ", ".join(map(str, self.sample_shape))
+            raise InvalidRequestError(f"{self.name} backend got {' and '.join(got)}; expected x [B, {shape}] "
+                                      "floating point and t [B] integer")
+        if self.batches is not None and not self.batches[0] <= x.shape[0] <= self.batches[1]:
+            raise InvalidRequestError(f"the {self.name} backend takes batches of {self.batches[0]} to "
+                                      f"{self.batches[1]} images, got {x.shape[0]}")
 
     def check_graph_capturable(self) -> None:
         """Raise BackendUnavailableError (saying why and what to use) if this backend cannot be

@@ -27,7 +27,7 @@ from ddpm_engine.export import iospec
 
 from .. import cache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
-from .base import Backend
+from .base import Backend, parse_precision
 
 
 def _ort():
@@ -47,12 +47,6 @@ def precision_refusal(precision: str) -> str | None:
     return "it runs the fp32 graph only; use precision='fp32', or backend='openvino' or 'torch' for reduced precision"
 
 
-def _check_precision(precision: str) -> None:
-    reason = precision_refusal(precision)
-    if reason is not None:
-        raise BackendUnavailableError(f"the onnxruntime backend cannot run {precision!r}: {reason}")
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     graph_capturable = False
@@ -64,9 +58,9 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, onnx_path, device="cpu", precision: str = "fp32", expected_hash: str | None = None,
                  expected_shape=None):
         """Open ``onnx_path``; with ``expected_hash`` / ``expected_shape`` (C, H, W) refuse a graph
-        exported from another model (``ModelLoadError``)."""
+        exported from another model (``ModelLoadError``). ``precision`` as ``create`` or
+        ``from_file`` checked it (fp32)."""
         super().__init__(device, precision)
-        _check_precision(precision)
         ort = _ort()
         self.path = Path(onnx_path)
         self.session = self._open(ort)
@@ -90,8 +84,41 @@ class OnnxRuntimeBackend(Backend):
         self._errors = _ort_errors()
 
     @classmethod
+    def unavailable_reason(cls, device, precision: str) -> str | None:
+        refusal = precision_refusal(precision)
+        if refusal is not None:
+            return refusal
+        try:
+            ort = _ort()
+        except ImportError:
+            return "the package 'onnxruntime' is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
+        device = torch.device(device)
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("this onnxruntime has no CUDAExecutionProvider; pip uninstall onnxruntime && "
+                    "pip install onnxruntime-gpu")
+        if device.type not in ("cpu", "cuda"):
+            return f"device type {device.type!r} is not supported (cpu or cuda)"
+        return None
+
+    @classmethod
+    def create(cls, loaded, device, precision) -> OnnxRuntimeBackend:
+        """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it; a
+        cached file that does not open as this model's graph is re-exported once."""
+        require("onnx", "the onnxruntime backend (ONNX export)")
+        from ddpm_engine.export.onnx_export import cached_path, export_onnx
+
+        return cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
+                          lambda path: cls(path, device, precision, expected_hash=loaded.weights_hash,
+                                           expected_shape=loaded.sample_shape),
+                          corrupt=(ModelLoadError,))
+
+    @classmethod
     def from_file(cls, onnx_path, device="cpu", precision: str = "fp32") -> OnnxRuntimeBackend:
         """Run any ONNX file that follows ``export.iospec`` (no check of which model it came from)."""
+        parse_precision(precision)
+        refusal = precision_refusal(precision)
+        if refusal is not None:
+            raise BackendUnavailableError(f"the onnxruntime backend cannot run {precision!r}: {refusal}")
         return cls(onnx_path, device, precision)
 
     def _open(self, ort):
@@ -116,13 +143,7 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path} (corrupt or not an ONNX model?): "
                                  f"{first}; delete it and re-export") from None
 
-    def _check(self, x, t):
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
-            raise InvalidRequestError(f"onnxruntime backend got x {tuple(x.shape)} and t {tuple(t.shape)}; "
-                                      f"expected x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self._check(x, t)
+    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(self.device, torch.float32).contiguous()
         t = t.detach().to(self.device, torch.int64).contiguous()
         try:
@@ -149,32 +170,3 @@ class OnnxRuntimeBackend(Backend):
     def __repr__(self):
         return f"OnnxRuntimeBackend({self.path.name}, device={self.device}, precision={self.precision})"
 
-
-def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    refusal = precision_refusal(precision)
-    if refusal is not None:
-        return refusal
-    try:
-        ort = _ort()
-    except ImportError:
-        return "the package 'onnxruntime' is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
-    device = torch.device(device)
-    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ("this onnxruntime has no CUDAExecutionProvider; pip uninstall onnxruntime && "
-                "pip install onnxruntime-gpu")
-    if device.type not in ("cpu", "cuda"):
-        return f"device type {device.type!r} is not supported (cpu or cuda)"
-    return None
-
-
-def create(loaded, device, precision) -> OnnxRuntimeBackend:
-    """Export ``loaded`` (cached on disk, see ``export.onnx_export``) and open a session on it; a
-    cached file that does not open as this model's graph is re-exported once."""
-    _check_precision(precision)  # before the export, which can take seconds
-    require("onnx", "the onnxruntime backend (ONNX export)")
-    from ddpm_engine.export.onnx_export import cached_path, export_onnx
-
-    return cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
-                      lambda path: OnnxRuntimeBackend(path, device, precision, expected_hash=loaded.weights_hash,
-                                                      expected_shape=loaded.sample_shape),
-                      corrupt=(ModelLoadError,))

@@ -10,10 +10,9 @@ plugin at the precision asked for.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
 a backend meets are each compiled once more for exactly that shape (in memory, from the same ONNX
-export: about 0.8 s and 105 MB each for the CIFAR-10 UNet at bf16 on 2 cores). OpenVINO plans
-memory and picks kernels once for a fixed shape: one CIFAR-10 UNet call on a 2-core AMD EPYC
-Zen 4 (AVX512_BF16, no AMX), dynamic -> static, bf16 54.4 -> 40.4 ms at batch 1 and 312 -> 271 ms
-at batch 8, fp32 87.6 -> 74.2 and 551 -> 514 ms. Other batch sizes run the dynamic-shape model.
+export). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
+static shape faster than at the dynamic one (docs/performance.md has the measurements). Other
+batch sizes run the dynamic-shape model.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -45,7 +44,7 @@ import torch
 from ddpm_engine.export import iospec
 
 from .. import cache, cpu, threads
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
+from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
 from .base import Backend
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -84,8 +83,7 @@ def identity(loaded, precision: str) -> dict:
 
 
 def cached_path(loaded, precision: str, cache_dir=None) -> Path:
-    name = f"{cache.slug(loaded.name)}-{precision}-{cache.key(identity(loaded, precision))[:24]}.ovblob"
-    return cache.folder("openvino", cache_dir) / name
+    return cache.artifact_path("openvino", loaded.name, identity(loaded, precision), ".ovblob", (precision,), cache_dir)
 
 
 def read_onnx(core, loaded, path):
@@ -143,8 +141,9 @@ def compile_blob(loaded, precision: str, path) -> None:
 
 
 def compile_static(loaded, precision: str, batch: int):
-    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: a compile
-    takes about twice an import of its 144 MB blob)."""
+    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: importing a
+    cached blob would save little over compiling, and each blob would take as much disk as the
+    dynamic one)."""
     core = _ov().Core()
     model = onnx_model(core, loaded)
     model.reshape({model.inputs[0].any_name: [batch, *loaded.sample_shape], model.inputs[1].any_name: [batch]})
@@ -161,7 +160,7 @@ class OpenVINOBackend(Backend):
         """Import the compiled blob at ``blob_path``; a header other than ``expected`` or a blob
         OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch)``: a compiled
         model for exactly that batch (None: the dynamic-shape blob runs every batch)."""
-        super().__init__("cpu", precision)
+        super().__init__("cpu", precision, sample_shape)
         ov = _ov()
         self.path = Path(blob_path)
         with open(self.path, "rb") as f:
@@ -182,12 +181,30 @@ class OpenVINOBackend(Backend):
         got = precision_of(self.compiled)
         if got != HINTS[precision]:
             raise ModelLoadError(f"{self.path} imported at {got}, not {HINTS[precision]}; delete it and rebuild")
-        self.sample_shape = tuple(sample_shape)
         self.request = self.compiled.create_infer_request()  # the dynamic-shape model's
         self._compile_static = compile_static
         self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
         self._static_lock = threading.Lock()
         self._tensor = ov.Tensor
+
+    @classmethod
+    def unavailable_reason(cls, device, precision: str) -> str | None:
+        try:
+            _ov()
+        except ImportError:
+            return "the package 'openvino' is not installed (pip install openvino, or ddpm-engine[openvino])"
+        if torch.device(device).type != "cpu":
+            return "the openvino backend runs on the CPU only; use backend='torch', 'aoti' or 'tensorrt' on CUDA"
+        return precision_refusal(precision)
+
+    @classmethod
+    def create(cls, loaded, device, precision) -> OpenVINOBackend:
+        """Export ``loaded`` to ONNX (cached), compile it for the CPU at ``precision`` (cached) and open it."""
+        expected = identity(loaded, precision)
+        return cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
+                          lambda path: cls(path, expected, loaded.sample_shape, precision,
+                                           lambda batch: compile_static(loaded, precision, batch)),
+                          corrupt=(ModelLoadError,))
 
     def request_for(self, batch: int):
         """The infer request that runs ``batch`` images: its static-shape compile, made at the
@@ -208,10 +225,7 @@ class OpenVINOBackend(Backend):
                     self._static[batch] = self.request
             return self._static[batch]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (x.shape[0],):
-            raise InvalidRequestError(f"openvino backend got x {tuple(x.shape)} and t {tuple(t.shape)}; "
-                                      f"expected x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
+    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
         t = t.detach().to("cpu", torch.int64).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
@@ -230,24 +244,3 @@ class OpenVINOBackend(Backend):
     def __repr__(self):
         return f"OpenVINOBackend({self.path.name}, precision={self.precision})"
 
-
-def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    try:
-        _ov()
-    except ImportError:
-        return "the package 'openvino' is not installed (pip install openvino, or ddpm-engine[openvino])"
-    if torch.device(device).type != "cpu":
-        return "the openvino backend runs on the CPU only; use backend='torch', 'aoti' or 'tensorrt' on CUDA"
-    return precision_refusal(precision)
-
-
-def create(loaded, device, precision) -> OpenVINOBackend:
-    """Export ``loaded`` to ONNX (cached), compile it for the CPU at ``precision`` (cached) and open it."""
-    reason = unavailable_reason(device, precision)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend 'openvino' cannot run {precision} on {device}: {reason}")
-    expected = identity(loaded, precision)
-    return cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
-                      lambda path: OpenVINOBackend(path, expected, loaded.sample_shape, precision,
-                                                   lambda batch: compile_static(loaded, precision, batch)),
-                      corrupt=(ModelLoadError,))

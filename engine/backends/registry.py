@@ -1,9 +1,9 @@
-"""The named backends: which module implements each, what can run where, and building one by name.
+"""The named backends: one line each, name -> the class that implements the contract of
+``base.Backend``; what can run where, and building one by name.
 
-Each backend module exposes ``unavailable_reason(device, precision) -> str | None`` (why it
-cannot run on ``device`` at ``precision`` here, or None) and ``create(loaded, device, precision)
--> Backend``; modules are imported only when asked for, so a missing optional package never
-breaks ``import engine``.
+A class is imported only when its name is asked for, so a missing optional package never breaks
+``import ddpm_engine``, and asking about some backends imports no other backend's runtime (aoti's
+``unavailable_reason`` imports torch._inductor, seconds of startup).
 """
 
 from __future__ import annotations
@@ -15,42 +15,44 @@ import torch
 from ..errors import BackendUnavailableError
 from .base import Backend
 
-# name -> module (auto's choice: backends/auto.py)
-BACKEND_MODULES = {
-    "tensorrt": "ddpm_engine.backends.tensorrt_backend",
-    "aoti": "ddpm_engine.backends.aoti_backend",
-    "onnxruntime": "ddpm_engine.backends.onnxruntime_backend",
-    "openvino": "ddpm_engine.backends.openvino_backend",
-    "torch": "ddpm_engine.backends.torch_backend",
+# name -> "module:Class" (``available`` and ``info`` list them in this order)
+BACKEND_CLASSES = {
+    "tensorrt": "ddpm_engine.backends.tensorrt_backend:TensorRTBackend",
+    "aoti": "ddpm_engine.backends.aoti_backend:AOTIBackend",
+    "onnxruntime": "ddpm_engine.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "openvino": "ddpm_engine.backends.openvino_backend:OpenVINOBackend",
+    "torch": "ddpm_engine.backends.torch_backend:TorchBackend",
 }
-BACKENDS = ("auto", *BACKEND_MODULES)
+BACKENDS = ("auto", *BACKEND_CLASSES)
 
 
-def _module(name: str):
-    return importlib.import_module(BACKEND_MODULES[name])
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (not "auto"), imported now."""
+    module, _, cls = BACKEND_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-def available(device, precision: str = "fp32", names=BACKEND_MODULES) -> dict:
+def available(device, precision: str = "fp32", names=BACKEND_CLASSES) -> dict:
     """{backend name (of ``names``): None if usable on ``device`` at ``precision``, else the reason
-    it is not}. Asking only for the names wanted imports no other backend's runtime (aoti's check
-    imports torch._inductor: 2.6 s)."""
+    it is not}. Asking only for the names wanted imports no other backend's runtime."""
     device = torch.device(device)
     out = {}
     for name in names:
         try:
-            out[name] = _module(name).unavailable_reason(device, precision)
+            out[name] = backend_class(name).unavailable_reason(device, precision)
         except ImportError as exc:  # the module exists only in a later version
             out[name] = f"not built into this version ({exc})"
     return out
 
 
-def create_named(name: str, loaded, device, precision: str) -> Backend:
-    """Build the backend called ``name`` (not "auto") on ``device`` at ``precision``."""
+def create_named(name: str, loaded, device: torch.device, precision: str) -> Backend:
+    """Build the backend called ``name`` (not "auto") on ``device`` at ``precision`` (both checked
+    by the caller, ``backends.create``), or raise BackendUnavailableError saying why it cannot run."""
     try:
-        module = _module(name)
+        cls = backend_class(name)
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} is not built into this version ({exc})") from None
-    reason = module.unavailable_reason(device, precision)
+    reason = cls.unavailable_reason(device, precision)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {precision} on {device}: {reason}")
-    return module.create(loaded, device, precision)
+    return cls.create(loaded, device, precision)

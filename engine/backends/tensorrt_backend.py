@@ -21,7 +21,7 @@ import torch
 from ddpm_engine.export import iospec
 
 from .. import cache
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, require
+from ..errors import BackendUnavailableError, ModelLoadError, require
 from .base import Backend
 
 
@@ -33,11 +33,10 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan_path, device, precision: str, sample_shape, profile):
-        super().__init__(device, precision)
+        super().__init__(device, precision, sample_shape, batches=(profile.min, profile.max))
         trt = _trt()
         self.path = plan_path
         self.profile = profile
-        self.sample_shape = tuple(sample_shape)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):
@@ -54,14 +53,35 @@ class TensorRTBackend(Backend):
         self._shape = None
         self._lock = threading.Lock()  # one execution context: one call at a time
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def unavailable_reason(cls, device, precision: str) -> str | None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "TensorRT runs on NVIDIA GPUs only; use backend='onnxruntime' or 'torch' on the CPU"
+        try:
+            _trt()
+        except ImportError:
+            return "the package 'tensorrt' is not installed (pip install tensorrt, TensorRT 10 for your CUDA version)"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device here"
+        return None
+
+    @classmethod
+    def create(cls, loaded, device, precision, profile=None) -> TensorRTBackend:
+        """Build (or reuse the cached) engine for ``loaded`` on ``device`` and open it."""
+        from ddpm_engine.export.tensorrt_build import DEFAULT_PROFILE, plan_builder
+
+        profile = DEFAULT_PROFILE if profile is None else profile
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        plan, make = plan_builder(loaded, device, precision, profile)
+        # a plan TensorRT cannot deserialize (another TensorRT version, a truncated file) is rebuilt once
+        return cache.load(plan, make, lambda path: cls(path, device, precision, loaded.sample_shape, profile),
+                          corrupt=(ModelLoadError,))
+
+    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.sample_shape or t.shape != (b,):
-            raise InvalidRequestError(f"tensorrt backend got x {tuple(x.shape)} and t {tuple(t.shape)}; expected "
-                                      f"x [B, {', '.join(map(str, self.sample_shape))}] and t [B]")
-        if not self.profile.min <= b <= self.profile.max:
-            raise InvalidRequestError(f"batch {b} is outside this TensorRT engine's profile "
-                                      f"[{self.profile.min}, {self.profile.max}]")
         x = x.to(self.device, torch.float32).contiguous()
         t = t.to(self.device, self._t_dtype).contiguous()
         out = torch.empty_like(x)
@@ -82,30 +102,3 @@ class TensorRTBackend(Backend):
 
     def __repr__(self):
         return f"TensorRTBackend({self.path.name}, device={self.device}, precision={self.precision})"
-
-
-def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "TensorRT runs on NVIDIA GPUs only; use backend='onnxruntime' or 'torch' on the CPU"
-    try:
-        _trt()
-    except ImportError:
-        return "the package 'tensorrt' is not installed (pip install tensorrt, TensorRT 10 for your CUDA version)"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device here"
-    return None
-
-
-def create(loaded, device, precision, profile=None) -> TensorRTBackend:
-    """Build (or reuse the cached) engine for ``loaded`` on ``device`` and open it."""
-    from ddpm_engine.export.tensorrt_build import DEFAULT_PROFILE, plan_builder
-
-    profile = DEFAULT_PROFILE if profile is None else profile
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    plan, make = plan_builder(loaded, device, precision, profile)
-    # a plan TensorRT cannot deserialize (another TensorRT version, a truncated file) is rebuilt once
-    return cache.load(plan, make, lambda path: TensorRTBackend(path, device, precision, loaded.sample_shape, profile),
-                      corrupt=(ModelLoadError,))

@@ -26,7 +26,6 @@ Tests replace ``time_call`` with a fake timer (never wall time).
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import statistics
 import time
@@ -38,6 +37,7 @@ import torch
 
 from .. import cache, cpu
 from ..threads import yield_cpu_to
+from .base import versions
 
 TYPICAL_BATCH = 8
 ROUNDS = 3
@@ -75,13 +75,6 @@ def fastest(ms: dict) -> str:
     return min(ms, key=lambda name: sum(ms[name].values()))
 
 
-def version(dist: str):
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
 @dataclass
 class Verdict:
     """A measured choice and how it was reached: ``what`` was chosen ("auto" a backend, "torch
@@ -116,9 +109,9 @@ def verdict_path(kind: str, loaded, precision: str, candidates, cache_dir=None) 
     parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
              "sample_shape": list(loaded.sample_shape), "precision": precision, "device": "cpu",
              "cpu": cpu.model(), "flags": sorted(cpu.flags()), "threads": torch.get_num_threads(),
-             "versions": {d: version(d) for d in ("torch", "onnxruntime", "openvino")},
+             "versions": versions(("torch", "onnxruntime", "openvino")),
              "rounds": ROUNDS, "typical_batch": TYPICAL_BATCH, "rule": RULE, "candidates": list(candidates)}
-    return cache.folder(kind, cache_dir) / f"{cache.slug(loaded.name)}-{precision}-{cache.key(parts)[:24]}.json"
+    return cache.artifact_path(kind, loaded.name, parts, ".json", (precision,), cache_dir)
 
 
 def read_verdict(path: Path, candidates) -> Verdict:

@@ -4,12 +4,9 @@ Memory format:
 - CUDA: channels_last, cuDNN's fast layout for convolutions.
 - The CPU: whichever of NCHW and channels_last measures faster for this model, precision and CPU
   (``choose_layout``: the one measured choice of ``timing.py``, a few calls of each at batch 1
-  and 8, cached on disk in ``$DDPM_ENGINE_CACHE/torch-layout`` keyed like auto's verdicts). Neither wins
-  everywhere: on a 2-core AMD EPYC Zen 4 (AVX-512, AVX512_BF16, no AMX) the CIFAR-10 UNet ran
-  fp32 NCHW faster on a quiet machine and channels_last faster under heavy load; on a 2-core Xeon
-  with AMX channels_last was faster (README, "The CPU: OpenVINO, native bf16 and a measuring
-  auto"). ``TorchBackend(module, ...)`` built directly runs NCHW unless told
-  (``channels_last=True``).
+  and 8, cached on disk in ``$DDPM_ENGINE_CACHE/torch-layout`` keyed like auto's verdicts).
+  Neither wins on every CPU and load (docs/performance.md has the measurements).
+  ``TorchBackend(module, ...)`` built directly runs NCHW unless told (``channels_last=True``).
 
 A channels_last module's output comes back in the input's logical NCHW shape but with
 channels-last strides unless C == 1; the step kernels index flat contiguous buffers, so the output
@@ -40,9 +37,11 @@ LAYOUTS = ("nchw", "channels_last")  # a tie in the measurement keeps the plain 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None):
-        """channels_last: run the module in that memory format (default: on CUDA only)."""
-        super().__init__(device, precision)
+    def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None,
+                 sample_shape=None):
+        """channels_last: run the module in that memory format (default: on CUDA only);
+        sample_shape: the (C, H, W) calls must have (None: any)."""
+        super().__init__(device, precision, sample_shape)
         if self.device.type == "cpu" and not cpu.native(precision):
             warnings.warn(f"{precision} runs emulated on this CPU ({cpu.model()}: no native {precision} "
                           "instructions), slower than fp32; use precision='fp32' for speed",
@@ -54,15 +53,22 @@ class TorchBackend(Backend):
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module
 
+    @classmethod
+    def create(cls, loaded, device, precision) -> TorchBackend:
+        """On CUDA: channels_last. On the CPU: the layout of ``choose_layout`` (measured once, cached)."""
+        if torch.device(device).type != "cpu":
+            return cls(loaded.module, device, precision, sample_shape=loaded.sample_shape)
+        verdict, backend = choose_layout(loaded, precision)
+        if backend is None:  # a cached verdict
+            backend = cls(loaded.module, "cpu", precision, channels_last=verdict.choice == "channels_last",
+                          sample_shape=loaded.sample_shape)
+        return backend
+
     @torch.inference_mode()
-    def __call__(self, x, t):
+    def run(self, x, t):
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         out = self.module(x.to(dtype=self.dtype, memory_format=layout), t)
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-
-
-def unavailable_reason(device, precision: str = "fp32") -> str | None:
-    return None
 
 
 def layout_path(loaded, precision: str, cache_dir=None) -> Path:
@@ -74,19 +80,11 @@ def choose_layout(loaded, precision: str) -> tuple[timing.Verdict, TorchBackend 
     backend if it had to be built to measure, else None). A model that fails a probe call runs
     NCHW, unmeasured (the source says why), and is measured again next time."""
     def build(skipped: dict) -> dict:
-        return {layout: TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last")
+        return {layout: TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last",
+                                     sample_shape=loaded.sample_shape)
                 for layout in LAYOUTS}
 
     try:
         return timing.measured_choice(layout_path(loaded, precision), "torch layout", loaded, precision, LAYOUTS, build)
     except Exception as exc:  # the model failed a probe call (out of memory, a batch it refuses): plain layout
         return timing.Verdict("nchw", f"unmeasured: {type(exc).__name__}: {exc}", precision, what="torch layout"), None
-
-
-def create(loaded, device, precision):
-    if torch.device(device).type != "cpu":
-        return TorchBackend(loaded.module, device, precision)
-    verdict, backend = choose_layout(loaded, precision)
-    if backend is None:  # a cached verdict
-        backend = TorchBackend(loaded.module, "cpu", precision, channels_last=verdict.choice == "channels_last")
-    return backend

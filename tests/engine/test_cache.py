@@ -49,6 +49,18 @@ def test_slug():
     assert cache.slug("a" * 100) == "a" * 40 and cache.slug("") == "model" and cache.slug("ok-1.2_x") == "ok-1.2_x"
 
 
+def test_artifact_path_names_the_model_the_tags_and_the_key(monkeypatch, tmp_path):
+    """One naming rule for every cached artifact (ONNX graphs, OpenVINO blobs, AOTI packages,
+    TensorRT plans, measured verdicts): <kind folder>/<slug(name)>-<tags>-<key[:24]><suffix>."""
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    parts = {"weights": "ab" * 32, "precision": "bf16", "n": random.getrandbits(32)}
+    path = cache.artifact_path("aoti", "my model", parts, ".pt2", ("bf16", "cpu"))
+    assert path == tmp_path / "aoti" / f"my_model-bf16-cpu-{cache.key(parts)[:24]}.pt2"
+    assert cache.artifact_path("onnx", "m", parts, ".onnx").name == f"m-{cache.key(parts)[:24]}.onnx"
+    assert cache.artifact_path("onnx", "m", parts, ".onnx", cache_dir=tmp_path / "mine").parent == tmp_path / "mine"
+    assert cache.artifact_path("aoti", "my model", {**parts, "n": parts["n"] + 1}, ".pt2", ("bf16", "cpu")) != path
+
+
 def test_module_structure_sees_configs_not_weights():
     from ddpm_engine.models import SeedUNet
 

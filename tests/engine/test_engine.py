@@ -158,8 +158,8 @@ def test_backend_unavailable_is_typed(monkeypatch):
     from ddpm_engine import backends
 
     monkeypatch.setattr(backends, "available", lambda device, precision="fp32": {"torch": None, "onnxruntime": "not installed"})
-    mod = backends._module("torch")
-    monkeypatch.setattr(mod, "unavailable_reason", lambda device, precision="fp32": "pretend it is missing")
+    monkeypatch.setattr(backends.backend_class("torch"), "unavailable_reason",
+                        classmethod(lambda cls, device, precision: "pretend it is missing"))
     with pytest.raises(BackendUnavailableError, match="pretend"):
         Engine.from_module(SeedUNet(1, (8, 16)), sample_shape=SHAPE, backend="torch")
 

@@ -2,8 +2,8 @@
 against eager torch over whole chains, golden files, the pytest helpers, the CLI's exit codes.
 
 Seeds are drawn at random per run and appear in every report table (and so in every failure
-message); DDIM-10 on two seeds keeps each run short. The AOTInductor compile of the digits model
-(about 15 s on 2 CPU cores) happens once, in a module-wide cache folder."""
+message); DDIM-10 on two seeds keeps each run short. The AOTInductor compiles (slow) happen once
+each, in a module-wide cache folder."""
 
 import copy
 import dataclasses
@@ -73,8 +73,9 @@ def perturbed_copy(folder: Path, where: Path) -> Path:
 
 # ---- compare -------------------------------------------------------------------------------------
 
-def test_digits_exported_backends_match_torch(seeds):
-    names = ["onnxruntime"] + (["aoti"] if HAS_CXX else [])
+@pytest.mark.parametrize("names", [["onnxruntime"], pytest.param(["onnxruntime", "aoti"], marks=[
+    pytest.mark.slow, pytest.mark.skipif(not HAS_CXX, reason="AOTInductor on the CPU needs a C++ compiler")])])
+def test_digits_exported_backends_match_torch(seeds, names):
     report = assert_parity("digits", backends=names, seeds=seeds, **RUN)
     assert [r.backend for r in report.results] == names
     for r in report.results:
@@ -93,6 +94,7 @@ def test_diffusers_unet_onnxruntime_matches_torch(diffusers_folder, seeds):
     assert report.results[0].network_error <= 1e-4, report.table()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CXX, reason="AOTInductor on the CPU needs a C++ compiler")
 def test_diffusers_unet_aoti_matches_torch(diffusers_folder, seeds):
     assert_parity(diffusers_folder, backends=["aoti"], seeds=seeds, **RUN)
@@ -259,6 +261,7 @@ def test_cli_argparse_errors_exit_2(argv):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_the_example_test_file_runs(tmp_path, cache):
     """examples/test_regression.py, copied away from the repository beside a golden file made as
     its own first run would make it: both of its tests pass."""

@@ -117,6 +117,7 @@ def test_dynamo_exporter_also_matches_eager(tmp_path):
         assert ort_vs_eager(path, loaded, batch) <= 1e-5
 
 
+@pytest.mark.slow
 def test_cifar10_unet_export_matches_eager(tmp_path):
     pytest.importorskip("diffusers")
     from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet

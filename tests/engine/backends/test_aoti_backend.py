@@ -1,7 +1,9 @@
-"""The AOTInductor backend on the CPU: one compile of a tiny SeedUNet (tens of CPU seconds: Inductor
-writes C++ and g++ builds it), then parity with eager at other batch sizes, the on-disk cache, and
-a whole Engine run; and a tiny diffusers UNet, whose Upsample2D branches on batch >= 64, compiled
-as two programs (batch 1..63 and 64..4096) in one package, with parity on both sides."""
+"""What is special to the AOTInductor backend on the CPU (the contract is test_contract.py's): one
+compile of a tiny SeedUNet (Inductor writes C++ and a C++ compiler builds it: slow) as one
+program over every batch size, a cache keyed by precision, a corrupt package rebuilt once, the
+single-threaded loader; and a model that branches on the batch size (a tiny diffusers UNet, whose
+Upsample2D branches on batch >= 64) compiled as one program per batch range in one package, with
+parity on both sides of each branch."""
 
 import copy
 import random
@@ -13,10 +15,11 @@ import torch
 
 from torch import nn
 
-from ddpm_engine import Engine, backends
+from ddpm_engine import backends
 from ddpm_engine.backends import aoti_backend
+from ddpm_engine.backends.aoti_backend import AOTIBackend
 from ddpm_engine.checkpoints import from_module
-from ddpm_engine.errors import ExportError, InvalidRequestError
+from ddpm_engine.errors import ExportError
 from ddpm_engine.models import SeedUNet
 from ddpm_engine.models.cifar_unet import DiffusersUNet
 
@@ -52,38 +55,21 @@ def assert_matches_eager(backend, module, batch_sizes, shape):
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5, f"batch {b}"
 
 
-def test_matches_eager_at_other_batch_sizes(backend, loaded, cache):
+def test_one_program_serves_every_batch_size(backend, loaded, cache):
     assert backend.path.parent == cache / "aoti" and backend.path.suffix == ".pt2"
-    # no branch on the batch size: one program, the package's default model, as before the split existed
+    # no branch on the batch size: one program, the package's default model
     assert [p[:2] for p in backend.programs] == [(1, aoti_backend.MAX_BATCH)]
     assert_matches_eager(backend, loaded.module, (1, 3, 7), SHAPE)  # exported at batch 2: the axis is dynamic
 
 
-def test_cache_is_reused(backend, loaded, cache):
-    mtime = backend.path.stat().st_mtime_ns
-    again = backends.create("aoti", loaded, "cpu", "fp32")
-    assert again.path == backend.path and again.path.stat().st_mtime_ns == mtime
-    assert [p.name for p in backend.path.parent.iterdir() if p.name.startswith(".")] == []  # no temp files
-    other = aoti_backend.cached_path(loaded, "cpu", "bf16")
-    assert other != backend.path  # precision keys the cache
-
-
-def test_engine_sample_matches_torch_backend(backend, loaded):
-    seeds = [random.getrandbits(64) for _ in range(3)]
-    ref = Engine(loaded, backend="torch", device="cpu").sample(seeds, sampler="ddim", steps=10)
-    out = Engine(loaded, backend="aoti", device="cpu").sample(seeds, sampler="ddim", steps=10)
-    assert (out - ref).abs().max().item() <= 1e-4
-
-
-def test_bad_input_is_typed(backend):
-    with pytest.raises(InvalidRequestError, match="expected x"):
-        backend(torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+def test_precision_keys_the_cache(backend, loaded):
+    assert aoti_backend.cached_path(loaded, "cpu", "bf16") != backend.path
 
 
 def test_cuda_reason_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    assert "CUDA" in aoti_backend.unavailable_reason("cuda")
+    assert "CUDA" in AOTIBackend.unavailable_reason("cuda", "fp32")
 
 
 def test_corrupt_cached_package_is_rebuilt_once(backend, loaded, monkeypatch):

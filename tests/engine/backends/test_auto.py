@@ -15,7 +15,7 @@ from ddpm_engine.__main__ import main  # noqa: E402
 from ddpm_engine.backends import auto, timing  # noqa: E402
 from ddpm_engine.errors import EmulatedPrecisionWarning, InvalidRequestError  # noqa: E402
 
-from .test_onnxruntime_backend import small_model  # noqa: E402
+from .helpers import small_model  # noqa: E402
 
 BF16_CPU = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"})
 PLAIN_CPU = frozenset({"avx2", "fma"})
