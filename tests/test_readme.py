@@ -4,7 +4,7 @@
   folder, in its own Python process. A block that needs a GPU says so in its first line
   (``# needs a CUDA GPU``) and is skipped here. README blocks stay short and run in the quick
   loop; docs/ blocks may take longer and are marked ``slow``.
-- The README fits one screen's worth of reading (at most 200 lines), its Layout map names every
+- The README fits one screen's worth of reading (at most 200 lines), its Layout table names every
   module, and every relative link in README.md and docs/*.md points at a file (and heading) that
   exists.
 - What the documented commands write in a checkout is git-ignored, and the server's metrics are
@@ -120,11 +120,17 @@ def test_every_relative_link_points_at_something_that_exists(doc):
     assert broken == [], f"{rel(doc)} links to what does not exist:\n" + "\n".join(broken)
 
 
-def test_the_readme_layout_names_every_module():
-    text = README.read_text()
-    layout = prose(text[text.index("## Layout"):])
+def layout_paths(text: str) -> list:
+    """The paths in the first column of the README's Layout table."""
+    layout = text[text.index("## Layout"):]
     layout = layout[:layout.find("\n## ", 1)]
-    named = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(layout)}
+    return re.findall(r"^\|\s*`([^`]+)`\s*\|", layout, re.M)
+
+
+def test_the_readme_layout_names_every_module_and_only_what_exists():
+    paths = layout_paths(README.read_text())
+    assert [p for p in paths if not (ROOT / p).exists()] == []
+    named = {(ROOT / p).resolve() for p in paths}
     modules = [p for folder in ("engine", "kernels", "export") for p in sorted((ROOT / folder).rglob("*.py"))
                if p.name != "__init__.py" or p.parent == ROOT / "engine"]
     assert [rel(p) for p in modules if p.resolve() not in named] == []
