@@ -1,39 +1,21 @@
-"""One-call GPU verification and the headline numbers, in <= 8 minutes (one device call of 8.5).
+"""The GPU bench: verification and the headline numbers in one device call, and the full matrix later.
 
-    python -m bench.gpu_check --out DIR                # on the GPU machine (see README, "GPU verification")
-    python -m bench.gpu_check --out DIR --cpu-smoke    # anywhere: the sections that need no GPU
-    python -m bench.gpu_check --failed-in gpu_check.json   # here: the --only value of a warm rerun
+    python -m bench.gpu_check --out DIR                  # on the GPU machine: the default sections
+    python -m bench.gpu_check --out DIR --cpu-smoke      # anywhere: the same steps, small, on the CPU
+    python -m bench.gpu_check --out DIR --only matrix,peers --budget-s 520   # the full bench, later
+    python -m bench.gpu_check --failed-in gpu_check.json # the --only value of a warm rerun
 
 Writes DIR/gpu_check.json and DIR/gpu_check.log and nothing else into DIR (a device call returns
-at most 8 files): the log gets every section's output as it comes, the JSON is rewritten after
-each section and every POLL_S seconds while one runs, so a call cut short (``timeout``, SIGTERM:
-the running section is killed and recorded as "killed") still returns what was measured. Junit
-files and the sections' own JSON go to --work (default: a temporary folder). Every section runs in
-its own process with its own time budget, inside a total budget (default 460 s): a crash, a hang
-or a CUDA error in one section is recorded (status, exit code, the tail of its output) and the
-next one runs; a section that would start after the total budget is spent is skipped. Without
-CUDA (or with --cpu-smoke) the GPU sections are recorded as skipped with the reason.
-
-Sections:
-- environment: Python/torch/CUDA/cuDNN/triton/onnxruntime/diffusers versions, the GPU, nvidia-smi,
-  the CUDA libraries the process mapped (libcudart from /proc/self/maps), whether `import
-  tensorrt` works, which of diffusers' and pytest's dependencies import, and whether the
-  installed ddpm_engine matches this tree (a stale wheel would test old code).
-- driver_probe: builds the C driver and the graph loop (engine/cuda), the CUDA driver's version,
-  the device count, the graph loop's embedded device code and the libcudart it links.
-- tests_engine_cuda, tests_kernels, tests_gpu: `pytest -m "gpu or not gpu" <folder>` with
-  TRITON_INTERPRET unset; AOTI cases and the sm_90 compile test (CI runs it) are deselected
-  (`--tests-k`). Counts, failures, skip reasons and recorded properties (eps_rel_err, psnr_db)
-  from the junit XML, or from the verbose log if the budget ran out.
-- latency: the CIFAR-10 UNet (random weights), fp32 with TF32 off, batch 1, DDPM-1000 in full per
-  driver (eager, Python graph replay, the C driver, the graph loop, and the default path "auto"),
-  each driver a part of its own (bench.gpu_suite.latency_rows: the graph drivers replay a sampler
-  captured before the timing); the engine's ``fast_path()`` report; diffusers' DDPMPipeline fp32.
-- throughput: the bf16 matmul peak, then images/s at 1000 DDPM steps at batch 256, fp32 and
-  bf16, with the fastest driver that runs (C driver, else Python replay, else eager), from runs
-  of THROUGHPUT_STEPS steps (bench.gpu_suite.time_drivers).
-The full benchmark (peers under torch.compile, every precision and batch) is bench/gpu_suite.py:
-an optional, later call.
+at most 8 files). The log gets every section's output as it comes; the JSON is rewritten after
+each section and every POLL_S seconds while one runs, so a call cut short (SIGTERM from
+``timeout``: the running section is killed and recorded as "killed") still returns what was
+measured. Every section runs in its own process with its own budget, inside a total budget: a
+crash, a hang or a CUDA error is recorded and the next section runs. Without CUDA (or with
+--cpu-smoke) the test sections are skipped and the measuring ones run at the CPU smoke scale
+(``SMOKE``: a few steps, tiny batches; their numbers measure nothing). The JSON's ``measured``
+gathers the results: device, versions, latency / throughput / peers / parity rows,
+host_us_per_step, flops_per_image_step, matmul_peak_tflops (bench/report.py renders them).
+bench/README.md is the runbook and lists the sections.
 """
 
 from __future__ import annotations
@@ -51,56 +33,214 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.sections import error_record, run_section, write_json
-
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 460  # the device command allows 480 (timeout), plus the install: 8.5 minutes
 MIN_SECTION_S = 5  # a section with less time than this left is skipped
-TAIL_LINES = 40
-DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
-HEADLINE_STEPS = 1000  # DDPM-1000
-LATENCY_DRIVERS = ("eager", "python_graph", "c_driver", "graph_loop", "auto")  # bench.gpu_suite's driver names
-THROUGHPUT_DRIVERS = ("c_driver", "python_graph", "eager")  # fastest first
-THROUGHPUT_BATCH = 256
-THROUGHPUT_STEPS = 50  # steps timed per throughput run (every DDPM step does the same device work)
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
+DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
+FASTEST_FIRST = ("c", "python", "eager")  # the throughput headline takes the first driver that runs
+SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
 MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
            "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
            "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
 
 
-@dataclass
-class Section:
-    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
-    ``collect(work_dir, output)`` turns what it left behind (and its output so far) into the
-    JSON's ``data``."""
+@dataclass(frozen=True)
+class Scale:
+    """What the measuring sections run: the GPU's settings, or the CPU smoke run's."""
 
-    name: str
-    budget_s: float
-    needs_gpu: bool
-    argv: Callable[[Path], list]
-    collect: Callable[[Path, str], dict] | None = None
+    device: str = "cuda"
+    steps: int = 1000  # DDPM-1000: the latency headline, and the step count images/s are given at
+    batch: int = 256  # the throughput headline's batch
+    steps_measured: int = 50  # steps timed per headline throughput run (every DDPM step does the same work)
+    latency: tuple = (("ddpm", 1), ("ddim", 50), ("ddpm", 1000))  # matrix: (sampler, steps) at batch 1
+    batches: tuple = (64, 256)  # matrix: throughput batches, and the largest that fits
+    matrix_steps: int = 20
+    largest_cap: int = 65536
+    largest_steps: int = 2
+    host_steps: int = 200
+    matmul: tuple = (8192, 50)  # n, iterations
+    compilers: tuple = (("torch.compile max-autotune", {"mode": "max-autotune"}),
+                        ("torch.compile reduce-overhead", {"mode": "reduce-overhead"}))
 
 
-# ---- the sections that run inside a child process (python -m bench.gpu_check --section NAME) ------
-def _section_json(work_dir: Path, name: str) -> Path:
-    return Path(work_dir) / "sections" / f"{name}.json"
+GPU = Scale()
+SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), ("ddim", 2)), batches=(2,), matrix_steps=1,
+              largest_cap=4, largest_steps=1, host_steps=3, matmul=(64, 2),
+              compilers=(("torch.compile backend=eager", {"backend": "eager"}),))
 
 
-def _environment(data):
+# ---- results recorded part by part ----------------------------------------------------------------
+def error_record(exc: BaseException) -> dict:
+    """{'error': 'Type: message', 'traceback': full text} for an exception being handled."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def write_json(path, results: dict) -> Path:
+    """Write ``results`` as indented JSON (non-JSON values as their str), via a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
+    """results[name] = fn(); on an exception results['errors'][name] = error_record(exc) instead,
+    and the next part runs. Wall seconds go to results['section_seconds'][name]; with ``out`` the
+    results are written there after. Returns fn()'s value, or None if it raised."""
+    t0, value = time.perf_counter(), None
+    try:
+        value = results[name] = fn()
+    except Exception as exc:  # a failing part is recorded; the next one runs
+        results.setdefault("errors", {})[name] = error_record(exc)
+        log(f"{name} failed: {results['errors'][name]['error']}\n{results['errors'][name]['traceback']}")
+    results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 3)
+    if out is not None:
+        write_json(out, results)
+    return value
+
+
+# ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
+def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
+    """Seconds per request at batch 1 for each (sampler, steps) of ``scale.latency`` and driver."""
+    from ddpm_engine.engine import DRIVERS
+
+    from bench import measure
+
+    rows = []
+    with measure.built(loaded, backend, mode, scale.device) as eng:
+        drivers = usable(eng, DRIVERS, notes, f"latency {backend}/{mode}")
+        for sampler, steps in scale.latency:
+            reps = 20 if steps <= 1 else 5 if steps <= 100 else 3
+            for driver, s in measure.time_drivers(eng, sampler, steps, 1, drivers, reps, steps <= 100, notes, log).items():
+                rows.append({"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+                             "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
+                             "reps": reps})
+    return rows
+
+
+def throughput_row(loaded, backend, mode, driver, batch, scale, steps_measured, seconds) -> dict:
+    per_step = seconds / steps_measured
+    return {"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+            "batch": batch, "steps": scale.steps, "steps_measured": steps_measured, "seconds_per_step": per_step,
+            "images_per_s": batch / (per_step * scale.steps)}
+
+
+def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
+    """images/s at ``scale.steps`` DDPM steps for ``scale.batches`` and the largest batch that fits
+    (eager and the C driver only: the GPU is the bottleneck there), from short runs."""
+    from ddpm_engine.engine import DRIVERS
+
+    from bench import measure
+
+    rows = []
+    with measure.built(loaded, backend, mode, scale.device) as eng:
+        drivers = usable(eng, DRIVERS, notes, f"throughput {backend}/{mode}")
+        largest, limit = measure.largest_batch(eng, max(scale.batches), scale.largest_cap)
+        runs = [(largest, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, 1)]
+        runs += [(b, drivers, scale.matrix_steps, 3) for b in scale.batches if b < largest]
+        for batch, batch_drivers, steps, reps in runs:  # the largest first, memory clean
+            for driver, s in measure.time_drivers(eng, "ddpm", steps, batch, batch_drivers, reps, True, notes, log).items():
+                row = throughput_row(loaded, backend, mode, driver, batch, scale, steps, s)
+                rows.append(dict(row, largest=batch == largest, **({"largest_limit": limit} if batch == largest else {})))
+            measure.free(scale.device)
+    return rows
+
+
+def usable(eng, drivers, notes, where) -> list:
+    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
+    from bench import measure
+
+    why = measure.graphs_refusal(eng)
+    if why is not None:
+        notes.append(f"{where}: {', '.join(d for d in drivers if d in measure.GRAPH_DRIVERS)} skipped: {why}")
+    return [d for d in drivers if why is None or d not in measure.GRAPH_DRIVERS]
+
+
+def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
+    """A peer's request of ``scale.steps`` DDPM steps, from a timed run of ``steps_measured`` steps."""
+    seconds = seconds_measured * scale.steps / steps_measured
+    return {"kind": "peers", "name": name, "model": loaded.name, "precision": precision, "batch": batch,
+            "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
+            "images_per_s": batch / seconds, **extra}
+
+
+def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
+    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler."""
+    import copy
+    import inspect
+
+    from ddpm_engine.backends import PRECISIONS
+    from ddpm_engine.errors import require
+
+    from bench import measure
+
+    diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
+    if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
+        raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
+                        f"{type(loaded.module).__name__}")
+    keys = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
+    scheduler = diffusers.DDPMScheduler(**{k: v for k, v in loaded.scheduler.to_dict().items() if k in keys})
+    try:
+        with measure.math_mode(precision):
+            unet = copy.deepcopy(loaded.module.unet).to(scale.device, PRECISIONS[precision])
+            pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            run = lambda n: pipe(batch_size=batch, num_inference_steps=n, output_type="np")  # noqa: E731
+            run(min(10, steps_measured))  # warm: cuDNN's first calls, the allocator
+            seconds = measure.sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
+    finally:
+        pipe = unet = None
+        measure.free(scale.device)
+    return peer_row("diffusers DDPMPipeline", loaded, precision, batch, scale, steps_measured, seconds)
+
+
+def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=print) -> list:
+    """The engine's eager loop (same step kernels) with its UNet under ``torch.compile(**kwargs)``
+    for each of ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
+    import torch
+    import torch._dynamo as dynamo
+
+    from bench import measure
+
+    rows, seeds = [], list(range(1, batch + 1))
+    for name, kwargs in scale.compilers:
+        try:
+            with measure.built(loaded, "torch", mode, scale.device, batching=False) as eng:
+                eng.backend.module = torch.compile(eng.backend.module, **kwargs)
+                run = lambda n: eng.sample(seeds, sampler="ddpm", steps=n, driver="eager")  # noqa: E731
+                t0 = time.perf_counter()
+                run(min(10, steps_measured))
+                measure.sync(scale.device)
+                compile_s = time.perf_counter() - t0
+                seconds = measure.sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
+            rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
+                                 compile_s=compile_s))
+        except Exception as exc:
+            notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
+            log(notes[-1])
+        finally:
+            dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
+            measure.free(scale.device)
+    return rows
+
+
+# ---- the sections that run in a child process (python -m bench.gpu_check --section NAME) -----------
+def _environment(scale, state):
     import torch
 
-    def python():
-        return {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()}
+    from ddpm_engine.testing import versions
 
     def torch_info():
-        info = {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
+        info = {"cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
         if torch.cuda.is_available():
             torch.cuda.init()
             props = torch.cuda.get_device_properties(0)
@@ -108,10 +248,11 @@ def _environment(data):
                         memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
         return info
 
-    yield "python", python
+    yield "versions", lambda: dict(versions(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                                   triton=_module_version("triton"), tensorrt=_module_version("tensorrt"),
+                                   executable=sys.executable, platform=platform.platform())
     yield "torch", torch_info
     yield "modules", lambda: {m: _module_version(m) for m in MODULES}
-    yield "tensorrt", _tensorrt_import
     yield "mapped_cuda_libraries", _mapped_cuda_libraries
     yield "nvidia_smi", _nvidia_smi
     yield "ddpm_engine", _installed_tree
@@ -134,14 +275,6 @@ def _module_version(name: str) -> str:
     return str(version)
 
 
-def _tensorrt_import() -> dict:
-    try:
-        import tensorrt
-    except Exception as exc:  # absent on the GPU image so far: recorded, not fatal
-        return {"importable": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"importable": True, "version": getattr(tensorrt, "__version__", None)}
-
-
 def _mapped_cuda_libraries() -> dict:
     from ddpm_engine.cuda import driver
 
@@ -152,8 +285,7 @@ def _mapped_cuda_libraries() -> dict:
         if len(parts) == 6 and pattern.search(Path(parts[5]).name) and parts[5] not in paths:
             paths.append(parts[5])
     cudart = driver.mapped_cudart()
-    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"),
-            "all": paths}
+    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"), "all": paths}
 
 
 def _nvidia_smi() -> dict:
@@ -170,44 +302,39 @@ def _nvidia_smi() -> dict:
 
 
 def _installed_tree() -> dict:
-    """Where ddpm_engine is imported from and whether its sources are this tree's."""
+    """Where ddpm_engine is imported from and whether its sources are this tree's (a stale wheel
+    would test old code)."""
     import importlib
 
     differs, checked, locations = [], 0, {}
-    for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"),
-                            ("ddpm_engine.export", "export")):
+    for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"), ("ddpm_engine.export", "export")):
         installed = Path(importlib.import_module(package).__file__).resolve().parent
         locations[package] = str(installed)
-        src = ROOT / folder
-        for f in sorted(src.rglob("*")):
-            if f.suffix not in (".py", ".c", ".cu", ".h") or "__pycache__" in f.parts:
-                continue
-            checked += 1
-            twin = installed / f.relative_to(src)
-            if not twin.is_file() or twin.read_bytes() != f.read_bytes():
-                differs.append(str(f.relative_to(ROOT)))
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".c", ".cu", ".h") and "__pycache__" not in f.parts:
+                checked += 1
+                twin = installed / f.relative_to(ROOT / folder)
+                if not twin.is_file() or twin.read_bytes() != f.read_bytes():
+                    differs.append(str(f.relative_to(ROOT)))
     return {"locations": locations, "files_checked": checked, "matches_tree": not differs, "differs": differs[:30]}
 
 
-def _driver_probe(data):
+def _driver_probe(scale, state):
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.init()  # torch's libcudart is mapped now: the graph loop links that one
     from ddpm_engine.cuda import driver, graph_loop
 
-    state = {}
-
     def c_driver():
         state["driver"] = d = driver.load_driver()
         return {"library": str(d.path), "libcuda": d.libcuda}
 
     def call(name):
-        d = state.get("driver")
-        if d is None:
+        if "driver" not in state:
             raise RuntimeError("the C driver did not load (see errors['c_driver'])")
         try:
-            return getattr(d, name)()
+            return getattr(state["driver"], name)()
         except driver.CudaError as exc:
             if torch.cuda.is_available():
                 raise
@@ -219,8 +346,7 @@ def _driver_probe(data):
         needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
         return {"library": str(lib.path), "supported": lib.supported, "arch": graph_loop.cuda_arch(),
                 "device_code": graph_loop.embedded_device_code(lib.path),
-                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed),
-                "linked_cudart": str(cudart)}
+                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed), "linked_cudart": str(cudart)}
 
     yield "c_driver", c_driver
     yield "driver_version", lambda: call("driver_version")
@@ -228,111 +354,220 @@ def _driver_probe(data):
     yield "graph_loop", loop
 
 
-def _latency(data):
-    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver as its own part."""
-    import torch
+def _model(scale, state):
+    """The CIFAR-10 UNet (random weights), loaded once per section."""
+    from bench import measure
 
-    from bench import gpu_suite as suite
+    def load():
+        state["loaded"] = measure.cifar_loaded(seed=0)
+        state["notes"] = []
+        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": _device_name(scale),
+                "scale": "gpu" if scale == GPU else "cpu smoke: numbers measure nothing"}
 
-    state = {}
+    return "model", load
 
-    def model():
-        state["loaded"] = suite.cifar_loaded(seed=0)
-        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device":
-                torch.cuda.get_device_name(), "precision": "fp32 (TF32 off)", "backend": "torch"}
+
+def _latency(scale, state):
+    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver of the engine its own
+    part; the engine's fast_path() report; diffusers' DDPMPipeline fp32; the host's cost per step."""
+    from ddpm_engine.engine import DRIVERS
+
+    from bench import measure
 
     def driver_row(driver):
-        notes = []
-        matrix = suite.Matrix(latency=(("ddpm", HEADLINE_STEPS),))
-        rows = suite.latency_rows(state["loaded"], "cifar10", "torch", "fp32", "cuda", matrix, (driver,), notes=notes)
-        if not rows:
-            raise RuntimeError("; ".join(notes) or f"{driver} gave no row")
-        return dict(rows[0], notes=notes) if notes else rows[0]
+        with measure.built(state["loaded"], "torch", "fp32", scale.device) as eng:
+            if driver in measure.GRAPH_DRIVERS and (why := measure.graphs_refusal(eng)):
+                return {"skipped": why}
+            notes = []
+            seconds = measure.time_drivers(eng, "ddpm", scale.steps, 1, [driver], 3, True, notes).get(driver)
+        if seconds is None:
+            raise RuntimeError("; ".join(notes))
+        return {"kind": "latency", "model": "cifar10", "backend": "torch", "precision": "fp32", "driver": driver,
+                "batch": 1, "sampler": "ddpm", "steps": scale.steps, "seconds": seconds,
+                "ms_per_step": 1e3 * seconds / scale.steps, "reps": 3}
 
     def fast_path():
-        with suite.math_mode("fp32"):
-            eng = suite.make_engine(state["loaded"], "torch", "fp32", "cuda", batching=False)  # asks for the C driver
-            try:
-                eng.sample([1], sampler="ddpm", steps=HEADLINE_STEPS)  # the default path, once
-                return eng.fast_path()
-            finally:
-                eng.close()
+        with measure.built(state["loaded"], "torch", "fp32", scale.device, batching=False) as eng:
+            eng.sample([1], sampler="ddpm", steps=scale.steps)  # the default path, once
+            return eng.fast_path()
 
-    def diffusers_fp32():
-        notes = []
-        rows = suite.diffusers_peer_rows(state["loaded"], "cifar10", "cuda", 1, HEADLINE_STEPS, HEADLINE_STEPS,
-                                         precisions=("fp32",), notes=notes)
-        if not rows:
-            raise RuntimeError("; ".join(notes) or "the DDPMPipeline peer gave no row")
-        return rows[0]
-
-    yield "model", model
-    for driver in LATENCY_DRIVERS:
+    yield _model(scale, state)
+    for driver in DRIVERS:
         yield driver, lambda d=driver: driver_row(d)
     yield "fast_path", fast_path
-    yield "diffusers_ddpm_pipeline_fp32", diffusers_fp32
+    yield "diffusers_ddpm_pipeline_fp32", lambda: diffusers_peer_row(state["loaded"], "fp32", 1, scale, scale.steps)
+    yield "host_us_per_step", lambda: host_us_per_step(scale)
 
 
-def _throughput(data):
-    """images/s at 1000 DDPM steps, batch 256, fp32 and bf16, with the fastest driver that runs
-    (the C driver, else Python graph replay, else eager), from runs of THROUGHPUT_STEPS steps;
-    and the bf16 matmul peak (the roofline's denominator)."""
-    from bench import gpu_suite as suite
+def host_us_per_step(scale) -> dict:
+    """Wall µs per step with a tiny model at batch 1, for each driver of the engine that runs a
+    loop (eager, and the graph drivers replaying one captured step)."""
+    import torch
 
-    state = {}
+    from ddpm_engine import Engine
+    from ddpm_engine.models import SeedUNet
 
-    def model():
-        state["loaded"] = suite.cifar_loaded(seed=0)
-        return {"flops_per_image_step": suite.flops_per_image_step(state["loaded"])}
+    from bench import measure
+
+    torch.manual_seed(0)
+    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device=scale.device)
+    try:
+        run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
+        out = {"eager": 1e6 * measure.sync_time(run, device=scale.device) / scale.host_steps}
+        why = measure.graphs_refusal(eng)
+        graphed = None if why else measure.graphed_sampler(eng, "ddim", scale.host_steps, 1)
+        for driver in measure.GRAPH_DRIVERS:
+            try:
+                if why:
+                    raise RuntimeError(why)
+                res = measure.host_us_per_step(graphed, [1], driver, reps=3)
+                out[driver] = res["wall_us_per_step"]
+                if "enqueue_us_per_step" in res:
+                    out[f"{driver}_enqueue"] = res["enqueue_us_per_step"]
+            except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
+                out[driver] = None
+                out.setdefault("errors", {})[driver] = f"{type(exc).__name__}: {exc}"
+    finally:
+        eng.close()
+    return out
+
+
+def _throughput(scale, state):
+    """The bf16 matmul peak; images/s at 1000 DDPM steps at batch 256, fp32 and bf16, with the
+    fastest driver that runs, from runs of ``scale.steps_measured`` steps."""
+    from bench import measure
 
     def rate(mode):
         notes = []
-        with suite.math_mode(mode):
-            eng = suite.make_engine(state["loaded"], "torch", suite.engine_precision(mode), "cuda")
-            try:
-                for driver in THROUGHPUT_DRIVERS:  # fastest first; the first that runs is the row
-                    times = suite.time_drivers(eng, "ddpm", THROUGHPUT_STEPS, THROUGHPUT_BATCH, [driver], "cuda", 3,
-                                               True, f"throughput {mode}", notes, print)
-                    if driver in times:
-                        per_step = times[driver] / THROUGHPUT_STEPS
-                        return {"precision": mode, "driver": driver, "batch": THROUGHPUT_BATCH,
-                                "steps": HEADLINE_STEPS, "steps_measured": THROUGHPUT_STEPS,
-                                "seconds_per_step": per_step,
-                                "images_per_s": THROUGHPUT_BATCH / (per_step * HEADLINE_STEPS), "notes": notes}
-            finally:
-                eng.close()
-                suite.free("cuda")
+        with measure.built(state["loaded"], "torch", mode, scale.device) as eng:
+            for driver in usable(eng, FASTEST_FIRST, notes, f"throughput {mode}"):  # the first that runs is the row
+                times = measure.time_drivers(eng, "ddpm", scale.steps_measured, scale.batch, [driver], 3, True, notes)
+                if driver in times:
+                    row = throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
+                                         scale.steps_measured, times[driver])
+                    return dict(row, notes=notes)
         raise RuntimeError("no driver ran: " + "; ".join(notes))
 
-    yield "matmul_peak_tflops_bf16", lambda: suite.matmul_peak_tflops("cuda")
-    yield "model", model
+    yield "matmul_peak_tflops_bf16", lambda: measure.matmul_peak_tflops(scale.device, *scale.matmul)
+    name, load = _model(scale, state)
+    yield name, lambda: dict(load(), flops_per_image_step=measure.flops_per_image_step(state["loaded"]))
     for mode in ("fp32", "bf16"):
-        yield f"b{THROUGHPUT_BATCH}_{mode}", lambda m=mode: rate(m)
+        yield f"b{scale.batch}_{mode}", lambda m=mode: rate(m)
+
+
+def _parity(scale, state):
+    """Each bench precision of the torch backend against eager fp32 (TF32 off, deterministic cuDNN):
+    the model output's eps_rel_err and a whole DDPM run's image difference; the C driver at fp32."""
+    from bench import measure
+
+    def reference():
+        loaded = state["loaded"]
+        with measure.exact_fp32(), measure.built(loaded, "torch", "fp32", scale.device) as eng:
+            state["ref"] = eng.backend
+            state["images"] = eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps, driver="eager")
+        return {"seeds": state["seeds"], "steps": scale.steps}
+
+    def row(mode):
+        loaded, rows = state["loaded"], []
+        with measure.exact_fp32(), measure.built(loaded, "torch", mode, scale.device) as eng:
+            rows.append({"kind": "parity", "model": loaded.name, "backend": "torch", "precision": mode, "driver": "eager",
+                         "eps_rel_err": measure.eps_rel_err(eng.backend, state["ref"], loaded.sample_shape, scale.device),
+                         **measure.image_diff(eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps,
+                                                         driver="eager"), state["images"])})
+            if mode == "fp32" and measure.graphs_refusal(eng) is None:
+                images = eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps, driver="c")
+                rows.append(dict(rows[0], driver="c", **measure.image_diff(images, state["images"])))
+        return rows
+
+    import random
+
+    state["seeds"] = [random.getrandbits(63) for _ in range(4)]
+    yield _model(scale, state)
+    yield "reference", reference
+    for mode in measure.MODES:
+        yield mode, lambda m=mode: row(m)
+
+
+def _peers(scale, state):
+    """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
+    (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
+    yield _model(scale, state)
+    for batch, measured in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
+        for precision in ("fp16",) if batch == 1 else ("fp32", "fp16"):
+            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=measured: diffusers_peer_row(
+                state["loaded"], p, b, scale, n)
+        for mode in ("fp32", "bf16", "fp16", "tf32"):
+            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=measured: compile_peer_rows(
+                state["loaded"], m, b, scale, n, state["notes"])
+    yield "notes", lambda: state["notes"]
+
+
+def _matrix(scale, state):
+    """The torch backend at every bench precision: latency (one step, DDIM-50, DDPM-1000 at batch 1)
+    and throughput (batches 64, 256 and the largest that fits) for every driver of the engine."""
+    yield _model(scale, state)
+    for kind, rows in (("latency", latency_rows), ("throughput", throughput_rows)):
+        for mode in ("fp32", "bf16", "tf32", "fp16"):
+            yield f"{kind}_{mode}", lambda m=mode, f=rows: f(state["loaded"], "torch", m, scale, state["notes"])
+    yield "notes", lambda: state["notes"]
+
+
+def _backends(scale, state):
+    """The other backends (each where ``backends.available`` says it runs, at the precisions it
+    runs): latency, throughput and parity of one engine setting per part, its compile paid once."""
+    from ddpm_engine.backends import BACKENDS, available
+
+    from bench import measure
+
+    def rows(backend, mode):
+        loaded = state["loaded"]
+        out = latency_rows(loaded, backend, mode, scale, state["notes"]) + throughput_rows(
+            loaded, backend, mode, scale, state["notes"])
+        with measure.exact_fp32(), measure.built(loaded, "torch", "fp32", scale.device) as ref, \
+                measure.built(loaded, backend, mode, scale.device) as eng:
+            out.append({"kind": "parity", "model": loaded.name, "backend": backend, "precision": mode, "driver": "eager",
+                        "eps_rel_err": measure.eps_rel_err(eng.backend, ref.backend, loaded.sample_shape, scale.device)})
+        return out
+
+    yield _model(scale, state)
+    for backend in (b for b in BACKENDS if b not in ("auto", "torch")):
+        for mode in ("fp32", "bf16", "fp16", "tf32"):
+            if mode == "tf32" and backend not in measure.TF32_BACKENDS:
+                continue
+            why = available(scale.device, measure.engine_precision(mode), [backend])[backend]
+            yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
+    yield "notes", lambda: state["notes"]
+
+
+def _device_name(scale) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
 
 
 CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "latency": _latency,
-                  "throughput": _throughput}
+                  "throughput": _throughput, "parity": _parity, "peers": _peers, "matrix": _matrix, "backends": _backends}
 
 
 def run_child(name: str, work_dir: Path) -> int:
     """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
-    path = _section_json(work_dir, name)
-    data: dict = {}
-
-    def log(msg):
-        print(msg, flush=True)
-
+    path, data = _section_json(work_dir, name), {}
+    scale = SMOKE if os.environ.get(SMOKE_ENV) == "1" else GPU
     try:
-        for key, fn in CHILD_SECTIONS[name](data):
-            log(f"[{time.strftime('%H:%M:%S')}] {name}.{key}")
-            value = run_section(data, key, fn, log, out=path)
+        for key, fn in CHILD_SECTIONS[name](scale, {}):
+            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
+            value = run_part(data, key, fn, out=path)
             if value is not None:
-                log(json.dumps(value, default=str)[:2000])
+                print(json.dumps(value, default=str)[:2000], flush=True)
     except Exception as exc:  # an import or setup failure outside the parts
         data.setdefault("errors", {})[name] = error_record(exc)
-        log(data["errors"][name]["traceback"])
+        print(data["errors"][name]["traceback"], flush=True)
     write_json(path, data)
     return 1 if data.get("errors") else 0
+
+
+def _section_json(work_dir, name: str) -> Path:
+    return Path(work_dir) / "sections" / f"{name}.json"
 
 
 # ---- pytest sections ------------------------------------------------------------------------------
@@ -345,18 +580,14 @@ def parse_junit(path: Path) -> dict:
     failed, skips, props = [], {}, {}
     for case in root.iter("testcase"):
         test = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for tag in ("failure", "error"):
-            for node in case.findall(tag):
-                message = (node.get("message") or node.text or "").strip()
-                failed.append({"test": test, "kind": tag, "message": message[:600]})
+        for node in case.findall("failure") + case.findall("error"):
+            failed.append({"test": test, "kind": node.tag, "message": (node.get("message") or node.text or "").strip()[:600]})
         for node in case.findall("skipped"):
             reason = (node.get("message") or "").strip()[:300]
             skips[reason] = skips.get(reason, 0) + 1
-        recorded = {p.get("name"): p.get("value") for p in case.iter("property")}
-        if recorded:
+        if recorded := {p.get("name"): p.get("value") for p in case.iter("property")}:
             props[test] = recorded
-    out.update(failed=failed, skip_reasons=skips, properties=props)
-    return out
+    return dict(out, failed=failed, skip_reasons=skips, properties=props)
 
 
 _RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
@@ -365,45 +596,55 @@ _RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPA
 def parse_pytest_log(text: str) -> dict:
     """Per-outcome counts and the failed tests from ``pytest -v`` output (for a run cut short)."""
     counts, failed = {}, []
-    for line in text.splitlines():
-        m = _RESULT_LINE.match(line)
-        if m:
-            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-            if m.group(2) in ("FAILED", "ERROR"):
-                failed.append(m.group(1))
+    for m in filter(None, map(_RESULT_LINE.match, text.splitlines())):
+        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+        if m.group(2) in ("FAILED", "ERROR"):
+            failed.append(m.group(1))
     return {"counts_from_log": counts, "failed": failed}
 
 
+# ---- the orchestrating parent -------------------------------------------------------------------
+@dataclass
+class Section:
+    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
+    ``collect(work_dir, output)`` turns what it left (and its output so far) into the JSON's
+    ``data``. ``needs_gpu``: skipped without one, unless ``smokes`` (then run at the smoke scale)."""
+
+    name: str
+    budget_s: float
+    needs_gpu: bool
+    argv: Callable[[Path], list]
+    collect: Callable[[Path, str], dict] | None = None
+    smokes: bool = False
+
+
 def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None) -> Section:
-    def junit(work_dir: Path) -> Path:
+    def junit(work_dir) -> Path:
         return Path(work_dir) / "junit" / f"{name}.xml"
 
-    def argv(work_dir: Path) -> list:
+    def argv(work_dir) -> list:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
                "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit(work_dir)}"]
         return cmd + (["-k", tests_k] if tests_k else [])
 
-    def collect(work_dir: Path, output: str) -> dict:
+    def collect(work_dir, output: str) -> dict:
         data = parse_junit(junit(work_dir)) if junit(work_dir).is_file() else parse_pytest_log(output)
-        data["command"] = shlex.join(argv(work_dir)[1:])
-        return data
+        return dict(data, command=shlex.join(argv(work_dir)[1:]))
 
     return Section(name, budget_s, True, argv, collect)
 
 
 def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
-    def collect(work_dir: Path, output: str) -> dict:
+    def collect(work_dir, output: str) -> dict:
         path = _section_json(work_dir, name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    return Section(name, budget_s, needs_gpu,
-                   lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work",
-                                     str(work_dir)],
-                   collect)
+    argv = lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work", str(work_dir)]  # noqa: E731
+    return Section(name, budget_s, needs_gpu, argv, collect, smokes=needs_gpu)
 
 
 def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
-    """The check's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
+    """The one command's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
     return [
         child_section("environment", 30, needs_gpu=False),
         child_section("driver_probe", 30, needs_gpu=False),
@@ -415,16 +656,22 @@ def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
     ]
 
 
-# ---- the orchestrating parent -------------------------------------------------------------------
-def _tail(text: str, n: int = TAIL_LINES) -> str:
+def later_sections() -> list[Section]:
+    """The full bench, run only when named in --only (each is cut at its budget: its parts are
+    ordered by importance and each is saved as it ends)."""
+    return [child_section("parity", 90, True), child_section("peers", 520, True), child_section("matrix", 520, True),
+            child_section("backends", 520, True)]
+
+
+def _tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def _child_env() -> dict:
+def _child_env(smoke: bool) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, not the interpreter
     env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
     return env
 
 
@@ -432,11 +679,10 @@ class Stopped(Exception):
     """SIGTERM (the device command's ``timeout``): the running section was killed, the JSON written."""
 
 
-def _run(section: Section, work_dir: Path, timeout: float, log, progress) -> dict:
+def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke: bool = False) -> dict:
     """Run one section with its output appended to the open gpu_check.log ``log``; every POLL_S
     seconds ``progress(partial record)`` sees what it has collected so far."""
-    t0 = time.perf_counter()
-    argv = section.argv(work_dir)
+    t0, argv = time.perf_counter(), section.argv(work_dir)
     record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv)), "status": "running"}
     log.write(f"----- {section.name} output -----\n")
     log.flush()
@@ -456,7 +702,7 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress) -> dic
                 record["collect_error"] = f"{type(exc).__name__}: {exc}"
 
     try:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(),
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(smoke),
                                 start_new_session=True)
     except OSError as exc:
         return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
@@ -494,7 +740,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                  mode_note: str = "", echo=print, work_dir=None) -> dict:
     """Run ``sections`` in order, each in its own process with min(its budget, the time left);
     write out_dir/gpu_check.json after each (and every POLL_S seconds while one runs) and every
-    section's output to out_dir/gpu_check.log as it comes: those two files, nothing else, go to
+    section's output to out_dir/gpu_check.log: those two files and nothing else go to
     ``out_dir``; junit files and the children's JSON go to ``work_dir`` (default: a temporary
     folder). On SIGTERM the running section is killed and recorded as such, and the JSON written.
     ``gpu=None``: decided after the environment section (torch.cuda.is_available() there)."""
@@ -515,6 +761,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
             results["sections"][name] = record
             results["summary"][name] = record["status"]
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        results["measured"] = measured(results)
         write_json(json_path, results)
 
     def stop(signum, frame):
@@ -535,7 +782,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 if section.needs_gpu and gpu is None:
                     gpu = results["gpu"] = _gpu_from(results)
                     set_mode()
-                if section.needs_gpu and not gpu:
+                if section.needs_gpu and not gpu and not section.smokes:
                     record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
                 elif left < MIN_SECTION_S:
                     record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
@@ -544,7 +791,8 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                     budget = min(section.budget_s, left)
                     say(f"section {section.name}: start (budget {budget:.0f} s)")
                     try:
-                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r))
+                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r),
+                                      smoke=section.needs_gpu and not gpu)
                     except Stopped:
                         save(section.name, results["sections"].get(section.name, {"status": "killed"}))
                         raise
@@ -566,19 +814,39 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
     return results
 
 
+def measured(results: dict) -> dict:
+    """What the sections measured, gathered for bench/report.py: device, versions, rows by kind,
+    host_us_per_step, flops_per_image_step, matmul_peak_tflops."""
+    data = {name: record.get("data") or {} for name, record in results.get("sections", {}).items()}
+    env, tput = data.get("environment", {}), data.get("throughput", {})
+    out = {"device": next((d["model"]["device"] for d in data.values() if isinstance(d.get("model"), dict)
+                           and "device" in d["model"]), (env.get("torch") or {}).get("device")),
+           "versions": env.get("versions"), "host_us_per_step": data.get("latency", {}).get("host_us_per_step"),
+           "flops_per_image_step": {"cifar10": f} if (f := (tput.get("model") or {}).get("flops_per_image_step")) else None,
+           "matmul_peak_tflops": tput.get("matmul_peak_tflops_bf16"), "latency": [], "throughput": [], "peers": [],
+           "parity": []}
+    for section, parts in data.items():
+        for part, value in parts.items():
+            for row in value if isinstance(value, list) else [value]:
+                if isinstance(row, dict) and row.get("kind") in ("latency", "throughput", "peers", "parity"):
+                    out[row["kind"]].append(dict(row, section=f"{section}.{part}"))
+    return out
+
+
 def headline_lines(results: dict) -> list[str]:
     """The headline numbers as short lines (the device reply shows the end of the output)."""
-    lines = []
-    latency = results["sections"].get("latency", {}).get("data", {})
-    for key in (*LATENCY_DRIVERS, "diffusers_ddpm_pipeline_fp32"):
-        if isinstance(latency.get(key), dict) and "seconds" in latency[key]:
-            lines.append(f"latency b1 DDPM-{HEADLINE_STEPS} fp32 {key}: {latency[key]['seconds']:.3f} s")
-    throughput = results["sections"].get("throughput", {}).get("data", {})
-    for key, value in throughput.items():
-        if isinstance(value, dict) and "images_per_s" in value:
-            lines.append(f"throughput {key} ({value['driver']}): {value['images_per_s']:.1f} images/s")
-    if isinstance(throughput.get("matmul_peak_tflops_bf16"), (int, float)):
-        lines.append(f"bf16 matmul peak: {throughput['matmul_peak_tflops_bf16']:.0f} TFLOP/s")
+    m = results.get("measured") or measured(results)
+    lines = [f"latency b1 {r['sampler']}-{r['steps']} {r['precision']} {r['driver']}: {r['seconds']:.3f} s"
+             for r in m["latency"] if r["section"].startswith("latency.")]
+    lines += [f"peer {r['name']} b{r['batch']} {r['precision']}: {r['seconds']:.3f} s per {r['steps']} steps"
+              for r in m["peers"] if r["section"].startswith("latency.")]
+    lines += [f"throughput b{r['batch']} {r['precision']} ({r['driver']}): {r['images_per_s']:.1f} images/s"
+              for r in m["throughput"] if r["section"].startswith("throughput.")]
+    if isinstance(m["matmul_peak_tflops"], (int, float)):
+        lines.append(f"bf16 matmul peak: {m['matmul_peak_tflops']:.0f} TFLOP/s")
+    if m["host_us_per_step"]:
+        lines.append("host µs per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
+                                                       if isinstance(v, (int, float))))
     return lines
 
 
@@ -606,13 +874,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.log (nothing else is written there)")
     ap.add_argument("--work", default=None, help="folder for the junit files and the sections' own JSON "
                                                  "(default: a new temporary folder)")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="run only the sections that need no GPU (automatic when torch sees no CUDA device)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections and run the measuring ones "
+                    "small on the CPU (automatic when torch sees no CUDA device)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
-    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
-    ap.add_argument("--failed-in", default=None, metavar="JSON",
-                    help="print the --only value that reruns the sections of this gpu_check.json that did not "
-                         "end ok, and exit")
+    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: the one "
+                    "command's; the full bench's sections run only when named)")
+    ap.add_argument("--failed-in", default=None, metavar="JSON", help="print the --only value that reruns the "
+                    "sections of this gpu_check.json that did not end ok, and exit")
     ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k expression for the test sections "
                     "('' for all, e.g. to include the AOTI cases)")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one child section
@@ -628,11 +896,11 @@ def main(argv=None) -> int:
         ap.error("--out is required")
     sections = default_sections(args.tests_k or None)
     if args.only:
+        every = sections + later_sections()
         wanted = {s.strip() for s in args.only.split(",") if s.strip()}
-        unknown = wanted - {s.name for s in sections}
-        if unknown:
-            ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in sections]}")
-        sections = [s for s in sections if s.name in wanted]
+        if unknown := wanted - {s.name for s in every}:
+            ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in every]}")
+        sections = [s for s in every if s.name in wanted]
     gpu = False if args.cpu_smoke else None
     note = "--cpu-smoke given" if args.cpu_smoke else "torch.cuda.is_available() is False"
     results = run_sections(sections, Path(args.out), args.budget_s, gpu, note, work_dir=args.work)

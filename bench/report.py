@@ -1,6 +1,6 @@
-"""Turn a bench results JSON (python -m bench.gpu_suite writes them) into a markdown report and a plot.
+"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report and a plot.
 
-    python -m bench.report bench/results/2026-11-23-NVIDIA_H100.json   # writes .md and .png beside it
+    python -m bench.report bench/results/2026-12-04-H200.json   # writes .md and .png beside it
 
 The markdown has the device and versions, issue 10's latency target (best engine DDPM-1000 at
 batch 1 against DDPMPipeline fp32), the parity table, host time per step by driver, the latency
@@ -18,7 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-HOST_DRIVERS = ("python", "python_graph", "c_driver", "graph_loop")
+from ddpm_engine.engine import DRIVERS
+
+from bench.measure import MODES
+
+HOST_DRIVERS = ("eager", "python", "c", "graph_loop")
+TITLE_VERSIONS = ("torch", "cuda", "cudnn", "triton", "onnxruntime", "tensorrt", "diffusers")
 
 
 def _fmt(v, digits=3) -> str:
@@ -38,8 +43,8 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def title(results: dict) -> str:
-    v = results.get("versions", {})
-    names = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    v = results.get("versions") or {}
+    names = ", ".join(f"{k} {v[k]}" for k in TITLE_VERSIONS if v.get(k) and not str(v[k]).startswith("NOT"))
     return f"{results.get('device', 'unknown device')}, {results.get('date', 'undated')}" + (f" ({names})" if names else "")
 
 
@@ -57,7 +62,7 @@ def mfu(images_per_s: float, steps: int, results: dict, model: str | None = None
     return images_per_s * steps * flops / (peak * 1e12)
 
 
-ORDER = {name: k for k, name in enumerate(("fp32", "tf32", "fp16", "bf16", "auto", "eager", *HOST_DRIVERS))}
+ORDER = {name: k for k, name in enumerate((*MODES, *DRIVERS))}
 
 
 def _key(r: dict) -> tuple:
@@ -167,8 +172,8 @@ def markdown(results: dict) -> str:
     if results.get("peers"):
         lines += ["## Peers (engine: the fastest engine row at the same model, precision, batch and steps)", ""]
         lines += peers_table(results)
-    if results.get("sections_left"):
-        lines += [f"Sections not run yet: {', '.join(results['sections_left'])}", ""]
+    if results.get("not_ok"):
+        lines += [f"Sections that did not end ok: {', '.join(results['not_ok'])}", ""]
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -203,8 +208,8 @@ def plot(results: dict, path) -> Path:
     models = sorted({r.get("model", "cifar10") for r in results.get("latency", []) + results.get("throughput", [])}) \
         or ["cifar10"]
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
-    colours = {"fp32": "C0", "tf32": "C1", "fp16": "C2", "bf16": "C3"}
-    styles = {"auto": "-", "eager": ":", "python_graph": "-.", "c_driver": "--", "graph_loop": (0, (1, 1))}
+    colours = {mode: f"C{k}" for k, mode in enumerate(MODES)}
+    styles = dict(zip(DRIVERS, ("-", ":", "-.", "--", (0, (1, 1)))))
     for (ax_lat, ax_tput), model in zip(axes, models):
         for label, pts in sorted(request_points(results, model).items()):
             parts = label.split()
@@ -234,9 +239,13 @@ def plot(results: dict, path) -> Path:
 
 
 def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
-    """Write <stem>.md and <stem>.png for a results JSON; returns their paths."""
+    """Write <stem>.md and <stem>.png for a results JSON (its ``measured``, where gpu_check wrote
+    one); returns their paths."""
     results_path = Path(results_path)
     results = json.loads(results_path.read_text())
+    if "measured" in results:
+        results = dict(results["measured"], date=results["started"][:10],
+                       not_ok=[name for name, status in results["summary"].items() if status != "ok"])
     out_dir = Path(out_dir) if out_dir is not None else results_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{results_path.stem}.md"
@@ -247,7 +256,7 @@ def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="a results JSON written by python -m bench.gpu_suite")
+    ap.add_argument("results", help="a results JSON written by python -m bench.gpu_check")
     ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
     args = ap.parse_args(argv)
     md, png = write_report(args.results, args.out_dir)
