@@ -1,21 +1,13 @@
-"""The GPU bench: verification and the headline numbers in one device call, and the full matrix later.
+"""The GPU bench: verification and the headline numbers in one device call, the full matrix in later ones.
 
-    python -m bench.gpu_check --out DIR                  # on the GPU machine: the default sections
-    python -m bench.gpu_check --out DIR --cpu-smoke      # anywhere: the same steps, small, on the CPU
-    python -m bench.gpu_check --out DIR --only matrix,peers --budget-s 520   # the full bench, later
-    python -m bench.gpu_check --failed-in gpu_check.json # the --only value of a warm rerun
+    python -m bench.gpu_check --out DIR                   # on the GPU machine: the one command's sections
+    python -m bench.gpu_check --out DIR --cpu-smoke       # anywhere: the same steps, small, on the CPU
+    python -m bench.gpu_check --out DIR --only matrix     # a full-bench section, in a later call
+    python -m bench.gpu_check --failed-in gpu_check.json  # the --only value of a warm rerun
 
-Writes DIR/gpu_check.json and DIR/gpu_check.log and nothing else into DIR (a device call returns
-at most 8 files). The log gets every section's output as it comes; the JSON is rewritten after
-each section and every POLL_S seconds while one runs, so a call cut short (SIGTERM from
-``timeout``: the running section is killed and recorded as "killed") still returns what was
-measured. Every section runs in its own process with its own budget, inside a total budget: a
-crash, a hang or a CUDA error is recorded and the next section runs. Without CUDA (or with
---cpu-smoke) the test sections are skipped and the measuring ones run at the CPU smoke scale
-(``SMOKE``: a few steps, tiny batches; their numbers measure nothing). The JSON's ``measured``
-gathers the results: device, versions, latency / throughput / peers / parity rows,
-host_us_per_step, flops_per_image_step, matmul_peak_tflops (bench/report.py renders them).
-bench/README.md is the runbook and lists the sections.
+Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else. Each
+section runs in its own process with its own budget; its parts are saved one by one. The JSON's
+``measured`` gathers what they measured for bench/report.py. bench/README.md is the runbook.
 """
 
 from __future__ import annotations
@@ -240,13 +232,11 @@ def _environment(scale, state):
     from ddpm_engine.testing import versions
 
     def torch_info():
-        info = {"cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
-        if torch.cuda.is_available():
-            torch.cuda.init()
-            props = torch.cuda.get_device_properties(0)
-            info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                        memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
-        return info
+        if not torch.cuda.is_available():
+            return {"cuda_available": False, "device_count": torch.cuda.device_count()}
+        p = torch.cuda.get_device_properties(0)
+        return {"cuda_available": True, "device_count": torch.cuda.device_count(), "device": p.name, "capability":
+                f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count}
 
     yield "versions", lambda: dict(versions(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                                    triton=_module_version("triton"), tensorrt=_module_version("tensorrt"),
@@ -400,35 +390,29 @@ def _latency(scale, state):
 
 
 def host_us_per_step(scale) -> dict:
-    """Wall µs per step with a tiny model at batch 1, for each driver of the engine that runs a
-    loop (eager, and the graph drivers replaying one captured step)."""
+    """Wall µs per step of each driver that runs a loop (eager; the graph drivers replaying one
+    captured step) with a tiny model at batch 1: the host's cost per step."""
     import torch
 
-    from ddpm_engine import Engine
+    from ddpm_engine.checkpoints import from_module
     from ddpm_engine.models import SeedUNet
 
     from bench import measure
 
     torch.manual_seed(0)
-    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device=scale.device)
-    try:
+    with measure.built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
         run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
-        out = {"eager": 1e6 * measure.sync_time(run, device=scale.device) / scale.host_steps}
-        why = measure.graphs_refusal(eng)
+        out, why = {"eager": 1e6 * measure.sync_time(run, device=scale.device) / scale.host_steps}, measure.graphs_refusal(eng)
         graphed = None if why else measure.graphed_sampler(eng, "ddim", scale.host_steps, 1)
         for driver in measure.GRAPH_DRIVERS:
             try:
-                if why:
-                    raise RuntimeError(why)
-                res = measure.host_us_per_step(graphed, [1], driver, reps=3)
-                out[driver] = res["wall_us_per_step"]
-                if "enqueue_us_per_step" in res:
-                    out[f"{driver}_enqueue"] = res["enqueue_us_per_step"]
+                res = measure.host_us_per_step(graphed, [1], driver, reps=3) if graphed else {}
+                out[driver] = res.get("wall_us_per_step")
+                out.update({f"{driver}_enqueue": res["enqueue_us_per_step"]} if "enqueue_us_per_step" in res else {})
             except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
-                out[driver] = None
-                out.setdefault("errors", {})[driver] = f"{type(exc).__name__}: {exc}"
-    finally:
-        eng.close()
+                out[driver], why = None, f"{type(exc).__name__}: {exc}"
+            if out[driver] is None:
+                out.setdefault("errors", {})[driver] = why
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_engine import Engine, cpu
+from ddpm_engine import Engine, backends, cpu
 from ddpm_engine.data import DigitsJudge
 
 CONFIGS = [("ddpm", 1000)] + [(sampler, steps) for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--n", type=int, default=500, help="samples per configuration")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--backend", default="auto", choices=backends.BACKENDS)
+    ap.add_argument("--precision", default="fp32", choices=list(backends.PRECISIONS))
     ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: DDPM-1000, then each "
                     "few-step sampler at 5, 10, 15 and 20 steps)")
     args = ap.parse_args(argv)
