@@ -439,39 +439,6 @@ def _throughput(scale, state):
         yield f"b{scale.batch}_{mode}", lambda m=mode: rate(m)
 
 
-def _parity(scale, state):
-    """Each bench precision of the torch backend against eager fp32 (TF32 off, deterministic cuDNN):
-    the model output's eps_rel_err and a whole DDPM run's image difference; the C driver at fp32."""
-    from bench import measure
-
-    def reference():
-        loaded = state["loaded"]
-        with measure.exact_fp32(), measure.built(loaded, "torch", "fp32", scale.device) as eng:
-            state["ref"] = eng.backend
-            state["images"] = eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps, driver="eager")
-        return {"seeds": state["seeds"], "steps": scale.steps}
-
-    def row(mode):
-        loaded, rows = state["loaded"], []
-        with measure.exact_fp32(), measure.built(loaded, "torch", mode, scale.device) as eng:
-            rows.append({"kind": "parity", "model": loaded.name, "backend": "torch", "precision": mode, "driver": "eager",
-                         "eps_rel_err": measure.eps_rel_err(eng.backend, state["ref"], loaded.sample_shape, scale.device),
-                         **measure.image_diff(eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps,
-                                                         driver="eager"), state["images"])})
-            if mode == "fp32" and measure.graphs_refusal(eng) is None:
-                images = eng.sample(state["seeds"], sampler="ddpm", steps=scale.steps, driver="c")
-                rows.append(dict(rows[0], driver="c", **measure.image_diff(images, state["images"])))
-        return rows
-
-    import random
-
-    state["seeds"] = [random.getrandbits(63) for _ in range(4)]
-    yield _model(scale, state)
-    yield "reference", reference
-    for mode in measure.MODES:
-        yield mode, lambda m=mode: row(m)
-
-
 def _peers(scale, state):
     """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
     (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
@@ -486,41 +453,32 @@ def _peers(scale, state):
     yield "notes", lambda: state["notes"]
 
 
-def _matrix(scale, state):
-    """The torch backend at every bench precision: latency (one step, DDIM-50, DDPM-1000 at batch 1)
-    and throughput (batches 64, 256 and the largest that fits) for every driver of the engine."""
-    yield _model(scale, state)
-    for kind, rows in (("latency", latency_rows), ("throughput", throughput_rows)):
-        for mode in ("fp32", "bf16", "tf32", "fp16"):
-            yield f"{kind}_{mode}", lambda m=mode, f=rows: f(state["loaded"], "torch", m, scale, state["notes"])
-    yield "notes", lambda: state["notes"]
-
-
-def _backends(scale, state):
-    """The other backends (each where ``backends.available`` says it runs, at the precisions it
-    runs): latency, throughput and parity of one engine setting per part, its compile paid once."""
-    from ddpm_engine.backends import BACKENDS, available
+def _matrix(scale, state, backends=("torch",)):
+    """Latency (one step, DDIM-50, DDPM-1000 at batch 1) and throughput (batches 64, 256 and the
+    largest that fits) for every driver, of each of ``backends`` where ``backends.available``
+    says it runs, at each bench precision it runs (TF32 reaches torch and AOTI only)."""
+    from ddpm_engine.backends import available
 
     from bench import measure
 
     def rows(backend, mode):
-        loaded = state["loaded"]
-        out = latency_rows(loaded, backend, mode, scale, state["notes"]) + throughput_rows(
-            loaded, backend, mode, scale, state["notes"])
-        with measure.exact_fp32(), measure.built(loaded, "torch", "fp32", scale.device) as ref, \
-                measure.built(loaded, backend, mode, scale.device) as eng:
-            out.append({"kind": "parity", "model": loaded.name, "backend": backend, "precision": mode, "driver": "eager",
-                        "eps_rel_err": measure.eps_rel_err(eng.backend, ref.backend, loaded.sample_shape, scale.device)})
-        return out
+        return (latency_rows(state["loaded"], backend, mode, scale, state["notes"])
+                + throughput_rows(state["loaded"], backend, mode, scale, state["notes"]))
 
     yield _model(scale, state)
-    for backend in (b for b in BACKENDS if b not in ("auto", "torch")):
-        for mode in ("fp32", "bf16", "fp16", "tf32"):
-            if mode == "tf32" and backend not in measure.TF32_BACKENDS:
-                continue
-            why = available(scale.device, measure.engine_precision(mode), [backend])[backend]
-            yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
+    for backend in backends:
+        for mode in ("fp32", "bf16", "tf32", "fp16"):
+            if mode != "tf32" or backend in measure.TF32_BACKENDS:
+                why = available(scale.device, measure.engine_precision(mode), [backend])[backend]
+                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
     yield "notes", lambda: state["notes"]
+
+
+def _backends(scale, state):
+    """The matrix of the other backends (the compiled ones: each compile, cached on disk, paid once)."""
+    from ddpm_engine.backends import BACKENDS
+
+    return _matrix(scale, state, [b for b in BACKENDS if b not in ("auto", "torch")])
 
 
 def _device_name(scale) -> str:
@@ -530,7 +488,7 @@ def _device_name(scale) -> str:
 
 
 CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "latency": _latency,
-                  "throughput": _throughput, "parity": _parity, "peers": _peers, "matrix": _matrix, "backends": _backends}
+                  "throughput": _throughput, "peers": _peers, "matrix": _matrix, "backends": _backends}
 
 
 def run_child(name: str, work_dir: Path) -> int:
@@ -643,8 +601,7 @@ def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
 def later_sections() -> list[Section]:
     """The full bench, run only when named in --only (each is cut at its budget: its parts are
     ordered by importance and each is saved as it ends)."""
-    return [child_section("parity", 90, True), child_section("peers", 520, True), child_section("matrix", 520, True),
-            child_section("backends", 520, True)]
+    return [child_section(name, 520, True) for name in ("peers", "matrix", "backends")]
 
 
 def _tail(text: str, n: int = 40) -> str:
@@ -814,6 +771,13 @@ def measured(results: dict) -> dict:
             for row in value if isinstance(value, list) else [value]:
                 if isinstance(row, dict) and row.get("kind") in ("latency", "throughput", "peers", "parity"):
                     out[row["kind"]].append(dict(row, section=f"{section}.{part}"))
+    parity = {}  # the GPU parity tests record eps_rel_err, image_max_abs and psnr_db per model/backend/precision
+    for test, props in data.get("tests_gpu", {}).get("properties", {}).items():
+        if m := re.search(r"matches_eager_fp32\[(\w+)-(\w+)-(\w+)\]$", test):
+            row = parity.setdefault(m.groups(), dict(zip(("model", "backend", "precision"), m.groups()), kind="parity",
+                                                     driver="auto", section="tests_gpu"))
+            row.update({k: float(v) for k, v in props.items()})
+    out["parity"] += parity.values()
     return out
 
 

@@ -301,12 +301,18 @@ def test_measured_gathers_the_rows_and_the_headline_repeats_them():
         "latency": {"data": {"c": row, "python": {"skipped": "why"}, "host_us_per_step": {"eager": 900.0, "c": 4.0}}},
         "throughput": {"data": {"matmul_peak_tflops_bf16": 750.0, "model": {"flops_per_image_step": 1.2e10},
                                 "b256_bf16": tput}},
-        "matrix": {"data": {"latency_fp32": [row, dict(row, driver="eager")]}}}}
+        "matrix": {"data": {"torch_fp32": [row, dict(row, driver="eager")]}},
+        "tests_gpu": {"data": {"properties": {
+            "tests.gpu.test_gpu_parity::test_model_output_matches_eager_fp32[cifar10-aoti-bf16]": {"eps_rel_err": "0.01"},
+            "tests.gpu.test_gpu_parity::test_ddpm_1000_run_matches_eager_fp32[cifar10-aoti-bf16]": {
+                "image_max_abs": "0.2", "psnr_db": "35.5"}}}}}}
     m = gpu_check.measured(results)
     assert m["device"] == "NVIDIA H200" and m["versions"] == {"torch": "2.11"} and m["matmul_peak_tflops"] == 750.0
     assert m["flops_per_image_step"] == {"cifar10": 1.2e10} and m["host_us_per_step"]["c"] == 4.0
-    assert [r["section"] for r in m["latency"]] == ["latency.c", "matrix.latency_fp32", "matrix.latency_fp32"]
-    assert [r["section"] for r in m["throughput"]] == ["throughput.b256_bf16"] and m["peers"] == m["parity"] == []
+    assert [r["section"] for r in m["latency"]] == ["latency.c", "matrix.torch_fp32", "matrix.torch_fp32"]
+    assert [r["section"] for r in m["throughput"]] == ["throughput.b256_bf16"] and m["peers"] == []
+    assert m["parity"] == [{"kind": "parity", "model": "cifar10", "backend": "aoti", "precision": "bf16", "driver": "auto",
+                            "section": "tests_gpu", "eps_rel_err": 0.01, "image_max_abs": 0.2, "psnr_db": 35.5}]
     assert gpu_check.headline_lines(results) == [
         "latency b1 ddpm-1000 fp32 c: 0.500 s", "throughput b256 bf16 (c): 900.0 images/s", "bf16 matmul peak: 750 TFLOP/s",
         "host µs per step: eager 900.0, c 4.0"]
