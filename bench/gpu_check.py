@@ -36,36 +36,10 @@ TOTAL_BUDGET_S = 460  # the device command allows 480 (timeout), plus the instal
 MIN_SECTION_S = 5  # a section with less time than this left is skipped
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
 DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
-FASTEST_FIRST = ("c", "python", "eager")  # the throughput headline takes the first driver that runs
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
 MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
            "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
            "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
-
-
-@dataclass(frozen=True)
-class Scale:
-    """What the measuring sections run: the GPU's settings, or the CPU smoke run's."""
-
-    device: str = "cuda"
-    steps: int = 1000  # DDPM-1000: the latency headline, and the step count images/s are given at
-    batch: int = 256  # the throughput headline's batch
-    steps_measured: int = 50  # steps timed per headline throughput run (every DDPM step does the same work)
-    latency: tuple = (("ddpm", 1), ("ddim", 50), ("ddpm", 1000))  # matrix: (sampler, steps) at batch 1
-    batches: tuple = (64, 256)  # matrix: throughput batches, and the largest that fits
-    matrix_steps: int = 20
-    largest_cap: int = 65536
-    largest_steps: int = 2
-    host_steps: int = 200
-    matmul: tuple = (8192, 50)  # n, iterations
-    compilers: tuple = (("torch.compile max-autotune", {"mode": "max-autotune"}),
-                        ("torch.compile reduce-overhead", {"mode": "reduce-overhead"}))
-
-
-GPU = Scale()
-SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), ("ddim", 2)), batches=(2,), matrix_steps=1,
-              largest_cap=4, largest_steps=1, host_steps=3, matmul=(64, 2),
-              compilers=(("torch.compile backend=eager", {"backend": "eager"}),))
 
 
 # ---- results recorded part by part ----------------------------------------------------------------
@@ -100,133 +74,8 @@ def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
     return value
 
 
-# ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
-def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """Seconds per request at batch 1 for each (sampler, steps) of ``scale.latency`` and driver."""
-    from ddpm_engine.engine import DRIVERS
-
-    from bench import measure
-
-    rows = []
-    with measure.built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"latency {backend}/{mode}")
-        for sampler, steps in scale.latency:
-            reps = 20 if steps <= 1 else 5 if steps <= 100 else 3
-            for driver, s in measure.time_drivers(eng, sampler, steps, 1, drivers, reps, steps <= 100, notes, log).items():
-                rows.append({"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-                             "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
-                             "reps": reps})
-    return rows
-
-
-def throughput_row(loaded, backend, mode, driver, batch, scale, steps_measured, seconds) -> dict:
-    per_step = seconds / steps_measured
-    return {"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-            "batch": batch, "steps": scale.steps, "steps_measured": steps_measured, "seconds_per_step": per_step,
-            "images_per_s": batch / (per_step * scale.steps)}
-
-
-def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """images/s at ``scale.steps`` DDPM steps for ``scale.batches`` and the largest batch that fits
-    (eager and the C driver only: the GPU is the bottleneck there), from short runs."""
-    from ddpm_engine.engine import DRIVERS
-
-    from bench import measure
-
-    rows = []
-    with measure.built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"throughput {backend}/{mode}")
-        largest, limit = measure.largest_batch(eng, max(scale.batches), scale.largest_cap)
-        runs = [(largest, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, 1)]
-        runs += [(b, drivers, scale.matrix_steps, 3) for b in scale.batches if b < largest]
-        for batch, batch_drivers, steps, reps in runs:  # the largest first, memory clean
-            for driver, s in measure.time_drivers(eng, "ddpm", steps, batch, batch_drivers, reps, True, notes, log).items():
-                row = throughput_row(loaded, backend, mode, driver, batch, scale, steps, s)
-                rows.append(dict(row, largest=batch == largest, **({"largest_limit": limit} if batch == largest else {})))
-            measure.free(scale.device)
-    return rows
-
-
-def usable(eng, drivers, notes, where) -> list:
-    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
-    from bench import measure
-
-    why = measure.graphs_refusal(eng)
-    if why is not None:
-        notes.append(f"{where}: {', '.join(d for d in drivers if d in measure.GRAPH_DRIVERS)} skipped: {why}")
-    return [d for d in drivers if why is None or d not in measure.GRAPH_DRIVERS]
-
-
-def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
-    """A peer's request of ``scale.steps`` DDPM steps, from a timed run of ``steps_measured`` steps."""
-    seconds = seconds_measured * scale.steps / steps_measured
-    return {"kind": "peers", "name": name, "model": loaded.name, "precision": precision, "batch": batch,
-            "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
-            "images_per_s": batch / seconds, **extra}
-
-
-def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
-    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler."""
-    import copy
-    import inspect
-
-    from ddpm_engine.backends import PRECISIONS
-    from ddpm_engine.errors import require
-
-    from bench import measure
-
-    diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
-    if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
-        raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
-                        f"{type(loaded.module).__name__}")
-    keys = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
-    scheduler = diffusers.DDPMScheduler(**{k: v for k, v in loaded.scheduler.to_dict().items() if k in keys})
-    try:
-        with measure.math_mode(precision):
-            unet = copy.deepcopy(loaded.module.unet).to(scale.device, PRECISIONS[precision])
-            pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
-            pipe.set_progress_bar_config(disable=True)
-            run = lambda n: pipe(batch_size=batch, num_inference_steps=n, output_type="np")  # noqa: E731
-            run(min(10, steps_measured))  # warm: cuDNN's first calls, the allocator
-            seconds = measure.sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
-    finally:
-        pipe = unet = None
-        measure.free(scale.device)
-    return peer_row("diffusers DDPMPipeline", loaded, precision, batch, scale, steps_measured, seconds)
-
-
-def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=print) -> list:
-    """The engine's eager loop (same step kernels) with its UNet under ``torch.compile(**kwargs)``
-    for each of ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
-    import torch
-    import torch._dynamo as dynamo
-
-    from bench import measure
-
-    rows, seeds = [], list(range(1, batch + 1))
-    for name, kwargs in scale.compilers:
-        try:
-            with measure.built(loaded, "torch", mode, scale.device, batching=False) as eng:
-                eng.backend.module = torch.compile(eng.backend.module, **kwargs)
-                run = lambda n: eng.sample(seeds, sampler="ddpm", steps=n, driver="eager")  # noqa: E731
-                t0 = time.perf_counter()
-                run(min(10, steps_measured))
-                measure.sync(scale.device)
-                compile_s = time.perf_counter() - t0
-                seconds = measure.sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
-            rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
-                                 compile_s=compile_s))
-        except Exception as exc:
-            notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
-            log(notes[-1])
-        finally:
-            dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
-            measure.free(scale.device)
-    return rows
-
-
 # ---- the sections that run in a child process (python -m bench.gpu_check --section NAME) -----------
-def _environment(scale, state):
+def _environment(state):
     import torch
 
     from ddpm_engine.testing import versions
@@ -309,7 +158,7 @@ def _installed_tree() -> dict:
     return {"locations": locations, "files_checked": checked, "matches_tree": not differs, "differs": differs[:30]}
 
 
-def _driver_probe(scale, state):
+def _driver_probe(state):
     import torch
 
     if torch.cuda.is_available():
@@ -344,159 +193,20 @@ def _driver_probe(scale, state):
     yield "graph_loop", loop
 
 
-def _model(scale, state):
-    """The CIFAR-10 UNet (random weights), loaded once per section."""
-    from bench import measure
-
-    def load():
-        state["loaded"] = measure.cifar_loaded(seed=0)
-        state["notes"] = []
-        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": _device_name(scale),
-                "scale": "gpu" if scale == GPU else "cpu smoke: numbers measure nothing"}
-
-    return "model", load
-
-
-def _latency(scale, state):
-    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver of the engine its own
-    part; the engine's fast_path() report; diffusers' DDPMPipeline fp32; the host's cost per step."""
-    from ddpm_engine.engine import DRIVERS
-
-    from bench import measure
-
-    def driver_row(driver):
-        with measure.built(state["loaded"], "torch", "fp32", scale.device) as eng:
-            if driver in measure.GRAPH_DRIVERS and (why := measure.graphs_refusal(eng)):
-                return {"skipped": why}
-            notes = []
-            seconds = measure.time_drivers(eng, "ddpm", scale.steps, 1, [driver], 3, True, notes).get(driver)
-        if seconds is None:
-            raise RuntimeError("; ".join(notes))
-        return {"kind": "latency", "model": "cifar10", "backend": "torch", "precision": "fp32", "driver": driver,
-                "batch": 1, "sampler": "ddpm", "steps": scale.steps, "seconds": seconds,
-                "ms_per_step": 1e3 * seconds / scale.steps, "reps": 3}
-
-    def fast_path():
-        with measure.built(state["loaded"], "torch", "fp32", scale.device, batching=False) as eng:
-            eng.sample([1], sampler="ddpm", steps=scale.steps)  # the default path, once
-            return eng.fast_path()
-
-    yield _model(scale, state)
-    for driver in DRIVERS:
-        yield driver, lambda d=driver: driver_row(d)
-    yield "fast_path", fast_path
-    yield "diffusers_ddpm_pipeline_fp32", lambda: diffusers_peer_row(state["loaded"], "fp32", 1, scale, scale.steps)
-    yield "host_us_per_step", lambda: host_us_per_step(scale)
-
-
-def host_us_per_step(scale) -> dict:
-    """Wall µs per step of each driver that runs a loop (eager; the graph drivers replaying one
-    captured step) with a tiny model at batch 1: the host's cost per step."""
-    import torch
-
-    from ddpm_engine.checkpoints import from_module
-    from ddpm_engine.models import SeedUNet
-
-    from bench import measure
-
-    torch.manual_seed(0)
-    with measure.built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
-        run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
-        out, why = {"eager": 1e6 * measure.sync_time(run, device=scale.device) / scale.host_steps}, measure.graphs_refusal(eng)
-        graphed = None if why else measure.graphed_sampler(eng, "ddim", scale.host_steps, 1)
-        for driver in measure.GRAPH_DRIVERS:
-            try:
-                res = measure.host_us_per_step(graphed, [1], driver, reps=3) if graphed else {}
-                out[driver] = res.get("wall_us_per_step")
-                out.update({f"{driver}_enqueue": res["enqueue_us_per_step"]} if "enqueue_us_per_step" in res else {})
-            except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
-                out[driver], why = None, f"{type(exc).__name__}: {exc}"
-            if out[driver] is None:
-                out.setdefault("errors", {})[driver] = why
-    return out
-
-
-def _throughput(scale, state):
-    """The bf16 matmul peak; images/s at 1000 DDPM steps at batch 256, fp32 and bf16, with the
-    fastest driver that runs, from runs of ``scale.steps_measured`` steps."""
-    from bench import measure
-
-    def rate(mode):
-        notes = []
-        with measure.built(state["loaded"], "torch", mode, scale.device) as eng:
-            for driver in usable(eng, FASTEST_FIRST, notes, f"throughput {mode}"):  # the first that runs is the row
-                times = measure.time_drivers(eng, "ddpm", scale.steps_measured, scale.batch, [driver], 3, True, notes)
-                if driver in times:
-                    row = throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
-                                         scale.steps_measured, times[driver])
-                    return dict(row, notes=notes)
-        raise RuntimeError("no driver ran: " + "; ".join(notes))
-
-    yield "matmul_peak_tflops_bf16", lambda: measure.matmul_peak_tflops(scale.device, *scale.matmul)
-    name, load = _model(scale, state)
-    yield name, lambda: dict(load(), flops_per_image_step=measure.flops_per_image_step(state["loaded"]))
-    for mode in ("fp32", "bf16"):
-        yield f"b{scale.batch}_{mode}", lambda m=mode: rate(m)
-
-
-def _peers(scale, state):
-    """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
-    (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
-    yield _model(scale, state)
-    for batch, measured in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
-        for precision in ("fp16",) if batch == 1 else ("fp32", "fp16"):
-            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=measured: diffusers_peer_row(
-                state["loaded"], p, b, scale, n)
-        for mode in ("fp32", "bf16", "fp16", "tf32"):
-            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=measured: compile_peer_rows(
-                state["loaded"], m, b, scale, n, state["notes"])
-    yield "notes", lambda: state["notes"]
-
-
-def _matrix(scale, state, backends=("torch",)):
-    """Latency (one step, DDIM-50, DDPM-1000 at batch 1) and throughput (batches 64, 256 and the
-    largest that fits) for every driver, of each of ``backends`` where ``backends.available``
-    says it runs, at each bench precision it runs (TF32 reaches torch and AOTI only)."""
-    from ddpm_engine.backends import available
-
-    from bench import measure
-
-    def rows(backend, mode):
-        return (latency_rows(state["loaded"], backend, mode, scale, state["notes"])
-                + throughput_rows(state["loaded"], backend, mode, scale, state["notes"]))
-
-    yield _model(scale, state)
-    for backend in backends:
-        for mode in ("fp32", "bf16", "tf32", "fp16"):
-            if mode != "tf32" or backend in measure.TF32_BACKENDS:
-                why = available(scale.device, measure.engine_precision(mode), [backend])[backend]
-                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
-    yield "notes", lambda: state["notes"]
-
-
-def _backends(scale, state):
-    """The matrix of the other backends (the compiled ones: each compile, cached on disk, paid once)."""
-    from ddpm_engine.backends import BACKENDS
-
-    return _matrix(scale, state, [b for b in BACKENDS if b not in ("auto", "torch")])
-
-
-def _device_name(scale) -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-
-
-CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "latency": _latency,
-                  "throughput": _throughput, "peers": _peers, "matrix": _matrix, "backends": _backends}
+CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
 
 
 def run_child(name: str, work_dir: Path) -> int:
     """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
     path, data = _section_json(work_dir, name), {}
-    scale = SMOKE if os.environ.get(SMOKE_ENV) == "1" else GPU
     try:
-        for key, fn in CHILD_SECTIONS[name](scale, {}):
+        if name in ("environment", "driver_probe"):
+            parts = (_environment if name == "environment" else _driver_probe)({})
+        else:  # torch and the engine are imported by the measuring sections' processes only
+            from bench import measure
+
+            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) == "1" else measure.GPU, {})
+        for key, fn in parts:
             print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
             value = run_part(data, key, fn, out=path)
             if value is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check
+from bench import gpu_check, measure
 from ddpm_engine.checkpoints import load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_cpu_smoke_runs_the_measuring_sections_small(tmp_path):
         assert latency["data"][driver] == {"skipped": "the graph drivers need CUDA"}
     m = results["measured"]
     assert [r["driver"] for r in m["latency"]] == [d for d in DRIVERS if d in ("auto", "eager")]
-    assert all(r["steps"] == gpu_check.SMOKE.steps and r["seconds"] > 0 for r in m["latency"])
+    assert all(r["steps"] == measure.SMOKE.steps and r["seconds"] > 0 for r in m["latency"])
     assert [(p["name"], p["precision"]) for p in m["peers"]] == [("diffusers DDPMPipeline", "fp32")]
     assert [(r["precision"], r["driver"], r["batch"]) for r in m["throughput"]] == [("fp32", "eager", 2), ("bf16", "eager", 2)]
     assert m["host_us_per_step"]["eager"] > 0 and m["matmul_peak_tflops"] > 0
@@ -139,7 +139,7 @@ def test_sigterm_kills_the_running_section_and_keeps_what_it_wrote(tmp_path):
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from bench import gpu_check
+        from bench import gpu_check, measure
         gpu_check.POLL_S = 0.2
         def collect(work, output):
             return {{"seen": output.count("tick")}}
@@ -218,7 +218,7 @@ def digits():
     return load("digits")
 
 
-QUICK = gpu_check.Scale("cpu", steps=3, latency=(("ddpm", 1), ("ddim", 2), ("ddpm", 3)), batches=(2, 4), matrix_steps=2,
+QUICK = measure.Scale("cpu", steps=3, latency=(("ddpm", 1), ("ddim", 2), ("ddpm", 3)), batches=(2, 4), matrix_steps=2,
                         largest_cap=8, largest_steps=1)
 
 
@@ -232,7 +232,7 @@ def check_rows(rows, kind, keys):
 
 def test_latency_rows_one_per_setting_and_cpu_driver(digits):
     notes = []
-    rows = gpu_check.latency_rows(digits, "torch", "tf32", QUICK, notes, log=lambda m: None)
+    rows = measure.latency_rows(digits, "torch", "tf32", QUICK, notes, log=lambda m: None)
     check_rows(rows, "latency", {"model", "backend", "precision", "driver", "batch", "sampler", "steps", "seconds",
                                  "ms_per_step", "reps"})
     assert sorted((r["sampler"], r["steps"], r["driver"]) for r in rows) == sorted(
@@ -243,7 +243,7 @@ def test_latency_rows_one_per_setting_and_cpu_driver(digits):
 
 
 def test_throughput_rows_cover_the_batches_and_the_largest(digits):
-    rows = gpu_check.throughput_rows(digits, "torch", "fp32", QUICK, [], log=lambda m: None)
+    rows = measure.throughput_rows(digits, "torch", "fp32", QUICK, [], log=lambda m: None)
     check_rows(rows, "throughput", {"model", "backend", "precision", "driver", "batch", "steps", "steps_measured",
                                     "seconds_per_step", "images_per_s", "largest"})
     by_batch = {}
@@ -269,13 +269,13 @@ def test_diffusers_peer_row_with_a_tiny_unet2d(digits):
                                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                                  layers_per_block=1, norm_num_groups=8).eval()
     loaded = from_module(DiffusersUNet(unet), CIFAR10_SCHEDULER_CONFIG, (1, 8, 8), "tiny")
-    row = gpu_check.diffusers_peer_row(loaded, "fp32", 2, QUICK, steps_measured=2)
+    row = measure.diffusers_peer_row(loaded, "fp32", 2, QUICK, steps_measured=2)
     check_rows([row], "peers", PEER_KEYS)
     assert (row["name"], row["precision"], row["batch"], row["steps"], row["steps_measured"]) == (
         "diffusers DDPMPipeline", "fp32", 2, 3, 2)
     assert row["images_per_s"] == pytest.approx(2 / row["seconds"])
     with pytest.raises(TypeError, match="UNet2DModel"):
-        gpu_check.diffusers_peer_row(digits, "fp32", 1, QUICK, 3)
+        measure.diffusers_peer_row(digits, "fp32", 1, QUICK, 3)
 
 
 def test_compile_peer_rows_run_the_compiled_unet(digits):
@@ -285,8 +285,8 @@ def test_compile_peer_rows_run_the_compiled_unet(digits):
         graphs.append(gm)
         return gm.forward
 
-    scale = gpu_check.Scale("cpu", steps=3, compilers=(("recording", {"backend": recording_backend}),))
-    rows = gpu_check.compile_peer_rows(digits, "bf16", 2, scale, 2, [], log=lambda m: None)
+    scale = measure.Scale("cpu", steps=3, compilers=(("recording", {"backend": recording_backend}),))
+    rows = measure.compile_peer_rows(digits, "bf16", 2, scale, 2, [], log=lambda m: None)
     check_rows(rows, "peers", PEER_KEYS | {"compile_s"})
     assert graphs, "torch.compile's backend was never called: the peer did not run the compiled module"
     assert [(r["name"], r["precision"], r["steps_measured"]) for r in rows] == [("recording (Python loop)", "bf16", 2)]
