@@ -196,7 +196,7 @@ def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=N
         out_of_memory = False
         try:
             if driver in GRAPH_DRIVERS:
-                graphed = graphed or graphed_sampler(eng, sampler, steps, batch)
+                graphed = graphed if graphed is not None else graphed_sampler(eng, sampler, steps, batch)
                 run = lambda d=driver: graphed.run(seeds, driver=d)  # noqa: E731
             else:
                 run = lambda d=driver: eng.sample(seeds, sampler=sampler, steps=steps, driver=d)  # noqa: E731
@@ -443,7 +443,6 @@ def section_latency(scale, state):
 def host_table(scale) -> dict:
     """Wall µs per step of each driver that runs a loop (eager; the graph drivers replaying one
     captured step) with a tiny model at batch 1: the host's cost per step."""
-
     torch.manual_seed(0)
     with built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
         run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
@@ -519,5 +518,4 @@ def section_backends(scale, state):
 
 
 def _device_name(scale) -> str:
-
     return torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
