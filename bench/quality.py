@@ -2,11 +2,9 @@
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
 
-For each (sampler, steps) it draws ``--n`` images from fixed seeds, asks ``DigitsJudge`` which
-look like digits, and records the pass rate, the class spread (recognised images per digit, and
-its normalised entropy: 1 = all ten digits equally often) and the wall time of the sampling on
-this machine, all from one run. Writes ``quality-<date>.json`` and ``quality-<date>.png`` (pass
-rate against network calls) into ``--out``.
+For each (sampler, steps): ``--n`` images from fixed seeds, the share ``DigitsJudge`` recognises,
+the class spread (per digit, and its normalised entropy: 1 = all ten equally often) and the wall
+time. Writes ``quality-<date>-<backend>-<precision>.json`` and ``.png`` into ``--out``.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ runs and torch.compile's compile are excluded.
 import os
 import random
 import statistics
-import time
 
 import pytest
 import torch
 
+from bench.measure import sync_time
 from ddpm_engine import Engine, backends, cpu, threads
 from ddpm_engine.testing import versions
 
@@ -89,12 +89,6 @@ def test_design_choices(benchmark, cifar32, monkeypatch):
     benchmark.pedantic(lambda: built[fastest](x, t), rounds=1, warmup_rounds=0, iterations=1)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def contenders(loaded, batch):
     """{name: run(steps)}: each samples ``batch`` fresh seeds with ``steps`` DDPM steps (respaced)."""
     diffusers = pytest.importorskip("diffusers")
@@ -127,6 +121,7 @@ def contenders(loaded, batch):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_sampling(benchmark, cifar32, batch):
     runs = contenders(cifar32, batch)
+    timed = lambda fn: sync_time(fn, 1, warm=False, device="cpu")  # noqa: E731  one call, its seconds
     warm = {name: timed(lambda: run(1)) for name, run in runs.items()}  # compiles torch.compile's UNets
     seconds = {name: [] for name in runs}
     for _ in range(E2E_ROUNDS):

@@ -12,10 +12,8 @@ each one's slowdown under load go to extra_info and are printed (``-s``).
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,13 +130,9 @@ def main(argv) -> int:
     if os.environ.get(TORCH_FIRST) == "1":
         import torch  # noqa: F401
     fn = workload_fn(argv[0])
-    fn()  # warm-up: exports, first-call allocations
-    times = []
-    for _ in range(int(argv[1])):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"median_s": statistics.median(times)}))
+    from bench.measure import sync_time  # after the engine: it decides OpenMP's policy before torch loads
+
+    print(json.dumps({"median_s": sync_time(fn, reps=int(argv[1]), device="cpu")}))  # after a warm-up call
     return 0
 
 
