@@ -503,7 +503,7 @@ def headline_lines(results: dict) -> list[str]:
     if isinstance(m["matmul_peak_tflops"], (int, float)):
         lines.append(f"bf16 matmul peak: {m['matmul_peak_tflops']:.0f} TFLOP/s")
     if m["host_us_per_step"]:
-        lines.append("host µs per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
+        lines.append("host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
                                                        if isinstance(v, (int, float))))
     return lines
 

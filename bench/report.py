@@ -209,7 +209,7 @@ def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
     out_dir = Path(out_dir) if out_dir is not None else results_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{results_path.stem}.md"
-    md.write_text(markdown(results))
+    md.write_text(markdown(results), encoding="utf-8")
     return md, plot(results, out_dir / f"{results_path.stem}.png")
 
 

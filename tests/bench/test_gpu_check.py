@@ -315,4 +315,4 @@ def test_measured_gathers_the_rows_and_the_headline_repeats_them():
                             "section": "tests_gpu", "eps_rel_err": 0.01, "image_max_abs": 0.2, "psnr_db": 35.5}]
     assert gpu_check.headline_lines(results) == [
         "latency b1 ddpm-1000 fp32 c: 0.500 s", "throughput b256 bf16 (c): 900.0 images/s", "bf16 matmul peak: 750 TFLOP/s",
-        "host µs per step: eager 900.0, c 4.0"]
+        "host us per step: eager 900.0, c 4.0"]
