@@ -1,15 +1,9 @@
-"""Models for the CPU bench: the digits-like SeedUNet at 16x16 and the DDPM CIFAR-10 UNet at 32x32,
-both with random weights (latency does not depend on them). ONNX exports go to a temporary
-cache unless $DDPM_ENGINE_CACHE is set.
-
-OpenMP's wait policy is set once per process, for the engine and its torch-based peers alike:
-- by default torch is imported first, so the peers (diffusers, torch.compile) run as their users
-  run them, with OpenMP's spinning default, and the engine, by its rule for that case, samples
-  its torch backend on one thread (its other backends run their own pools): ratios to the peers
-  are the conservative ones;
-- ``BENCH_ENGINE_FIRST=1`` imports ddpm_engine first, as README asks users: OpenMP's idle
-  threads sleep, which is the engine's torch default and slows the peers' many small calls.
-Each record names the case (``openmp_wait``: "spinning" or "engine")."""
+"""Models for the CPU bench (random weights: latency does not depend on them): the digits-like
+SeedUNet at 16x16 and the DDPM CIFAR-10 UNet at 32x32. ONNX exports go to a temporary cache
+unless $DDPM_ENGINE_CACHE is set. OpenMP's wait policy is set once per process: by default torch
+is imported first (the peers run as their users run them, spinning; the engine then samples its
+torch backend on one thread); ``BENCH_ENGINE_FIRST=1`` imports ddpm_engine first (idle threads
+sleep). Each record names the case (``openmp_wait``)."""
 
 import os
 import random

@@ -1,39 +1,13 @@
-"""One-call GPU verification and the headline numbers, in <= 8 minutes (one device call of 8.5).
+"""The GPU bench: verification and the headline numbers in one device call, the full matrix in later ones.
 
-    python -m bench.gpu_check --out DIR                # on the GPU machine (see README, "GPU verification")
-    python -m bench.gpu_check --out DIR --cpu-smoke    # anywhere: the sections that need no GPU
-    python -m bench.gpu_check --failed-in gpu_check.json   # here: the --only value of a warm rerun
+    python -m bench.gpu_check --out DIR                   # on the GPU machine: the one command's sections
+    python -m bench.gpu_check --out DIR --cpu-smoke       # anywhere: the same steps, small, on the CPU
+    python -m bench.gpu_check --out DIR --only matrix     # a full-bench section, in a later call
+    python -m bench.gpu_check --failed-in gpu_check.json  # the --only value of a warm rerun
 
-Writes DIR/gpu_check.json and DIR/gpu_check.log and nothing else into DIR (a device call returns
-at most 8 files): the log gets every section's output as it comes, the JSON is rewritten after
-each section and every POLL_S seconds while one runs, so a call cut short (``timeout``, SIGTERM:
-the running section is killed and recorded as "killed") still returns what was measured. Junit
-files and the sections' own JSON go to --work (default: a temporary folder). Every section runs in
-its own process with its own time budget, inside a total budget (default 460 s): a crash, a hang
-or a CUDA error in one section is recorded (status, exit code, the tail of its output) and the
-next one runs; a section that would start after the total budget is spent is skipped. Without
-CUDA (or with --cpu-smoke) the GPU sections are recorded as skipped with the reason.
-
-Sections:
-- environment: Python/torch/CUDA/cuDNN/triton/onnxruntime/diffusers versions, the GPU, nvidia-smi,
-  the CUDA libraries the process mapped (libcudart from /proc/self/maps), whether `import
-  tensorrt` works, which of diffusers' and pytest's dependencies import, and whether the
-  installed ddpm_engine matches this tree (a stale wheel would test old code).
-- driver_probe: builds the C driver and the graph loop (engine/cuda), the CUDA driver's version,
-  the device count, the graph loop's embedded device code and the libcudart it links.
-- tests_engine_cuda, tests_kernels, tests_gpu: `pytest -m "gpu or not gpu" <folder>` with
-  TRITON_INTERPRET unset; AOTI cases and the sm_90 compile test (CI runs it) are deselected
-  (`--tests-k`). Counts, failures, skip reasons and recorded properties (eps_rel_err, psnr_db)
-  from the junit XML, or from the verbose log if the budget ran out.
-- latency: the CIFAR-10 UNet (random weights), fp32 with TF32 off, batch 1, DDPM-1000 in full per
-  driver (eager, Python graph replay, the C driver, the graph loop, and the default path "auto"),
-  each driver a part of its own (bench.gpu_suite.latency_rows: the graph drivers replay a sampler
-  captured before the timing); the engine's ``fast_path()`` report; diffusers' DDPMPipeline fp32.
-- throughput: the bf16 matmul peak, then images/s at 1000 DDPM steps at batch 256, fp32 and
-  bf16, with the fastest driver that runs (C driver, else Python replay, else eager), from runs
-  of THROUGHPUT_STEPS steps (bench.gpu_suite.time_drivers).
-The full benchmark (peers under torch.compile, every precision and batch) is bench/gpu_suite.py:
-an optional, later call.
+Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else. Each
+section runs in its own process with its own budget; its parts are saved one by one. The JSON's
+``measured`` gathers what they measured for bench/report.py. bench/README.md is the runbook.
 """
 
 from __future__ import annotations
@@ -51,67 +25,73 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.sections import error_record, run_section, write_json
-
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 460  # the device command allows 480 (timeout), plus the install: 8.5 minutes
 MIN_SECTION_S = 5  # a section with less time than this left is skipped
-TAIL_LINES = 40
-DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
-HEADLINE_STEPS = 1000  # DDPM-1000
-LATENCY_DRIVERS = ("eager", "python_graph", "c_driver", "graph_loop", "auto")  # bench.gpu_suite's driver names
-THROUGHPUT_DRIVERS = ("c_driver", "python_graph", "eager")  # fastest first
-THROUGHPUT_BATCH = 256
-THROUGHPUT_STEPS = 50  # steps timed per throughput run (every DDPM step does the same device work)
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
+DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
+SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
 MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
            "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
            "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
 
 
-@dataclass
-class Section:
-    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
-    ``collect(work_dir, output)`` turns what it left behind (and its output so far) into the
-    JSON's ``data``."""
-
-    name: str
-    budget_s: float
-    needs_gpu: bool
-    argv: Callable[[Path], list]
-    collect: Callable[[Path, str], dict] | None = None
+# ---- results recorded part by part ----------------------------------------------------------------
+def error_record(exc: BaseException) -> dict:
+    """{'error': 'Type: message', 'traceback': full text} for an exception being handled."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-# ---- the sections that run inside a child process (python -m bench.gpu_check --section NAME) ------
-def _section_json(work_dir: Path, name: str) -> Path:
-    return Path(work_dir) / "sections" / f"{name}.json"
+def write_json(path, results: dict) -> Path:
+    """Write ``results`` as indented JSON (non-JSON values as their str), via a temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    return path
 
 
-def _environment(data):
+def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
+    """results[name] = fn(); on an exception results['errors'][name] = error_record(exc) instead,
+    and the next part runs. Wall seconds go to results['section_seconds'][name]; with ``out`` the
+    results are written there after. Returns fn()'s value, or None if it raised."""
+    t0, value = time.perf_counter(), None
+    try:
+        value = results[name] = fn()
+    except Exception as exc:  # a failing part is recorded; the next one runs
+        results.setdefault("errors", {})[name] = error_record(exc)
+        log(f"{name} failed: {results['errors'][name]['error']}\n{results['errors'][name]['traceback']}")
+    results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 3)
+    if out is not None:
+        write_json(out, results)
+    return value
+
+
+# ---- the sections that run in a child process (python -m bench.gpu_check --section NAME) -----------
+def _environment(state):
     import torch
 
-    def python():
-        return {"version": platform.python_version(), "executable": sys.executable, "platform": platform.platform()}
+    from ddpm_engine.testing import versions
 
     def torch_info():
-        info = {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
-        if torch.cuda.is_available():
-            torch.cuda.init()
-            props = torch.cuda.get_device_properties(0)
-            info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                        memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
-        return info
+        if not torch.cuda.is_available():
+            return {"cuda_available": False, "device_count": torch.cuda.device_count()}
+        p = torch.cuda.get_device_properties(0)
+        return {"cuda_available": True, "device_count": torch.cuda.device_count(), "device": p.name, "capability":
+                f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count}
 
-    yield "python", python
+    yield "versions", lambda: dict(versions(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                                   triton=_module_version("triton"), tensorrt=_module_version("tensorrt"),
+                                   executable=sys.executable, platform=platform.platform())
     yield "torch", torch_info
     yield "modules", lambda: {m: _module_version(m) for m in MODULES}
-    yield "tensorrt", _tensorrt_import
     yield "mapped_cuda_libraries", _mapped_cuda_libraries
     yield "nvidia_smi", _nvidia_smi
     yield "ddpm_engine", _installed_tree
@@ -134,14 +114,6 @@ def _module_version(name: str) -> str:
     return str(version)
 
 
-def _tensorrt_import() -> dict:
-    try:
-        import tensorrt
-    except Exception as exc:  # absent on the GPU image so far: recorded, not fatal
-        return {"importable": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"importable": True, "version": getattr(tensorrt, "__version__", None)}
-
-
 def _mapped_cuda_libraries() -> dict:
     from ddpm_engine.cuda import driver
 
@@ -152,8 +124,7 @@ def _mapped_cuda_libraries() -> dict:
         if len(parts) == 6 and pattern.search(Path(parts[5]).name) and parts[5] not in paths:
             paths.append(parts[5])
     cudart = driver.mapped_cudart()
-    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"),
-            "all": paths}
+    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"), "all": paths}
 
 
 def _nvidia_smi() -> dict:
@@ -170,44 +141,39 @@ def _nvidia_smi() -> dict:
 
 
 def _installed_tree() -> dict:
-    """Where ddpm_engine is imported from and whether its sources are this tree's."""
+    """Where ddpm_engine is imported from and whether its sources are this tree's (a stale wheel
+    would test old code)."""
     import importlib
 
     differs, checked, locations = [], 0, {}
-    for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"),
-                            ("ddpm_engine.export", "export")):
+    for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"), ("ddpm_engine.export", "export")):
         installed = Path(importlib.import_module(package).__file__).resolve().parent
         locations[package] = str(installed)
-        src = ROOT / folder
-        for f in sorted(src.rglob("*")):
-            if f.suffix not in (".py", ".c", ".cu", ".h") or "__pycache__" in f.parts:
-                continue
-            checked += 1
-            twin = installed / f.relative_to(src)
-            if not twin.is_file() or twin.read_bytes() != f.read_bytes():
-                differs.append(str(f.relative_to(ROOT)))
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".c", ".cu", ".h") and "__pycache__" not in f.parts:
+                checked += 1
+                twin = installed / f.relative_to(ROOT / folder)
+                if not twin.is_file() or twin.read_bytes() != f.read_bytes():
+                    differs.append(str(f.relative_to(ROOT)))
     return {"locations": locations, "files_checked": checked, "matches_tree": not differs, "differs": differs[:30]}
 
 
-def _driver_probe(data):
+def _driver_probe(state):
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.init()  # torch's libcudart is mapped now: the graph loop links that one
     from ddpm_engine.cuda import driver, graph_loop
 
-    state = {}
-
     def c_driver():
         state["driver"] = d = driver.load_driver()
         return {"library": str(d.path), "libcuda": d.libcuda}
 
     def call(name):
-        d = state.get("driver")
-        if d is None:
+        if "driver" not in state:
             raise RuntimeError("the C driver did not load (see errors['c_driver'])")
         try:
-            return getattr(d, name)()
+            return getattr(state["driver"], name)()
         except driver.CudaError as exc:
             if torch.cuda.is_available():
                 raise
@@ -219,8 +185,7 @@ def _driver_probe(data):
         needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
         return {"library": str(lib.path), "supported": lib.supported, "arch": graph_loop.cuda_arch(),
                 "device_code": graph_loop.embedded_device_code(lib.path),
-                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed),
-                "linked_cudart": str(cudart)}
+                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed), "linked_cudart": str(cudart)}
 
     yield "c_driver", c_driver
     yield "driver_version", lambda: call("driver_version")
@@ -228,111 +193,33 @@ def _driver_probe(data):
     yield "graph_loop", loop
 
 
-def _latency(data):
-    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver as its own part."""
-    import torch
-
-    from bench import gpu_suite as suite
-
-    state = {}
-
-    def model():
-        state["loaded"] = suite.cifar_loaded(seed=0)
-        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device":
-                torch.cuda.get_device_name(), "precision": "fp32 (TF32 off)", "backend": "torch"}
-
-    def driver_row(driver):
-        notes = []
-        matrix = suite.Matrix(latency=(("ddpm", HEADLINE_STEPS),))
-        rows = suite.latency_rows(state["loaded"], "cifar10", "torch", "fp32", "cuda", matrix, (driver,), notes=notes)
-        if not rows:
-            raise RuntimeError("; ".join(notes) or f"{driver} gave no row")
-        return dict(rows[0], notes=notes) if notes else rows[0]
-
-    def fast_path():
-        with suite.math_mode("fp32"):
-            eng = suite.make_engine(state["loaded"], "torch", "fp32", "cuda", batching=False)  # asks for the C driver
-            try:
-                eng.sample([1], sampler="ddpm", steps=HEADLINE_STEPS)  # the default path, once
-                return eng.fast_path()
-            finally:
-                eng.close()
-
-    def diffusers_fp32():
-        notes = []
-        rows = suite.diffusers_peer_rows(state["loaded"], "cifar10", "cuda", 1, HEADLINE_STEPS, HEADLINE_STEPS,
-                                         precisions=("fp32",), notes=notes)
-        if not rows:
-            raise RuntimeError("; ".join(notes) or "the DDPMPipeline peer gave no row")
-        return rows[0]
-
-    yield "model", model
-    for driver in LATENCY_DRIVERS:
-        yield driver, lambda d=driver: driver_row(d)
-    yield "fast_path", fast_path
-    yield "diffusers_ddpm_pipeline_fp32", diffusers_fp32
-
-
-def _throughput(data):
-    """images/s at 1000 DDPM steps, batch 256, fp32 and bf16, with the fastest driver that runs
-    (the C driver, else Python graph replay, else eager), from runs of THROUGHPUT_STEPS steps;
-    and the bf16 matmul peak (the roofline's denominator)."""
-    from bench import gpu_suite as suite
-
-    state = {}
-
-    def model():
-        state["loaded"] = suite.cifar_loaded(seed=0)
-        return {"flops_per_image_step": suite.flops_per_image_step(state["loaded"])}
-
-    def rate(mode):
-        notes = []
-        with suite.math_mode(mode):
-            eng = suite.make_engine(state["loaded"], "torch", suite.engine_precision(mode), "cuda")
-            try:
-                for driver in THROUGHPUT_DRIVERS:  # fastest first; the first that runs is the row
-                    times = suite.time_drivers(eng, "ddpm", THROUGHPUT_STEPS, THROUGHPUT_BATCH, [driver], "cuda", 3,
-                                               True, f"throughput {mode}", notes, print)
-                    if driver in times:
-                        per_step = times[driver] / THROUGHPUT_STEPS
-                        return {"precision": mode, "driver": driver, "batch": THROUGHPUT_BATCH,
-                                "steps": HEADLINE_STEPS, "steps_measured": THROUGHPUT_STEPS,
-                                "seconds_per_step": per_step,
-                                "images_per_s": THROUGHPUT_BATCH / (per_step * HEADLINE_STEPS), "notes": notes}
-            finally:
-                eng.close()
-                suite.free("cuda")
-        raise RuntimeError("no driver ran: " + "; ".join(notes))
-
-    yield "matmul_peak_tflops_bf16", lambda: suite.matmul_peak_tflops("cuda")
-    yield "model", model
-    for mode in ("fp32", "bf16"):
-        yield f"b{THROUGHPUT_BATCH}_{mode}", lambda m=mode: rate(m)
-
-
-CHILD_SECTIONS = {"environment": _environment, "driver_probe": _driver_probe, "latency": _latency,
-                  "throughput": _throughput}
+CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
 
 
 def run_child(name: str, work_dir: Path) -> int:
     """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
-    path = _section_json(work_dir, name)
-    data: dict = {}
-
-    def log(msg):
-        print(msg, flush=True)
-
+    path, data = _section_json(work_dir, name), {}
     try:
-        for key, fn in CHILD_SECTIONS[name](data):
-            log(f"[{time.strftime('%H:%M:%S')}] {name}.{key}")
-            value = run_section(data, key, fn, log, out=path)
+        if name in ("environment", "driver_probe"):
+            parts = (_environment if name == "environment" else _driver_probe)({})
+        else:  # torch and the engine are imported by the measuring sections' processes only
+            from bench import measure
+
+            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) == "1" else measure.GPU, {})
+        for key, fn in parts:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
+            value = run_part(data, key, fn, out=path)
             if value is not None:
-                log(json.dumps(value, default=str)[:2000])
+                print(json.dumps(value, default=str)[:2000], flush=True)
     except Exception as exc:  # an import or setup failure outside the parts
         data.setdefault("errors", {})[name] = error_record(exc)
-        log(data["errors"][name]["traceback"])
+        print(data["errors"][name]["traceback"], flush=True)
     write_json(path, data)
     return 1 if data.get("errors") else 0
+
+
+def _section_json(work_dir, name: str) -> Path:
+    return Path(work_dir) / "sections" / f"{name}.json"
 
 
 # ---- pytest sections ------------------------------------------------------------------------------
@@ -345,18 +232,14 @@ def parse_junit(path: Path) -> dict:
     failed, skips, props = [], {}, {}
     for case in root.iter("testcase"):
         test = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for tag in ("failure", "error"):
-            for node in case.findall(tag):
-                message = (node.get("message") or node.text or "").strip()
-                failed.append({"test": test, "kind": tag, "message": message[:600]})
+        for node in case.findall("failure") + case.findall("error"):
+            failed.append({"test": test, "kind": node.tag, "message": (node.get("message") or node.text or "").strip()[:600]})
         for node in case.findall("skipped"):
             reason = (node.get("message") or "").strip()[:300]
             skips[reason] = skips.get(reason, 0) + 1
-        recorded = {p.get("name"): p.get("value") for p in case.iter("property")}
-        if recorded:
+        if recorded := {p.get("name"): p.get("value") for p in case.iter("property")}:
             props[test] = recorded
-    out.update(failed=failed, skip_reasons=skips, properties=props)
-    return out
+    return dict(out, failed=failed, skip_reasons=skips, properties=props)
 
 
 _RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
@@ -365,45 +248,55 @@ _RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPA
 def parse_pytest_log(text: str) -> dict:
     """Per-outcome counts and the failed tests from ``pytest -v`` output (for a run cut short)."""
     counts, failed = {}, []
-    for line in text.splitlines():
-        m = _RESULT_LINE.match(line)
-        if m:
-            counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-            if m.group(2) in ("FAILED", "ERROR"):
-                failed.append(m.group(1))
+    for m in filter(None, map(_RESULT_LINE.match, text.splitlines())):
+        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+        if m.group(2) in ("FAILED", "ERROR"):
+            failed.append(m.group(1))
     return {"counts_from_log": counts, "failed": failed}
 
 
+# ---- the orchestrating parent -------------------------------------------------------------------
+@dataclass
+class Section:
+    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
+    ``collect(work_dir, output)`` turns what it left (and its output so far) into the JSON's
+    ``data``. ``needs_gpu``: skipped without one, unless ``smokes`` (then run at the smoke scale)."""
+
+    name: str
+    budget_s: float
+    needs_gpu: bool
+    argv: Callable[[Path], list]
+    collect: Callable[[Path, str], dict] | None = None
+    smokes: bool = False
+
+
 def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None) -> Section:
-    def junit(work_dir: Path) -> Path:
+    def junit(work_dir) -> Path:
         return Path(work_dir) / "junit" / f"{name}.xml"
 
-    def argv(work_dir: Path) -> list:
+    def argv(work_dir) -> list:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
                "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit(work_dir)}"]
         return cmd + (["-k", tests_k] if tests_k else [])
 
-    def collect(work_dir: Path, output: str) -> dict:
+    def collect(work_dir, output: str) -> dict:
         data = parse_junit(junit(work_dir)) if junit(work_dir).is_file() else parse_pytest_log(output)
-        data["command"] = shlex.join(argv(work_dir)[1:])
-        return data
+        return dict(data, command=shlex.join(argv(work_dir)[1:]))
 
     return Section(name, budget_s, True, argv, collect)
 
 
 def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
-    def collect(work_dir: Path, output: str) -> dict:
+    def collect(work_dir, output: str) -> dict:
         path = _section_json(work_dir, name)
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    return Section(name, budget_s, needs_gpu,
-                   lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work",
-                                     str(work_dir)],
-                   collect)
+    argv = lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work", str(work_dir)]  # noqa: E731
+    return Section(name, budget_s, needs_gpu, argv, collect, smokes=needs_gpu)
 
 
 def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
-    """The check's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
+    """The one command's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
     return [
         child_section("environment", 30, needs_gpu=False),
         child_section("driver_probe", 30, needs_gpu=False),
@@ -415,16 +308,21 @@ def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
     ]
 
 
-# ---- the orchestrating parent -------------------------------------------------------------------
-def _tail(text: str, n: int = TAIL_LINES) -> str:
+def later_sections() -> list[Section]:
+    """The full bench, run only when named in --only (each is cut at its budget: its parts are
+    ordered by importance and each is saved as it ends)."""
+    return [child_section(name, 520, True) for name in ("peers", "matrix", "backends")]
+
+
+def _tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def _child_env() -> dict:
+def _child_env(smoke: bool) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, not the interpreter
     env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
     return env
 
 
@@ -432,11 +330,10 @@ class Stopped(Exception):
     """SIGTERM (the device command's ``timeout``): the running section was killed, the JSON written."""
 
 
-def _run(section: Section, work_dir: Path, timeout: float, log, progress) -> dict:
+def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke: bool = False) -> dict:
     """Run one section with its output appended to the open gpu_check.log ``log``; every POLL_S
     seconds ``progress(partial record)`` sees what it has collected so far."""
-    t0 = time.perf_counter()
-    argv = section.argv(work_dir)
+    t0, argv = time.perf_counter(), section.argv(work_dir)
     record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv)), "status": "running"}
     log.write(f"----- {section.name} output -----\n")
     log.flush()
@@ -456,7 +353,7 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress) -> dic
                 record["collect_error"] = f"{type(exc).__name__}: {exc}"
 
     try:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(),
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(smoke),
                                 start_new_session=True)
     except OSError as exc:
         return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
@@ -494,7 +391,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                  mode_note: str = "", echo=print, work_dir=None) -> dict:
     """Run ``sections`` in order, each in its own process with min(its budget, the time left);
     write out_dir/gpu_check.json after each (and every POLL_S seconds while one runs) and every
-    section's output to out_dir/gpu_check.log as it comes: those two files, nothing else, go to
+    section's output to out_dir/gpu_check.log: those two files and nothing else go to
     ``out_dir``; junit files and the children's JSON go to ``work_dir`` (default: a temporary
     folder). On SIGTERM the running section is killed and recorded as such, and the JSON written.
     ``gpu=None``: decided after the environment section (torch.cuda.is_available() there)."""
@@ -515,6 +412,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
             results["sections"][name] = record
             results["summary"][name] = record["status"]
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
+        results["measured"] = measured(results)
         write_json(json_path, results)
 
     def stop(signum, frame):
@@ -535,7 +433,7 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 if section.needs_gpu and gpu is None:
                     gpu = results["gpu"] = _gpu_from(results)
                     set_mode()
-                if section.needs_gpu and not gpu:
+                if section.needs_gpu and not gpu and not section.smokes:
                     record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
                 elif left < MIN_SECTION_S:
                     record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
@@ -544,7 +442,8 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                     budget = min(section.budget_s, left)
                     say(f"section {section.name}: start (budget {budget:.0f} s)")
                     try:
-                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r))
+                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r),
+                                      smoke=section.needs_gpu and not gpu)
                     except Stopped:
                         save(section.name, results["sections"].get(section.name, {"status": "killed"}))
                         raise
@@ -566,19 +465,46 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
     return results
 
 
+def measured(results: dict) -> dict:
+    """What the sections measured, gathered for bench/report.py: device, versions, rows by kind,
+    host_us_per_step, flops_per_image_step, matmul_peak_tflops."""
+    data = {name: record.get("data") or {} for name, record in results.get("sections", {}).items()}
+    env, tput = data.get("environment", {}), data.get("throughput", {})
+    out = {"device": next((d["model"]["device"] for d in data.values() if isinstance(d.get("model"), dict)
+                           and "device" in d["model"]), (env.get("torch") or {}).get("device")),
+           "versions": env.get("versions"), "host_us_per_step": data.get("latency", {}).get("host_us_per_step"),
+           "flops_per_image_step": {"cifar10": f} if (f := (tput.get("model") or {}).get("flops_per_image_step")) else None,
+           "matmul_peak_tflops": tput.get("matmul_peak_tflops_bf16"), "latency": [], "throughput": [], "peers": [],
+           "parity": []}
+    for section, parts in data.items():
+        for part, value in parts.items():
+            for row in value if isinstance(value, list) else [value]:
+                if isinstance(row, dict) and row.get("kind") in ("latency", "throughput", "peers", "parity"):
+                    out[row["kind"]].append(dict(row, section=f"{section}.{part}"))
+    parity = {}  # the GPU parity tests record eps_rel_err, image_max_abs and psnr_db per model/backend/precision
+    for test, props in data.get("tests_gpu", {}).get("properties", {}).items():
+        if m := re.search(r"matches_eager_fp32\[(\w+)-(\w+)-(\w+)\]$", test):
+            row = parity.setdefault(m.groups(), dict(zip(("model", "backend", "precision"), m.groups()), kind="parity",
+                                                     driver="auto", section="tests_gpu"))
+            row.update({k: float(v) for k, v in props.items()})
+    out["parity"] += parity.values()
+    return out
+
+
 def headline_lines(results: dict) -> list[str]:
     """The headline numbers as short lines (the device reply shows the end of the output)."""
-    lines = []
-    latency = results["sections"].get("latency", {}).get("data", {})
-    for key in (*LATENCY_DRIVERS, "diffusers_ddpm_pipeline_fp32"):
-        if isinstance(latency.get(key), dict) and "seconds" in latency[key]:
-            lines.append(f"latency b1 DDPM-{HEADLINE_STEPS} fp32 {key}: {latency[key]['seconds']:.3f} s")
-    throughput = results["sections"].get("throughput", {}).get("data", {})
-    for key, value in throughput.items():
-        if isinstance(value, dict) and "images_per_s" in value:
-            lines.append(f"throughput {key} ({value['driver']}): {value['images_per_s']:.1f} images/s")
-    if isinstance(throughput.get("matmul_peak_tflops_bf16"), (int, float)):
-        lines.append(f"bf16 matmul peak: {throughput['matmul_peak_tflops_bf16']:.0f} TFLOP/s")
+    m = results.get("measured") or measured(results)
+    lines = [f"latency b1 {r['sampler']}-{r['steps']} {r['precision']} {r['driver']}: {r['seconds']:.3f} s"
+             for r in m["latency"] if r["section"].startswith("latency.")]
+    lines += [f"peer {r['name']} b{r['batch']} {r['precision']}: {r['seconds']:.3f} s per {r['steps']} steps"
+              for r in m["peers"] if r["section"].startswith("latency.")]
+    lines += [f"throughput b{r['batch']} {r['precision']} ({r['driver']}): {r['images_per_s']:.1f} images/s"
+              for r in m["throughput"] if r["section"].startswith("throughput.")]
+    if isinstance(m["matmul_peak_tflops"], (int, float)):
+        lines.append(f"bf16 matmul peak: {m['matmul_peak_tflops']:.0f} TFLOP/s")
+    if m["host_us_per_step"]:
+        lines.append("host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
+                                                       if isinstance(v, (int, float))))
     return lines
 
 
@@ -606,13 +532,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.log (nothing else is written there)")
     ap.add_argument("--work", default=None, help="folder for the junit files and the sections' own JSON "
                                                  "(default: a new temporary folder)")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="run only the sections that need no GPU (automatic when torch sees no CUDA device)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections and run the measuring ones "
+                    "small on the CPU (automatic when torch sees no CUDA device)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
-    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
-    ap.add_argument("--failed-in", default=None, metavar="JSON",
-                    help="print the --only value that reruns the sections of this gpu_check.json that did not "
-                         "end ok, and exit")
+    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: the one "
+                    "command's; the full bench's sections run only when named)")
+    ap.add_argument("--failed-in", default=None, metavar="JSON", help="print the --only value that reruns the "
+                    "sections of this gpu_check.json that did not end ok, and exit")
     ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k expression for the test sections "
                     "('' for all, e.g. to include the AOTI cases)")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one child section
@@ -628,11 +554,11 @@ def main(argv=None) -> int:
         ap.error("--out is required")
     sections = default_sections(args.tests_k or None)
     if args.only:
+        every = sections + later_sections()
         wanted = {s.strip() for s in args.only.split(",") if s.strip()}
-        unknown = wanted - {s.name for s in sections}
-        if unknown:
-            ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in sections]}")
-        sections = [s for s in sections if s.name in wanted]
+        if unknown := wanted - {s.name for s in every}:
+            ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in every]}")
+        sections = [s for s in every if s.name in wanted]
     gpu = False if args.cpu_smoke else None
     note = "--cpu-smoke given" if args.cpu_smoke else "torch.cuda.is_available() is False"
     results = run_sections(sections, Path(args.out), args.budget_s, gpu, note, work_dir=args.work)

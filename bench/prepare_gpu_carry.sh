@@ -1,18 +1,9 @@
 #!/usr/bin/env bash
-# Fill .whl/ (git-ignored) with what the GPU machine lacks, for its Python 3.12, on THIS machine:
-#   .whl/*.whl         diffusers 0.42.1 (the CIFAR-10 UNet), importlib_metadata + zipp (its
-#                      dependencies that the GPU image does not have; huggingface_hub and
-#                      safetensors are there), and a wheel of this project (ddpm_engine) built
-#                      from the working tree: rerun this script after every code change.
-#   .whl/pytest/*.whl  pytest and its pure-Python dependencies, installed on the device only if
-#                      the image has no pytest (an installed pytest's plugins stay compatible).
-# All are pure-Python wheels (they match any platform). The GPU machine has no package index,
-# so they travel with the working tree: pass carry=[".whl"] to the device run.
-#
-# The device command is in README.md ("GPU verification"): pip install --upgrade --no-compile
-# into /tmp/site (a warm rerun replaces the old ddpm_engine), then bench.gpu_check under `timeout`;
-# it writes $OUT/gpu_check.json and $OUT/gpu_check.log only.
-# Extra wheels (e.g. EXTRA_WHEELS="requests==2.32.3 certifi==2025.8.3") are fetched the same way.
+# Fill .whl/ (git-ignored) with the pure-Python wheels the GPU machine (Python 3.12, no package
+# index) lacks: diffusers 0.42.1 with importlib_metadata and zipp, a wheel of this working tree
+# (rerun after every code change), and in .whl/pytest/ pytest with its dependencies (installed
+# there only if the image has none). Pass carry=[".whl"] to the device run; the command is in
+# bench/README.md. EXTRA_WHEELS="name==version ..." fetches more the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

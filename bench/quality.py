@@ -2,11 +2,9 @@
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
 
-For each (sampler, steps) it draws ``--n`` images from fixed seeds, asks ``DigitsJudge`` which
-look like digits, and records the pass rate, the class spread (recognised images per digit, and
-its normalised entropy: 1 = all ten digits equally often) and the wall time of the sampling on
-this machine, all from one run. Writes ``quality-<date>.json`` and ``quality-<date>.png`` (pass
-rate against network calls) into ``--out``.
+For each (sampler, steps): ``--n`` images from fixed seeds, the share ``DigitsJudge`` recognises,
+the class spread (per digit, and its normalised entropy: 1 = all ten equally often) and the wall
+time. Writes ``quality-<date>-<backend>-<precision>.json`` and ``.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm_engine import Engine, cpu
+from ddpm_engine import Engine, backends, cpu
 from ddpm_engine.data import DigitsJudge
 
 CONFIGS = [("ddpm", 1000)] + [(sampler, steps) for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -69,8 +67,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--n", type=int, default=500, help="samples per configuration")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--backend", default="auto", choices=backends.BACKENDS)
+    ap.add_argument("--precision", default="fp32", choices=list(backends.PRECISIONS))
     ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: DDPM-1000, then each "
                     "few-step sampler at 5, 10, 15 and 20 steps)")
     args = ap.parse_args(argv)

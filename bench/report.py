@@ -1,14 +1,13 @@
-"""Turn a bench results JSON (python -m bench.gpu_suite writes them) into a markdown report and a plot.
+"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report and a plot.
 
-    python -m bench.report bench/results/2026-11-23-NVIDIA_H100.json   # writes .md and .png beside it
+    python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # .md and .png beside it
 
-The markdown has the device and versions, issue 10's latency target (best engine DDPM-1000 at
-batch 1 against DDPMPipeline fp32), the parity table, host time per step by driver, the latency
-table (one step, DDIM-50, DDPM-1000 per backend/precision/driver), the throughput table (images/s
-at the full step count with % of the measured bf16 matmul peak, the roofline), the peers with the
-engine's speed-up at the same model, precision, batch and steps, and the sections not run yet.
-The PNG plots, per model, seconds per full-length request and images/s against batch, one line
-per backend/precision/driver, peers as crosses, log-log. Needs matplotlib for the plot only.
+The markdown: the device and versions, the latency target (the best engine DDPM-1000 at batch 1
+against DDPMPipeline fp32), parity, the host's µs per step per driver, latency per
+backend/precision/driver and request setting, throughput (images/s with % of the measured bf16
+matmul peak), the peers with the engine's speed-up at the same precision, batch and steps. The
+PNG: per model, seconds per full-length request and images/s against batch (log-log), peers as
+crosses. Needs matplotlib for the plot only.
 """
 
 from __future__ import annotations
@@ -18,7 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-HOST_DRIVERS = ("python", "python_graph", "c_driver", "graph_loop")
+from ddpm_engine.engine import DRIVERS
+
+from bench.measure import MODES
+
+HOST_DRIVERS = ("eager", "python", "c", "graph_loop")
+TITLE_VERSIONS = ("torch", "cuda", "cudnn", "triton", "onnxruntime", "tensorrt", "diffusers")
+ORDER = {name: k for k, name in enumerate((*MODES, *DRIVERS))}
 
 
 def _fmt(v, digits=3) -> str:
@@ -33,99 +38,80 @@ def _fmt(v, digits=3) -> str:
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return out + [""]
+    return out + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
 
 
 def title(results: dict) -> str:
-    v = results.get("versions", {})
-    names = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    v = results.get("versions") or {}
+    names = ", ".join(f"{k} {v[k]}" for k in TITLE_VERSIONS if v.get(k) and not str(v[k]).startswith("NOT"))
     return f"{results.get('device', 'unknown device')}, {results.get('date', 'undated')}" + (f" ({names})" if names else "")
 
 
-def model_flops(results: dict, model: str | None = None):
-    """FLOPs per image-step of ``model`` ({model: FLOPs} in the JSON; a bare number is the CIFAR UNet's)."""
-    flops = results.get("flops_per_image_step")
-    return flops.get(model or "cifar10") if isinstance(flops, dict) else flops
-
-
 def mfu(images_per_s: float, steps: int, results: dict, model: str | None = None):
-    """Model FLOP utilisation: achieved model FLOP/s over the measured bf16 matmul peak."""
-    flops, peak = model_flops(results, model), results.get("matmul_peak_tflops")
-    if not flops or not peak:
-        return None
-    return images_per_s * steps * flops / (peak * 1e12)
-
-
-ORDER = {name: k for k, name in enumerate(("fp32", "tf32", "fp16", "bf16", "auto", "eager", *HOST_DRIVERS))}
+    """Model FLOP utilisation: achieved model FLOP/s over the measured bf16 matmul peak ({model:
+    FLOPs} in the JSON; a bare number is the CIFAR UNet's)."""
+    flops, peak = results.get("flops_per_image_step"), results.get("matmul_peak_tflops")
+    flops = flops.get(model or "cifar10") if isinstance(flops, dict) else flops
+    return images_per_s * steps * flops / (peak * 1e12) if flops and peak else None
 
 
 def _key(r: dict) -> tuple:
     return r.get("model", "cifar10"), r["backend"], r["precision"], r.get("driver", "-")
 
 
-def _sorted(keys) -> list:
-    """model/backend/precision/driver keys, precisions and drivers in the suite's order."""
-    return sorted(keys, key=lambda k: (k[0], k[1], ORDER.get(k[2], len(ORDER)), ORDER.get(k[3], len(ORDER))))
+def _pivot(rows: list, column, cell, columns=None, extra=None) -> tuple[list, list]:
+    """One line per model/backend/precision/driver (in the bench's order), one column per
+    ``column(row)`` (of ``columns``: default all); ``extra(key)`` appends cells."""
+    columns = sorted({column(r) for r in rows}) if columns is None else columns
+    cells = {(_key(r), column(r)): cell(r) for r in rows if column(r) in columns}
+    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[1], *(ORDER.get(x, len(ORDER)) for x in k[2:])))
+    return columns, [list(k) + [cells.get((k, c)) for c in columns] + (extra(k) if extra else []) for k in keys]
 
 
 def latency_table(rows: list) -> list[str]:
-    """One line per model/backend/precision/driver, one column per (sampler, steps, batch), in ms."""
-    configs = sorted({(r["steps"], r["sampler"], r["batch"]) for r in rows})
-    cells = {(_key(r), (r["steps"], r["sampler"], r["batch"])): 1e3 * r["seconds"] for r in rows}
-    keys = _sorted({_key(r) for r in rows})
-    headers = ["model", "backend", "precision", "driver"] + [
-        f"{'one step' if steps == 1 else f'{sampler}-{steps}'} b{batch} (ms)" for steps, sampler, batch in configs]
-    return _table(headers, [list(k) + [cells.get((k, c)) for c in configs] for k in keys])
+    columns, lines = _pivot(rows, lambda r: (r["steps"], r["sampler"], r["batch"]), lambda r: 1e3 * r["seconds"])
+    return _table(["model", "backend", "precision", "driver"] + [
+        f"{'one step' if steps == 1 else f'{sampler}-{steps}'} b{batch} (ms)" for steps, sampler, batch in columns], lines)
 
 
 def throughput_table(rows: list, results: dict) -> list[str]:
-    """images/s (and % of the bf16 matmul peak) per model/backend/precision/driver and batch."""
-    batches = sorted({r["batch"] for r in rows if not r.get("largest")})
-    cells, largest = {}, {}
-    for r in rows:
+    def cell(r):
         u = mfu(r["images_per_s"], r["steps"], results, r.get("model"))
-        cell = _fmt(r["images_per_s"]) + ("" if u is None else f" ({100 * u:.1f}%)")
-        if r["batch"] in batches:
-            cells[_key(r), r["batch"]] = cell
-        if r.get("largest"):
-            largest[_key(r)] = (r["batch"], cell)
-    keys = _sorted({_key(r) for r in rows})
-    headers = ["model", "backend", "precision", "driver"] + [f"b{b}" for b in batches]
-    if largest:
-        headers += ["largest batch", "at the largest"]
-    return _table(headers, [list(k) + [cells.get((k, b)) for b in batches] +
-                            (list(largest.get(k, (None, None))) if largest else []) for k in keys])
+        return _fmt(r["images_per_s"]) + ("" if u is None else f" ({100 * u:.1f}%)")
+
+    largest = {_key(r): [r["batch"], cell(r)] for r in rows if r.get("largest")}
+    columns, lines = _pivot(rows, lambda r: r["batch"], cell, sorted({r["batch"] for r in rows if not r.get("largest")}),
+                            (lambda k: largest.get(k, [None, None])) if largest else None)
+    return _table(["model", "backend", "precision", "driver"] + [f"b{b}" for b in columns]
+                  + (["largest batch", "at the largest"] if largest else []), lines)
 
 
 def best_engine(results: dict, peer: dict):
     """The fastest engine row (any backend and driver) at the peer's model, precision, batch and
     steps: (seconds per request, its row), or None."""
-    same = [r for r in results.get("latency", []) if r.get("model", "cifar10") == peer.get("model", "cifar10")
-            and r["precision"] == peer.get("precision") and r["batch"] == peer.get("batch")
-            and r["steps"] == peer.get("steps") and r["sampler"] == peer.get("sampler", "ddpm")]
-    found = [(r["seconds"], r) for r in same]
-    found += [(r["batch"] / r["images_per_s"], r) for r in results.get("throughput", [])
-              if r.get("model", "cifar10") == peer.get("model", "cifar10") and r["precision"] == peer.get("precision")
-              and r["batch"] == peer.get("batch") and r["steps"] == peer.get("steps")]
+    def same(r):
+        return all(r.get(k, d) == peer.get(k, d) for k, d in (("model", "cifar10"), ("precision", None),
+                                                               ("batch", None), ("steps", None)))
+
+    found = [(r["seconds"], r) for r in results.get("latency", []) if same(r) and r["sampler"] == peer.get("sampler", "ddpm")]
+    found += [(r["batch"] / r["images_per_s"], r) for r in results.get("throughput", []) if same(r)]
     return min(found, key=lambda f: f[0]) if found else None
 
 
 def peers_table(results: dict) -> list[str]:
     rows = []
     for p in results["peers"]:
-        best = best_engine(results, p)
-        engine = None if best is None else f"{best[1]['backend']} {best[1].get('driver', '')}".strip()
+        best = best_engine(results, p) or (None, {})
         rows.append([p.get("model", "cifar10"), p["name"], p.get("precision"), p.get("batch"), p.get("steps"),
-                     p.get("steps_measured", p.get("steps")), p.get("seconds"), p.get("images_per_s"),
-                     None if best is None else best[0], engine,
-                     None if best is None or not p.get("seconds") else f"{p['seconds'] / best[0]:.1f}x"])
+                     p.get("steps_measured", p.get("steps")), p.get("seconds"), p.get("images_per_s"), best[0],
+                     f"{best[1]['backend']} {best[1].get('driver', '')}".strip() if best[1] else None,
+                     f"{p['seconds'] / best[0]:.1f}x" if best[0] and p.get("seconds") else None])
     return _table(["model", "peer", "precision", "batch", "steps", "steps timed", "seconds", "images/s",
                    "engine seconds", "engine (best)", "engine speed-up"], rows)
 
 
 def latency_target(results: dict) -> list[str]:
-    """Issue 10's line: the best engine DDPM-1000 at batch 1 (any precision) against DDPMPipeline fp32."""
+    """The best engine DDPM-1000 at batch 1 (any precision) against DDPMPipeline fp32 (target: 25x)."""
     base = [p for p in results.get("peers", []) if p["name"].startswith("diffusers") and p.get("precision") == "fp32"
             and p.get("batch") == 1 and p.get("steps") == 1000]
     engine = [r for r in results.get("latency", []) if r.get("model", "cifar10") == "cifar10" and r["batch"] == 1
@@ -140,25 +126,21 @@ def latency_target(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     lines = [f"# ddpm-engine performance: {title(results)}", ""]
-    if results.get("model"):
-        lines += [f"Model: {results['model']}", ""]
+    lines += [f"Model: {results['model']}", ""] if results.get("model") else []
     flops = results.get("flops_per_image_step")
     for name, value in (flops.items() if isinstance(flops, dict) else [("CIFAR-10 UNet", flops)] if flops else []):
-        lines += [f"Model FLOPs per image per step ({name}): {value / 1e9:.2f} GFLOP "
-                  "(torch.utils.flop_counter, a multiply-add counts 2)"]
+        lines.append(f"Model FLOPs per image per step ({name}): {value / 1e9:.2f} GFLOP "
+                     "(torch.utils.flop_counter, a multiply-add counts 2)")
     if results.get("matmul_peak_tflops"):
-        lines += [f"Measured bf16 matmul peak: {results['matmul_peak_tflops']:.1f} TFLOP/s"]
-    lines.append("")
-    lines += latency_target(results)
+        lines.append(f"Measured bf16 matmul peak: {results['matmul_peak_tflops']:.1f} TFLOP/s")
+    lines += [""] + latency_target(results)
     if results.get("parity"):
-        lines += ["## Parity against eager fp32", ""]
-        lines += _table(["model", "backend", "precision", "driver", "eps rel err", "image max abs", "PSNR dB"],
-                        [[r.get("model", "-"), r["backend"], r["precision"], r.get("driver", "-"), r.get("eps_rel_err"),
-                          r.get("image_max_abs"), r.get("psnr_db")] for r in results["parity"]])
-    host = results.get("host_us_per_step") or {}
-    if host:
-        lines += ["## Host time per step (µs)", ""]
-        lines += _table(list(HOST_DRIVERS), [[host.get(k) for k in HOST_DRIVERS]])
+        lines += ["## Parity against eager fp32", ""] + _table(
+            ["model", "backend", "precision", "driver", "eps rel err", "image max abs", "PSNR dB"],
+            [[r.get("model", "-"), r["backend"], r["precision"], r.get("driver", "-"), r.get("eps_rel_err"),
+              r.get("image_max_abs"), r.get("psnr_db")] for r in results["parity"]])
+    if host := results.get("host_us_per_step") or {}:
+        lines += ["## Host time per step (µs)", ""] + _table(list(HOST_DRIVERS), [[host.get(k) for k in HOST_DRIVERS]])
     if results.get("latency"):
         lines += ["## Latency (ms per request)", ""] + latency_table(results["latency"])
     if results.get("throughput"):
@@ -167,28 +149,9 @@ def markdown(results: dict) -> str:
     if results.get("peers"):
         lines += ["## Peers (engine: the fastest engine row at the same model, precision, batch and steps)", ""]
         lines += peers_table(results)
-    if results.get("sections_left"):
-        lines += [f"Sections not run yet: {', '.join(results['sections_left'])}", ""]
-    for note in results.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def request_points(results: dict, model: str) -> dict:
-    """label -> [(batch, seconds per full-length request)] from the latency rows at the longest
-    step count and from the throughput rows (seconds = batch / images/s)."""
-    series: dict[str, list] = {}
-    latency = [r for r in results.get("latency", []) if r.get("model", "cifar10") == model]
-    full = max((r["steps"] for r in latency), default=None)
-    for r in latency:
-        if r["steps"] == full and r["sampler"] == "ddpm":
-            series.setdefault(f"{r['backend']} {r['precision']} {r.get('driver', '')}".strip(), []).append(
-                (r["batch"], r["seconds"]))
-    for r in results.get("throughput", []):
-        if r.get("model", "cifar10") == model:
-            series.setdefault(f"{r['backend']} {r['precision']} {r.get('driver', '')}".strip(), []).append(
-                (r["batch"], r["batch"] / r["images_per_s"]))
-    return {label: sorted(set(pts)) for label, pts in series.items()}
+    if results.get("not_ok"):
+        lines += [f"Sections that did not end ok: {', '.join(results['not_ok'])}", ""]
+    return "\n".join(lines + [f"- {note}" for note in results.get("notes", [])]).rstrip() + "\n"
 
 
 def plot(results: dict, path) -> Path:
@@ -200,54 +163,59 @@ def plot(results: dict, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r.get("model", "cifar10") for r in results.get("latency", []) + results.get("throughput", [])}) \
-        or ["cifar10"]
+    rows = results.get("latency", []) + results.get("throughput", [])
+    models = sorted({r.get("model", "cifar10") for r in rows}) or ["cifar10"]
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
-    colours = {"fp32": "C0", "tf32": "C1", "fp16": "C2", "bf16": "C3"}
-    styles = {"auto": "-", "eager": ":", "python_graph": "-.", "c_driver": "--", "graph_loop": (0, (1, 1))}
+    colours, styles = {m: f"C{k}" for k, m in enumerate(MODES)}, dict(zip(DRIVERS, ("-", ":", "-.", "--", (0, (1, 1)))))
     for (ax_lat, ax_tput), model in zip(axes, models):
-        for label, pts in sorted(request_points(results, model).items()):
-            parts = label.split()
-            kw = {"color": colours.get(parts[1] if len(parts) > 1 else ""),
-                  "linestyle": styles.get(parts[2] if len(parts) > 2 else "", "-"), "marker": "o", "label": label}
+        series = {}
+        full = max((r["steps"] for r in results.get("latency", []) if r.get("model", "cifar10") == model), default=None)
+        for r in rows:
+            if r.get("model", "cifar10") == model and ("images_per_s" in r or (r["steps"] == full and r["sampler"] == "ddpm")):
+                seconds = r["batch"] / r["images_per_s"] if "images_per_s" in r else r["seconds"]
+                series.setdefault((r["backend"], r["precision"], r.get("driver", "")), set()).add((r["batch"], seconds))
+        for (backend, precision, driver), pts in sorted(series.items()):
+            kw = {"color": colours.get(precision), "linestyle": styles.get(driver, "-"), "marker": "o",
+                  "label": f"{backend} {precision} {driver}"}
+            pts = sorted(pts)
             ax_lat.plot([b for b, _ in pts], [s for _, s in pts], **kw)
             ax_tput.plot([b for b, _ in pts], [b / s for b, s in pts], **kw)
         for p in results.get("peers", []):
             if p.get("model", "cifar10") == model and p.get("seconds"):
-                ax_lat.plot([p["batch"]], [p["seconds"]], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
-                ax_tput.plot([p["batch"]], [p["images_per_s"]], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
+                for ax, y in ((ax_lat, p["seconds"]), (ax_tput, p["images_per_s"])):
+                    ax.plot([p["batch"]], [y], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
         for ax, ylabel in ((ax_lat, "seconds per full-length request"), (ax_tput, "images / s")):
+            ax.set(yscale="log", xlabel="batch", ylabel=ylabel)
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch")
-            ax.set_ylabel(ylabel)
             ax.set_title(f"{model} (x: peers)", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         if ax_lat.lines:
             ax_lat.legend(fontsize=6, ncol=2)
     fig.suptitle(title(results), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
-    """Write <stem>.md and <stem>.png for a results JSON; returns their paths."""
+    """Write <stem>.md and <stem>.png for a results JSON (its ``measured``, where gpu_check wrote
+    one); returns their paths."""
     results_path = Path(results_path)
     results = json.loads(results_path.read_text())
+    if "measured" in results:
+        results = dict(results["measured"], date=results["started"][:10],
+                       not_ok=[name for name, status in results["summary"].items() if status != "ok"])
     out_dir = Path(out_dir) if out_dir is not None else results_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{results_path.stem}.md"
-    md.write_text(markdown(results))
-    png = plot(results, out_dir / f"{results_path.stem}.png")
-    return md, png
+    md.write_text(markdown(results), encoding="utf-8")
+    return md, plot(results, out_dir / f"{results_path.stem}.png")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="a results JSON written by python -m bench.gpu_suite")
+    ap.add_argument("results", help="a results JSON written by python -m bench.gpu_check")
     ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
     args = ap.parse_args(argv)
     md, png = write_report(args.results, args.out_dir)

@@ -2,40 +2,33 @@
 
     python -m pytest bench/test_bench_cpu.py --benchmark-only -q -s [--benchmark-json out.json]
 
-Every record names the CPU (model and the flags that decide the fast paths, ``cpu.describe``),
-torch's thread count and the library versions (``extra_info``).
-
-1. ``test_call``: one UNet call (x_t, t) -> eps per engine config (``ENGINE_CONFIGS``: the
-   backends x precisions usable here; bf16 / fp16 only where the CPU has them natively, emulated
-   ones are left out) at batch 1 and 8, for the digits-like SeedUNet(1, (32, 64, 128)) at 16x16
-   and the DDPM CIFAR-10 UNet at 32x32 (random weights: latency does not depend on them).
-2. ``test_design_choices``: one call of the torch backend in NCHW and channels_last, and of
-   OpenVINO with and without its static-shape compiles, side by side (printed).
-3. ``test_sampling``: the CIFAR-10 UNet sampled end to end, 10 DDPM steps at batch 1 and 8:
-   every engine config, ``Engine(backend="auto")`` at fp32 (the default) and at bf16, and the
-   peers: diffusers' DDPMPipeline fp32, and the engine's torch backend with its UNet under
-   torch.compile (inductor) at fp32 and bf16. All are timed in alternating rounds (fair on a
-   shared machine); the medians and each one's speed-up over DDPMPipeline and over the fp32
-   default go to ``extra_info`` and are printed.
-Warm-up runs (and torch.compile's compile, timed apart as ``compile_s``) are excluded.
+Records name the CPU (``cpu.describe``), torch's threads and the versions (``extra_info``).
+``test_call``: one UNet call per engine config (the backends x precisions usable here, natively)
+at batch 1 and 8, digits-like SeedUNet at 16x16 and the CIFAR-10 UNet at 32x32 (random weights).
+``test_design_choices``: torch NCHW vs channels_last, OpenVINO with and without static shapes.
+``test_sampling``: the CIFAR-10 UNet, 10 DDPM steps at batch 1 and 8: every engine config,
+``backend="auto"`` at fp32 and bf16, DDPMPipeline fp32 and torch.compile at fp32 and bf16, timed
+in alternating rounds; the medians and speed-ups go to ``extra_info`` and are printed. Warm-up
+runs and torch.compile's compile are excluded.
 """
 
 import os
 import random
 import statistics
-import time
 
 import pytest
 import torch
 
+from bench.measure import sync_time
 from ddpm_engine import Engine, backends, cpu, threads
 from ddpm_engine.testing import versions
 
 E2E_STEPS = 10
 E2E_ROUNDS = int(os.environ.get("BENCH_E2E_ROUNDS", "2"))  # 1: a quicker look on a loaded machine
 CALL_ROUNDS = {"digits16": 20, "cifar32": 3}
-ENGINE_CONFIGS = [(b, p) for b in ("torch", "onnxruntime", "openvino") for p in ("fp32", "bf16", "fp16")
-                  if backends.available("cpu", p)[b] is None and cpu.native(p)]
+CPU_BACKENDS = ("torch", "onnxruntime", "openvino")  # aoti: minutes per compile; tensorrt: NVIDIA GPUs only
+ENGINE_CONFIGS = [(b, p) for b in CPU_BACKENDS for p in backends.PRECISIONS
+                  if cpu.native(p) and backends.available("cpu", p, [b])[b] is None]
 
 
 def machine() -> dict:
@@ -71,7 +64,7 @@ def test_design_choices(benchmark, cifar32, monkeypatch):
     from ddpm_engine.backends.timing import measure
     from ddpm_engine.backends.torch_backend import TorchBackend
 
-    precisions = [p for p in ("fp32", "bf16", "fp16") if cpu.native(p)]
+    precisions = [p for p in backends.PRECISIONS if cpu.native(p)]
     built = {}
     for p in precisions:
         built[f"torch {p} NCHW"] = TorchBackend(cifar32.module, "cpu", p, channels_last=False)
@@ -94,12 +87,6 @@ def test_design_choices(benchmark, cifar32, monkeypatch):
     fastest = min(ms, key=lambda n: ms[n][1])
     x, t = torch.randn(1, *cifar32.sample_shape), torch.zeros(1, dtype=torch.int64)
     benchmark.pedantic(lambda: built[fastest](x, t), rounds=1, warmup_rounds=0, iterations=1)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def contenders(loaded, batch):
@@ -134,6 +121,7 @@ def contenders(loaded, batch):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_sampling(benchmark, cifar32, batch):
     runs = contenders(cifar32, batch)
+    timed = lambda fn: sync_time(fn, 1, warm=False, device="cpu")  # noqa: E731  one call, its seconds
     warm = {name: timed(lambda: run(1)) for name, run in runs.items()}  # compiles torch.compile's UNets
     seconds = {name: [] for name in runs}
     for _ in range(E2E_ROUNDS):

@@ -2,13 +2,10 @@
 
     python -m pytest bench/test_bench_load.py --benchmark-only -q -s
 
-Each case runs CLIENTS threads that each send REQUESTS single-image requests back to back (DDIM-20,
-the digits architecture at 16x16) and reports throughput and p50/p99 latency for one-by-one calls
-(an engine with ``batching=False``: calls run one after another), plain ``Engine.sample`` (its own
-batching of concurrent calls), an explicit Server with request coalescing, and one with
-continuous batching. ``test_burst`` is the headline: 32 concurrent single-image calls of plain
-``engine.sample`` against the same 32 calls one by one, with the images compared. On a small
-shared CPU, set OMP_NUM_THREADS=1: torch's OpenMP threads otherwise spin-wait for each other.
+CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back to back; each case
+reports images/s and p50/p99 latency for one-by-one calls (``batching=False``), plain
+``Engine.sample``, a coalescing Server and a continuous one. ``test_burst``: 32 concurrent calls of
+``engine.sample`` against the same calls one by one, images compared.
 """
 
 import random

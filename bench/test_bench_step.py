@@ -3,12 +3,9 @@
     python -m pytest bench/test_bench_step.py --benchmark-only -q            # CPU (interpreter)
     python -m pytest bench/test_bench_step.py --benchmark-only -q -m gpu     # CUDA cases
 
-On the CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1), one program at a time in
-Python: those timings say nothing about GPU speed, they are here so the bench runs everywhere.
-The GPU cases (marked ``gpu``, skipped without CUDA) report in ``extra_info`` the achieved bytes/s
-from the kernel's traffic formula (read x_t and the model output, write x_prev: 3 * N * itemsize
-bytes, see kernels/ddpm_step.py) and, for scale, the bandwidth of a torch device-to-device copy
-moving the same number of bytes (``copy_gb_per_s``; ``fraction_of_copy`` = kernel / copy).
+On the CPU the kernel runs in Triton's interpreter: a smoke bench, not a speed claim. The GPU
+cases report the achieved bytes/s of the kernel's traffic (3 * N * itemsize: read x_t and the model
+output, write x_prev) and of a device copy of as many bytes (``fraction_of_copy`` = kernel / copy).
 """
 
 import os

@@ -2,29 +2,18 @@
 
     python -m pytest bench/test_bench_threads.py --benchmark-only -q -s
 
-Every (workload, policy, load) runs in a fresh process, since OpenMP's wait policy is fixed when
-torch loads it; the child times ROUNDS runs after one warm-up and prints its median. The
-competing load is LOAD_PROCESSES busy-looping Python processes, started before and killed after
-each measurement (one, on the common 2-core machine: another job holding one core). Policies:
-
-- ``spinning``: the runtimes' own defaults (DDPM_ENGINE_SPIN=1: OpenMP spins 300k iterations
-  after each parallel region, ONNX Runtime spins), what the engine did before its policy;
-- ``engine``: the engine's default (idle threads sleep, one thread per core);
-- ``torch first``: the engine's default in a script that imports torch before the engine (too late
-  to make OpenMP's threads sleep, so the engine samples on one torch thread; training is not
-  covered by that: it spins);
-- ``1 thread``: DDPM_ENGINE_THREADS=1.
-
-Medians, and each one's slowdown under load, go to extra_info and are printed (``-s``). The
-benchmark's own timing is the whole side-by-side table of one workload.
+Every (workload, policy, load) runs in a fresh process (OpenMP's wait policy is fixed when torch
+loads it), timing ROUNDS runs after a warm-up. The load is LOAD_PROCESSES busy-looping processes.
+Policies: ``spinning`` (DDPM_ENGINE_SPIN=1: the runtimes' own spinning defaults), ``engine`` (its
+default: idle threads sleep, one per core), ``torch first`` (a script importing torch before the
+engine: it then samples on one torch thread), ``1 thread`` (DDPM_ENGINE_THREADS=1). Medians and
+each one's slowdown under load go to extra_info and are printed (``-s``).
 """
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,13 +130,9 @@ def main(argv) -> int:
     if os.environ.get(TORCH_FIRST) == "1":
         import torch  # noqa: F401
     fn = workload_fn(argv[0])
-    fn()  # warm-up: exports, first-call allocations
-    times = []
-    for _ in range(int(argv[1])):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"median_s": statistics.median(times)}))
+    from bench.measure import sync_time  # after the engine: it decides OpenMP's policy before torch loads
+
+    print(json.dumps({"median_s": sync_time(fn, reps=int(argv[1]), device="cpu")}))  # after a warm-up call
     return 0
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 
-@pytest.mark.parametrize("module", ["bench.gpu_suite", "bench.gpu_check", "bench.report", "bench.quality"])
+@pytest.mark.parametrize("module", ["bench.gpu_check", "bench.report", "bench.quality"])
 def test_help_description_is_whole_sentences(capsys, module):
     main = __import__(module, fromlist=["main"]).main
     with pytest.raises(SystemExit) as exc:

@@ -2,9 +2,9 @@
 
 Run them with ``pytest -m "gpu or not gpu" tests/gpu`` on a GPU machine (the default
 ``-m 'not gpu'`` in pyproject deselects them). The whole session runs under
-``bench.gpu_suite.exact_fp32``: no TF32 in matmuls or cuDNN, deterministic cuDNN algorithms
+``bench.measure.exact_fp32``: no TF32 in matmuls or cuDNN, deterministic cuDNN algorithms
 without autotuning, so fp32 means fp32 and runs compared across batch sizes, drivers and repeats
-differ only by real differences. The measuring helpers are bench/gpu_suite.py's, so the tests and
+differ only by real differences. The measuring helpers are bench/measure.py's, so the tests and
 the bench compute the same numbers.
 """
 
@@ -13,12 +13,12 @@ import random
 import pytest
 import torch
 
-from bench import gpu_suite
+from bench import measure
 
 
 @pytest.fixture(scope="session")
 def suite():
-    return gpu_suite
+    return measure
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,7 +26,7 @@ def exact_math():
     if not torch.cuda.is_available():
         yield
         return
-    with gpu_suite.exact_fp32():
+    with measure.exact_fp32():
         yield
 
 

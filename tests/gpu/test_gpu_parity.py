@@ -9,7 +9,7 @@ For the CIFAR-10 UNet (random weights) and the bundled digits model:
   as the Python replay loop, and as Engine.sample;
 - the onnxruntime backend refuses the graph drivers (its CUDA provider is pinned to one stream).
 UNVERIFIED: written on a machine without a GPU; the image thresholds are first guesses to be
-confirmed on the first GPU run (bench/gpu_suite.py records the measured values).
+confirmed on the first GPU run (bench/gpu_check.py records the measured values).
 """
 
 import pytest

@@ -174,7 +174,7 @@ SHAPE = (1, 8, 8)
 def cuda_engine():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bench.gpu_suite import exact_fp32
+    from bench.measure import exact_fp32
     from ddpm_engine import Engine
     from ddpm_engine.models import SeedUNet
 
