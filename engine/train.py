@@ -111,7 +111,7 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
     out.mkdir(parents=True, exist_ok=True)
     x_all = load_digits_images()[0] if data is None else data
     scheduler = scheduler_config()
-    abar = torch.from_numpy(scheduler.betas()).neg().add(1).cumprod(0)
+    abar = torch.from_numpy(scheduler.alphas_cumprod())
     sqrt_abar, sqrt_1m_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
 
     model_cfg = {"type": "seed_unet", "in_channels": x_all.shape[1], "widths": list(cfg.widths),
