@@ -41,8 +41,8 @@ class Prediction(str, Enum):
 
 class Variance(str, Enum):
     """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
-    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (seeds 002/003)
-    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (seed 001)
+    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (DDPM eq. 7; diffusers' default)
+    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (DDPM sec. 3.2's other choice)
 
     @classmethod
     def parse(cls, value) -> "Variance":
@@ -138,7 +138,7 @@ class Tables:
       (which is 0) replaced by the i = 1 entry — improved-diffusion's rule. Only used where the
       noise is masked out anyway, it just keeps the log finite.
     - ``large_log_variance``  = log of [posterior_variance[1], beta_1, beta_2, ...]: the
-      "fixed_large" choice sigma^2 = beta_t (seed 001), again finite at i = 0.
+      "fixed_large" choice sigma^2 = beta_t, again finite at i = 0.
     - ``posterior_mean_coef1`` = beta_i sqrt(abar_{i-1}) / (1 - abar_i),
       ``posterior_mean_coef2`` = (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i)  (DDPM eq. 7):
       mean = coef1 * x0 + coef2 * x_t.

@@ -1,4 +1,4 @@
-"""Train a UNet with the seeds' loss: ``python -m ddpm_engine train``.
+"""Train a UNet with DDPM's simple loss: ``python -m ddpm_engine train``.
 
 Loss (DDPM eq. 14, the "simple" objective): draw t ~ U{0..T-1} and eps ~ N(0, I), form
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4) and regress the network's output on eps with
@@ -28,7 +28,7 @@ from . import threads
 from .checkpoints import save_project_folder
 from .data import load_digits_images
 from .errors import InvalidRequestError
-from .models import SeedUNet
+from .models import DoubleConvUNet
 from .schedules import SchedulerConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -96,7 +96,7 @@ def make_config(cfg: TrainConfig | None, overrides: dict) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig, in_channels: int, scheduler: SchedulerConfig) -> dict:
-    """The ``model`` entry of the saved config.json (``type`` names the class for the loader)."""
+    """The ``model`` entry of the saved config.json; ``"seed_unet"`` is DoubleConvUNet's saved name."""
     return {"type": "seed_unet", "in_channels": in_channels, "widths": list(cfg.widths),
             "num_timesteps": scheduler.num_train_timesteps, "time_emb_dim": cfg.time_emb_dim}
 
@@ -118,7 +118,7 @@ class TrainState:
         """Seeded initial weights (``cfg.seed``), without touching the caller's global RNG."""
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            model = SeedUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
+            model = DoubleConvUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return cls(model, copy.deepcopy(model).eval(), opt, torch.Generator().manual_seed(cfg.seed))
 
@@ -221,7 +221,7 @@ def _same(value):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_engine train",
-                                description="Train a SeedUNet on scikit-learn's handwritten digits (16x16). "
+                                description="Train a DoubleConvUNet on scikit-learn's handwritten digits (16x16). "
                                             "Resumes from OUT/checkpoint.pt if present.")
     d = TrainConfig()
     p.add_argument("--out", default="runs/digits", help="output folder: checkpoint.pt, config.json, model.safetensors")

@@ -19,7 +19,7 @@ import pytest
 
 from ddpm_engine import Engine
 
-# The issue's scripts: sample once and end; four threads sampling at once, then end.
+# The scripts that once aborted at exit: sample once and end; four threads sampling at once, then end.
 SINGLE = """
 from ddpm_engine import Engine
 Engine.from_pretrained("digits", device="cpu").sample([1], sampler="ddim", steps=3)

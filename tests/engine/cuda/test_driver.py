@@ -176,11 +176,11 @@ def cuda_engine():
         pytest.skip("needs a CUDA GPU")
     from bench.gpu_suite import exact_fp32
     from ddpm_engine import Engine
-    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.models import DoubleConvUNet
 
     torch.manual_seed(0)
     with exact_fp32():  # the tests compare batch sizes and drivers: no TF32, deterministic cuDNN
-        yield Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cuda",
+        yield Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cuda",
                                  scheduler={"clip_sample": True})
 
 
@@ -276,13 +276,13 @@ def test_a_sound_driver_passes_its_probe_and_loads(build_dir, fake_libcuda, fres
 def test_the_graph_sampler_records_why_the_c_driver_is_not_trusted(monkeypatch):
     from ddpm_engine import Engine
     from ddpm_engine.cuda.graphs import GraphedSampler
-    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.models import DoubleConvUNet
 
     def refused(cache_dir=None):
         raise BackendUnavailableError("the C graph driver x.so failed its probe in a subprocess: died of SIGSEGV")
 
     monkeypatch.setattr(drv, "trusted_driver", refused)
-    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu")
+    eng = Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu")
     gs = GraphedSampler(eng.plan("ddim", 2), max_batch=2, capture=False)
     with pytest.raises(BackendUnavailableError, match="SIGSEGV"):
         gs.driver()
