@@ -22,7 +22,7 @@ def test_wheel_has_only_ddpm_engine_at_the_top_and_its_version(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"ddpm_engine"}, top
     for needed in ("ddpm_engine/__init__.py", "ddpm_engine/kernels/ddpm_step.py", "ddpm_engine/export/onnx_export.py",
-                   "ddpm_engine/kernels/csrc/graph_driver.c", "ddpm_engine/bundled/digits/model.safetensors"):
+                   "ddpm_engine/kernels/csrc/c_loop.c", "ddpm_engine/bundled/digits/model.safetensors"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "ddpm-engine = ddpm_engine.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
