@@ -202,7 +202,7 @@ def test_sigterm_to_the_cli_serve_stops_serve_and_ray_within_10_s():
     import json as json_
     import urllib.request
 
-    from tests.engine.test_ray_serve import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
+    from .process_helpers import SMALL_MACHINE_ENV, free_port, process_tree
 
     port = free_port()
     env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}

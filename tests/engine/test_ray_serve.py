@@ -6,7 +6,6 @@ import io
 import json
 import os
 import random
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -25,48 +24,15 @@ from ray import serve  # noqa: E402
 from ddpm_engine import Engine, InvalidRequestError, to_uint8  # noqa: E402
 from ddpm_engine import ray_serve  # noqa: E402
 
+from .process_helpers import SMALL_MACHINE_ENV, free_port, live_processes, process_tree  # noqa: E402
+
 OPTS = dict(sampler="ddim", steps=5)
 OTHER_OPTS = dict(sampler="ddim", steps=4, eta=1.0)
 MAX_BATCH = 16
 ENGINE_KWARGS = dict(device="cpu", backend="torch")
-# A small shared machine: workers at normal priority (Ray's default nice 15 starves them), a patient
-# proxy readiness check, one OpenMP thread per replica, no dashboard, a small object store.
-SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+# sized for a small shared machine (with SMALL_MACHINE_ENV): one OpenMP thread per replica; the cluster
+# below has no dashboard and a small object store
 REPLICA_OPTIONS = {"num_cpus": 1, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def live_processes() -> dict:
-    """{pid: (parent pid, start time)} of every process that has not exited (from /proc; Linux)."""
-    live = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] != "Z":  # a zombie has exited
-            live[int(entry)] = (int(fields[1]), fields[19])
-    return live
-
-
-def process_tree(root: int) -> dict:
-    """{pid: start time} of every live descendant of ``root``."""
-    live = live_processes()
-    tree, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        for child, (parent, started) in live.items():
-            if parent == pid:
-                tree[child] = started
-                todo.append(child)
-    return tree
 
 
 class Cluster:
