@@ -33,10 +33,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True, params=["exact", "buckets"])
+@pytest.fixture(autouse=True, params=["exact", pytest.param("buckets", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
     """Every test twice: rows in exact-size buffers (the CPU default) and in graph-bucket slots
-    (engine/slots.py, the CUDA default; run here without capture)."""
+    (engine/slots.py, the CUDA default; run here without capture). The second run is ``slow``: the
+    quick loop checks the bucket slots in tests/engine/test_slots.py."""
     if request.param == "buckets":
         monkeypatch.setattr(SamplingPlan, "graphable", property(lambda self: True))
     return request.param
