@@ -358,7 +358,7 @@ class Server:
             cpu.give_back()
         self._fail_all(ServerClosedError("the server was closed before this request finished"))
 
-    def _wait_for_work(self, cpu: "_CpuLoan") -> list | None:
+    def _wait_for_work(self, cpu: _CpuLoan) -> list | None:
         """Under the lock: wait until some group has a step to run or requests to admit, and return
         those groups; None when the thread should stop: the server is closed, or it was idle for
         ``idle_exit_s`` (``self._thread`` is then None). Gives the CPU back while there are no groups."""
@@ -388,7 +388,7 @@ class Server:
                 self._fail_running(g, lambda: BatchInterruptedError(
                     "another caller of this batch was interrupted (Ctrl-C), which stopped the batch; retry"))
 
-    def _step_groups(self, ready: list, joining: dict, cpu: "_CpuLoan"):
+    def _step_groups(self, ready: list, joining: dict, cpu: _CpuLoan):
         """Outside the lock: place each ready group's newly admitted rows (this may capture a
         graph), run one step, and retire what finished. A group whose step raises (out of memory,
         say) fails as a whole; the others go on."""
