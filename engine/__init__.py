@@ -3,6 +3,8 @@
 import os
 import sys
 
+__version__ = "0.1.0"  # the distribution's version too (pyproject.toml reads it from here)
+
 from . import threads as _threads
 
 _threads.configure_openmp(os.environ, sys.modules)  # before torch loads OpenMP: idle threads sleep (engine/threads.py)
@@ -21,4 +23,3 @@ __all__ = [
     "ddim_step", "dpmpp_2m_step", "dpmpp_2m_sde_step", "unipc_step",
     "SchedulerConfig", "Tables", "to_uint8", "to_pil", "make_grid", "save_grid",
 ]
-__version__ = "0.1.0"

@@ -54,12 +54,12 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def build_module(model_cfg: dict) -> nn.Module:
-    from .models import SeedUNet
+    from .models import DoubleConvUNet
 
     kw = dict(model_cfg)
     kind = kw.pop("type", None)
-    if kind == "seed_unet":
-        return SeedUNet(**kw)
+    if kind == "seed_unet":  # the saved name of DoubleConvUNet (kept: saved folders must load)
+        return DoubleConvUNet(**kw)
     raise ModelLoadError(f"unknown model type {kind!r} in config.json; known: 'seed_unet'")
 
 

@@ -17,8 +17,6 @@ from torch.nn import functional as F
 
 from .errors import require
 
-DIGITS_SHAPE = (1, 16, 16)
-
 
 def load_digits_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N, 1, size, size] float32 in [-1, 1], labels int64 [N])."""

@@ -41,8 +41,8 @@ class Prediction(str, Enum):
 
 class Variance(str, Enum):
     """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
-    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (seeds 002/003)
-    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (seed 001)
+    FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (DDPM eq. 7; diffusers' default)
+    FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (DDPM sec. 3.2's other choice)
 
     @classmethod
     def parse(cls, value) -> "Variance":
@@ -95,6 +95,11 @@ def make_betas(beta_schedule: str = "linear", num_timesteps: int = 1000, beta_st
 TIMESTEP_SPACINGS = ("leading", "linspace")
 
 
+def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """alpha-bar: abar[t] = prod_{s<=t} (1 - beta_s), float64 [T] (DDPM eq. 4's cumulative product)."""
+    return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+
+
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
     """The kept training timesteps, ascending, exactly ``steps`` of them.
 
@@ -133,7 +138,7 @@ class Tables:
       (which is 0) replaced by the i = 1 entry — improved-diffusion's rule. Only used where the
       noise is masked out anyway, it just keeps the log finite.
     - ``large_log_variance``  = log of [posterior_variance[1], beta_1, beta_2, ...]: the
-      "fixed_large" choice sigma^2 = beta_t (seed 001), again finite at i = 0.
+      "fixed_large" choice sigma^2 = beta_t, again finite at i = 0.
     - ``posterior_mean_coef1`` = beta_i sqrt(abar_{i-1}) / (1 - abar_i),
       ``posterior_mean_coef2`` = (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i)  (DDPM eq. 7):
       mean = coef1 * x0 + coef2 * x_t.
@@ -238,8 +243,7 @@ class Tables:
         train_betas = np.asarray(train_betas, dtype=np.float64)
         T = len(train_betas)
         timesteps = spaced_timesteps(T, T if steps is None else steps, spacing)
-        abar_train = np.cumprod(1.0 - train_betas)
-        abar = abar_train[timesteps]
+        abar = alphas_cumprod(train_betas)[timesteps]
         abar_prev = np.append(1.0, abar[:-1])
         betas = 1.0 - abar / abar_prev
         alphas = 1.0 - betas
@@ -438,3 +442,7 @@ class SchedulerConfig:
     def betas(self) -> np.ndarray:
         return make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
                           self.trained_betas)
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """alpha-bar over the training timesteps, float64 [num_train_timesteps]."""
+        return alphas_cumprod(self.betas())

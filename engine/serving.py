@@ -91,6 +91,23 @@ def _reset_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_in_child)
 
 
+class _CpuLoan:
+    """``yield_cpu_to(backend)`` (engine/threads.py), held by the scheduler thread while it has work."""
+
+    def __init__(self):
+        self._stack = contextlib.ExitStack()
+        self.held = False
+
+    def take(self, backend):
+        if not self.held:
+            self._stack.enter_context(yield_cpu_to(backend))
+            self.held = True
+
+    def give_back(self):
+        self._stack.close()
+        self.held = False
+
+
 @dataclass(eq=False)
 class Request:
     seeds: list
@@ -321,61 +338,72 @@ class Server:
 
     # ---- the scheduler thread ----------------------------------------------------------------
     def _loop(self):
-        cpu = contextlib.ExitStack()  # yield_cpu_to(backend), held while there is work
-        lent = False
+        cpu = _CpuLoan()
         try:
             while True:
                 with self._cond:
-                    idle_since = None
-                    while True:
-                        if self._closed:
-                            break
-                        for g in self._groups.values():
-                            if g.interrupted:
-                                g.interrupted = False
-                                self._fail_running(g, lambda: BatchInterruptedError(
-                                    "another caller of this batch was interrupted (Ctrl-C), which stopped the "
-                                    "batch; retry"))
-                        self._drop_stale_pending()
-                        ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
-                        if ready:
-                            break
-                        if not self._groups:
-                            cpu.close()
-                            lent = False
-                            now = time.perf_counter()
-                            idle_since = idle_since or now
-                            if self.idle_exit_s is not None and now - idle_since >= self.idle_exit_s:
-                                self._thread = None  # the next submit starts a new one
-                                return
-                        wait = self._wait_time()
-                        if self.idle_exit_s is not None and not self._groups:
-                            wait = self.idle_exit_s
-                        self._cond.wait(wait)
-                    if self._closed:
+                    ready = self._wait_for_work(cpu)
+                    if ready is None:
+                        if not self._closed:
+                            return  # idle for idle_exit_s: the next submit starts a new thread
                         break
                     joining = {g: self._admit(g) for g in ready}
-                for g in ready:
-                    if g.running:
-                        if not lent:
-                            cpu.enter_context(yield_cpu_to(g.plan.backend))
-                            lent = True
-                        try:
-                            if joining[g]:  # outside the lock: placing rows may capture a graph
-                                g.batch.add(joining[g])
-                            self._step(g)
-                        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
-                            self._fail_group(g, exc)
-                            continue
-                        self._retire(g)
+                self._step_groups(ready, joining, cpu)
         except BaseException as exc:  # never leave callers hanging
             with self._cond:
                 self._closed = True
             self._fail_all(EngineError(f"the serving thread stopped: {exc!r}"))
             raise
         finally:
-            cpu.close()
+            cpu.give_back()
         self._fail_all(ServerClosedError("the server was closed before this request finished"))
+
+    def _wait_for_work(self, cpu: _CpuLoan) -> list | None:
+        """Under the lock: wait until some group has a step to run or requests to admit, and return
+        those groups; None when the thread should stop: the server is closed, or it was idle for
+        ``idle_exit_s`` (``self._thread`` is then None). Gives the CPU back while there are no groups."""
+        idle_since = None
+        while not self._closed:
+            self._stop_interrupted_batches()
+            self._drop_stale_pending()
+            ready = [g for g in self._groups.values() if g.running or self._should_admit(g)]
+            if ready:
+                return ready
+            if not self._groups:
+                cpu.give_back()
+                now = time.perf_counter()
+                idle_since = idle_since or now
+                if self.idle_exit_s is not None and now - idle_since >= self.idle_exit_s:
+                    self._thread = None  # the next submit starts a new one
+                    return None
+            idle_wait = self.idle_exit_s is not None and not self._groups
+            self._cond.wait(self.idle_exit_s if idle_wait else self._wait_time())
+        return None
+
+    def _stop_interrupted_batches(self):
+        """Under the lock: a group whose caller was interrupted fails its running requests."""
+        for g in self._groups.values():
+            if g.interrupted:
+                g.interrupted = False
+                self._fail_running(g, lambda: BatchInterruptedError(
+                    "another caller of this batch was interrupted (Ctrl-C), which stopped the batch; retry"))
+
+    def _step_groups(self, ready: list, joining: dict, cpu: _CpuLoan):
+        """Outside the lock: place each ready group's newly admitted rows (this may capture a
+        graph), run one step, and retire what finished. A group whose step raises (out of memory,
+        say) fails as a whole; the others go on."""
+        for g in ready:
+            if not g.running:
+                continue
+            cpu.take(g.plan.backend)
+            try:
+                if joining[g]:
+                    g.batch.add(joining[g])
+                self._step(g)
+            except Exception as exc:
+                self._fail_group(g, exc)
+                continue
+            self._retire(g)
 
     def _wait_time(self):
         """Sleep until the oldest pending request may start, or the next deadline (None: until notified)."""

@@ -1,4 +1,4 @@
-"""Train a UNet with the seeds' loss: ``python -m ddpm_engine train``.
+"""Train a UNet with DDPM's simple loss: ``python -m ddpm_engine train``.
 
 Loss (DDPM eq. 14, the "simple" objective): draw t ~ U{0..T-1} and eps ~ N(0, I), form
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eq. 4) and regress the network's output on eps with
@@ -28,7 +28,7 @@ from . import threads
 from .checkpoints import save_project_folder
 from .data import load_digits_images
 from .errors import InvalidRequestError
-from .models import SeedUNet
+from .models import DoubleConvUNet
 from .schedules import SchedulerConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -95,6 +95,74 @@ def make_config(cfg: TrainConfig | None, overrides: dict) -> TrainConfig:
     return cfg
 
 
+def model_config(cfg: TrainConfig, in_channels: int, scheduler: SchedulerConfig) -> dict:
+    """The ``model`` entry of the saved config.json; ``"seed_unet"`` is DoubleConvUNet's saved name."""
+    return {"type": "seed_unet", "in_channels": in_channels, "widths": list(cfg.widths),
+            "num_timesteps": scheduler.num_train_timesteps, "time_emb_dim": cfg.time_emb_dim}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the network, its EMA, the optimizer, the batch generator, the step
+    reached and the running average of the loss."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    step: int = 0
+    loss: float | None = None
+
+    @classmethod
+    def new(cls, cfg: TrainConfig, model_cfg: dict) -> "TrainState":
+        """Seeded initial weights (``cfg.seed``), without touching the caller's global RNG."""
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            model = DoubleConvUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(model, copy.deepcopy(model).eval(), opt, torch.Generator().manual_seed(cfg.seed))
+
+    def load(self, ckpt: Path, cfg: TrainConfig) -> None:
+        """Resume from ``ckpt``; refused if it holds another architecture (ARCHITECTURE_FIELDS)."""
+        state = torch.load(ckpt, weights_only=False)
+        saved = state.get("config", {})
+        mismatch = [n for n in ARCHITECTURE_FIELDS
+                    if n in saved and _same(saved[n]) != _same(getattr(cfg, n))]
+        if mismatch:
+            raise InvalidRequestError(f"{ckpt} holds a model with other {', '.join(mismatch)} "
+                                      f"({', '.join(f'{n}={saved[n]}' for n in mismatch)}); "
+                                      "use another output folder, or resume=False (--no-resume) to start over")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.step, self.loss = state["step"], state["loss"]
+
+    def save(self, ckpt: Path, cfg: TrainConfig) -> None:
+        """Write ``ckpt`` atomically: an interrupted save leaves the old checkpoint whole."""
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                 "generator": self.gen.get_state(), "step": self.step, "loss": self.loss, "config": asdict(cfg)}
+        torch.save(state, ckpt.with_suffix(".tmp"))
+        os.replace(ckpt.with_suffix(".tmp"), ckpt)
+
+
+def train_step(state: TrainState, cfg: TrainConfig, x_all: torch.Tensor, sqrt_abar: torch.Tensor,
+               sqrt_1m_abar: torch.Tensor) -> float:
+    """One optimizer step on a batch drawn from ``x_all``, then the EMA update; returns the loss."""
+    idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=state.gen)
+    for g in state.opt.param_groups:
+        g["lr"] = learning_rate(cfg, state.step)
+    loss = diffusion_loss(state.model, x_all[idx], sqrt_abar, sqrt_1m_abar, state.gen)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    state.opt.step()
+    ema_update(state.ema, state.model, cfg.ema_decay if state.step >= cfg.warmup else 0.0)
+    state.step += 1
+    value = loss.item()
+    state.loss = value if state.loss is None else 0.98 * state.loss + 0.02 * value
+    return value
+
+
 def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progress: bool = True,
           data: torch.Tensor | None = None, stop_at: int | None = None, **overrides) -> dict:
     """Train (or resume) in ``out_dir``; writes the EMA model in the project format there.
@@ -111,71 +179,40 @@ def train(out_dir, cfg: TrainConfig | None = None, *, resume: bool = True, progr
     out.mkdir(parents=True, exist_ok=True)
     x_all = load_digits_images()[0] if data is None else data
     scheduler = scheduler_config()
-    abar = torch.from_numpy(scheduler.betas()).neg().add(1).cumprod(0)
+    abar = torch.from_numpy(scheduler.alphas_cumprod())
     sqrt_abar, sqrt_1m_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
-
-    model_cfg = {"type": "seed_unet", "in_channels": x_all.shape[1], "widths": list(cfg.widths),
-                 "num_timesteps": scheduler.num_train_timesteps, "time_emb_dim": cfg.time_emb_dim}
-    with torch.random.fork_rng():  # seeded initial weights, without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = SeedUNet(**{k: v for k, v in model_cfg.items() if k != "type"})
-    ema = copy.deepcopy(model).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, loss_avg = 0, None
+    model_cfg = model_config(cfg, x_all.shape[1], scheduler)
+    state = TrainState.new(cfg, model_cfg)
     ckpt = out / CHECKPOINT
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        saved = state.get("config", {})
-        mismatch = [n for n in ARCHITECTURE_FIELDS
-                    if n in saved and _same(saved[n]) != _same(getattr(cfg, n))]
-        if mismatch:
-            raise InvalidRequestError(f"{ckpt} holds a model with other {', '.join(mismatch)} "
-                                      f"({', '.join(f'{n}={saved[n]}' for n in mismatch)}); "
-                                      "use another output folder, or resume=False (--no-resume) to start over")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, loss_avg = state["step"], state["loss"]
+        state.load(ckpt, cfg)
 
     def save():
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "generator": gen.get_state(), "step": step, "loss": loss_avg, "config": asdict(cfg)}
-        torch.save(state, ckpt.with_suffix(".tmp"))
-        os.replace(ckpt.with_suffix(".tmp"), ckpt)  # an interrupted save leaves the old checkpoint whole
-        save_project_folder(out, ema, model_cfg, scheduler, tuple(x_all.shape[1:]), name=out.name)
+        state.save(ckpt, cfg)
+        save_project_folder(out, state.ema, model_cfg, scheduler, tuple(x_all.shape[1:]), name=out.name)
 
     last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    bar = _progress_bar(cfg.steps, state.step) if progress else None
     losses = []
-    model.train()
-    while step < last:
-        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg, step)
-        loss = diffusion_loss(model, x_all[idx], sqrt_abar, sqrt_1m_abar, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
-        step += 1
-        losses.append(loss.item())
-        loss_avg = losses[-1] if loss_avg is None else 0.98 * loss_avg + 0.02 * losses[-1]
+    state.model.train()
+    while state.step < last:
+        losses.append(train_step(state, cfg, x_all, sqrt_abar, sqrt_1m_abar))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % cfg.save_every == 0 or step == last:
+            bar.set_postfix(loss=f"{state.loss:.4f}")
+        if state.step % cfg.save_every == 0 or state.step == last:
             save()
     if bar is not None:
         bar.close()
     if not losses:  # nothing left to do: still make sure the model folder exists
         save()
-    return {"step": step, "loss": loss_avg, "losses": losses}
+    return {"step": state.step, "loss": state.loss, "losses": losses}
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step")
 
 
 def _same(value):
@@ -184,7 +221,7 @@ def _same(value):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_engine train",
-                                description="Train a SeedUNet on scikit-learn's handwritten digits (16x16). "
+                                description="Train a DoubleConvUNet on scikit-learn's handwritten digits (16x16). "
                                             "Resumes from OUT/checkpoint.pt if present.")
     d = TrainConfig()
     p.add_argument("--out", default="runs/digits", help="output folder: checkpoint.pt, config.json, model.safetensors")

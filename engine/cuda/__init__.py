@@ -3,8 +3,8 @@ compiled drivers.
 
 - graphs.py: ``GraphedSampler``, the capture (per batch-size bucket, static buffers) and the
   replay drivers "python" (a Python loop of graph replays), "c" and "graph_loop";
-- driver.py: builds (into ``ddpm_engine.cache``) and loads with ctypes the C loop of
-  kernels/csrc/graph_driver.c, which launches the graph through the CUDA driver API
+- c_loop.py: builds (into ``ddpm_engine.cache``) and loads with ctypes the C loop behind
+  ``driver="c"``, kernels/csrc/c_loop.c, which launches the graph through the CUDA driver API
   (``cuGraphLaunch`` from libcuda.so.1, opened at run time); ``CudaError``; the shared build
   helpers (``cuda_home``, ``find_cudart``: the libcudart this process has mapped);
 - graph_loop.py: builds and loads kernels/csrc/graph_loop.cu, the whole chain as one launch of a

@@ -1,14 +1,14 @@
 """The whole reverse chain as one graph launch: kernels/csrc/graph_loop.cu, loaded with ctypes.
 
-``load_graph_loop()`` builds the CUDA source with nvcc (cached like the C driver, see
-engine/cuda/driver.py; real sm_XX code for this GPU, default sm_90, plus its PTX; linked against
-the libcudart this process already has, ``driver.find_cudart``) and returns a
+``load_graph_loop()`` builds the CUDA source with nvcc (cached like the C loop, see
+engine/cuda/c_loop.py; real sm_XX code for this GPU, default sm_90, plus its PTX; linked against
+the libcudart this process already has, ``c_loop.find_cudart``) and returns a
 ``GraphLoopLibrary``; ``lib.create(step_graph_ptr)`` wraps a captured step's cudaGraph_t (``torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph()``) in a
 conditional WHILE node and returns a ``GraphLoop`` whose ``run(stream_ptr, steps)`` launches the
 chain once and synchronises once. Needs CUDA >= 12.4 (conditional nodes) at build and run time.
 
 UNVERIFIED on a GPU (this project's CI has nvcc but no GPU): it builds and loads there, and its
-argument checks answer without a device; tests/gpu and tests/engine/cuda/test_driver.py's GPU cases
+argument checks answer without a device; tests/gpu and tests/engine/cuda/test_c_loop.py's GPU cases
 compare its images with the Python replay loop's where a GPU is present.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import BackendUnavailableError
 from ..kernels import CSRC
-from . import driver as _driver
+from . import c_loop as _c_loop
 
 SOURCE = CSRC / "graph_loop.cu"
 DEFAULT_ARCH = 90
@@ -37,18 +37,18 @@ class GraphLoop:
 
     def run(self, stream_ptr: int, steps: int) -> None:
         if not self.handle:
-            raise _driver.CudaError("graph loop: already closed", 1)
-        err = ctypes.create_string_buffer(_driver.ERRLEN)
+            raise _c_loop.CudaError("graph loop: already closed", 1)
+        err = ctypes.create_string_buffer(_c_loop.ERRLEN)
         code = self._lib.lib.ddpm_loop_run(ctypes.c_void_p(self.handle), ctypes.c_void_p(int(stream_ptr)),
-                                           int(steps), err, _driver.ERRLEN)
-        _driver.GraphDriver._check(code, err, "graph loop run")
+                                           int(steps), err, _c_loop.ERRLEN)
+        _c_loop.CLoopLibrary._check(code, err, "graph loop run")
 
     def close(self) -> None:
         if self.handle:
-            err = ctypes.create_string_buffer(_driver.ERRLEN)
-            code = self._lib.lib.ddpm_loop_destroy(ctypes.c_void_p(self.handle), err, _driver.ERRLEN)
+            err = ctypes.create_string_buffer(_c_loop.ERRLEN)
+            code = self._lib.lib.ddpm_loop_destroy(ctypes.c_void_p(self.handle), err, _c_loop.ERRLEN)
             self.handle = 0
-            _driver.GraphDriver._check(code, err, "graph loop destroy")
+            _c_loop.CLoopLibrary._check(code, err, "graph loop destroy")
 
     def __del__(self):
         try:
@@ -78,11 +78,11 @@ class GraphLoopLibrary:
 
     def create(self, step_graph_ptr: int) -> GraphLoop:
         if not step_graph_ptr:
-            raise _driver.CudaError("graph loop: the step graph handle is 0 (captured without keep_graph=True?)", 1)
+            raise _c_loop.CudaError("graph loop: the step graph handle is 0 (captured without keep_graph=True?)", 1)
         out = ctypes.c_void_p(0)
-        err = ctypes.create_string_buffer(_driver.ERRLEN)
-        code = self.lib.ddpm_loop_create(ctypes.c_void_p(int(step_graph_ptr)), ctypes.byref(out), err, _driver.ERRLEN)
-        _driver.GraphDriver._check(code, err, "graph loop create")
+        err = ctypes.create_string_buffer(_c_loop.ERRLEN)
+        code = self.lib.ddpm_loop_create(ctypes.c_void_p(int(step_graph_ptr)), ctypes.byref(out), err, _c_loop.ERRLEN)
+        _c_loop.CLoopLibrary._check(code, err, "graph loop create")
         return GraphLoop(self, out.value)
 
     def __repr__(self):
@@ -133,37 +133,37 @@ def nvcc_command(out: str, source: Path, arch: int, cudart: Path) -> list[str]:
     """nvcc command line: sm_<arch> machine code plus compute_<arch> PTX (JIT-compiled by newer
     GPUs), linked against the given libcudart file by its exact name (-cudart none: no static
     runtime, no -lcudart, which needs the unversioned libcudart.so a pip-installed CUDA lacks)."""
-    nvcc = _driver._find_nvcc(_driver.cuda_home())
+    nvcc = _c_loop._find_nvcc(_c_loop.cuda_home())
     return [nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-cudart", "none",
             "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-gencode", f"arch=compute_{arch},code=compute_{arch}",
             "-o", out, str(source), f"-L{cudart.parent}", f"-l:{cudart.name}", "-Xlinker", f"-rpath,{cudart.parent}"]
 
 
 def _library(cache_dir=None, source=None, arch=None, cudart=None):
-    if _driver._find_nvcc(_driver.cuda_home()) is None:
+    if _c_loop._find_nvcc(_c_loop.cuda_home()) is None:
         raise BackendUnavailableError("the one-launch graph loop (driver='graph_loop') is CUDA C++ and needs nvcc "
                                       "to build; install the CUDA toolkit or use driver='c'")
-    cudart = Path(cudart) if cudart is not None else _driver.find_cudart()
+    cudart = Path(cudart) if cudart is not None else _c_loop.find_cudart()
     if cudart is None or not cudart.exists():
         raise BackendUnavailableError(f"the graph loop links the CUDA runtime, but no libcudart was found "
                                       f"({cudart or 'none mapped, none in the toolkit'}); set DDPM_CUDART to "
                                       "torch's libcudart.so.* (see /proc/self/maps)")
     source = Path(source) if source is not None else SOURCE
     arch = int(arch) if arch is not None else cuda_arch()
-    return _driver.library(source, lambda out: nvcc_command(out, source, arch, cudart), cache_dir,
+    return _c_loop.library(source, lambda out: nvcc_command(out, source, arch, cudart), cache_dir,
                            what="the graph loop")
 
 
 def build_graph_loop(cache_dir=None, source=None, arch=None, cudart=None) -> Path:
     """Compile graph_loop.cu for ``arch`` (default ``cuda_arch()``) against ``cudart`` (default
-    ``driver.find_cudart()``) into the cache; the library's path."""
-    return _driver.build(_library(cache_dir, source, arch, cudart))
+    ``c_loop.find_cudart()``) into the cache; the library's path."""
+    return _c_loop.build(_library(cache_dir, source, arch, cudart))
 
 
 def load_graph_loop(path=None, **build_kw) -> GraphLoopLibrary:
     """The loaded graph loop at ``path``, or built (if needed) into the cache; loaded once per path."""
     if path is None:
-        return _driver.load(_library(**build_kw), GraphLoopLibrary, _loaded)
+        return _c_loop.load(_library(**build_kw), GraphLoopLibrary, _loaded)
     path = Path(path)
     if path not in _loaded:
         _loaded[path] = GraphLoopLibrary(path)

@@ -5,7 +5,7 @@ Every step of a run does the same device work on the same buffers: the per-sampl
 gather, noise comes from the seed words and ``i`` (engine.noise), and the t = 0 case is a mask.
 So one captured step, replayed ``steps`` times, is the whole run, and the host does one graph
 launch per step (``driver="python"``) or one C call for the whole run (``driver="c"``, the
-compiled loop in kernels/csrc/graph_driver.c), or the device loops by itself (``driver="graph_loop"``:
+compiled loop in kernels/csrc/c_loop.c), or the device loops by itself (``driver="graph_loop"``:
 the step graph inside a conditional WHILE node, one launch per run, kernels/csrc/graph_loop.cu,
 CUDA >= 12.4, UNVERIFIED on a GPU).
 
@@ -29,7 +29,7 @@ tests' graph tolerance). A mismatch, a NaN, or an exception in warm-up, capture,
 that replay refuses graphs for the plan (``refused``: the reason; warned once): ``run()`` with
 the default driver then runs the eager loop (the same images as ``driver="eager"``), and an
 explicit driver raises ``GraphsRefused``. The C driver is trusted only after a subprocess has
-loaded and exercised the same build (``driver.trusted_driver``); if it fails, the default driver
+loaded and exercised the same build (``c_loop.trusted_c_loop``); if it fails, the default driver
 is Python replay. ``report()`` says which path the plan takes and why.
 
 Everything but capture and replay runs on the CPU too: ``GraphedSampler(plan, capture=False)``
@@ -243,10 +243,10 @@ class GraphedSampler:
         """The C driver, once a subprocess has loaded and exercised the same build (its verdict cached
         per build); raises BackendUnavailableError, recorded in ``c_driver``, if it failed."""
         if self._driver is None:
-            from .driver import trusted_driver
+            from .c_loop import trusted_c_loop
 
             try:
-                self._driver = trusted_driver()
+                self._driver = trusted_c_loop()
             except EngineError as exc:
                 self.c_driver = f"failed: {exc}"
                 raise

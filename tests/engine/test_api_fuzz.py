@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ddpm_engine import Engine, EngineError
 from ddpm_engine.__main__ import main
-from ddpm_engine.models import SeedUNet
+from ddpm_engine.models import DoubleConvUNet
 from ddpm_engine.samplers import SAMPLERS
 
 SHAPE = (1, 4, 4)
@@ -27,7 +27,7 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 @pytest.fixture(scope="module")
 def engine():
     torch.manual_seed(0)
-    return Engine.from_module(SeedUNet(1, (4, 8)).eval(), scheduler={"num_train_timesteps": T},
+    return Engine.from_module(DoubleConvUNet(1, (4, 8)).eval(), scheduler={"num_train_timesteps": T},
                               sample_shape=SHAPE, backend="torch")
 
 

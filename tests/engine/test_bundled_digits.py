@@ -41,7 +41,7 @@ def test_the_judge_knows_digits_from_non_digits(judge):
 
 @pytest.mark.parametrize("sampler,steps,n,min_recognised,min_digits", [
     ("ddim", 50, 100, 0.6, 10),
-    ("ddpm", 1000, 40, 0.6, 8),  # fewer images: DDPM-1000 costs 1000 network calls
+    pytest.param("ddpm", 1000, 40, 0.6, 8, marks=pytest.mark.slow),  # fewer images: 1000 network calls
 ])
 def test_samples_are_recognised_digits(judge, engine, sampler, steps, n, min_recognised, min_digits):
     seeds = list(range(1000, 1000 + n))  # fixed: the test is deterministic

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddpm_engine import Engine, ModelLoadError, SchedulerConfig, checkpoints
-from ddpm_engine.models import SeedUNet
+from ddpm_engine.models import DoubleConvUNet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -21,7 +21,7 @@ def tiny_diffusers_unet():
 
 
 def test_project_format_round_trip(tmp_path):
-    net = SeedUNet(1, (8, 16)).eval()
+    net = DoubleConvUNet(1, (8, 16)).eval()
     sched = SchedulerConfig(beta_schedule="cosine", variance_type="fixed_large", clip_sample=False)
     checkpoints.save_project_folder(tmp_path / "m", net, {"type": "seed_unet", **net.config}, sched, (1, 8, 8))
     loaded = checkpoints.load(tmp_path / "m")
@@ -60,7 +60,7 @@ def test_missing_and_corrupt_folders(tmp_path):
     with pytest.raises(ModelLoadError, match="holds no model"):
         checkpoints.load(tmp_path / "empty")
 
-    net = SeedUNet(1, (8, 16))
+    net = DoubleConvUNet(1, (8, 16))
     good = checkpoints.save_project_folder(tmp_path / "m", net, {"type": "seed_unet", **net.config},
                                            SchedulerConfig(), (1, 8, 8))
     weights = good / "model.safetensors"

@@ -2,7 +2,8 @@
 
 Every check runs real Python processes (the failures it guards against happen only while an
 interpreter tears down). Short processes run two at a time; the bench
-(bench/test_bench_lifecycle.py) runs the exit scripts 500 times.
+(bench/test_bench_lifecycle.py) runs the exit scripts 500 times. The many-run, CLI and Ray checks
+are ``slow``; the quick loop keeps one check of each kind (exit, Ctrl-C, SIGTERM, fork, close).
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from ddpm_engine import Engine
 
-# The issue's scripts: sample once and end; four threads sampling at once, then end.
+# The scripts that once aborted at exit: sample once and end; four threads sampling at once, then end.
 SINGLE = """
 from ddpm_engine import Engine
 Engine.from_pretrained("digits", device="cpu").sample([1], sampler="ddim", steps=3)
@@ -73,10 +74,12 @@ def shared_cache(cache):
 
 
 # ---- 1. interpreter exit ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_script_that_samples_once_always_exits_with_status_0():
     assert_all_clean(run_many(SINGLE, 50))
 
 
+@pytest.mark.slow
 def test_a_script_whose_threads_sample_at_once_always_exits_with_status_0():
     assert_all_clean(run_many(CONCURRENT, 30))
 
@@ -85,6 +88,7 @@ def test_submit_sample_async_and_serve_exit_with_status_0():
     assert_all_clean(run_many(SERVING, 4))
 
 
+@pytest.mark.slow
 def test_the_cli_sample_and_check_exit_with_status_0(tmp_path):
     sample = [sys.executable, "-m", "ddpm_engine", "sample", "--sampler", "ddim", "--steps", "3", "-n", "2",
               "--quiet", "--out", str(tmp_path / "grid.png")]
@@ -145,6 +149,7 @@ def test_ctrl_c_interrupts_the_caller_fails_its_batch_mates_and_the_engine_goes_
     assert result == {"caller": "KeyboardInterrupt", "rider": "BatchInterruptedError", "same": True}
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_cli_exits_130_with_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-u", "-c", "import sys; from ddpm_engine.__main__ import main; "
                              "print('ready', flush=True); sys.exit(main(sys.argv[1:]))", "sample", "-n", "8",
@@ -177,7 +182,7 @@ for f in futures:
 """
 
 
-@pytest.mark.parametrize("handler", ["exit", "default"])
+@pytest.mark.parametrize("handler", ["exit", pytest.param("default", marks=pytest.mark.slow)])
 def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
     proc = subprocess.Popen([sys.executable, "-c", SERVER_UNDER_SIGTERM, handler], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -197,12 +202,13 @@ def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
     assert "ServerClosedError" in outcomes  # the DDPM-1000 requests were still running
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_serve_stops_serve_and_ray_within_10_s():
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
     import json as json_
     import urllib.request
 
-    from tests.engine.test_ray_serve import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
+    from .process_helpers import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
 
     port = free_port()
     env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}
@@ -277,7 +283,8 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("backend,method", [("onnxruntime", "fork"), ("torch", "fork"), ("onnxruntime", "spawn")])
+@pytest.mark.parametrize("backend,method", [pytest.param("onnxruntime", "fork", marks=pytest.mark.slow), ("torch", "fork"),
+                                            pytest.param("onnxruntime", "spawn", marks=pytest.mark.slow)])
 def test_children_sample_the_parents_images(backend, method, tmp_path):
     script = tmp_path / "forked.py"  # spawn re-imports the main module: a file, not -c
     script.write_text(FORKED)

@@ -1,12 +1,14 @@
 """Scale-out on Ray Serve (ddpm_engine.ray_serve): one local Ray + Serve for the whole module, on
-loopback, sized for a 2-core machine. Every image is checked against a lone engine."""
+loopback, sized for a 2-core machine. Every image is checked against a lone engine.
+
+The tests on the cluster are ``slow`` (Ray takes about 10 s to start); the quick loop checks the
+replica's request handling without one."""
 
 import base64
 import io
 import json
 import os
 import random
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -25,48 +27,15 @@ from ray import serve  # noqa: E402
 from ddpm_engine import Engine, InvalidRequestError, to_uint8  # noqa: E402
 from ddpm_engine import ray_serve  # noqa: E402
 
+from .process_helpers import SMALL_MACHINE_ENV, free_port, live_processes, process_tree  # noqa: E402
+
 OPTS = dict(sampler="ddim", steps=5)
 OTHER_OPTS = dict(sampler="ddim", steps=4, eta=1.0)
 MAX_BATCH = 16
 ENGINE_KWARGS = dict(device="cpu", backend="torch")
-# A small shared machine: workers at normal priority (Ray's default nice 15 starves them), a patient
-# proxy readiness check, one OpenMP thread per replica, no dashboard, a small object store.
-SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+# sized for a small shared machine (with SMALL_MACHINE_ENV): one OpenMP thread per replica; the cluster
+# below has no dashboard and a small object store
 REPLICA_OPTIONS = {"num_cpus": 1, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def live_processes() -> dict:
-    """{pid: (parent pid, start time)} of every process that has not exited (from /proc; Linux)."""
-    live = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if fields[0] != "Z":  # a zombie has exited
-            live[int(entry)] = (int(fields[1]), fields[19])
-    return live
-
-
-def process_tree(root: int) -> dict:
-    """{pid: start time} of every live descendant of ``root``."""
-    live = live_processes()
-    tree, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        for child, (parent, started) in live.items():
-            if parent == pid:
-                tree[child] = started
-                todo.append(child)
-    return tree
 
 
 class Cluster:
@@ -121,6 +90,7 @@ def post(url, body: bytes):
         return status, text.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_concurrent_calls_match_a_lone_engine_and_form_batches(cluster, lone):
     seed = random.getrandbits(32)
     rng = random.Random(seed)
@@ -145,6 +115,7 @@ def test_concurrent_calls_match_a_lone_engine_and_form_batches(cluster, lone):
     assert max(batches) > 1 and engine_calls < 32, batches
 
 
+@pytest.mark.slow
 def test_requests_of_many_seeds_are_split_into_engine_batches(cluster, lone):
     seed = random.getrandbits(32)
     rng = random.Random(seed)
@@ -165,6 +136,7 @@ def replica_stats(handle, tries=200) -> dict:
     return seen
 
 
+@pytest.mark.slow
 def test_http_answers_the_same_images_and_pngs(cluster, lone):
     seeds = [random.getrandbits(64) for _ in range(3)]
     status, answer = post(cluster.url, json.dumps({"seeds": seeds, **OPTS}).encode())
@@ -188,6 +160,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", BAD_BODIES, ids=[b[:24].decode("latin-1") for b in BAD_BODIES])
 def test_a_bad_http_request_gets_400_and_the_next_works(cluster, lone, body):
     status, answer = post(cluster.url, body)
@@ -196,6 +169,21 @@ def test_a_bad_http_request_gets_400_and_the_next_works(cluster, lone, body):
     assert status == 200 and (ray_serve.from_json(answer) - lone.sample([7], **OPTS)).abs().max().item() <= 1e-5
 
 
+def test_the_replicas_checks_and_answer_format_hold_without_a_cluster(lone):
+    """The quick loop's Ray Serve check, with no Ray started: the body parsing and request checks
+    the replica runs refuse every bad body with InvalidRequestError, and the JSON answer carries
+    the images exactly."""
+    for body in BAD_BODIES:
+        with pytest.raises(InvalidRequestError):
+            ray_serve.check_request(lone, **ray_serve.parse_body(body), max_images=MAX_BATCH)
+    body = json.dumps({"seeds": [7], **OPTS}).encode()
+    request = ray_serve.check_request(lone, **ray_serve.parse_body(body), max_images=MAX_BATCH)
+    assert request == ray_serve.Request([7], ray_serve.Options("ddim", 5, 0.0))
+    images = lone.sample(request.seeds, **OPTS)
+    assert torch.equal(ray_serve.from_json(ray_serve.to_json(images)), images)
+
+
+@pytest.mark.slow
 def test_other_routes_and_methods_are_refused(cluster):
     assert post(cluster.url.replace("/sample", "/other"), b"{}")[0] == 404
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -203,6 +191,7 @@ def test_other_routes_and_methods_are_refused(cluster):
     assert err.value.code == 405
 
 
+@pytest.mark.slow
 def test_a_bad_request_fails_alone_not_its_batch_mates(cluster, lone):
     seed = random.getrandbits(32)
     rng = random.Random(seed)
@@ -218,6 +207,7 @@ def test_a_bad_request_fails_alone_not_its_batch_mates(cluster, lone):
             assert (f.result() - lone.sample(s, **OPTS)).abs().max().item() <= 1e-5, f"seed={seed}"
 
 
+@pytest.mark.slow
 def test_shutdown_leaves_no_process_behind(cluster):
     # Last in this module: it shuts the module's Ray down.
     cluster.record_processes()  # with any worker started since

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddpm_engine import Engine, EngineError, InvalidRequestError, QueueFullError
-from ddpm_engine.models import SeedUNet
+from ddpm_engine.models import DoubleConvUNet
 from ddpm_engine.plan import SamplingPlan
 from ddpm_engine.serving import Server, ServerClosedError
 
@@ -33,10 +33,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True, params=["exact", "buckets"])
+@pytest.fixture(autouse=True, params=["exact", pytest.param("buckets", marks=pytest.mark.slow)])
 def layout(request, monkeypatch):
     """Every test twice: rows in exact-size buffers (the CPU default) and in graph-bucket slots
-    (engine/slots.py, the CUDA default; run here without capture)."""
+    (engine/slots.py, the CUDA default; run here without capture). The second run is ``slow``: the
+    quick loop checks the bucket slots in tests/engine/test_slots.py."""
     if request.param == "buckets":
         monkeypatch.setattr(SamplingPlan, "graphable", property(lambda self: True))
     return request.param
@@ -47,7 +48,7 @@ def engine():
     """The bundled digits model when present, else its architecture with random weights."""
     if DIGITS.exists():
         return Engine.from_pretrained("digits", backend="torch")
-    return Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch")
+    return Engine.from_module(DoubleConvUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch")
 
 
 def seeds(n):
@@ -75,7 +76,7 @@ def test_32_threads_get_the_images_their_seeds_give_alone(engine, mode):
 
 def test_engine_sample_without_batching_is_thread_safe_and_serial():
     eng = Engine.from_pretrained("digits", backend="torch", batching=False) if DIGITS.exists() else \
-        Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch", batching=False)
+        Engine.from_module(DoubleConvUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch", batching=False)
     ss = seeds(16)
     serial = [eng.sample([s], sampler="ddim", steps=5) for s in ss]
     with ThreadPoolExecutor(16) as pool:
@@ -99,7 +100,7 @@ class CountingBackend:
 
 def counting_engine(**kw):
     eng = Engine.from_pretrained("digits", backend="torch", **kw) if DIGITS.exists() else \
-        Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch", **kw)
+        Engine.from_module(DoubleConvUNet(1, (32, 64, 128)).eval(), sample_shape=SHAPE, backend="torch", **kw)
     eng.backend = CountingBackend(eng.backend)  # before the first plan: plans hold the engine's backend
     return eng
 
@@ -233,7 +234,7 @@ class Flaky(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net, self.fail = SeedUNet(1, (4, 8)).eval(), False
+        self.net, self.fail = DoubleConvUNet(1, (4, 8)).eval(), False
 
     def forward(self, x, t):
         if self.fail:
@@ -279,7 +280,7 @@ def test_engine_submit_returns_a_future(engine):
 def test_no_leaks_after_a_thousand_requests():
     import tracemalloc
 
-    tiny = Engine.from_module(SeedUNet(1, (4, 8)).eval(), sample_shape=(1, 4, 4), backend="torch")
+    tiny = Engine.from_module(DoubleConvUNet(1, (4, 8)).eval(), sample_shape=(1, 4, 4), backend="torch")
     threads_before = set(threading.enumerate())
     tracemalloc.start()
     with Server(tiny, max_batch=64, max_wait_ms=1) as server:

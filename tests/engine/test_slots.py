@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ddpm_engine import Engine
 from ddpm_engine.cuda.graphs import GraphedSampler, buckets
-from ddpm_engine.models import SeedUNet
+from ddpm_engine.models import DoubleConvUNet
 from ddpm_engine.plan import SamplingPlan
 from ddpm_engine.serving import Server
 from ddpm_engine.slots import SlotBatch
@@ -40,7 +40,7 @@ class CountingBackend:
 
 def tiny_engine(**kw):
     torch.manual_seed(0)
-    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
+    eng = Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
                              step_impl="torch", **kw)
     eng.backend = CountingBackend(eng.backend)  # before the first plan: plans hold the engine's backend
     return eng

@@ -56,6 +56,7 @@ def test_ema_differs_from_raw_weights(tmp_path):
     assert all(torch.equal(saved[k], state["ema"][k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     x = load_digits_images()[0][:16]
     result = train(tmp_path, steps=60, batch_size=16, widths=[8, 16], time_emb_dim=16, lr=3e-3, warmup=5,

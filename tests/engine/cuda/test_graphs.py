@@ -12,7 +12,7 @@ from ddpm_engine import Engine
 from ddpm_engine.cuda import graphs
 from ddpm_engine.cuda.graphs import GraphedSampler, GraphsRefused, buckets, canary_mismatch
 from ddpm_engine.errors import BackendUnavailableError, InvalidRequestError
-from ddpm_engine.models import SeedUNet
+from ddpm_engine.models import DoubleConvUNet
 from ddpm_engine.stepping import Rows
 
 SHAPE = (1, 8, 8)
@@ -21,7 +21,7 @@ SHAPE = (1, 8, 8)
 @pytest.fixture(scope="module")
 def engine():
     torch.manual_seed(0)
-    return Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
+    return Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
                               step_impl="torch", batching=False)
 
 
@@ -179,7 +179,7 @@ def test_fast_path_and_server_metrics_report_a_refusal(monkeypatch):
     from ddpm_engine.serving import Server
 
     torch.manual_seed(0)
-    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
+    eng = Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu",
                              step_impl="torch", batching=False)
     seeds = [random.getrandbits(64) for _ in range(2)]
     want = eng.sample(seeds, sampler="ddim", steps=3, driver="eager")

@@ -1,4 +1,4 @@
-"""The C graph driver (built with a C compiler here; a fake libcuda stands in for the NVIDIA driver)
+"""The C replay loop behind driver="c" (built with a C compiler here; a fake libcuda stands in for the NVIDIA driver)
 and, on a GPU, CUDA-graph replay against Engine.sample."""
 
 import ctypes
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ddpm_engine.errors import BackendUnavailableError, EngineError
-from ddpm_engine.cuda import driver as drv
+from ddpm_engine.cuda import c_loop
 from ddpm_engine.cuda.graphs import CANARY_TOL
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None
-                              and drv._find_nvcc(drv.cuda_home()) is None,
+                              and c_loop._find_nvcc(c_loop.cuda_home()) is None,
                               reason="no C compiler here: the C driver cannot be built")
 FAKE_LIBCUDA = Path(__file__).with_name("fake_libcuda.c")
 
@@ -36,23 +36,23 @@ def has_libcuda() -> bool:
 
 @needs_cc
 def test_driver_builds_loads_and_reports_cleanly(build_dir):
-    path = drv.build_driver(build_dir)
+    path = c_loop.build_c_loop(build_dir)
     assert path.exists() and path.parent == build_dir and path.suffix == ".so"
-    d = drv.GraphDriver(path)
-    with pytest.raises(drv.CudaError, match="handle is 0"):
+    d = c_loop.CLoopLibrary(path)
+    with pytest.raises(c_loop.CudaError, match="handle is 0"):
         d.replay(0, 0, 1)
     if not has_libcuda():  # no NVIDIA driver: a typed error that names the library, no crash
-        with pytest.raises(drv.CudaError, match="libcuda.so.1") as info:
+        with pytest.raises(c_loop.CudaError, match="libcuda.so.1") as info:
             d.driver_version()
         assert isinstance(info.value, BackendUnavailableError) and isinstance(info.value, EngineError)
-        assert info.value.code == drv.NO_LIBCUDA
-        with pytest.raises(drv.CudaError, match="libcuda.so.1"):
+        assert info.value.code == c_loop.NO_LIBCUDA
+        with pytest.raises(c_loop.CudaError, match="libcuda.so.1"):
             d.replay(1, 0, 3)
         return
     assert 10000 <= d.driver_version() < 100000  # e.g. 13000 for a CUDA 13.0 driver
     try:
         n = d.device_count()
-    except drv.CudaError as exc:  # a driver but no GPU: CUDA's own message and code
+    except c_loop.CudaError as exc:  # a driver but no GPU: CUDA's own message and code
         assert exc.code != 0 and "code" in str(exc) and not torch.cuda.is_available()
     else:
         assert n == torch.cuda.device_count()  # the driver and torch see the same GPUs
@@ -82,7 +82,7 @@ def test_replay_loop_against_a_fake_driver(fake_libcuda, tmp_path):
     stream's context only on a thread that has none, and stops at the first CUDA error, whose name
     and message come back in a typed error. (Its own build: the driver opens libcuda once per load.)"""
     path, fake = fake_libcuda
-    d = drv.GraphDriver(drv.build_driver(tmp_path), libcuda=str(path))
+    d = c_loop.CLoopLibrary(c_loop.build_c_loop(tmp_path), libcuda=str(path))
     assert d.driver_version() == 13000 and d.device_count() == 1
     stats(fake)
     steps = random.randint(2, 50)
@@ -96,49 +96,49 @@ def test_replay_loop_against_a_fake_driver(fake_libcuda, tmp_path):
         assert stats(fake) == {"launches": 3, "syncs": 1, "pushes": 1, "pops": 1, "stream": 0x42}
     finally:
         fake.fake_set_current_ctx(1)
-    with pytest.raises(drv.CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS") as info:
+    with pytest.raises(c_loop.CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS") as info:
         d.replay(0xBAD, 0x42, 5)
     assert info.value.code == 700 and "illegal memory access" in str(info.value) and "cuGraphLaunch" in str(info.value)
     assert stats(fake)["launches"] == 0 and stats(fake)["syncs"] == 0  # stopped at the first launch
-    with pytest.raises(drv.CudaError, match="steps"):
+    with pytest.raises(c_loop.CudaError, match="steps"):
         d.replay(0x1234, 0x42, -1)
 
 
 @needs_cc
 def test_cache_is_reused_and_keyed_by_source(build_dir, tmp_path):
-    first = drv.build_driver(build_dir)
+    first = c_loop.build_c_loop(build_dir)
     mtime = first.stat().st_mtime_ns
     time.sleep(0.01)
-    again = drv.build_driver(build_dir)
+    again = c_loop.build_c_loop(build_dir)
     assert again == first and again.stat().st_mtime_ns == mtime  # not recompiled
-    src = tmp_path / "graph_driver.c"
-    src.write_text(drv.SOURCE.read_text() + "\n/* changed */\n")
-    changed = drv.build_driver(build_dir, source=src)
+    src = tmp_path / "c_loop.c"
+    src.write_text(c_loop.SOURCE.read_text() + "\n/* changed */\n")
+    changed = c_loop.build_c_loop(build_dir, source=src)
     assert changed != first and changed.exists() and first.exists()
-    drv.GraphDriver(changed)  # loads
+    c_loop.CLoopLibrary(changed)  # loads
     assert not [p for p in build_dir.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
 @needs_cc
 def test_cache_dir_from_env_and_a_corrupt_library_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
-    path = drv.build_driver()
+    path = c_loop.build_c_loop()
     assert path.parent == tmp_path / "driver"
     good = path.read_bytes()
     path.write_bytes(good[:100])  # truncated: does not load
-    d = drv.load_driver()
+    d = c_loop.load_c_loop()
     assert d.path == path and path.read_bytes() == good
-    assert drv.load_driver() is d and drv.load_driver(path) is d
+    assert c_loop.load_c_loop() is d and c_loop.load_c_loop(path) is d
 
 
 def test_build_error_is_typed(tmp_path):
     with pytest.raises(BackendUnavailableError, match="missing"):
-        drv.build_driver(tmp_path, source=tmp_path / "nope.c")
+        c_loop.build_c_loop(tmp_path, source=tmp_path / "nope.c")
     if shutil.which("cc") is not None or shutil.which("gcc") is not None:
         bad = tmp_path / "bad.c"
         bad.write_text("int oops( {\n")
         with pytest.raises(BackendUnavailableError, match="building the C graph driver failed"):
-            drv.build_driver(tmp_path, source=bad)
+            c_loop.build_c_loop(tmp_path, source=bad)
 
 
 def test_mapped_cudart_reads_the_process_maps(tmp_path):
@@ -146,24 +146,24 @@ def test_mapped_cudart_reads_the_process_maps(tmp_path):
     maps.write_text("7f00-7f01 r-xp 00000000 08:01 123 /usr/lib/libc.so.6\n"
                     "7f02-7f03 r-xp 00000000 08:01 456 /site/nvidia/cu13/lib/libcudart.so.13\n"
                     "7f04-7f05 rw-p 00000000 00:00 0 \n")
-    assert drv.mapped_cudart(maps) == Path("/site/nvidia/cu13/lib/libcudart.so.13")
+    assert c_loop.mapped_cudart(maps) == Path("/site/nvidia/cu13/lib/libcudart.so.13")
     maps.write_text("7f00-7f01 r-xp 00000000 08:01 123 /usr/lib/libc.so.6\n")
-    assert drv.mapped_cudart(maps) is None
-    assert drv.mapped_cudart(tmp_path / "absent") is None
+    assert c_loop.mapped_cudart(maps) is None
+    assert c_loop.mapped_cudart(tmp_path / "absent") is None
 
 
 def test_find_cudart_order(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_CUDART", str(tmp_path / "libcudart.so.99"))
-    assert drv.find_cudart() == tmp_path / "libcudart.so.99"
+    assert c_loop.find_cudart() == tmp_path / "libcudart.so.99"
     monkeypatch.delenv("DDPM_CUDART")
-    monkeypatch.setattr(drv, "mapped_cudart", lambda: tmp_path / "mapped" / "libcudart.so.13")
-    assert drv.find_cudart() == tmp_path / "mapped" / "libcudart.so.13"
-    monkeypatch.setattr(drv, "mapped_cudart", lambda: None)
+    monkeypatch.setattr(c_loop, "mapped_cudart", lambda: tmp_path / "mapped" / "libcudart.so.13")
+    assert c_loop.find_cudart() == tmp_path / "mapped" / "libcudart.so.13"
+    monkeypatch.setattr(c_loop, "mapped_cudart", lambda: None)
     (tmp_path / "lib64").mkdir()
     for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.13.0.88", "libcudart_static.a"):
         (tmp_path / "lib64" / name).write_bytes(b"")
-    monkeypatch.setattr(drv, "cuda_home", lambda: tmp_path)
-    assert drv.find_cudart() == tmp_path / "lib64" / "libcudart.so.13"  # the SONAME file, not the dev link
+    monkeypatch.setattr(c_loop, "cuda_home", lambda: tmp_path)
+    assert c_loop.find_cudart() == tmp_path / "lib64" / "libcudart.so.13"  # the SONAME file, not the dev link
 
 
 # ---- GPU: graph replay matches Engine.sample ---------------------------------------------------
@@ -176,11 +176,11 @@ def cuda_engine():
         pytest.skip("needs a CUDA GPU")
     from bench.measure import exact_fp32
     from ddpm_engine import Engine
-    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.models import DoubleConvUNet
 
     torch.manual_seed(0)
     with exact_fp32():  # the tests compare batch sizes and drivers: no TF32, deterministic cuDNN
-        yield Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cuda",
+        yield Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cuda",
                                  scheduler={"clip_sample": True})
 
 
@@ -217,7 +217,7 @@ def test_padding_to_a_bucket_does_not_change_an_image(cuda_engine):
 
 @pytest.mark.gpu
 def test_c_driver_sees_the_gpu_and_a_new_enough_driver(cuda_engine):
-    d = drv.load_driver()
+    d = c_loop.load_c_loop()
     assert d.device_count() == torch.cuda.device_count()
     runtime_major = int(torch.version.cuda.split(".")[0])
     assert d.driver_version() >= 1000 * runtime_major  # the driver runs torch's CUDA runtime
@@ -232,7 +232,7 @@ __attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }
 
 @pytest.fixture
 def fresh_verdicts(monkeypatch):
-    monkeypatch.setattr(drv, "_verdicts", {})
+    monkeypatch.setattr(c_loop, "_verdicts", {})
 
 
 @needs_cc
@@ -240,49 +240,49 @@ def test_a_driver_that_crashes_its_process_is_refused_with_the_reason(tmp_path, 
     """Loading this library in-process would kill the caller; the probe's child dies instead."""
     src = tmp_path / "crash.c"
     src.write_text(CRASHES_ON_LOAD)
-    lib = tmp_path / "graph_driver-crash.so"
+    lib = tmp_path / "c_loop-crash.so"
     subprocess.run([shutil.which("cc") or shutil.which("gcc"), "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    verdict = drv.probe(lib)
+    verdict = c_loop.probe(lib)
     assert verdict["ok"] is False and "SIGSEGV" in verdict["reason"]
-    monkeypatch.setattr(drv, "build_driver", lambda cache_dir=None: lib)
+    monkeypatch.setattr(c_loop, "build_c_loop", lambda cache_dir=None: lib)
     with pytest.raises(BackendUnavailableError, match="failed its probe in a subprocess.*SIGSEGV"):
-        drv.trusted_driver()
-    assert lib not in drv._loaded  # never loaded here
+        c_loop.trusted_c_loop()
+    assert lib not in c_loop._loaded  # never loaded here
 
 
 def test_a_driver_that_does_not_load_is_refused_and_the_verdict_is_cached(tmp_path, fresh_verdicts, monkeypatch):
-    lib = tmp_path / "graph_driver-garbage.so"
+    lib = tmp_path / "c_loop-garbage.so"
     lib.write_bytes(b"not an ELF file")
-    verdict = drv.probe(lib)
+    verdict = c_loop.probe(lib)
     assert verdict["ok"] is False and "could not load the C graph driver" in verdict["reason"]
-    records = list(tmp_path.glob("graph_driver-garbage.so.probe-*.json"))
+    records = list(tmp_path.glob("c_loop-garbage.so.probe-*.json"))
     assert len(records) == 1  # one verdict per build, beside it
-    monkeypatch.setattr(drv, "_probe_in_subprocess", lambda *a: pytest.fail("probed twice"))
-    assert drv.probe(lib) == verdict  # this process: memo
-    monkeypatch.setattr(drv, "_verdicts", {})
-    assert drv.probe(lib) == verdict  # a new process: the file
+    monkeypatch.setattr(c_loop, "_probe_in_subprocess", lambda *a: pytest.fail("probed twice"))
+    assert c_loop.probe(lib) == verdict  # this process: memo
+    monkeypatch.setattr(c_loop, "_verdicts", {})
+    assert c_loop.probe(lib) == verdict  # a new process: the file
 
 
 @needs_cc
 def test_a_sound_driver_passes_its_probe_and_loads(build_dir, fake_libcuda, fresh_verdicts, monkeypatch):
-    path = drv.build_driver(build_dir)
+    path = c_loop.build_c_loop(build_dir)
     monkeypatch.setenv("DDPM_LIBCUDA", str(fake_libcuda[0]))
-    verdict = drv.probe(path)
+    verdict = c_loop.probe(path)
     assert verdict["ok"] is True and verdict["driver_version"] == 13000, verdict  # the fake's version
-    monkeypatch.setattr(drv, "build_driver", lambda cache_dir=None: path)
-    assert drv.trusted_driver().path == path
+    monkeypatch.setattr(c_loop, "build_c_loop", lambda cache_dir=None: path)
+    assert c_loop.trusted_c_loop().path == path
 
 
 def test_the_graph_sampler_records_why_the_c_driver_is_not_trusted(monkeypatch):
     from ddpm_engine import Engine
     from ddpm_engine.cuda.graphs import GraphedSampler
-    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.models import DoubleConvUNet
 
     def refused(cache_dir=None):
         raise BackendUnavailableError("the C graph driver x.so failed its probe in a subprocess: died of SIGSEGV")
 
-    monkeypatch.setattr(drv, "trusted_driver", refused)
-    eng = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu")
+    monkeypatch.setattr(c_loop, "trusted_c_loop", refused)
+    eng = Engine.from_module(DoubleConvUNet(1, (8, 16)).eval(), sample_shape=SHAPE, backend="torch", device="cpu")
     gs = GraphedSampler(eng.plan("ddim", 2), max_batch=2, capture=False)
     with pytest.raises(BackendUnavailableError, match="SIGSEGV"):
         gs.driver()

@@ -1,4 +1,4 @@
-/* graph_driver.c: a C-level driver loop for a captured CUDA graph (one reverse diffusion step).
+/* c_loop.c: the C replay loop (driver="c") for a captured CUDA graph (one reverse diffusion step).
  *
  * Python captures one step of the sampling loop in a torch.cuda.CUDAGraph and hands us the raw
  * cudaGraphExec_t and the cudaStream_t it should run on; we launch it `steps` times back to back
@@ -13,7 +13,7 @@
  *
  * Every CUDA call is checked; on failure CUDA's error name and string go into err (errlen bytes,
  * always NUL-terminated) and the CUresult is returned (DDPM_NO_LIBCUDA: the driver library could
- * not be opened). Nothing here ever exits. Build: see engine/cuda/driver.py.
+ * not be opened). Nothing here ever exits. Build: see engine/cuda/c_loop.py.
  */
 #include <dlfcn.h>
 #include <stddef.h>

@@ -1,19 +1,22 @@
-"""Build and load the C driver loop (kernels/csrc/graph_driver.c) with ctypes; the build helpers
-the graph loop (graph_loop.py) shares.
+"""The C replay loop behind ``driver="c"`` (kernels/csrc/c_loop.c): build it and load it with
+ctypes; and the build helpers the graph loop (graph_loop.py, ``driver="graph_loop"``) shares.
 
-``build_driver()`` compiles the C source into a shared library in the cache
+Words: a *driver* (``Engine.sample(driver=...)``) is how the sampling loop is run; "the C driver"
+is this library; the *CUDA driver* is libcuda.so.1 (the NVIDIA driver's API), which it calls.
+
+``build_c_loop()`` compiles the C source into a shared library in the cache
 (``ddpm_engine.cache``, folder ``driver``: $DDPM_ENGINE_CACHE/driver, else
 ~/.cache/ddpm-engine/driver), keyed by the source, the compiler's version and the command, so a
 second call reuses the file and an edited source gets a new one; the file is written under a
 temporary name and renamed, and a cached library that does not load is rebuilt once.
 
-``trusted_driver()`` is what the engine uses: the built driver, loaded in this process only after
+``trusted_c_loop()`` is what the engine uses: the built library, loaded in this process only after
 ``probe(path)`` has loaded it in a subprocess, opened libcuda and (on a GPU) replayed a tiny
 captured graph through it, so a crash there (a segfault in C) costs a child process, not the
 caller's. The verdict is cached per build (beside the library, ``<lib>.probe-<key>.json``; delete
 it to probe again) and per process.
 
-``load_driver()`` returns a ``GraphDriver``: ``replay(graph_exec, stream, steps)`` launches a
+``load_c_loop()`` returns a ``CLoopLibrary``: ``replay(graph_exec, stream, steps)`` launches a
 captured cudaGraphExec_t ``steps`` times and synchronises once; a CUDA failure raises
 ``CudaError`` (a ``BackendUnavailableError``) carrying CUDA's own message and code.
 
@@ -24,7 +27,7 @@ pip-installed CUDA (torch's wheels) has ``libcudart.so.13`` but not the ``libcud
 the runtime's handles are the driver's, so torch's graph exec and stream pass through as they
 are; and the library needs no CUDA headers, so it builds with any C compiler:
 
-    cc -shared -fPIC -O2 -o <lib> graph_driver.c -ldl        (nvcc as the compiler if there is no cc)
+    cc -shared -fPIC -O2 -o <lib> c_loop.c -ldl        (nvcc as the compiler if there is no cc)
 
 The graph loop (CUDA C++ with kernels) needs the runtime; ``find_cudart()`` picks the libcudart
 this process already has mapped (torch's), so the process holds a single CUDA runtime.
@@ -48,9 +51,9 @@ from .. import cache
 from ..errors import BackendUnavailableError
 from ..kernels import CSRC
 
-SOURCE = CSRC / "graph_driver.c"
+SOURCE = CSRC / "c_loop.c"
 ERRLEN = 1024
-NO_LIBCUDA = -1  # graph_driver.c's code for "the CUDA driver library could not be opened"
+NO_LIBCUDA = -1  # c_loop.c's code for "the CUDA driver library could not be opened"
 CACHE_KIND = "driver"
 
 
@@ -183,19 +186,19 @@ def load(lib, open_, loaded: dict):
         return loaded[target]
 
 
-def _driver_library(cache_dir=None, source=None):
+def _c_loop_library(cache_dir=None, source=None):
     source = Path(source) if source is not None else SOURCE
     cc = _c_compiler()
     flags = ["-shared", "-Xcompiler", "-fPIC", "-O2"] if Path(cc).name == "nvcc" else ["-shared", "-fPIC", "-O2"]
     return library(source, lambda out: [cc, *flags, "-o", out, str(source), "-ldl"], cache_dir)
 
 
-def build_driver(cache_dir=None, *, source=None) -> Path:
+def build_c_loop(cache_dir=None, *, source=None) -> Path:
     """Compile the C driver (once per source + compiler + command) and return the library's path."""
-    return build(_driver_library(cache_dir, source))
+    return build(_c_loop_library(cache_dir, source))
 
 
-class GraphDriver:
+class CLoopLibrary:
     """ctypes front of the compiled driver; every call raises CudaError on a CUDA failure. The CUDA
     driver library (``libcuda``: a path, else $DDPM_LIBCUDA, else libcuda.so.1) is opened on first
     use, so a driver builds and loads on a machine without one and says so when called."""
@@ -256,20 +259,20 @@ class GraphDriver:
         return n.value
 
     def __repr__(self):
-        return f"GraphDriver({self.path}, libcuda={self.libcuda})"
+        return f"CLoopLibrary({self.path}, libcuda={self.libcuda})"
 
 
-_loaded: dict[Path, GraphDriver] = {}
+_loaded: dict[Path, CLoopLibrary] = {}
 
 
-def load_driver(path=None, *, cache_dir=None, source=None) -> GraphDriver:
+def load_c_loop(path=None, *, cache_dir=None, source=None) -> CLoopLibrary:
     """The loaded driver at ``path``, or built (if needed) into the cache; loaded once per path."""
     if path is None:
-        return load(_driver_library(cache_dir, source), GraphDriver, _loaded)
+        return load(_c_loop_library(cache_dir, source), CLoopLibrary, _loaded)
     path = Path(path)
     with _build_lock:
         if path not in _loaded:
-            _loaded[path] = GraphDriver(path)
+            _loaded[path] = CLoopLibrary(path)
         return _loaded[path]
 
 
@@ -281,7 +284,7 @@ _verdicts: dict[tuple, dict] = {}
 def probe_child(path: str, libcuda: str) -> None:
     """The probe's body (in the subprocess): load the library, open libcuda, and on a GPU replay a
     captured one-kernel graph 3 times through it; prints a JSON line; any failure exits non-zero."""
-    d = GraphDriver(path, libcuda)
+    d = CLoopLibrary(path, libcuda)
     out = {"driver_version": d.driver_version()}
     import torch
 
@@ -304,7 +307,7 @@ def probe_child(path: str, libcuda: str) -> None:
 
 
 def _probe_in_subprocess(path: Path, libcuda: str) -> dict:
-    code = "import sys; from ddpm_engine.cuda.driver import probe_child; probe_child(sys.argv[1], sys.argv[2])"
+    code = "import sys; from ddpm_engine.cuda.c_loop import probe_child; probe_child(sys.argv[1], sys.argv[2])"
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(path), libcuda], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S)
@@ -340,12 +343,12 @@ def probe(path, libcuda: str | None = None) -> dict:
         return _verdicts[memo]
 
 
-def trusted_driver(cache_dir=None) -> GraphDriver:
+def trusted_c_loop(cache_dir=None) -> CLoopLibrary:
     """The C driver, built if needed, loaded here only once ``probe`` passed on the same build;
     BackendUnavailableError with the probe's reason otherwise."""
-    path = build_driver(cache_dir)
+    path = build_c_loop(cache_dir)
     verdict = probe(path)
     if not verdict.get("ok"):
         raise BackendUnavailableError(f"the C graph driver {path.name} failed its probe in a subprocess: "
                                       f"{verdict.get('reason')}")
-    return load_driver(path)
+    return load_c_loop(path)

@@ -1,12 +1,13 @@
-"""The hand-written UNet of seed 001, with configurable widths.
+"""A classic UNet of double-conv blocks with a sinusoidal time embedding, widths configurable
+(saved configs name it ``"type": "seed_unet"``; the bundled digits model is one).
 
 Double conv (conv3x3 + BatchNorm + ReLU, twice) at each level, max-pool down, transposed-conv
 up, skip connections by concatenation, and a sinusoidal time embedding passed through a small
-MLP and added to the input of every level. Differences from the seed, on purpose:
-- the embedding table is the standard sin/cos one (sin on even, cos on odd channels; the
-  seed's version indexes rows instead of columns), kept as a buffer, not a frozen Embedding;
-- widths and depth come from ``widths`` (the seed's is (64, 128, 256, 512, 1024)); the input
-  side must be divisible by 2 ** (len(widths) - 1).
+MLP and added to the input of every level:
+- the embedding table is the standard sin/cos one (sin on even, cos on odd channels), a
+  non-persistent buffer (not in the saved weights);
+- widths and depth come from ``widths`` (default (64, 128, 256, 512, 1024)); the input side must
+  be divisible by 2 ** (len(widths) - 1).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def time_mlp(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim_out), nn.SiLU(), nn.Linear(dim_out, dim_out))
 
 
-class SeedUNet(nn.Module):
+class DoubleConvUNet(nn.Module):
     """forward(x [B, C, H, W], t int64 [B]) -> predicted noise [B, C, H, W]."""
 
     def __init__(self, in_channels: int = 1, widths=(64, 128, 256, 512, 1024), num_timesteps: int = 1000,
@@ -67,7 +68,7 @@ class SeedUNet(nn.Module):
         self.ups = nn.ModuleList(Up(b, a) for a, b in reversed(list(zip(widths[:-1], widths[1:]))))
         self.out = nn.Conv2d(widths[0], in_channels, 1)
         # one time MLP per level input: the encoder inputs (in_channels, widths[:-1]) and the
-        # decoder's deeper inputs (widths[-1], ..., widths[1]), as in the seed's te1..te4_up
+        # decoder's deeper inputs (widths[-1], ..., widths[1])
         self.te_down = nn.ModuleList(time_mlp(time_emb_dim, c) for c in (in_channels, *widths[:-1]))
         self.te_up = nn.ModuleList(time_mlp(time_emb_dim, c) for c in reversed(widths[1:]))
 
