@@ -48,6 +48,14 @@ def pytest_report_header(config):
     return f"random inputs: TEST_SEED={SESSION_SEED}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_seed(request):
+    """Module-scoped fixtures draw from a seed of the session seed and the module's name."""
+    seed = zlib.crc32(f"{SESSION_SEED}:{request.node.nodeid}".encode())
+    _seed_everything(seed)
+    return seed
+
+
 @pytest.fixture(autouse=True)
 def test_seed(request):
     """This test's seed: a function of the session seed and the test's id."""

@@ -68,22 +68,24 @@ def clipped(tmp_path_factory):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("use_clipped", [None, False, True])
 def test_ddim_with_clipping_gives_diffusers_images(clipped, use_clipped, eta):
-    """None: the scheduler config's default (False, as in diffusers' DDIMPipeline). With eta = 1
-    both sides step from the same x_t with the same noise (the engine's stream, passed to diffusers
-    as ``variance_noise``) at every kept timestep."""
+    """None: the scheduler config's default (False, as in diffusers' DDIMPipeline). At every kept
+    timestep both sides step from the same x_t with the same noise (the engine's stream, passed to
+    diffusers as ``variance_noise``); with eta = 0 the whole chain is compared too."""
     unet, scheduler, engine = clipped
     seeds = [random.getrandbits(64) for _ in range(3)]
     x_T = torch.randn(3, *SHAPE)
     opts = dict(sampler="ddim", steps=STEPS, eta=eta, x_T=x_T)
     if use_clipped is not None:
         opts["use_clipped_model_output"] = use_clipped
-    if eta == 0.0:
+    if eta == 0.0:  # the whole chain: engine.sample against diffusers' loop
         ours = engine.sample(seeds, **opts)
         theirs = diffusers_loop(unet, scheduler, x_T.clone(), STEPS, eta=0.0,
                                 use_clipped_model_output=bool(use_clipped))
-        assert (ours - theirs).abs().max().item() <= 1e-4
-        return
-    # eta = 1: one step from the same x_t with the same noise, at every kept timestep
+        # the two step rules round differently (~1e-7 per step) and this untrained chain amplifies
+        # that: up to 1.3e-4 after 10 steps (Xeon with AMX, torch 2.13); the rule itself is held
+        # to 1e-5 per step below
+        assert (ours - theirs).abs().max().item() <= 5e-4
+    # every kept timestep: one step from the same x_t (with the same noise where eta = 1)
     plan = engine.plan(**{k: v for k, v in opts.items() if k != "x_T"})
     scheduler.set_timesteps(STEPS)
     x = x_T.clone()
@@ -93,10 +95,10 @@ def test_ddim_with_clipping_gives_diffusers_images(clipped, use_clipped, eta):
         for t in scheduler.timesteps:
             noise = philox_normal(words, rows.i, x[0].numel()).reshape(x.shape)
             out = unet(rows.x, t.expand(3)).sample
-            want = scheduler.step(out, t, rows.x, eta=1.0, use_clipped_model_output=bool(use_clipped),
+            want = scheduler.step(out, t, rows.x, eta=eta, use_clipped_model_output=bool(use_clipped),
                                   variance_noise=noise).prev_sample
             plan.step(rows, out)
-            assert (rows.x - want).abs().max().item() <= 1e-4, int(t)
+            assert (rows.x - want).abs().max().item() <= 1e-5, int(t)
 
 
 def test_clipping_really_happens_and_the_option_matters(clipped):
