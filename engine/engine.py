@@ -182,16 +182,15 @@ class Engine:
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
-        if driver not in ("auto", "eager"):
-            if alone:
-                raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
-                                          "or progress; use driver='eager' for those")
-            return self._graphed(plan, capture=True).run(plan.seeds(batch), driver=driver)
-        if driver == "auto" and not alone:
-            if self.batching:
-                return self._batcher().sample(batch, plan=plan)
-            if plan.graphable:
-                return self._graphed(plan).run(plan.seeds(batch))
+        graph_driver = None if driver in ("auto", "eager") else driver  # an explicit CUDA-graph driver
+        if graph_driver is not None and alone:
+            raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
+                                      "or progress; use driver='eager' for those")
+        if driver == "auto" and not alone and self.batching:
+            return self._batcher().sample(batch, plan=plan)
+        if graph_driver is not None or (driver == "auto" and not alone and plan.graphable):
+            capture = True if graph_driver is not None else None  # an explicit driver needs captured graphs
+            return self._graphed(plan, capture=capture).run(plan.seeds(batch), driver=graph_driver)
         seeds = plan.seeds(batch)
         snap_at = snapshot_steps(return_intermediates, plan.tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))
