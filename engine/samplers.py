@@ -1,9 +1,17 @@
-"""The reference reverse steps: plain PyTorch, readable, and the oracle for every faster path.
+"""The samplers: their reference reverse steps and the registry that is the one place their rules live.
+
+Reference steps: plain PyTorch, readable, and the oracle for every faster path.
 
 The steps take per-sample step indices ``i`` (int64 [B], into a ``Tables``), so the samples of
 one batch may sit at different steps. They are pure and sync-free: coefficients are gathered on
 the device, the t = 0 case is a mask (no ``if`` on a tensor, no ``.item()``), so a step can be
 captured in a CUDA graph. Shapes: x_t, model_output, noise are [B, C, H, W] (any trailing dims).
+
+The registry: ``SAMPLER_DEFS`` maps each name in ``SAMPLERS`` to its ``SamplerDef`` (timestep
+spacing, default steps, default clipping, per-row state, noise stream, reference step, torch
+step, Triton kernel). Everything that asks "which sampler" asks it (``sampler_def(name)``); a
+``StepSpec`` names its sampler and carries the entry (``spec.definition``). Adding a sampler:
+docs/extending.md.
 
 Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` with diffusers-like
 ``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps

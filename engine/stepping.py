@@ -20,6 +20,7 @@ solvers). Neither implementation names a sampler: both ask the spec's registry e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,7 +36,9 @@ STEP_IMPLS = ("auto", "torch", "triton")
 
 @dataclass(eq=False)
 class Rows:
-    """The per-sample device state of a batch being sampled: one row per image, every field."""
+    """The per-sample device state of a batch being sampled: one row per image, every field. A
+    sampler's state (samplers.SamplerDef.state) names fields here, None where no sampler of the
+    batch keeps it; a new kind of state is one more field (every method reads them all)."""
 
     x: torch.Tensor  # [B, C, H, W] float32: x_t, overwritten with x_{t-1} by each step
     i: torch.Tensor  # int64 [B]: step index into the tables, decremented by each step
@@ -57,7 +60,7 @@ class Rows:
                 dst[start:start + len(src)].copy_(v)
 
     def fields(self):
-        return (self.x, self.i, self.words, self.x0_prev, self.corrector)
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     @staticmethod
     def cat(parts) -> "Rows":
