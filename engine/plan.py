@@ -2,8 +2,9 @@
 
 A ``SamplingPlan`` is a validated request: the step math (``StepSpec``), the number of steps and
 their coefficient tables on the device, the step implementation and the backend. The engine
-builds plans in one place (``Planner.plan``: the sampler's registry entry, ``make_spec`` and
-``resolve_steps``, once per request); the eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and the serving
+builds plans in one place, ``Planner.plan``: the sampler's registry entry (samplers.SamplerDef),
+``make_spec`` and ``resolve_steps``, once per request, in one call down from ``Engine.plan``. The
+eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and the serving
 scheduler (engine/serving.py) take a plan and never call back into the engine.
 
 ``reverse_step(plan, rows)`` is the one reverse step on a batch: gather t = timesteps[i], call

@@ -262,23 +262,25 @@ class SamplerDef:
         for name in self.state:
             v = getattr(rows, name)
             if v is None or v.shape != rows.x.shape:
-                raise InvalidRequestError(f"the {self.name} sampler keeps each sample's multistep state in rows.{name}: "
-                                          "allocate it (zeros, shaped as rows.x) before the first step")
+                raise InvalidRequestError(f"the {self.name} sampler keeps each sample's multistep state in "
+                                          f"rows.{name}: allocate it (zeros, shaped as rows.x) before the first step")
 
 
 _DEFINITIONS = (
-    # DDPM: diffusers' DDPMScheduler ("leading"); T steps; noise at counter i
-    SamplerDef("ddpm", "leading", None, True, ddpm_step, _ddpm_torch, "ddpm_step:step_rows"),
-    # DDIM: diffusers' DDIMScheduler ("leading"); 50 steps; noise at counter i (eta > 0)
-    SamplerDef("ddim", "leading", 50, True, ddim_step, _ddim_torch, "ddim_step:step_rows", eta=True),
-    # DPM-Solver++(2M) and its SDE form, UniPC: diffusers' defaults ("linspace", 20 steps); their
-    # schedulers have no clip_sample option (they threshold instead), so the config's is not read
-    SamplerDef("dpmpp_2m", "linspace", 20, False, dpmpp_2m_step, _dpmpp_2m_torch, "dpmpp_step:step_rows",
-               state=("x0_prev",), noise=None),
-    SamplerDef("dpmpp_2m_sde", "linspace", 20, False, dpmpp_2m_sde_step, _dpmpp_2m_sde_torch,
-               "dpmpp_step:step_rows_sde", state=("x0_prev",), noise=SDE_STEP),
-    SamplerDef("unipc", "linspace", 20, False, unipc_step, _unipc_torch, "unipc_step:step_rows",
-               state=("x0_prev", "corrector"), noise=None),
+    # DDPM: diffusers' DDPMScheduler; noise at counter i (its variance)
+    SamplerDef("ddpm", spacing="leading", steps=None, config_clip=True, reference=ddpm_step, torch=_ddpm_torch,
+               kernel="ddpm_step:step_rows"),
+    # DDIM: diffusers' DDIMScheduler; noise at counter i (scaled by eta)
+    SamplerDef("ddim", spacing="leading", steps=50, config_clip=True, reference=ddim_step, torch=_ddim_torch,
+               kernel="ddim_step:step_rows", eta=True),
+    # DPM-Solver++(2M), ODE and SDE, and UniPC: diffusers' defaults. Their schedulers have no
+    # clip_sample option (they threshold instead), so the config's is not read
+    SamplerDef("dpmpp_2m", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_step,
+               torch=_dpmpp_2m_torch, kernel="dpmpp_step:step_rows", state=("x0_prev",), noise=None),
+    SamplerDef("dpmpp_2m_sde", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_sde_step,
+               torch=_dpmpp_2m_sde_torch, kernel="dpmpp_step:step_rows_sde", state=("x0_prev",), noise=SDE_STEP),
+    SamplerDef("unipc", spacing="linspace", steps=20, config_clip=False, reference=unipc_step, torch=_unipc_torch,
+               kernel="unipc_step:step_rows", state=("x0_prev", "corrector"), noise=None),
 )
 SAMPLER_DEFS = {d.name: d for d in _DEFINITIONS}
 SAMPLERS = tuple(SAMPLER_DEFS)  # the sampler names the engine accepts
