@@ -9,7 +9,8 @@ import torch
 from ddpm_engine.errors import BackendUnavailableError, InvalidRequestError, MissingDependencyError
 from ddpm_engine.kernels import TritonStep
 from ddpm_engine.kernels.ddpm_step import ddpm_step
-from ddpm_engine.samplers import ROW_STATE, SAMPLER_DEFS, SAMPLERS, Prediction, Variance, sampler_def, timestep_spacing
+from ddpm_engine.samplers import (ROW_STATE, SAMPLER_DEFS, SAMPLERS, Prediction, Variance, sampler_def,
+                                  timestep_spacing)
 from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
 from .helpers import random_case
