@@ -11,7 +11,7 @@ from pathlib import Path
 from .backends.base import PRECISIONS
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
-from .samplers import SAMPLERS
+from .samplers import SAMPLER_DEFS, SAMPLERS
 
 
 MAX_SCALE = 32
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--n", type=int, default=16, help="number of images (fresh random seeds)")
     s.add_argument("--seeds", type=int, nargs="+", help="explicit 64-bit seeds (overrides -n)")
     s.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: T for ddpm, 50 for ddim, "
-                                                           "20 for dpmpp_2m, dpmpp_2m_sde and unipc)")
+    s.add_argument("--steps", type=int, default=None, help="reverse steps (default: the sampler's, " + ", ".join(
+        f"{d.steps or 'T'} for {name}" for name, d in SAMPLER_DEFS.items()) + ")")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     s.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")

@@ -10,12 +10,11 @@ import torch
 
 from . import backends, checkpoints
 from .errors import BackendUnavailableError, InvalidRequestError
-from .plan import (SamplingPlan, Snapshot, make_spec, max_batch_that_fits, parse_device, resolve_steps, run_chain,
-                   snapshot_steps)
-from .samplers import timestep_spacing
+from .plan import Planner, SamplingPlan, Snapshot, max_batch_that_fits, parse_device, run_chain, snapshot_steps
+from .samplers import sampler_def
 from .schedules import Tables
 from .serving import Server
-from .stepping import make_step, resolve_step_impl
+from .stepping import resolve_step_impl
 
 __all__ = ["Engine", "Snapshot"]
 DRIVERS = ("auto", "eager", "python", "c", "graph_loop")
@@ -70,16 +69,15 @@ class Engine:
         self.batching = batching
         self.device = parse_device(device)
         self.step_impl = resolve_step_impl(step_impl, self.device)
-        self.backend = backends.create(backend, loaded, self.device, precision)
+        backend = backends.create(backend, loaded, self.device, precision)
         self.precision = precision
         self.scheduler = loaded.scheduler
         self.sample_shape = loaded.sample_shape
-        self._train_betas = loaded.scheduler.betas()
         self.max_batch = max_batch_that_fits(self.sample_shape, self.device)  # larger batches are refused
-        self._tables: dict[tuple, Tables] = {}  # (steps, spacing) -> Tables
-        self._plans: dict[tuple, SamplingPlan] = {}  # (StepSpec, steps) -> SamplingPlan
-        self._plans_lock = threading.Lock()
+        self._plans_lock = threading.Lock()  # guards the planner's caches and the graph samplers
         self._backend_lock = threading.Lock()  # backends with internal buffers are not re-entrant
+        self._planner = Planner(self.scheduler, backend, self.device, self.sample_shape, self.step_impl,
+                                self._backend_lock, self.max_batch)
         self._server = None  # the explicit server of serve() / submit()
         self._auto = None  # the server behind sample()'s own batching of concurrent calls
         self._server_lock = threading.Lock()
@@ -103,40 +101,35 @@ class Engine:
         return cls(checkpoints.from_module(module, scheduler, sample_shape), **kw)
 
     @property
+    def backend(self):
+        """The backend: (x, t) -> model output. Plans made after it is replaced take the new one."""
+        return self._planner.backend
+
+    @backend.setter
+    def backend(self, backend):
+        self._planner.backend = backend
+
+    @property
     def num_train_timesteps(self) -> int:
-        return len(self._train_betas)
+        return self._planner.num_train_timesteps
 
     def tables(self, steps: int | None = None, sampler: str = "ddpm") -> Tables:
         """The coefficient tables of ``steps`` reverse steps of ``sampler`` (built once, cached)."""
-        steps = resolve_steps(sampler, steps, self.num_train_timesteps)
-        key = (steps, timestep_spacing(sampler))
-        if key not in self._tables:
-            self._tables[key] = Tables.build(self._train_betas, *key)
-        return self._tables[key]
+        with self._plans_lock:
+            return self._planner.tables(sampler_def(sampler), steps)
 
     def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
              use_clipped_model_output=None) -> SamplingPlan:
         """The validated plan of a request (every default and check in one place), cached.
 
-        sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``samplers.default_steps``);
+        sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``SamplerDef.default_steps``);
         clip_denoised / use_clipped_model_output: None takes the model's scheduler config.
         """
         if self._fork_refusal:
             raise BackendUnavailableError(f"this engine came through a fork: {self._fork_refusal}; open the engine "
                                           "in the child process, or start children with multiprocessing's 'spawn'")
-        spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
-        steps = resolve_steps(sampler, steps, self.num_train_timesteps)
         with self._plans_lock:
-            key = (spec, steps)
-            if key not in self._plans:
-                tables = self.tables(steps, sampler)
-                tab = tables.on(self.device)
-                self._plans[key] = SamplingPlan(
-                    spec=spec, tables=tables, tab=tab,
-                    step=make_step(self.step_impl, spec, tab, self.sample_shape, self.device),
-                    backend=self.backend, device=self.device, sample_shape=tuple(self.sample_shape),
-                    lock=self._backend_lock, max_batch=self.max_batch)
-            return self._plans[key]
+            return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output)
 
     def _check_x_T(self, x_T, n: int) -> torch.Tensor:
         if not isinstance(x_T, torch.Tensor):
@@ -189,16 +182,15 @@ class Engine:
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
-        if driver not in ("auto", "eager"):
-            if alone:
-                raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
-                                          "or progress; use driver='eager' for those")
-            return self._graphed(plan, capture=True).run(plan.seeds(batch), driver=driver)
-        if driver == "auto" and not alone:
-            if self.batching:
-                return self._batcher().sample(batch, plan=plan)
-            if plan.graphable:
-                return self._graphed(plan).run(plan.seeds(batch))
+        graph_driver = None if driver in ("auto", "eager") else driver  # an explicit CUDA-graph driver
+        if graph_driver is not None and alone:
+            raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
+                                      "or progress; use driver='eager' for those")
+        if driver == "auto" and not alone and self.batching:
+            return self._batcher().sample(batch, plan=plan)
+        if graph_driver is not None or (driver == "auto" and not alone and plan.graphable):
+            capture = True if graph_driver is not None else None  # an explicit driver needs captured graphs
+            return self._graphed(plan, capture=capture).run(plan.seeds(batch), driver=graph_driver)
         seeds = plan.seeds(batch)
         snap_at = snapshot_steps(return_intermediates, plan.tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))
@@ -229,21 +221,19 @@ class Engine:
         with self._server_lock:
             servers = [s for s in (self._server, self._auto) if s is not None]
         with self._plans_lock:
-            plans = list(self._plans.values())
+            plans = list(self._planner.plans.values())
             reports = [gs.report() for gs in self._graph_samplers.values()]
         reports += [r for server in servers for r in server.fast_path()]
         by_plan = {}  # one report per plan: a refusal wins, then the one that built buckets
         for r in sorted(reports, key=lambda r: (r["path"] != "eager", not r["graphs"].startswith("verified"))):
             by_plan.setdefault(r["plan"], r)
         reports = list(by_plan.values())
-        from .cuda.graphs import plan_name
-
         for plan in plans:
-            if plan_name(plan) not in by_plan:
+            if plan.name not in by_plan:
                 why = ("not used yet" if plan.graphable else "not used: " + (
                     f"the {plan.backend.name} backend cannot be captured" if plan.device.type == "cuda"
                     else f"no CUDA graphs on {plan.device}"))
-                reports.append({"plan": plan_name(plan), "path": "graphs" if plan.graphable else "eager",
+                reports.append({"plan": plan.name, "path": "graphs" if plan.graphable else "eager",
                                 "graphs": why, "c_driver": "not used"})
         return reports
 

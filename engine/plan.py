@@ -2,8 +2,9 @@
 
 A ``SamplingPlan`` is a validated request: the step math (``StepSpec``), the number of steps and
 their coefficient tables on the device, the step implementation and the backend. The engine
-builds plans in one place (``Engine.plan``, through ``make_spec`` and ``resolve_steps`` here);
-the eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and the serving
+builds plans in one place, ``Planner.plan``: the sampler's registry entry (samplers.SamplerDef),
+``make_spec`` and ``resolve_steps``, once per request, in one call down from ``Engine.plan``. The
+eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and the serving
 scheduler (engine/serving.py) take a plan and never call back into the engine.
 
 ``reverse_step(plan, rows)`` is the one reverse step on a batch: gather t = timesteps[i], call
@@ -28,9 +29,9 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
-from .samplers import ROW_STATE, SAMPLERS, check_eta, default_clip, default_steps
+from .samplers import SamplerDef, StepSpec, check_eta, sampler_def
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
-from .stepping import Rows, StepSpec
+from .stepping import Rows, make_step
 from .threads import yield_cpu_to
 
 _seed_source = random.SystemRandom()
@@ -113,11 +114,10 @@ def parse_device(device) -> torch.device:
 def make_spec(scheduler: SchedulerConfig, sampler="ddpm", eta=0.0, clip_denoised=None,
               use_clipped_model_output=None) -> StepSpec:
     """The step math of a request: the caller's options over the model's scheduler config."""
-    if sampler not in SAMPLERS:
-        raise InvalidRequestError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    d = sampler_def(sampler)
     eta = check_eta(eta)
     if clip_denoised is None:
-        clip_denoised = default_clip(sampler, scheduler.clip_sample)
+        clip_denoised = d.default_clip(scheduler.clip_sample)
     elif not isinstance(clip_denoised, bool):
         raise InvalidRequestError(f"clip_denoised must be True, False or None, got {clip_denoised!r}")
     if use_clipped_model_output is None:
@@ -125,15 +125,15 @@ def make_spec(scheduler: SchedulerConfig, sampler="ddpm", eta=0.0, clip_denoised
     elif not isinstance(use_clipped_model_output, bool):
         raise InvalidRequestError(f"use_clipped_model_output must be True, False or None, "
                                   f"got {use_clipped_model_output!r}")
-    return StepSpec(sampler=sampler, prediction=Prediction.parse(scheduler.prediction_type),
+    return StepSpec(sampler=d.name, prediction=Prediction.parse(scheduler.prediction_type),
                     variance=Variance.parse(scheduler.variance_type), clip_denoised=clip_denoised,
                     eta=eta, use_clipped_model_output=use_clipped_model_output)
 
 
-def resolve_steps(sampler: str, steps, num_train_timesteps: int) -> int:
+def resolve_steps(sampler: SamplerDef, steps, num_train_timesteps: int) -> int:
     """The number of reverse steps: the sampler's default when None, else checked to be in [1, T]."""
     if steps is None:
-        return default_steps(sampler, num_train_timesteps)
+        return sampler.default_steps(num_train_timesteps)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_train_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_train_timesteps}], got {steps!r}")
     return int(steps)
@@ -159,6 +159,12 @@ class SamplingPlan:
         return self.tables.steps
 
     @property
+    def name(self) -> str:
+        """"ddpm-1000", "ddim-50 eta=0": the plan as reports name it (eta where the sampler uses it)."""
+        spec = self.spec
+        return f"{spec.sampler}-{self.steps}" + (f" eta={spec.eta:g}" if spec.definition.eta else "")
+
+    @property
     def graphable(self) -> bool:
         """Whether CUDA graphs can serve this plan: on a CUDA device, with a capturable backend."""
         return self.device.type == "cuda" and self.backend.graph_capturable
@@ -177,8 +183,53 @@ class SamplingPlan:
         words = seed_words(seeds, self.device)
         x = initial_noise(words, self.sample_shape) if x_T is None else x_T
         i = torch.full((len(seeds),), self.steps - 1, dtype=torch.int64, device=self.device)
-        state = {name: torch.zeros_like(x) for name in ROW_STATE.get(self.spec.sampler, ())}
+        state = {name: torch.zeros_like(x) for name in self.spec.definition.state}
         return Rows(x, i, words, **state)
+
+
+class Planner:
+    """The plans of one engine: requests resolved against its model, backend and device (each
+    default and check once per request), and cached with their tables. The engine hands a request
+    down here and gets the plan back; nothing here calls back up."""
+
+    def __init__(self, scheduler: SchedulerConfig, backend, device: torch.device, sample_shape, step_impl: str,
+                 lock: threading.Lock, max_batch: int):
+        self.scheduler = scheduler
+        self.train_betas = scheduler.betas()
+        self.backend, self.device, self.sample_shape = backend, device, tuple(sample_shape)
+        self.step_impl = step_impl  # resolved: "torch" or "triton" (stepping.resolve_step_impl)
+        self.lock, self.max_batch = lock, max_batch
+        self._tables: dict[tuple, Tables] = {}  # (steps, spacing) -> Tables
+        self.plans: dict[tuple, SamplingPlan] = {}  # SamplingPlan.key -> SamplingPlan
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.train_betas)
+
+    def tables(self, sampler: SamplerDef, steps) -> Tables:
+        """The coefficient tables of ``steps`` (None: the sampler's default) reverse steps of ``sampler``."""
+        return self._tables_of(sampler, resolve_steps(sampler, steps, self.num_train_timesteps))
+
+    def _tables_of(self, sampler: SamplerDef, steps: int) -> Tables:
+        key = (steps, sampler.spacing)
+        if key not in self._tables:
+            self._tables[key] = Tables.build(self.train_betas, *key)
+        return self._tables[key]
+
+    def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+             use_clipped_model_output=None) -> SamplingPlan:
+        """The plan of a request (built on first use; callers hold the engine's plans lock)."""
+        spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
+        steps = resolve_steps(spec.definition, steps, self.num_train_timesteps)
+        key = (spec, steps)
+        if key not in self.plans:
+            tables = self._tables_of(spec.definition, steps)
+            tab = tables.on(self.device)
+            self.plans[key] = SamplingPlan(
+                spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
+                backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
+                max_batch=self.max_batch)
+        return self.plans[key]
 
 
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):

@@ -1,9 +1,17 @@
-"""The reference reverse steps: plain PyTorch, readable, and the oracle for every faster path.
+"""The samplers: their reference reverse steps and the registry that is the one place their rules live.
+
+Reference steps: plain PyTorch, readable, and the oracle for every faster path.
 
 The steps take per-sample step indices ``i`` (int64 [B], into a ``Tables``), so the samples of
 one batch may sit at different steps. They are pure and sync-free: coefficients are gathered on
 the device, the t = 0 case is a mask (no ``if`` on a tensor, no ``.item()``), so a step can be
 captured in a CUDA graph. Shapes: x_t, model_output, noise are [B, C, H, W] (any trailing dims).
+
+The registry: ``SAMPLER_DEFS`` maps each name in ``SAMPLERS`` to its ``SamplerDef`` (timestep
+spacing, default steps, default clipping, per-row state, noise stream, reference step, torch
+step, Triton kernel). Everything that asks "which sampler" asks it (``sampler_def(name)``); a
+``StepSpec`` names its sampler and carries the entry (``spec.definition``). Adding a sampler:
+docs/extending.md.
 
 Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` with diffusers-like
 ``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps
@@ -13,9 +21,12 @@ per sample (tensor [B]) and is mapped to step indices on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from .errors import InvalidRequestError
+from .noise import SDE_STEP
 from .schedules import DeviceTables, Prediction, Tables, Variance, make_betas
 
 
@@ -164,46 +175,134 @@ def unipc_step(tab: DeviceTables, x_t, model_output, i, x0_prev, corrector, *, p
     return x_prev, x0, n_x * x_c + n_x0 * x0 + _masked(n_prev, x0_prev)
 
 
-# The sampler names the engine accepts, and the one place their defaults live.
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-# The per-sample multistep state each sampler keeps in its Rows (stepping.Rows fields, zeros at the start).
-ROW_STATE = {"dpmpp_2m": ("x0_prev",), "dpmpp_2m_sde": ("x0_prev",), "unipc": ("x0_prev", "corrector")}
-MULTISTEP_SAMPLERS = frozenset(ROW_STATE)
-LINSPACE_SAMPLERS = frozenset({"dpmpp_2m", "dpmpp_2m_sde", "unipc"})  # diffusers' DPMSolver / UniPC schedulers
+# ---- the registry: one entry per sampler ----------------------------------------------------------
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything that fixes the step math of one sampling run."""
+
+    sampler: str  # a name in SAMPLERS
+    prediction: Prediction
+    variance: Variance
+    clip_denoised: bool
+    eta: float  # DDIM only
+    use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_definition", sampler_def(self.sampler))  # an unknown name raises here
+
+    @property
+    def definition(self) -> "SamplerDef":
+        """The sampler's registry entry."""
+        return self._definition
 
 
-def check_state(sampler: str, rows) -> None:
-    """A multistep sampler's rows (stepping.Rows) must carry its state (ROW_STATE; a host check of metadata only)."""
-    for name in ROW_STATE.get(sampler, ()):
-        v = getattr(rows, name)
-        if v is None or v.shape != rows.x.shape:
-            raise InvalidRequestError(f"the {sampler} sampler keeps each sample's multistep state in rows.{name}: "
-                                      "allocate it (zeros, shaped as rows.x) before the first step")
+# Each sampler's torch step: (spec, tab, x_t, model_output, i, noise, *state) -> (x_prev, x0, *new state),
+# its reference step called with the spec's options. ``noise`` is None for a sampler that draws none;
+# the state is the sampler's SamplerDef.state, in that order.
+def _ddpm_torch(spec, tab, x_t, model_output, i, noise):
+    return ddpm_step(tab, x_t, model_output, i, noise, prediction=spec.prediction, variance=spec.variance,
+                     clip_denoised=spec.clip_denoised)
+
+
+def _ddim_torch(spec, tab, x_t, model_output, i, noise):
+    return ddim_step(tab, x_t, model_output, i, noise, eta=spec.eta, prediction=spec.prediction,
+                     clip_denoised=spec.clip_denoised, use_clipped_model_output=spec.use_clipped_model_output)
+
+
+def _dpmpp_2m_torch(spec, tab, x_t, model_output, i, noise, x0_prev):
+    x_prev, x0 = dpmpp_2m_step(tab, x_t, model_output, i, x0_prev, prediction=spec.prediction,
+                               clip_denoised=spec.clip_denoised)
+    return x_prev, x0, x0
+
+
+def _dpmpp_2m_sde_torch(spec, tab, x_t, model_output, i, noise, x0_prev):
+    x_prev, x0 = dpmpp_2m_sde_step(tab, x_t, model_output, i, x0_prev, noise, prediction=spec.prediction,
+                                   clip_denoised=spec.clip_denoised)
+    return x_prev, x0, x0
+
+
+def _unipc_torch(spec, tab, x_t, model_output, i, noise, x0_prev, corrector):
+    x_prev, x0, corrector = unipc_step(tab, x_t, model_output, i, x0_prev, corrector, prediction=spec.prediction,
+                                       clip_denoised=spec.clip_denoised)
+    return x_prev, x0, x0, corrector
+
+
+@dataclass(frozen=True)
+class SamplerDef:
+    """One sampler, everything the engine asks about it: the one place a sampler's rules live.
+
+    Every loop runs a sampler through ``torch`` (stepping.TorchStep) or ``kernel``
+    (kernels.TritonStep); neither, nor the plan, names a sampler.
+    """
+
+    name: str
+    spacing: str  # its kept timesteps (schedules.spaced_timesteps): "leading" or "linspace"
+    steps: int | None  # steps when the caller gives none (at most what the spacing allows); None: T
+    config_clip: bool  # whether the scheduler config's clip_sample applies when the caller does not say
+    reference: Callable  # the reference step: the specification the torch and Triton steps are held to
+    torch: Callable  # the torch step around ``reference`` (its signature above _ddpm_torch)
+    kernel: str | None  # its fused Triton step, "module:function" in ddpm_engine.kernels; None: torch only
+    state: tuple = ()  # per-sample state kept in stepping.Rows fields (zeros at the start of a run)
+    noise: int | None = 0  # its Philox noise: at step counter ``noise + i`` (engine.noise); None: draws none
+    eta: bool = False  # whether the request's eta applies (plan names show it)
+
+    def default_steps(self, num_train_timesteps: int) -> int:
+        """Steps when the caller gives none: ``steps``, at most T (T - 1 for "linspace"); T if None."""
+        T = num_train_timesteps
+        if self.steps is None:
+            return T
+        return min(self.steps, max(1, T - 1 if self.spacing == "linspace" else T))
+
+    def default_clip(self, clip_sample: bool) -> bool:
+        """Whether x0 is clipped when the caller does not say, given the scheduler config's ``clip_sample``."""
+        return bool(clip_sample) and self.config_clip
+
+    def check_state(self, rows) -> None:
+        """Rows (stepping.Rows) must carry this sampler's state (a host check of metadata only)."""
+        for name in self.state:
+            v = getattr(rows, name)
+            if v is None or v.shape != rows.x.shape:
+                raise InvalidRequestError(f"the {self.name} sampler keeps each sample's multistep state in "
+                                          f"rows.{name}: allocate it (zeros, shaped as rows.x) before the first step")
+
+
+_DEFINITIONS = (
+    # DDPM: diffusers' DDPMScheduler; noise at counter i (its variance)
+    SamplerDef("ddpm", spacing="leading", steps=None, config_clip=True, reference=ddpm_step, torch=_ddpm_torch,
+               kernel="ddpm_step:step_rows"),
+    # DDIM: diffusers' DDIMScheduler; noise at counter i (scaled by eta)
+    SamplerDef("ddim", spacing="leading", steps=50, config_clip=True, reference=ddim_step, torch=_ddim_torch,
+               kernel="ddim_step:step_rows", eta=True),
+    # DPM-Solver++(2M), ODE and SDE, and UniPC: diffusers' defaults. Their schedulers have no
+    # clip_sample option (they threshold instead), so the config's is not read
+    SamplerDef("dpmpp_2m", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_step,
+               torch=_dpmpp_2m_torch, kernel="dpmpp_step:step_rows", state=("x0_prev",), noise=None),
+    SamplerDef("dpmpp_2m_sde", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_sde_step,
+               torch=_dpmpp_2m_sde_torch, kernel="dpmpp_step:step_rows_sde", state=("x0_prev",), noise=SDE_STEP),
+    SamplerDef("unipc", spacing="linspace", steps=20, config_clip=False, reference=unipc_step, torch=_unipc_torch,
+               kernel="unipc_step:step_rows", state=("x0_prev", "corrector"), noise=None),
+)
+SAMPLER_DEFS = {d.name: d for d in _DEFINITIONS}
+SAMPLERS = tuple(SAMPLER_DEFS)  # the sampler names the engine accepts
+ROW_STATE = {d.name: d.state for d in _DEFINITIONS if d.state}  # the samplers that keep per-sample state
+
+
+def sampler_def(name) -> SamplerDef:
+    """The registry entry of a sampler name; an unknown name raises InvalidRequestError listing the names."""
+    try:
+        return SAMPLER_DEFS[name]
+    except (KeyError, TypeError):
+        raise InvalidRequestError(f"unknown sampler {name!r}; choose one of {SAMPLERS}") from None
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
-    """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++ and UniPC (at
-    most what the sampler's spacing allows: T, or T - 1 for "linspace")."""
-    T = num_train_timesteps
-    if sampler == "ddpm":
-        return T
-    if sampler in LINSPACE_SAMPLERS:
-        return min(20, max(1, T - 1))
-    return min(50, T)
-
-
-def default_clip(sampler: str, clip_sample: bool) -> bool:
-    """Whether x0 is clipped when the caller does not say: the scheduler config's ``clip_sample``
-    for DDPM and DDIM; never for DPM-Solver++ and UniPC, whose diffusers schedulers have no such
-    option (they threshold instead), so a diffusers model gives diffusers' images."""
-    return bool(clip_sample) and sampler in ("ddpm", "ddim")
+    """Steps when the caller gives none: T for DDPM, 50 for DDIM, 20 for DPM-Solver++ and UniPC."""
+    return sampler_def(sampler).default_steps(num_train_timesteps)
 
 
 def timestep_spacing(sampler: str) -> str:
-    """Which kept timesteps a sampler uses (schedules.spaced_timesteps): "leading" for DDPM and DDIM
-    (diffusers' DDPMScheduler / DDIMScheduler), "linspace" for DPM-Solver++ and UniPC (their diffusers
-    default)."""
-    return "linspace" if sampler in LINSPACE_SAMPLERS else "leading"
+    """Which kept timesteps a sampler uses: "leading" (DDPM, DDIM) or "linspace" (DPM-Solver++, UniPC)."""
+    return sampler_def(sampler).spacing
 
 
 @dataclass
@@ -213,9 +312,12 @@ class StepOutput:
 
 
 class _Sampler:
-    """Shared part of the user-facing samplers: tables on a device and the t -> index map."""
+    """Shared part of the user-facing samplers: tables on a device, the t -> index map, and the
+    step through the sampler's registry entry. A sampler that keeps state (SamplerDef.state) keeps
+    it itself, per sample, like diffusers: call ``set_timesteps`` to start each new run, then
+    ``step`` once per timestep in order."""
 
-    sampler = "ddpm"  # the name in SAMPLERS: picks the default steps and the timestep spacing
+    sampler = "ddpm"  # the name in SAMPLERS: its registry entry gives the defaults and the step
 
     def __init__(self, betas=None, *, num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                  beta_end=0.02, steps=None, prediction_type="epsilon", clip_sample=False, device="cpu"):
@@ -224,19 +326,20 @@ class _Sampler:
         self.prediction = Prediction.parse(prediction_type)
         self.clip_sample = bool(clip_sample)
         self.device = torch.device(device)
-        self.set_timesteps(steps or default_steps(self.sampler, len(train_betas)))
+        self.set_timesteps(steps or sampler_def(self.sampler).default_steps(len(train_betas)))
 
     def set_timesteps(self, steps: int, device=None):
         """Choose how many steps to sample with (respaces the tables); starts a new run."""
         if device is not None:
             self.device = torch.device(device)
-        self.tables = Tables.build(self.train_betas, steps, timestep_spacing(self.sampler))
+        self.tables = Tables.build(self.train_betas, steps, sampler_def(self.sampler).spacing)
         self.tab = self.tables.on(self.device)
         T = self.tables.num_train_timesteps
         index = torch.full((T,), -1, dtype=torch.int64)
         index[torch.from_numpy(self.tables.timesteps)] = torch.arange(self.tables.steps)
         self._index_of_t = index.to(self.device)
         self.timesteps = torch.from_numpy(self.tables.timesteps[::-1].copy()).to(self.device)
+        self._state = None
 
     def index_of(self, timestep) -> torch.Tensor:
         """Step indices [B] of training timesteps, each one of ``self.timesteps``. This is the
@@ -249,12 +352,29 @@ class _Sampler:
                                       f"(set_timesteps kept {self.tables.steps} of {T}); use sampler.timesteps")
         return self._index_of_t[t]
 
-    def _prepare(self, timestep, sample, noise):
-        i = self.index_of(timestep).expand(sample.shape[0]) if torch.as_tensor(timestep).numel() == 1 \
-            else self.index_of(timestep)
-        if noise is None:
+    def _spec(self, **options) -> StepSpec:
+        """The step math of this sampler's settings (``options``: StepSpec fields that override them)."""
+        return StepSpec(**{**dict(sampler=self.sampler, prediction=self.prediction, variance=Variance.FIXED_SMALL,
+                                  clip_denoised=self.clip_sample, eta=0.0), **options})
+
+    def _step(self, spec: StepSpec, model_output, timestep, sample, noise) -> StepOutput:
+        d = spec.definition
+        i = self.index_of(timestep)
+        if torch.as_tensor(timestep).numel() == 1:
+            i = i.expand(sample.shape[0])
+        if d.noise is not None and noise is None:
             noise = torch.zeros_like(sample)
-        return i, noise
+        x_prev, x0, *state = d.torch(spec, self.tab, sample, model_output, i, noise, *self._state_for(d, sample))
+        self._state = state
+        return StepOutput(x_prev, x0)
+
+    def _state_for(self, d: SamplerDef, sample) -> list:
+        if self._state is None:
+            return [torch.zeros_like(sample) for _ in d.state]
+        if self._state and self._state[0].shape != sample.shape:
+            raise InvalidRequestError(f"sample has shape {tuple(sample.shape)} but this run started with "
+                                      f"{tuple(self._state[0].shape)}; call set_timesteps to start a new run")
+        return self._state
 
 
 class DDPMSampler(_Sampler):
@@ -267,10 +387,7 @@ class DDPMSampler(_Sampler):
         super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
-        i, noise = self._prepare(timestep, sample, noise)
-        x_prev, x0 = ddpm_step(self.tab, sample, model_output, i, noise, prediction=self.prediction,
-                               variance=self.variance, clip_denoised=self.clip_sample)
-        return StepOutput(x_prev, x0)
+        return self._step(self._spec(variance=self.variance), model_output, timestep, sample, noise)
 
 
 class DDIMSampler(_Sampler):
@@ -286,32 +403,13 @@ class DDIMSampler(_Sampler):
         super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample, noise=None, *, use_clipped_model_output=None) -> StepOutput:
-        i, noise = self._prepare(timestep, sample, noise)
         if use_clipped_model_output is None:
             use_clipped_model_output = self.use_clipped_model_output
-        x_prev, x0 = ddim_step(self.tab, sample, model_output, i, noise, eta=self.eta, prediction=self.prediction,
-                               clip_denoised=self.clip_sample, use_clipped_model_output=bool(use_clipped_model_output))
-        return StepOutput(x_prev, x0)
+        spec = self._spec(eta=self.eta, use_clipped_model_output=bool(use_clipped_model_output))
+        return self._step(spec, model_output, timestep, sample, noise)
 
 
-class _MultistepSampler(_Sampler):
-    """Like diffusers, a multistep sampler keeps its state itself (per sample, the fields of
-    ROW_STATE): call ``set_timesteps`` to start each new run, then ``step`` once per timestep in order."""
-
-    def set_timesteps(self, steps: int, device=None):
-        super().set_timesteps(steps, device)
-        self._state = None
-
-    def _state_for(self, sample) -> dict:
-        if self._state is None:
-            self._state = {name: torch.zeros_like(sample) for name in ROW_STATE[self.sampler]}
-        elif self._state["x0_prev"].shape != sample.shape:
-            raise InvalidRequestError(f"sample has shape {tuple(sample.shape)} but this run started with "
-                                      f"{tuple(self._state['x0_prev'].shape)}; call set_timesteps to start a new run")
-        return self._state
-
-
-class DPMSolverSampler(_MultistepSampler):
+class DPMSolverSampler(_Sampler):
     """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
     "linspace" timesteps, final sigma 0, midpoint). ``algorithm_type="sde-dpmsolver++"`` is its
     stochastic form: ``step(..., noise=z)`` takes standard normal noise as ``DDPMSampler.step`` does
@@ -328,21 +426,14 @@ class DPMSolverSampler(_MultistepSampler):
         super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
-        if noise is not None and self.sampler == "dpmpp_2m":
+        spec = self._spec()
+        if noise is not None and spec.definition.noise is None:
             raise InvalidRequestError("noise is only used by the stochastic solver: "
                                       "DPMSolverSampler(..., algorithm_type='sde-dpmsolver++')")
-        i, noise = self._prepare(timestep, sample, noise)
-        state = self._state_for(sample)
-        opts = dict(prediction=self.prediction, clip_denoised=self.clip_sample)
-        if self.sampler == "dpmpp_2m":
-            x_prev, x0 = dpmpp_2m_step(self.tab, sample, model_output, i, state["x0_prev"], **opts)
-        else:
-            x_prev, x0 = dpmpp_2m_sde_step(self.tab, sample, model_output, i, state["x0_prev"], noise, **opts)
-        state["x0_prev"] = x0
-        return StepOutput(x_prev, x0)
+        return self._step(spec, model_output, timestep, sample, noise)
 
 
-class UniPCSampler(_MultistepSampler):
+class UniPCSampler(_Sampler):
     """UniPC, diffusers' ``UniPCMultistepScheduler`` with its defaults (solver_order 2, bh2,
     predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0). ``clip_sample=True`` clips
     x0 to [-1, 1] (diffusers: thresholding=True, sample_max_value=1.0)."""
@@ -350,12 +441,7 @@ class UniPCSampler(_MultistepSampler):
     sampler = "unipc"
 
     def step(self, model_output, timestep, sample) -> StepOutput:
-        i, _ = self._prepare(timestep, sample, None)
-        state = self._state_for(sample)
-        x_prev, x0, corrector = unipc_step(self.tab, sample, model_output, i, state["x0_prev"], state["corrector"],
-                                           prediction=self.prediction, clip_denoised=self.clip_sample)
-        state.update(x0_prev=x0, corrector=corrector)
-        return StepOutput(x_prev, x0)
+        return self._step(self._spec(), model_output, timestep, sample, None)
 
 
 def check_eta(eta) -> float:

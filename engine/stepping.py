@@ -5,37 +5,40 @@ Each implementation has the same contract so the loops around it do not care whi
     pred_x0 = step(rows, model_output, want_x0=False)
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
-saturating at 0) and, for a multistep sampler (samplers.ROW_STATE), writes this step's x0 into
-``rows.x0_prev`` and, for UniPC, its corrector's known part into ``rows.corrector`` (allocated by
-the caller, zeros, same shape as x): all in place, so
-nothing on the host changes between steps and a step can be captured in a CUDA graph. A caller
-that keeps x_t clones it first. ``pred_x0`` is returned only when ``want_x0`` (else None), and
-may be a buffer the next call reuses: a caller that keeps it clones it. Noise comes from the
-per-sample Philox stream (engine.noise) at step counter i (SDE-DPM-Solver++: noise.SDE_STEP + i;
-DPM-Solver++ and UniPC draw none).
+saturating at 0) and writes the sampler's per-sample state (samplers.SamplerDef.state: the
+multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``; allocated by the caller,
+zeros, same shape as x): all in place, so nothing on the host changes between steps and a step
+can be captured in a CUDA graph. A caller that keeps x_t clones it first. ``pred_x0`` is
+returned only when ``want_x0`` (else None), and may be a buffer the next call reuses: a caller
+that keeps it clones it. Noise comes from the per-sample Philox stream (engine.noise) at the step
+counter the sampler's entry names (SamplerDef.noise: i, or noise.SDE_STEP + i; none for the ODE
+solvers). Neither implementation names a sampler: both ask the spec's registry entry.
 
-- ``TorchStep``: the reference (engine.samplers) plus the torch Philox generator.
-- ``kernels.TritonStep``: one fused Triton kernel with in-kernel noise (kernels/).
+- ``TorchStep``: the reference step (SamplerDef.torch) plus the torch Philox generator.
+- ``kernels.TritonStep``: the sampler's fused Triton kernel (SamplerDef.kernel), noise made inside.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InvalidRequestError
-from .noise import SDE_STEP, philox_normal
-from .samplers import ROW_STATE, check_state, ddim_step, ddpm_step, dpmpp_2m_sde_step, dpmpp_2m_step, unipc_step
-from .schedules import DeviceTables, Prediction, Variance
+from .noise import philox_normal
+from .samplers import StepSpec
+from .schedules import DeviceTables
 
 STEP_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(eq=False)
 class Rows:
-    """The per-sample device state of a batch being sampled: one row per image, every field."""
+    """The per-sample device state of a batch being sampled: one row per image, every field. A
+    sampler's state (samplers.SamplerDef.state) names fields here, None where no sampler of the
+    batch keeps it; a new kind of state is one more field (every method reads them all)."""
 
     x: torch.Tensor  # [B, C, H, W] float32: x_t, overwritten with x_{t-1} by each step
     i: torch.Tensor  # int64 [B]: step index into the tables, decremented by each step
@@ -57,7 +60,7 @@ class Rows:
                 dst[start:start + len(src)].copy_(v)
 
     def fields(self):
-        return (self.x, self.i, self.words, self.x0_prev, self.corrector)
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     @staticmethod
     def cat(parts) -> "Rows":
@@ -65,48 +68,26 @@ class Rows:
         return Rows(*(None if vs[0] is None else torch.cat(vs) for vs in zip(*(p.fields() for p in parts))))
 
 
-@dataclass(frozen=True)
-class StepSpec:
-    """Everything that fixes the step math of one sampling run."""
-
-    sampler: str  # a name in samplers.SAMPLERS
-    prediction: Prediction
-    variance: Variance
-    clip_denoised: bool
-    eta: float  # DDIM only
-    use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
-
-
 class TorchStep:
+    """The reference step of the spec's sampler (SamplerDef.torch) on Rows: reads its state, draws
+    its Philox noise, writes the state back."""
+
     name = "torch"
 
     def __init__(self, spec: StepSpec, tab: DeviceTables, sample_shape):
         self.spec = spec
+        self.sampler = spec.definition
         self.tab = tab
         self.numel = math.prod(sample_shape)
 
     def __call__(self, rows: Rows, model_output, want_x0: bool = False):
-        s, x_t, i = self.spec, rows.x, rows.i
-        check_state(s.sampler, rows)
-        opts = dict(prediction=s.prediction, clip_denoised=s.clip_denoised)
-        if s.sampler == "dpmpp_2m":  # an ODE solver: no noise; the previous x0 lives in rows.x0_prev
-            x_prev, x0 = dpmpp_2m_step(self.tab, x_t, model_output, i, rows.x0_prev, **opts)
-        elif s.sampler == "dpmpp_2m_sde":
-            noise = philox_normal(rows.words, i + SDE_STEP, self.numel).reshape(x_t.shape)
-            x_prev, x0 = dpmpp_2m_sde_step(self.tab, x_t, model_output, i, rows.x0_prev, noise, **opts)
-        elif s.sampler == "unipc":
-            x_prev, x0, corrector = unipc_step(self.tab, x_t, model_output, i, rows.x0_prev, rows.corrector, **opts)
-            rows.corrector.copy_(corrector)
-        else:
-            noise = philox_normal(rows.words, i, self.numel).reshape(x_t.shape)
-            if s.sampler == "ddpm":
-                x_prev, x0 = ddpm_step(self.tab, x_t, model_output, i, noise, variance=s.variance, **opts)
-            else:
-                x_prev, x0 = ddim_step(self.tab, x_t, model_output, i, noise, eta=s.eta,
-                                       use_clipped_model_output=s.use_clipped_model_output, **opts)
-        if s.sampler in ROW_STATE:
-            rows.x0_prev.copy_(x0)
-            x0 = rows.x0_prev
+        d, x_t, i = self.sampler, rows.x, rows.i
+        d.check_state(rows)
+        state = [getattr(rows, name) for name in d.state]
+        noise = None if d.noise is None else philox_normal(rows.words, i + d.noise, self.numel).reshape(x_t.shape)
+        x_prev, x0, *new_state = d.torch(self.spec, self.tab, x_t, model_output, i, noise, *state)
+        for buffer, value in zip(state, new_state):
+            buffer.copy_(value)
         x_t.copy_(x_prev)
         i.sub_(1).clamp_(min=0)
         return x0 if want_x0 else None
@@ -126,9 +107,9 @@ def resolve_step_impl(step_impl: str, device: torch.device) -> str:
     return "torch"
 
 
-def make_step(step_impl: str, spec: StepSpec, tab: DeviceTables, sample_shape, device):
-    impl = resolve_step_impl(step_impl, device)
-    if impl == "torch":
+def make_step(step_impl: str, spec: StepSpec, tab: DeviceTables, sample_shape):
+    """The step of a resolved ``step_impl`` ("torch" or "triton": resolve_step_impl's answer)."""
+    if step_impl == "torch":
         return TorchStep(spec, tab, sample_shape)
     from ddpm_engine.kernels import TritonStep  # import-gated: raises MissingDependencyError without triton
 

@@ -1,10 +1,9 @@
 """Fused Triton kernels for the per-step update, each beside its torch reference.
 
-- ddpm_step.py: DDPM ancestral step (both variances, x0 clipping, the t = 0 mask, eps/x0/v);
-  reference engine.samplers.ddpm_step;
-- ddim_step.py: DDIM step, any eta, use_clipped_model_output; reference engine.samplers.ddim_step;
-- dpmpp_step.py: DPM-Solver++(2M) step with its per-sample previous x0; reference
-  engine.samplers.dpmpp_2m_step;
+- ``<name>_step.py``: one module per sampler kernel, named by the sampler's registry entry
+  (engine.samplers.SamplerDef.kernel, "module:function"). Each imports its reference step as
+  ``reference`` (the tests hold the kernel to it) and defines its launcher and ``step_rows``,
+  the engine's step of a batch of rows (triton_step.py documents the signature);
 - common.py: what they share (table columns, prediction codes, the per-sample prologue, x0/eps,
   in-kernel noise, launch checks, the step-index advance);
 - philox.py: the engine's per-sample Philox noise, generated inside the kernels;

@@ -81,6 +81,14 @@ def ddim_step(x, model_output, i, seed_words, table, *, eta: float = 0.0, predic
     return x_prev, (x0 if store_x0 else None)
 
 
+def step_rows(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "ddim" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
+    signature): rows.x stepped in place, x0 written into ``x0`` when given."""
+    return ddim_step(rows.x, model_output, rows.i, rows.words, table, eta=spec.eta, prediction=prediction,
+                     clip_denoised=spec.clip_denoised, use_clipped_model_output=spec.use_clipped_model_output,
+                     x_prev=rows.x, x0=x0, store_x0=x0 is not None)[1]
+
+
 def launches(t):
     """Every compile-time choice ``ddim_step`` can pass its kernel (eta 0 or not: HAS_NOISE), as
     launches on the stand-in tensors ``t``: see ddpm_step.launches."""

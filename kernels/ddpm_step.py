@@ -82,6 +82,13 @@ def ddpm_step(x, model_output, i, seed_words, table, *, prediction=PRED_EPSILON,
     return x_prev, (x0 if store_x0 else None)
 
 
+def step_rows(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "ddpm" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
+    signature): rows.x stepped in place, x0 written into ``x0`` when given."""
+    return ddpm_step(rows.x, model_output, rows.i, rows.words, table, prediction=prediction, variance=spec.variance,
+                     clip_denoised=spec.clip_denoised, x_prev=rows.x, x0=x0, store_x0=x0 is not None)[1]
+
+
 def launches(t):
     """Every compile-time choice ``ddpm_step`` can pass its kernel, as launches on the stand-in tensors
     ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype and sample size). The

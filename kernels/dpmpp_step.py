@@ -121,6 +121,22 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
     return x_prev, x0_prev
 
 
+def step_rows(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "dpmpp_2m" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
+    signature): rows.x and rows.x0_prev stepped in place; returns rows.x0_prev when ``x0`` is given
+    (the x0 is always written there), else None."""
+    dpmpp_2m_step(rows.x, model_output, rows.i, rows.x0_prev, table, prediction=prediction,
+                  clip_denoised=spec.clip_denoised, x_prev=rows.x)
+    return None if x0 is None else rows.x0_prev
+
+
+def step_rows_sde(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "dpmpp_2m_sde" step: as ``step_rows``, with the noise of the rows' seed words."""
+    dpmpp_2m_step(rows.x, model_output, rows.i, rows.x0_prev, table, prediction=prediction,
+                  clip_denoised=spec.clip_denoised, x_prev=rows.x, seed_words=rows.words)
+    return None if x0 is None else rows.x0_prev
+
+
 def launches(t):
     """Every compile-time choice ``dpmpp_2m_step`` can pass its two kernels (ODE: no seed words;
     SDE: seed words), as launches on stand-in tensors ``t`` (x, model_output, i, seed_words, table,

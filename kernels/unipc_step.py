@@ -92,6 +92,15 @@ def unipc_step(x, model_output, i, x0_prev, corrector, table, *, prediction=PRED
     return x_prev, x0_prev, corrector
 
 
+def step_rows(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "unipc" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
+    signature): rows.x, rows.x0_prev and rows.corrector stepped in place; returns rows.x0_prev
+    when ``x0`` is given (the x0 is always written there), else None."""
+    unipc_step(rows.x, model_output, rows.i, rows.x0_prev, rows.corrector, table, prediction=prediction,
+               clip_denoised=spec.clip_denoised, x_prev=rows.x)
+    return None if x0 is None else rows.x0_prev
+
+
 def launches(t):
     """Every compile-time choice ``unipc_step`` can pass its kernel, as launches on stand-in tensors
     ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""

@@ -62,12 +62,6 @@ class GraphsRefused(BackendUnavailableError):
     """CUDA graphs are refused for a plan: a bucket's capture or canary failed (the message says how)."""
 
 
-def plan_name(plan: SamplingPlan) -> str:
-    """"ddpm-1000", "ddim-50 eta=0": a plan as the fast-path report names it."""
-    spec = plan.spec
-    return f"{spec.sampler}-{plan.steps}" + (f" eta={spec.eta:g}" if spec.sampler == "ddim" else "")
-
-
 def canary_mismatch(got: Rows, want: Rows, precision: str | None) -> str | None:
     """Why rows after one replay (``got``) are not those after one eager step (``want``), or None
     (an unknown precision gets the loosest tolerance). Host syncs: once per bucket, never per step."""
@@ -156,7 +150,7 @@ class GraphedSampler:
         alone). Raises GraphsRefused (graphs are then off for the plan) if any of that fails."""
         b = self.bucket_for(n)
         if self.refused is not None:
-            raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
+            raise GraphsRefused(f"CUDA graphs are off for {self.plan.name}: {self.refused}")
         if b not in self._graphs:
             try:
                 bk = self._build(b)
@@ -165,7 +159,7 @@ class GraphedSampler:
                 why = f"{type(exc).__name__}: {exc}"
             if why is not None:
                 self._refuse(f"bucket {b}: {why}")
-                raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
+                raise GraphsRefused(f"CUDA graphs are off for {self.plan.name}: {self.refused}")
             self._graphs[b] = bk
         return self._graphs[b]
 
@@ -215,7 +209,7 @@ class GraphedSampler:
     def _refuse(self, reason: str) -> None:
         if self.refused is None:
             self.refused = reason
-            warnings.warn(f"CUDA graphs are off for {plan_name(self.plan)} on this engine ({reason}); it samples "
+            warnings.warn(f"CUDA graphs are off for {self.plan.name} on this engine ({reason}); it samples "
                           "with the eager loop (the same images)", RuntimeWarning, stacklevel=4)
 
     def report(self) -> dict:
@@ -228,7 +222,7 @@ class GraphedSampler:
             graphs = "no bucket built yet"
         if not self.capture:
             graphs += " (uncaptured: capture=False)"
-        return {"plan": plan_name(self.plan), "path": "eager" if self.refused else "graphs", "graphs": graphs,
+        return {"plan": self.plan.name, "path": "eager" if self.refused else "graphs", "graphs": graphs,
                 "c_driver": self.c_driver or ("not used without capture" if not self.capture else "not asked for yet")}
 
     def warm(self, sizes=None):
@@ -300,7 +294,7 @@ class GraphedSampler:
                         raise
                     self._refuse(f"replay with driver {driver!r}: {type(exc).__name__}: {exc}")
             elif explicit:
-                raise GraphsRefused(f"CUDA graphs are off for {plan_name(self.plan)}: {self.refused}")
+                raise GraphsRefused(f"CUDA graphs are off for {self.plan.name}: {self.refused}")
             images, _ = run_chain(self.plan, self.plan.start(seeds))
             return images
 

@@ -192,3 +192,36 @@ def test_graph_drivers_need_cuda(engine):
         with pytest.raises(BackendUnavailableError):
             engine.sample([1], steps=5, driver="python")
     assert engine.sample([1], steps=5).shape == (1, *SHAPE)
+
+
+def test_a_sampler_is_one_registry_entry(engine, monkeypatch):
+    """A sampler added to the registry alone (here DDIM's step under a new name, "linspace" timesteps,
+    7 default steps and no Triton kernel) samples through the engine's plan, eager loop and torch
+    step: the same images as a hand-written loop of its reference step."""
+    import dataclasses
+
+    from ddpm_engine.noise import initial_noise, seed_words
+    from ddpm_engine.samplers import SAMPLER_DEFS, ddim_step, sampler_def
+    from ddpm_engine.schedules import Tables
+
+    entry = dataclasses.replace(sampler_def("ddim"), name="ddim_linspace", spacing="linspace", steps=7, kernel=None)
+    monkeypatch.setitem(SAMPLER_DEFS, entry.name, entry)
+    seeds = [random.getrandbits(64) for _ in range(2)]
+    images = engine.sample(seeds, sampler="ddim_linspace", driver="eager")
+    assert engine.plan("ddim_linspace").name == "ddim_linspace-7 eta=0"
+
+    tab = Tables.build(engine.scheduler.betas(), 7, "linspace").on("cpu")
+    x = initial_noise(seed_words(seeds, torch.device("cpu")), SHAPE)
+    with torch.inference_mode():
+        for k in range(6, -1, -1):
+            i = torch.full((2,), k)
+            x, _ = ddim_step(tab, x, engine.backend(x, tab.timesteps[i]), i, torch.zeros_like(x), clip_denoised=True)
+    torch.testing.assert_close(images, x.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def test_an_unknown_sampler_names_the_registered_ones(engine):
+    from ddpm_engine.samplers import SAMPLERS
+
+    with pytest.raises(InvalidRequestError, match="unknown sampler 'euler'") as err:
+        engine.sample([1], sampler="euler")
+    assert all(name in str(err.value) for name in SAMPLERS)

@@ -403,3 +403,25 @@ def test_single_step_api_refuses_a_timestep_it_did_not_keep():
     for bad in (kept + 1, -1, 1000, [kept, kept - 1]):
         with pytest.raises(InvalidRequestError, match="timesteps"):
             sampler.step(torch.zeros_like(x), torch.tensor(bad), x)
+
+
+def test_each_sampler_s_defaults_live_in_its_registry_entry():
+    """Timestep spacing, default steps (capped by what the spacing allows), and whether the scheduler
+    config's clip_sample applies: diffusers' defaults for each scheduler."""
+    from ddpm_engine.samplers import SAMPLER_DEFS
+
+    got = {name: (d.spacing, d.default_steps(1000), d.default_clip(True), d.default_clip(False), d.state)
+           for name, d in SAMPLER_DEFS.items()}
+    assert got == {"ddpm": ("leading", 1000, True, False, ()), "ddim": ("leading", 50, True, False, ()),
+                   "dpmpp_2m": ("linspace", 20, False, False, ("x0_prev",)),
+                   "dpmpp_2m_sde": ("linspace", 20, False, False, ("x0_prev",)),
+                   "unipc": ("linspace", 20, False, False, ("x0_prev", "corrector"))}
+    assert [default_steps(s, 10) for s in ("ddpm", "ddim", "unipc")] == [10, 10, 9]  # "linspace" keeps T - 1
+    assert default_steps("dpmpp_2m", 1) == 1 and timestep_spacing("dpmpp_2m_sde") == "linspace"
+
+
+def test_an_unknown_sampler_is_refused_where_a_spec_is_made():
+    with pytest.raises(InvalidRequestError, match=r"unknown sampler 'euler'; choose one of \('ddpm', 'ddim'"):
+        StepSpec("euler", Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+    with pytest.raises(InvalidRequestError, match="unknown sampler"):
+        default_steps(["ddim"], 1000)  # not a name at all: the same refusal, no TypeError

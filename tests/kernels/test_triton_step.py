@@ -6,10 +6,11 @@ import sys
 import pytest
 import torch
 
-from ddpm_engine.errors import InvalidRequestError, MissingDependencyError
+from ddpm_engine.errors import BackendUnavailableError, InvalidRequestError, MissingDependencyError
 from ddpm_engine.kernels import TritonStep
 from ddpm_engine.kernels.ddpm_step import ddpm_step
-from ddpm_engine.samplers import ROW_STATE, SAMPLERS, Prediction, Variance, timestep_spacing
+from ddpm_engine.samplers import (ROW_STATE, SAMPLER_DEFS, SAMPLERS, Prediction, Variance, sampler_def,
+                                  timestep_spacing)
 from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
 from .helpers import random_case
@@ -117,3 +118,27 @@ def test_launcher_rejects_a_non_contiguous_sample():
         ddpm_step(x.transpose(2, 3), out, i, words, tab.packed)
     with pytest.raises(InvalidRequestError, match="int64"):
         ddpm_step(x, out, i.int(), words, tab.packed)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_entry_names_a_kernel_held_to_its_reference(sampler):
+    """The registry's kernel name resolves to a step function in ddpm_engine.kernels, in a module
+    whose ``reference`` (the specification its tests hold it to) is the entry's reference step."""
+    import importlib
+
+    entry = sampler_def(sampler)
+    module_name, function = entry.kernel.split(":")
+    module = importlib.import_module(f"ddpm_engine.kernels.{module_name}")
+    assert callable(getattr(module, function))
+    assert entry.reference in (getattr(module, "reference", None), getattr(module, "reference_sde", None))
+
+
+def test_a_sampler_without_a_kernel_is_refused_with_the_way_out(monkeypatch):
+    import dataclasses
+
+    entry = dataclasses.replace(sampler_def("ddim"), name="ddim_eager_only", kernel=None)
+    monkeypatch.setitem(SAMPLER_DEFS, entry.name, entry)
+    tab, *_ = random_case(B=1, shape=(1, 2, 2))
+    spec = StepSpec(entry.name, Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
+    with pytest.raises(BackendUnavailableError, match="no fused Triton step; use step_impl='torch'"):
+        TritonStep(spec, tab, (1, 2, 2))
