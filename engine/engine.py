@@ -163,7 +163,7 @@ class Engine:
         driver: "auto" (the default: the fast path, below), "eager" (a Python loop of backend +
             step calls), or on CUDA "python" / "c" / "graph_loop": one reverse step captured in a
             CUDA graph and replayed from a Python loop, from the compiled C loop
-            (kernels/csrc/graph_driver.c), or as one launch of a conditional WHILE node
+            (kernels/csrc/c_loop.c), or as one launch of a conditional WHILE node
             (CUDA >= 12.4); the graph drivers take no x_T, return_intermediates or progress.
 
         The default path: on CUDA with a graph-capturable backend (``plan.graphable``; not
