@@ -7,7 +7,7 @@ compiled drivers.
   ``driver="c"``, kernels/csrc/c_loop.c, which launches the graph through the CUDA driver API
   (``cuGraphLaunch`` from libcuda.so.1, opened at run time); ``CudaError``; the shared build
   helpers (``cuda_home``, ``find_cudart``: the libcudart this process has mapped);
-- graph_loop.py: builds and loads kernels/csrc/graph_loop.cu, the whole chain as one launch of a
+- graph_loop.py: builds and loads kernels/csrc/while_loop.cu, the whole chain as one launch of a
   conditional WHILE node (CUDA >= 12.4), sm_XX machine code plus PTX (``cuda_arch``,
   ``embedded_device_code``).
 

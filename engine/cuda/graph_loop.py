@@ -1,4 +1,4 @@
-"""The whole reverse chain as one graph launch: kernels/csrc/graph_loop.cu, loaded with ctypes.
+"""The whole reverse chain as one graph launch: kernels/csrc/while_loop.cu, loaded with ctypes.
 
 ``load_graph_loop()`` builds the CUDA source with nvcc (cached like the C loop, see
 engine/cuda/c_loop.py; real sm_XX code for this GPU, default sm_90, plus its PTX; linked against
@@ -23,7 +23,7 @@ from ..errors import BackendUnavailableError
 from ..kernels import CSRC
 from . import c_loop as _c_loop
 
-SOURCE = CSRC / "graph_loop.cu"
+SOURCE = CSRC / "while_loop.cu"
 DEFAULT_ARCH = 90
 FATBIN_MAGIC = 0xBA55ED50
 
@@ -155,7 +155,7 @@ def _library(cache_dir=None, source=None, arch=None, cudart=None):
 
 
 def build_graph_loop(cache_dir=None, source=None, arch=None, cudart=None) -> Path:
-    """Compile graph_loop.cu for ``arch`` (default ``cuda_arch()``) against ``cudart`` (default
+    """Compile while_loop.cu for ``arch`` (default ``cuda_arch()``) against ``cudart`` (default
     ``c_loop.find_cudart()``) into the cache; the library's path."""
     return _c_loop.build(_library(cache_dir, source, arch, cudart))
 

@@ -6,7 +6,7 @@ gather, noise comes from the seed words and ``i`` (engine.noise), and the t = 0 
 So one captured step, replayed ``steps`` times, is the whole run, and the host does one graph
 launch per step (``driver="python"``) or one C call for the whole run (``driver="c"``, the
 compiled loop in kernels/csrc/c_loop.c), or the device loops by itself (``driver="graph_loop"``:
-the step graph inside a conditional WHILE node, one launch per run, kernels/csrc/graph_loop.cu,
+the step graph inside a conditional WHILE node, one launch per run, kernels/csrc/while_loop.cu,
 CUDA >= 12.4, UNVERIFIED on a GPU).
 
 Batch sizes are bucketed (1, 2, 4, ... up to ``max_batch``); a request is padded to the next

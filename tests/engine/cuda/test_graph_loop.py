@@ -1,4 +1,4 @@
-"""The one-launch graph loop (kernels/csrc/graph_loop.cu): built with nvcc and loaded here without
+"""The one-launch graph loop (kernels/csrc/while_loop.cu): built with nvcc and loaded here without
 a GPU; its argument checks and a CUDA failure come back as typed errors, not crashes. Running it
 needs a GPU (tests/gpu)."""
 

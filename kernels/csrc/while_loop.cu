@@ -1,4 +1,4 @@
-/* graph_loop.cu: the whole reverse chain as ONE graph launch, with a conditional WHILE node.
+/* while_loop.cu: the whole reverse chain as ONE graph launch, with a conditional WHILE node.
  *
  * Python captures one reverse step in a torch.cuda.CUDAGraph(keep_graph=True) and hands us its
  * cudaGraph_t. We build an outer graph:
