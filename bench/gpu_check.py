@@ -78,18 +78,20 @@ def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
 def _environment(state):
     import torch
 
+    from ddpm_engine.backends import versions as package_versions
     from ddpm_engine.testing import versions
 
     def torch_info():
-        if not torch.cuda.is_available():
-            return {"cuda_available": False, "device_count": torch.cuda.device_count()}
-        p = torch.cuda.get_device_properties(0)
-        return {"cuda_available": True, "device_count": torch.cuda.device_count(), "device": p.name, "capability":
-                f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count}
+        out = {"cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
+        if out["cuda_available"]:
+            p = torch.cuda.get_device_properties(0)
+            out.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
+                       sms=p.multi_processor_count)
+        return out
 
-    yield "versions", lambda: dict(versions(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                                   triton=_module_version("triton"), tensorrt=_module_version("tensorrt"),
-                                   executable=sys.executable, platform=platform.platform())
+    yield "versions", lambda: dict(versions(), **package_versions(("triton", "tensorrt")), cuda=torch.version.cuda,
+                                   cudnn=torch.backends.cudnn.version(), executable=sys.executable,
+                                   platform=platform.platform())
     yield "torch", torch_info
     yield "modules", lambda: {m: _module_version(m) for m in MODULES}
     yield "mapped_cuda_libraries", _mapped_cuda_libraries
@@ -99,19 +101,11 @@ def _environment(state):
 
 def _module_version(name: str) -> str:
     import importlib
-    import importlib.metadata
 
     try:
-        module = importlib.import_module(name)
+        return str(getattr(importlib.import_module(name), "__version__", "imported (version unknown)"))
     except Exception as exc:  # absent or broken: say which
         return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
-    version = getattr(module, "__version__", None)
-    if version is None:
-        try:
-            version = importlib.metadata.version({"PIL": "pillow", "cuda": "cuda-python"}.get(name, name))
-        except importlib.metadata.PackageNotFoundError:
-            version = "imported (version unknown)"
-    return str(version)
 
 
 def _mapped_cuda_libraries() -> dict:
@@ -128,10 +122,9 @@ def _mapped_cuda_libraries() -> dict:
 
 
 def _nvidia_smi() -> dict:
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,persistence_mode,mig.mode.current"
     out = {}
-    for key, cmd in (("summary", ["nvidia-smi"]),
-                     ("query", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
-                                "power.limit,persistence_mode,mig.mode.current", "--format=csv"])):
+    for key, cmd in (("summary", ["nvidia-smi"]), ("query", ["nvidia-smi", query, "--format=csv"])):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             out[key] = proc.stdout.strip() or proc.stderr.strip()
@@ -141,8 +134,7 @@ def _nvidia_smi() -> dict:
 
 
 def _installed_tree() -> dict:
-    """Where ddpm_engine is imported from and whether its sources are this tree's (a stale wheel
-    would test old code)."""
+    """Where ddpm_engine is imported from and whether its sources are this tree's (not a stale wheel)."""
     import importlib
 
     differs, checked, locations = [], 0, {}
@@ -258,9 +250,9 @@ def parse_pytest_log(text: str) -> dict:
 # ---- the orchestrating parent -------------------------------------------------------------------
 @dataclass
 class Section:
-    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
-    ``collect(work_dir, output)`` turns what it left (and its output so far) into the JSON's
-    ``data``. ``needs_gpu``: skipped without one, unless ``smokes`` (then run at the smoke scale)."""
+    """``argv(work_dir)``: its command, run from the repository root; ``collect(work_dir, output)``:
+    the JSON's ``data`` from what it left. Without a GPU a ``needs_gpu`` section is skipped, or run
+    at the smoke scale when it ``smokes``."""
 
     name: str
     budget_s: float
@@ -271,13 +263,12 @@ class Section:
 
 
 def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None) -> Section:
-    def junit(work_dir) -> Path:
-        return Path(work_dir) / "junit" / f"{name}.xml"
+    junit = lambda work_dir: Path(work_dir) / "junit" / f"{name}.xml"  # noqa: E731
 
     def argv(work_dir) -> list:
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
-               "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit(work_dir)}"]
-        return cmd + (["-k", tests_k] if tests_k else [])
+        return [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
+                "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+                f"--junitxml={junit(work_dir)}"] + (["-k", tests_k] if tests_k else [])
 
     def collect(work_dir, output: str) -> dict:
         data = parse_junit(junit(work_dir)) if junit(work_dir).is_file() else parse_pytest_log(output)
@@ -297,33 +288,16 @@ def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
 
 def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
     """The one command's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
-    return [
-        child_section("environment", 30, needs_gpu=False),
-        child_section("driver_probe", 30, needs_gpu=False),
-        pytest_section("tests_engine_cuda", "tests/engine/cuda", 50, tests_k),
-        pytest_section("tests_kernels", "tests/kernels", 80, tests_k),
-        pytest_section("tests_gpu", "tests/gpu", 115, tests_k),
-        child_section("latency", 95, needs_gpu=True),
-        child_section("throughput", 60, needs_gpu=True),
-    ]
+    return [child_section("environment", 30, False), child_section("driver_probe", 30, False),
+            pytest_section("tests_engine_cuda", "tests/engine/cuda", 50, tests_k),
+            pytest_section("tests_kernels", "tests/kernels", 80, tests_k),
+            pytest_section("tests_gpu", "tests/gpu", 115, tests_k),
+            child_section("latency", 95, True), child_section("throughput", 60, True)]
 
 
 def later_sections() -> list[Section]:
-    """The full bench, run only when named in --only (each is cut at its budget: its parts are
-    ordered by importance and each is saved as it ends)."""
+    """The full bench, run only when named in --only."""
     return [child_section(name, 520, True) for name in ("peers", "matrix", "backends")]
-
-
-def _tail(text: str, n: int = 40) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _child_env(smoke: bool) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, not the interpreter
-    env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
-    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
-    return env
 
 
 class Stopped(Exception):
@@ -331,8 +305,8 @@ class Stopped(Exception):
 
 
 def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke: bool = False) -> dict:
-    """Run one section with its output appended to the open gpu_check.log ``log``; every POLL_S
-    seconds ``progress(partial record)`` sees what it has collected so far."""
+    """Run one section, its output appended to the open gpu_check.log ``log``; every POLL_S seconds
+    ``progress(record)`` sees what it has collected so far."""
     t0, argv = time.perf_counter(), section.argv(work_dir)
     record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv)), "status": "running"}
     log.write(f"----- {section.name} output -----\n")
@@ -346,30 +320,31 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
             return f.read()
 
     def collect():
-        if section.collect is not None:
-            try:
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        try:
+            if section.collect is not None:
                 record["data"] = section.collect(work_dir, output())
-            except Exception as exc:  # e.g. a half-written junit file
-                record["collect_error"] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # e.g. a half-written junit file
+            record["collect_error"] = f"{type(exc).__name__}: {exc}"
 
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels compile for the GPU
+    env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
+    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
     try:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(smoke),
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     except OSError as exc:
         return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
     try:
-        while True:
+        while record["status"] == "running":
             try:
                 rc = proc.wait(timeout=max(0.1, min(POLL_S, timeout - (time.perf_counter() - t0))))
                 record.update(status="ok" if rc == 0 else "failed", rc=rc)
-                break
             except subprocess.TimeoutExpired:
                 if time.perf_counter() - t0 >= timeout:
                     record.update(status="timeout", rc=None, error=f"stopped after its budget of {timeout:.0f} s")
-                    break
-                collect()
-                record["seconds"] = round(time.perf_counter() - t0, 2)
-                progress(record)
+                else:
+                    collect()
+                    progress(record)
     except Stopped:
         record.update(status="killed", rc=None, error="the check was stopped (SIGTERM) while this section ran")
         raise
@@ -377,11 +352,10 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group: it and its children
             proc.wait()
-        record["seconds"] = round(time.perf_counter() - t0, 2)
         collect()
         if record["status"] != "ok":
             record.setdefault("error", f"exit code {record.get('rc')}")
-            record["output_tail"] = _tail(output())
+            record["output_tail"] = "\n".join(output().splitlines()[-40:])
         log.write(f"\n----- end {section.name} -----\n")
         log.flush()
     return record
@@ -389,28 +363,23 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
 
 def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL_BUDGET_S, gpu: bool | None = None,
                  mode_note: str = "", echo=print, work_dir=None) -> dict:
-    """Run ``sections`` in order, each in its own process with min(its budget, the time left);
-    write out_dir/gpu_check.json after each (and every POLL_S seconds while one runs) and every
-    section's output to out_dir/gpu_check.log: those two files and nothing else go to
-    ``out_dir``; junit files and the children's JSON go to ``work_dir`` (default: a temporary
-    folder). On SIGTERM the running section is killed and recorded as such, and the JSON written.
-    ``gpu=None``: decided after the environment section (torch.cuda.is_available() there)."""
+    """Run ``sections`` in order, each in its own process with min(its budget, the time left).
+    out_dir gets gpu_check.json (after each section and every POLL_S seconds) and gpu_check.log,
+    nothing else; junit files and the children's JSON go to ``work_dir`` (default: a temporary
+    folder). On SIGTERM the running section is killed and recorded. ``gpu=None``: the environment
+    section's torch.cuda.is_available() decides."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ddpm-gpu-check-"))
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ddpm-gpu-check-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    json_path, log_path = out_dir / "gpu_check.json", out_dir / "gpu_check.log"
-    start = time.perf_counter()
+    json_path, log_path, start = out_dir / "gpu_check.json", out_dir / "gpu_check.log", time.perf_counter()
     results = {"tool": "bench.gpu_check", "started": datetime.datetime.now().isoformat(timespec="seconds"),
                "total_budget_s": total_budget_s, "gpu": gpu, "sections": {}, "summary": {}}
 
-    def set_mode():
-        results["mode"] = None if gpu is None else "gpu" if gpu else f"cpu-smoke ({mode_note or 'no GPU'})"
-
     def save(name=None, record=None):
         if name is not None:
-            results["sections"][name] = record
-            results["summary"][name] = record["status"]
+            results["sections"][name], results["summary"][name] = record, record["status"]
+        results["mode"] = None if gpu is None else "gpu" if gpu else f"cpu-smoke ({mode_note or 'no GPU'})"
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
         results["measured"] = measured(results)
         write_json(json_path, results)
@@ -418,7 +387,6 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
     def stop(signum, frame):
         raise Stopped()
 
-    set_mode()
     previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     with open(log_path, "a") as log:
         def say(msg):
@@ -432,18 +400,16 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 left = total_budget_s - (time.perf_counter() - start)
                 if section.needs_gpu and gpu is None:
                     gpu = results["gpu"] = _gpu_from(results)
-                    set_mode()
                 if section.needs_gpu and not gpu and not section.smokes:
                     record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
                 elif left < MIN_SECTION_S:
                     record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
                                                              "total budget left"}
                 else:
-                    budget = min(section.budget_s, left)
-                    say(f"section {section.name}: start (budget {budget:.0f} s)")
+                    say(f"section {section.name}: start (budget {min(section.budget_s, left):.0f} s)")
                     try:
-                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r),
-                                      smoke=section.needs_gpu and not gpu)
+                        record = _run(section, work_dir, min(section.budget_s, left), log,
+                                      lambda r, n=section.name: save(n, r), smoke=section.needs_gpu and not gpu)
                     except Stopped:
                         save(section.name, results["sections"].get(section.name, {"status": "killed"}))
                         raise
@@ -459,9 +425,8 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 signal.signal(signal.SIGTERM, previous)
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         save()
-        for line in headline_lines(results):
+        for line in headline_lines(results) + [f"wrote {json_path} and {log_path}: " + json.dumps(results["summary"])]:
             say(line)
-        say(f"wrote {json_path} and {log_path}: " + json.dumps(results["summary"]))
     return results
 
 

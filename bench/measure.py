@@ -1,12 +1,13 @@
 """Measuring on a CUDA device (or the CPU), shared by the GPU bench (bench/gpu_check.py) and the GPU
-tests (tests/gpu): the math flags of a bench precision, synchronised timing, parity metrics,
-the largest batch that fits, and the host's cost per step of each driver. Measuring is the
-bench's job: none of this is in the library."""
+tests (tests/gpu): math flags, synchronised timing, parity metrics, the largest batch that fits,
+the host's cost per step, and the measuring sections' rows. None of this is in the library."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import inspect
 import math
 import platform
 import time
@@ -28,19 +29,19 @@ MODES = (*PRECISIONS, "tf32")  # the bench's precisions: tf32 is an fp32 engine 
 TF32_BACKENDS = ("torch", "aoti")  # the backends torch's TF32 flags reach (Inductor included)
 FASTEST_FIRST = ("c", "python", "eager")  # the throughput headline takes the first driver that runs
 PARITY_TIMESTEPS = (999, 500, 100, 10, 0)
+FLAGS = {"matmul_tf32": (torch.backends.cuda.matmul, "allow_tf32"), "cudnn_tf32": (torch.backends.cudnn, "allow_tf32"),
+         "deterministic": (torch.backends.cudnn, "deterministic"), "benchmark": (torch.backends.cudnn, "benchmark")}
 
 
 def cifar_loaded(seed: int = 0):
-    """The DDPM CIFAR-10 UNet (diffusers UNet2DModel, 35.7 M params) with random weights: latency
-    does not depend on them."""
+    """The DDPM CIFAR-10 UNet (diffusers UNet2DModel, 35.7 M params), random weights."""
     from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
 
     return from_module(cifar10_unet(seed=seed), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
 
 
 def make_engine(loaded, backend: str, precision: str, device="cuda", batching: bool = True):
-    """An Engine for ``loaded`` at an engine precision (``engine_precision(mode)`` for a bench one).
-    Engines can share one LoadedModel: every backend works on its own copy of the module."""
+    """An Engine at an engine precision; engines can share one LoadedModel (each backend copies it)."""
     return Engine(loaded, backend=backend, device=device, precision=precision, batching=batching)
 
 
@@ -49,55 +50,46 @@ def engine_precision(mode: str) -> str:
 
 
 @contextlib.contextmanager
-def torch_flags(matmul_tf32: bool, cudnn_tf32: bool, cudnn_deterministic=None, cudnn_benchmark=None):
-    """Set torch's TF32 flags (and, when given, cuDNN's deterministic/benchmark flags) while inside."""
-    flags = [((torch.backends.cuda.matmul, "allow_tf32"), matmul_tf32), ((torch.backends.cudnn, "allow_tf32"), cudnn_tf32),
-             ((torch.backends.cudnn, "deterministic"), cudnn_deterministic), ((torch.backends.cudnn, "benchmark"), cudnn_benchmark)]
-    flags = [(where, value) for where, value in flags if value is not None]
-    old = [getattr(obj, name) for (obj, name), _ in flags]
-    for (obj, name), value in flags:
-        setattr(obj, name, value)
+def torch_flags(**values):
+    """Set torch's math flags (``FLAGS``' keys) while inside."""
+    old = {k: getattr(*FLAGS[k]) for k in values}
     try:
+        for k, v in values.items():
+            setattr(*FLAGS[k], v)
         yield
     finally:
-        for ((obj, name), _), value in zip(flags, old):
-            setattr(obj, name, value)
+        for k, v in old.items():
+            setattr(*FLAGS[k], v)
 
 
 def exact_fp32():
-    """fp32 means fp32 and a run repeats exactly: no TF32 in matmuls or cuDNN, and cuDNN picks
-    deterministic algorithms without autotuning, so runs compared across batch sizes, drivers and
-    repeats differ only by real differences."""
-    return torch_flags(False, False, cudnn_deterministic=True, cudnn_benchmark=False)
+    """No TF32 in matmuls or cuDNN, deterministic cuDNN algorithms without autotuning: runs compared
+    across batch sizes, drivers and repeats differ only by real differences."""
+    return torch_flags(matmul_tf32=False, cudnn_tf32=False, deterministic=True, benchmark=False)
 
 
 def math_mode(mode: str):
-    """TF32 in matmuls and cuDNN on for "tf32", off for the others, while inside. Build the engine,
-    capture its graphs and time it inside: a graph replays the kernels of its capture."""
+    """TF32 on for bench precision "tf32", off for the others. Build, capture and time inside."""
     if mode not in MODES:
         raise ValueError(f"unknown bench precision {mode!r}; choose one of {MODES}")
-    return torch_flags(mode == "tf32", mode == "tf32")
+    return torch_flags(matmul_tf32=mode == "tf32", cudnn_tf32=mode == "tf32")
 
 
 def sync(device="cuda"):
-    """Wait for the device's queued work (nothing to wait for on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def sync_time(fn, reps: int = 3, warm: bool = True, device="cuda") -> float:
-    """Median wall seconds of fn() with a device sync after each call (one untimed call first
-    unless ``warm=False``)."""
-    if warm:
-        fn()
-        sync(device)
+    """Median wall seconds of fn() with a device sync after each call (one untimed call first if ``warm``)."""
     times = []
-    for _ in range(reps):
+    for _ in range(reps + warm):
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    times = sorted(times[warm:])
+    return times[len(times) // 2]
 
 
 def free(device="cuda"):
@@ -107,17 +99,15 @@ def free(device="cuda"):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's allocator ran out (torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "ALLOC_FAILED"))
+    """torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "ALLOC_FAILED")))
 
 
 @torch.inference_mode()
 def eps_rel_err(backend, reference, sample_shape, device, batch: int = 4, seed: int = 0) -> float:
     """Worst over PARITY_TIMESTEPS of max |backend - reference| / max |reference| (model outputs)."""
-    g = torch.Generator().manual_seed(seed)
-    worst = 0.0
+    g, worst = torch.Generator().manual_seed(seed), 0.0
     for t0 in PARITY_TIMESTEPS:
         x = torch.randn(batch, *sample_shape, generator=g).to(device)
         t = torch.full((batch,), t0, dtype=torch.int64, device=device)
@@ -135,8 +125,7 @@ def image_diff(images, reference) -> dict:
 
 
 def flops_per_image_step(loaded) -> float:
-    """The model's FLOPs for one image and one step (torch.utils.flop_counter: a multiply-add
-    counts 2; attention through the math SDPA path)."""
+    """The model's FLOPs for one image and one step (a multiply-add counts 2; attention via math SDPA)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -149,20 +138,13 @@ def flops_per_image_step(loaded) -> float:
 
 def matmul_peak_tflops(device="cuda", n: int = 8192, iters: int = 50) -> float:
     """Measured bf16 n^3 matmul rate (TFLOP/s), the roofline's denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-
-    def matmuls():
-        for _ in range(iters):
-            a @ b
-
-    return 2 * n ** 3 * iters / sync_time(matmuls, reps=3, device=device) / 1e12
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 * iters / sync_time(lambda: [a @ b for _ in range(iters)], device=device) / 1e12
 
 
 @contextlib.contextmanager
 def built(loaded, backend: str, mode: str, device, batching: bool = True):
-    """An engine at bench precision ``mode``, built and used under its math flags, closed and its
-    memory freed after."""
+    """An engine at bench precision ``mode``, used under its math flags, closed and freed after."""
     with math_mode(mode):
         eng = make_engine(loaded, backend, engine_precision(mode), device, batching)
         try:
@@ -173,7 +155,7 @@ def built(loaded, backend: str, mode: str, device, batching: bool = True):
 
 
 def graphs_refusal(eng) -> str | None:
-    """None if the graph drivers can run this engine (``plan.graphable``), else why not."""
+    """None if the graph drivers can run this engine, else why not."""
     if eng.plan().graphable:
         return None
     if eng.device.type != "cuda":
@@ -181,31 +163,32 @@ def graphs_refusal(eng) -> str | None:
     return f"the {eng.backend.name} backend cannot be captured: {eng.backend.graph_capture_refusal}"
 
 
-def graphed_sampler(eng, sampler, steps, batch):
-    """A GraphedSampler for one request setting up to ``batch``, its bucket captured now (not
-    cached by the engine: dropping it frees its graph memory)."""
-    return GraphedSampler(eng.plan(sampler, steps), max_batch=batch).warm([batch])
+def usable(eng, drivers, notes, where) -> list:
+    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
+    why = graphs_refusal(eng)
+    if why is not None:
+        notes.append(f"{where}: {', '.join(d for d in drivers if d in GRAPH_DRIVERS)} skipped: {why}")
+    return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
 
 
 def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=None, log=print) -> dict:
-    """{driver (the engine's names): median seconds of one request}. The graph drivers replay one
-    sampler captured before the timing; a driver that fails (out of memory included) adds a note
-    and is left out."""
+    """{driver: median seconds of one request}. The graph drivers replay one sampler captured before
+    the timing (not the engine's cached one: dropping it frees its memory); a driver that fails
+    (out of memory included) adds a note and is left out."""
     seeds, out, graphed = list(range(1, batch + 1)), {}, None
     for driver in drivers:
         out_of_memory = False
         try:
             if driver in GRAPH_DRIVERS:
-                graphed = graphed if graphed is not None else graphed_sampler(eng, sampler, steps, batch)
+                if graphed is None:
+                    graphed = GraphedSampler(eng.plan(sampler, steps), max_batch=batch).warm([batch])
                 run = lambda d=driver: graphed.run(seeds, driver=d)  # noqa: E731
             else:
                 run = lambda d=driver: eng.sample(seeds, sampler=sampler, steps=steps, driver=d)  # noqa: E731
             out[driver] = sync_time(run, reps=reps, warm=warm, device=eng.device)
         except Exception as exc:  # one driver failing must not drop the others
-            msg = f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}"
-            log(msg)
-            if notes is not None:
-                notes.append(msg)
+            log(msg := f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}")
+            (notes if notes is not None else []).append(msg)
             out_of_memory = is_out_of_memory(exc)
         if out_of_memory:  # here, not in the except clause: the traceback's frames hold the tensors
             graphed = None
@@ -214,9 +197,9 @@ def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=N
 
 
 def largest_batch(eng, start: int, cap: int) -> tuple[int, str]:
-    """The largest batch start * 2^k (or start / 2^k if start does not fit) that runs one eager
-    DDPM step of ``eng``, at most min(cap, eng.max_batch), and why the next doubling was not
-    taken. Any error counts as not fitting, with the error in the reason."""
+    """The largest batch start * 2^k (or start / 2^k if start does not fit), at most min(cap,
+    eng.max_batch), that runs one eager DDPM step, and why the next doubling was not taken. Any
+    error counts as not fitting."""
     plan, limit = eng.plan("ddpm"), min(cap, eng.max_batch)
 
     def fails(b: int) -> str | None:
@@ -245,18 +228,11 @@ def largest_batch(eng, start: int, cap: int) -> tuple[int, str]:
 
 
 def host_us_per_step(graphed, seeds, driver: str = "python", reps: int = 5) -> dict:
-    """Wall µs per step of ``graphed.run(seeds, driver)`` (median over ``reps`` after one warm run);
-    for ``driver="python"`` also the host-only time to enqueue the steps (one
-    ``graphed.bucket(len(seeds)).graph.replay()`` per step, no sync)."""
-    seeds = list(seeds)
-    graphed.run(seeds, driver)
-    walls = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        graphed.run(seeds, driver)
-        walls.append(time.perf_counter() - t0)
-    steps = graphed.steps
-    res = {"driver": driver, "steps": steps, "batch": len(seeds), "wall_us_per_step": 1e6 * sorted(walls)[reps // 2] / steps}
+    """Wall µs per step of ``graphed.run(seeds, driver)`` (median of ``reps`` after a warm run); for
+    "python" also the host-only time to enqueue the steps (one graph replay per step, no sync)."""
+    seeds, steps = list(seeds), graphed.steps
+    wall = sync_time(lambda: graphed.run(seeds, driver), reps=reps, device="cpu")
+    res = {"driver": driver, "steps": steps, "batch": len(seeds), "wall_us_per_step": 1e6 * wall / steps}
     if driver == "python":
         graph = graphed.bucket(len(seeds)).graph
         torch.cuda.synchronize()
@@ -294,6 +270,11 @@ SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), (
 
 
 # ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
+def latency_row(loaded, backend, mode, driver, sampler, steps, seconds, reps) -> dict:
+    return {"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver, "batch": 1,
+            "sampler": sampler, "steps": steps, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps, "reps": reps}
+
+
 def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
     """Seconds per request at batch 1 for each (sampler, steps) of ``scale.latency`` and driver."""
     rows = []
@@ -302,9 +283,7 @@ def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
         for sampler, steps in scale.latency:
             reps = 20 if steps <= 1 else 5 if steps <= 100 else 3
             for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, steps <= 100, notes, log).items():
-                rows.append({"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-                             "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
-                             "reps": reps})
+                rows.append(latency_row(loaded, backend, mode, driver, sampler, steps, s, reps))
     return rows
 
 
@@ -317,7 +296,7 @@ def throughput_row(loaded, backend, mode, driver, batch, scale, steps_measured, 
 
 def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
     """images/s at ``scale.steps`` DDPM steps for ``scale.batches`` and the largest batch that fits
-    (eager and the C driver only: the GPU is the bottleneck there), from short runs."""
+    (eager and the C driver only there), from short runs."""
     rows = []
     with built(loaded, backend, mode, scale.device) as eng:
         drivers = usable(eng, DRIVERS, notes, f"throughput {backend}/{mode}")
@@ -332,14 +311,6 @@ def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
     return rows
 
 
-def usable(eng, drivers, notes, where) -> list:
-    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
-    why = graphs_refusal(eng)
-    if why is not None:
-        notes.append(f"{where}: {', '.join(d for d in drivers if d in GRAPH_DRIVERS)} skipped: {why}")
-    return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
-
-
 def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
     """A peer's request of ``scale.steps`` DDPM steps, from a timed run of ``steps_measured`` steps."""
     seconds = seconds_measured * scale.steps / steps_measured
@@ -350,9 +321,6 @@ def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_meas
 
 def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
     """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler."""
-    import copy
-    import inspect
-
     diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
     if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
         raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
@@ -374,8 +342,8 @@ def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
 
 
 def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=print) -> list:
-    """The engine's eager loop (same step kernels) with its UNet under ``torch.compile(**kwargs)``
-    for each of ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
+    """The engine's eager loop with its UNet under ``torch.compile(**kwargs)`` for each of
+    ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
     import torch._dynamo as dynamo
 
     rows, seeds = [], list(range(1, batch + 1))
@@ -384,37 +352,35 @@ def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=pri
             with built(loaded, "torch", mode, scale.device, batching=False) as eng:
                 eng.backend.module = torch.compile(eng.backend.module, **kwargs)
                 run = lambda n: eng.sample(seeds, sampler="ddpm", steps=n, driver="eager")  # noqa: E731
-                t0 = time.perf_counter()
-                run(min(10, steps_measured))
-                sync(scale.device)
-                compile_s = time.perf_counter() - t0
+                compile_s = sync_time(lambda: run(min(10, steps_measured)), reps=1, warm=False, device=scale.device)
                 seconds = sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
             rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
                                  compile_s=compile_s))
         except Exception as exc:
+            log(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
             notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
-            log(notes[-1])
         finally:
             dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
             free(scale.device)
     return rows
 
 
+# ---- the measuring sections: generators of (part name, its function) --------------------------------
 def _model(scale, state):
     """The CIFAR-10 UNet (random weights), loaded once per section."""
-
     def load():
-        state["loaded"] = cifar_loaded(seed=0)
-        state["notes"] = []
-        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": _device_name(scale),
+        state.update(loaded=cifar_loaded(seed=0), notes=[])
+        device = torch.cuda.get_device_name() if scale.device == "cuda" else \
+            f"CPU ({platform.processor() or platform.machine()})"
+        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": device,
                 "scale": "gpu" if scale == GPU else "cpu smoke: numbers measure nothing"}
 
     return "model", load
 
 
 def section_latency(scale, state):
-    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver of the engine its own
-    part; the engine's fast_path() report; diffusers' DDPMPipeline fp32; the host's cost per step."""
+    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each of the engine's drivers its own
+    part; the engine's fast_path(); diffusers' DDPMPipeline fp32; the host's cost per step."""
     def driver_row(driver):
         with built(state["loaded"], "torch", "fp32", scale.device) as eng:
             if driver in GRAPH_DRIVERS and (why := graphs_refusal(eng)):
@@ -423,9 +389,7 @@ def section_latency(scale, state):
             seconds = time_drivers(eng, "ddpm", scale.steps, 1, [driver], 3, True, notes).get(driver)
         if seconds is None:
             raise RuntimeError("; ".join(notes))
-        return {"kind": "latency", "model": "cifar10", "backend": "torch", "precision": "fp32", "driver": driver,
-                "batch": 1, "sampler": "ddpm", "steps": scale.steps, "seconds": seconds,
-                "ms_per_step": 1e3 * seconds / scale.steps, "reps": 3}
+        return latency_row(state["loaded"], "torch", "fp32", driver, "ddpm", scale.steps, seconds, 3)
 
     def fast_path():
         with built(state["loaded"], "torch", "fp32", scale.device, batching=False) as eng:
@@ -441,13 +405,13 @@ def section_latency(scale, state):
 
 
 def host_table(scale) -> dict:
-    """Wall µs per step of each driver that runs a loop (eager; the graph drivers replaying one
-    captured step) with a tiny model at batch 1: the host's cost per step."""
+    """Wall µs per step of eager and of the graph drivers (replaying one captured step), with a tiny
+    model at batch 1: the host's cost per step."""
     torch.manual_seed(0)
     with built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
         run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
         out, why = {"eager": 1e6 * sync_time(run, device=scale.device) / scale.host_steps}, graphs_refusal(eng)
-        graphed = None if why else graphed_sampler(eng, "ddim", scale.host_steps, 1)
+        graphed = None if why else GraphedSampler(eng.plan("ddim", scale.host_steps), max_batch=1).warm([1])
         for driver in GRAPH_DRIVERS:
             try:
                 res = host_us_per_step(graphed, [1], driver, reps=3) if graphed else {}
@@ -469,9 +433,8 @@ def section_throughput(scale, state):
             for driver in usable(eng, FASTEST_FIRST, notes, f"throughput {mode}"):  # the first that runs is the row
                 times = time_drivers(eng, "ddpm", scale.steps_measured, scale.batch, [driver], 3, True, notes)
                 if driver in times:
-                    row = throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
-                                         scale.steps_measured, times[driver])
-                    return dict(row, notes=notes)
+                    return dict(throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
+                                               scale.steps_measured, times[driver]), notes=notes)
         raise RuntimeError("no driver ran: " + "; ".join(notes))
 
     yield "matmul_peak_tflops_bf16", lambda: matmul_peak_tflops(scale.device, *scale.matmul)
@@ -485,20 +448,19 @@ def section_peers(scale, state):
     """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
     (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
     yield _model(scale, state)
-    for batch, measured in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
+    for batch, n in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
         for precision in ("fp16",) if batch == 1 else ("fp32", "fp16"):
-            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=measured: diffusers_peer_row(
+            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=n: diffusers_peer_row(
                 state["loaded"], p, b, scale, n)
         for mode in ("fp32", "bf16", "fp16", "tf32"):
-            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=measured: compile_peer_rows(
+            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=n: compile_peer_rows(
                 state["loaded"], m, b, scale, n, state["notes"])
     yield "notes", lambda: state["notes"]
 
 
 def section_matrix(scale, state, backends=("torch",)):
-    """Latency (one step, DDIM-50, DDPM-1000 at batch 1) and throughput (batches 64, 256 and the
-    largest that fits) for every driver, of each of ``backends`` where ``backends.available``
-    says it runs, at each bench precision it runs (TF32 reaches torch and AOTI only)."""
+    """Latency and throughput rows for every driver, of each of ``backends`` that
+    ``backends.available`` says runs, at each bench precision it runs (TF32: torch and AOTI only)."""
     def rows(backend, mode):
         return (latency_rows(state["loaded"], backend, mode, scale, state["notes"])
                 + throughput_rows(state["loaded"], backend, mode, scale, state["notes"]))
@@ -515,7 +477,3 @@ def section_matrix(scale, state, backends=("torch",)):
 def section_backends(scale, state):
     """The matrix of the other backends (the compiled ones: each compile, cached on disk, paid once)."""
     return section_matrix(scale, state, [b for b in BACKENDS if b not in ("auto", "torch")])
-
-
-def _device_name(scale) -> str:
-    return torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
