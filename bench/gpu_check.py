@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,34 +44,25 @@ MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pyte
 
 
 # ---- results recorded part by part ----------------------------------------------------------------
-def error_record(exc: BaseException) -> dict:
-    """{'error': 'Type: message', 'traceback': full text} for an exception being handled."""
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-
 def write_json(path, results: dict) -> Path:
-    """Write ``results`` as indented JSON (non-JSON values as their str), via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``results`` as indented JSON (other values as their str) via a temporary file."""
+    (tmp := Path(path).with_name(f".{Path(path).name}.tmp")).parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(path)
-    return path
+    return tmp.replace(path)
 
 
-def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
-    """results[name] = fn(); on an exception results['errors'][name] = error_record(exc) instead,
-    and the next part runs. Wall seconds go to results['section_seconds'][name]; with ``out`` the
-    results are written there after. Returns fn()'s value, or None if it raised."""
+def run_part(results: dict, name: str, fn, out: Path):
+    """results[name] = fn(), or results['errors'][name] = {error, traceback}; its seconds go to
+    results['section_seconds'][name], the results to ``out``. Returns fn()'s value or None."""
     t0, value = time.perf_counter(), None
     try:
         value = results[name] = fn()
     except Exception as exc:  # a failing part is recorded; the next one runs
-        results.setdefault("errors", {})[name] = error_record(exc)
-        log(f"{name} failed: {results['errors'][name]['error']}\n{results['errors'][name]['traceback']}")
+        error = results.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                                          "traceback": traceback.format_exc()}
+        print(f"{name} failed: {error['error']}\n{error['traceback']}", flush=True)
     results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 3)
-    if out is not None:
-        write_json(out, results)
+    write_json(out, results)
     return value
 
 
@@ -111,14 +103,10 @@ def _module_version(name: str) -> str:
 def _mapped_cuda_libraries() -> dict:
     from ddpm_engine.cuda import driver
 
-    pattern = re.compile(r"lib(cudart|cuda|cudnn[a-z_]*|cublas(Lt)?|nvrtc|nvJitLink|nccl)\.so[.\d]*$")
-    paths = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and pattern.search(Path(parts[5]).name) and parts[5] not in paths:
-            paths.append(parts[5])
+    maps = [line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
     cudart = driver.mapped_cudart()
-    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"), "all": paths}
+    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"),
+            "all": sorted({m for m in maps if re.search(r"/lib(cu|nvrtc|nvJitLink|nccl)[^/]*\.so[.\d]*$", m)})}
 
 
 def _nvidia_smi() -> dict:
@@ -189,7 +177,7 @@ CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers
 
 
 def run_child(name: str, work_dir: Path) -> int:
-    """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
+    """Run child section ``name``: each part recorded on its own, the JSON saved after each."""
     path, data = _section_json(work_dir, name), {}
     try:
         if name in ("environment", "driver_probe"):
@@ -197,14 +185,13 @@ def run_child(name: str, work_dir: Path) -> int:
         else:  # torch and the engine are imported by the measuring sections' processes only
             from bench import measure
 
-            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) == "1" else measure.GPU, {})
+            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) else measure.GPU, {})
         for key, fn in parts:
             print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
-            value = run_part(data, key, fn, out=path)
-            if value is not None:
+            if (value := run_part(data, key, fn, path)) is not None:
                 print(json.dumps(value, default=str)[:2000], flush=True)
     except Exception as exc:  # an import or setup failure outside the parts
-        data.setdefault("errors", {})[name] = error_record(exc)
+        data.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         print(data["errors"][name]["traceback"], flush=True)
     write_json(path, data)
     return 1 if data.get("errors") else 0
@@ -220,31 +207,23 @@ def parse_junit(path: Path) -> dict:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     out = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    out["seconds"] = round(sum(float(s.get("time", 0)) for s in suites), 2)
-    failed, skips, props = [], {}, {}
+    out.update(seconds=round(sum(float(s.get("time", 0)) for s in suites), 2), failed=[], skip_reasons=Counter(),
+               properties={})
     for case in root.iter("testcase"):
         test = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for node in case.findall("failure") + case.findall("error"):
-            failed.append({"test": test, "kind": node.tag, "message": (node.get("message") or node.text or "").strip()[:600]})
-        for node in case.findall("skipped"):
-            reason = (node.get("message") or "").strip()[:300]
-            skips[reason] = skips.get(reason, 0) + 1
+        out["failed"] += [{"test": test, "kind": n.tag, "message": (n.get("message") or n.text or "").strip()[:600]}
+                          for n in case.findall("failure") + case.findall("error")]
+        out["skip_reasons"].update((n.get("message") or "").strip()[:300] for n in case.findall("skipped"))
         if recorded := {p.get("name"): p.get("value") for p in case.iter("property")}:
-            props[test] = recorded
-    return dict(out, failed=failed, skip_reasons=skips, properties=props)
-
-
-_RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+            out["properties"][test] = recorded
+    return out
 
 
 def parse_pytest_log(text: str) -> dict:
     """Per-outcome counts and the failed tests from ``pytest -v`` output (for a run cut short)."""
-    counts, failed = {}, []
-    for m in filter(None, map(_RESULT_LINE.match, text.splitlines())):
-        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-        if m.group(2) in ("FAILED", "ERROR"):
-            failed.append(m.group(1))
-    return {"counts_from_log": counts, "failed": failed}
+    found = [m.groups() for m in map(re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b").match,
+                                     text.splitlines()) if m]
+    return {"counts_from_log": dict(Counter(o for _, o in found)), "failed": [t for t, o in found if o in ("FAILED", "ERROR")]}
 
 
 # ---- the orchestrating parent -------------------------------------------------------------------
@@ -459,18 +438,17 @@ def measured(results: dict) -> dict:
 def headline_lines(results: dict) -> list[str]:
     """The headline numbers as short lines (the device reply shows the end of the output)."""
     m = results.get("measured") or measured(results)
+    ours = lambda kind, section: [r for r in m[kind] if r["section"].startswith(section)]  # noqa: E731
     lines = [f"latency b1 {r['sampler']}-{r['steps']} {r['precision']} {r['driver']}: {r['seconds']:.3f} s"
-             for r in m["latency"] if r["section"].startswith("latency.")]
+             for r in ours("latency", "latency.")]
     lines += [f"peer {r['name']} b{r['batch']} {r['precision']}: {r['seconds']:.3f} s per {r['steps']} steps"
-              for r in m["peers"] if r["section"].startswith("latency.")]
+              for r in ours("peers", "latency.")]
     lines += [f"throughput b{r['batch']} {r['precision']} ({r['driver']}): {r['images_per_s']:.1f} images/s"
-              for r in m["throughput"] if r["section"].startswith("throughput.")]
+              for r in ours("throughput", "throughput.")]
     if isinstance(m["matmul_peak_tflops"], (int, float)):
         lines.append(f"bf16 matmul peak: {m['matmul_peak_tflops']:.0f} TFLOP/s")
-    if m["host_us_per_step"]:
-        lines.append("host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
-                                                       if isinstance(v, (int, float))))
-    return lines
+    host = {k: v for k, v in (m["host_us_per_step"] or {}).items() if isinstance(v, (int, float))}
+    return lines + (["host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in host.items())] if host else [])
 
 
 def failed_sections(results: dict) -> list[str]:
@@ -481,32 +459,28 @@ def failed_sections(results: dict) -> list[str]:
 
 def _gpu_from(results: dict) -> bool:
     """torch.cuda.is_available() as the environment section saw it, else asked in a fresh process."""
-    torch_info = results["sections"].get("environment", {}).get("data", {}).get("torch")
-    if isinstance(torch_info, dict) and "cuda_available" in torch_info:
-        return bool(torch_info["cuda_available"])
+    seen = (results["sections"].get("environment", {}).get("data", {}).get("torch") or {}).get("cuda_available")
+    if seen is not None:
+        return bool(seen)
     try:
-        proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        return subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120).stdout.strip().endswith("True")
     except (OSError, subprocess.SubprocessError):
         return False
-    return proc.stdout.strip().endswith("True")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.log (nothing else is written there)")
-    ap.add_argument("--work", default=None, help="folder for the junit files and the sections' own JSON "
-                                                 "(default: a new temporary folder)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections and run the measuring ones "
-                    "small on the CPU (automatic when torch sees no CUDA device)")
+    ap.add_argument("--work", help="folder for the junit files and the sections' JSON (default: a temporary one)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections, run the measuring ones small "
+                    "on the CPU (automatic when torch sees no CUDA device)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
-    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: the one "
-                    "command's; the full bench's sections run only when named)")
-    ap.add_argument("--failed-in", default=None, metavar="JSON", help="print the --only value that reruns the "
-                    "sections of this gpu_check.json that did not end ok, and exit")
-    ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k expression for the test sections "
-                    "('' for all, e.g. to include the AOTI cases)")
-    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one child section
+    ap.add_argument("--only", help="comma-separated sections to run (the full bench's run only when named)")
+    ap.add_argument("--failed-in", metavar="JSON", help="print the --only value that reruns this gpu_check.json's "
+                    "sections that did not end ok, and exit")
+    ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k for the test sections ('' for all)")
+    ap.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one child section
     args = ap.parse_args(argv)
     if args.failed_in is not None:
         print(",".join(failed_sections(json.loads(Path(args.failed_in).read_text()))))
@@ -519,14 +493,13 @@ def main(argv=None) -> int:
         ap.error("--out is required")
     sections = default_sections(args.tests_k or None)
     if args.only:
-        every = sections + later_sections()
-        wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+        every, wanted = sections + later_sections(), {s.strip() for s in args.only.split(",") if s.strip()}
         if unknown := wanted - {s.name for s in every}:
             ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in every]}")
         sections = [s for s in every if s.name in wanted]
-    gpu = False if args.cpu_smoke else None
     note = "--cpu-smoke given" if args.cpu_smoke else "torch.cuda.is_available() is False"
-    results = run_sections(sections, Path(args.out), args.budget_s, gpu, note, work_dir=args.work)
+    results = run_sections(sections, Path(args.out), args.budget_s, False if args.cpu_smoke else None, note,
+                           work_dir=args.work)
     return 0 if all(v in ("ok", "skipped") for v in results["summary"].values()) else 1
 
 
