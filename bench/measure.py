@@ -10,9 +10,12 @@ import gc
 import inspect
 import math
 import platform
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ddpm_engine import Engine
@@ -242,6 +245,22 @@ def host_us_per_step(graphed, seeds, driver: str = "python", reps: int = 5) -> d
         res["enqueue_us_per_step"] = 1e6 * (time.perf_counter() - t0) / steps
         torch.cuda.synchronize()
     return res
+
+
+def client_load(call, clients: int, requests: int, time_limit_s: float) -> dict:
+    """``clients`` threads each ``call([seed])`` up to ``requests`` times back to back (until the time
+    limit): images/s and p50/p99 latency."""
+    deadline, start = time.perf_counter() + time_limit_s, time.perf_counter()
+
+    def client(_):
+        return [sync_time(lambda: call([random.getrandbits(64)]), 1, warm=False, device="cpu")
+                for _ in range(requests) if time.perf_counter() <= deadline]
+
+    with ThreadPoolExecutor(clients) as pool:
+        lats = [x for lat in pool.map(client, range(clients)) for x in lat]
+    wall = time.perf_counter() - start
+    return {"images_per_s": len(lats) / wall, "p50_s": float(np.percentile(lats, 50)),
+            "p99_s": float(np.percentile(lats, 99)), "requests": len(lats), "wall_s": wall}
 
 
 @dataclass(frozen=True)

@@ -11,73 +11,41 @@ reports images/s and p50/p99 latency for one-by-one calls (``batching=False``), 
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
+from bench.measure import client_load
 from ddpm_engine import Engine
-from ddpm_engine.models import SeedUNet
 from ddpm_engine.serving import Server
 
 CLIENTS, REQUESTS, TIME_LIMIT_S = 16, 4, 120
 OPTS = dict(sampler="ddim", steps=20)
-DIGITS = Path(__file__).resolve().parents[1] / "engine" / "bundled" / "digits" / "config.json"
-
-
-def make_engine(**kw):
-    if DIGITS.exists():
-        return Engine.from_pretrained("digits", backend="torch", **kw)
-    return Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=(1, 16, 16), backend="torch", **kw)
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return make_engine()
+    return Engine.from_pretrained("digits", backend="torch")
 
 
-def run_load(call):
-    deadline = time.perf_counter() + TIME_LIMIT_S
-
-    def client(k):
-        lat = []
-        for _ in range(REQUESTS):
-            if time.perf_counter() > deadline:
-                break
-            start = time.perf_counter()
-            call([random.getrandbits(64)])
-            lat.append(time.perf_counter() - start)
-        return lat
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        lats = [x for lat in pool.map(client, range(CLIENTS)) for x in lat]
-    wall = time.perf_counter() - start
-    return {"images_per_s": len(lats) / wall, "p50_s": float(np.percentile(lats, 50)),
-            "p99_s": float(np.percentile(lats, 99)), "requests": len(lats), "wall_s": wall}
+def report(benchmark, label: str, result: dict, **info):
+    benchmark.group = "serving load"
+    benchmark.extra_info.update(clients=CLIENTS, **info, **result)
+    print(f"\n{label} {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "
+          f"p99 {result['p99_s'] * 1e3:7.1f} ms")
 
 
 @pytest.mark.parametrize("mode", ["one_by_one", "engine.sample", "coalesce", "continuous"])
 def test_load(benchmark, engine, mode):
-    server = None
-    if mode == "one_by_one":
-        serial = make_engine(batching=False)
-        call = lambda s: serial.sample(s, **OPTS)  # noqa: E731
-    elif mode == "engine.sample":
-        call = lambda s: engine.sample(s, **OPTS)  # noqa: E731
-    else:
-        server = Server(engine, mode=mode, max_batch=32, max_wait_ms=5)
-        call = lambda s: server.sample(s, **OPTS)  # noqa: E731
+    server = Server(engine, mode=mode, max_batch=32, max_wait_ms=5) if mode in ("coalesce", "continuous") else None
+    target = server or (Engine.from_pretrained("digits", backend="torch", batching=False) if mode == "one_by_one"
+                        else engine)
     try:
-        result = benchmark.pedantic(run_load, args=(call,), rounds=1, iterations=1)
+        result = benchmark.pedantic(client_load, (lambda s: target.sample(s, **OPTS), CLIENTS, REQUESTS, TIME_LIMIT_S),
+                                    rounds=1, iterations=1)
     finally:
         if server is not None:
             server.close()
-    benchmark.group = "serving load"
-    benchmark.extra_info.update(mode=mode, clients=CLIENTS, torch_threads=torch.get_num_threads(), **result)
-    print(f"\n{mode:11s} {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "
-          f"p99 {result['p99_s'] * 1e3:7.1f} ms")
+    report(benchmark, f"{mode:11s}", result, mode=mode)
 
 
 def test_burst(benchmark, engine):
