@@ -174,7 +174,7 @@ def usable(eng, drivers, notes, where) -> list:
     return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
 
 
-def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=None, log=print) -> dict:
+def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=None) -> dict:
     """{driver: median seconds of one request}. The graph drivers replay one sampler captured before
     the timing (not the engine's cached one: dropping it frees its memory); a driver that fails
     (out of memory included) adds a note and is left out."""
@@ -190,7 +190,7 @@ def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=N
                 run = lambda d=driver: eng.sample(seeds, sampler=sampler, steps=steps, driver=d)  # noqa: E731
             out[driver] = sync_time(run, reps=reps, warm=warm, device=eng.device)
         except Exception as exc:  # one driver failing must not drop the others
-            log(msg := f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}")
+            print(msg := f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}", flush=True)
             (notes if notes is not None else []).append(msg)
             out_of_memory = is_out_of_memory(exc)
         if out_of_memory:  # here, not in the except clause: the traceback's frames hold the tensors
@@ -272,7 +272,7 @@ class Scale:
     batch: int = 256  # the throughput headline's batch
     steps_measured: int = 50  # steps timed per headline throughput run (every DDPM step does the same work)
     latency: tuple = (("ddpm", 1), ("ddim", 50), ("ddpm", 1000))  # matrix: (sampler, steps) at batch 1
-    batches: tuple = (64, 256)  # matrix: throughput batches, and the largest that fits
+    batches: tuple = (64, 256)  # matrix: throughput batches, then the largest that fits (eager and c only)
     matrix_steps: int = 20
     largest_cap: int = 65536
     largest_steps: int = 2
@@ -289,45 +289,33 @@ SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), (
 
 
 # ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
-def latency_row(loaded, backend, mode, driver, sampler, steps, seconds, reps) -> dict:
-    return {"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver, "batch": 1,
-            "sampler": sampler, "steps": steps, "seconds": seconds, "ms_per_step": 1e3 * seconds / steps, "reps": reps}
-
-
-def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """Seconds per request at batch 1 for each (sampler, steps) of ``scale.latency`` and driver."""
-    rows = []
+def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, drivers=DRIVERS, largest=False,
+         steps_timed=None) -> list:
+    """For each driver that runs: latency rows (seconds per request at batch 1, each (sampler, steps)
+    of ``latency``) and throughput rows (images/s at ``scale.steps`` DDPM steps from runs of
+    ``steps_timed``, each of ``batches``; with ``largest`` first the largest batch that fits, eager
+    and c only, from runs of ``scale.largest_steps``). Defaults: ``scale``'s."""
+    out, steps_timed = [], steps_timed or scale.matrix_steps
     with built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"latency {backend}/{mode}")
-        for sampler, steps in scale.latency:
+        drivers = usable(eng, drivers, notes, f"{backend}/{mode}")
+        for sampler, steps in scale.latency if latency is None else latency:
             reps = 20 if steps <= 1 else 5 if steps <= 100 else 3
-            for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, steps <= 100, notes, log).items():
-                rows.append(latency_row(loaded, backend, mode, driver, sampler, steps, s, reps))
-    return rows
-
-
-def throughput_row(loaded, backend, mode, driver, batch, scale, steps_measured, seconds) -> dict:
-    per_step = seconds / steps_measured
-    return {"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-            "batch": batch, "steps": scale.steps, "steps_measured": steps_measured, "seconds_per_step": per_step,
-            "images_per_s": batch / (per_step * scale.steps)}
-
-
-def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """images/s at ``scale.steps`` DDPM steps for ``scale.batches`` and the largest batch that fits
-    (eager and the C driver only there), from short runs."""
-    rows = []
-    with built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"throughput {backend}/{mode}")
-        largest, limit = largest_batch(eng, max(scale.batches), scale.largest_cap)
-        runs = [(largest, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, 1)]
-        runs += [(b, drivers, scale.matrix_steps, 3) for b in scale.batches if b < largest]
-        for batch, batch_drivers, steps, reps in runs:  # the largest first, memory clean
-            for driver, s in time_drivers(eng, "ddpm", steps, batch, batch_drivers, reps, True, notes, log).items():
-                row = throughput_row(loaded, backend, mode, driver, batch, scale, steps, s)
-                rows.append(dict(row, largest=batch == largest, **({"largest_limit": limit} if batch == largest else {})))
+            out += [{"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+                     "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
+                     "reps": reps} for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, True, notes).items()]
+        runs = [(b, drivers, steps_timed, {}) for b in (scale.batches if batches is None else batches)]
+        if largest:
+            b, why = largest_batch(eng, max(b for b, *_ in runs), scale.largest_cap)
+            runs = [(b, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, {"largest_limit": why})] + [
+                r for r in runs if r[0] < b]  # the largest first, memory clean
+        for batch, batch_drivers, n, extra in runs:
+            for driver, s in time_drivers(eng, "ddpm", n, batch, batch_drivers, 1 if extra else 3, True, notes).items():
+                out.append({"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode,
+                            "driver": driver, "batch": batch, "steps": scale.steps, "steps_measured": n,
+                            "seconds_per_step": s / n, "images_per_s": batch * n / (s * scale.steps),
+                            "largest": bool(extra), **extra})
             free(scale.device)
-    return rows
+    return out
 
 
 def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
@@ -360,7 +348,7 @@ def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
     return peer_row("diffusers DDPMPipeline", loaded, precision, batch, scale, steps_measured, seconds)
 
 
-def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=print) -> list:
+def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes) -> list:
     """The engine's eager loop with its UNet under ``torch.compile(**kwargs)`` for each of
     ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
     import torch._dynamo as dynamo
@@ -376,8 +364,8 @@ def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=pri
             rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
                                  compile_s=compile_s))
         except Exception as exc:
-            log(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
             notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
         finally:
             dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
             free(scale.device)
@@ -401,14 +389,13 @@ def section_latency(scale, state):
     """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each of the engine's drivers its own
     part; the engine's fast_path(); diffusers' DDPMPipeline fp32; the host's cost per step."""
     def driver_row(driver):
-        with built(state["loaded"], "torch", "fp32", scale.device) as eng:
-            if driver in GRAPH_DRIVERS and (why := graphs_refusal(eng)):
-                return {"skipped": why}
-            notes = []
-            seconds = time_drivers(eng, "ddpm", scale.steps, 1, [driver], 3, True, notes).get(driver)
-        if seconds is None:
+        if driver in GRAPH_DRIVERS and scale.device != "cuda":  # the torch backend is graphable on CUDA
+            return {"skipped": "the graph drivers need CUDA"}
+        notes = []
+        found = rows(state["loaded"], "torch", "fp32", scale, notes, [("ddpm", scale.steps)], [], [driver])
+        if not found:
             raise RuntimeError("; ".join(notes))
-        return latency_row(state["loaded"], "torch", "fp32", driver, "ddpm", scale.steps, seconds, 3)
+        return found[0]
 
     def fast_path():
         with built(state["loaded"], "torch", "fp32", scale.device, batching=False) as eng:
@@ -448,12 +435,10 @@ def section_throughput(scale, state):
     fastest driver that runs, from runs of ``scale.steps_measured`` steps."""
     def rate(mode):
         notes = []
-        with built(state["loaded"], "torch", mode, scale.device) as eng:
-            for driver in usable(eng, FASTEST_FIRST, notes, f"throughput {mode}"):  # the first that runs is the row
-                times = time_drivers(eng, "ddpm", scale.steps_measured, scale.batch, [driver], 3, True, notes)
-                if driver in times:
-                    return dict(throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
-                                               scale.steps_measured, times[driver]), notes=notes)
+        for driver in FASTEST_FIRST:  # the first that runs is the row
+            if found := rows(state["loaded"], "torch", mode, scale, notes, [], [scale.batch], [driver],
+                             steps_timed=scale.steps_measured):
+                return dict(found[0], notes=notes)
         raise RuntimeError("no driver ran: " + "; ".join(notes))
 
     yield "matmul_peak_tflops_bf16", lambda: matmul_peak_tflops(scale.device, *scale.matmul)
@@ -478,18 +463,16 @@ def section_peers(scale, state):
 
 
 def section_matrix(scale, state, backends=("torch",)):
-    """Latency and throughput rows for every driver, of each of ``backends`` that
-    ``backends.available`` says runs, at each bench precision it runs (TF32: torch and AOTI only)."""
-    def rows(backend, mode):
-        return (latency_rows(state["loaded"], backend, mode, scale, state["notes"])
-                + throughput_rows(state["loaded"], backend, mode, scale, state["notes"]))
-
+    """Latency (scale.latency at batch 1) and throughput (scale.batches and the largest that fits)
+    for every driver, of each of ``backends`` that ``backends.available`` says runs, at each bench
+    precision it runs (TF32 reaches torch and AOTI only)."""
     yield _model(scale, state)
     for backend in backends:
         for mode in ("fp32", "bf16", "tf32", "fp16"):
             if mode != "tf32" or backend in TF32_BACKENDS:
                 why = available(scale.device, engine_precision(mode), [backend])[backend]
-                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
+                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
+                    lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"], largest=True))
     yield "notes", lambda: state["notes"]
 
 

@@ -231,18 +231,18 @@ def check_rows(rows, kind, keys):
 
 def test_latency_rows_one_per_setting_and_cpu_driver(digits):
     notes = []
-    rows = measure.latency_rows(digits, "torch", "tf32", QUICK, notes, log=lambda m: None)
+    rows = measure.rows(digits, "torch", "tf32", QUICK, notes, batches=[])
     check_rows(rows, "latency", {"model", "backend", "precision", "driver", "batch", "sampler", "steps", "seconds",
                                  "ms_per_step", "reps"})
     assert sorted((r["sampler"], r["steps"], r["driver"]) for r in rows) == sorted(
         (s, n, d) for s, n in QUICK.latency for d in ("auto", "eager"))
     assert {(r["model"], r["backend"], r["precision"], r["batch"]) for r in rows} == {("digits", "torch", "tf32", 1)}
     assert all(r["ms_per_step"] == pytest.approx(1e3 * r["seconds"] / r["steps"]) for r in rows)
-    assert notes == ["latency torch/tf32: python, c, graph_loop skipped: the graph drivers need CUDA"]
+    assert notes == ["torch/tf32: python, c, graph_loop skipped: the graph drivers need CUDA"]
 
 
 def test_throughput_rows_cover_the_batches_and_the_largest(digits):
-    rows = measure.throughput_rows(digits, "torch", "fp32", QUICK, [], log=lambda m: None)
+    rows = measure.rows(digits, "torch", "fp32", QUICK, [], latency=[], largest=True)
     check_rows(rows, "throughput", {"model", "backend", "precision", "driver", "batch", "steps", "steps_measured",
                                     "seconds_per_step", "images_per_s", "largest"})
     by_batch = {}
@@ -285,7 +285,7 @@ def test_compile_peer_rows_run_the_compiled_unet(digits):
         return gm.forward
 
     scale = measure.Scale("cpu", steps=3, compilers=(("recording", {"backend": recording_backend}),))
-    rows = measure.compile_peer_rows(digits, "bf16", 2, scale, 2, [], log=lambda m: None)
+    rows = measure.compile_peer_rows(digits, "bf16", 2, scale, 2, [])
     check_rows(rows, "peers", PEER_KEYS | {"compile_s"})
     assert graphs, "torch.compile's backend was never called: the peer did not run the compiled module"
     assert [(r["name"], r["precision"], r["steps_measured"]) for r in rows] == [("recording (Python loop)", "bf16", 2)]

@@ -48,8 +48,7 @@ def test_a_failing_driver_is_noted_and_the_others_are_timed():
     with measure.built(load("digits"), "torch", "fp32", "cpu") as eng:
         assert measure.graphs_refusal(eng) == "the graph drivers need CUDA"
         notes = []
-        times = measure.time_drivers(eng, "ddim", 2, 3, ["python", "c", "eager"], reps=1, warm=False, notes=notes,
-                                     log=lambda m: None)
+        times = measure.time_drivers(eng, "ddim", 2, 3, ["python", "c", "eager"], reps=1, warm=False, notes=notes)
     assert sorted(times) == ["eager", "python"] and all(t > 0 for t in times.values())
     assert len(notes) == 1 and notes[0].startswith("c ddim-2 batch 3 failed: BackendUnavailableError")
 
