@@ -26,7 +26,6 @@ from ddpm_engine.cuda.graphs import GraphedSampler
 from ddpm_engine.engine import DRIVERS
 from ddpm_engine.errors import require
 from ddpm_engine.models import SeedUNet
-from ddpm_engine.plan import reverse_step
 
 MODES = (*PRECISIONS, "tf32")  # the bench's precisions: tf32 is an fp32 engine with TF32 math on
 TF32_BACKENDS = ("torch", "aoti")  # the backends torch's TF32 flags reach (Inductor included)
@@ -199,37 +198,6 @@ def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=N
     return out
 
 
-def largest_batch(eng, start: int, cap: int) -> tuple[int, str]:
-    """The largest batch start * 2^k (or start / 2^k if start does not fit), at most min(cap,
-    eng.max_batch), that runs one eager DDPM step, and why the next doubling was not taken. Any
-    error counts as not fitting."""
-    plan, limit = eng.plan("ddpm"), min(cap, eng.max_batch)
-
-    def fails(b: int) -> str | None:
-        why = None
-        try:
-            with torch.inference_mode():
-                reverse_step(plan, plan.start(list(range(1, b + 1))))
-            sync(eng.device)
-        except Exception as exc:
-            why = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
-        free(eng.device)  # after the except clause: its traceback, holding the tensors, is gone
-        return why
-
-    b, failed = min(start, limit), None
-    while (why := fails(b)) is not None:
-        if b == 1:
-            raise RuntimeError(f"one image does not run: {why}")
-        failed, b = why, b // 2
-    if failed is not None:
-        return b, f"{failed} at {2 * b}"
-    while 2 * b <= limit:
-        if (why := fails(2 * b)) is not None:
-            return b, f"{why} at {2 * b}"
-        b *= 2
-    return b, f"the cap: at most {limit} (min of the bench's cap {cap} and the engine's max_batch {eng.max_batch})"
-
-
 def host_us_per_step(graphed, seeds, driver: str = "python", reps: int = 5) -> dict:
     """Wall µs per step of ``graphed.run(seeds, driver)`` (median of ``reps`` after a warm run); for
     "python" also the host-only time to enqueue the steps (one graph replay per step, no sync)."""
@@ -272,30 +240,23 @@ class Scale:
     batch: int = 256  # the throughput headline's batch
     steps_measured: int = 50  # steps timed per headline throughput run (every DDPM step does the same work)
     latency: tuple = (("ddpm", 1), ("ddim", 50), ("ddpm", 1000))  # matrix: (sampler, steps) at batch 1
-    batches: tuple = (64, 256)  # matrix: throughput batches, then the largest that fits (eager and c only)
+    batches: tuple = (64, 256, 1024)  # matrix: throughput batches
     matrix_steps: int = 20
-    largest_cap: int = 65536
-    largest_steps: int = 2
     host_steps: int = 200
     matmul: tuple = (8192, 50)  # n, iterations
-    compilers: tuple = (("torch.compile max-autotune", {"mode": "max-autotune"}),
-                        ("torch.compile reduce-overhead", {"mode": "reduce-overhead"}))
 
 
 GPU = Scale()
 SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), ("ddim", 2)), batches=(2,), matrix_steps=1,
-              largest_cap=4, largest_steps=1, host_steps=3, matmul=(64, 2),
-              compilers=(("torch.compile backend=eager", {"backend": "eager"}),))
+              host_steps=3, matmul=(64, 2))
 
 
 # ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
-def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, drivers=DRIVERS, largest=False,
-         steps_timed=None) -> list:
+def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, drivers=DRIVERS, steps_timed=None) -> list:
     """For each driver that runs: latency rows (seconds per request at batch 1, each (sampler, steps)
     of ``latency``) and throughput rows (images/s at ``scale.steps`` DDPM steps from runs of
-    ``steps_timed``, each of ``batches``; with ``largest`` first the largest batch that fits, eager
-    and c only, from runs of ``scale.largest_steps``). Defaults: ``scale``'s."""
-    out, steps_timed = [], steps_timed or scale.matrix_steps
+    ``steps_timed`` steps, each of ``batches``). Defaults: ``scale``'s."""
+    out, n = [], steps_timed or scale.matrix_steps
     with built(loaded, backend, mode, scale.device) as eng:
         drivers = usable(eng, drivers, notes, f"{backend}/{mode}")
         for sampler, steps in scale.latency if latency is None else latency:
@@ -303,31 +264,18 @@ def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, driver
             out += [{"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
                      "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
                      "reps": reps} for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, True, notes).items()]
-        runs = [(b, drivers, steps_timed, {}) for b in (scale.batches if batches is None else batches)]
-        if largest:
-            b, why = largest_batch(eng, max(b for b, *_ in runs), scale.largest_cap)
-            runs = [(b, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, {"largest_limit": why})] + [
-                r for r in runs if r[0] < b]  # the largest first, memory clean
-        for batch, batch_drivers, n, extra in runs:
-            for driver, s in time_drivers(eng, "ddpm", n, batch, batch_drivers, 1 if extra else 3, True, notes).items():
-                out.append({"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode,
-                            "driver": driver, "batch": batch, "steps": scale.steps, "steps_measured": n,
-                            "seconds_per_step": s / n, "images_per_s": batch * n / (s * scale.steps),
-                            "largest": bool(extra), **extra})
+        for batch in scale.batches if batches is None else batches:  # a batch that does not fit: a note
+            out += [{"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+                     "batch": batch, "steps": scale.steps, "steps_measured": n, "seconds_per_step": s / n,
+                     "images_per_s": batch * n / (s * scale.steps)}
+                    for driver, s in time_drivers(eng, "ddpm", n, batch, drivers, 3, True, notes).items()]
             free(scale.device)
     return out
 
 
-def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
-    """A peer's request of ``scale.steps`` DDPM steps, from a timed run of ``steps_measured`` steps."""
-    seconds = seconds_measured * scale.steps / steps_measured
-    return {"kind": "peers", "name": name, "model": loaded.name, "precision": precision, "batch": batch,
-            "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
-            "images_per_s": batch / seconds, **extra}
-
-
 def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
-    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler."""
+    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler: a
+    request of ``scale.steps`` DDPM steps, from timed runs of ``steps_measured`` steps."""
     diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
     if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
         raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
@@ -345,31 +293,10 @@ def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
     finally:
         pipe = unet = None
         free(scale.device)
-    return peer_row("diffusers DDPMPipeline", loaded, precision, batch, scale, steps_measured, seconds)
-
-
-def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes) -> list:
-    """The engine's eager loop with its UNet under ``torch.compile(**kwargs)`` for each of
-    ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
-    import torch._dynamo as dynamo
-
-    rows, seeds = [], list(range(1, batch + 1))
-    for name, kwargs in scale.compilers:
-        try:
-            with built(loaded, "torch", mode, scale.device, batching=False) as eng:
-                eng.backend.module = torch.compile(eng.backend.module, **kwargs)
-                run = lambda n: eng.sample(seeds, sampler="ddpm", steps=n, driver="eager")  # noqa: E731
-                compile_s = sync_time(lambda: run(min(10, steps_measured)), reps=1, warm=False, device=scale.device)
-                seconds = sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
-            rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
-                                 compile_s=compile_s))
-        except Exception as exc:
-            notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
-            print(notes[-1], flush=True)
-        finally:
-            dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
-            free(scale.device)
-    return rows
+    seconds *= scale.steps / steps_measured
+    return {"kind": "peers", "name": "diffusers DDPMPipeline", "model": loaded.name, "precision": precision,
+            "batch": batch, "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
+            "images_per_s": batch / seconds}
 
 
 # ---- the measuring sections: generators of (part name, its function) --------------------------------
@@ -449,22 +376,15 @@ def section_throughput(scale, state):
 
 
 def section_peers(scale, state):
-    """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
-    (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
+    """diffusers' DDPMPipeline fp16 at batch 1 (DDPM-1000 in full), fp32 and fp16 at batch 64 (short runs)."""
     yield _model(scale, state)
-    for batch, n in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
-        for precision in ("fp16",) if batch == 1 else ("fp32", "fp16"):
-            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=n: diffusers_peer_row(
-                state["loaded"], p, b, scale, n)
-        for mode in ("fp32", "bf16", "fp16", "tf32"):
-            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=n: compile_peer_rows(
-                state["loaded"], m, b, scale, n, state["notes"])
-    yield "notes", lambda: state["notes"]
+    for batch, precision, n in ((1, "fp16", scale.steps), *((scale.batches[0], p, scale.matrix_steps) for p in ("fp32", "fp16"))):
+        yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=n: diffusers_peer_row(
+            state["loaded"], p, b, scale, n)
 
 
 def section_matrix(scale, state, backends=("torch",)):
-    """Latency (scale.latency at batch 1) and throughput (scale.batches and the largest that fits)
-    for every driver, of each of ``backends`` that ``backends.available`` says runs, at each bench
+    """Latency (scale.latency at batch 1) and throughput (scale.batches) for every driver, of each of ``backends`` that ``backends.available`` says runs, at each bench
     precision it runs (TF32 reaches torch and AOTI only)."""
     yield _model(scale, state)
     for backend in backends:
@@ -472,7 +392,7 @@ def section_matrix(scale, state, backends=("torch",)):
             if mode != "tf32" or backend in TF32_BACKENDS:
                 why = available(scale.device, engine_precision(mode), [backend])[backend]
                 yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
-                    lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"], largest=True))
+                    lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
     yield "notes", lambda: state["notes"]
 
 

@@ -217,8 +217,7 @@ def digits():
     return load("digits")
 
 
-QUICK = measure.Scale("cpu", steps=3, latency=(("ddpm", 1), ("ddim", 2), ("ddpm", 3)), batches=(2, 4), matrix_steps=2,
-                        largest_cap=8, largest_steps=1)
+QUICK = measure.Scale("cpu", steps=3, latency=(("ddpm", 1), ("ddim", 2), ("ddpm", 3)), batches=(2, 4), matrix_steps=2)
 
 
 def check_rows(rows, kind, keys):
@@ -241,19 +240,14 @@ def test_latency_rows_one_per_setting_and_cpu_driver(digits):
     assert notes == ["torch/tf32: python, c, graph_loop skipped: the graph drivers need CUDA"]
 
 
-def test_throughput_rows_cover_the_batches_and_the_largest(digits):
-    rows = measure.rows(digits, "torch", "fp32", QUICK, [], latency=[], largest=True)
+def test_throughput_rows_cover_the_batches(digits):
+    rows = measure.rows(digits, "torch", "fp32", QUICK, [], latency=[])
     check_rows(rows, "throughput", {"model", "backend", "precision", "driver", "batch", "steps", "steps_measured",
-                                    "seconds_per_step", "images_per_s", "largest"})
-    by_batch = {}
+                                    "seconds_per_step", "images_per_s"})
+    assert sorted((r["batch"], r["driver"]) for r in rows) == [(2, "auto"), (2, "eager"), (4, "auto"), (4, "eager")]
     for r in rows:
-        by_batch.setdefault(r["batch"], set()).add(r["driver"])
-    assert by_batch == {2: {"auto", "eager"}, 4: {"auto", "eager"}, QUICK.largest_cap: {"eager"}}
-    for r in rows:
-        assert r["steps"] == QUICK.steps and r["largest"] == (r["batch"] == QUICK.largest_cap)
-        assert r["steps_measured"] == (QUICK.largest_steps if r["largest"] else QUICK.matrix_steps)
+        assert r["steps"] == QUICK.steps and r["steps_measured"] == QUICK.matrix_steps
         assert r["images_per_s"] == pytest.approx(r["batch"] / (r["seconds_per_step"] * QUICK.steps))
-    assert "the cap" in next(r for r in rows if r["largest"])["largest_limit"]
 
 
 PEER_KEYS = {"name", "model", "precision", "batch", "sampler", "steps", "steps_measured", "seconds", "images_per_s"}
@@ -275,20 +269,6 @@ def test_diffusers_peer_row_with_a_tiny_unet2d(digits):
     assert row["images_per_s"] == pytest.approx(2 / row["seconds"])
     with pytest.raises(TypeError, match="UNet2DModel"):
         measure.diffusers_peer_row(digits, "fp32", 1, QUICK, 3)
-
-
-def test_compile_peer_rows_run_the_compiled_unet(digits):
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    scale = measure.Scale("cpu", steps=3, compilers=(("recording", {"backend": recording_backend}),))
-    rows = measure.compile_peer_rows(digits, "bf16", 2, scale, 2, [])
-    check_rows(rows, "peers", PEER_KEYS | {"compile_s"})
-    assert graphs, "torch.compile's backend was never called: the peer did not run the compiled module"
-    assert [(r["name"], r["precision"], r["steps_measured"]) for r in rows] == [("recording (Python loop)", "bf16", 2)]
 
 
 def test_measured_gathers_the_rows_and_the_headline_repeats_them():
