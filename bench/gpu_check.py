@@ -5,9 +5,8 @@
     python -m bench.gpu_check --out DIR --only matrix     # a full-bench section, in a later call
     python -m bench.gpu_check --failed-in gpu_check.json  # the --only value of a warm rerun
 
-Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else. Each
-section runs in its own process with its own budget; its parts are saved one by one. The JSON's
-``measured`` gathers what they measured for bench/report.py. bench/README.md is the runbook.
+Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else; each
+section runs in its own process with its own budget. bench/README.md is the runbook.
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ MIN_SECTION_S = 5  # a section with less time than this left is skipped
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
 DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
-MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
-           "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
-           "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
+MODULES = ("torch", "triton", "onnxruntime", "diffusers", "pytest", "importlib_metadata", "PIL", "cupy", "cuda",
+           "tensorrt")  # the image's (and the carry's) modules whose import is checked
 
 
 # ---- results recorded part by part ----------------------------------------------------------------
@@ -92,10 +90,8 @@ def _environment(state):
 
 
 def _module_version(name: str) -> str:
-    import importlib
-
     try:
-        return str(getattr(importlib.import_module(name), "__version__", "imported (version unknown)"))
+        return str(getattr(__import__(name), "__version__", "imported (version unknown)"))
     except Exception as exc:  # absent or broken: say which
         return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
 
@@ -111,14 +107,11 @@ def _mapped_cuda_libraries() -> dict:
 
 def _nvidia_smi() -> dict:
     query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,persistence_mode,mig.mode.current"
-    out = {}
-    for key, cmd in (("summary", ["nvidia-smi"]), ("query", ["nvidia-smi", query, "--format=csv"])):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            out[key] = proc.stdout.strip() or proc.stderr.strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            out[key] = f"{type(exc).__name__}: {exc}"
-    return out
+    try:
+        return {k: subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+                for k, args in (("summary", []), ("query", [query, "--format=csv"]))}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _installed_tree() -> dict:
@@ -127,14 +120,11 @@ def _installed_tree() -> dict:
 
     differs, checked, locations = [], 0, {}
     for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"), ("ddpm_engine.export", "export")):
-        installed = Path(importlib.import_module(package).__file__).resolve().parent
-        locations[package] = str(installed)
-        for f in sorted((ROOT / folder).rglob("*")):
-            if f.suffix in (".py", ".c", ".cu", ".h") and "__pycache__" not in f.parts:
-                checked += 1
-                twin = installed / f.relative_to(ROOT / folder)
-                if not twin.is_file() or twin.read_bytes() != f.read_bytes():
-                    differs.append(str(f.relative_to(ROOT)))
+        installed = locations[package] = Path(importlib.import_module(package).__file__).resolve().parent
+        for f in (f for f in sorted((ROOT / folder).rglob("*")) if f.suffix in (".py", ".c", ".cu", ".h")):
+            checked, twin = checked + 1, installed / f.relative_to(ROOT / folder)
+            if not twin.is_file() or twin.read_bytes() != f.read_bytes():
+                differs.append(str(f.relative_to(ROOT)))
     return {"locations": locations, "files_checked": checked, "matches_tree": not differs, "differs": differs[:30]}
 
 
@@ -150,10 +140,8 @@ def _driver_probe(state):
         return {"library": str(d.path), "libcuda": d.libcuda}
 
     def call(name):
-        if "driver" not in state:
-            raise RuntimeError("the C driver did not load (see errors['c_driver'])")
         try:
-            return getattr(state["driver"], name)()
+            return getattr(state["driver"], name)()  # a KeyError: the C driver did not load (errors['c_driver'])
         except driver.CudaError as exc:
             if torch.cuda.is_available():
                 raise
@@ -164,8 +152,8 @@ def _driver_probe(state):
         lib = graph_loop.load_graph_loop()
         needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
         return {"library": str(lib.path), "supported": lib.supported, "arch": graph_loop.cuda_arch(),
-                "device_code": graph_loop.embedded_device_code(lib.path),
-                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed), "linked_cudart": str(cudart)}
+                "device_code": graph_loop.embedded_device_code(lib.path), "linked_cudart": str(cudart),
+                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed)}
 
     yield "c_driver", c_driver
     yield "driver_version", lambda: call("driver_version")
@@ -178,7 +166,7 @@ CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers
 
 def run_child(name: str, work_dir: Path) -> int:
     """Run child section ``name``: each part recorded on its own, the JSON saved after each."""
-    path, data = _section_json(work_dir, name), {}
+    path, data = Path(work_dir) / "sections" / f"{name}.json", {}
     try:
         if name in ("environment", "driver_probe"):
             parts = (_environment if name == "environment" else _driver_probe)({})
@@ -195,10 +183,6 @@ def run_child(name: str, work_dir: Path) -> int:
         print(data["errors"][name]["traceback"], flush=True)
     write_json(path, data)
     return 1 if data.get("errors") else 0
-
-
-def _section_json(work_dir, name: str) -> Path:
-    return Path(work_dir) / "sections" / f"{name}.json"
 
 
 # ---- pytest sections ------------------------------------------------------------------------------
@@ -258,7 +242,7 @@ def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None)
 
 def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
     def collect(work_dir, output: str) -> dict:
-        path = _section_json(work_dir, name)
+        path = Path(work_dir) / "sections" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     argv = lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work", str(work_dir)]  # noqa: E731

@@ -3,9 +3,9 @@
     python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # .md and .png beside it
 
 The markdown: device and versions, the latency target (the best engine DDPM-1000 at batch 1 against
-DDPMPipeline fp32), parity, the host's µs per step per driver, latency, throughput (images/s and %
-of the measured bf16 matmul peak), the peers with the engine's speed-up. The PNG (matplotlib):
-seconds per full-length request and images/s against batch, log-log, peers as crosses.
+DDPMPipeline fp32), then one table per kind of row: parity, the host's µs per step per driver,
+latency, throughput (with % of the measured bf16 matmul peak), peers (with the engine's speed-up).
+The PNG (matplotlib): seconds per request and images/s against batch, log-log, peers as crosses.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from bench.measure import MODES
 
 HOST_DRIVERS = ("eager", "python", "c", "graph_loop")
 TITLE_VERSIONS = ("torch", "cuda", "cudnn", "triton", "onnxruntime", "tensorrt", "diffusers")
-KEY = ("model", "backend", "precision", "driver")
 ORDER = {name: k for k, name in enumerate((*MODES, *DRIVERS))}
 
 
@@ -33,10 +32,18 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}e}"
 
 
-def _table(title: str, headers: list, rows: list) -> list[str]:
-    """A markdown section: its title and one table."""
-    return [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
-            *("| " + " | ".join(map(_fmt, row)) + " |" for row in rows), ""]
+def _key(r: dict) -> tuple:
+    return r.get("model", "cifar10"), r.get("backend", "-"), r.get("precision"), r.get("driver", "-")
+
+
+def _table(title: str, columns: dict, rows: list) -> list[str]:
+    """A markdown section: ``title``, then one line per row (in the bench's order of backends,
+    precisions and drivers) and a column per {header: the row's key, or a function of the row}."""
+    rows = sorted(rows, key=lambda r: (*_key(r)[:2], *(ORDER.get(x, len(ORDER)) for x in _key(r)[2:]),
+                                       r.get("steps", 0), r.get("batch", 0)))
+    cells = [[c(r) if callable(c) else r.get(c) for c in columns.values()] for r in rows]
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|",
+            *("| " + " | ".join(map(_fmt, line)) + " |" for line in cells), ""]
 
 
 def title(results: dict) -> str:
@@ -53,37 +60,6 @@ def mfu(images_per_s: float, steps: int, results: dict, model: str | None = None
     return images_per_s * steps * flops / (peak * 1e12) if flops and peak else None
 
 
-def _key(r: dict) -> tuple:
-    return r.get("model", "cifar10"), r["backend"], r["precision"], r.get("driver", "-")
-
-
-def _pivot(rows: list, column, cell, columns=None, extra=lambda key: []) -> tuple[list, list]:
-    """One line per model/backend/precision/driver (in the bench's order), one cell per ``column(row)``
-    (of ``columns``: default all); ``extra(key)`` appends cells."""
-    columns = sorted({column(r) for r in rows}) if columns is None else columns
-    cells = {(_key(r), column(r)): cell(r) for r in rows if column(r) in columns}
-    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[1], *(ORDER.get(x, len(ORDER)) for x in k[2:])))
-    return columns, [[*k, *(cells.get((k, c)) for c in columns), *extra(k)] for k in keys]
-
-
-def latency_table(rows: list) -> list[str]:
-    columns, lines = _pivot(rows, lambda r: (r["steps"], r["sampler"], r["batch"]), lambda r: 1e3 * r["seconds"])
-    return _table("Latency (ms per request)", [*KEY, *(f"{'one step' if n == 1 else f'{s}-{n}'} b{b} (ms)"
-                                                      for n, s, b in columns)], lines)
-
-
-def throughput_table(rows: list, results: dict) -> list[str]:
-    def cell(r):
-        u = mfu(r["images_per_s"], r["steps"], results, r.get("model"))
-        return _fmt(r["images_per_s"]) + ("" if u is None else f" ({100 * u:.1f}%)")
-
-    largest = {_key(r): [r["batch"], cell(r)] for r in rows if r.get("largest")}
-    columns, lines = _pivot(rows, lambda r: r["batch"], cell, sorted({r["batch"] for r in rows if not r.get("largest")}),
-                            (lambda k: largest.get(k, [None, None])) if largest else lambda k: [])
-    return _table("Throughput (images/s at the full step count; % of the bf16 matmul peak)",
-                  [*KEY, *(f"b{b}" for b in columns), *(["largest batch", "at the largest"] if largest else [])], lines)
-
-
 def best_engine(results: dict, peer: dict):
     """The fastest engine row at the peer's model, precision, batch and steps: (seconds, row) or None."""
     def same(r):
@@ -93,19 +69,6 @@ def best_engine(results: dict, peer: dict):
     found = [(r["seconds"], r) for r in results.get("latency", []) if same(r) and r["sampler"] == peer.get("sampler", "ddpm")]
     found += [(r["batch"] / r["images_per_s"], r) for r in results.get("throughput", []) if same(r)]
     return min(found, key=lambda f: f[0]) if found else None
-
-
-def peers_table(results: dict) -> list[str]:
-    rows = []
-    for p in results["peers"]:
-        s, best = best_engine(results, p) or (None, {})
-        rows.append([p.get("model", "cifar10"), p["name"], p.get("precision"), p.get("batch"), p.get("steps"),
-                     p.get("steps_measured", p.get("steps")), p.get("seconds"), p.get("images_per_s"), s,
-                     f"{best['backend']} {best.get('driver', '')}".strip() if best else None,
-                     f"{p['seconds'] / s:.1f}x" if s and p.get("seconds") else None])
-    return _table("Peers (engine: the fastest engine row at the same model, precision, batch and steps)",
-                  ["model", "peer", "precision", "batch", "steps", "steps timed", "seconds", "images/s",
-                   "engine seconds", "engine (best)", "engine speed-up"], rows)
 
 
 def latency_target(results: dict) -> list[str]:
@@ -118,10 +81,10 @@ def latency_target(results: dict) -> list[str]:
     engine = [r for r in results.get("latency", []) if full(r) and r["sampler"] == "ddpm"]
     if not base or not engine:
         return []
-    best = min(engine, key=lambda r: r["seconds"])
-    return [f"Latency target (CIFAR-10, DDPM-1000, batch 1): best engine {best['seconds']:.3g} s "
-            f"({best['backend']} {best['precision']} {best.get('driver', '')}) vs DDPMPipeline fp32 "
-            f"{base[0]['seconds']:.3g} s: **{base[0]['seconds'] / best['seconds']:.1f}x** (target >= 25x)", ""]
+    best, peer_s = min(engine, key=lambda r: r["seconds"]), base[0]["seconds"]
+    return [f"Latency target (CIFAR-10, DDPM-1000, batch 1): best engine {best['seconds']:.3g} s ({best['backend']} "
+            f"{best['precision']} {best.get('driver', '')}) vs DDPMPipeline fp32 {peer_s:.3g} s: "
+            f"**{peer_s / best['seconds']:.1f}x** (target >= 25x)", ""]
 
 
 def markdown(results: dict) -> str:
@@ -134,51 +97,64 @@ def markdown(results: dict) -> str:
     if results.get("matmul_peak_tflops"):
         lines.append(f"Measured bf16 matmul peak: {results['matmul_peak_tflops']:.1f} TFLOP/s")
     lines += [""] + latency_target(results)
-    if results.get("parity"):
-        lines += _table("Parity against eager fp32", [*KEY, "eps rel err", "image max abs", "PSNR dB"],
-                        [[r.get("model", "-"), r["backend"], r["precision"], r.get("driver", "-"), r.get("eps_rel_err"),
-                          r.get("image_max_abs"), r.get("psnr_db")] for r in results["parity"]])
-    if host := results.get("host_us_per_step"):
-        lines += _table("Host time per step (µs)", HOST_DRIVERS, [[host.get(k) for k in HOST_DRIVERS]])
-    lines += latency_table(results["latency"]) if results.get("latency") else []
-    lines += throughput_table(results["throughput"], results) if results.get("throughput") else []
-    lines += peers_table(results) if results.get("peers") else []
+    key = {k: lambda r, i=i: _key(r)[i] for i, k in enumerate(("model", "backend", "precision", "driver"))}
+    peers = []
+    for p in results.get("peers", []):
+        s, best = best_engine(results, p) or (None, {})
+        peers.append(dict(p, engine_s=s, engine=f"{best['backend']} {best.get('driver', '')}".strip() if best else None,
+                          speedup=f"{p['seconds'] / s:.1f}x" if s and p.get("seconds") else None))
+    tables = [
+        ("Parity against eager fp32", {**key, "eps rel err": "eps_rel_err", "image max abs": "image_max_abs",
+                                       "PSNR dB": "psnr_db"}, results.get("parity")),
+        ("Host time per step (µs)", dict(zip(HOST_DRIVERS, HOST_DRIVERS)), [h] if (h := results.get("host_us_per_step"))
+         else []),
+        ("Latency (ms per request)", {**key, "request": lambda r: f"{r['sampler']}-{r['steps']} b{r['batch']}",
+                                      "ms": lambda r: 1e3 * r["seconds"],
+                                      "ms per step": lambda r: 1e3 * r["seconds"] / r["steps"]}, results.get("latency")),
+        ("Throughput (images/s at the full step count; % of the bf16 matmul peak)", {
+            **key, "batch": "batch", "images/s": "images_per_s",
+            "% of peak": lambda r: None if (u := mfu(r["images_per_s"], r["steps"], results, r.get("model"))) is None
+            else f"{100 * u:.1f}%"}, results.get("throughput")),
+        ("Peers (engine: the fastest engine row at the same model, precision, batch and steps)", {
+            "model": key["model"], "peer": "name", "precision": "precision", "batch": "batch", "steps": "steps",
+            "steps timed": lambda r: r.get("steps_measured", r.get("steps")), "seconds": "seconds",
+            "images/s": "images_per_s", "engine seconds": "engine_s", "engine (best)": "engine",
+            "engine speed-up": "speedup"}, peers),
+    ]
+    for heading, columns, rows in tables:
+        lines += _table(heading, columns, rows) if rows else []
     lines += [f"Sections that did not end ok: {', '.join(results['not_ok'])}", ""] if results.get("not_ok") else []
     return "\n".join(lines + [f"- {note}" for note in results.get("notes", [])]).rstrip() + "\n"
 
 
 def plot(results: dict, path) -> Path:
-    """Seconds per full-length request and images/s against batch, one line per model/backend/
-    precision/driver (colour: precision; line style: driver), log-log, peers as crosses."""
+    """Seconds per request and images/s against batch, one line per model/backend/precision/driver and
+    request length (colour: precision; line style: driver), log-log, peers as crosses."""
     from ddpm_engine.errors import require
 
     require("matplotlib", "bench/report.py's plot").use("Agg")
     import matplotlib.pyplot as plt
 
-    latency, series = results.get("latency", []), {}
-    full = {m: max(r["steps"] for r in latency if r.get("model", "cifar10") == m) for m in {r.get("model", "cifar10")
-                                                                                         for r in latency}}
-    for r in latency + results.get("throughput", []):
-        if "images_per_s" in r or (r["steps"] == full[r.get("model", "cifar10")] and r["sampler"] == "ddpm"):
-            seconds = r["batch"] / r["images_per_s"] if "images_per_s" in r else r["seconds"]
-            series.setdefault(_key(r), set()).add((r["batch"], seconds))
-    fig, (ax_lat, ax_tput) = plt.subplots(1, 2, figsize=(13, 5))
+    series = {}
+    for r in results.get("latency", []) + results.get("throughput", []):
+        seconds = r["batch"] / r["images_per_s"] if "images_per_s" in r else r["seconds"]
+        series.setdefault((*_key(r), r.get("sampler", "ddpm"), r["steps"]), set()).add((r["batch"], seconds))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colours, styles = {m: f"C{k}" for k, m in enumerate(MODES)}, dict(zip(DRIVERS, ("-", ":", "-.", "--", (0, (1, 1)))))
-    for (model, backend, precision, driver), pts in sorted(series.items()):
+    for (model, backend, precision, driver, sampler, steps), pts in sorted(series.items(), key=str):
+        b, s = zip(*sorted(pts))
         kw = {"color": colours.get(precision), "linestyle": styles.get(driver, "-"), "marker": "o",
-              "label": f"{model} {backend} {precision} {driver}"}
-        ax_lat.plot([b for b, _ in sorted(pts)], [s for _, s in sorted(pts)], **kw)
-        ax_tput.plot([b for b, _ in sorted(pts)], [b / s for b, s in sorted(pts)], **kw)
-    for p in results.get("peers", []):
-        if p.get("seconds"):
-            for ax, y in ((ax_lat, p["seconds"]), (ax_tput, p["images_per_s"])):
-                ax.plot([p["batch"]], [y], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
-    for ax, ylabel in ((ax_lat, "seconds per full-length request"), (ax_tput, "images / s")):
-        ax.set(yscale="log", xlabel="batch", ylabel=ylabel, title="x: peers")
-        ax.set_xscale("log", base=2)
+              "label": f"{model} {backend} {precision} {driver} {sampler}-{steps}"}
+        axes[0].plot(b, s, **kw)
+        axes[1].plot(b, [n / t for n, t in zip(b, s)], **kw)
+    for p in (p for p in results.get("peers", []) if p.get("seconds")):
+        for ax, y in zip(axes, (p["seconds"], p["images_per_s"])):
+            ax.plot([p["batch"]], [y], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
+    for ax, ylabel in zip(axes, ("seconds per request", "images / s")):
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel=ylabel, title="x: peers")
         ax.grid(True, which="both", alpha=0.3)
-    if ax_lat.lines:
-        ax_lat.legend(fontsize=6, ncol=2)
+    if axes[0].lines:
+        axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(title(results), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -204,8 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("results", help="a results JSON written by python -m bench.gpu_check")
     ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
     args = ap.parse_args(argv)
-    md, png = write_report(args.results, args.out_dir)
-    print(f"wrote {md} and {png}")
+    print("wrote {} and {}".format(*write_report(args.results, args.out_dir)))
     return 0
 
 

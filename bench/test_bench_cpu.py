@@ -1,7 +1,5 @@
 """CPU bench: every backend x precision this CPU runs natively, against diffusers and torch.compile.
 
-    python -m pytest bench/test_bench_cpu.py --benchmark-only -q -s [--benchmark-json out.json]
-
 ``test_call``: one UNet call per engine config at batch 1 and 8 (digits-like SeedUNet 16x16, CIFAR-10
 UNet 32x32). ``test_design_choices``: torch NCHW vs channels_last, OpenVINO with and without static
 shapes. ``test_sampling``: 10 DDPM steps of the CIFAR-10 UNet at batch 1 and 8 for every engine

@@ -1,7 +1,5 @@
 """Load benchmark for serving: N concurrent clients, bounded in count and time.
 
-    python -m pytest bench/test_bench_load.py --benchmark-only -q -s
-
 CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back to back; each case
 reports images/s and p50/p99 latency for one-by-one calls (``batching=False``), plain
 ``Engine.sample``, a coalescing Server and a continuous one. ``test_burst``: 32 concurrent calls of

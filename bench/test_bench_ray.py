@@ -1,7 +1,5 @@
 """Load benchmark for Ray Serve replicas: N concurrent HTTP clients on loopback, bounded in count and time.
 
-    python -m pytest bench/test_bench_ray.py --benchmark-only -q -s
-
 One local Ray (no dashboard, a small object store) serves the bundled digits model with 1, then 2
 replicas (one CPU and one OpenMP thread each, torch backend, max_batch_size 32); the clients of
 test_bench_load.py POST to /sample and the case reports throughput and p50/p99 latency, HTTP and

@@ -1,8 +1,5 @@
 """The fused Triton step (kernels.TritonStep) against the torch reference step (TorchStep), per step.
 
-    python -m pytest bench/test_bench_step.py --benchmark-only -q            # CPU (interpreter)
-    python -m pytest bench/test_bench_step.py --benchmark-only -q -m gpu     # CUDA cases
-
 On the CPU the kernel runs in Triton's interpreter: a smoke bench, not a speed claim. The GPU cases
 report the achieved bytes/s of the kernel's traffic (3 * N * itemsize: read x_t and the model
 output, write x_prev) and of a device copy of as many bytes (``fraction_of_copy`` = kernel / copy).

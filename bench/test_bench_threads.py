@@ -1,7 +1,5 @@
 """CPU thread policy bench (engine/threads.py): each workload idle and beside a competing process.
 
-    python -m pytest bench/test_bench_threads.py --benchmark-only -q -s
-
 Every (workload, policy, load) runs in a fresh process (OpenMP's wait policy is fixed when torch
 loads it) and times ROUNDS runs after a warm-up; the load is LOAD_PROCESSES busy-looping processes.
 Policies: ``spinning`` (DDPM_ENGINE_SPIN=1), ``engine`` (the default: idle threads sleep, one per
