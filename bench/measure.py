@@ -1,6 +1,6 @@
-"""Measuring on a CUDA device (or the CPU), shared by the GPU bench (bench/gpu_check.py) and the GPU
-tests (tests/gpu): math flags, synchronised timing, parity metrics, the largest batch that fits,
-the host's cost per step, and the measuring sections' rows. None of this is in the library."""
+"""Measuring on a CUDA device (or the CPU), shared by the GPU bench (bench/gpu_check.py), the GPU
+tests (tests/gpu) and the CPU benches: math flags, synchronised timing, parity metrics, the host's
+cost per step, serving clients, and the measuring sections. None of this is in the library."""
 
 from __future__ import annotations
 
@@ -77,33 +77,22 @@ def math_mode(mode: str):
     return torch_flags(matmul_tf32=mode == "tf32", cudnn_tf32=mode == "tf32")
 
 
-def sync(device="cuda"):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def sync_time(fn, reps: int = 3, warm: bool = True, device="cuda") -> float:
     """Median wall seconds of fn() with a device sync after each call (one untimed call first if ``warm``)."""
     times = []
     for _ in range(reps + warm):
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    times = sorted(times[warm:])
-    return times[len(times) // 2]
+    return sorted(times[warm:])[reps // 2]
 
 
 def free(device="cuda"):
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "ALLOC_FAILED")))
 
 
 @torch.inference_mode()
@@ -167,19 +156,18 @@ def graphs_refusal(eng) -> str | None:
 
 def usable(eng, drivers, notes, where) -> list:
     """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
-    why = graphs_refusal(eng)
-    if why is not None:
+    if (why := graphs_refusal(eng)) is not None:
         notes.append(f"{where}: {', '.join(d for d in drivers if d in GRAPH_DRIVERS)} skipped: {why}")
     return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
 
 
-def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=None) -> dict:
+def time_drivers(eng, sampler, steps, batch, drivers, reps, warm, notes) -> dict:
     """{driver: median seconds of one request}. The graph drivers replay one sampler captured before
     the timing (not the engine's cached one: dropping it frees its memory); a driver that fails
     (out of memory included) adds a note and is left out."""
     seeds, out, graphed = list(range(1, batch + 1)), {}, None
     for driver in drivers:
-        out_of_memory = False
+        failed = False
         try:
             if driver in GRAPH_DRIVERS:
                 if graphed is None:
@@ -189,11 +177,11 @@ def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=N
                 run = lambda d=driver: eng.sample(seeds, sampler=sampler, steps=steps, driver=d)  # noqa: E731
             out[driver] = sync_time(run, reps=reps, warm=warm, device=eng.device)
         except Exception as exc:  # one driver failing must not drop the others
-            print(msg := f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}", flush=True)
-            (notes if notes is not None else []).append(msg)
-            out_of_memory = is_out_of_memory(exc)
-        if out_of_memory:  # here, not in the except clause: the traceback's frames hold the tensors
-            graphed = None
+            notes.append(f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
+            failed = True
+        if failed:  # a fresh capture for the next driver; here, not in the except clause, whose
+            graphed = None  # traceback's frames hold the tensors
             free(eng.device)
     return out
 
@@ -231,6 +219,7 @@ def client_load(call, clients: int, requests: int, time_limit_s: float) -> dict:
             "p99_s": float(np.percentile(lats, 99)), "requests": len(lats), "wall_s": wall}
 
 
+# ---- the measuring sections: generators of (part name, its function); rows have a ``kind`` --------
 @dataclass(frozen=True)
 class Scale:
     """What the measuring sections run: the GPU's settings, or the CPU smoke run's."""
@@ -251,7 +240,6 @@ SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), (
               host_steps=3, matmul=(64, 2))
 
 
-# ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
 def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, drivers=DRIVERS, steps_timed=None) -> list:
     """For each driver that runs: latency rows (seconds per request at batch 1, each (sampler, steps)
     of ``latency``) and throughput rows (images/s at ``scale.steps`` DDPM steps from runs of
@@ -299,13 +287,11 @@ def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
             "images_per_s": batch / seconds}
 
 
-# ---- the measuring sections: generators of (part name, its function) --------------------------------
 def _model(scale, state):
     """The CIFAR-10 UNet (random weights), loaded once per section."""
     def load():
         state.update(loaded=cifar_loaded(seed=0), notes=[])
-        device = torch.cuda.get_device_name() if scale.device == "cuda" else \
-            f"CPU ({platform.processor() or platform.machine()})"
+        device = torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.machine()})"
         return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": device,
                 "scale": "gpu" if scale == GPU else "cpu smoke: numbers measure nothing"}
 
@@ -338,23 +324,24 @@ def section_latency(scale, state):
 
 
 def host_table(scale) -> dict:
-    """Wall µs per step of eager and of the graph drivers (replaying one captured step), with a tiny
-    model at batch 1: the host's cost per step."""
+    """Wall µs per step of eager and of each graph driver (replaying one captured step; for python
+    also the enqueue-only time) with a tiny model at batch 1: the host's cost per step."""
     torch.manual_seed(0)
+    notes = []
     with built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
         run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
-        out, why = {"eager": 1e6 * sync_time(run, device=scale.device) / scale.host_steps}, graphs_refusal(eng)
-        graphed = None if why else GraphedSampler(eng.plan("ddim", scale.host_steps), max_batch=1).warm([1])
-        for driver in GRAPH_DRIVERS:
+        out = {"eager": 1e6 * sync_time(run, device=scale.device) / scale.host_steps}
+        if drivers := usable(eng, GRAPH_DRIVERS, notes, "host"):
+            graphed = GraphedSampler(eng.plan("ddim", scale.host_steps), max_batch=1).warm([1])
+        for driver in drivers:
             try:
-                res = host_us_per_step(graphed, [1], driver, reps=3) if graphed else {}
-                out[driver] = res.get("wall_us_per_step")
-                out.update({f"{driver}_enqueue": res["enqueue_us_per_step"]} if "enqueue_us_per_step" in res else {})
+                res = host_us_per_step(graphed, [1], driver, reps=3)
+                out[driver] = res["wall_us_per_step"]
+                if "enqueue_us_per_step" in res:
+                    out[f"{driver}_enqueue"] = res["enqueue_us_per_step"]
             except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
-                out[driver], why = None, f"{type(exc).__name__}: {exc}"
-            if out[driver] is None:
-                out.setdefault("errors", {})[driver] = why
-    return out
+                notes.append(f"{driver}: {type(exc).__name__}: {exc}")
+    return dict(out, **({"notes": notes} if notes else {}))
 
 
 def section_throughput(scale, state):
@@ -378,21 +365,21 @@ def section_throughput(scale, state):
 def section_peers(scale, state):
     """diffusers' DDPMPipeline fp16 at batch 1 (DDPM-1000 in full), fp32 and fp16 at batch 64 (short runs)."""
     yield _model(scale, state)
-    for batch, precision, n in ((1, "fp16", scale.steps), *((scale.batches[0], p, scale.matrix_steps) for p in ("fp32", "fp16"))):
+    for batch, precision, n in ((1, "fp16", scale.steps), (scale.batches[0], "fp32", scale.matrix_steps),
+                                (scale.batches[0], "fp16", scale.matrix_steps)):
         yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=n: diffusers_peer_row(
             state["loaded"], p, b, scale, n)
 
 
 def section_matrix(scale, state, backends=("torch",)):
-    """Latency (scale.latency at batch 1) and throughput (scale.batches) for every driver, of each of ``backends`` that ``backends.available`` says runs, at each bench
-    precision it runs (TF32 reaches torch and AOTI only)."""
+    """Latency (``scale.latency``) and throughput (``scale.batches``) rows for every driver, of each of
+    ``backends`` that ``backends.available`` says runs, at each bench precision it runs."""
     yield _model(scale, state)
     for backend in backends:
-        for mode in ("fp32", "bf16", "tf32", "fp16"):
-            if mode != "tf32" or backend in TF32_BACKENDS:
-                why = available(scale.device, engine_precision(mode), [backend])[backend]
-                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
-                    lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
+        for mode in (m for m in ("fp32", "bf16", "tf32", "fp16") if m != "tf32" or backend in TF32_BACKENDS):
+            why = available(scale.device, engine_precision(mode), [backend])[backend]
+            yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
+                lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
     yield "notes", lambda: state["notes"]
 
 
