@@ -39,9 +39,9 @@ DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; 
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
 MODULES = ("torch", "triton", "onnxruntime", "diffusers", "pytest", "importlib_metadata", "PIL", "cupy", "cuda",
            "tensorrt")  # the image's (and the carry's) modules whose import is checked
+CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
 
 
-# ---- results recorded part by part ----------------------------------------------------------------
 def write_json(path, results: dict) -> Path:
     """Write ``results`` as indented JSON (other values as their str) via a temporary file."""
     (tmp := Path(path).with_name(f".{Path(path).name}.tmp")).parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +65,32 @@ def run_part(results: dict, name: str, fn, out: Path):
 
 
 # ---- the sections that run in a child process (python -m bench.gpu_check --section NAME) -----------
+def run_child(name: str, work_dir: Path) -> int:
+    """Run child section ``name``: each part recorded on its own, the JSON saved after each."""
+    path, data = Path(work_dir) / "sections" / f"{name}.json", {}
+    try:
+        if name in ("environment", "driver_probe"):
+            parts = (_environment if name == "environment" else _driver_probe)({})
+        else:  # torch and the engine are imported by the measuring sections' processes only
+            from bench import measure
+
+            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) else measure.GPU, {})
+        for key, fn in parts:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
+            if (value := run_part(data, key, fn, path)) is not None:
+                print(json.dumps(value, default=str)[:2000], flush=True)
+    except Exception as exc:  # an import or setup failure outside the parts
+        data.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(data["errors"][name]["traceback"], flush=True)
+    write_json(path, data)
+    return 1 if data.get("errors") else 0
+
+
 def _environment(state):
     import torch
 
     from ddpm_engine.backends import versions as package_versions
+    from ddpm_engine.cuda import driver
     from ddpm_engine.testing import versions
 
     def torch_info():
@@ -79,39 +101,29 @@ def _environment(state):
                        sms=p.multi_processor_count)
         return out
 
+    def imports(name: str) -> str:
+        try:
+            return str(getattr(__import__(name), "__version__", "imported (version unknown)"))
+        except Exception as exc:  # absent or broken: say which
+            return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
+
+    def nvidia_smi():
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,mig.mode.current"
+        try:
+            return {k: subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+                    for k, args in (("summary", []), ("query", [query, "--format=csv"]))}
+        except (OSError, subprocess.SubprocessError) as exc:  # no nvidia-smi: recorded, not an error
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
     yield "versions", lambda: dict(versions(), **package_versions(("triton", "tensorrt")), cuda=torch.version.cuda,
                                    cudnn=torch.backends.cudnn.version(), executable=sys.executable,
                                    platform=platform.platform())
     yield "torch", torch_info
-    yield "modules", lambda: {m: _module_version(m) for m in MODULES}
-    yield "mapped_cuda_libraries", _mapped_cuda_libraries
-    yield "nvidia_smi", _nvidia_smi
+    yield "modules", lambda: {m: imports(m) for m in MODULES}
+    yield "mapped_cuda_libraries", lambda: {"libcudart": (p := driver.mapped_cudart()) and str(p),
+                                            "DDPM_CUDART": os.environ.get("DDPM_CUDART")}
+    yield "nvidia_smi", nvidia_smi
     yield "ddpm_engine", _installed_tree
-
-
-def _module_version(name: str) -> str:
-    try:
-        return str(getattr(__import__(name), "__version__", "imported (version unknown)"))
-    except Exception as exc:  # absent or broken: say which
-        return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
-
-
-def _mapped_cuda_libraries() -> dict:
-    from ddpm_engine.cuda import driver
-
-    maps = [line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()]
-    cudart = driver.mapped_cudart()
-    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"),
-            "all": sorted({m for m in maps if re.search(r"/lib(cu|nvrtc|nvJitLink|nccl)[^/]*\.so[.\d]*$", m)})}
-
-
-def _nvidia_smi() -> dict:
-    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,persistence_mode,mig.mode.current"
-    try:
-        return {k: subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30).stdout.strip()
-                for k, args in (("summary", []), ("query", [query, "--format=csv"]))}
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _installed_tree() -> dict:
@@ -159,30 +171,6 @@ def _driver_probe(state):
     yield "driver_version", lambda: call("driver_version")
     yield "device_count", lambda: call("device_count")
     yield "graph_loop", loop
-
-
-CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
-
-
-def run_child(name: str, work_dir: Path) -> int:
-    """Run child section ``name``: each part recorded on its own, the JSON saved after each."""
-    path, data = Path(work_dir) / "sections" / f"{name}.json", {}
-    try:
-        if name in ("environment", "driver_probe"):
-            parts = (_environment if name == "environment" else _driver_probe)({})
-        else:  # torch and the engine are imported by the measuring sections' processes only
-            from bench import measure
-
-            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) else measure.GPU, {})
-        for key, fn in parts:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
-            if (value := run_part(data, key, fn, path)) is not None:
-                print(json.dumps(value, default=str)[:2000], flush=True)
-    except Exception as exc:  # an import or setup failure outside the parts
-        data.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        print(data["errors"][name]["traceback"], flush=True)
-    write_json(path, data)
-    return 1 if data.get("errors") else 0
 
 
 # ---- pytest sections ------------------------------------------------------------------------------
@@ -276,19 +264,19 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
     log.flush()
     begin = log.tell()
 
-    def output() -> str:
+    def collect() -> str:
+        """The section's output so far; its data and seconds into ``record``."""
         log.flush()
         with open(log.name, errors="replace") as f:
             f.seek(begin)
-            return f.read()
-
-    def collect():
+            output = f.read()
         record["seconds"] = round(time.perf_counter() - t0, 2)
         try:
             if section.collect is not None:
-                record["data"] = section.collect(work_dir, output())
+                record["data"] = section.collect(work_dir, output)
         except Exception as exc:  # e.g. a half-written junit file
             record["collect_error"] = f"{type(exc).__name__}: {exc}"
+        return output
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels compile for the GPU
     env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
@@ -315,15 +303,13 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group: it and its children
             proc.wait()
-        collect()
+        output = collect()
         if record["status"] != "ok":
             record.setdefault("error", f"exit code {record.get('rc')}")
-            record["output_tail"] = "\n".join(output().splitlines()[-40:])
+            record["output_tail"] = "\n".join(output.splitlines()[-40:])
         log.write(f"\n----- end {section.name} -----\n")
         log.flush()
     return record
-
-
 def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL_BUDGET_S, gpu: bool | None = None,
                  mode_note: str = "", echo=print, work_dir=None) -> dict:
     """Run ``sections`` in order, each in its own process with min(its budget, the time left).
