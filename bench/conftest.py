@@ -1,7 +1,5 @@
-"""Fixtures of the CPU benches: the models (random weights: latency does not depend on them), a
-temporary ONNX cache unless $DDPM_ENGINE_CACHE is set, and the machine in every record. OpenMP's
-wait policy is set once per process: torch is imported first by default (the peers run as their
-users run them, spinning); ``BENCH_ENGINE_FIRST=1`` imports ddpm_engine first (idle threads sleep)."""
+"""The CPU benches' models (random weights), a temporary ONNX cache, the machine in every record.
+torch is imported first (the peers spin, as their users run them) unless BENCH_ENGINE_FIRST=1."""
 
 import os
 import random

@@ -1,4 +1,4 @@
-"""The GPU bench: verification and the headline numbers in one device call, the full matrix in later ones.
+"""The GPU bench: verification and the headline numbers in one device call, the full matrix in a later one.
 
     python -m bench.gpu_check --out DIR                   # on the GPU machine: the one command's sections
     python -m bench.gpu_check --out DIR --cpu-smoke       # anywhere: the same steps, small, on the CPU
@@ -39,7 +39,7 @@ DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; 
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
 MODULES = ("torch", "triton", "onnxruntime", "diffusers", "pytest", "importlib_metadata", "PIL", "cupy", "cuda",
            "tensorrt")  # the image's (and the carry's) modules whose import is checked
-CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
+CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "matrix")
 
 
 def write_json(path, results: dict) -> Path:
@@ -248,7 +248,7 @@ def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
 
 def later_sections() -> list[Section]:
     """The full bench, run only when named in --only."""
-    return [child_section(name, 520, True) for name in ("peers", "matrix", "backends")]
+    return [child_section("matrix", 520, True)]
 
 
 class Stopped(Exception):

@@ -362,27 +362,13 @@ def section_throughput(scale, state):
         yield f"b{scale.batch}_{mode}", lambda m=mode: rate(m)
 
 
-def section_peers(scale, state):
-    """diffusers' DDPMPipeline fp16 at batch 1 (DDPM-1000 in full), fp32 and fp16 at batch 64 (short runs)."""
+def section_matrix(scale, state):
+    """Latency (``scale.latency``) and throughput (``scale.batches``) rows for every driver, backend (torch
+    first) and bench precision that ``backends.available`` says runs (compiles are cached on disk)."""
     yield _model(scale, state)
-    for batch, precision, n in ((1, "fp16", scale.steps), (scale.batches[0], "fp32", scale.matrix_steps),
-                                (scale.batches[0], "fp16", scale.matrix_steps)):
-        yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=n: diffusers_peer_row(
-            state["loaded"], p, b, scale, n)
-
-
-def section_matrix(scale, state, backends=("torch",)):
-    """Latency (``scale.latency``) and throughput (``scale.batches``) rows for every driver, of each of
-    ``backends`` that ``backends.available`` says runs, at each bench precision it runs."""
-    yield _model(scale, state)
-    for backend in backends:
+    for backend in ("torch", *(b for b in BACKENDS if b not in ("auto", "torch"))):
         for mode in (m for m in ("fp32", "bf16", "tf32", "fp16") if m != "tf32" or backend in TF32_BACKENDS):
             why = available(scale.device, engine_precision(mode), [backend])[backend]
             yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
                 lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
     yield "notes", lambda: state["notes"]
-
-
-def section_backends(scale, state):
-    """The matrix of the other backends (the compiled ones: each compile, cached on disk, paid once)."""
-    return section_matrix(scale, state, [b for b in BACKENDS if b not in ("auto", "torch")])

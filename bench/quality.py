@@ -2,9 +2,8 @@
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
 
-For each (sampler, steps): ``--n`` images from fixed seeds, the share ``DigitsJudge`` recognises, the
-class spread (per digit, and its normalised entropy: 1 = all ten equally often) and the wall time.
-Writes ``quality-<date>-<backend>-<precision>.json`` and ``.png`` into ``--out``.
+Per (sampler, steps): the share of ``--n`` images from fixed seeds that ``DigitsJudge`` recognises,
+the class spread (normalised entropy: 1 = all ten equally often), the wall time; JSON and PNG.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report and a plot.
+"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report.
 
-    python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # .md and .png beside it
+    python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # the .md beside it
 
-The markdown: device and versions, the latency target (the best engine DDPM-1000 at batch 1 against
-DDPMPipeline fp32), then one table per kind of row: parity, the host's µs per step per driver,
-latency, throughput (with % of the measured bf16 matmul peak), peers (with the engine's speed-up).
-The PNG (matplotlib): seconds per request and images/s against batch, log-log, peers as crosses.
+Device and versions, the latency target (the best engine DDPM-1000 at batch 1 against DDPMPipeline
+fp32), then one table per kind of row: parity, the host's µs per step per driver, latency,
+throughput (with % of the measured bf16 matmul peak), peers (with the engine's speed-up).
 """
 
 from __future__ import annotations
@@ -127,43 +126,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines + [f"- {note}" for note in results.get("notes", [])]).rstrip() + "\n"
 
 
-def plot(results: dict, path) -> Path:
-    """Seconds per request and images/s against batch, one line per model/backend/precision/driver and
-    request length (colour: precision; line style: driver), log-log, peers as crosses."""
-    from ddpm_engine.errors import require
-
-    require("matplotlib", "bench/report.py's plot").use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {}
-    for r in results.get("latency", []) + results.get("throughput", []):
-        seconds = r["batch"] / r["images_per_s"] if "images_per_s" in r else r["seconds"]
-        series.setdefault((*_key(r), r.get("sampler", "ddpm"), r["steps"]), set()).add((r["batch"], seconds))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colours, styles = {m: f"C{k}" for k, m in enumerate(MODES)}, dict(zip(DRIVERS, ("-", ":", "-.", "--", (0, (1, 1)))))
-    for (model, backend, precision, driver, sampler, steps), pts in sorted(series.items(), key=str):
-        b, s = zip(*sorted(pts))
-        kw = {"color": colours.get(precision), "linestyle": styles.get(driver, "-"), "marker": "o",
-              "label": f"{model} {backend} {precision} {driver} {sampler}-{steps}"}
-        axes[0].plot(b, s, **kw)
-        axes[1].plot(b, [n / t for n, t in zip(b, s)], **kw)
-    for p in (p for p in results.get("peers", []) if p.get("seconds")):
-        for ax, y in zip(axes, (p["seconds"], p["images_per_s"])):
-            ax.plot([p["batch"]], [y], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
-    for ax, ylabel in zip(axes, ("seconds per request", "images / s")):
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel=ylabel, title="x: peers")
-        ax.grid(True, which="both", alpha=0.3)
-    if axes[0].lines:
-        axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
-    """Write <stem>.md and <stem>.png for a results JSON (its ``measured`` where gpu_check wrote one)."""
+def write_report(results_path, out_dir=None) -> Path:
+    """Write <stem>.md for a results JSON (its ``measured`` where gpu_check wrote one)."""
     results_path = Path(results_path)
     results = json.loads(results_path.read_text())
     if "measured" in results:
@@ -172,15 +136,15 @@ def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
     out_dir = Path(out_dir or results_path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     (md := out_dir / f"{results_path.stem}.md").write_text(markdown(results), encoding="utf-8")
-    return md, plot(results, out_dir / f"{results_path.stem}.png")
+    return md
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="a results JSON written by python -m bench.gpu_check")
-    ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
+    ap.add_argument("--out-dir", default=None, help="where to write the .md (default: beside the JSON)")
     args = ap.parse_args(argv)
-    print("wrote {} and {}".format(*write_report(args.results, args.out_dir)))
+    print(f"wrote {write_report(args.results, args.out_dir)}")
     return 0
 
 

@@ -1,11 +1,6 @@
-"""CPU bench: every backend x precision this CPU runs natively, against diffusers and torch.compile.
-
-``test_call``: one UNet call per engine config at batch 1 and 8 (digits-like SeedUNet 16x16, CIFAR-10
-UNet 32x32). ``test_design_choices``: torch NCHW vs channels_last, OpenVINO with and without static
-shapes. ``test_sampling``: 10 DDPM steps of the CIFAR-10 UNet at batch 1 and 8 for every engine
-config, ``backend="auto"``, DDPMPipeline fp32 and torch.compile, in alternating rounds (warm-ups and
-compiles excluded); medians and speed-ups go to ``extra_info`` and are printed.
-"""
+"""CPU bench: every backend x precision this CPU runs natively, against diffusers and torch.compile:
+one UNet call (``test_call``), the measured design choices (``test_design_choices``) and 10 DDPM
+steps end to end in alternating rounds, warm-ups and compiles excluded (``test_sampling``)."""
 
 import os
 import random
@@ -38,9 +33,8 @@ def test_call(benchmark, request, model, config, batch):
 
 
 def test_design_choices(benchmark, cifar32, monkeypatch):
-    """One UNet call in alternating rounds, at each precision the CPU runs natively, batch 1 and 8: the
-    torch backend's layouts (``torch_backend.choose_layout`` measures them per model and CPU) and
-    OpenVINO's static-shape compiles against the dynamic-batch blob alone."""
+    """The torch backend's layouts (which ``torch_backend.choose_layout`` measures) and OpenVINO's
+    static-shape compiles against the dynamic-batch blob alone, one UNet call in alternating rounds."""
     from ddpm_engine.backends import openvino_backend
     from ddpm_engine.backends.timing import measure
     from ddpm_engine.backends.torch_backend import TorchBackend

@@ -1,8 +1,5 @@
-"""Process lifecycle at scale: the exit scripts of tests/engine/test_lifecycle.py, 500 runs each.
-
-A run that ends with a status other than 0, or prints "terminate called", fails the case; the
-benchmark reports the wall time per process (two at a time, OMP_NUM_THREADS=1).
-"""
+"""Process lifecycle at scale: the exit scripts of tests/engine/test_lifecycle.py, 500 runs each (a
+status other than 0, or "terminate called", fails the case); wall time per process."""
 
 import pytest
 

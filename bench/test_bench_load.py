@@ -1,10 +1,6 @@
-"""Load benchmark for serving: N concurrent clients, bounded in count and time.
-
-CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back to back; each case
-reports images/s and p50/p99 latency for one-by-one calls (``batching=False``), plain
-``Engine.sample``, a coalescing Server and a continuous one. ``test_burst``: 32 concurrent calls of
-``engine.sample`` against the same calls one by one, images compared.
-"""
+"""Serving under load: CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back
+to back to one-by-one calls, ``Engine.sample``, a coalescing and a continuous Server (images/s,
+p50/p99 latency); ``test_burst``: 32 concurrent ``engine.sample`` calls against the same one by one."""
 
 import random
 import time

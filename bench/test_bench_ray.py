@@ -1,10 +1,5 @@
-"""Load benchmark for Ray Serve replicas: N concurrent HTTP clients on loopback, bounded in count and time.
-
-One local Ray (no dashboard, a small object store) serves the bundled digits model with 1, then 2
-replicas (one CPU and one OpenMP thread each, torch backend, max_batch_size 32); the clients of
-test_bench_load.py POST to /sample and the case reports throughput and p50/p99 latency, HTTP and
-Serve included.
-"""
+"""Ray Serve replicas under load: one local Ray serves the digits model with 1, then 2 replicas (one
+CPU and one OpenMP thread each); test_bench_load.py's clients POST to /sample over loopback."""
 
 import json
 import socket

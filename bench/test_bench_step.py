@@ -1,9 +1,5 @@
-"""The fused Triton step (kernels.TritonStep) against the torch reference step (TorchStep), per step.
-
-On the CPU the kernel runs in Triton's interpreter: a smoke bench, not a speed claim. The GPU cases
-report the achieved bytes/s of the kernel's traffic (3 * N * itemsize: read x_t and the model
-output, write x_prev) and of a device copy of as many bytes (``fraction_of_copy`` = kernel / copy).
-"""
+"""The fused Triton step against the torch reference step. On the CPU (Triton's interpreter) a smoke
+bench; on CUDA the kernel's bytes/s (3 * N * itemsize) against a device copy of as many bytes."""
 
 import os
 import random

@@ -1,11 +1,6 @@
-"""CPU thread policy bench (engine/threads.py): each workload idle and beside a competing process.
-
+"""CPU thread policies (engine/threads.py), each workload idle and beside LOAD_PROCESSES busy loops.
 Every (workload, policy, load) runs in a fresh process (OpenMP's wait policy is fixed when torch
-loads it) and times ROUNDS runs after a warm-up; the load is LOAD_PROCESSES busy-looping processes.
-Policies: ``spinning`` (DDPM_ENGINE_SPIN=1), ``engine`` (the default: idle threads sleep, one per
-core), ``torch first`` (a script importing torch before the engine), ``1 thread``
-(DDPM_ENGINE_THREADS=1). Medians and slowdowns under load go to extra_info and are printed.
-"""
+loads it): the median of ROUNDS runs after a warm-up."""
 
 import json
 import os
