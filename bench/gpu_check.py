@@ -37,8 +37,6 @@ MIN_SECTION_S = 5  # a section with less time than this left is skipped
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
 DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
-MODULES = ("torch", "triton", "onnxruntime", "diffusers", "pytest", "importlib_metadata", "PIL", "cupy", "cuda",
-           "tensorrt")  # the image's (and the carry's) modules whose import is checked
 CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "matrix")
 
 
@@ -101,12 +99,6 @@ def _environment(state):
                        sms=p.multi_processor_count)
         return out
 
-    def imports(name: str) -> str:
-        try:
-            return str(getattr(__import__(name), "__version__", "imported (version unknown)"))
-        except Exception as exc:  # absent or broken: say which
-            return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
-
     def nvidia_smi():
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,mig.mode.current"
         try:
@@ -119,7 +111,6 @@ def _environment(state):
                                    cudnn=torch.backends.cudnn.version(), executable=sys.executable,
                                    platform=platform.platform())
     yield "torch", torch_info
-    yield "modules", lambda: {m: imports(m) for m in MODULES}
     yield "mapped_cuda_libraries", lambda: {"libcudart": (p := driver.mapped_cudart()) and str(p),
                                             "DDPM_CUDART": os.environ.get("DDPM_CUDART")}
     yield "nvidia_smi", nvidia_smi

@@ -71,7 +71,6 @@ def test_cpu_smoke_records_the_environment_and_skips_the_gpu_tests(tmp_path):
     assert env["status"] == "ok", env
     assert env["data"]["versions"]["torch"] == torch.__version__ == results["measured"]["versions"]["torch"]
     assert env["data"]["ddpm_engine"]["matches_tree"] is True
-    assert set(env["data"]["modules"]) == set(gpu_check.MODULES)
     assert "libcudart" in env["data"]["mapped_cuda_libraries"]
     assert results["sections"]["tests_kernels"] == {"status": "skipped", "reason": "needs a CUDA GPU: --cpu-smoke given"}
     assert log.count("----- environment output -----") == 1
