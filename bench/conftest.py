@@ -41,6 +41,6 @@ def digits16():
 @pytest.fixture(scope="session")
 def cifar32():
     pytest.importorskip("diffusers")
-    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
+    from bench.measure import cifar_loaded
 
-    return from_module(cifar10_unet(seed=random.getrandbits(31)), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
+    return cifar_loaded(seed=random.getrandbits(31))

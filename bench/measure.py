@@ -145,20 +145,14 @@ def built(loaded, backend: str, mode: str, device, batching: bool = True):
             free(device)
 
 
-def graphs_refusal(eng) -> str | None:
-    """None if the graph drivers can run this engine, else why not."""
-    if eng.plan().graphable:
-        return None
-    if eng.device.type != "cuda":
-        return "the graph drivers need CUDA"
-    return f"the {eng.backend.name} backend cannot be captured: {eng.backend.graph_capture_refusal}"
-
-
 def usable(eng, drivers, notes, where) -> list:
     """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
-    if (why := graphs_refusal(eng)) is not None:
-        notes.append(f"{where}: {', '.join(d for d in drivers if d in GRAPH_DRIVERS)} skipped: {why}")
-    return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
+    if not (dropped := [d for d in drivers if d in GRAPH_DRIVERS]) or eng.plan().graphable:
+        return list(drivers)
+    why = "the graph drivers need CUDA" if eng.device.type != "cuda" else \
+        f"the {eng.backend.name} backend cannot be captured: {eng.backend.graph_capture_refusal}"
+    notes.append(f"{where}: {', '.join(dropped)} skipped: {why}")
+    return [d for d in drivers if d not in dropped]
 
 
 def time_drivers(eng, sampler, steps, batch, drivers, reps, warm, notes) -> dict:
