@@ -21,25 +21,21 @@ def engine():
     return Engine.from_pretrained("digits", backend="torch")
 
 
-def report(benchmark, label: str, result: dict, **info):
-    benchmark.group = "serving load"
-    benchmark.extra_info.update(clients=CLIENTS, **info, **result)
-    print(f"\n{label} {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "
-          f"p99 {result['p99_s'] * 1e3:7.1f} ms")
-
-
 @pytest.mark.parametrize("mode", ["one_by_one", "engine.sample", "coalesce", "continuous"])
 def test_load(benchmark, engine, mode):
     server = Server(engine, mode=mode, max_batch=32, max_wait_ms=5) if mode in ("coalesce", "continuous") else None
-    target = server or (Engine.from_pretrained("digits", backend="torch", batching=False) if mode == "one_by_one"
-                        else engine)
+    target = server if server is not None else (
+        Engine.from_pretrained("digits", backend="torch", batching=False) if mode == "one_by_one" else engine)
     try:
         result = benchmark.pedantic(client_load, (lambda s: target.sample(s, **OPTS), CLIENTS, REQUESTS, TIME_LIMIT_S),
                                     rounds=1, iterations=1)
     finally:
         if server is not None:
             server.close()
-    report(benchmark, f"{mode:11s}", result, mode=mode)
+    benchmark.group = "serving load"
+    benchmark.extra_info.update(mode=mode, clients=CLIENTS, **result)
+    print(f"\n{mode:11s} {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "
+          f"p99 {result['p99_s'] * 1e3:7.1f} ms")
 
 
 def test_burst(benchmark, engine):
