@@ -1,9 +1,5 @@
-"""Models for the CPU bench (random weights: latency does not depend on them): the digits-like
-SeedUNet at 16x16 and the DDPM CIFAR-10 UNet at 32x32. ONNX exports go to a temporary cache
-unless $DDPM_ENGINE_CACHE is set. OpenMP's wait policy is set once per process: by default torch
-is imported first (the peers run as their users run them, spinning; the engine then samples its
-torch backend on one thread); ``BENCH_ENGINE_FIRST=1`` imports ddpm_engine first (idle threads
-sleep). Each record names the case (``openmp_wait``)."""
+"""The CPU benches' models (random weights), a temporary ONNX cache, the machine in every record.
+torch is imported first (the peers spin, as their users run them) unless BENCH_ENGINE_FIRST=1."""
 
 import os
 import random
@@ -11,21 +7,29 @@ import random
 import pytest
 
 if os.environ.get("BENCH_ENGINE_FIRST") == "1":
-    import ddpm_engine  # noqa: F401  before torch, as README asks: OpenMP's idle threads sleep
+    import ddpm_engine  # noqa: F401  before torch: OpenMP's idle threads sleep
 import torch
 
+from ddpm_engine import cpu, threads
 from ddpm_engine.checkpoints import from_module
 from ddpm_engine.models import SeedUNet
+from ddpm_engine.testing import versions
 
 
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory):
-    if os.environ.get("DDPM_ENGINE_CACHE"):
-        yield
-        return
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDPM_ENGINE_CACHE", str(tmp_path_factory.mktemp("ddpm-engine-cache")))
+        if not os.environ.get("DDPM_ENGINE_CACHE"):
+            mp.setenv("DDPM_ENGINE_CACHE", str(tmp_path_factory.mktemp("ddpm-engine-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def machine(request):
+    """Every benchmark's record names the CPU, torch's threads, OpenMP's wait policy and the versions."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(
+            cpu=cpu.describe(), torch_threads=torch.get_num_threads(), openmp_wait=threads.OPENMP_WAIT, versions=versions())
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +41,6 @@ def digits16():
 @pytest.fixture(scope="session")
 def cifar32():
     pytest.importorskip("diffusers")
-    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
+    from bench.measure import cifar_loaded
 
-    return from_module(cifar10_unet(seed=random.getrandbits(31)), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
-
+    return cifar_loaded(seed=random.getrandbits(31))

@@ -1,13 +1,12 @@
-"""The GPU bench: verification and the headline numbers in one device call, the full matrix in later ones.
+"""The GPU bench: verification and the headline numbers in one device call, the full matrix in a later one.
 
     python -m bench.gpu_check --out DIR                   # on the GPU machine: the one command's sections
     python -m bench.gpu_check --out DIR --cpu-smoke       # anywhere: the same steps, small, on the CPU
     python -m bench.gpu_check --out DIR --only matrix     # a full-bench section, in a later call
     python -m bench.gpu_check --failed-in gpu_check.json  # the --only value of a warm rerun
 
-Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else. Each
-section runs in its own process with its own budget; its parts are saved one by one. The JSON's
-``measured`` gathers what they measured for bench/report.py. bench/README.md is the runbook.
+Writes DIR/gpu_check.json (rewritten as results come) and DIR/gpu_check.log, nothing else; each
+section runs in its own process with its own budget. bench/README.md is the runbook.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,124 +37,97 @@ MIN_SECTION_S = 5  # a section with less time than this left is skipped
 POLL_S = 2.0  # how often a running section's partial results are copied into gpu_check.json
 DEFAULT_TESTS_K = "not aoti and not compile_sm90"  # AOTI: minutes per compile; sm_90 compiles: CI does them
 SMOKE_ENV = "DDPM_BENCH_CPU_SMOKE"  # set for a section's process when the check runs without a GPU
-MODULES = ("torch", "triton", "onnxruntime", "onnx", "diffusers", "numpy", "pytest", "huggingface_hub",
-           "safetensors", "importlib_metadata", "zipp", "regex", "requests", "PIL", "filelock", "tqdm",
-           "pluggy", "iniconfig", "packaging", "pygments", "cupy", "cuda", "tensorrt")
-
-
-# ---- results recorded part by part ----------------------------------------------------------------
-def error_record(exc: BaseException) -> dict:
-    """{'error': 'Type: message', 'traceback': full text} for an exception being handled."""
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "matrix")
 
 
 def write_json(path, results: dict) -> Path:
-    """Write ``results`` as indented JSON (non-JSON values as their str), via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``results`` as indented JSON (other values as their str) via a temporary file."""
+    (tmp := Path(path).with_name(f".{Path(path).name}.tmp")).parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(path)
-    return path
+    return tmp.replace(path)
 
 
-def run_part(results: dict, name: str, fn, log=print, out: Path | None = None):
-    """results[name] = fn(); on an exception results['errors'][name] = error_record(exc) instead,
-    and the next part runs. Wall seconds go to results['section_seconds'][name]; with ``out`` the
-    results are written there after. Returns fn()'s value, or None if it raised."""
+def run_part(results: dict, name: str, fn, out: Path):
+    """results[name] = fn(), or results['errors'][name] = {error, traceback}; its seconds go to
+    results['section_seconds'][name], the results to ``out``. Returns fn()'s value or None."""
     t0, value = time.perf_counter(), None
     try:
         value = results[name] = fn()
     except Exception as exc:  # a failing part is recorded; the next one runs
-        results.setdefault("errors", {})[name] = error_record(exc)
-        log(f"{name} failed: {results['errors'][name]['error']}\n{results['errors'][name]['traceback']}")
+        error = results.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                                          "traceback": traceback.format_exc()}
+        print(f"{name} failed: {error['error']}\n{error['traceback']}", flush=True)
     results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 3)
-    if out is not None:
-        write_json(out, results)
+    write_json(out, results)
     return value
 
 
 # ---- the sections that run in a child process (python -m bench.gpu_check --section NAME) -----------
+def run_child(name: str, work_dir: Path) -> int:
+    """Run child section ``name``: each part recorded on its own, the JSON saved after each."""
+    path, data = Path(work_dir) / "sections" / f"{name}.json", {}
+    try:
+        if name in ("environment", "driver_probe"):
+            parts = (_environment if name == "environment" else _driver_probe)({})
+        else:  # torch and the engine are imported by the measuring sections' processes only
+            from bench import measure
+
+            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) else measure.GPU, {})
+        for key, fn in parts:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
+            if (value := run_part(data, key, fn, path)) is not None:
+                print(json.dumps(value, default=str)[:2000], flush=True)
+    except Exception as exc:  # an import or setup failure outside the parts
+        data.setdefault("errors", {})[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(data["errors"][name]["traceback"], flush=True)
+    write_json(path, data)
+    return 1 if data.get("errors") else 0
+
+
 def _environment(state):
     import torch
 
+    from ddpm_engine.backends import versions as package_versions
+    from ddpm_engine.cuda import driver
     from ddpm_engine.testing import versions
 
     def torch_info():
-        if not torch.cuda.is_available():
-            return {"cuda_available": False, "device_count": torch.cuda.device_count()}
-        p = torch.cuda.get_device_properties(0)
-        return {"cuda_available": True, "device_count": torch.cuda.device_count(), "device": p.name, "capability":
-                f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count}
+        out = {"cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
+        if out["cuda_available"]:
+            p = torch.cuda.get_device_properties(0)
+            out.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
+                       sms=p.multi_processor_count)
+        return out
 
-    yield "versions", lambda: dict(versions(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                                   triton=_module_version("triton"), tensorrt=_module_version("tensorrt"),
-                                   executable=sys.executable, platform=platform.platform())
+    def nvidia_smi():
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit,mig.mode.current"
+        try:
+            return {k: subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+                    for k, args in (("summary", []), ("query", [query, "--format=csv"]))}
+        except (OSError, subprocess.SubprocessError) as exc:  # no nvidia-smi: recorded, not an error
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    yield "versions", lambda: dict(versions(), **package_versions(("triton", "tensorrt")), cuda=torch.version.cuda,
+                                   cudnn=torch.backends.cudnn.version(), executable=sys.executable,
+                                   platform=platform.platform())
     yield "torch", torch_info
-    yield "modules", lambda: {m: _module_version(m) for m in MODULES}
-    yield "mapped_cuda_libraries", _mapped_cuda_libraries
-    yield "nvidia_smi", _nvidia_smi
+    yield "mapped_cuda_libraries", lambda: {"libcudart": (p := driver.mapped_cudart()) and str(p),
+                                            "DDPM_CUDART": os.environ.get("DDPM_CUDART")}
+    yield "nvidia_smi", nvidia_smi
     yield "ddpm_engine", _installed_tree
 
 
-def _module_version(name: str) -> str:
-    import importlib
-    import importlib.metadata
-
-    try:
-        module = importlib.import_module(name)
-    except Exception as exc:  # absent or broken: say which
-        return f"NOT IMPORTABLE: {type(exc).__name__}: {exc}"
-    version = getattr(module, "__version__", None)
-    if version is None:
-        try:
-            version = importlib.metadata.version({"PIL": "pillow", "cuda": "cuda-python"}.get(name, name))
-        except importlib.metadata.PackageNotFoundError:
-            version = "imported (version unknown)"
-    return str(version)
-
-
-def _mapped_cuda_libraries() -> dict:
-    from ddpm_engine.cuda import driver
-
-    pattern = re.compile(r"lib(cudart|cuda|cudnn[a-z_]*|cublas(Lt)?|nvrtc|nvJitLink|nccl)\.so[.\d]*$")
-    paths = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and pattern.search(Path(parts[5]).name) and parts[5] not in paths:
-            paths.append(parts[5])
-    cudart = driver.mapped_cudart()
-    return {"libcudart": str(cudart) if cudart else None, "DDPM_CUDART": os.environ.get("DDPM_CUDART"), "all": paths}
-
-
-def _nvidia_smi() -> dict:
-    out = {}
-    for key, cmd in (("summary", ["nvidia-smi"]),
-                     ("query", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
-                                "power.limit,persistence_mode,mig.mode.current", "--format=csv"])):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            out[key] = proc.stdout.strip() or proc.stderr.strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            out[key] = f"{type(exc).__name__}: {exc}"
-    return out
-
-
 def _installed_tree() -> dict:
-    """Where ddpm_engine is imported from and whether its sources are this tree's (a stale wheel
-    would test old code)."""
+    """Where ddpm_engine is imported from and whether its sources are this tree's (not a stale wheel)."""
     import importlib
 
     differs, checked, locations = [], 0, {}
     for package, folder in (("ddpm_engine", "engine"), ("ddpm_engine.kernels", "kernels"), ("ddpm_engine.export", "export")):
-        installed = Path(importlib.import_module(package).__file__).resolve().parent
-        locations[package] = str(installed)
-        for f in sorted((ROOT / folder).rglob("*")):
-            if f.suffix in (".py", ".c", ".cu", ".h") and "__pycache__" not in f.parts:
-                checked += 1
-                twin = installed / f.relative_to(ROOT / folder)
-                if not twin.is_file() or twin.read_bytes() != f.read_bytes():
-                    differs.append(str(f.relative_to(ROOT)))
+        installed = locations[package] = Path(importlib.import_module(package).__file__).resolve().parent
+        for f in (f for f in sorted((ROOT / folder).rglob("*")) if f.suffix in (".py", ".c", ".cu", ".h")):
+            checked, twin = checked + 1, installed / f.relative_to(ROOT / folder)
+            if not twin.is_file() or twin.read_bytes() != f.read_bytes():
+                differs.append(str(f.relative_to(ROOT)))
     return {"locations": locations, "files_checked": checked, "matches_tree": not differs, "differs": differs[:30]}
 
 
@@ -170,10 +143,8 @@ def _driver_probe(state):
         return {"library": str(d.path), "libcuda": d.libcuda}
 
     def call(name):
-        if "driver" not in state:
-            raise RuntimeError("the C driver did not load (see errors['c_driver'])")
         try:
-            return getattr(state["driver"], name)()
+            return getattr(state["driver"], name)()  # a KeyError: the C driver did not load (errors['c_driver'])
         except driver.CudaError as exc:
             if torch.cuda.is_available():
                 raise
@@ -184,42 +155,13 @@ def _driver_probe(state):
         lib = graph_loop.load_graph_loop()
         needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
         return {"library": str(lib.path), "supported": lib.supported, "arch": graph_loop.cuda_arch(),
-                "device_code": graph_loop.embedded_device_code(lib.path),
-                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed), "linked_cudart": str(cudart)}
+                "device_code": graph_loop.embedded_device_code(lib.path), "linked_cudart": str(cudart),
+                "links": re.findall(r"\((?:NEEDED|RUNPATH|RPATH)\)\s+.*?\[(.*?)\]", needed)}
 
     yield "c_driver", c_driver
     yield "driver_version", lambda: call("driver_version")
     yield "device_count", lambda: call("device_count")
     yield "graph_loop", loop
-
-
-CHILD_SECTIONS = ("environment", "driver_probe", "latency", "throughput", "peers", "matrix", "backends")
-
-
-def run_child(name: str, work_dir: Path) -> int:
-    """Run child section ``name``: each of its parts recorded on its own, the JSON saved after each."""
-    path, data = _section_json(work_dir, name), {}
-    try:
-        if name in ("environment", "driver_probe"):
-            parts = (_environment if name == "environment" else _driver_probe)({})
-        else:  # torch and the engine are imported by the measuring sections' processes only
-            from bench import measure
-
-            parts = getattr(measure, f"section_{name}")(measure.SMOKE if os.environ.get(SMOKE_ENV) == "1" else measure.GPU, {})
-        for key, fn in parts:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}.{key}", flush=True)
-            value = run_part(data, key, fn, out=path)
-            if value is not None:
-                print(json.dumps(value, default=str)[:2000], flush=True)
-    except Exception as exc:  # an import or setup failure outside the parts
-        data.setdefault("errors", {})[name] = error_record(exc)
-        print(data["errors"][name]["traceback"], flush=True)
-    write_json(path, data)
-    return 1 if data.get("errors") else 0
-
-
-def _section_json(work_dir, name: str) -> Path:
-    return Path(work_dir) / "sections" / f"{name}.json"
 
 
 # ---- pytest sections ------------------------------------------------------------------------------
@@ -228,39 +170,31 @@ def parse_junit(path: Path) -> dict:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     out = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    out["seconds"] = round(sum(float(s.get("time", 0)) for s in suites), 2)
-    failed, skips, props = [], {}, {}
+    out.update(seconds=round(sum(float(s.get("time", 0)) for s in suites), 2), failed=[], skip_reasons=Counter(),
+               properties={})
     for case in root.iter("testcase"):
         test = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for node in case.findall("failure") + case.findall("error"):
-            failed.append({"test": test, "kind": node.tag, "message": (node.get("message") or node.text or "").strip()[:600]})
-        for node in case.findall("skipped"):
-            reason = (node.get("message") or "").strip()[:300]
-            skips[reason] = skips.get(reason, 0) + 1
+        out["failed"] += [{"test": test, "kind": n.tag, "message": (n.get("message") or n.text or "").strip()[:600]}
+                          for n in case.findall("failure") + case.findall("error")]
+        out["skip_reasons"].update((n.get("message") or "").strip()[:300] for n in case.findall("skipped"))
         if recorded := {p.get("name"): p.get("value") for p in case.iter("property")}:
-            props[test] = recorded
-    return dict(out, failed=failed, skip_reasons=skips, properties=props)
-
-
-_RESULT_LINE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+            out["properties"][test] = recorded
+    return out
 
 
 def parse_pytest_log(text: str) -> dict:
     """Per-outcome counts and the failed tests from ``pytest -v`` output (for a run cut short)."""
-    counts, failed = {}, []
-    for m in filter(None, map(_RESULT_LINE.match, text.splitlines())):
-        counts[m.group(2)] = counts.get(m.group(2), 0) + 1
-        if m.group(2) in ("FAILED", "ERROR"):
-            failed.append(m.group(1))
-    return {"counts_from_log": counts, "failed": failed}
+    found = [m.groups() for m in map(re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b").match,
+                                     text.splitlines()) if m]
+    return {"counts_from_log": dict(Counter(o for _, o in found)), "failed": [t for t, o in found if o in ("FAILED", "ERROR")]}
 
 
 # ---- the orchestrating parent -------------------------------------------------------------------
 @dataclass
 class Section:
-    """One step of the check: ``argv(work_dir)`` is its command, run from the repository root;
-    ``collect(work_dir, output)`` turns what it left (and its output so far) into the JSON's
-    ``data``. ``needs_gpu``: skipped without one, unless ``smokes`` (then run at the smoke scale)."""
+    """``argv(work_dir)``: its command, run from the repository root; ``collect(work_dir, output)``:
+    the JSON's ``data`` from what it left. Without a GPU a ``needs_gpu`` section is skipped, or run
+    at the smoke scale when it ``smokes``."""
 
     name: str
     budget_s: float
@@ -271,13 +205,12 @@ class Section:
 
 
 def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None) -> Section:
-    def junit(work_dir) -> Path:
-        return Path(work_dir) / "junit" / f"{name}.xml"
+    junit = lambda work_dir: Path(work_dir) / "junit" / f"{name}.xml"  # noqa: E731
 
     def argv(work_dir) -> list:
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
-               "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit(work_dir)}"]
-        return cmd + (["-k", tests_k] if tests_k else [])
+        return [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", folder, "-v", "-rfEs", "--tb=short",
+                "--durations=10", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+                f"--junitxml={junit(work_dir)}"] + (["-k", tests_k] if tests_k else [])
 
     def collect(work_dir, output: str) -> dict:
         data = parse_junit(junit(work_dir)) if junit(work_dir).is_file() else parse_pytest_log(output)
@@ -288,7 +221,7 @@ def pytest_section(name: str, folder: str, budget_s: float, tests_k: str | None)
 
 def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
     def collect(work_dir, output: str) -> dict:
-        path = _section_json(work_dir, name)
+        path = Path(work_dir) / "sections" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     argv = lambda work_dir: [sys.executable, "-m", "bench.gpu_check", "--section", name, "--work", str(work_dir)]  # noqa: E731
@@ -297,33 +230,16 @@ def child_section(name: str, budget_s: float, needs_gpu: bool) -> Section:
 
 def default_sections(tests_k: str | None = DEFAULT_TESTS_K) -> list[Section]:
     """The one command's sections with their budgets (seconds; they sum to TOTAL_BUDGET_S)."""
-    return [
-        child_section("environment", 30, needs_gpu=False),
-        child_section("driver_probe", 30, needs_gpu=False),
-        pytest_section("tests_engine_cuda", "tests/engine/cuda", 50, tests_k),
-        pytest_section("tests_kernels", "tests/kernels", 80, tests_k),
-        pytest_section("tests_gpu", "tests/gpu", 115, tests_k),
-        child_section("latency", 95, needs_gpu=True),
-        child_section("throughput", 60, needs_gpu=True),
-    ]
+    return [child_section("environment", 30, False), child_section("driver_probe", 30, False),
+            pytest_section("tests_engine_cuda", "tests/engine/cuda", 50, tests_k),
+            pytest_section("tests_kernels", "tests/kernels", 80, tests_k),
+            pytest_section("tests_gpu", "tests/gpu", 115, tests_k),
+            child_section("latency", 95, True), child_section("throughput", 60, True)]
 
 
 def later_sections() -> list[Section]:
-    """The full bench, run only when named in --only (each is cut at its budget: its parts are
-    ordered by importance and each is saved as it ends)."""
-    return [child_section(name, 520, True) for name in ("peers", "matrix", "backends")]
-
-
-def _tail(text: str, n: int = 40) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _child_env(smoke: bool) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # kernels compile for the GPU, not the interpreter
-    env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
-    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
-    return env
+    """The full bench, run only when named in --only."""
+    return [child_section("matrix", 520, True)]
 
 
 class Stopped(Exception):
@@ -331,45 +247,46 @@ class Stopped(Exception):
 
 
 def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke: bool = False) -> dict:
-    """Run one section with its output appended to the open gpu_check.log ``log``; every POLL_S
-    seconds ``progress(partial record)`` sees what it has collected so far."""
+    """Run one section, its output appended to the open gpu_check.log ``log``; every POLL_S seconds
+    ``progress(record)`` sees what it has collected so far."""
     t0, argv = time.perf_counter(), section.argv(work_dir)
     record = {"budget_s": round(timeout, 1), "command": shlex.join(map(str, argv)), "status": "running"}
     log.write(f"----- {section.name} output -----\n")
     log.flush()
     begin = log.tell()
 
-    def output() -> str:
+    def collect() -> str:
+        """The section's output so far; its data and seconds into ``record``."""
         log.flush()
         with open(log.name, errors="replace") as f:
             f.seek(begin)
-            return f.read()
+            output = f.read()
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        try:
+            if section.collect is not None:
+                record["data"] = section.collect(work_dir, output)
+        except Exception as exc:  # e.g. a half-written junit file
+            record["collect_error"] = f"{type(exc).__name__}: {exc}"
+        return output
 
-    def collect():
-        if section.collect is not None:
-            try:
-                record["data"] = section.collect(work_dir, output())
-            except Exception as exc:  # e.g. a half-written junit file
-                record["collect_error"] = f"{type(exc).__name__}: {exc}"
-
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels compile for the GPU
+    env.setdefault("DDPM_ENGINE_CACHE", str(Path(tempfile.gettempdir()) / "ddpm-engine-gpu-check"))
+    env.update(PYTHONUNBUFFERED="1", **({SMOKE_ENV: "1"} if smoke else {}))
     try:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env(smoke),
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     except OSError as exc:
         return dict(record, status="failed", error=f"could not start: {exc}", seconds=0.0)
     try:
-        while True:
+        while record["status"] == "running":
             try:
                 rc = proc.wait(timeout=max(0.1, min(POLL_S, timeout - (time.perf_counter() - t0))))
                 record.update(status="ok" if rc == 0 else "failed", rc=rc)
-                break
             except subprocess.TimeoutExpired:
                 if time.perf_counter() - t0 >= timeout:
                     record.update(status="timeout", rc=None, error=f"stopped after its budget of {timeout:.0f} s")
-                    break
-                collect()
-                record["seconds"] = round(time.perf_counter() - t0, 2)
-                progress(record)
+                else:
+                    collect()
+                    progress(record)
     except Stopped:
         record.update(status="killed", rc=None, error="the check was stopped (SIGTERM) while this section ran")
         raise
@@ -377,40 +294,32 @@ def _run(section: Section, work_dir: Path, timeout: float, log, progress, smoke:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the section's own process group: it and its children
             proc.wait()
-        record["seconds"] = round(time.perf_counter() - t0, 2)
-        collect()
+        output = collect()
         if record["status"] != "ok":
             record.setdefault("error", f"exit code {record.get('rc')}")
-            record["output_tail"] = _tail(output())
+            record["output_tail"] = "\n".join(output.splitlines()[-40:])
         log.write(f"\n----- end {section.name} -----\n")
         log.flush()
     return record
-
-
 def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL_BUDGET_S, gpu: bool | None = None,
                  mode_note: str = "", echo=print, work_dir=None) -> dict:
-    """Run ``sections`` in order, each in its own process with min(its budget, the time left);
-    write out_dir/gpu_check.json after each (and every POLL_S seconds while one runs) and every
-    section's output to out_dir/gpu_check.log: those two files and nothing else go to
-    ``out_dir``; junit files and the children's JSON go to ``work_dir`` (default: a temporary
-    folder). On SIGTERM the running section is killed and recorded as such, and the JSON written.
-    ``gpu=None``: decided after the environment section (torch.cuda.is_available() there)."""
+    """Run ``sections`` in order, each in its own process with min(its budget, the time left).
+    out_dir gets gpu_check.json (after each section and every POLL_S seconds) and gpu_check.log,
+    nothing else; junit files and the children's JSON go to ``work_dir`` (default: a temporary
+    folder). On SIGTERM the running section is killed and recorded. ``gpu=None``: the environment
+    section's torch.cuda.is_available() decides."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ddpm-gpu-check-"))
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ddpm-gpu-check-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    json_path, log_path = out_dir / "gpu_check.json", out_dir / "gpu_check.log"
-    start = time.perf_counter()
+    json_path, log_path, start = out_dir / "gpu_check.json", out_dir / "gpu_check.log", time.perf_counter()
     results = {"tool": "bench.gpu_check", "started": datetime.datetime.now().isoformat(timespec="seconds"),
                "total_budget_s": total_budget_s, "gpu": gpu, "sections": {}, "summary": {}}
 
-    def set_mode():
-        results["mode"] = None if gpu is None else "gpu" if gpu else f"cpu-smoke ({mode_note or 'no GPU'})"
-
     def save(name=None, record=None):
         if name is not None:
-            results["sections"][name] = record
-            results["summary"][name] = record["status"]
+            results["sections"][name], results["summary"][name] = record, record["status"]
+        results["mode"] = None if gpu is None else "gpu" if gpu else f"cpu-smoke ({mode_note or 'no GPU'})"
         results["elapsed_s"] = round(time.perf_counter() - start, 1)
         results["measured"] = measured(results)
         write_json(json_path, results)
@@ -418,7 +327,6 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
     def stop(signum, frame):
         raise Stopped()
 
-    set_mode()
     previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     with open(log_path, "a") as log:
         def say(msg):
@@ -432,18 +340,16 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 left = total_budget_s - (time.perf_counter() - start)
                 if section.needs_gpu and gpu is None:
                     gpu = results["gpu"] = _gpu_from(results)
-                    set_mode()
                 if section.needs_gpu and not gpu and not section.smokes:
                     record = {"status": "skipped", "reason": "needs a CUDA GPU: " + (mode_note or "none here")}
                 elif left < MIN_SECTION_S:
                     record = {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {total_budget_s} s "
                                                              "total budget left"}
                 else:
-                    budget = min(section.budget_s, left)
-                    say(f"section {section.name}: start (budget {budget:.0f} s)")
+                    say(f"section {section.name}: start (budget {min(section.budget_s, left):.0f} s)")
                     try:
-                        record = _run(section, work_dir, budget, log, lambda r, n=section.name: save(n, r),
-                                      smoke=section.needs_gpu and not gpu)
+                        record = _run(section, work_dir, min(section.budget_s, left), log,
+                                      lambda r, n=section.name: save(n, r), smoke=section.needs_gpu and not gpu)
                     except Stopped:
                         save(section.name, results["sections"].get(section.name, {"status": "killed"}))
                         raise
@@ -459,9 +365,8 @@ def run_sections(sections: list[Section], out_dir, total_budget_s: float = TOTAL
                 signal.signal(signal.SIGTERM, previous)
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         save()
-        for line in headline_lines(results):
+        for line in headline_lines(results) + [f"wrote {json_path} and {log_path}: " + json.dumps(results["summary"])]:
             say(line)
-        say(f"wrote {json_path} and {log_path}: " + json.dumps(results["summary"]))
     return results
 
 
@@ -494,18 +399,17 @@ def measured(results: dict) -> dict:
 def headline_lines(results: dict) -> list[str]:
     """The headline numbers as short lines (the device reply shows the end of the output)."""
     m = results.get("measured") or measured(results)
+    ours = lambda kind, section: [r for r in m[kind] if r["section"].startswith(section)]  # noqa: E731
     lines = [f"latency b1 {r['sampler']}-{r['steps']} {r['precision']} {r['driver']}: {r['seconds']:.3f} s"
-             for r in m["latency"] if r["section"].startswith("latency.")]
+             for r in ours("latency", "latency.")]
     lines += [f"peer {r['name']} b{r['batch']} {r['precision']}: {r['seconds']:.3f} s per {r['steps']} steps"
-              for r in m["peers"] if r["section"].startswith("latency.")]
+              for r in ours("peers", "latency.")]
     lines += [f"throughput b{r['batch']} {r['precision']} ({r['driver']}): {r['images_per_s']:.1f} images/s"
-              for r in m["throughput"] if r["section"].startswith("throughput.")]
+              for r in ours("throughput", "throughput.")]
     if isinstance(m["matmul_peak_tflops"], (int, float)):
         lines.append(f"bf16 matmul peak: {m['matmul_peak_tflops']:.0f} TFLOP/s")
-    if m["host_us_per_step"]:
-        lines.append("host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in m["host_us_per_step"].items()
-                                                       if isinstance(v, (int, float))))
-    return lines
+    host = {k: v for k, v in (m["host_us_per_step"] or {}).items() if isinstance(v, (int, float))}
+    return lines + (["host us per step: " + ", ".join(f"{k} {v:.1f}" for k, v in host.items())] if host else [])
 
 
 def failed_sections(results: dict) -> list[str]:
@@ -516,32 +420,28 @@ def failed_sections(results: dict) -> list[str]:
 
 def _gpu_from(results: dict) -> bool:
     """torch.cuda.is_available() as the environment section saw it, else asked in a fresh process."""
-    torch_info = results["sections"].get("environment", {}).get("data", {}).get("torch")
-    if isinstance(torch_info, dict) and "cuda_available" in torch_info:
-        return bool(torch_info["cuda_available"])
+    seen = (results["sections"].get("environment", {}).get("data", {}).get("torch") or {}).get("cuda_available")
+    if seen is not None:
+        return bool(seen)
     try:
-        proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        return subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120).stdout.strip().endswith("True")
     except (OSError, subprocess.SubprocessError):
         return False
-    return proc.stdout.strip().endswith("True")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder for gpu_check.json and gpu_check.log (nothing else is written there)")
-    ap.add_argument("--work", default=None, help="folder for the junit files and the sections' own JSON "
-                                                 "(default: a new temporary folder)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections and run the measuring ones "
-                    "small on the CPU (automatic when torch sees no CUDA device)")
+    ap.add_argument("--work", help="folder for the junit files and the sections' JSON (default: a temporary one)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="skip the test sections, run the measuring ones small "
+                    "on the CPU (automatic when torch sees no CUDA device)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
-    ap.add_argument("--only", default=None, help="comma-separated section names to run (default: the one "
-                    "command's; the full bench's sections run only when named)")
-    ap.add_argument("--failed-in", default=None, metavar="JSON", help="print the --only value that reruns the "
-                    "sections of this gpu_check.json that did not end ok, and exit")
-    ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k expression for the test sections "
-                    "('' for all, e.g. to include the AOTI cases)")
-    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one child section
+    ap.add_argument("--only", help="comma-separated sections to run (the full bench's run only when named)")
+    ap.add_argument("--failed-in", metavar="JSON", help="print the --only value that reruns this gpu_check.json's "
+                    "sections that did not end ok, and exit")
+    ap.add_argument("--tests-k", default=DEFAULT_TESTS_K, help="pytest -k for the test sections ('' for all)")
+    ap.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one child section
     args = ap.parse_args(argv)
     if args.failed_in is not None:
         print(",".join(failed_sections(json.loads(Path(args.failed_in).read_text()))))
@@ -554,14 +454,13 @@ def main(argv=None) -> int:
         ap.error("--out is required")
     sections = default_sections(args.tests_k or None)
     if args.only:
-        every = sections + later_sections()
-        wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+        every, wanted = sections + later_sections(), {s.strip() for s in args.only.split(",") if s.strip()}
         if unknown := wanted - {s.name for s in every}:
             ap.error(f"unknown sections {sorted(unknown)}; choose from {[s.name for s in every]}")
         sections = [s for s in every if s.name in wanted]
-    gpu = False if args.cpu_smoke else None
     note = "--cpu-smoke given" if args.cpu_smoke else "torch.cuda.is_available() is False"
-    results = run_sections(sections, Path(args.out), args.budget_s, gpu, note, work_dir=args.work)
+    results = run_sections(sections, Path(args.out), args.budget_s, False if args.cpu_smoke else None, note,
+                           work_dir=args.work)
     return 0 if all(v in ("ok", "skipped") for v in results["summary"].values()) else 1
 
 

@@ -1,17 +1,21 @@
-"""Measuring on a CUDA device (or the CPU), shared by the GPU bench (bench/gpu_check.py) and the GPU
-tests (tests/gpu): the math flags of a bench precision, synchronised timing, parity metrics,
-the largest batch that fits, and the host's cost per step of each driver. Measuring is the
-bench's job: none of this is in the library."""
+"""Measuring on a CUDA device (or the CPU), shared by the GPU bench (bench/gpu_check.py), the GPU
+tests (tests/gpu) and the CPU benches: math flags, synchronised timing, parity metrics, the host's
+cost per step, serving clients, and the measuring sections. None of this is in the library."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import inspect
 import math
 import platform
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ddpm_engine import Engine
@@ -22,25 +26,24 @@ from ddpm_engine.cuda.graphs import GraphedSampler
 from ddpm_engine.engine import DRIVERS
 from ddpm_engine.errors import require
 from ddpm_engine.models import SeedUNet
-from ddpm_engine.plan import reverse_step
 
 MODES = (*PRECISIONS, "tf32")  # the bench's precisions: tf32 is an fp32 engine with TF32 math on
 TF32_BACKENDS = ("torch", "aoti")  # the backends torch's TF32 flags reach (Inductor included)
 FASTEST_FIRST = ("c", "python", "eager")  # the throughput headline takes the first driver that runs
 PARITY_TIMESTEPS = (999, 500, 100, 10, 0)
+FLAGS = {"matmul_tf32": (torch.backends.cuda.matmul, "allow_tf32"), "cudnn_tf32": (torch.backends.cudnn, "allow_tf32"),
+         "deterministic": (torch.backends.cudnn, "deterministic"), "benchmark": (torch.backends.cudnn, "benchmark")}
 
 
 def cifar_loaded(seed: int = 0):
-    """The DDPM CIFAR-10 UNet (diffusers UNet2DModel, 35.7 M params) with random weights: latency
-    does not depend on them."""
+    """The DDPM CIFAR-10 UNet (diffusers UNet2DModel, 35.7 M params), random weights."""
     from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, cifar10_unet
 
     return from_module(cifar10_unet(seed=seed), CIFAR10_SCHEDULER_CONFIG, (3, 32, 32), "cifar10")
 
 
 def make_engine(loaded, backend: str, precision: str, device="cuda", batching: bool = True):
-    """An Engine for ``loaded`` at an engine precision (``engine_precision(mode)`` for a bench one).
-    Engines can share one LoadedModel: every backend works on its own copy of the module."""
+    """An Engine at an engine precision; engines can share one LoadedModel (each backend copies it)."""
     return Engine(loaded, backend=backend, device=device, precision=precision, batching=batching)
 
 
@@ -49,55 +52,41 @@ def engine_precision(mode: str) -> str:
 
 
 @contextlib.contextmanager
-def torch_flags(matmul_tf32: bool, cudnn_tf32: bool, cudnn_deterministic=None, cudnn_benchmark=None):
-    """Set torch's TF32 flags (and, when given, cuDNN's deterministic/benchmark flags) while inside."""
-    flags = [((torch.backends.cuda.matmul, "allow_tf32"), matmul_tf32), ((torch.backends.cudnn, "allow_tf32"), cudnn_tf32),
-             ((torch.backends.cudnn, "deterministic"), cudnn_deterministic), ((torch.backends.cudnn, "benchmark"), cudnn_benchmark)]
-    flags = [(where, value) for where, value in flags if value is not None]
-    old = [getattr(obj, name) for (obj, name), _ in flags]
-    for (obj, name), value in flags:
-        setattr(obj, name, value)
+def torch_flags(**values):
+    """Set torch's math flags (``FLAGS``' keys) while inside."""
+    old = {k: getattr(*FLAGS[k]) for k in values}
     try:
+        for k, v in values.items():
+            setattr(*FLAGS[k], v)
         yield
     finally:
-        for ((obj, name), _), value in zip(flags, old):
-            setattr(obj, name, value)
+        for k, v in old.items():
+            setattr(*FLAGS[k], v)
 
 
 def exact_fp32():
-    """fp32 means fp32 and a run repeats exactly: no TF32 in matmuls or cuDNN, and cuDNN picks
-    deterministic algorithms without autotuning, so runs compared across batch sizes, drivers and
-    repeats differ only by real differences."""
-    return torch_flags(False, False, cudnn_deterministic=True, cudnn_benchmark=False)
+    """No TF32 in matmuls or cuDNN, deterministic cuDNN algorithms without autotuning: runs compared
+    across batch sizes, drivers and repeats differ only by real differences."""
+    return torch_flags(matmul_tf32=False, cudnn_tf32=False, deterministic=True, benchmark=False)
 
 
 def math_mode(mode: str):
-    """TF32 in matmuls and cuDNN on for "tf32", off for the others, while inside. Build the engine,
-    capture its graphs and time it inside: a graph replays the kernels of its capture."""
+    """TF32 on for bench precision "tf32", off for the others. Build, capture and time inside."""
     if mode not in MODES:
         raise ValueError(f"unknown bench precision {mode!r}; choose one of {MODES}")
-    return torch_flags(mode == "tf32", mode == "tf32")
-
-
-def sync(device="cuda"):
-    """Wait for the device's queued work (nothing to wait for on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    return torch_flags(matmul_tf32=mode == "tf32", cudnn_tf32=mode == "tf32")
 
 
 def sync_time(fn, reps: int = 3, warm: bool = True, device="cuda") -> float:
-    """Median wall seconds of fn() with a device sync after each call (one untimed call first
-    unless ``warm=False``)."""
-    if warm:
-        fn()
-        sync(device)
+    """Median wall seconds of fn() with a device sync after each call (one untimed call first if ``warm``)."""
     times = []
-    for _ in range(reps):
+    for _ in range(reps + warm):
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times[warm:])[reps // 2]
 
 
 def free(device="cuda"):
@@ -106,18 +95,10 @@ def free(device="cuda"):
         torch.cuda.empty_cache()
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's allocator ran out (torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "ALLOC_FAILED"))
-
-
 @torch.inference_mode()
 def eps_rel_err(backend, reference, sample_shape, device, batch: int = 4, seed: int = 0) -> float:
     """Worst over PARITY_TIMESTEPS of max |backend - reference| / max |reference| (model outputs)."""
-    g = torch.Generator().manual_seed(seed)
-    worst = 0.0
+    g, worst = torch.Generator().manual_seed(seed), 0.0
     for t0 in PARITY_TIMESTEPS:
         x = torch.randn(batch, *sample_shape, generator=g).to(device)
         t = torch.full((batch,), t0, dtype=torch.int64, device=device)
@@ -135,8 +116,7 @@ def image_diff(images, reference) -> dict:
 
 
 def flops_per_image_step(loaded) -> float:
-    """The model's FLOPs for one image and one step (torch.utils.flop_counter: a multiply-add
-    counts 2; attention through the math SDPA path)."""
+    """The model's FLOPs for one image and one step (a multiply-add counts 2; attention via math SDPA)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -149,20 +129,13 @@ def flops_per_image_step(loaded) -> float:
 
 def matmul_peak_tflops(device="cuda", n: int = 8192, iters: int = 50) -> float:
     """Measured bf16 n^3 matmul rate (TFLOP/s), the roofline's denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-
-    def matmuls():
-        for _ in range(iters):
-            a @ b
-
-    return 2 * n ** 3 * iters / sync_time(matmuls, reps=3, device=device) / 1e12
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 * iters / sync_time(lambda: [a @ b for _ in range(iters)], device=device) / 1e12
 
 
 @contextlib.contextmanager
 def built(loaded, backend: str, mode: str, device, batching: bool = True):
-    """An engine at bench precision ``mode``, built and used under its math flags, closed and its
-    memory freed after."""
+    """An engine at bench precision ``mode``, used under its math flags, closed and freed after."""
     with math_mode(mode):
         eng = make_engine(loaded, backend, engine_precision(mode), device, batching)
         try:
@@ -172,91 +145,47 @@ def built(loaded, backend: str, mode: str, device, batching: bool = True):
             free(device)
 
 
-def graphs_refusal(eng) -> str | None:
-    """None if the graph drivers can run this engine (``plan.graphable``), else why not."""
-    if eng.plan().graphable:
-        return None
-    if eng.device.type != "cuda":
-        return "the graph drivers need CUDA"
-    return f"the {eng.backend.name} backend cannot be captured: {eng.backend.graph_capture_refusal}"
+def usable(eng, drivers, notes, where) -> list:
+    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
+    if not (dropped := [d for d in drivers if d in GRAPH_DRIVERS]) or eng.plan().graphable:
+        return list(drivers)
+    why = "the graph drivers need CUDA" if eng.device.type != "cuda" else \
+        f"the {eng.backend.name} backend cannot be captured: {eng.backend.graph_capture_refusal}"
+    notes.append(f"{where}: {', '.join(dropped)} skipped: {why}")
+    return [d for d in drivers if d not in dropped]
 
 
-def graphed_sampler(eng, sampler, steps, batch):
-    """A GraphedSampler for one request setting up to ``batch``, its bucket captured now (not
-    cached by the engine: dropping it frees its graph memory)."""
-    return GraphedSampler(eng.plan(sampler, steps), max_batch=batch).warm([batch])
-
-
-def time_drivers(eng, sampler, steps, batch, drivers, reps=3, warm=True, notes=None, log=print) -> dict:
-    """{driver (the engine's names): median seconds of one request}. The graph drivers replay one
-    sampler captured before the timing; a driver that fails (out of memory included) adds a note
-    and is left out."""
+def time_drivers(eng, sampler, steps, batch, drivers, reps, warm, notes) -> dict:
+    """{driver: median seconds of one request}. The graph drivers replay one sampler captured before
+    the timing (not the engine's cached one: dropping it frees its memory); a driver that fails
+    (out of memory included) adds a note and is left out."""
     seeds, out, graphed = list(range(1, batch + 1)), {}, None
     for driver in drivers:
-        out_of_memory = False
+        failed = False
         try:
             if driver in GRAPH_DRIVERS:
-                graphed = graphed if graphed is not None else graphed_sampler(eng, sampler, steps, batch)
+                if graphed is None:
+                    graphed = GraphedSampler(eng.plan(sampler, steps), max_batch=batch).warm([batch])
                 run = lambda d=driver: graphed.run(seeds, driver=d)  # noqa: E731
             else:
                 run = lambda d=driver: eng.sample(seeds, sampler=sampler, steps=steps, driver=d)  # noqa: E731
             out[driver] = sync_time(run, reps=reps, warm=warm, device=eng.device)
         except Exception as exc:  # one driver failing must not drop the others
-            msg = f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}"
-            log(msg)
-            if notes is not None:
-                notes.append(msg)
-            out_of_memory = is_out_of_memory(exc)
-        if out_of_memory:  # here, not in the except clause: the traceback's frames hold the tensors
-            graphed = None
+            notes.append(f"{driver} {sampler}-{steps} batch {batch} failed: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
+            failed = True
+        if failed:  # a fresh capture for the next driver; here, not in the except clause, whose
+            graphed = None  # traceback's frames hold the tensors
             free(eng.device)
     return out
 
 
-def largest_batch(eng, start: int, cap: int) -> tuple[int, str]:
-    """The largest batch start * 2^k (or start / 2^k if start does not fit) that runs one eager
-    DDPM step of ``eng``, at most min(cap, eng.max_batch), and why the next doubling was not
-    taken. Any error counts as not fitting, with the error in the reason."""
-    plan, limit = eng.plan("ddpm"), min(cap, eng.max_batch)
-
-    def fails(b: int) -> str | None:
-        why = None
-        try:
-            with torch.inference_mode():
-                reverse_step(plan, plan.start(list(range(1, b + 1))))
-            sync(eng.device)
-        except Exception as exc:
-            why = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
-        free(eng.device)  # after the except clause: its traceback, holding the tensors, is gone
-        return why
-
-    b, failed = min(start, limit), None
-    while (why := fails(b)) is not None:
-        if b == 1:
-            raise RuntimeError(f"one image does not run: {why}")
-        failed, b = why, b // 2
-    if failed is not None:
-        return b, f"{failed} at {2 * b}"
-    while 2 * b <= limit:
-        if (why := fails(2 * b)) is not None:
-            return b, f"{why} at {2 * b}"
-        b *= 2
-    return b, f"the cap: at most {limit} (min of the bench's cap {cap} and the engine's max_batch {eng.max_batch})"
-
-
 def host_us_per_step(graphed, seeds, driver: str = "python", reps: int = 5) -> dict:
-    """Wall µs per step of ``graphed.run(seeds, driver)`` (median over ``reps`` after one warm run);
-    for ``driver="python"`` also the host-only time to enqueue the steps (one
-    ``graphed.bucket(len(seeds)).graph.replay()`` per step, no sync)."""
-    seeds = list(seeds)
-    graphed.run(seeds, driver)
-    walls = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        graphed.run(seeds, driver)
-        walls.append(time.perf_counter() - t0)
-    steps = graphed.steps
-    res = {"driver": driver, "steps": steps, "batch": len(seeds), "wall_us_per_step": 1e6 * sorted(walls)[reps // 2] / steps}
+    """Wall µs per step of ``graphed.run(seeds, driver)`` (median of ``reps`` after a warm run); for
+    "python" also the host-only time to enqueue the steps (one graph replay per step, no sync)."""
+    seeds, steps = list(seeds), graphed.steps
+    wall = sync_time(lambda: graphed.run(seeds, driver), reps=reps, device="cpu")
+    res = {"driver": driver, "steps": steps, "batch": len(seeds), "wall_us_per_step": 1e6 * wall / steps}
     if driver == "python":
         graph = graphed.bucket(len(seeds)).graph
         torch.cuda.synchronize()
@@ -268,6 +197,23 @@ def host_us_per_step(graphed, seeds, driver: str = "python", reps: int = 5) -> d
     return res
 
 
+def client_load(call, clients: int, requests: int, time_limit_s: float) -> dict:
+    """``clients`` threads each ``call([seed])`` up to ``requests`` times back to back (until the time
+    limit): images/s and p50/p99 latency."""
+    deadline, start = time.perf_counter() + time_limit_s, time.perf_counter()
+
+    def client(_):
+        return [sync_time(lambda: call([random.getrandbits(64)]), 1, warm=False, device="cpu")
+                for _ in range(requests) if time.perf_counter() <= deadline]
+
+    with ThreadPoolExecutor(clients) as pool:
+        lats = [x for lat in pool.map(client, range(clients)) for x in lat]
+    wall = time.perf_counter() - start
+    return {"images_per_s": len(lats) / wall, "p50_s": float(np.percentile(lats, 50)),
+            "p99_s": float(np.percentile(lats, 99)), "requests": len(lats), "wall_s": wall}
+
+
+# ---- the measuring sections: generators of (part name, its function); rows have a ``kind`` --------
 @dataclass(frozen=True)
 class Scale:
     """What the measuring sections run: the GPU's settings, or the CPU smoke run's."""
@@ -277,82 +223,41 @@ class Scale:
     batch: int = 256  # the throughput headline's batch
     steps_measured: int = 50  # steps timed per headline throughput run (every DDPM step does the same work)
     latency: tuple = (("ddpm", 1), ("ddim", 50), ("ddpm", 1000))  # matrix: (sampler, steps) at batch 1
-    batches: tuple = (64, 256)  # matrix: throughput batches, and the largest that fits
+    batches: tuple = (64, 256, 1024)  # matrix: throughput batches
     matrix_steps: int = 20
-    largest_cap: int = 65536
-    largest_steps: int = 2
     host_steps: int = 200
     matmul: tuple = (8192, 50)  # n, iterations
-    compilers: tuple = (("torch.compile max-autotune", {"mode": "max-autotune"}),
-                        ("torch.compile reduce-overhead", {"mode": "reduce-overhead"}))
 
 
 GPU = Scale()
 SMOKE = Scale("cpu", steps=2, batch=2, steps_measured=1, latency=(("ddpm", 1), ("ddim", 2)), batches=(2,), matrix_steps=1,
-              largest_cap=4, largest_steps=1, host_steps=3, matmul=(64, 2),
-              compilers=(("torch.compile backend=eager", {"backend": "eager"}),))
+              host_steps=3, matmul=(64, 2))
 
 
-# ---- rows: each has its ``kind`` (latency, throughput, peers, parity) --------------------------------
-def latency_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """Seconds per request at batch 1 for each (sampler, steps) of ``scale.latency`` and driver."""
-    rows = []
+def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, drivers=DRIVERS, steps_timed=None) -> list:
+    """For each driver that runs: latency rows (seconds per request at batch 1, each (sampler, steps)
+    of ``latency``) and throughput rows (images/s at ``scale.steps`` DDPM steps from runs of
+    ``steps_timed`` steps, each of ``batches``). Defaults: ``scale``'s."""
+    out, n = [], steps_timed or scale.matrix_steps
     with built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"latency {backend}/{mode}")
-        for sampler, steps in scale.latency:
+        drivers = usable(eng, drivers, notes, f"{backend}/{mode}")
+        for sampler, steps in scale.latency if latency is None else latency:
             reps = 20 if steps <= 1 else 5 if steps <= 100 else 3
-            for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, steps <= 100, notes, log).items():
-                rows.append({"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-                             "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
-                             "reps": reps})
-    return rows
-
-
-def throughput_row(loaded, backend, mode, driver, batch, scale, steps_measured, seconds) -> dict:
-    per_step = seconds / steps_measured
-    return {"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
-            "batch": batch, "steps": scale.steps, "steps_measured": steps_measured, "seconds_per_step": per_step,
-            "images_per_s": batch / (per_step * scale.steps)}
-
-
-def throughput_rows(loaded, backend, mode, scale, notes, log=print) -> list:
-    """images/s at ``scale.steps`` DDPM steps for ``scale.batches`` and the largest batch that fits
-    (eager and the C driver only: the GPU is the bottleneck there), from short runs."""
-    rows = []
-    with built(loaded, backend, mode, scale.device) as eng:
-        drivers = usable(eng, DRIVERS, notes, f"throughput {backend}/{mode}")
-        largest, limit = largest_batch(eng, max(scale.batches), scale.largest_cap)
-        runs = [(largest, [d for d in drivers if d in ("eager", "c")], scale.largest_steps, 1)]
-        runs += [(b, drivers, scale.matrix_steps, 3) for b in scale.batches if b < largest]
-        for batch, batch_drivers, steps, reps in runs:  # the largest first, memory clean
-            for driver, s in time_drivers(eng, "ddpm", steps, batch, batch_drivers, reps, True, notes, log).items():
-                row = throughput_row(loaded, backend, mode, driver, batch, scale, steps, s)
-                rows.append(dict(row, largest=batch == largest, **({"largest_limit": limit} if batch == largest else {})))
+            out += [{"kind": "latency", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+                     "batch": 1, "sampler": sampler, "steps": steps, "seconds": s, "ms_per_step": 1e3 * s / steps,
+                     "reps": reps} for driver, s in time_drivers(eng, sampler, steps, 1, drivers, reps, True, notes).items()]
+        for batch in scale.batches if batches is None else batches:  # a batch that does not fit: a note
+            out += [{"kind": "throughput", "model": loaded.name, "backend": backend, "precision": mode, "driver": driver,
+                     "batch": batch, "steps": scale.steps, "steps_measured": n, "seconds_per_step": s / n,
+                     "images_per_s": batch * n / (s * scale.steps)}
+                    for driver, s in time_drivers(eng, "ddpm", n, batch, drivers, 3, True, notes).items()]
             free(scale.device)
-    return rows
-
-
-def usable(eng, drivers, notes, where) -> list:
-    """``drivers`` without the graph drivers (and a note why) where they cannot run ``eng``."""
-    why = graphs_refusal(eng)
-    if why is not None:
-        notes.append(f"{where}: {', '.join(d for d in drivers if d in GRAPH_DRIVERS)} skipped: {why}")
-    return [d for d in drivers if why is None or d not in GRAPH_DRIVERS]
-
-
-def peer_row(name, loaded, precision, batch, scale, steps_measured, seconds_measured, **extra) -> dict:
-    """A peer's request of ``scale.steps`` DDPM steps, from a timed run of ``steps_measured`` steps."""
-    seconds = seconds_measured * scale.steps / steps_measured
-    return {"kind": "peers", "name": name, "model": loaded.name, "precision": precision, "batch": batch,
-            "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
-            "images_per_s": batch / seconds, **extra}
+    return out
 
 
 def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
-    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler."""
-    import copy
-    import inspect
-
+    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler: a
+    request of ``scale.steps`` DDPM steps, from timed runs of ``steps_measured`` steps."""
     diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
     if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
         raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
@@ -370,62 +275,34 @@ def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
     finally:
         pipe = unet = None
         free(scale.device)
-    return peer_row("diffusers DDPMPipeline", loaded, precision, batch, scale, steps_measured, seconds)
-
-
-def compile_peer_rows(loaded, mode, batch, scale, steps_measured, notes, log=print) -> list:
-    """The engine's eager loop (same step kernels) with its UNet under ``torch.compile(**kwargs)``
-    for each of ``scale.compilers``; the first call (10 steps) compiles and is timed as compile_s."""
-    import torch._dynamo as dynamo
-
-    rows, seeds = [], list(range(1, batch + 1))
-    for name, kwargs in scale.compilers:
-        try:
-            with built(loaded, "torch", mode, scale.device, batching=False) as eng:
-                eng.backend.module = torch.compile(eng.backend.module, **kwargs)
-                run = lambda n: eng.sample(seeds, sampler="ddpm", steps=n, driver="eager")  # noqa: E731
-                t0 = time.perf_counter()
-                run(min(10, steps_measured))
-                sync(scale.device)
-                compile_s = time.perf_counter() - t0
-                seconds = sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
-            rows.append(peer_row(f"{name} (Python loop)", loaded, mode, batch, scale, steps_measured, seconds,
-                                 compile_s=compile_s))
-        except Exception as exc:
-            notes.append(f"peer {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}")
-            log(notes[-1])
-        finally:
-            dynamo.reset()  # drop the compiled graphs (and their CUDA graphs' memory)
-            free(scale.device)
-    return rows
+    seconds *= scale.steps / steps_measured
+    return {"kind": "peers", "name": "diffusers DDPMPipeline", "model": loaded.name, "precision": precision,
+            "batch": batch, "sampler": "ddpm", "steps": scale.steps, "steps_measured": steps_measured, "seconds": seconds,
+            "images_per_s": batch / seconds}
 
 
 def _model(scale, state):
     """The CIFAR-10 UNet (random weights), loaded once per section."""
-
     def load():
-        state["loaded"] = cifar_loaded(seed=0)
-        state["notes"] = []
-        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": _device_name(scale),
+        state.update(loaded=cifar_loaded(seed=0), notes=[])
+        device = torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.machine()})"
+        return {"model": "CIFAR-10 UNet (diffusers UNet2DModel, random weights), 3x32x32", "device": device,
                 "scale": "gpu" if scale == GPU else "cpu smoke: numbers measure nothing"}
 
     return "model", load
 
 
 def section_latency(scale, state):
-    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each driver of the engine its own
-    part; the engine's fast_path() report; diffusers' DDPMPipeline fp32; the host's cost per step."""
+    """Batch-1 DDPM-1000 on the CIFAR-10 UNet, fp32 (TF32 off), each of the engine's drivers its own
+    part; the engine's fast_path(); diffusers' DDPMPipeline fp32; the host's cost per step."""
     def driver_row(driver):
-        with built(state["loaded"], "torch", "fp32", scale.device) as eng:
-            if driver in GRAPH_DRIVERS and (why := graphs_refusal(eng)):
-                return {"skipped": why}
-            notes = []
-            seconds = time_drivers(eng, "ddpm", scale.steps, 1, [driver], 3, True, notes).get(driver)
-        if seconds is None:
+        if driver in GRAPH_DRIVERS and scale.device != "cuda":  # the torch backend is graphable on CUDA
+            return {"skipped": "the graph drivers need CUDA"}
+        notes = []
+        found = rows(state["loaded"], "torch", "fp32", scale, notes, [("ddpm", scale.steps)], [], [driver])
+        if not found:
             raise RuntimeError("; ".join(notes))
-        return {"kind": "latency", "model": "cifar10", "backend": "torch", "precision": "fp32", "driver": driver,
-                "batch": 1, "sampler": "ddpm", "steps": scale.steps, "seconds": seconds,
-                "ms_per_step": 1e3 * seconds / scale.steps, "reps": 3}
+        return found[0]
 
     def fast_path():
         with built(state["loaded"], "torch", "fp32", scale.device, batching=False) as eng:
@@ -441,23 +318,24 @@ def section_latency(scale, state):
 
 
 def host_table(scale) -> dict:
-    """Wall µs per step of each driver that runs a loop (eager; the graph drivers replaying one
-    captured step) with a tiny model at batch 1: the host's cost per step."""
+    """Wall µs per step of eager and of each graph driver (replaying one captured step; for python
+    also the enqueue-only time) with a tiny model at batch 1: the host's cost per step."""
     torch.manual_seed(0)
+    notes = []
     with built(from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8)), "torch", "fp32", scale.device) as eng:
         run = lambda: eng.sample([1], sampler="ddim", steps=scale.host_steps, driver="eager")  # noqa: E731
-        out, why = {"eager": 1e6 * sync_time(run, device=scale.device) / scale.host_steps}, graphs_refusal(eng)
-        graphed = None if why else graphed_sampler(eng, "ddim", scale.host_steps, 1)
-        for driver in GRAPH_DRIVERS:
+        out = {"eager": 1e6 * sync_time(run, device=scale.device) / scale.host_steps}
+        if drivers := usable(eng, GRAPH_DRIVERS, notes, "host"):
+            graphed = GraphedSampler(eng.plan("ddim", scale.host_steps), max_batch=1).warm([1])
+        for driver in drivers:
             try:
-                res = host_us_per_step(graphed, [1], driver, reps=3) if graphed else {}
-                out[driver] = res.get("wall_us_per_step")
-                out.update({f"{driver}_enqueue": res["enqueue_us_per_step"]} if "enqueue_us_per_step" in res else {})
+                res = host_us_per_step(graphed, [1], driver, reps=3)
+                out[driver] = res["wall_us_per_step"]
+                if "enqueue_us_per_step" in res:
+                    out[f"{driver}_enqueue"] = res["enqueue_us_per_step"]
             except Exception as exc:  # e.g. the graph loop on a driver older than CUDA 12.4
-                out[driver], why = None, f"{type(exc).__name__}: {exc}"
-            if out[driver] is None:
-                out.setdefault("errors", {})[driver] = why
-    return out
+                notes.append(f"{driver}: {type(exc).__name__}: {exc}")
+    return dict(out, **({"notes": notes} if notes else {}))
 
 
 def section_throughput(scale, state):
@@ -465,13 +343,10 @@ def section_throughput(scale, state):
     fastest driver that runs, from runs of ``scale.steps_measured`` steps."""
     def rate(mode):
         notes = []
-        with built(state["loaded"], "torch", mode, scale.device) as eng:
-            for driver in usable(eng, FASTEST_FIRST, notes, f"throughput {mode}"):  # the first that runs is the row
-                times = time_drivers(eng, "ddpm", scale.steps_measured, scale.batch, [driver], 3, True, notes)
-                if driver in times:
-                    row = throughput_row(state["loaded"], "torch", mode, driver, scale.batch, scale,
-                                         scale.steps_measured, times[driver])
-                    return dict(row, notes=notes)
+        for driver in FASTEST_FIRST:  # the first that runs is the row
+            if found := rows(state["loaded"], "torch", mode, scale, notes, [], [scale.batch], [driver],
+                             steps_timed=scale.steps_measured):
+                return dict(found[0], notes=notes)
         raise RuntimeError("no driver ran: " + "; ".join(notes))
 
     yield "matmul_peak_tflops_bf16", lambda: matmul_peak_tflops(scale.device, *scale.matmul)
@@ -481,41 +356,13 @@ def section_throughput(scale, state):
         yield f"b{scale.batch}_{mode}", lambda m=mode: rate(m)
 
 
-def section_peers(scale, state):
-    """diffusers' DDPMPipeline fp16 and the engine's eager loop under torch.compile, at batch 1
-    (DDPM-1000 in full) and batch 64 (short runs, reported at 1000 steps)."""
+def section_matrix(scale, state):
+    """Latency (``scale.latency``) and throughput (``scale.batches``) rows for every driver, backend (torch
+    first) and bench precision that ``backends.available`` says runs (compiles are cached on disk)."""
     yield _model(scale, state)
-    for batch, measured in ((1, scale.steps), (scale.batches[0], scale.matrix_steps)):
-        for precision in ("fp16",) if batch == 1 else ("fp32", "fp16"):
-            yield f"diffusers_b{batch}_{precision}", lambda p=precision, b=batch, n=measured: diffusers_peer_row(
-                state["loaded"], p, b, scale, n)
-        for mode in ("fp32", "bf16", "fp16", "tf32"):
-            yield f"compile_b{batch}_{mode}", lambda m=mode, b=batch, n=measured: compile_peer_rows(
-                state["loaded"], m, b, scale, n, state["notes"])
+    for backend in ("torch", *(b for b in BACKENDS if b not in ("auto", "torch"))):
+        for mode in (m for m in ("fp32", "bf16", "tf32", "fp16") if m != "tf32" or backend in TF32_BACKENDS):
+            why = available(scale.device, engine_precision(mode), [backend])[backend]
+            yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
+                lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
     yield "notes", lambda: state["notes"]
-
-
-def section_matrix(scale, state, backends=("torch",)):
-    """Latency (one step, DDIM-50, DDPM-1000 at batch 1) and throughput (batches 64, 256 and the
-    largest that fits) for every driver, of each of ``backends`` where ``backends.available``
-    says it runs, at each bench precision it runs (TF32 reaches torch and AOTI only)."""
-    def rows(backend, mode):
-        return (latency_rows(state["loaded"], backend, mode, scale, state["notes"])
-                + throughput_rows(state["loaded"], backend, mode, scale, state["notes"]))
-
-    yield _model(scale, state)
-    for backend in backends:
-        for mode in ("fp32", "bf16", "tf32", "fp16"):
-            if mode != "tf32" or backend in TF32_BACKENDS:
-                why = available(scale.device, engine_precision(mode), [backend])[backend]
-                yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (lambda b=backend, m=mode: rows(b, m))
-    yield "notes", lambda: state["notes"]
-
-
-def section_backends(scale, state):
-    """The matrix of the other backends (the compiled ones: each compile, cached on disk, paid once)."""
-    return section_matrix(scale, state, [b for b in BACKENDS if b not in ("auto", "torch")])
-
-
-def _device_name(scale) -> str:
-    return torch.cuda.get_device_name() if scale.device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"

@@ -2,9 +2,8 @@
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
 
-For each (sampler, steps): ``--n`` images from fixed seeds, the share ``DigitsJudge`` recognises,
-the class spread (per digit, and its normalised entropy: 1 = all ten equally often) and the wall
-time. Writes ``quality-<date>-<backend>-<precision>.json`` and ``.png`` into ``--out``.
+Per (sampler, steps): the share of ``--n`` images from fixed seeds that ``DigitsJudge`` recognises,
+the class spread (normalised entropy: 1 = all ten equally often), the wall time; JSON and PNG.
 """
 
 from __future__ import annotations
@@ -21,40 +20,34 @@ import torch
 
 from ddpm_engine import Engine, backends, cpu
 from ddpm_engine.data import DigitsJudge
+from ddpm_engine.errors import require
 
-CONFIGS = [("ddpm", 1000)] + [(sampler, steps) for sampler in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
-                              for steps in (5, 10, 15, 20)]
+CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc") for n in (5, 10, 15, 20)]
 SEED0 = 10_000
 
 
 def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250) -> dict:
-    seeds = list(range(SEED0, SEED0 + n))
-    start = time.perf_counter()
+    seeds, start = list(range(SEED0, SEED0 + n)), time.perf_counter()
     images = torch.cat([engine.sample(seeds[k:k + chunk], sampler=sampler, steps=steps) for k in range(0, n, chunk)])
     wall = time.perf_counter() - start
     ok, digit = judge.recognise(images)
     counts = np.bincount(digit[ok], minlength=10)
-    p = counts / max(counts.sum(), 1)
-    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(10))
-    return {"sampler": sampler, "steps": steps, "network_calls": steps, "samples": n,
-            "pass_rate": float(ok.mean()), "digits_found": int((counts > 0).sum()),
-            "per_digit": counts.tolist(), "class_entropy": entropy, "wall_s": wall}
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return {"sampler": sampler, "steps": steps, "network_calls": steps, "samples": n, "pass_rate": float(ok.mean()),
+            "digits_found": int((counts > 0).sum()), "per_digit": counts.tolist(),
+            "class_entropy": float(-(p * np.log(p)).sum() / np.log(10)), "wall_s": wall}
 
 
 def plot(rows: list, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "bench/quality.py's plot").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
         rs = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["network_calls"])
         ax.plot([r["network_calls"] for r in rs], [100 * r["pass_rate"] for r in rs], "o-", label=sampler)
-    ax.set_xscale("log")
-    ax.set_xlabel("network calls per image (steps)")
-    ax.set_ylabel("recognised as digits (%)")
-    ax.set_title("bundled digits model: quality against steps")
+    ax.set(xscale="log", xlabel="network calls per image (steps)", ylabel="recognised as digits (%)",
+           title="bundled digits model: quality against steps")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -75,25 +68,20 @@ def main(argv=None) -> int:
     configs = CONFIGS if args.configs is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
     engine = Engine.from_pretrained("digits", device="cpu", batching=False, backend=args.backend,
                                     precision=args.precision)
-    judge = DigitsJudge()
-    rows = []
+    judge, rows = DigitsJudge(), []
     for sampler, steps in configs:
-        rows.append(measure(engine, judge, sampler, steps, args.n))
-        r = rows[-1]
+        rows.append(r := measure(engine, judge, sampler, steps, args.n))
         print(f"{sampler:9s} {steps:5d} steps: {100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, "
               f"entropy {r['class_entropy']:.3f}, {r['wall_s']:.1f} s", flush=True)
-    date = datetime.date.today().isoformat()
-    out = Path(args.out)
+    date, out = datetime.date.today().isoformat(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": date, "model": "digits (bundled)", "backend": engine.backend.name,
               "precision": engine.backend.precision, "cpu": cpu.describe(),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
-              "torch": torch.__version__, "judge": "DigitsJudge: MLP and 10-NN agree with p >= 0.8",
-              "rows": rows}
-    tag = f"-{engine.backend.name}-{engine.backend.precision}"
-    path = out / f"quality-{date}{tag}.json"
+              "torch": torch.__version__, "judge": "DigitsJudge: MLP and 10-NN agree with p >= 0.8", "rows": rows}
+    path = out / f"quality-{date}-{engine.backend.name}-{engine.backend.precision}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path} and {plot(rows, out / f'quality-{date}{tag}.png')}")
+    print(f"wrote {path} and {plot(rows, path.with_suffix('.png'))}")
     return 0
 
 

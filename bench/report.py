@@ -1,13 +1,10 @@
-"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report and a plot.
+"""Turn a GPU bench JSON (python -m bench.gpu_check writes gpu_check.json) into a markdown report.
 
-    python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # .md and .png beside it
+    python -m bench.report bench/results/2026-12-04-H200-gpu_check.json   # the .md beside it
 
-The markdown: the device and versions, the latency target (the best engine DDPM-1000 at batch 1
-against DDPMPipeline fp32), parity, the host's µs per step per driver, latency per
-backend/precision/driver and request setting, throughput (images/s with % of the measured bf16
-matmul peak), the peers with the engine's speed-up at the same precision, batch and steps. The
-PNG: per model, seconds per full-length request and images/s against batch (log-log), peers as
-crosses. Needs matplotlib for the plot only.
+Device and versions, the latency target (the best engine DDPM-1000 at batch 1 against DDPMPipeline
+fp32), then one table per kind of row: parity, the host's µs per step per driver, latency,
+throughput (with % of the measured bf16 matmul peak), peers (with the engine's speed-up).
 """
 
 from __future__ import annotations
@@ -27,18 +24,25 @@ ORDER = {name: k for k, name in enumerate((*MODES, *DRIVERS))}
 
 
 def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if v == 0 or 1e-3 <= abs(v) < 1e5:
-            return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:,.{max(digits - 2, 1)}f}"
-        return f"{v:.{digits}e}"
-    return str(v)
+    if not isinstance(v, float):
+        return "-" if v is None else str(v)
+    if v == 0 or 1e-3 <= abs(v) < 1e5:
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:,.{max(digits - 2, 1)}f}"
+    return f"{v:.{digits}e}"
 
 
-def _table(headers: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return out + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
+def _key(r: dict) -> tuple:
+    return r.get("model", "cifar10"), r.get("backend", "-"), r.get("precision"), r.get("driver", "-")
+
+
+def _table(title: str, columns: dict, rows: list) -> list[str]:
+    """A markdown section: ``title``, then one line per row (in the bench's order of backends,
+    precisions and drivers) and a column per {header: the row's key, or a function of the row}."""
+    rows = sorted(rows, key=lambda r: (*_key(r)[:2], *(ORDER.get(x, len(ORDER)) for x in _key(r)[2:]),
+                                       r.get("steps", 0), r.get("batch", 0)))
+    cells = [[c(r) if callable(c) else r.get(c) for c in columns.values()] for r in rows]
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|",
+            *("| " + " | ".join(map(_fmt, line)) + " |" for line in cells), ""]
 
 
 def title(results: dict) -> str:
@@ -48,47 +52,15 @@ def title(results: dict) -> str:
 
 
 def mfu(images_per_s: float, steps: int, results: dict, model: str | None = None):
-    """Model FLOP utilisation: achieved model FLOP/s over the measured bf16 matmul peak ({model:
-    FLOPs} in the JSON; a bare number is the CIFAR UNet's)."""
+    """Model FLOP utilisation: achieved FLOP/s over the measured bf16 matmul peak ({model: FLOPs};
+    a bare number is the CIFAR UNet's)."""
     flops, peak = results.get("flops_per_image_step"), results.get("matmul_peak_tflops")
     flops = flops.get(model or "cifar10") if isinstance(flops, dict) else flops
     return images_per_s * steps * flops / (peak * 1e12) if flops and peak else None
 
 
-def _key(r: dict) -> tuple:
-    return r.get("model", "cifar10"), r["backend"], r["precision"], r.get("driver", "-")
-
-
-def _pivot(rows: list, column, cell, columns=None, extra=None) -> tuple[list, list]:
-    """One line per model/backend/precision/driver (in the bench's order), one column per
-    ``column(row)`` (of ``columns``: default all); ``extra(key)`` appends cells."""
-    columns = sorted({column(r) for r in rows}) if columns is None else columns
-    cells = {(_key(r), column(r)): cell(r) for r in rows if column(r) in columns}
-    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[1], *(ORDER.get(x, len(ORDER)) for x in k[2:])))
-    return columns, [list(k) + [cells.get((k, c)) for c in columns] + (extra(k) if extra else []) for k in keys]
-
-
-def latency_table(rows: list) -> list[str]:
-    columns, lines = _pivot(rows, lambda r: (r["steps"], r["sampler"], r["batch"]), lambda r: 1e3 * r["seconds"])
-    return _table(["model", "backend", "precision", "driver"] + [
-        f"{'one step' if steps == 1 else f'{sampler}-{steps}'} b{batch} (ms)" for steps, sampler, batch in columns], lines)
-
-
-def throughput_table(rows: list, results: dict) -> list[str]:
-    def cell(r):
-        u = mfu(r["images_per_s"], r["steps"], results, r.get("model"))
-        return _fmt(r["images_per_s"]) + ("" if u is None else f" ({100 * u:.1f}%)")
-
-    largest = {_key(r): [r["batch"], cell(r)] for r in rows if r.get("largest")}
-    columns, lines = _pivot(rows, lambda r: r["batch"], cell, sorted({r["batch"] for r in rows if not r.get("largest")}),
-                            (lambda k: largest.get(k, [None, None])) if largest else None)
-    return _table(["model", "backend", "precision", "driver"] + [f"b{b}" for b in columns]
-                  + (["largest batch", "at the largest"] if largest else []), lines)
-
-
 def best_engine(results: dict, peer: dict):
-    """The fastest engine row (any backend and driver) at the peer's model, precision, batch and
-    steps: (seconds per request, its row), or None."""
+    """The fastest engine row at the peer's model, precision, batch and steps: (seconds, row) or None."""
     def same(r):
         return all(r.get(k, d) == peer.get(k, d) for k, d in (("model", "cifar10"), ("precision", None),
                                                                ("batch", None), ("steps", None)))
@@ -98,30 +70,20 @@ def best_engine(results: dict, peer: dict):
     return min(found, key=lambda f: f[0]) if found else None
 
 
-def peers_table(results: dict) -> list[str]:
-    rows = []
-    for p in results["peers"]:
-        best = best_engine(results, p) or (None, {})
-        rows.append([p.get("model", "cifar10"), p["name"], p.get("precision"), p.get("batch"), p.get("steps"),
-                     p.get("steps_measured", p.get("steps")), p.get("seconds"), p.get("images_per_s"), best[0],
-                     f"{best[1]['backend']} {best[1].get('driver', '')}".strip() if best[1] else None,
-                     f"{p['seconds'] / best[0]:.1f}x" if best[0] and p.get("seconds") else None])
-    return _table(["model", "peer", "precision", "batch", "steps", "steps timed", "seconds", "images/s",
-                   "engine seconds", "engine (best)", "engine speed-up"], rows)
-
-
 def latency_target(results: dict) -> list[str]:
     """The best engine DDPM-1000 at batch 1 (any precision) against DDPMPipeline fp32 (target: 25x)."""
+    def full(r):
+        return r.get("model", "cifar10") == "cifar10" and r.get("batch") == 1 and r.get("steps") == 1000
+
     base = [p for p in results.get("peers", []) if p["name"].startswith("diffusers") and p.get("precision") == "fp32"
-            and p.get("batch") == 1 and p.get("steps") == 1000]
-    engine = [r for r in results.get("latency", []) if r.get("model", "cifar10") == "cifar10" and r["batch"] == 1
-              and r["sampler"] == "ddpm" and r["steps"] == 1000]
+            and full(p)]
+    engine = [r for r in results.get("latency", []) if full(r) and r["sampler"] == "ddpm"]
     if not base or not engine:
         return []
-    best = min(engine, key=lambda r: r["seconds"])
-    return [f"Latency target (CIFAR-10, DDPM-1000, batch 1): best engine {best['seconds']:.3g} s "
-            f"({best['backend']} {best['precision']} {best.get('driver', '')}) vs DDPMPipeline fp32 "
-            f"{base[0]['seconds']:.3g} s: **{base[0]['seconds'] / best['seconds']:.1f}x** (target >= 25x)", ""]
+    best, peer_s = min(engine, key=lambda r: r["seconds"]), base[0]["seconds"]
+    return [f"Latency target (CIFAR-10, DDPM-1000, batch 1): best engine {best['seconds']:.3g} s ({best['backend']} "
+            f"{best['precision']} {best.get('driver', '')}) vs DDPMPipeline fp32 {peer_s:.3g} s: "
+            f"**{peer_s / best['seconds']:.1f}x** (target >= 25x)", ""]
 
 
 def markdown(results: dict) -> str:
@@ -134,92 +96,55 @@ def markdown(results: dict) -> str:
     if results.get("matmul_peak_tflops"):
         lines.append(f"Measured bf16 matmul peak: {results['matmul_peak_tflops']:.1f} TFLOP/s")
     lines += [""] + latency_target(results)
-    if results.get("parity"):
-        lines += ["## Parity against eager fp32", ""] + _table(
-            ["model", "backend", "precision", "driver", "eps rel err", "image max abs", "PSNR dB"],
-            [[r.get("model", "-"), r["backend"], r["precision"], r.get("driver", "-"), r.get("eps_rel_err"),
-              r.get("image_max_abs"), r.get("psnr_db")] for r in results["parity"]])
-    if host := results.get("host_us_per_step") or {}:
-        lines += ["## Host time per step (µs)", ""] + _table(list(HOST_DRIVERS), [[host.get(k) for k in HOST_DRIVERS]])
-    if results.get("latency"):
-        lines += ["## Latency (ms per request)", ""] + latency_table(results["latency"])
-    if results.get("throughput"):
-        lines += ["## Throughput (images/s at the full step count; % of the bf16 matmul peak)", ""]
-        lines += throughput_table(results["throughput"], results)
-    if results.get("peers"):
-        lines += ["## Peers (engine: the fastest engine row at the same model, precision, batch and steps)", ""]
-        lines += peers_table(results)
-    if results.get("not_ok"):
-        lines += [f"Sections that did not end ok: {', '.join(results['not_ok'])}", ""]
+    key = {k: lambda r, i=i: _key(r)[i] for i, k in enumerate(("model", "backend", "precision", "driver"))}
+    peers = []
+    for p in results.get("peers", []):
+        s, best = best_engine(results, p) or (None, {})
+        peers.append(dict(p, engine_s=s, engine=f"{best['backend']} {best.get('driver', '')}".strip() if best else None,
+                          speedup=f"{p['seconds'] / s:.1f}x" if s and p.get("seconds") else None))
+    tables = [
+        ("Parity against eager fp32", {**key, "eps rel err": "eps_rel_err", "image max abs": "image_max_abs",
+                                       "PSNR dB": "psnr_db"}, results.get("parity")),
+        ("Host time per step (µs)", dict(zip(HOST_DRIVERS, HOST_DRIVERS)), [h] if (h := results.get("host_us_per_step"))
+         else []),
+        ("Latency (ms per request)", {**key, "request": lambda r: f"{r['sampler']}-{r['steps']} b{r['batch']}",
+                                      "ms": lambda r: 1e3 * r["seconds"],
+                                      "ms per step": lambda r: 1e3 * r["seconds"] / r["steps"]}, results.get("latency")),
+        ("Throughput (images/s at the full step count; % of the bf16 matmul peak)", {
+            **key, "batch": "batch", "images/s": "images_per_s",
+            "% of peak": lambda r: None if (u := mfu(r["images_per_s"], r["steps"], results, r.get("model"))) is None
+            else f"{100 * u:.1f}%"}, results.get("throughput")),
+        ("Peers (engine: the fastest engine row at the same model, precision, batch and steps)", {
+            "model": key["model"], "peer": "name", "precision": "precision", "batch": "batch", "steps": "steps",
+            "steps timed": lambda r: r.get("steps_measured", r.get("steps")), "seconds": "seconds",
+            "images/s": "images_per_s", "engine seconds": "engine_s", "engine (best)": "engine",
+            "engine speed-up": "speedup"}, peers),
+    ]
+    for heading, columns, rows in tables:
+        lines += _table(heading, columns, rows) if rows else []
+    lines += [f"Sections that did not end ok: {', '.join(results['not_ok'])}", ""] if results.get("not_ok") else []
     return "\n".join(lines + [f"- {note}" for note in results.get("notes", [])]).rstrip() + "\n"
 
 
-def plot(results: dict, path) -> Path:
-    """Per model: seconds per full-length request and images/s against batch, one line per
-    backend/precision/driver (colour: precision; line style: driver), log-log; writes a PNG."""
-    from ddpm_engine.errors import require
-
-    matplotlib = require("matplotlib", "bench/report.py's plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results.get("latency", []) + results.get("throughput", [])
-    models = sorted({r.get("model", "cifar10") for r in rows}) or ["cifar10"]
-    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
-    colours, styles = {m: f"C{k}" for k, m in enumerate(MODES)}, dict(zip(DRIVERS, ("-", ":", "-.", "--", (0, (1, 1)))))
-    for (ax_lat, ax_tput), model in zip(axes, models):
-        series = {}
-        full = max((r["steps"] for r in results.get("latency", []) if r.get("model", "cifar10") == model), default=None)
-        for r in rows:
-            if r.get("model", "cifar10") == model and ("images_per_s" in r or (r["steps"] == full and r["sampler"] == "ddpm")):
-                seconds = r["batch"] / r["images_per_s"] if "images_per_s" in r else r["seconds"]
-                series.setdefault((r["backend"], r["precision"], r.get("driver", "")), set()).add((r["batch"], seconds))
-        for (backend, precision, driver), pts in sorted(series.items()):
-            kw = {"color": colours.get(precision), "linestyle": styles.get(driver, "-"), "marker": "o",
-                  "label": f"{backend} {precision} {driver}"}
-            pts = sorted(pts)
-            ax_lat.plot([b for b, _ in pts], [s for _, s in pts], **kw)
-            ax_tput.plot([b for b, _ in pts], [b / s for b, s in pts], **kw)
-        for p in results.get("peers", []):
-            if p.get("model", "cifar10") == model and p.get("seconds"):
-                for ax, y in ((ax_lat, p["seconds"]), (ax_tput, p["images_per_s"])):
-                    ax.plot([p["batch"]], [y], "X", color=colours.get(p.get("precision")), mec="k", ms=9, zorder=5)
-        for ax, ylabel in ((ax_lat, "seconds per full-length request"), (ax_tput, "images / s")):
-            ax.set(yscale="log", xlabel="batch", ylabel=ylabel)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{model} (x: peers)", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-        if ax_lat.lines:
-            ax_lat.legend(fontsize=6, ncol=2)
-    fig.suptitle(title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_report(results_path, out_dir=None) -> tuple[Path, Path]:
-    """Write <stem>.md and <stem>.png for a results JSON (its ``measured``, where gpu_check wrote
-    one); returns their paths."""
+def write_report(results_path, out_dir=None) -> Path:
+    """Write <stem>.md for a results JSON (its ``measured`` where gpu_check wrote one)."""
     results_path = Path(results_path)
     results = json.loads(results_path.read_text())
     if "measured" in results:
         results = dict(results["measured"], date=results["started"][:10],
                        not_ok=[name for name, status in results["summary"].items() if status != "ok"])
-    out_dir = Path(out_dir) if out_dir is not None else results_path.parent
+    out_dir = Path(out_dir or results_path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"{results_path.stem}.md"
-    md.write_text(markdown(results), encoding="utf-8")
-    return md, plot(results, out_dir / f"{results_path.stem}.png")
+    (md := out_dir / f"{results_path.stem}.md").write_text(markdown(results), encoding="utf-8")
+    return md
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="a results JSON written by python -m bench.gpu_check")
-    ap.add_argument("--out-dir", default=None, help="where to write the .md and .png (default: beside the JSON)")
+    ap.add_argument("--out-dir", default=None, help="where to write the .md (default: beside the JSON)")
     args = ap.parse_args(argv)
-    md, png = write_report(args.results, args.out_dir)
-    print(f"wrote {md} and {png}")
+    print(f"wrote {write_report(args.results, args.out_dir)}")
     return 0
 
 

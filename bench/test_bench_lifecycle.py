@@ -1,36 +1,21 @@
-"""Process lifecycle at scale: the exit scripts of tests/engine/test_lifecycle.py, 500 runs each.
-
-    python -m pytest bench/test_bench_lifecycle.py --benchmark-only -q -s
-
-A run that ends with a status other than 0, or prints "terminate called", fails the case; the
-benchmark reports the wall time per process (two at a time, OMP_NUM_THREADS=1).
-"""
-
-import time
+"""Process lifecycle at scale: the exit scripts of tests/engine/test_lifecycle.py, 500 runs each (a
+status other than 0, or "terminate called", fails the case); wall time per process."""
 
 import pytest
 
+from bench.measure import sync_time
 from ddpm_engine import Engine
 from tests.engine.test_lifecycle import CONCURRENT, SINGLE, assert_all_clean, run_many
 
 RUNS = 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def exported():
-    Engine.from_pretrained("digits", device="cpu").close()  # one ONNX export for every process
-
-
 @pytest.mark.parametrize("name,code", [("single", SINGLE), ("concurrent", CONCURRENT)])
 def test_exit_status_over_many_processes(benchmark, name, code):
+    Engine.from_pretrained("digits", device="cpu").close()  # one ONNX export for every process
     results = []
-
-    def run():
-        start = time.perf_counter()
-        results.extend(run_many(code, RUNS))
-        return time.perf_counter() - start
-
-    seconds = benchmark.pedantic(run, rounds=1, iterations=1)
+    seconds = benchmark.pedantic(lambda: sync_time(lambda: results.extend(run_many(code, RUNS)), 1, False, "cpu"),
+                                 rounds=1, iterations=1)
     benchmark.group = "process lifecycle"
     benchmark.extra_info.update(script=name, runs=RUNS, seconds_per_process=round(seconds / RUNS * 2, 3))
     assert_all_clean(results)

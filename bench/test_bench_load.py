@@ -1,81 +1,39 @@
-"""Load benchmark for serving: N concurrent clients, bounded in count and time.
-
-    python -m pytest bench/test_bench_load.py --benchmark-only -q -s
-
-CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back to back; each case
-reports images/s and p50/p99 latency for one-by-one calls (``batching=False``), plain
-``Engine.sample``, a coalescing Server and a continuous one. ``test_burst``: 32 concurrent calls of
-``engine.sample`` against the same calls one by one, images compared.
-"""
+"""Serving under load: CLIENTS threads each send REQUESTS single-image DDIM-20 requests (digits) back
+to back to one-by-one calls, ``Engine.sample``, a coalescing and a continuous Server (images/s,
+p50/p99 latency); ``test_burst``: 32 concurrent ``engine.sample`` calls against the same one by one."""
 
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
+from bench.measure import client_load
 from ddpm_engine import Engine
-from ddpm_engine.models import SeedUNet
 from ddpm_engine.serving import Server
 
 CLIENTS, REQUESTS, TIME_LIMIT_S = 16, 4, 120
 OPTS = dict(sampler="ddim", steps=20)
-DIGITS = Path(__file__).resolve().parents[1] / "engine" / "bundled" / "digits" / "config.json"
-
-
-def make_engine(**kw):
-    if DIGITS.exists():
-        return Engine.from_pretrained("digits", backend="torch", **kw)
-    return Engine.from_module(SeedUNet(1, (32, 64, 128)).eval(), sample_shape=(1, 16, 16), backend="torch", **kw)
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return make_engine()
-
-
-def run_load(call):
-    deadline = time.perf_counter() + TIME_LIMIT_S
-
-    def client(k):
-        lat = []
-        for _ in range(REQUESTS):
-            if time.perf_counter() > deadline:
-                break
-            start = time.perf_counter()
-            call([random.getrandbits(64)])
-            lat.append(time.perf_counter() - start)
-        return lat
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        lats = [x for lat in pool.map(client, range(CLIENTS)) for x in lat]
-    wall = time.perf_counter() - start
-    return {"images_per_s": len(lats) / wall, "p50_s": float(np.percentile(lats, 50)),
-            "p99_s": float(np.percentile(lats, 99)), "requests": len(lats), "wall_s": wall}
+    return Engine.from_pretrained("digits", backend="torch")
 
 
 @pytest.mark.parametrize("mode", ["one_by_one", "engine.sample", "coalesce", "continuous"])
 def test_load(benchmark, engine, mode):
-    server = None
-    if mode == "one_by_one":
-        serial = make_engine(batching=False)
-        call = lambda s: serial.sample(s, **OPTS)  # noqa: E731
-    elif mode == "engine.sample":
-        call = lambda s: engine.sample(s, **OPTS)  # noqa: E731
-    else:
-        server = Server(engine, mode=mode, max_batch=32, max_wait_ms=5)
-        call = lambda s: server.sample(s, **OPTS)  # noqa: E731
+    server = Server(engine, mode=mode, max_batch=32, max_wait_ms=5) if mode in ("coalesce", "continuous") else None
+    target = server if server is not None else (
+        Engine.from_pretrained("digits", backend="torch", batching=False) if mode == "one_by_one" else engine)
     try:
-        result = benchmark.pedantic(run_load, args=(call,), rounds=1, iterations=1)
+        result = benchmark.pedantic(client_load, (lambda s: target.sample(s, **OPTS), CLIENTS, REQUESTS, TIME_LIMIT_S),
+                                    rounds=1, iterations=1)
     finally:
         if server is not None:
             server.close()
     benchmark.group = "serving load"
-    benchmark.extra_info.update(mode=mode, clients=CLIENTS, torch_threads=torch.get_num_threads(), **result)
+    benchmark.extra_info.update(mode=mode, clients=CLIENTS, **result)
     print(f"\n{mode:11s} {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "
           f"p99 {result['p99_s'] * 1e3:7.1f} ms")
 

@@ -1,12 +1,5 @@
-"""Load benchmark for Ray Serve replicas: N concurrent HTTP clients on loopback, bounded in count and time.
-
-    python -m pytest bench/test_bench_ray.py --benchmark-only -q -s
-
-One local Ray (no dashboard, a small object store) serves the bundled digits model with 1, then 2
-replicas (one CPU and one OpenMP thread each, torch backend, max_batch_size 32); the clients of
-bench/test_bench_load.py (CLIENTS threads, REQUESTS single-image DDIM-20 requests each, back to back)
-POST to /sample, and the case reports throughput and p50/p99 latency, HTTP and Serve included.
-"""
+"""Ray Serve replicas under load: one local Ray serves the digits model with 1, then 2 replicas (one
+CPU and one OpenMP thread each); test_bench_load.py's clients POST to /sample over loopback."""
 
 import json
 import socket
@@ -19,9 +12,10 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip instal
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.test_bench_load import CLIENTS, OPTS, run_load  # noqa: E402
+from bench.measure import client_load  # noqa: E402
 from ddpm_engine import ray_serve  # noqa: E402
 
+CLIENTS, REQUESTS, TIME_LIMIT_S = 16, 4, 120  # as test_bench_load.py's
 REPLICA_OPTIONS = {"num_cpus": 1, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
 
 
@@ -41,7 +35,7 @@ def http_port():
 
 
 def post_sample(url, seeds):
-    body = json.dumps({"seeds": seeds, **OPTS}).encode()
+    body = json.dumps({"seeds": seeds, "sampler": "ddim", "steps": 20}).encode()
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return ray_serve.from_json(json.load(resp))
@@ -54,7 +48,8 @@ def test_ray_load(benchmark, http_port, replicas):
     url = f"http://127.0.0.1:{http_port}/ddpm/sample"
     for seed in range(4 * replicas):  # warm every replica up
         post_sample(url, [seed])
-    result = benchmark.pedantic(run_load, args=(lambda seeds: post_sample(url, seeds),), rounds=1, iterations=1)
+    result = benchmark.pedantic(client_load, (lambda seeds: post_sample(url, seeds), CLIENTS, REQUESTS, TIME_LIMIT_S),
+                                rounds=1, iterations=1)
     benchmark.group = "ray serve load"
     benchmark.extra_info.update(replicas=replicas, clients=CLIENTS, **result)
     print(f"\n{replicas} replica(s) {result['images_per_s']:7.1f} images/s  p50 {result['p50_s'] * 1e3:7.1f} ms  "

@@ -1,14 +1,6 @@
-"""CPU thread policy bench (engine/threads.py): each workload idle and beside a competing process.
-
-    python -m pytest bench/test_bench_threads.py --benchmark-only -q -s
-
+"""CPU thread policies (engine/threads.py), each workload idle and beside LOAD_PROCESSES busy loops.
 Every (workload, policy, load) runs in a fresh process (OpenMP's wait policy is fixed when torch
-loads it), timing ROUNDS runs after a warm-up. The load is LOAD_PROCESSES busy-looping processes.
-Policies: ``spinning`` (DDPM_ENGINE_SPIN=1: the runtimes' own spinning defaults), ``engine`` (its
-default: idle threads sleep, one per core), ``torch first`` (a script importing torch before the
-engine: it then samples on one torch thread), ``1 thread`` (DDPM_ENGINE_THREADS=1). Medians and
-each one's slowdown under load go to extra_info and are printed (``-s``).
-"""
+loads it): the median of ROUNDS runs after a warm-up."""
 
 import json
 import os
@@ -25,12 +17,10 @@ LOAD_PROCESSES = 1
 TORCH_FIRST = "BENCH_IMPORT_TORCH_FIRST"  # the child imports torch before the engine, as most scripts do
 POLICIES = {"spinning": {"DDPM_ENGINE_SPIN": "1"}, "engine": {}, "torch first": {TORCH_FIRST: "1"},
             "1 thread": {"DDPM_ENGINE_THREADS": "1"}}
-WORKLOADS = {
-    "torch-sample": "torch backend, digits, DDIM-20, batch 4",
-    "torch-train": "3 AdamW steps of the digits SeedUNet, batch 64",
-    "onnxruntime-sample": "onnxruntime backend, digits, DDIM-20, batch 4",
-    "torch-cifar": "one CIFAR-10 UNet call (35.7 M params), batch 1, torch",
-}
+WORKLOADS = {"torch-sample": "torch backend, digits, DDIM-20, batch 4",
+             "torch-train": "3 AdamW steps of the digits SeedUNet, batch 64",
+             "onnxruntime-sample": "onnxruntime backend, digits, DDIM-20, batch 4",
+             "torch-cifar": "one CIFAR-10 UNet call (35.7 M params), batch 1, torch"}
 # settings of the parent that would leak into a child's runtimes
 INHERITED = ("OMP_", "GOMP_", "KMP_", "MKL_NUM_THREADS", "DDPM_ENGINE_THREADS", "DDPM_ENGINE_SPIN", TORCH_FIRST)
 
@@ -44,14 +34,11 @@ def competing_load(processes: int):
     finally:
         for p in procs:
             p.kill()
-        for p in procs:
             p.wait()
 
 
 def child_env(policy: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
-    env.update(policy)
-    return env
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}, **policy}
 
 
 def run_child(workload: str, policy: dict, rounds: int = ROUNDS) -> float:
@@ -74,36 +61,27 @@ def workload_fn(name: str):
     if name in ("torch-sample", "onnxruntime-sample"):
         engine = Engine.from_pretrained("digits", backend=name.split("-")[0], batching=False)
         return lambda: engine.sample([1, 2, 3, 4], sampler="ddim", steps=20)
-    if name == "torch-train":
-        net = SeedUNet(1, (32, 64, 128))
-        opt = torch.optim.AdamW(net.parameters(), 1e-3)
-        x = torch.randn(64, 1, 16, 16)
-
-        def train():
-            for _ in range(3):
-                loss = F.mse_loss(net(x, torch.randint(0, 1000, (64,))), x)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        return train
     if name == "torch-cifar":
         from ddpm_engine.models.cifar_unet import cifar10_unet
 
         net, x, t = cifar10_unet(seed=0).eval(), torch.randn(1, 3, 32, 32), torch.tensor([500])
+        return torch.inference_mode()(lambda: net(x, t))
+    if name != "torch-train":
+        raise ValueError(f"unknown workload {name!r}; one of {sorted(WORKLOADS)}")
+    net, x = SeedUNet(1, (32, 64, 128)), torch.randn(64, 1, 16, 16)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
 
-        def call():
-            with torch.inference_mode():
-                net(x, t)
-        return call
-    raise ValueError(f"unknown workload {name!r}; one of {sorted(WORKLOADS)}")
+    def train():
+        for _ in range(3):
+            opt.zero_grad()
+            F.mse_loss(net(x, torch.randint(0, 1000, (64,))), x).backward()
+            opt.step()
+    return train
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_thread_policy_idle_and_under_load(benchmark, workload):
-    if workload == "torch-cifar":
-        pytest.importorskip("diffusers")
-    if workload == "onnxruntime-sample":
-        pytest.importorskip("onnxruntime")
+    pytest.importorskip({"torch-cifar": "diffusers", "onnxruntime-sample": "onnxruntime"}.get(workload, "torch"))
     results = {}
 
     def table():
@@ -113,16 +91,15 @@ def test_thread_policy_idle_and_under_load(benchmark, workload):
                     results[(name, load)] = run_child(workload, policy)
 
     benchmark.pedantic(table, rounds=1, iterations=1)
-    benchmark.group = f"threads: {workload}"
     rows = {name: {"idle_s": round(results[(name, 0)], 4), "load_s": round(results[(name, LOAD_PROCESSES)], 4),
                    "slowdown_under_load": round(results[(name, LOAD_PROCESSES)] / results[(name, 0)], 2)}
             for name in POLICIES}
+    benchmark.group = f"threads: {workload}"
     benchmark.extra_info.update(workload=WORKLOADS[workload], cpus=os.cpu_count(), load_processes=LOAD_PROCESSES,
                                 rounds=ROUNDS, policies=rows)
     print(f"\n{workload} ({WORKLOADS[workload]}), {os.cpu_count()} CPUs, {LOAD_PROCESSES} competing process(es):")
     for name, r in rows.items():
-        print(f"  {name:11s} idle {r['idle_s']:8.3f} s   under load {r['load_s']:8.3f} s   "
-              f"x{r['slowdown_under_load']:.2f}")
+        print(f"  {name:11s} idle {r['idle_s']:8.3f} s   under load {r['load_s']:8.3f} s   x{r['slowdown_under_load']:.2f}")
 
 
 def main(argv) -> int:

@@ -1,14 +1,12 @@
 """bench/measure.py on the CPU: the bench precisions set and restore torch's flags; a failing driver
-is noted and the others timed; the largest-batch search stops where memory runs out or at any
-error; the host's cost per step drives the graphed sampler's API (a stand-in here)."""
+is noted and the others timed; the host's cost per step drives the graphed sampler's API (a
+stand-in here)."""
 
 import pytest
 import torch
 
 from bench import measure
-from ddpm_engine import Engine
 from ddpm_engine.checkpoints import load
-from ddpm_engine.models import SeedUNet
 
 
 def test_the_bench_precisions_are_the_engines_and_tf32():
@@ -46,51 +44,12 @@ def test_exact_fp32_turns_tf32_off_and_cudnn_deterministic():
 def test_a_failing_driver_is_noted_and_the_others_are_timed():
     # on the CPU a GraphedSampler runs its step uncaptured: driver "python" works, "c" refuses
     with measure.built(load("digits"), "torch", "fp32", "cpu") as eng:
-        assert measure.graphs_refusal(eng) == "the graph drivers need CUDA"
         notes = []
-        times = measure.time_drivers(eng, "ddim", 2, 3, ["python", "c", "eager"], reps=1, warm=False, notes=notes,
-                                     log=lambda m: None)
+        assert measure.usable(eng, ["python", "c", "eager"], notes, "here") == ["eager"]
+        assert notes.pop() == "here: python, c skipped: the graph drivers need CUDA"
+        times = measure.time_drivers(eng, "ddim", 2, 3, ["python", "c", "eager"], reps=1, warm=False, notes=notes)
     assert sorted(times) == ["eager", "python"] and all(t > 0 for t in times.values())
     assert len(notes) == 1 and notes[0].startswith("c ddim-2 batch 3 failed: BackendUnavailableError")
-
-
-class RunsOutAbove(torch.nn.Module):
-    """A small UNet that raises CUDA's out-of-memory error for batches above ``limit``."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-        self.net = SeedUNet(1, (8, 16)).eval()
-
-    def forward(self, x, t):
-        if x.shape[0] > self.limit:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {x.shape[0]} images")
-        return self.net(x, t)
-
-
-@pytest.mark.parametrize("limit,start,expect", [(20, 2, 16), (5, 16, 4), (1, 2, 1)])
-def test_largest_batch_stops_where_memory_runs_out(limit, start, expect):
-    eng = Engine.from_module(RunsOutAbove(limit), sample_shape=(1, 8, 8), backend="torch", device="cpu")
-    assert measure.largest_batch(eng, start, cap=1024) == (expect, f"out of memory at {2 * expect}")
-    assert measure.largest_batch(eng, start, cap=expect)[0] == expect
-    assert eng.sample([1], steps=2).shape == (1, 1, 8, 8)  # the engine still works afterwards
-
-
-def test_largest_batch_stops_at_any_error_and_says_which():
-    """An error that is not out-of-memory (the engine refusing a size, a failing kernel) stops the
-    doubling with the error as the reason; a model that cannot run one image raises."""
-
-    class RefusesAbove(RunsOutAbove):
-        def forward(self, x, t):
-            if x.shape[0] > self.limit:
-                raise ValueError(f"batch {x.shape[0]} refused")
-            return self.net(x, t)
-
-    eng = Engine.from_module(RefusesAbove(8), sample_shape=(1, 8, 8), backend="torch", device="cpu")
-    assert measure.largest_batch(eng, 2, cap=64) == (8, "ValueError: batch 16 refused at 16")
-    eng = Engine.from_module(RefusesAbove(0), sample_shape=(1, 8, 8), backend="torch", device="cpu")
-    with pytest.raises(RuntimeError, match="one image does not run: ValueError: batch 1 refused"):
-        measure.largest_batch(eng, 2, cap=64)
 
 
 class FakeGraphed:
