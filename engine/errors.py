@@ -55,9 +55,12 @@ def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """``repr(value)`` for an error message, cut to about ``limit`` characters: a message that echoes
     what a caller sent (a 5 MB sampler name, a list of a million seeds) quotes a short prefix and
     says how long the rest was, never the whole value."""
-    if isinstance(value, (str, bytes, bytearray)) and len(value) > limit:
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:limit])
+        if len(value) <= limit and len(text) <= limit + 3:
+            return text
         unit = "characters" if isinstance(value, str) else "bytes"
-        return f"{value[:limit]!r}... ({len(value)} {unit})"
+        return f"{text[:limit + 3]}... ({len(value)} {unit})"  # a repr of escapes can be 10 times longer
     import reprlib
 
     short = reprlib.Repr()
