@@ -160,10 +160,11 @@ def draining_error():
     return ServerClosedError("this server is shutting down and takes no new requests; retry on another")
 
 
-def http_request(method: str, path: str, body: bytes, *, engine, max_images: int, ready: bool, draining: bool,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> Answer | Request:
+def http_request(method: str, path: str, body: bytes | None, *, engine, max_images: int, ready: bool,
+                 draining: bool, max_body_bytes: int = MAX_BODY_BYTES) -> Answer | Request:
     """Route one HTTP request: the Answer to send (a probe, or an error), or the validated
-    ``Request`` to sample. Never raises for any method, path or body.
+    ``Request`` to sample. Never raises for any method, path or body. ``body`` None: it was over
+    ``max_body_bytes`` and left unread (``read_body``).
 
     GET /healthz: 200 while the process serves. GET /readyz: 200 once the model is loaded and
     warmed up, 503 before that and while draining. POST /sample: 413 over ``max_body_bytes``,
@@ -183,7 +184,7 @@ def http_request(method: str, path: str, body: bytes, *, engine, max_images: int
         return Answer(405, {"error": "MethodNotAllowed", "message": "POST a JSON body to /sample"}, {"Allow": "POST"})
     if draining:
         return error_answer(draining_error())
-    if len(body) > max_body_bytes:
+    if body is None or len(body) > max_body_bytes:
         return Answer(413, {"error": "PayloadTooLarge", "message": f"the body is over {max_body_bytes} bytes; "
                                                                    "a request of 32 seeds takes under 2 kB"})
     try:
@@ -192,16 +193,17 @@ def http_request(method: str, path: str, body: bytes, *, engine, max_images: int
         return error_answer(exc)
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request's body, read up to ``limit + 1`` bytes (enough to know it is too large)."""
+async def read_body(request, limit: int) -> bytes | None:
+    """The request's body, or None once it is known to be over ``limit`` bytes (by its declared
+    length, unread, or after reading ``limit + 1`` bytes)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        return b"\0" * (limit + 1)  # refused on its declared length, unread
+        return None
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            break
+            return None
     return bytes(body)
 
 

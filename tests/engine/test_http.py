@@ -98,6 +98,7 @@ def test_hostile_bodies_get_400_or_413_with_short_messages(engine):
     assert_json_error(got, 400)
     assert "nests JSON 1001 levels deep" in got.body["message"]
     assert_json_error(answer(engine, deep(100_000).encode()), 413)  # too large, before its depth matters
+    assert_json_error(answer(engine, None), 413)  # over its declared length, unread
     long_name = "x" * (MAX_BODY - 100)
     got = answer(engine, json.dumps({"seeds": [1], "sampler": long_name}).encode())
     assert_json_error(got, 400)
