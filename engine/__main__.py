@@ -172,7 +172,8 @@ def cmd_serve(args) -> int:
 
     serving = False
     try:
-        start(args.address, host=args.host, port=args.port)
+        start(args.address, host=args.host, port=args.port,
+              **({} if args.address else {"include_dashboard": args.dashboard}))
         # a service manager's stop: as Ctrl-C (after ray.init, which installs a handler of its own)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         name = f"ddpm-drain-{os.getpid()}-{time.time_ns()}"
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     v.add_argument("--backend", default="auto")
     v.add_argument("--max-batch-size", type=int, default=32, help="most requests per batch, images per engine call and per request")
+    v.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local Ray (its processes outlive the exit by a second or two)")
     v.add_argument("--grace-s", type=non_negative_seconds, default=10.0,
                    help="on SIGTERM or Ctrl-C, how long in-flight requests may finish; the rest get 503 (default: 10)")
     v.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
