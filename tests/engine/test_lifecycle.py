@@ -209,14 +209,34 @@ def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
 EXIT_AFTER_GRACE_S = 2.0
 
 
-def post_sample(url: str, seeds, steps: int, answers: dict, key: str):
+def stop_mid_request(server, sig, seeds, during=lambda server: None) -> dict:
+    """POST a DDIM-1000 request of ``seeds``, send ``sig`` while it runs, call ``during(server)``,
+    and wait for the exit: what the client got, when (seconds after the signal), the exit time
+    and status, the Ray processes left, the server's output, and what ``during`` returned."""
     import json as json_
 
     from .process_helpers import http_call
 
-    answers[key] = http_call("POST", f"{url}/sample", json_.dumps({"seeds": seeds, "sampler": "ddim",
-                                                                  "steps": steps}).encode())
-    answers[key + "_at"] = time.monotonic()
+    got = {}
+
+    def post():
+        body = json_.dumps({"seeds": seeds, "sampler": "ddim", "steps": 1000}).encode()
+        got["answer"] = http_call("POST", f"{server.url}/sample", body)
+        got["answered"] = time.monotonic()
+
+    client = threading.Thread(target=post)
+    client.start()
+    time.sleep(0.7)  # it runs: 1000 steps take seconds
+    server.proc.send_signal(sig)
+    sent = time.monotonic()
+    got["during"] = during(server)
+    server.proc.wait(60)
+    got["exited"] = time.monotonic() - sent
+    client.join(60)
+    got["answered"] -= sent
+    got["left"] = server.left_behind(wait_s=1.0)  # gone by the time it exits (the kernel reaps them)
+    got["out"] = server.output()
+    return got
 
 
 def wait_until_draining(url: str, limit_s: float = 10.0):
@@ -237,39 +257,31 @@ def wait_until_draining(url: str, limit_s: float = 10.0):
 @pytest.mark.slow
 def test_sigterm_to_the_cli_serve_lets_in_flight_requests_finish_and_refuses_new_ones():
     pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+    from ddpm_engine.ray_serve import from_json
+
     from .process_helpers import CliServer, http_call
+
+    def during(server):  # draining: refused at once, still alive
+        wait_until_draining(server.url)
+        return (http_call("POST", f"{server.url}/sample", b'{"seeds": [1], "sampler": "ddim", "steps": 3}'),
+                http_call("GET", f"{server.url}/healthz"))
 
     grace = 8.0
     with CliServer("--grace-s", str(grace)) as server:
         assert http_call("GET", f"{server.url}/healthz")[::2] == (200, {"status": "alive"})
         assert http_call("GET", f"{server.url}/readyz")[::2] == (200, {"status": "ready"})
-        answers = {}
-        client = threading.Thread(target=post_sample, args=(server.url, [11, 12], 1000, answers, "in_flight"))
-        client.start()
-        time.sleep(0.7)  # it runs: 1000 steps take seconds
-        server.proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        wait_until_draining(server.url)
-        late = http_call("POST", f"{server.url}/sample", b'{"seeds": [1], "sampler": "ddim", "steps": 3}')
-        alive = http_call("GET", f"{server.url}/healthz")
-        server.proc.wait(grace + 30)
-        exited = time.monotonic() - sent
-        client.join(30)
-        left = server.left_behind(wait_s=1.0)  # gone by the time it exits (the kernel reaps them)
-        out = server.output()
-    status, _, answer = answers["in_flight"]
-    assert status == 200, answers
+        got = stop_mid_request(server, signal.SIGTERM, [11, 12], during)
+    status, _, answer = got["answer"]
+    assert status == 200, got
     want = Engine.from_pretrained("digits", device="cpu", backend="torch").sample([11, 12], sampler="ddim", steps=1000)
-    from ddpm_engine.ray_serve import from_json
-
     assert (from_json(answer) - want).abs().max().item() <= 5e-5
+    late, alive = got["during"]
     assert late[0] == 503 and late[1].get("retry-after") == "1" and late[2]["error"] == "ServerClosedError", late
     assert alive[::2] == (200, {"status": "alive"})
-    finished = answers["in_flight_at"] - sent
-    assert server.proc.returncode == 0, out
-    assert exited <= min(finished, grace) + EXIT_AFTER_GRACE_S, (exited, finished)
-    assert "draining" in out and "stopping" in out, out
-    assert not left, f"Ray processes left behind: {left}"
+    assert server.proc.returncode == 0, got["out"]
+    assert got["exited"] <= min(got["answered"], grace) + EXIT_AFTER_GRACE_S, got
+    assert "draining" in got["out"] and "stopping" in got["out"], got["out"]
+    assert not got["left"], f"Ray processes left behind: {got['left']}"
 
 
 @pytest.mark.slow
@@ -280,25 +292,14 @@ def test_a_request_past_the_grace_period_gets_a_503_and_the_cli_serve_exits_in_t
 
     grace = 1.0
     with CliServer("--grace-s", str(grace)) as server:
-        answers = {}
-        client = threading.Thread(target=post_sample, args=(server.url, list(range(8)), 1000, answers, "long"))
-        client.start()
-        time.sleep(0.7)
-        server.proc.send_signal(sig)
-        sent = time.monotonic()
-        server.proc.wait(grace + 30)
-        exited = time.monotonic() - sent
-        client.join(30)
-        left = server.left_behind(wait_s=1.0)  # gone by the time it exits (the kernel reaps them)
-        out = server.output()
-    status, headers, answer = answers["long"]
-    answered = answers["long_at"] - sent
-    assert status == 503 and headers.get("retry-after") == "1", answers
+        got = stop_mid_request(server, sig, list(range(8)))  # 1000 steps of 8 images: past the grace period
+    status, headers, answer = got["answer"]
+    assert status == 503 and headers.get("retry-after") == "1", got
     assert answer == {"error": "ServerClosedError", "message": "the server was closed before this request finished"}
-    assert grace - 0.1 <= answered <= grace + 1.0, answered  # at the end of the grace period, not before
-    assert server.proc.returncode == 0, out
-    assert exited <= grace + EXIT_AFTER_GRACE_S, exited
-    assert not left, f"Ray processes left behind: {left}"
+    assert grace - 0.1 <= got["answered"] <= grace + 1.0, got  # at the end of the grace period, not before
+    assert server.proc.returncode == 0, got["out"]
+    assert got["exited"] <= grace + EXIT_AFTER_GRACE_S, got
+    assert not got["left"], f"Ray processes left behind: {got['left']}"
 
 
 # ---- 4. fork and spawn -----------------------------------------------------------------------
