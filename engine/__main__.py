@@ -28,6 +28,17 @@ def grid_scale(text: str) -> int:
     return scale
 
 
+def non_negative_seconds(text: str) -> float:
+    """--grace-s: a finite number of seconds >= 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return seconds
+
+
 def writable_png(out: str) -> Path:
     """--out, checked before any sampling: a .png name in an existing folder that can be written."""
     from .errors import InvalidRequestError
@@ -148,31 +159,69 @@ def print_fast_path(device: str) -> None:
 
 
 def cmd_serve(args) -> int:
+    """Serve until SIGTERM or Ctrl-C, then drain: new requests get 503, in-flight ones have
+    --grace-s to finish (the rest get 503), Serve and the local Ray stop, and the process exits
+    with status 0 (it does not return)."""
+    import os
     import signal
 
+    from . import ray_serve
     from .ray_serve import app, serve, start  # first: says what to install when Ray is missing
 
     import ray
 
-    start(args.address, host=args.host, port=args.port)
+    serving = False
     try:
+        start(args.address, host=args.host, port=args.port,
+              **({} if args.address else {"include_dashboard": args.dashboard}))
+        # a service manager's stop: as Ctrl-C (after ray.init, which installs a handler of its own)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        name = f"ddpm-drain-{os.getpid()}-{time.time_ns()}"
+        drain = ray_serve.drain_signal(name)
         serve.run(app(args.model, num_replicas=args.replicas, max_batch_size=args.max_batch_size, device=args.device,
-                      backend=args.backend), name="ddpm", route_prefix="/")
+                      backend=args.backend, grace_s=args.grace_s, max_body_bytes=args.max_body_bytes,
+                      drain_signal=name), name="ddpm", route_prefix="/")
+        serving = True
         where = f"the cluster at {args.address}" if args.address else "a local Ray"
         print(f"serving {args.model} ({args.replicas} replicas on {where}) at http://{args.host}:{args.port}/sample; "
               "Ctrl-C stops", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
+        if serving:
+            print(f"draining (up to {args.grace_s:g} s)", flush=True)
+            ray_serve.drain(drain, args.replicas, args.grace_s)
         print("stopping", flush=True)
     finally:
-        if args.address:  # leave the cluster's Serve to its other applications
-            serve.delete("ddpm")
-        else:
-            serve.shutdown()
-        ray.shutdown()
-    return 0
+        if ray.is_initialized():
+            if args.address:  # leave the cluster's Serve to its other applications
+                serve.delete("ddpm")
+            else:
+                serve.shutdown()
+                stop_ray_monitor()
+            ray.shutdown()
+    # Serve and Ray are down; what is left is the interpreter's teardown of torch and Ray's modules,
+    # about a second on a small machine: skip it, so that the process ends within grace + 2 s
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def stop_ray_monitor() -> None:
+    """Stop the autoscaler monitor of the Ray started here, before ``ray.shutdown()``: that stops the
+    GCS first, and the monitor's SIGTERM handler then waits on the dead GCS until Ray kills it a
+    second later (Ray 2.60), a second of the grace + 2 s an orchestrator allows. Ray's private node
+    API: where it is missing, ``ray.shutdown()`` does it all, a second slower."""
+    import ray
+
+    try:
+        ray._private.worker._global_node.kill_monitor(check_alive=False)
+    except Exception:  # private, so it may be missing: ray.shutdown() stops it anyway
+        pass
 
 
 def cmd_check(args) -> int:
@@ -258,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     v.add_argument("--backend", default="auto")
     v.add_argument("--max-batch-size", type=int, default=32, help="most requests per batch, images per engine call and per request")
+    v.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local Ray (its processes outlive the exit by a second or two)")
+    v.add_argument("--grace-s", type=non_negative_seconds, default=10.0,
+                   help="on SIGTERM or Ctrl-C, how long in-flight requests may finish; the rest get 503 (default: 10)")
+    v.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies get 413 (default: 4 MiB)")
     v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="regression check: backends against eager torch, or against a golden file",

@@ -48,6 +48,31 @@ class EmulatedPrecisionWarning(UserWarning):
     are those asked for, but it runs slower than fp32."""
 
 
+QUOTE_LIMIT = 40  # characters of a user's value an error message quotes
+
+
+def quote(value, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: a message that echoes
+    what a caller sent (a 5 MB sampler name, a list of a million seeds) quotes a short prefix and
+    says how long the rest was, never the whole value."""
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:limit])
+        if len(value) <= limit and len(text) <= limit + 3:
+            return text
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{text[:limit + 3]}... ({len(value)} {unit})"  # a repr of escapes can be 10 times longer
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 3, 6, 6, 6, 6
+    try:
+        text = short.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit + 3 else text[:limit] + "..."
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first message line (its type name if it has no message): runtimes such as
     ONNX Runtime and OpenVINO raise many-line messages, and an engine error quotes the first."""

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, quote
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -76,6 +76,8 @@ def check_seeds(seeds) -> list[int]:
     """Validate a list of seeds (ints in [0, 2**64)); returns them as Python ints."""
     if isinstance(seeds, torch.Tensor):
         seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)):  # list("12") would be seeds '1' and '2'
+        raise InvalidRequestError(f"seeds must be a list of integers, got a {type(seeds).__name__}: {quote(seeds)}")
     try:
         seeds = list(seeds)
     except TypeError:
@@ -84,7 +86,7 @@ def check_seeds(seeds) -> list[int]:
         raise InvalidRequestError("seeds must not be empty: ask for at least one image")
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < SEED_LIMIT:
-            raise InvalidRequestError(f"each seed must be an integer in [0, 2**64), got {s!r}")
+            raise InvalidRequestError(f"each seed must be an integer in [0, 2**64), got {quote(s)}")
     return [int(s) for s in seeds]
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from .errors import EngineError, InvalidRequestError, QueueFullError, RequestTimeoutError, quote
 from .plan import SamplingPlan, check_positive_int
 from .threads import yield_cpu_to
 from .slots import SlotBatch
@@ -204,6 +204,7 @@ class Server:
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False  # close(grace_s=...) runs: new requests are refused, accepted ones finish
         self._metrics = Metrics()
         self._thread = None
         _LIVE.add(self)
@@ -241,6 +242,9 @@ class Server:
         with self._cond:
             if self._closed:
                 raise ServerClosedError("the server is closed; create a new one")
+            if self._draining:
+                raise ServerClosedError("the server is shutting down (draining its running requests); "
+                                        "send this request to another server")
             if self._queued >= self.max_queue:
                 self._drop_stale_pending()  # cancelled requests free their slots
             if self._queued >= self.max_queue:
@@ -291,9 +295,15 @@ class Server:
         out["fast_path"] = self.fast_path()
         return out
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, *, grace_s: float | None = None) -> None:
         """Stop the scheduler thread (after the step it is running) and join it; unfinished
-        requests fail with ServerClosedError."""
+        requests fail with ServerClosedError. With ``grace_s``, drain first: new requests are
+        refused at once (ServerClosedError), the queued and running ones have up to ``grace_s``
+        seconds to finish, and only those still unfinished then fail."""
+        if grace_s is not None:
+            if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < float("inf"):
+                raise InvalidRequestError(f"grace_s must be a number of seconds >= 0, got {quote(grace_s)}")
+            self._drain(grace_s)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -301,6 +311,18 @@ class Server:
         thread = self._thread
         if thread is not None and threading.current_thread() is not thread:  # a done-callback cannot join
             thread.join(timeout)
+
+    def _drain(self, grace_s: float) -> None:
+        """Refuse new requests, then wait up to ``grace_s`` for the accepted ones to finish (not
+        from the scheduler thread itself: it could not finish them while it waits)."""
+        deadline = time.monotonic() + grace_s
+        with self._cond:
+            self._draining = True
+            while (self._queued or any(g.running for g in self._groups.values())) and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or threading.current_thread() is self._thread:
+                    break
+                self._cond.wait(min(left, 0.02))  # the scheduler does not signal each finished request
 
     def _forget_parent(self):
         """In a forked child: fresh locks, no requests, no thread (the next submit starts one)."""

@@ -42,3 +42,99 @@ def process_tree(root: int) -> dict:
                 tree[child] = started
                 todo.append(child)
     return tree
+
+
+def http_call(method: str, url: str, body: bytes | None = None, timeout: float = 120) -> tuple:
+    """(status, headers (lower-case names), answer) of one HTTP call: the JSON answer (or its text if not JSON); status
+    "dropped" (answer: the error) when the connection failed or closed without an answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, headers, text = resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as err:
+        status, headers, text = err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+    except OSError as exc:  # refused, reset, closed without an answer, timed out
+        return "dropped", {}, exc
+    try:
+        return status, headers, json.loads(text)
+    except ValueError:
+        return status, headers, text.decode(errors="replace")
+
+
+class CliServer:
+    """``python -m ddpm_engine serve`` on a free loopback port, in its own session (so that a failed
+    test can kill all it started): ``with CliServer("--grace-s", "1") as server: server.url``."""
+
+    START_S = 240  # Ray and Serve start in about 15 s on two shared cores; a hang, not a slow machine
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine", "serve", "--port", str(self.port),
+                                      "--backend", "torch", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        self.lines = []
+
+    def __enter__(self):
+        import queue
+        import threading
+        import time
+
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout] + [lines.put(None)],
+                         daemon=True).start()
+        self._lines = lines
+        deadline = time.monotonic() + self.START_S
+        while True:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if line is None:
+                raise AssertionError(f"serve ended before serving: {self.proc.stderr.read()[-3000:]}")
+            self.lines.append(line)
+            if line.startswith("serving"):
+                break
+        self.ray_processes = process_tree(self.proc.pid)
+        return self
+
+    def output(self) -> str:
+        """Its stdout so far (once it has exited: all of it)."""
+        import queue
+
+        while True:
+            try:
+                line = self._lines.get(timeout=1.0 if self.proc.poll() is not None else 0.01)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return "".join(self.lines)
+
+    def left_behind(self, wait_s: float = 10.0) -> list:
+        """Its Ray processes still alive ``wait_s`` after it exited (they exit asynchronously)."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            live = live_processes()
+            left = [pid for pid, started in self.ray_processes.items() if live.get(pid, (0, None))[1] == started]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        import signal
+
+        try:  # the server, and what it left in its session
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc.stderr.close()

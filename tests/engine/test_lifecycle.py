@@ -202,57 +202,104 @@ def test_sigterm_to_a_process_running_a_server_ends_it_within_10_s(handler):
     assert "ServerClosedError" in outcomes  # the DDPM-1000 requests were still running
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_cli_serve_stops_serve_and_ray_within_10_s():
-    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+# The CLI's serve drains on SIGTERM and Ctrl-C: new requests get 503 at once, in-flight ones finish
+# within --grace-s, those past it get a 503 JSON answer (never a dropped connection), and the process
+# exits 0 within grace + 2 s leaving no Ray process. DDIM requests: 1000 steps of one image take about
+# 2 s here, of eight images about 4 s.
+EXIT_AFTER_GRACE_S = 2.0
+
+
+def stop_mid_request(server, sig, seeds, during=lambda server: None) -> dict:
+    """POST a DDIM-1000 request of ``seeds``, send ``sig`` while it runs, call ``during(server)``,
+    and wait for the exit: what the client got, when (seconds after the signal), the exit time
+    and status, the Ray processes left, the server's output, and what ``during`` returned."""
     import json as json_
-    import urllib.request
 
-    from .process_helpers import SMALL_MACHINE_ENV, free_port, live_processes, process_tree
+    from .process_helpers import http_call
 
-    port = free_port()
-    env = {**os.environ, **SMALL_MACHINE_ENV, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_engine", "serve", "--port", str(port), "--backend", "torch"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("serving"):
-                break
-        ray_processes = process_tree(proc.pid)
-        answer = {}
+    got = {}
 
-        def post():  # in flight when SIGTERM arrives
-            body = json_.dumps({"seeds": [1], "sampler": "ddim", "steps": 30}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/sample", data=body, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    answer["status"] = resp.status
-            except OSError as exc:
-                answer["error"] = exc
+    def post():
+        body = json_.dumps({"seeds": seeds, "sampler": "ddim", "steps": 1000}).encode()
+        got["answer"] = http_call("POST", f"{server.url}/sample", body)
+        got["answered"] = time.monotonic()
 
-        client = threading.Thread(target=post)
-        client.start()
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        proc.wait(timeout=60)
-        elapsed = time.monotonic() - sent
-        client.join(60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode in (0, -signal.SIGTERM) and elapsed < 10.0, (proc.returncode, elapsed)
-    assert answer.get("status") == 200 or "error" in answer, answer  # finished, or failed: no hang
-    assert ray_processes
-    for _ in range(20):  # the exit status is in: Ray's processes are on their way out
-        live = live_processes()
-        left = [pid for pid, started in ray_processes.items() if live.get(pid, (0, None))[1] == started]
-        if not left:
-            break
-        time.sleep(0.5)
-    assert not left, f"Ray processes left behind: {left}"
+    client = threading.Thread(target=post)
+    client.start()
+    time.sleep(0.7)  # it runs: 1000 steps take seconds
+    server.proc.send_signal(sig)
+    sent = time.monotonic()
+    got["during"] = during(server)
+    server.proc.wait(60)
+    got["exited"] = time.monotonic() - sent
+    client.join(60)
+    got["answered"] -= sent
+    got["left"] = server.left_behind(wait_s=1.0)  # gone by the time it exits (the kernel reaps them)
+    got["out"] = server.output()
+    return got
+
+
+def wait_until_draining(url: str, limit_s: float = 10.0):
+    """Poll /readyz until it answers 503 (the drain reached the replica)."""
+    from .process_helpers import http_call
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status, _, answer = http_call("GET", f"{url}/readyz", timeout=5)
+        if status == 503:
+            assert answer == {"status": "draining"}, answer
+            return
+        assert status == 200 and answer == {"status": "ready"}, (status, answer)
+        time.sleep(0.05)
+    raise AssertionError(f"/readyz did not turn 503 within {limit_s} s of the signal")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_cli_serve_lets_in_flight_requests_finish_and_refuses_new_ones():
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+    from ddpm_engine.ray_serve import from_json
+
+    from .process_helpers import CliServer, http_call
+
+    def during(server):  # draining: refused at once, still alive
+        wait_until_draining(server.url)
+        return (http_call("POST", f"{server.url}/sample", b'{"seeds": [1], "sampler": "ddim", "steps": 3}'),
+                http_call("GET", f"{server.url}/healthz"))
+
+    grace = 8.0
+    with CliServer("--grace-s", str(grace)) as server:
+        assert http_call("GET", f"{server.url}/healthz")[::2] == (200, {"status": "alive"})
+        assert http_call("GET", f"{server.url}/readyz")[::2] == (200, {"status": "ready"})
+        got = stop_mid_request(server, signal.SIGTERM, [11, 12], during)
+    status, _, answer = got["answer"]
+    assert status == 200, got
+    want = Engine.from_pretrained("digits", device="cpu", backend="torch").sample([11, 12], sampler="ddim", steps=1000)
+    assert (from_json(answer) - want).abs().max().item() <= 5e-5
+    late, alive = got["during"]
+    assert late[0] == 503 and late[1].get("retry-after") == "1" and late[2]["error"] == "ServerClosedError", late
+    assert alive[::2] == (200, {"status": "alive"})
+    assert server.proc.returncode == 0, got["out"]
+    assert got["exited"] <= min(got["answered"], grace) + EXIT_AFTER_GRACE_S, got
+    assert "draining" in got["out"] and "stopping" in got["out"], got["out"]
+    assert not got["left"], f"Ray processes left behind: {got['left']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_a_request_past_the_grace_period_gets_a_503_and_the_cli_serve_exits_in_time(sig):
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'ddpm-engine[ray]'")
+    from .process_helpers import CliServer
+
+    grace = 1.0
+    with CliServer("--grace-s", str(grace)) as server:
+        got = stop_mid_request(server, sig, list(range(8)))  # 1000 steps of 8 images: past the grace period
+    status, headers, answer = got["answer"]
+    assert status == 503 and headers.get("retry-after") == "1", got
+    assert answer == {"error": "ServerClosedError", "message": "the server was closed before this request finished"}
+    assert grace - 0.1 <= got["answered"] <= grace + 1.0, got  # at the end of the grace period, not before
+    assert server.proc.returncode == 0, got["out"]
+    assert got["exited"] <= grace + EXIT_AFTER_GRACE_S, got
+    assert not got["left"], f"Ray processes left behind: {got['left']}"
 
 
 # ---- 4. fork and spawn -----------------------------------------------------------------------

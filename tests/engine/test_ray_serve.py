@@ -157,6 +157,7 @@ BAD_BODIES = [
     b'{"seeds": [1], "sampler": "euler"}', b'{"seeds": [1], "steps": 0}', b'{"seeds": [1], "steps": 1001}',
     b'{"seeds": [1], "sampler": "ddim", "steps": 2.5}', b'{"seeds": [1], "eta": 2}', b'{"seeds": [1], "eta": NaN}',
     b'{"seeds": [1], "step": 20}', json.dumps({"seeds": list(range(MAX_BATCH + 1))}).encode(),
+    b'{"seeds": [1], "steps": ' + b"[" * 1000 + b"]" * 1000 + b"}", b'{"seeds": [1], "sampler": true}',
 ]
 
 
@@ -181,6 +182,22 @@ def test_the_replicas_checks_and_answer_format_hold_without_a_cluster(lone):
     assert request == ray_serve.Request([7], ray_serve.Options("ddim", 5, 0.0))
     images = lone.sample(request.seeds, **OPTS)
     assert torch.equal(ray_serve.from_json(ray_serve.to_json(images)), images)
+
+
+@pytest.mark.slow
+def test_probes_and_hostile_bodies_over_http(cluster):
+    """Over loopback through Serve's proxy: the probes, a body over the size limit (413), a 2 kB body
+    nested 1000 levels deep (400) and a 3 MB sampler name (400, quoted short): JSON answers, no 500."""
+    root = cluster.url.rsplit("/", 1)[0]
+    for probe, answer in (("healthz", {"status": "alive"}), ("readyz", {"status": "ready"})):
+        with urllib.request.urlopen(f"{root}/{probe}", timeout=60) as resp:
+            assert resp.status == 200 and json.loads(resp.read()) == answer
+    status, answer = post(cluster.url, b'{"seeds": [1], "sampler": "' + b"x" * ray_serve.MAX_BODY_BYTES + b'"}')
+    assert status == 413 and answer["error"] == "PayloadTooLarge", answer
+    status, answer = post(cluster.url, b'{"seeds": [1], "steps": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    assert status == 400 and "1001 levels deep" in answer["message"], answer
+    status, answer = post(cluster.url, json.dumps({"seeds": [1], "sampler": "x" * 3_000_000}).encode())
+    assert status == 400 and len(answer["message"]) <= ray_serve.MESSAGE_LIMIT + 40, answer["message"][:200]
 
 
 @pytest.mark.slow
