@@ -88,7 +88,7 @@ def _environment(state):
     import torch
 
     from ddpm_engine.backends import versions as package_versions
-    from ddpm_engine.cuda import driver
+    from ddpm_engine.cuda import c_loop
     from ddpm_engine.testing import versions
 
     def torch_info():
@@ -111,7 +111,7 @@ def _environment(state):
                                    cudnn=torch.backends.cudnn.version(), executable=sys.executable,
                                    platform=platform.platform())
     yield "torch", torch_info
-    yield "mapped_cuda_libraries", lambda: {"libcudart": (p := driver.mapped_cudart()) and str(p),
+    yield "mapped_cuda_libraries", lambda: {"libcudart": (p := c_loop.mapped_cudart()) and str(p),
                                             "DDPM_CUDART": os.environ.get("DDPM_CUDART")}
     yield "nvidia_smi", nvidia_smi
     yield "ddpm_engine", _installed_tree
@@ -136,22 +136,22 @@ def _driver_probe(state):
 
     if torch.cuda.is_available():
         torch.cuda.init()  # torch's libcudart is mapped now: the graph loop links that one
-    from ddpm_engine.cuda import driver, graph_loop
+    from ddpm_engine.cuda import c_loop, graph_loop
 
     def c_driver():
-        state["driver"] = d = driver.load_driver()
+        state["driver"] = d = c_loop.load_c_loop()
         return {"library": str(d.path), "libcuda": d.libcuda}
 
     def call(name):
         try:
             return getattr(state["driver"], name)()  # a KeyError: the C driver did not load (errors['c_driver'])
-        except driver.CudaError as exc:
+        except c_loop.CudaError as exc:
             if torch.cuda.is_available():
                 raise
             return {"unavailable_without_a_gpu": str(exc)}  # expected here: recorded, not an error
 
     def loop():
-        cudart = driver.find_cudart()  # before loading: the library maps the libcudart it links
+        cudart = c_loop.find_cudart()  # before loading: the library maps the libcudart it links
         lib = graph_loop.load_graph_loop()
         needed = subprocess.run(["readelf", "-d", str(lib.path)], capture_output=True, text=True).stdout
         return {"library": str(lib.path), "supported": lib.supported, "arch": graph_loop.cuda_arch(),

@@ -5,7 +5,7 @@ import pytest
 
 from bench.measure import sync_time
 from ddpm_engine import Engine
-from tests.engine.test_lifecycle import CONCURRENT, SINGLE, assert_all_clean, run_many
+from tests.engine.process_helpers import CONCURRENT, SINGLE, assert_all_clean, run_many
 
 RUNS = 500
 

@@ -1,8 +1,13 @@
 """Helpers for tests that start servers and child processes (Ray Serve, the CLI's serve): a free
-loopback port, the live process tree, and Ray's settings for a small shared machine."""
+loopback port, the live process tree, Ray's settings for a small shared machine, and the exit
+scripts that the lifecycle tests and bench/test_bench_lifecycle.py run many times."""
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Ray on a small shared machine: workers at normal priority (Ray's default nice 15 starves them) and a
@@ -138,3 +143,39 @@ class CliServer:
             pass
         self.proc.wait()
         self.proc.stderr.close()
+
+
+# The scripts that once aborted at exit: sample once and end; four threads sampling at once, then end.
+SINGLE = """
+from ddpm_engine import Engine
+Engine.from_pretrained("digits", device="cpu").sample([1], sampler="ddim", steps=3)
+"""
+CONCURRENT = """
+import threading
+from ddpm_engine import Engine
+engine = Engine.from_pretrained("digits", device="cpu")
+threads = [threading.Thread(target=engine.sample, args=([k],), kwargs=dict(sampler="ddim", steps=3))
+           for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+
+SCRIPT_TIMEOUT_S = 300  # a hang, not a slow machine
+
+
+def run_script(code: str, *args, env=None, timeout=SCRIPT_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def run_many(code: str, runs: int, workers: int = 2) -> list:
+    """The (returncode, stderr) of each of ``runs`` runs of ``code``, ``workers`` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(lambda _: run_script(code, env=env), range(runs)))
+    return [(p.returncode, p.stderr) for p in done]
+
+
+def assert_all_clean(results):
+    bad = [(rc, err[-2000:]) for rc, err in results if rc != 0 or "terminate called" in err]
+    assert not bad, f"{len(bad)} of {len(results)} runs ended abnormally; first: {bad[0]}"

@@ -7,11 +7,9 @@ are ``slow``; the quick loop keeps one check of each kind (exit, Ctrl-C, SIGTERM
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,20 +18,8 @@ import pytest
 
 from ddpm_engine import Engine
 
-# The scripts that once aborted at exit: sample once and end; four threads sampling at once, then end.
-SINGLE = """
-from ddpm_engine import Engine
-Engine.from_pretrained("digits", device="cpu").sample([1], sampler="ddim", steps=3)
-"""
-CONCURRENT = """
-import threading
-from ddpm_engine import Engine
-engine = Engine.from_pretrained("digits", device="cpu")
-threads = [threading.Thread(target=engine.sample, args=([k],), kwargs=dict(sampler="ddim", steps=3))
-           for k in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-"""
+from .process_helpers import CONCURRENT, SCRIPT_TIMEOUT_S, SINGLE, assert_all_clean, run_many, run_script
+
 # submit, sample_async and serve(), each left running when the script ends
 SERVING = """
 import asyncio
@@ -45,27 +31,6 @@ server = engine.serve(max_batch=4)
 server.sample([3], sampler="ddim", steps=3)
 server.submit([4], sampler="ddpm")  # still running at exit: fails with ServerClosedError, no abort
 """
-SCRIPT_TIMEOUT_S = 300  # a hang, not a slow machine
-
-
-def run_script(code: str, *args, env=None, timeout=SCRIPT_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def run_many(code: str, runs: int, workers: int = 2) -> list:
-    """The (returncode, stderr) of each of ``runs`` runs of ``code``, ``workers`` at a time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
-    with ThreadPoolExecutor(workers) as pool:
-        done = list(pool.map(lambda _: run_script(code, env=env), range(runs)))
-    return [(p.returncode, p.stderr) for p in done]
-
-
-def assert_all_clean(results):
-    bad = [(rc, err[-2000:]) for rc, err in results if rc != 0 or "terminate called" in err]
-    assert not bad, f"{len(bad)} of {len(results)} runs ended abnormally; first: {bad[0]}"
-
-
 @pytest.fixture(scope="module", autouse=True)
 def shared_cache(cache):
     """One ONNX export for every process of this module (they inherit $DDPM_ENGINE_CACHE)."""
