@@ -189,6 +189,9 @@ class StepSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "_definition", sampler_def(self.sampler))  # an unknown name raises here
+        if Variance(self.variance).learned:
+            raise InvalidRequestError(f"variance type {self.variance.value!r} (a model that outputs its variance) "
+                                      "is not supported yet; use 'fixed_small' or 'fixed_large'")
 
     @property
     def definition(self) -> "SamplerDef":

@@ -40,9 +40,17 @@ class Prediction(str, Enum):
 
 
 class Variance(str, Enum):
-    """DDPM's fixed reverse variance choices (DDPM paper sec. 3.2)."""
+    """DDPM's reverse variance: fixed (DDPM paper sec. 3.2) or learned by the model (Nichol &
+    Dhariwal 2021: the model outputs 2C channels, [its prediction, the variance part])."""
     FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (DDPM eq. 7; diffusers' default)
     FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (DDPM sec. 3.2's other choice)
+    LEARNED = "learned"  # the second C channels are log sigma^2 itself
+    LEARNED_RANGE = "learned_range"  # they are v in [-1, 1]: log sigma^2 = v' max + (1 - v') min, v' = (v + 1) / 2
+
+    @property
+    def learned(self) -> bool:
+        """Whether the model outputs the variance: 2C output channels for C sample channels."""
+        return self in (Variance.LEARNED, Variance.LEARNED_RANGE)
 
     @classmethod
     def parse(cls, value) -> "Variance":
@@ -50,7 +58,8 @@ class Variance(str, Enum):
         try:
             return cls(aliases.get(value, value))
         except ValueError:
-            raise InvalidRequestError(f"unknown variance type {value!r}; use 'fixed_small' or 'fixed_large'") from None
+            raise InvalidRequestError(f"unknown variance type {value!r}; use one of "
+                                      f"{[v.value for v in cls]}") from None
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -423,7 +432,9 @@ class SchedulerConfig:
 
     def __post_init__(self):
         Prediction.parse(self.prediction_type)
-        Variance.parse(self.variance_type)
+        if Variance.parse(self.variance_type).learned:
+            raise InvalidRequestError(f"variance type {self.variance_type!r} (a model that outputs its variance) is "
+                                      "not supported yet; use 'fixed_small' or 'fixed_large'")
         self.betas()
 
     @classmethod
