@@ -3,7 +3,8 @@
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
 
 Per (sampler, steps): the share of ``--n`` images from fixed seeds that ``DigitsJudge`` recognises,
-the class spread (normalised entropy: 1 = all ten equally often), the wall time; JSON and PNG.
+the class spread (normalised entropy: 1 = all ten equally often), the Fréchet distance to the
+real digits (``DigitsJudge.frechet_distance``: lower is better), the wall time; JSON and PNG.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250) -
     p = counts[counts > 0] / max(counts.sum(), 1)
     return {"sampler": sampler, "steps": steps, "network_calls": steps, "samples": n, "pass_rate": float(ok.mean()),
             "digits_found": int((counts > 0).sum()), "per_digit": counts.tolist(),
-            "class_entropy": float(-(p * np.log(p)).sum() / np.log(10)), "wall_s": wall}
+            "class_entropy": float(-(p * np.log(p)).sum() / np.log(10)), "frechet": judge.frechet_distance(images),
+            "wall_s": wall}
 
 
 def plot(rows: list, path: Path) -> Path:
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     for sampler, steps in configs:
         rows.append(r := measure(engine, judge, sampler, steps, args.n))
         print(f"{sampler:9s} {steps:5d} steps: {100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, "
-              f"entropy {r['class_entropy']:.3f}, {r['wall_s']:.1f} s", flush=True)
+              f"entropy {r['class_entropy']:.3f}, FD {r['frechet']:.1f}, {r['wall_s']:.1f} s", flush=True)
     date, out = datetime.date.today().isoformat(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": date, "model": "digits (bundled)", "backend": engine.backend.name,
