@@ -35,11 +35,43 @@ def _gather(column: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
     return column[i].reshape(-1, *([1] * (ndim - 1)))
 
 
+def model_output_parts(model_output, x_t, variance=None):
+    """Where a model's output keeps its prediction and its variance part: (prediction, variance
+    part or None), views of ``model_output`` (no copy). The one place that knows the layout.
+
+    A model with a learned variance (Variance.learned; Nichol & Dhariwal 2021, improved-diffusion,
+    guided-diffusion, diffusers) outputs 2C channels for C sample channels, [prediction (eps / x0 /
+    v), variance part], split along dim 1 as diffusers' ``torch.split(model_output, C, dim=1)``.
+    Every sampler reads the prediction, the first C channels; only DDPM with a learned variance
+    reads the variance part. ``variance``: the Variance the caller's step uses: a learned one needs
+    2C channels and a fixed one C (diffusers' DDPMScheduler); None (a sampler that takes no
+    variance) accepts either, as diffusers' pipelines split before DDIM / DPM-Solver / UniPC.
+    Host metadata only (no sync); a wrong width raises InvalidRequestError.
+
+    :param model_output: [B, C or 2C, ...]; :param x_t: [B, C, ...].
+    """
+    C, width = x_t.shape[1], model_output.shape[1] if model_output.ndim > 1 else None
+    allowed = (C, 2 * C) if variance is None else ((2 * C,) if Variance(variance).learned else (C,))
+    if width not in allowed or model_output.shape[0] != x_t.shape[0] or model_output.shape[2:] != x_t.shape[2:]:
+        why = ("" if variance is None else f" for variance type {Variance(variance).value!r}"
+               + (" (the model outputs [prediction, variance part])" if Variance(variance).learned else ""))
+        want = " or ".join(str((x_t.shape[0], w, *x_t.shape[2:])) for w in allowed)
+        raise InvalidRequestError(f"the model output has shape {tuple(model_output.shape)}; expected {want}{why}: "
+                                  "a model with a learned variance needs variance_type 'learned' or 'learned_range' "
+                                  "in its scheduler config, any other model C output channels")
+    if width == C:
+        return model_output, None
+    return model_output[:, :C], model_output[:, C:]
+
+
 def predict_x0_and_eps(tab: DeviceTables, x_t, model_output, i, prediction: Prediction):
     """x0 and epsilon implied by the model output at step index i (before any clipping).
 
     x_t = sqrt(abar) x0 + sqrt(1 - abar) eps  (DDPM eq. 4) is solved for whichever is missing.
+    ``model_output`` is the model's as it comes (C channels, or 2C with a learned variance):
+    its prediction is read through ``model_output_parts``.
     """
+    model_output, _ = model_output_parts(model_output, x_t)
     nd = x_t.ndim
     sa = _gather(tab.sqrt_alphas_cumprod, i, nd)
     s1ma = _gather(tab.sqrt_one_minus_alphas_cumprod, i, nd)
@@ -61,16 +93,41 @@ def ddpm_step(tab: DeviceTables, x_t, model_output, i, noise, *, prediction=Pred
 
     1. x0 from the model output (eq. 15 for epsilon), optionally clipped to [-1, 1];
     2. posterior mean  mu = coef1 * x0 + coef2 * x_t  (eq. 7);
-    3. x_prev = mu + exp(0.5 log sigma^2) * noise, with the noise masked out where i == 0.
+    3. x_prev = mu + sigma * noise, with the noise masked out where i == 0 (a mask, not a
+       product: a learned sigma that overflows there cannot leak in as inf * 0).
+
+    sigma^2 per variance type (``model_output`` has 2C channels for a learned one, split by
+    ``model_output_parts``; v is its variance part, per element):
+
+    - fixed_small:   log sigma^2 = posterior_log_variance_clipped[i]  (DDPM eq. 7's beta~);
+    - fixed_large:   log sigma^2 = large_log_variance[i]  (beta_i);
+    - learned_range: log sigma^2 = f max_log + (1 - f) min_log, f = (v + 1) / 2, with
+      min_log = posterior_log_variance_clipped[i] and max_log = large_log_variance[i] (log beta_i
+      of the respaced betas): improved-diffusion's and diffusers' LEARNED_RANGE (Nichol & Dhariwal
+      2021 eq. 15). Both columns equal theirs on every step that draws noise (i >= 1);
+    - learned:       sigma^2 = v, the model outputs the variance itself: diffusers' DDPMScheduler
+      ("learned" returns the predicted variance, and step takes its square root), which this
+      engine follows since its configs are diffusers' (a negative v gives NaN there and here).
+      improved-diffusion's LEARNED reads v as log sigma^2 instead: such a model is served by
+      outputting exp(v).
     """
     nd = x_t.ndim
+    variance = Variance(variance)
+    model_output, v = model_output_parts(model_output, x_t, variance)
     x0, _ = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     mean = _gather(tab.posterior_mean_coef1, i, nd) * x0 + _gather(tab.posterior_mean_coef2, i, nd) * x_t
-    log_var = tab.posterior_log_variance_clipped if variance is Variance.FIXED_SMALL else tab.large_log_variance
-    nonzero_mask = (i != 0).to(x_t.dtype).reshape(-1, *([1] * (nd - 1)))
-    x_prev = mean + nonzero_mask * torch.exp(0.5 * _gather(log_var, i, nd)) * noise
+    small, large = _gather(tab.posterior_log_variance_clipped, i, nd), _gather(tab.large_log_variance, i, nd)
+    if variance is Variance.LEARNED:
+        std = torch.sqrt(v)
+    elif variance is Variance.LEARNED_RANGE:
+        frac = (v + 1) / 2
+        std = torch.exp(0.5 * (frac * large + (1 - frac) * small))
+    else:
+        std = torch.exp(0.5 * (large if variance is Variance.FIXED_LARGE else small))
+    nonzero = (i != 0).reshape(-1, *([1] * (nd - 1)))
+    x_prev = mean + torch.where(nonzero, std * noise, 0.0)
     return x_prev, x0
 
 
@@ -189,9 +246,7 @@ class StepSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "_definition", sampler_def(self.sampler))  # an unknown name raises here
-        if Variance(self.variance).learned:
-            raise InvalidRequestError(f"variance type {self.variance.value!r} (a model that outputs its variance) "
-                                      "is not supported yet; use 'fixed_small' or 'fixed_large'")
+        object.__setattr__(self, "variance", Variance.parse(self.variance))
 
     @property
     def definition(self) -> "SamplerDef":

@@ -44,7 +44,7 @@ class Variance(str, Enum):
     Dhariwal 2021: the model outputs 2C channels, [its prediction, the variance part])."""
     FIXED_SMALL = "fixed_small"  # sigma^2 = posterior variance beta~_t (DDPM eq. 7; diffusers' default)
     FIXED_LARGE = "fixed_large"  # sigma^2 = beta_t (DDPM sec. 3.2's other choice)
-    LEARNED = "learned"  # the second C channels are log sigma^2 itself
+    LEARNED = "learned"  # the second C channels are sigma^2 itself (diffusers' meaning; samplers.ddpm_step)
     LEARNED_RANGE = "learned_range"  # they are v in [-1, 1]: log sigma^2 = v' max + (1 - v') min, v' = (v + 1) / 2
 
     @property
@@ -148,6 +148,12 @@ class Tables:
       noise is masked out anyway, it just keeps the log finite.
     - ``large_log_variance``  = log of [posterior_variance[1], beta_1, beta_2, ...]: the
       "fixed_large" choice sigma^2 = beta_t, again finite at i = 0.
+    - A learned variance ("learned_range", Nichol & Dhariwal 2021 eq. 15) interpolates between
+      these two columns, min_log = posterior_log_variance_clipped and max_log = large_log_variance,
+      by the model's output: improved-diffusion's min_log is the same clipped column and its
+      max_log is log(betas) of the respaced betas, diffusers' are log of the (unclipped) posterior
+      variance and of beta_i: all equal ours on every step that draws noise (i >= 1); at i = 0 the
+      noise is masked out, so no column of its own is needed.
     - ``posterior_mean_coef1`` = beta_i sqrt(abar_{i-1}) / (1 - abar_i),
       ``posterior_mean_coef2`` = (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i)  (DDPM eq. 7):
       mean = coef1 * x0 + coef2 * x_t.
@@ -432,9 +438,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         Prediction.parse(self.prediction_type)
-        if Variance.parse(self.variance_type).learned:
-            raise InvalidRequestError(f"variance type {self.variance_type!r} (a model that outputs its variance) is "
-                                      "not supported yet; use 'fixed_small' or 'fixed_large'")
+        Variance.parse(self.variance_type)
         self.betas()
 
     @classmethod

@@ -4,6 +4,10 @@ Each implementation has the same contract so the loops around it do not care whi
 
     pred_x0 = step(rows, model_output, want_x0=False)
 
+``model_output`` is the model's as it comes: C channels, or 2C for a learned variance
+(samplers.model_output_parts: its width must fit the spec's variance type, else
+InvalidRequestError before anything is written).
+
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
 saturating at 0) and writes the sampler's per-sample state (samplers.SamplerDef.state: the
 multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``; allocated by the caller,
@@ -28,7 +32,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import philox_normal
-from .samplers import StepSpec
+from .samplers import StepSpec, model_output_parts
 from .schedules import DeviceTables
 
 STEP_IMPLS = ("auto", "torch", "triton")
@@ -83,6 +87,7 @@ class TorchStep:
     def __call__(self, rows: Rows, model_output, want_x0: bool = False):
         d, x_t, i = self.sampler, rows.x, rows.i
         d.check_state(rows)
+        model_output_parts(model_output, x_t, self.spec.variance)  # its width fits the variance type (metadata)
         state = [getattr(rows, name) for name in d.state]
         noise = None if d.noise is None else philox_normal(rows.words, i + d.noise, self.numel).reshape(x_t.shape)
         x_prev, x0, *new_state = d.torch(self.spec, self.tab, x_t, model_output, i, noise, *state)

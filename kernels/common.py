@@ -1,7 +1,11 @@
 """What every fused step kernel shares: the table layout, the per-sample prologue, the x0 / eps
 prediction, the in-kernel noise, and the host-side launch helpers.
 
-Layout: x_t, the model output and every output are flat [B, N] buffers (N elements per sample).
+Layout: x_t and every output are flat [B, N] buffers (N elements per sample). The model output
+is [B, C or 2C, ...]: with a learned variance a model outputs 2C channels, [prediction, variance
+part] (engine.samplers.model_output_parts says which channels are which). Kernels read it as
+views with a per-sample stride (``output_parts``, ``load_output``): sample b's prediction at
+prediction + b * OUT_STRIDE + e, so the first C channels of a 2C output are read in place, no copy.
 The grid is 2-D, (sample b, block of elements), so a program serves one sample and gathers that
 sample's row of the packed coefficient table (schedules.DeviceTables.packed, columns in
 schedules.COLUMNS) once, at the sample's own step index i: samples of one batch may sit at
@@ -14,7 +18,8 @@ import triton.language as tl
 
 from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import PHILOX_ROUNDS
-from ddpm_engine.schedules import COLUMNS, Prediction
+from ddpm_engine.samplers import model_output_parts
+from ddpm_engine.schedules import COLUMNS, Prediction, Variance
 
 from .options import FP_FUSION
 from .philox import PHILOX_KEY, philox_normal
@@ -24,6 +29,14 @@ PRED_EPSILON = tl.constexpr(0)
 PRED_SAMPLE = tl.constexpr(1)
 PRED_V = tl.constexpr(2)
 PREDICTION_CODE = {Prediction.EPSILON: PRED_EPSILON, Prediction.SAMPLE: PRED_SAMPLE, Prediction.V: PRED_V}
+
+# DDPM's reverse variance (engine.schedules.Variance), as the DDPM kernel's VARIANCE constant.
+VAR_FIXED_SMALL = tl.constexpr(0)
+VAR_FIXED_LARGE = tl.constexpr(1)
+VAR_LEARNED = tl.constexpr(2)
+VAR_LEARNED_RANGE = tl.constexpr(3)
+VARIANCE_CODE = {Variance.FIXED_SMALL: VAR_FIXED_SMALL, Variance.FIXED_LARGE: VAR_FIXED_LARGE,
+                 Variance.LEARNED: VAR_LEARNED, Variance.LEARNED_RANGE: VAR_LEARNED_RANGE}
 
 # The packed table's row length and column indices (schedules.COLUMNS).
 NCOLS = tl.constexpr(len(COLUMNS))
@@ -82,6 +95,13 @@ def predict_x0_and_eps(x, out, row, PRED: tl.constexpr):
         x0 = sa * x - s1ma * out
         eps = sa * out + s1ma * x
     return x0, eps
+
+
+@triton.jit
+def load_output(ptr, b, offs, mask, out_stride):
+    """Sample b's elements ``offs`` of a model output part (``output_parts``: the prediction or the
+    variance part), as fp32: ptr + b * out_stride + offs."""
+    return tl.load(ptr + b.to(tl.int64) * out_stride + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -144,6 +164,22 @@ def block_for(numel: int) -> int:
 def grid_for(x, block: int):
     """(samples, blocks per sample) for a [B, ...] sample tensor."""
     return (x.shape[0], triton.cdiv(x[0].numel(), block))
+
+
+def output_parts(model_output, x, variance=None):
+    """The model output as a kernel reads it: (prediction, variance part, per-sample stride OUT_STRIDE).
+
+    Views of one contiguous [B, C or 2C, ...] output (engine.samplers.model_output_parts decides
+    the parts and checks the width against ``variance``: None accepts either), no copy; the
+    variance part is the prediction itself (a pointer the kernel never reads) when there is none.
+    Host metadata only."""
+    if not isinstance(model_output, torch.Tensor) or not model_output.is_contiguous() or model_output.device != x.device:
+        raise InvalidRequestError(f"model_output must be a contiguous tensor on {x.device}, got "
+                                  f"{type(model_output).__name__}" + (
+                                      f" (contiguous={model_output.is_contiguous()}) on {model_output.device}"
+                                      if isinstance(model_output, torch.Tensor) else ""))
+    prediction, variance_part = model_output_parts(model_output, x, variance)
+    return prediction, prediction if variance_part is None else variance_part, model_output[0].numel()
 
 
 def check_inputs(x, i, table, seed_words=None, **per_element):

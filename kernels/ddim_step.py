@@ -23,19 +23,22 @@ from ddpm_engine.samplers import ddim_step as reference  # noqa: F401  (the spec
 
 from .options import FP_FUSION
 from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_RECIP_ABAR, COL_SQRT_RECIPM1_ABAR, PRED_EPSILON,
-                     PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, predict_x0_and_eps, step_noise, step_prologue)
+                     PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output, output_parts, predict_x0_and_eps,
+                     step_noise, step_prologue)
 
 
 @triton.jit
 def _ddim_step_kernel(
     x_ptr,        # [B, N] x_t
-    out_ptr,      # [B, N] model output
+    out_ptr,      # [B, >= N] model output's prediction part, per-sample stride out_stride
     xprev_ptr,    # [B, N] out: x_{t-1}
     x0_ptr,       # [B, N] out: predicted x0 (only when STORE_X0)
     i_ptr,        # int64 [B]: step indices (read only)
     seed_ptr,     # int64 [B, 2]: seed words
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
-    N, eta,
+    N,            # elements per sample
+    out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
+    eta,
     PRED: tl.constexpr, CLIP: tl.constexpr, USE_CLIPPED_MODEL_OUTPUT: tl.constexpr, STORE_X0: tl.constexpr,
     HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -44,7 +47,7 @@ def _ddim_step_kernel(
     abar_prev = tl.load(row + COL_DDIM_ABAR_PREV)
 
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = load_output(out_ptr, b, offs, mask, out_stride)
     x0, eps = predict_x0_and_eps(x, out, row, PRED)
     if CLIP:
         x0 = clip_x0(x0)
@@ -71,10 +74,12 @@ def ddim_step(x, model_output, i, seed_words, table, *, eta: float = 0.0, predic
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     if store_x0 and x0 is None:
         x0 = torch.empty_like(x)
-    check_inputs(x, i, table, seed_words, model_output=model_output, x_prev=x_prev, x0=x0 if store_x0 else None)
+    check_inputs(x, i, table, seed_words, x_prev=x_prev, x0=x0 if store_x0 else None)
+    prediction_part, _, out_stride = output_parts(model_output, x)
     block = block or block_for(x[0].numel())
     _ddim_step_kernel[grid_for(x, block)](
-        x, model_output, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(), float(eta),
+        x, prediction_part, x_prev, x0 if store_x0 else x_prev, i, seed_words, table, x[0].numel(), out_stride,
+        float(eta),
         PRED=prediction, CLIP=bool(clip_denoised), USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
         STORE_X0=bool(store_x0), HAS_NOISE=float(eta) > 0.0, BLOCK=block, enable_fp_fusion=FP_FUSION,
     )

@@ -38,14 +38,14 @@ from ddpm_engine.samplers import dpmpp_2m_sde_step as reference_sde  # noqa: F40
 
 from .options import FP_FUSION
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_SDE_NOISE_STD, COL_SDE_X, COL_SDE_X0,
-                     COL_SDE_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_state,
-                     predict_x0_and_eps, step_noise, step_prologue)
+                     COL_SDE_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output,
+                     load_state, output_parts, predict_x0_and_eps, step_noise, step_prologue)
 
 SDE_COUNTER = tl.constexpr(SDE_STEP)
 
 
 @triton.jit
-def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N,
+def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride,
                     COL_X: tl.constexpr, COL_X0: tl.constexpr, COL_X0_PREV: tl.constexpr,
                     PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     """This program's part of the multistep update from the table columns COL_*: returns the
@@ -53,7 +53,7 @@ def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N,
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
     coef_x0_prev = tl.load(row + COL_X0_PREV)
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = load_output(out_ptr, b, offs, mask, out_stride)
     x0_prev = load_state(x0prev_ptr, flat, offs, N, coef_x0_prev)
     x0, _ = predict_x0_and_eps(x, out, row, PRED)
     if CLIP:
@@ -65,16 +65,17 @@ def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N,
 @triton.jit
 def _dpmpp_2m_step_kernel(
     x_ptr,        # [B, N] x_t (fp32 / fp16 / bf16)
-    out_ptr,      # [B, N] model output
+    out_ptr,      # [B, >= N] model output's prediction part, per-sample stride out_stride
     x0prev_ptr,   # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
     xprev_ptr,    # [B, N] out: x_{t-1}, x's dtype
     i_ptr,        # int64 [B]: step indices (read only)
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
-    N,
+    N,            # elements per sample
+    out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
     PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _, _, _, _, mask, flat, x_prev, x0 = dpmpp_2m_update(
-        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED, CLIP, BLOCK)
+        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED, CLIP, BLOCK)
     tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
 
@@ -82,17 +83,18 @@ def _dpmpp_2m_step_kernel(
 @triton.jit
 def _dpmpp_2m_sde_step_kernel(
     x_ptr,        # [B, N] x_t (fp32 / fp16 / bf16)
-    out_ptr,      # [B, N] model output
+    out_ptr,      # [B, >= N] model output's prediction part, per-sample stride out_stride
     x0prev_ptr,   # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
     xprev_ptr,    # [B, N] out: x_{t-1}, x's dtype
     i_ptr,        # int64 [B]: step indices (read only)
     seed_ptr,     # int64 [B, 2]: each sample's seed words (lo, hi)
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
-    N,
+    N,            # elements per sample
+    out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
     PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat, x_prev, x0 = dpmpp_2m_update(
-        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, COL_SDE_X, COL_SDE_X0, COL_SDE_X0_PREV, PRED, CLIP, BLOCK)
+        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, COL_SDE_X, COL_SDE_X0, COL_SDE_X0_PREV, PRED, CLIP, BLOCK)
     x_prev += tl.load(row + COL_SDE_NOISE_STD) * step_noise(b, i + SDE_COUNTER, offs, seed_ptr)
     tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
@@ -110,14 +112,16 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
         raise InvalidRequestError("the DPM-Solver++(2M) step keeps each sample's previous x0 in x0_prev "
                                   "(stepping.Rows.x0_prev): allocate it (zeros, shaped as x) before the first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
-    check_inputs(x, i, table, seed_words, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev)
+    check_inputs(x, i, table, seed_words, x_prev=x_prev, x0_prev=x0_prev)
+    prediction_part, _, out_stride = output_parts(model_output, x)
     block = block or block_for(x[0].numel())
     consts = dict(PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION)
     if seed_words is None:
-        _dpmpp_2m_step_kernel[grid_for(x, block)](x, model_output, x0_prev, x_prev, i, table, x[0].numel(), **consts)
+        _dpmpp_2m_step_kernel[grid_for(x, block)](x, prediction_part, x0_prev, x_prev, i, table, x[0].numel(),
+                                                  out_stride, **consts)
     else:
-        _dpmpp_2m_sde_step_kernel[grid_for(x, block)](x, model_output, x0_prev, x_prev, i, seed_words, table,
-                                                      x[0].numel(), **consts)
+        _dpmpp_2m_sde_step_kernel[grid_for(x, block)](x, prediction_part, x0_prev, x_prev, i, seed_words, table,
+                                                      x[0].numel(), out_stride, **consts)
     return x_prev, x0_prev
 
 

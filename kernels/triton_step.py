@@ -26,6 +26,7 @@ import os
 import torch
 
 from ddpm_engine.errors import BackendUnavailableError, require
+from ddpm_engine.samplers import model_output_parts
 
 
 class TritonStep:
@@ -57,6 +58,7 @@ class TritonStep:
 
     def __call__(self, rows, model_output, want_x0: bool = False):
         self.sampler.check_state(rows)
+        model_output_parts(model_output, rows.x, self.spec.variance)  # its width fits the variance type (metadata)
         if want_x0 and (self._x0 is None or self._x0.shape != rows.x.shape):
             self._x0 = torch.empty_like(rows.x)
         x0 = self._step(self.spec, self.prediction, self.table, rows, model_output, self._x0 if want_x0 else None)

@@ -37,19 +37,20 @@ from ddpm_engine.samplers import unipc_step as reference  # noqa: F401  (the spe
 from .options import FP_FUSION
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_UNIPC_CORR_X0, COL_UNIPC_NEXT_X,
                      COL_UNIPC_NEXT_X0, COL_UNIPC_NEXT_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0,
-                     grid_for, load_state, predict_x0_and_eps, step_prologue)
+                     grid_for, load_output, load_state, output_parts, predict_x0_and_eps, step_prologue)
 
 
 @triton.jit
 def _unipc_step_kernel(
     x_ptr,        # [B, N] x_t as predicted by the previous step (fp32 / fp16 / bf16)
-    out_ptr,      # [B, N] model output at x_t
+    out_ptr,      # [B, >= N] model output's prediction part at x_t, per-sample stride out_stride
     x0prev_ptr,   # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
     corr_ptr,     # [B, N] in: this step's corrector, known part; out: the next step's (float32 state)
     xprev_ptr,    # [B, N] out: x_{t-1}, x's dtype
     i_ptr,        # int64 [B]: step indices (read only)
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
-    N,
+    N,            # elements per sample
+    out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
     PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
@@ -58,7 +59,7 @@ def _unipc_step_kernel(
     next_x0_prev = tl.load(row + COL_UNIPC_NEXT_X0_PREV)
 
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = load_output(out_ptr, b, offs, mask, out_stride)
     corrector = load_state(corr_ptr, flat, offs, N, corr_x0)
     x0_prev = load_state(x0prev_ptr, flat, offs, N, tl.abs(coef_x0_prev) + tl.abs(next_x0_prev))
     x0, _ = predict_x0_and_eps(x, out, row, PRED)
@@ -83,10 +84,11 @@ def unipc_step(x, model_output, i, x0_prev, corrector, table, *, prediction=PRED
         raise InvalidRequestError("the UniPC step keeps each sample's previous x0 and corrector in x0_prev and "
                                   "corrector (stepping.Rows): allocate both (zeros, shaped as x) before the first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
-    check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev, corrector=corrector)
+    check_inputs(x, i, table, x_prev=x_prev, x0_prev=x0_prev, corrector=corrector)
+    prediction_part, _, out_stride = output_parts(model_output, x)
     block = block or block_for(x[0].numel())
     _unipc_step_kernel[grid_for(x, block)](
-        x, model_output, x0_prev, corrector, x_prev, i, table, x[0].numel(),
+        x, prediction_part, x0_prev, corrector, x_prev, i, table, x[0].numel(), out_stride,
         PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0_prev, corrector

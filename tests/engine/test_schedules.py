@@ -83,8 +83,10 @@ def test_user_betas_and_bad_schedules():
         make_betas(trained_betas=[0.5, 1.5])
     cfg = SchedulerConfig(trained_betas=tuple(betas), num_train_timesteps=37)
     assert SchedulerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(InvalidRequestError):
-        SchedulerConfig(variance_type="learned")
+    with pytest.raises(InvalidRequestError, match="unknown variance type"):
+        SchedulerConfig(variance_type="learned_log")
+    for learned in ("learned", "learned_range"):  # a model that outputs its variance: served (samplers.ddpm_step)
+        assert SchedulerConfig.from_dict(SchedulerConfig(variance_type=learned).to_dict()).variance_type == learned
 
 
 def test_device_tables_are_cached_and_cast_once():
