@@ -425,3 +425,144 @@ def test_an_unknown_sampler_is_refused_where_a_spec_is_made():
         StepSpec("euler", Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
     with pytest.raises(InvalidRequestError, match="unknown sampler"):
         default_steps(["ddim"], 1000)  # not a name at all: the same refusal, no TypeError
+
+
+# ---- learned variance: the model outputs [prediction, variance part] (2C channels) ----
+
+def variance_part(shape, variance: str):
+    """A fresh variance part: v in [-1, 1] for "learned_range", the variance itself (positive, up to
+    about beta_max) for "learned"."""
+    v = torch.rand(shape)
+    return 2 * v - 1 if variance == "learned_range" else 0.03 * v + 1e-5
+
+
+@pytest.mark.parametrize("variance", ["learned_range", "learned"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_learned_variance_step_matches_diffusers(seeded, variance, prediction, steps):
+    """DDPMSampler(variance_type=...).step on a 2C-channel output against diffusers'
+    DDPMScheduler.step with the same noise (its generator's draw), at the first, a middle, the
+    second-to-last and the last kept timestep, respaced too."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=True,
+                                  prediction_type=prediction)
+    ref.set_timesteps(steps)
+    ours = DDPMSampler(variance_type=variance, clip_sample=True, steps=steps, prediction_type=prediction)
+    x = torch.randn(2, 3, 8, 8)
+    for t in ref.timesteps[[0, len(ref.timesteps) // 2, -2, -1]]:
+        out = torch.cat([torch.randn_like(x), variance_part(x.shape, variance)], 1)
+        g_seed = random.getrandbits(32)
+        want = ref.step(out, t, x, generator=torch.Generator().manual_seed(g_seed))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(g_seed))
+        got = ours.step(out, t, x, noise)
+        torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(got.pred_original_sample, want.pred_original_sample, rtol=2e-4, atol=2e-4)
+        if t == ref.timesteps[-2]:  # the variance part matters (near t = 0, beta_t is far from beta~_t)
+            fixed = DDPMSampler(clip_sample=True, steps=steps, prediction_type=prediction).step(out[:, :3], t, x, noise)
+            assert (fixed.prev_sample - got.prev_sample).abs().max() > 1e-3
+
+
+def test_learned_range_spans_the_two_fixed_variances():
+    """v = -1 is fixed_small (the clipped posterior log-variance), v = +1 fixed_large (log beta of
+    the respaced betas), v = 0 their geometric mean: improved-diffusion's min_log and max_log."""
+    _, tables, tab, x, eps, noise, _ = rand_case(steps=random.choice([1000, 40]))
+    i = torch.tensor([1, 7, tables.steps // 2, tables.steps - 1])
+    ones = torch.ones_like(eps)
+    learned = {v: ddpm_step(tab, x, torch.cat([eps, v * ones], 1), i, noise, variance=Variance.LEARNED_RANGE)[0]
+               for v in (-1.0, 0.0, 1.0)}
+    small, _ = ddpm_step(tab, x, eps, i, noise, variance=Variance.FIXED_SMALL)
+    large, _ = ddpm_step(tab, x, eps, i, noise, variance=Variance.FIXED_LARGE)
+    mean, _ = ddpm_step(tab, x, eps, i, torch.zeros_like(noise))
+    torch.testing.assert_close(learned[-1.0], small, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(learned[1.0], large, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close((learned[0.0] - mean) ** 2, (small - mean).abs() * (large - mean).abs())
+
+
+def test_learned_variance_is_masked_at_the_last_step_even_when_it_overflows():
+    """At i = 0 no noise is added whatever the variance part holds (inf or NaN included): a mask, not
+    a product with 0."""
+    _, tables, tab, x, eps, noise, _ = rand_case()
+    i0 = torch.zeros(x.shape[0], dtype=torch.int64)
+    mean, _ = ddpm_step(tab, x, eps, i0, torch.zeros_like(noise))
+    for variance, bad in [(Variance.LEARNED_RANGE, 1e4), (Variance.LEARNED, float("inf")),
+                          (Variance.LEARNED, float("nan"))]:
+        got, _ = ddpm_step(tab, x, torch.cat([eps, torch.full_like(eps, bad)], 1), i0, noise, variance=variance)
+        assert torch.equal(got, mean), (variance, bad)
+
+
+def test_model_output_parts_is_the_one_split():
+    """[prediction, variance part] along dim 1, as views; the other samplers read the first C
+    channels of a 2C output; a width that does not fit the variance type is refused."""
+    from ddpm_engine.samplers import model_output_parts
+
+    x = torch.randn(2, 3, 4, 5)
+    wide = torch.randn(2, 6, 4, 5)
+    pred, var = model_output_parts(wide, x, Variance.LEARNED_RANGE)
+    assert pred.data_ptr() == wide.data_ptr() and torch.equal(pred, wide[:, :3]) and torch.equal(var, wide[:, 3:])
+    assert model_output_parts(wide[:, :3], x, Variance.FIXED_SMALL)[1] is None
+    assert model_output_parts(wide, x)[0].shape == x.shape  # None: either width (a sampler without a variance)
+    for out, variance in [(wide, Variance.FIXED_SMALL), (wide[:, :3], Variance.LEARNED), (wide[:, :4], None),
+                          (wide[:1], Variance.LEARNED_RANGE)]:
+        with pytest.raises(InvalidRequestError, match="the model output has shape"):
+            model_output_parts(out, x, variance)
+    _, tables, tab, x, eps, noise, i = rand_case(steps=50)
+    for sampler in (DDIMSampler(steps=50, eta=0.5), DPMSolverSampler(steps=20), UniPCSampler(steps=20)):
+        t = sampler.timesteps[3]
+        out = torch.randn(4, 3, 5, 7)
+        a = sampler.step(torch.cat([out, torch.full_like(out, float("nan"))], 1), t, x.float()).prev_sample
+        sampler.set_timesteps(sampler.tables.steps)
+        b = sampler.step(out, t, x.float()).prev_sample
+        assert torch.equal(a, b), type(sampler).__name__
+
+
+def improved_diffusion():
+    """improved-diffusion's gaussian_diffusion and respace modules from a checkout named by
+    $IMPROVED_DIFFUSION (never part of this project), or None."""
+    import importlib
+    import os
+    import sys
+
+    root = os.environ.get("IMPROVED_DIFFUSION")
+    if not root or not os.path.isdir(os.path.join(root, "improved_diffusion")):
+        return None
+    sys.path.insert(0, root)
+    try:
+        return (importlib.import_module("improved_diffusion.gaussian_diffusion"),
+                importlib.import_module("improved_diffusion.respace"))
+    except ImportError:
+        return None
+    finally:
+        sys.path.remove(root)
+
+
+@pytest.mark.parametrize("steps", [1000, 50, 37])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_learned_range_matches_improved_diffusion(seeded, steps, prediction):
+    """improved-diffusion's p_sample (ModelVarType.LEARNED_RANGE) through its SpacedDiffusion on our
+    kept timesteps, with our noise (its th.randn_like replaced), float64, every step index.
+    Skipped unless $IMPROVED_DIFFUSION names a checkout of github.com/openai/improved-diffusion."""
+    found = improved_diffusion()
+    if found is None:
+        pytest.skip("set IMPROVED_DIFFUSION to a checkout of openai/improved-diffusion")
+    gd, respace = found
+    betas = make_betas(random.choice(["linear", "cosine"]), 1000)
+    tables = Tables.build(betas, steps)
+    theirs = respace.SpacedDiffusion(
+        use_timesteps=tables.timesteps.tolist(), betas=betas,
+        model_mean_type=gd.ModelMeanType.EPSILON if prediction == "epsilon" else gd.ModelMeanType.START_X,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE)
+    tab = tables.on("cpu", torch.float64)
+    B = 6
+    x = torch.randn(B, 3, 5, 5, dtype=torch.float64)
+    out = torch.cat([torch.randn_like(x), 2 * torch.rand_like(x) - 1], 1)
+    noise = torch.randn_like(x)
+    i = torch.tensor([0, 1, steps - 1] + [random.randrange(steps) for _ in range(B - 3)])
+    import unittest.mock
+
+    with unittest.mock.patch.object(gd.th, "randn_like", lambda like: noise):
+        want = theirs.p_sample(lambda x_, t_: out, x, i, clip_denoised=True)
+    got, got_x0 = ddpm_step(tab, x, out, i, noise, prediction=Prediction.parse(prediction),
+                            variance=Variance.LEARNED_RANGE, clip_denoised=True)
+    # its _extract_into_tensor casts each gathered coefficient to float32: agreement to ~1e-7
+    torch.testing.assert_close(got, want["sample"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_x0, want["pred_xstart"], rtol=1e-6, atol=1e-6)

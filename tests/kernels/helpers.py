@@ -9,7 +9,7 @@ from ddpm_engine.noise import philox_normal, seed_words
 from ddpm_engine.schedules import Tables, make_betas
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-__all__ = ["DEVICE", "PREDICTION_CODE", "random_case", "reference_noise", "poisoned"]
+__all__ = ["DEVICE", "PREDICTION_CODE", "random_case", "reference_noise", "poisoned", "with_variance_part"]
 
 
 def random_case(B=5, shape=(3, 5, 7), steps=None, schedule=None, dtype=torch.float32, spacing="leading"):
@@ -32,3 +32,14 @@ def reference_noise(words, i, like):
 
 def poisoned(like, dtype=None):
     return torch.full_like(like, float("nan"), dtype=dtype or like.dtype)
+
+
+def with_variance_part(out, variance):
+    """The 2C-channel output of a model with a learned variance: ``out`` then a fresh random variance
+    part (for "learned" the variance itself, positive; for "learned_range" v in [-1, 1]); ``out``
+    itself for a fixed variance."""
+    if not variance.learned:
+        return out
+    v = torch.rand_like(out.float())
+    v = 0.05 * v + 1e-4 if variance.value == "learned" else 2 * v - 1
+    return torch.cat([out, v.to(out.dtype)], 1)

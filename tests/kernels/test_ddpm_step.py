@@ -5,11 +5,12 @@ import random
 import pytest
 import torch
 
+from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.kernels.common import advance
 from ddpm_engine.kernels.ddpm_step import ddpm_step, reference
 from ddpm_engine.samplers import Prediction, Variance
 
-from .helpers import PREDICTION_CODE, poisoned, random_case, reference_noise
+from .helpers import PREDICTION_CODE, poisoned, random_case, reference_noise, with_variance_part
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("variance", list(Variance))
 @pytest.mark.parametrize("clip", [False, True])
 def test_matches_reference(prediction, variance, clip):
+    """Every setting; a learned variance reads the second half of a 2C-channel output in place."""
     tab, x, out, i, words = random_case()
+    out = with_variance_part(out, variance)
     want, want_x0 = reference(tab, x, out, i, reference_noise(words, i, x), prediction=prediction,
                               variance=variance, clip_denoised=clip)
     x_prev, x0 = poisoned(x), poisoned(x)
@@ -49,3 +52,45 @@ def test_half_precision_io(dtype):
     ddpm_step(x, out, i, words, tab.packed, clip_denoised=True, x_prev=x_prev, store_x0=False)
     assert x_prev.dtype == dtype
     torch.testing.assert_close(x_prev.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("variance", [Variance.LEARNED, Variance.LEARNED_RANGE])
+def test_learned_variance_is_per_element_and_masked_at_the_last_step(variance):
+    """The variance part sets each element's noise scale (two outputs that differ only there give
+    other x_prev, the same x0); at i = 0 a variance part that overflows (inf, NaN) leaks nothing."""
+    tab, x, out, i, words = random_case(B=4, shape=(2, 5, 3))
+    wide = with_variance_part(out, variance)
+    other = wide.clone()
+    other[:, 2:] = with_variance_part(out, variance)[:, 2:]
+    a, a0 = ddpm_step(x, wide, i, words, tab.packed, variance=variance)
+    b, b0 = ddpm_step(x, other, i, words, tab.packed, variance=variance)
+    assert torch.equal(a0, b0) and torch.equal(a[i == 0], b[i == 0])
+    assert (a[i != 0] - b[i != 0]).abs().max() > 1e-4
+    huge = wide.clone()
+    huge[:, 2:] = float("inf") if variance is Variance.LEARNED else 1e4
+    huge[0, 2] = float("nan")
+    at_zero = torch.zeros_like(i)
+    got, _ = ddpm_step(x, huge, at_zero, words, tab.packed, variance=variance)
+    mean, _ = reference(tab, x, out, at_zero, torch.zeros_like(x))
+    torch.testing.assert_close(got, mean, rtol=1e-5, atol=2e-5)
+
+
+def test_learned_range_half_precision_io():
+    tab, x, out, i, words = random_case(dtype=torch.bfloat16)
+    out = with_variance_part(out, Variance.LEARNED_RANGE)
+    want, _ = reference(tab, x.float(), out.float(), i, reference_noise(words, i, x), variance=Variance.LEARNED_RANGE)
+    x_prev = poisoned(x)
+    ddpm_step(x, out, i, words, tab.packed, variance="learned_range", x_prev=x_prev, store_x0=False)
+    torch.testing.assert_close(x_prev.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_an_output_whose_width_does_not_fit_the_variance_type_is_refused():
+    """A learned variance needs [prediction, variance part] (2C channels), a fixed one C: the error
+    names the shapes and the variance type, before anything is launched."""
+    tab, x, out, i, words = random_case(B=2, shape=(3, 4, 4))
+    x_prev = poisoned(x)
+    with pytest.raises(InvalidRequestError, match=r"\(2, 6, 4, 4\) for variance type 'learned_range'"):
+        ddpm_step(x, out, i, words, tab.packed, variance="learned_range", x_prev=x_prev)
+    with pytest.raises(InvalidRequestError, match=r"\(2, 3, 4, 4\) for variance type 'fixed_small'"):
+        ddpm_step(x, torch.cat([out, out], 1), i, words, tab.packed, x_prev=x_prev)
+    assert torch.isnan(x_prev).all()

@@ -13,7 +13,7 @@ from ddpm_engine.samplers import (ROW_STATE, SAMPLER_DEFS, SAMPLERS, Prediction,
                                   timestep_spacing)
 from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 
-from .helpers import random_case
+from .helpers import random_case, with_variance_part
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -30,7 +30,7 @@ def test_same_contract_as_torch_step(sampler, want_x0):
     spec = random_spec(sampler)
     shape = (3, 5, 7)
     tab, x, out, i, words = random_case(B=4, shape=shape, spacing=timestep_spacing(sampler))
-    out = 2 * out  # x0 often beyond [-1, 1]: the clip options matter
+    out = with_variance_part(2 * out, spec.variance)  # x0 often beyond [-1, 1]: the clip options matter
     x0_prev, corrector = torch.randn_like(x), torch.randn_like(x)  # state left by a previous step
     i_ref = i.clone()
     ref_rows = Rows(x.clone(), i_ref, words, x0_prev.clone(), corrector.clone())
@@ -142,3 +142,50 @@ def test_a_sampler_without_a_kernel_is_refused_with_the_way_out(monkeypatch):
     spec = StepSpec(entry.name, Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
     with pytest.raises(BackendUnavailableError, match="no fused Triton step; use step_impl='torch'"):
         TritonStep(spec, tab, (1, 2, 2))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_kernel_reads_a_2c_output_in_place(sampler):
+    """A model with a learned variance outputs [prediction, variance part] (2C channels, here with
+    an odd C and a sample size that is not a multiple of the block). Every kernel reads the
+    prediction through the output's per-sample stride, in place (the parts are views of the
+    output); a sampler other than DDPM never reads the variance part, so NaN there leaks nothing.
+    Both steps give the torch step's result on the first C channels."""
+    from ddpm_engine.kernels.common import output_parts
+
+    variance = random.choice([Variance.LEARNED, Variance.LEARNED_RANGE])
+    spec = StepSpec(sampler, random.choice(list(Prediction)), variance, random.choice([False, True]), 1.0)
+    shape = (3, 5, 7)
+    tab, x, out, i, words = random_case(B=3, shape=shape, spacing=timestep_spacing(sampler))
+    wide = with_variance_part(out, variance)
+    if sampler != "ddpm":
+        wide[:, 3:] = float("nan")
+    prediction, variance_part, stride = output_parts(wide, x, variance)
+    assert prediction.data_ptr() == wide.data_ptr() and stride == 2 * x[0].numel()
+    assert variance_part.data_ptr() == wide.data_ptr() + x[0].numel() * wide.element_size()
+    state = {name: torch.randn_like(x) for name in ROW_STATE.get(sampler, ())}
+    x_before, i_before, state_before = x.clone(), i.clone(), {k: v.clone() for k, v in state.items()}
+    ref = Rows(x.clone(), i.clone(), words, **{k: v.clone() for k, v in state.items()})
+    rows = Rows(x, i, words, **state)
+    want_x0 = TorchStep(spec, tab, shape)(ref, wide, want_x0=True)
+    got_x0 = TritonStep(spec, tab, shape)(rows, wide, want_x0=True)
+    assert torch.isfinite(rows.x).all()
+    torch.testing.assert_close(rows.x, ref.x, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=3e-5)
+    if sampler != "ddpm":  # the same step as the prediction alone (C channels) with a fixed variance
+        fixed = StepSpec(sampler, spec.prediction, Variance.FIXED_SMALL, spec.clip_denoised, spec.eta)
+        alone = Rows(x_before.clone(), i_before.clone(), words, **state_before)
+        TorchStep(fixed, tab, shape)(alone, out)
+        torch.testing.assert_close(rows.x, alone.x, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("impl", [TorchStep, TritonStep])
+def test_an_output_too_narrow_or_too_wide_for_the_variance_type_is_refused_before_the_step(impl):
+    tab, x, out, i, words = random_case(B=2, shape=(1, 4, 4), steps=10)
+    for sampler, variance, width in [("ddim", Variance.LEARNED_RANGE, 1), ("ddim", Variance.FIXED_SMALL, 2),
+                                     ("ddpm", Variance.LEARNED, 1), ("ddpm", Variance.FIXED_LARGE, 2)]:
+        spec = StepSpec(sampler, Prediction.EPSILON, variance, False, 0.0)
+        rows = Rows(x.clone(), i.clone(), words)
+        with pytest.raises(InvalidRequestError, match=f"variance type '{variance.value}'"):
+            impl(spec, tab, (1, 4, 4))(rows, out.repeat(1, width, 1, 1))
+        assert torch.equal(rows.x, x) and torch.equal(rows.i, i)
