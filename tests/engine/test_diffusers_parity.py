@@ -1,7 +1,8 @@
 """The engine against diffusers' own scheduler loops, end to end: a model saved as diffusers saves
 it, loaded into the engine, sampled from the same x_T, gives diffusers' images. DDIM with x0
 clipping (both values of ``use_clipped_model_output``, and the scheduler config's default),
-DPM-Solver++(2M) and UniPC for each prediction type, and SDE-DPM-Solver++(2M) given the same noise."""
+DPM-Solver++(2M) and UniPC for each prediction type, SDE-DPM-Solver++(2M) given the same noise, and
+DDPM with a learned variance (a 2C-channel UNet) given the same noise."""
 
 import random
 
@@ -24,9 +25,11 @@ SHAPE = (1, 8, 8)
 STEPS = 10
 
 
-def save_pipeline(folder, **scheduler):
+def save_pipeline(folder, out_channels=1, **scheduler):
+    """A random UNet2DModel (1 input channel; 2 output channels for a learned variance) and the
+    DDPMScheduler of ``scheduler``, saved as diffusers' DDPMPipeline saves them."""
     torch.manual_seed(random.getrandbits(31))
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(16, 32),
                                  down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1,
                                  norm_num_groups=8).eval()
@@ -199,3 +202,70 @@ def test_more_steps_than_the_spacing_allows_are_refused(clipped, sampler):
     with pytest.raises(InvalidRequestError, match="at most T - 1 = 999"):
         engine.sample([1], sampler=sampler, steps=1000)
     assert engine.sample([1], sampler=sampler, steps=2).shape == (1, *SHAPE)
+
+
+class PositiveVariance(torch.nn.Module):
+    """A UNet with 2C outputs as a "learned" model (diffusers: the variance itself) needs them:
+    [its prediction, a small positive variance]."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        out = self.unet(x, t).sample
+        C = x.shape[1]
+        return torch.cat([out[:, :C], 0.02 * torch.sigmoid(out[:, C:])], 1)
+
+
+def ddpm_loop_with_noise(model, scheduler, x, words, monkeypatch):
+    """diffusers' DDPM loop, its variance noise (``randn_tensor`` in its step) replaced by the
+    engine's: each seed's Philox stream at step counter i, the step index (steps - 1 down to 0)."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    i = [len(scheduler.timesteps)]
+
+    def engine_noise(shape, generator=None, device=None, dtype=None):
+        return philox_normal(words, torch.full((len(words),), i[0]), x[0].numel()).reshape(shape).to(dtype)
+
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", engine_noise)
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            i[0] -= 1
+            x = scheduler.step(model(x, t.expand(x.shape[0])), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance", ["learned_range", "learned"])
+def test_learned_variance_ddpm_gives_diffusers_images_given_the_same_noise(tmp_path, monkeypatch, variance,
+                                                                           prediction):
+    """A 2C-output UNet2DModel saved with DDPMScheduler(variance_type=...): the engine's DDPM chain
+    (respaced to 10 steps) against diffusers' DDPMScheduler loop with the engine's noise, from the
+    same x_T. "learned_range" loads the saved folder as is; "learned" (the variance itself) wraps
+    the UNet so its variance is positive, on both sides."""
+    unet = save_pipeline(tmp_path, out_channels=2, variance_type=variance, prediction_type=prediction,
+                         clip_sample=True)
+    if variance == "learned_range":
+        engine = nchw(Engine.from_pretrained(tmp_path, backend="torch", batching=False))
+        model = lambda x, t: unet(x, t).sample  # noqa: E731
+    else:
+        model = PositiveVariance(unet).eval()
+        engine = Engine.from_module(model, scheduler=diffusers.DDPMScheduler.from_pretrained(tmp_path / "scheduler")
+                                    .config, sample_shape=SHAPE, backend="torch", batching=False)
+        engine = nchw(engine)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "scheduler")
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - engine.scheduler.betas())).float()
+    scheduler.set_timesteps(STEPS)
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    x_T = torch.randn(3, *SHAPE)
+    ours = engine.sample(seeds, sampler="ddpm", steps=STEPS, x_T=x_T)
+    theirs = ddpm_loop_with_noise(model, scheduler, x_T.clone(), seed_words(seeds), monkeypatch)
+    assert torch.isfinite(ours).all()
+    assert (ours - theirs).abs().max().item() <= 1e-4  # measured up to 1.7e-5 (Xeon with AMX, torch 2.13)
+    # the learned variance matters: the same noise scaled by the fixed variance gives other images
+    fixed = diffusers.DDPMScheduler.from_pretrained(tmp_path / "scheduler", variance_type="fixed_small")
+    fixed.alphas_cumprod = scheduler.alphas_cumprod
+    fixed.set_timesteps(STEPS)
+    first_c = lambda x, t: model(x, t)[:, :1]  # noqa: E731
+    assert (ddpm_loop_with_noise(first_c, fixed, x_T.clone(), seed_words(seeds), monkeypatch) - ours).abs().max() > 1e-2

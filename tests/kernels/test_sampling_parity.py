@@ -22,8 +22,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def engine_pair(scheduler):
-    net = SeedUNet(1, (8, 16)).eval()
+def engine_pair(scheduler, net=None):
+    net = SeedUNet(1, (8, 16)).eval() if net is None else net
     kw = dict(sample_shape=(1, 8, 8), backend="torch", device=DEVICE, scheduler=scheduler)
     return Engine.from_module(net, step_impl="torch", **kw), Engine.from_module(net, step_impl="triton", **kw)
 
@@ -72,3 +72,44 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         Engine.from_module(SeedUNet(1, (8, 16)), sample_shape=(1, 8, 8), backend="torch",
                            step_impl="triton").sample([1], steps=2)
+
+
+class LearnedVarianceNet(torch.nn.Module):
+    """A tiny random model with a learned variance: [its prediction, v in [-1, 1]] (2C channels)."""
+
+    def __init__(self, channels=1):
+        super().__init__()
+        self.net = SeedUNet(channels, (8, 16)).eval()
+        self.var = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.cat([self.net(x, t), torch.tanh(3 * self.var(x))], 1)
+
+
+class PredictionOnly(torch.nn.Module):
+    """The same model's first C channels: a model with a fixed variance."""
+
+    def __init__(self, learned: LearnedVarianceNet):
+        super().__init__()
+        self.learned = learned
+
+    def forward(self, x, t):
+        return self.learned(x, t)[:, :x.shape[1]]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_same_images_with_a_learned_variance(sampler):
+    """Engine.from_module on a 2C-output module with variance_type "learned_range": every sampler
+    samples, the fused steps give the torch steps' images, and for DDPM the variance part matters
+    (the same prediction with a fixed variance gives other images)."""
+    net = LearnedVarianceNet().eval()
+    scheduler = {"variance_type": "learned_range", "prediction_type": random.choice(["epsilon", "v_prediction"])}
+    ref, fused = engine_pair(scheduler, net)
+    seeds = [random.getrandbits(64) for _ in range(2)]
+    a, b = ref.sample(seeds, sampler=sampler, steps=25), fused.sample(seeds, sampler=sampler, steps=25)
+    assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-4
+    if sampler == "ddpm":
+        first_c = Engine.from_module(PredictionOnly(net), sample_shape=(1, 8, 8),
+                                     backend="torch", device=DEVICE, step_impl="torch",
+                                     scheduler={**scheduler, "variance_type": "fixed_small"})
+        assert (first_c.sample(seeds, sampler=sampler, steps=25) - a).abs().max() > 1e-2
