@@ -563,6 +563,7 @@ def test_learned_range_matches_improved_diffusion(seeded, steps, prediction):
         want = theirs.p_sample(lambda x_, t_: out, x, i, clip_denoised=True)
     got, got_x0 = ddpm_step(tab, x, out, i, noise, prediction=Prediction.parse(prediction),
                             variance=Variance.LEARNED_RANGE, clip_denoised=True)
-    # its _extract_into_tensor casts each gathered coefficient to float32: agreement to ~1e-7
-    torch.testing.assert_close(got, want["sample"], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_x0, want["pred_xstart"], rtol=1e-6, atol=1e-6)
+    # its _extract_into_tensor casts each gathered coefficient to float32 (relative 6e-8), and
+    # sqrt(1 / abar) reaches ~160 at t = 999: x0 = 160 x - 160 eps agrees to ~1e-5 there, ~1e-7 elsewhere
+    torch.testing.assert_close(got, want["sample"], rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(got_x0, want["pred_xstart"], rtol=1e-6, atol=1e-4)
