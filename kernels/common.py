@@ -173,11 +173,11 @@ def output_parts(model_output, x, variance=None):
     the parts and checks the width against ``variance``: None accepts either), no copy; the
     variance part is the prediction itself (a pointer the kernel never reads) when there is none.
     Host metadata only."""
-    if not isinstance(model_output, torch.Tensor) or not model_output.is_contiguous() or model_output.device != x.device:
-        raise InvalidRequestError(f"model_output must be a contiguous tensor on {x.device}, got "
-                                  f"{type(model_output).__name__}" + (
-                                      f" (contiguous={model_output.is_contiguous()}) on {model_output.device}"
-                                      if isinstance(model_output, torch.Tensor) else ""))
+    if not isinstance(model_output, torch.Tensor):
+        raise InvalidRequestError(f"model_output must be a tensor, got {type(model_output).__name__}")
+    if not model_output.is_contiguous() or model_output.device != x.device:
+        raise InvalidRequestError(f"model_output must be a contiguous tensor on {x.device}, got one on "
+                                  f"{model_output.device} (contiguous={model_output.is_contiguous()})")
     prediction, variance_part = model_output_parts(model_output, x, variance)
     return prediction, prediction if variance_part is None else variance_part, model_output[0].numel()
 

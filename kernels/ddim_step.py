@@ -23,8 +23,8 @@ from ddpm_engine.samplers import ddim_step as reference  # noqa: F401  (the spec
 
 from .options import FP_FUSION
 from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_RECIP_ABAR, COL_SQRT_RECIPM1_ABAR, PRED_EPSILON,
-                     PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output, output_parts, predict_x0_and_eps,
-                     step_noise, step_prologue)
+                     PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output, output_parts,
+                     predict_x0_and_eps, step_noise, step_prologue)
 
 
 @triton.jit

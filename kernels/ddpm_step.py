@@ -16,9 +16,10 @@ With a learned variance the model output is [B, 2C, ...], [prediction, variance 
 parts are read in place through one per-sample stride (common.output_parts), no copy.
 
 Memory traffic per element, s = itemsize of the I/O dtype (4 fp32, 2 fp16/bf16):
-read x_t and the model output (2 s; 3 s with a learned variance, which also reads v), write
-x_prev (s), plus s for x0 only when STORE_X0: 3 s bytes (12 in fp32; 16 with a learned variance).
-Per sample, once per program: i (8 bytes), the seed words (16), 7-8 table entries (32),
+read x_t and the model output's prediction (2 s) and, with a learned variance, its variance part
+v (s), write x_prev (s), plus s for x0 only when STORE_X0: 3 s bytes (12 in fp32), 4 s (16) with
+a learned variance. Per sample, once per program: i (8 bytes), the seed words (16), up to 8
+table entries (32),
 all cache hits after the first program of a sample. The torch reference reads x, out and a
 materialised noise tensor and writes noise, x0, several temporaries and x_prev: about 10 passes.
 """
@@ -63,10 +64,10 @@ def _ddpm_step_kernel(
         std = tl.exp(0.5 * tl.load(row + COL_LARGE_LOG_VARIANCE))
     elif VARIANCE == VAR_LEARNED:
         std = tl.sqrt_rn(load_output(var_ptr, b, offs, mask, out_stride))
-    else:  # learned_range
+    else:  # learned_range: from min_log (the clipped posterior log-variance) to max_log (log beta)
         frac = (load_output(var_ptr, b, offs, mask, out_stride) + 1.0) / 2.0
-        min_log = tl.load(row + COL_SMALL_LOG_VARIANCE)
-        std = tl.exp(0.5 * (frac * tl.load(row + COL_LARGE_LOG_VARIANCE) + (1.0 - frac) * min_log))
+        min_log, max_log = tl.load(row + COL_SMALL_LOG_VARIANCE), tl.load(row + COL_LARGE_LOG_VARIANCE)
+        std = tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
 
     x0, _ = predict_x0_and_eps(x, out, row, PRED)
     if CLIP:

@@ -112,23 +112,42 @@ def test_ddim_eta1_is_ddpm_posterior_and_eta0_is_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variance,steps", [("fixed_small", 1000), ("fixed_large", 1000), ("fixed_small", 50)])
-def test_ddpm_sampler_matches_diffusers(variance, steps):
+@pytest.mark.parametrize("variance,steps,prediction", [
+    ("fixed_small", 1000, "epsilon"), ("fixed_large", 1000, "epsilon"), ("fixed_small", 50, "epsilon")] + [
+    (learned, steps, prediction) for learned in ("learned_range", "learned") for steps in (1000, 50)
+    for prediction in ("epsilon", "sample", "v_prediction")])
+def test_ddpm_sampler_matches_diffusers(variance, steps, prediction):
+    """DDPMSampler.step against diffusers' DDPMScheduler.step with the same noise (its generator's
+    draw) at the first, a middle, the second-to-last and the last kept timestep, respaced too. A
+    learned variance: the model's 2C-channel output, [prediction, variance part]."""
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=True)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=True,
+                                  prediction_type=prediction)
     ref.set_timesteps(steps)
-    ours = DDPMSampler(variance_type=variance, clip_sample=True, steps=steps)
+    ours = DDPMSampler(variance_type=variance, clip_sample=True, steps=steps, prediction_type=prediction)
     assert torch.equal(ours.timesteps, ref.timesteps.long())
     x = torch.randn(2, 3, 8, 8)
     for t in ref.timesteps[[0, len(ref.timesteps) // 2, -2, -1]]:
-        eps = torch.randn_like(x)
+        out = torch.randn_like(x)
+        if Variance(variance).learned:
+            out = torch.cat([out, variance_part(x.shape, variance)], 1)
         g_seed = random.getrandbits(32)
-        want = ref.step(eps, t, x, generator=torch.Generator().manual_seed(g_seed))
+        want = ref.step(out, t, x, generator=torch.Generator().manual_seed(g_seed))
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(g_seed))
-        got = ours.step(eps, t, x, noise)
+        got = ours.step(out, t, x, noise)
         # diffusers accumulates alpha-bar in float32 (ours: float64), ~1e-5 relative at t = 999
         torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=2e-4, atol=2e-4)
         torch.testing.assert_close(got.pred_original_sample, want.pred_original_sample, rtol=2e-4, atol=2e-4)
+        if Variance(variance).learned and t == ref.timesteps[-2]:  # the variance part matters (beta far from beta~)
+            fixed = DDPMSampler(clip_sample=True, steps=steps, prediction_type=prediction).step(out[:, :3], t, x, noise)
+            assert (fixed.prev_sample - got.prev_sample).abs().max() > 1e-3
+
+
+def variance_part(shape, variance: str):
+    """A fresh variance part: v in [-1, 1] for "learned_range", the variance itself (positive, up to
+    about beta_max) for "learned"."""
+    v = torch.rand(shape)
+    return 2 * v - 1 if variance == "learned_range" else 0.03 * v + 1e-5
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
@@ -428,39 +447,6 @@ def test_an_unknown_sampler_is_refused_where_a_spec_is_made():
 
 
 # ---- learned variance: the model outputs [prediction, variance part] (2C channels) ----
-
-def variance_part(shape, variance: str):
-    """A fresh variance part: v in [-1, 1] for "learned_range", the variance itself (positive, up to
-    about beta_max) for "learned"."""
-    v = torch.rand(shape)
-    return 2 * v - 1 if variance == "learned_range" else 0.03 * v + 1e-5
-
-
-@pytest.mark.parametrize("variance", ["learned_range", "learned"])
-@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("steps", [1000, 50])
-def test_learned_variance_step_matches_diffusers(seeded, variance, prediction, steps):
-    """DDPMSampler(variance_type=...).step on a 2C-channel output against diffusers'
-    DDPMScheduler.step with the same noise (its generator's draw), at the first, a middle, the
-    second-to-last and the last kept timestep, respaced too."""
-    diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=True,
-                                  prediction_type=prediction)
-    ref.set_timesteps(steps)
-    ours = DDPMSampler(variance_type=variance, clip_sample=True, steps=steps, prediction_type=prediction)
-    x = torch.randn(2, 3, 8, 8)
-    for t in ref.timesteps[[0, len(ref.timesteps) // 2, -2, -1]]:
-        out = torch.cat([torch.randn_like(x), variance_part(x.shape, variance)], 1)
-        g_seed = random.getrandbits(32)
-        want = ref.step(out, t, x, generator=torch.Generator().manual_seed(g_seed))
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(g_seed))
-        got = ours.step(out, t, x, noise)
-        torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=2e-4, atol=2e-4)
-        torch.testing.assert_close(got.pred_original_sample, want.pred_original_sample, rtol=2e-4, atol=2e-4)
-        if t == ref.timesteps[-2]:  # the variance part matters (near t = 0, beta_t is far from beta~_t)
-            fixed = DDPMSampler(clip_sample=True, steps=steps, prediction_type=prediction).step(out[:, :3], t, x, noise)
-            assert (fixed.prev_sample - got.prev_sample).abs().max() > 1e-3
-
 
 def test_learned_range_spans_the_two_fixed_variances():
     """v = -1 is fixed_small (the clipped posterior log-variance), v = +1 fixed_large (log beta of
