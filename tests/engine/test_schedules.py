@@ -109,7 +109,7 @@ def test_linspace_timesteps_match_diffusers(seeded):
     with pytest.raises(InvalidRequestError, match="T - 1"):
         spaced_timesteps(1000, 1000, "linspace")  # would round two entries onto one timestep
     with pytest.raises(InvalidRequestError, match="spacing"):
-        spaced_timesteps(1000, 10, "trailing")
+        spaced_timesteps(1000, 10, "karras")  # a sigma grid, not a timestep spacing: kept_schedule
 
 
 def dpmpp_closed_form(abar, i, steps):
