@@ -30,7 +30,7 @@ import torch
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
 from .samplers import SamplerDef, StepSpec, check_eta, sampler_def
-from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance, multistep_grid
+from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, make_step
 from .threads import yield_cpu_to
 
@@ -220,7 +220,7 @@ class Planner:
         return self._tables_of(sampler, resolve_steps(sampler, steps, self.num_train_timesteps, spacing), spacing)
 
     def _tables_of(self, sampler: SamplerDef, steps: int, spacing: str) -> Tables:
-        key = (steps, spacing, multistep_grid(spacing, sampler.multistep))
+        key = (steps, spacing, sampler.multistep_grid)
         if key not in self._tables:
             self._tables[key] = Tables.build(self.train_betas, steps, spacing, multistep=key[2],
                                              steps_offset=self.scheduler.steps_offset,

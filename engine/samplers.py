@@ -250,7 +250,7 @@ class SamplerDef:
     noise: int | None = 0  # its Philox noise: at step counter ``noise + i`` (engine.noise); None: draws none
     eta: bool = False  # whether the request's eta applies (plan names show it)
     spacings: tuple = SPACINGS  # the spacings a request may name for it
-    multistep: bool | None = None  # spacings laid out as diffusers' multistep schedulers' (schedules.multistep_grid)
+    multistep: bool | None = None  # its grids are diffusers' multistep schedulers' (None: if ``spacing`` is "linspace")
     config_spacing: bool = False  # whether the scheduler config's timestep_spacing applies when the request names none
 
     def default_steps(self, num_train_timesteps: int, spacing: str | None = None) -> int:
@@ -259,8 +259,14 @@ class SamplerDef:
         T, spacing = num_train_timesteps, spacing or self.spacing
         if self.steps is None:
             return T
-        short = spacing in ("leading", "linspace") and multistep_grid(spacing, self.multistep)
+        short = spacing in ("leading", "linspace") and self.multistep_grid
         return min(self.steps, max(1, T - 1 if short else T))
+
+    @property
+    def multistep_grid(self) -> bool:
+        """Whether its "leading" and "linspace" are laid out as diffusers' multistep schedulers lay them
+        out (schedules.spaced_timesteps): ``multistep``, or if None whether its own spacing is "linspace"."""
+        return multistep_grid(self.spacing, self.multistep)
 
     def choose_spacing(self, spacing, timestep_spacing: str) -> str:
         """The run's spacing: the request's (None: the scheduler config's ``timestep_spacing`` where
@@ -289,10 +295,10 @@ class SamplerDef:
 _DEFINITIONS = (
     # DDPM: diffusers' DDPMScheduler; noise at counter i (its variance)
     SamplerDef("ddpm", spacing="leading", steps=None, config_clip=True, reference=ddpm_step, torch=_ddpm_torch,
-               kernel="ddpm_step:step_rows", spacings=TIMESTEP_SPACINGS, multistep=False, config_spacing=True),
+               kernel="ddpm_step:step_rows", spacings=TIMESTEP_SPACINGS, config_spacing=True),
     # DDIM: diffusers' DDIMScheduler; noise at counter i (scaled by eta)
     SamplerDef("ddim", spacing="leading", steps=50, config_clip=True, reference=ddim_step, torch=_ddim_torch,
-               kernel="ddim_step:step_rows", eta=True, multistep=False, config_spacing=True),
+               kernel="ddim_step:step_rows", eta=True, config_spacing=True),
     # DPM-Solver++(2M), ODE and SDE, and UniPC: diffusers' defaults. Their schedulers have no
     # clip_sample option (they threshold instead), so the config's is not read; nor is its
     # timestep_spacing (DDPMScheduler's, "leading" in nearly every saved config): they keep linspace
@@ -355,7 +361,7 @@ class _Sampler:
         if device is not None:
             self.device = torch.device(device)
         d = sampler_def(self.sampler)
-        self.tables = Tables.build(self.train_betas, steps, d.spacing, multistep=d.multistep)
+        self.tables = Tables.build(self.train_betas, steps, d.spacing, multistep=d.multistep_grid)
         self.tab = self.tables.on(self.device)
         T = self.tables.num_train_timesteps
         index = torch.full((T,), -1, dtype=torch.int64)

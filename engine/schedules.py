@@ -212,13 +212,14 @@ def kept_schedule(train_abar: np.ndarray, steps: int, spacing: str = "leading", 
 
 
 def ddim_alphas_cumprod_prev(train_abar: np.ndarray, timesteps: np.ndarray, abar: np.ndarray, spacing: str,
-                             final: float) -> np.ndarray:
-    """DDIM's alpha-bar to step to from each kept timestep (diffusers' ``DDIMScheduler.step``): for the
-    timestep spacings the training alpha-bar at t - T // steps, and ``final`` below t = 0 (1, or
-    alpha-bar at t = 0 without set_alpha_to_one). With "leading" that is the next kept timestep; with
-    "linspace" and "trailing" diffusers still steps T // steps back, which can fall between the kept
-    timesteps: matched, not repaired. For the sigma grids: the next kept alpha-bar, then ``final``."""
-    if spacing in ("karras", "logsnr"):
+                             final: float, multistep: bool | None = None) -> np.ndarray:
+    """DDIM's alpha-bar to step to from each kept timestep (diffusers' ``DDIMScheduler.step``): for
+    DDIM's own timestep grids the training alpha-bar at t - T // steps, and ``final`` below t = 0 (1,
+    or alpha-bar at t = 0 without set_alpha_to_one). With "leading" that is the next kept timestep;
+    with "linspace" and "trailing" diffusers still steps T // steps back, which can fall between the
+    kept timesteps: matched, not repaired. On the sigma grids and the multistep grids (no diffusers
+    DDIM there): the next kept alpha-bar, then ``final``."""
+    if spacing in ("karras", "logsnr") or multistep_grid(spacing, multistep):
         return np.append(final, abar[:-1])
     prev = timesteps - len(train_abar) // len(timesteps)
     return np.where(prev >= 0, train_abar[np.maximum(prev, 0)], final)
@@ -354,7 +355,7 @@ class Tables:
         timesteps, abar = kept_schedule(train_abar, T if steps is None else steps, spacing, multistep=multistep,
                                         steps_offset=steps_offset)
         ddim_prev = ddim_alphas_cumprod_prev(train_abar, timesteps, abar, spacing,
-                                             1.0 if set_alpha_to_one else train_abar[0])
+                                             1.0 if set_alpha_to_one else train_abar[0], multistep)
         abar_prev = np.append(1.0, abar[:-1])
         betas = 1.0 - abar / abar_prev
         alphas = 1.0 - betas
