@@ -268,12 +268,12 @@ class SamplerDef:
         out (schedules.spaced_timesteps): ``multistep``, or if None whether its own spacing is "linspace"."""
         return multistep_grid(self.spacing, self.multistep)
 
-    def choose_spacing(self, spacing, timestep_spacing: str) -> str:
+    def choose_spacing(self, spacing, timestep_spacing: str | None) -> str:
         """The run's spacing: the request's (None: the scheduler config's ``timestep_spacing`` where
-        ``config_spacing``, else the sampler's own), refused with the names that work if the sampler
-        does not take it."""
+        ``config_spacing`` and the config names one, else the sampler's own), refused with the names
+        that work if the sampler does not take it."""
         if spacing is None:
-            return timestep_spacing if self.config_spacing else self.spacing
+            return timestep_spacing if self.config_spacing and timestep_spacing is not None else self.spacing
         if not isinstance(spacing, str) or spacing not in self.spacings:
             raise InvalidRequestError(f"the {self.name} sampler takes spacing {' / '.join(map(repr, self.spacings))} "
                                       f"(or None: its default), got {quote(spacing)}")

@@ -137,8 +137,9 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", *
       and diffusers' DDPM/DDIM schedulers; t = 0 is kept (without an offset), and ``steps == T`` keeps
       every timestep.
     - "linspace": ``linspace(0, T - 1, steps)`` rounded half to even.
-    - "trailing": ``round(T - k T / steps) - 1`` for k < steps: t = T - 1 is kept (diffusers' formula
-      with ``arange``, which gives one timestep too many, -1, for some step counts such as 61 of 1000).
+    - "trailing": ``round(T - k T / steps) - 1`` for k < steps: t = T - 1 is kept (diffusers' own
+      ``arange(T, 0, -T / steps)``, whose float steps decide the rounding ties, cut to ``steps``: it
+      gives one timestep too many, -1, for some step counts such as 61 of 1000).
 
     ``multistep`` (diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler, where the last
     step goes to sigma = 0 instead of to a kept t): "leading" and "linspace" lay out ``steps + 1``
@@ -150,7 +151,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", *
         raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
     T, multistep = num_timesteps, multistep_grid(spacing, multistep)
     if spacing == "trailing":
-        return (np.round(T - np.arange(steps)[::-1] * (T / steps)) - 1).astype(np.int64)
+        return (np.round(np.arange(T, 0, -T / steps)[:steps]) - 1).astype(np.int64)[::-1].copy()
     if spacing not in ("leading", "linspace"):
         raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
     if multistep and steps > T - 1:
@@ -541,7 +542,7 @@ class SchedulerConfig:
     clip_sample: bool = True
     prediction_type: str = "epsilon"
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
-    timestep_spacing: str = "leading"  # DDPM's and DDIM's spacing when a request names none (TIMESTEP_SPACINGS)
+    timestep_spacing: str | None = None  # DDPM's and DDIM's spacing when a request names none (None: their own)
     steps_offset: int = 0  # added to "leading" timesteps (diffusers; Stable Diffusion's configs say 1)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2024: betas rescaled to alpha-bar 0 at t = T - 1
     set_alpha_to_one: bool = True  # DDIM's last step goes to alpha-bar 1 (False: to alpha-bar at t = 0)
@@ -551,7 +552,7 @@ class SchedulerConfig:
         if Variance.parse(self.variance_type).learned:
             raise InvalidRequestError(f"variance type {self.variance_type!r} (a model that outputs its variance) is "
                                       "not supported yet; use 'fixed_small' or 'fixed_large'")
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise InvalidRequestError(f"unknown timestep_spacing {self.timestep_spacing!r}; use one of "
                                       f"{TIMESTEP_SPACINGS}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, (int, np.integer)) \

@@ -313,4 +313,4 @@ def test_saved_configs_without_the_new_keys_still_load():
            "use_clipped_model_output": False}
     cfg = SchedulerConfig.from_dict(old)
     assert (cfg.timestep_spacing, cfg.steps_offset, cfg.rescale_betas_zero_snr, cfg.set_alpha_to_one) == \
-        ("leading", 0, False, True)
+        (None, 0, False, True)
