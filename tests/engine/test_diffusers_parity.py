@@ -368,3 +368,17 @@ def test_a_diffusers_folder_with_thresholding_or_another_schedulers_keys_is_refu
         path.write_text(json.dumps({**config, **extra}))
         with pytest.raises(ModelLoadError, match=match):
             Engine.from_pretrained(tmp_path, backend="torch")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m_sde", "unipc"])
+def test_the_fused_steps_take_every_spacing_and_a_zero_terminal_snr(zero_snr, sampler):
+    """The Triton steps (in the interpreter here) read the same tables: every spacing the sampler
+    takes, with alpha-bar 0 (or 2^-24) at t = 999 and the inf epsilon columns beside it, gives the
+    torch step's images."""
+    folder, _, engine = zero_snr
+    fused = nchw(Engine.from_pretrained(folder, backend="torch", batching=False, step_impl="triton"))
+    for spacing in sampler_def(sampler).spacings:
+        seeds, x_T = [random.getrandbits(64) for _ in range(2)], torch.randn(2, *SHAPE)
+        opts = dict(sampler=sampler, steps=5, spacing=spacing, eta=1.0 if sampler == "ddim" else 0.0, x_T=x_T)
+        ours, theirs = fused.sample(seeds, **opts), engine.sample(seeds, **opts)
+        assert torch.isfinite(ours).all() and (ours - theirs).abs().max().item() <= 1e-4, spacing
