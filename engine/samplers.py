@@ -84,18 +84,21 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     abar_prev is 1 on the last step. With clipping, the direction term keeps the eps implied by the
     model output (diffusers' default) unless ``use_clipped_model_output``: then eps is recomputed
     from the clipped x0, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (improved-diffusion's way).
+    Both stay finite at abar = 0 (a zero terminal SNR): 1 - abar_prev - sigma^2 is computed as
+    (1 - abar_prev) (1 - eta^2 (1 - abar / abar_prev) / (1 - abar)), exactly 0 there with eta = 1
+    (the plain difference leaves float32 rounding, ~sqrt(6e-8) after the root).
     """
     nd = x_t.ndim
     x0, eps = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
         if use_clipped_model_output:
-            srecip, srecipm1 = _gather(tab.sqrt_recip_alphas_cumprod, i, nd), _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
-            eps = (srecip * x_t - x0) / srecipm1
+            sa, s1ma = _gather(tab.sqrt_alphas_cumprod, i, nd), _gather(tab.sqrt_one_minus_alphas_cumprod, i, nd)
+            eps = (x_t - sa * x0) / s1ma
     abar = _gather(tab.alphas_cumprod, i, nd)
     abar_prev = _gather(tab.ddim_alphas_cumprod_prev, i, nd)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-    dir_xt = torch.sqrt((1 - abar_prev - sigma**2).clamp_min(0.0)) * eps
+    dir_xt = torch.sqrt(((1 - abar_prev) * (1 - eta**2 * (1 - abar / abar_prev) / (1 - abar))).clamp_min(0.0)) * eps
     x_prev = torch.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
     return x_prev, x0
 

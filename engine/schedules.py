@@ -591,8 +591,12 @@ class SchedulerConfig:
         return cls(**kw)
 
     def to_dict(self) -> dict:
+        """The keys as diffusers' configs write them (an unset timestep_spacing is left out: diffusers'
+        schedulers take their own default then, as the engine's samplers do)."""
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        if self.timestep_spacing is None:
+            del d["timestep_spacing"]
         return d
 
     def betas(self) -> np.ndarray:

@@ -244,7 +244,8 @@ def lockstep(engine, unet, scheduler, sampler, spacing, steps, monkeypatch, **op
     1e-5 (relative where |x| > 1); returns the number of steps diffusers took. ``options``: the
     step's (DDIM's eta), over PEERS'."""
     options = {**PEERS[sampler][1], **options}
-    plan = engine.plan(sampler, steps, eta=options.get("eta", 0.0), spacing=spacing)
+    plan = engine.plan(sampler, steps, eta=options.get("eta", 0.0), spacing=spacing,
+                       use_clipped_model_output=options.get("use_clipped_model_output"))
     seeds = [random.getrandbits(64) for _ in range(3)]
     words, x = seed_words(seeds), torch.randn(3, *SHAPE)
     rows = plan.start(seeds, x.clone())
@@ -336,11 +337,7 @@ def test_scheduler_config_keys_run_as_in_diffusers(zero_snr, monkeypatch, sample
         assert engine.plan(sampler, STEPS).spacing == "trailing" and engine.plan(sampler, STEPS).tables.timesteps[-1] == 999
     chosen = spacing if spacing is not None else ("trailing" if sampler in ("ddpm", "ddim") else "linspace")
     scheduler = peer(sampler, engine, chosen, folder=folder)
-    # DDIM with eta > 0 from alpha-bar 0: its direction coefficient sqrt(1 - abar_prev - sigma^2) is
-    # 0 there, which float32 tables reach only to ~sqrt(6e-8) (diffusers' float64 scalars: ~0), so
-    # the trailing run is held with eta = 0; leading never reaches t = 999 and keeps eta = 1
-    options = {"eta": 0.0} if sampler == "ddim" and chosen == "trailing" else {}
-    assert lockstep(engine, unet, scheduler, sampler, spacing, STEPS, monkeypatch, **options) == STEPS
+    assert lockstep(engine, unet, scheduler, sampler, spacing, STEPS, monkeypatch) == STEPS
     if spacing == "leading" and sampler in ("ddpm", "ddim"):
         assert engine.plan(sampler, STEPS, spacing=spacing).tables.timesteps[0] == 1  # steps_offset
 
@@ -382,3 +379,15 @@ def test_the_fused_steps_take_every_spacing_and_a_zero_terminal_snr(zero_snr, sa
         opts = dict(sampler=sampler, steps=5, spacing=spacing, eta=1.0 if sampler == "ddim" else 0.0, x_T=x_T)
         ours, theirs = fused.sample(seeds, **opts), engine.sample(seeds, **opts)
         assert torch.isfinite(ours).all() and (ours - theirs).abs().max().item() <= 1e-4, spacing
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_from_alpha_bar_zero_with_clipping_and_noise_is_diffusers(zero_snr, monkeypatch, use_clipped):
+    """DDIM's first step from alpha-bar 0 (zero terminal SNR, trailing) with eta = 1 and x0 clipping:
+    its direction coefficient is exactly 0 there and eps from the clipped x0 is x_t, as diffusers."""
+    folder, unet, engine = zero_snr
+    clipping = nchw(Engine.from_module(engine.model.module, scheduler={**engine.scheduler.to_dict(), "clip_sample": True},
+                                       sample_shape=SHAPE, backend="torch", batching=False))
+    scheduler = peer("ddim", clipping, "trailing", folder=folder, clip_sample=True)
+    assert lockstep(clipping, unet, scheduler, "ddim", None, STEPS, monkeypatch, eta=1.0,
+                    use_clipped_model_output=use_clipped) == STEPS
