@@ -11,11 +11,12 @@ never its batch-mates); then ``@serve.batch`` gathers up to ``max_batch_size`` o
 concurrent requests and runs one engine call per group of equal sampler options (per
 ``max_batch_size`` images of it). Each request gets exactly the images its seeds give on a lone
 engine: a seed's image does not depend on its batch. Over HTTP, ``POST <route>/sample`` takes
-``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (and optionally ``"spacing"``) and answers the images as float32
-data and PNGs (``to_json``); a bad request gets a 400 with ``{"error": <type>, "message": ...}``
-(``http_request``: a pure function of method, path and body, testable without Ray; ``GET /healthz``
-and ``GET /readyz`` are the probes). A drain (``drain``, the CLI's SIGTERM) answers new requests 503,
-lets those in flight finish within a grace period, and answers the rest 503.
+``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (optionally ``"spacing": "karras"``)
+and answers the images as float32 data and PNGs (``to_json``); a bad request gets a 400 with
+``{"error": <type>, "message": ...}`` (``http_request``: a pure function of method, path and body,
+testable without Ray; ``GET /healthz`` and ``GET /readyz`` are the probes). A drain (``drain``, the
+CLI's SIGTERM) answers new requests 503, lets those in flight finish within a grace period, and
+answers the rest 503.
 
 Needs ``pip install 'ddpm-engine[ray]'``.
 """
