@@ -12,6 +12,7 @@ from .backends.base import PRECISIONS
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
 from .samplers import SAMPLER_DEFS, SAMPLERS
+from .schedules import SPACINGS
 
 
 MAX_SCALE = 32
@@ -75,11 +76,11 @@ def cmd_sample(args) -> int:
     engine = Engine.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                     step_impl=args.step_impl)
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta,
-                   use_clipped_model_output=args.use_clipped_model_output)
+                   use_clipped_model_output=args.use_clipped_model_output, spacing=args.spacing)
     plan = engine.plan(**options)  # validates the options before any work
     seeds = plan.seeds(args.seeds if args.seeds else args.n)  # drawn here, so they can be printed
     again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", args.sampler,
-             "--steps", str(plan.steps), "--eta", str(args.eta)]
+             "--steps", str(plan.steps), "--spacing", plan.spacing, "--eta", str(args.eta)]
     if args.use_clipped_model_output is not None:
         again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
     again += ["--seeds", *map(str, seeds)]
@@ -90,7 +91,7 @@ def cmd_sample(args) -> int:
     seconds = time.perf_counter() - start
     path = save_grid(images, out, scale=args.scale, seeds=seeds, text={"command": shlex.join(again)})
     print(f"{engine}")
-    print(f"{images.shape[0]} images, {args.sampler}-{plan.steps}: {seconds:.2f} s, "
+    print(f"{images.shape[0]} images, {plan.name}: {seconds:.2f} s, "
           f"{seconds / plan.steps * 1e3:.2f} ms/step, {images.shape[0] / seconds:.2f} images/s")
     print(f"seeds (in the PNG's metadata too): {shlex.join(again[again.index('--seeds'):])}")
     print(f"wrote {path}" + (" (replaced the file that was there)" if replaced else ""))
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
     s.add_argument("--steps", type=int, default=None, help="reverse steps (default: the sampler's, " + ", ".join(
         f"{d.steps or 'T'} for {name}" for name, d in SAMPLER_DEFS.items()) + ")")
+    s.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="which training timesteps the steps keep (default: the sampler's; DDPM takes the first three)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
     s.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")

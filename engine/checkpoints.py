@@ -263,10 +263,7 @@ def load_diffusers_folder(unet_dir: Path, scheduler_json: Path, name: str) -> Lo
     if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ModelLoadError(f"{unet_dir} holds a {unet_cfg.get('_class_name')}; only UNet2DModel is supported")
     sched_cfg = _read_json(scheduler_json)
-    if sched_cfg.get("thresholding") or float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
-        raise ModelLoadError(f"{scheduler_json} asks for dynamic thresholding or a clip range other than 1; "
-                             "this engine clips x0 to [-1, 1] only (set thresholding=false, clip_sample_range=1.0)")
-    try:
+    try:  # every key honoured or refused there (thresholding, another scheduler's keys, ...)
         scheduler = SchedulerConfig.from_dict(sched_cfg)
     except InvalidRequestError as exc:
         raise ModelLoadError(f"{scheduler_json} is not a scheduler config this engine supports ({exc})") from None

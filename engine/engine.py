@@ -113,23 +113,24 @@ class Engine:
     def num_train_timesteps(self) -> int:
         return self._planner.num_train_timesteps
 
-    def tables(self, steps: int | None = None, sampler: str = "ddpm") -> Tables:
-        """The coefficient tables of ``steps`` reverse steps of ``sampler`` (built once, cached)."""
+    def tables(self, steps: int | None = None, sampler: str = "ddpm", spacing: str | None = None) -> Tables:
+        """The coefficient tables of ``steps`` reverse steps of ``sampler`` at ``spacing`` (built once, cached)."""
         with self._plans_lock:
-            return self._planner.tables(sampler_def(sampler), steps)
+            return self._planner.tables(sampler_def(sampler), steps, spacing)
 
     def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None) -> SamplingPlan:
         """The validated plan of a request (every default and check in one place), cached.
 
         sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``SamplerDef.default_steps``);
-        clip_denoised / use_clipped_model_output: None takes the model's scheduler config.
+        clip_denoised / use_clipped_model_output: None takes the model's scheduler config;
+        spacing: the kept timesteps (``schedules.SPACINGS``; None: ``SamplerDef.choose_spacing``).
         """
         if self._fork_refusal:
             raise BackendUnavailableError(f"this engine came through a fork: {self._fork_refusal}; open the engine "
                                           "in the child process, or start children with multiprocessing's 'spawn'")
         with self._plans_lock:
-            return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output)
+            return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing)
 
     def _check_x_T(self, x_T, n: int) -> torch.Tensor:
         if not isinstance(x_T, torch.Tensor):
@@ -143,7 +144,7 @@ class Engine:
 
     def sample(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, x_T=None, return_intermediates=False, progress=False,
-               driver="auto"):
+               driver="auto", spacing=None):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
 
         batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
@@ -156,6 +157,11 @@ class Engine:
         clip_denoised: clip predicted x0 to [-1, 1]; None takes the model's scheduler config.
         use_clipped_model_output: DDIM with clipping: recompute eps from the clipped x0 (diffusers'
             option of the same name); None takes the scheduler config (default False).
+        spacing: which training timesteps the steps keep (docs/api.md, "Timestep spacing"):
+            "leading", "linspace", "trailing" (diffusers' timestep_spacing), "karras" (Karras
+            sigmas) or "logsnr" (uniform in log-SNR); DDPM takes the first three. None: the
+            sampler's own ("leading" for DDPM and DDIM, where the scheduler config's
+            timestep_spacing applies; "linspace" for DPM-Solver++ and UniPC).
         x_T: optional starting noise [B, C, H, W] (default: drawn from the seeds).
         return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
             when set, returns ``(images, [Snapshot, ...])``.
@@ -178,7 +184,7 @@ class Engine:
         the same images it would get alone; a lone call starts at once. Calls with x_T,
         intermediates, a progress bar or an explicit driver run on their own.
         """
-        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output)
+        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing)
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
@@ -198,9 +204,9 @@ class Engine:
         return (images, snaps) if return_intermediates not in (False, None) else images
 
     def graphed(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, use_clipped_model_output=None,
-                max_batch=64, capture=None):
+                max_batch=64, capture=None, spacing=None):
         """The CUDA-graph sampler for one request setting (engine.cuda.graphs), built lazily and cached."""
-        return self._graphed(self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output),
+        return self._graphed(self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing),
                              max_batch, capture)
 
     def _graphed(self, plan: SamplingPlan, max_batch=64, capture=None):

@@ -130,10 +130,10 @@ def make_spec(scheduler: SchedulerConfig, sampler="ddpm", eta=0.0, clip_denoised
                     eta=eta, use_clipped_model_output=use_clipped_model_output)
 
 
-def resolve_steps(sampler: SamplerDef, steps, num_train_timesteps: int) -> int:
-    """The number of reverse steps: the sampler's default when None, else checked to be in [1, T]."""
+def resolve_steps(sampler: SamplerDef, steps, num_train_timesteps: int, spacing: str | None = None) -> int:
+    """The number of reverse steps: the sampler's default (at ``spacing``) when None, else checked to be in [1, T]."""
     if steps is None:
-        return sampler.default_steps(num_train_timesteps)
+        return sampler.default_steps(num_train_timesteps, spacing)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_train_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_train_timesteps}], got {steps!r}")
     return int(steps)
@@ -159,10 +159,17 @@ class SamplingPlan:
         return self.tables.steps
 
     @property
+    def spacing(self) -> str:
+        """The kept timesteps' spacing (schedules.SPACINGS)."""
+        return self.tables.spacing
+
+    @property
     def name(self) -> str:
-        """"ddpm-1000", "ddim-50 eta=0": the plan as reports name it (eta where the sampler uses it)."""
+        """"ddpm-1000", "ddim-50 eta=0", "dpmpp_2m-5 karras": the plan as reports name it (the spacing
+        where it is not the sampler's own, eta where the sampler uses it)."""
         spec = self.spec
-        return f"{spec.sampler}-{self.steps}" + (f" eta={spec.eta:g}" if spec.definition.eta else "")
+        spacing = f" {self.spacing}" if self.spacing != spec.definition.spacing else ""
+        return f"{spec.sampler}-{self.steps}{spacing}" + (f" eta={spec.eta:g}" if spec.definition.eta else "")
 
     @property
     def graphable(self) -> bool:
@@ -172,7 +179,7 @@ class SamplingPlan:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one batch."""
-        return (self.spec, self.steps)
+        return (self.spec, self.steps, self.spacing)
 
     def seeds(self, batch) -> list[int]:
         """A request's batch argument as seeds, refused at once if it cannot fit."""
@@ -199,37 +206,55 @@ class Planner:
         self.backend, self.device, self.sample_shape = backend, device, tuple(sample_shape)
         self.step_impl = step_impl  # resolved: "torch" or "triton" (stepping.resolve_step_impl)
         self.lock, self.max_batch = lock, max_batch
-        self._tables: dict[tuple, Tables] = {}  # (steps, spacing) -> Tables
+        self._tables: dict[tuple, Tables] = {}  # (steps, spacing, multistep) -> Tables
         self.plans: dict[tuple, SamplingPlan] = {}  # SamplingPlan.key -> SamplingPlan
 
     @property
     def num_train_timesteps(self) -> int:
         return len(self.train_betas)
 
-    def tables(self, sampler: SamplerDef, steps) -> Tables:
-        """The coefficient tables of ``steps`` (None: the sampler's default) reverse steps of ``sampler``."""
-        return self._tables_of(sampler, resolve_steps(sampler, steps, self.num_train_timesteps))
+    def tables(self, sampler: SamplerDef, steps, spacing=None) -> Tables:
+        """The coefficient tables of ``steps`` (None: the sampler's default) reverse steps of ``sampler``
+        at ``spacing`` (None: the sampler's or the scheduler config's; ``SamplerDef.choose_spacing``)."""
+        spacing = sampler.choose_spacing(spacing, self.scheduler.timestep_spacing)
+        return self._tables_of(sampler, resolve_steps(sampler, steps, self.num_train_timesteps, spacing), spacing)
 
-    def _tables_of(self, sampler: SamplerDef, steps: int) -> Tables:
-        key = (steps, sampler.spacing)
+    def _tables_of(self, sampler: SamplerDef, steps: int, spacing: str) -> Tables:
+        key = (steps, spacing, sampler.multistep_grid)
         if key not in self._tables:
-            self._tables[key] = Tables.build(self.train_betas, *key)
+            self._tables[key] = Tables.build(self.train_betas, steps, spacing, multistep=key[2],
+                                             steps_offset=self.scheduler.steps_offset,
+                                             set_alpha_to_one=self.scheduler.set_alpha_to_one)
         return self._tables[key]
 
     def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None) -> SamplingPlan:
         """The plan of a request (built on first use; callers hold the engine's plans lock)."""
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
-        steps = resolve_steps(spec.definition, steps, self.num_train_timesteps)
-        key = (spec, steps)
+        spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
+        steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)
+        key = (spec, steps, spacing)
         if key not in self.plans:
-            tables = self._tables_of(spec.definition, steps)
+            tables = self._tables_of(spec.definition, steps, spacing)
+            check_defined(spec, tables)
             tab = tables.on(self.device)
             self.plans[key] = SamplingPlan(
                 spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
                 max_batch=self.max_batch)
         return self.plans[key]
+
+
+def check_defined(spec: StepSpec, tables: Tables) -> None:
+    """Refuse a run whose first step has alpha-bar 0 (a zero terminal SNR reached by DDPM or DDIM),
+    where an epsilon prediction defines no x0 (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar))."""
+    if spec.prediction is Prediction.EPSILON and tables.alphas_cumprod[-1] == 0.0:
+        raise InvalidRequestError(
+            f"the {spec.sampler} run at spacing {tables.spacing!r} starts at t = {tables.timesteps[-1]}, where the "
+            "zero terminal SNR (rescale_betas_zero_snr) makes alpha-bar 0 and an epsilon prediction gives no x0; "
+            "choose a spacing that does not keep t = T - 1 (such as 'leading' with fewer steps than T), a "
+            "multistep sampler (dpmpp_2m, unipc: alpha-bar 2^-24 there, as diffusers), or a v_prediction model "
+            "(Lin et al. 2024)")
 
 
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):

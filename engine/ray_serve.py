@@ -11,11 +11,12 @@ never its batch-mates); then ``@serve.batch`` gathers up to ``max_batch_size`` o
 concurrent requests and runs one engine call per group of equal sampler options (per
 ``max_batch_size`` images of it). Each request gets exactly the images its seeds give on a lone
 engine: a seed's image does not depend on its batch. Over HTTP, ``POST <route>/sample`` takes
-``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` and answers the images as float32
-data and PNGs (``to_json``); a bad request gets a 400 with ``{"error": <type>, "message": ...}``
-(``http_request``: a pure function of method, path and body, testable without Ray; ``GET /healthz``
-and ``GET /readyz`` are the probes). A drain (``drain``, the CLI's SIGTERM) answers new requests 503,
-lets those in flight finish within a grace period, and answers the rest 503.
+``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (optionally ``"spacing": "karras"``)
+and answers the images as float32 data and PNGs (``to_json``); a bad request gets a 400 with
+``{"error": <type>, "message": ...}`` (``http_request``: a pure function of method, path and body,
+testable without Ray; ``GET /healthz`` and ``GET /readyz`` are the probes). A drain (``drain``, the
+CLI's SIGTERM) answers new requests 503, lets those in flight finish within a grace period, and
+answers the rest 503.
 
 Needs ``pip install 'ddpm-engine[ray]'``.
 """
@@ -48,7 +49,7 @@ except ImportError as exc:
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta")
+REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta", "spacing")
 MAX_BODY_BYTES = 4 * 2**20  # a request of 32 seeds is under 2 kB; a bigger body is refused with 413
 MAX_DEPTH = 8  # JSON nesting a body may have (a request has 2), checked before parsing
 MESSAGE_LIMIT = 500  # characters of an error message in an HTTP answer
@@ -63,6 +64,7 @@ class Options(NamedTuple):
     sampler: str
     steps: int
     eta: float
+    spacing: str | None = None  # None: the one the engine takes when a request names none
 
 
 class Request(NamedTuple):
@@ -70,14 +72,16 @@ class Request(NamedTuple):
     options: Options
 
 
-def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, *, max_images: int) -> Request:
+def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, spacing=None, *,
+                  max_images: int) -> Request:
     """Validate one request with the engine's own checks (``Engine.plan``; raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
-    plan = engine.plan(sampler=sampler, steps=steps, eta=eta)
+    plan = engine.plan(sampler=sampler, steps=steps, eta=eta, spacing=spacing)
     if len(seeds) > max_images:
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
-    return Request(seeds, Options(sampler, plan.steps, plan.spec.eta))
+    default = plan.spec.definition.choose_spacing(None, engine.scheduler.timestep_spacing)
+    return Request(seeds, Options(sampler, plan.steps, plan.spec.eta, None if plan.spacing == default else plan.spacing))
 
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -109,7 +113,8 @@ def parse_body(body: bytes) -> dict:
     if unknown:
         raise InvalidRequestError(f"unknown field(s) {quote(unknown)}; the fields are {list(REQUEST_FIELDS)}")
     kinds = {"seeds": ((list,), "a list of integers"), "sampler": ((str,), "a string"),
-             "steps": ((int, type(None)), "an integer or null"), "eta": ((int, float), "a number")}
+             "steps": ((int, type(None)), "an integer or null"), "eta": ((int, float), "a number"),
+             "spacing": ((str, type(None)), "a string or null")}
     for name, value in payload.items():
         types, kind = kinds[name]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -294,11 +299,11 @@ class EngineReplica:
         self._draining = True
 
     # ---- sampling ------------------------------------------------------------------------------
-    async def sample(self, seeds, sampler="ddpm", steps=None, eta=0.0) -> torch.Tensor:
+    async def sample(self, seeds, sampler="ddpm", steps=None, eta=0.0, spacing=None) -> torch.Tensor:
         """The images of ``seeds``, float32 [n, C, H, W] in [-1, 1] on the CPU."""
         if self._draining:
             raise draining_error()
-        request = check_request(self.engine, seeds, sampler, steps, eta, max_images=self.max_batch_size)
+        request = check_request(self.engine, seeds, sampler, steps, eta, spacing, max_images=self.max_batch_size)
         self._in_flight += 1
         try:
             return await self._sample_request(request)
@@ -327,7 +332,8 @@ class EngineReplica:
             seeds = [s for k in members for s in requests[k].seeds]
             try:
                 futures = [self.server.submit(seeds[at:at + size], sampler=options.sampler, steps=options.steps,
-                                              eta=options.eta) for at in range(0, len(seeds), size)]
+                                              eta=options.eta, spacing=options.spacing)
+                           for at in range(0, len(seeds), size)]
             except EngineError as exc:  # the server is closed: a drain ran out of grace
                 calls.append((members, exc))
                 continue

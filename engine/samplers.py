@@ -25,9 +25,10 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, quote
 from .noise import SDE_STEP
-from .schedules import DeviceTables, Prediction, Tables, Variance, make_betas
+from .schedules import (SPACINGS, TIMESTEP_SPACINGS, DeviceTables, Prediction, Tables, Variance, make_betas,
+                        multistep_grid)
 
 
 def _gather(column: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -140,18 +141,21 @@ def ddim_step(tab: DeviceTables, x_t, model_output, i, noise, *, eta=0.0, predic
     abar_prev is 1 on the last step. With clipping, the direction term keeps the eps implied by the
     model output (diffusers' default) unless ``use_clipped_model_output``: then eps is recomputed
     from the clipped x0, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (improved-diffusion's way).
+    Both stay finite at abar = 0 (a zero terminal SNR): 1 - abar_prev - sigma^2 is computed as
+    (1 - abar_prev) (1 - eta^2 (1 - abar / abar_prev) / (1 - abar)), exactly 0 there with eta = 1
+    (the plain difference leaves float32 rounding, ~sqrt(6e-8) after the root).
     """
     nd = x_t.ndim
     x0, eps = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
         if use_clipped_model_output:
-            srecip, srecipm1 = _gather(tab.sqrt_recip_alphas_cumprod, i, nd), _gather(tab.sqrt_recipm1_alphas_cumprod, i, nd)
-            eps = (srecip * x_t - x0) / srecipm1
+            sa, s1ma = _gather(tab.sqrt_alphas_cumprod, i, nd), _gather(tab.sqrt_one_minus_alphas_cumprod, i, nd)
+            eps = (x_t - sa * x0) / s1ma
     abar = _gather(tab.alphas_cumprod, i, nd)
     abar_prev = _gather(tab.ddim_alphas_cumprod_prev, i, nd)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-    dir_xt = torch.sqrt((1 - abar_prev - sigma**2).clamp_min(0.0)) * eps
+    dir_xt = torch.sqrt(((1 - abar_prev) * (1 - eta**2 * (1 - abar / abar_prev) / (1 - abar))).clamp_min(0.0)) * eps
     x_prev = torch.sqrt(abar_prev) * x0 + dir_xt + sigma * noise
     return x_prev, x0
 
@@ -294,7 +298,7 @@ class SamplerDef:
     """
 
     name: str
-    spacing: str  # its kept timesteps (schedules.spaced_timesteps): "leading" or "linspace"
+    spacing: str  # its kept timesteps when neither request nor config names any (schedules.SPACINGS)
     steps: int | None  # steps when the caller gives none (at most what the spacing allows); None: T
     config_clip: bool  # whether the scheduler config's clip_sample applies when the caller does not say
     reference: Callable  # the reference step: the specification the torch and Triton steps are held to
@@ -303,13 +307,35 @@ class SamplerDef:
     state: tuple = ()  # per-sample state kept in stepping.Rows fields (zeros at the start of a run)
     noise: int | None = 0  # its Philox noise: at step counter ``noise + i`` (engine.noise); None: draws none
     eta: bool = False  # whether the request's eta applies (plan names show it)
+    spacings: tuple = SPACINGS  # the spacings a request may name for it
+    multistep: bool | None = None  # its grids are diffusers' multistep schedulers' (None: if ``spacing`` is "linspace")
+    config_spacing: bool = False  # whether the scheduler config's timestep_spacing applies when the request names none
 
-    def default_steps(self, num_train_timesteps: int) -> int:
-        """Steps when the caller gives none: ``steps``, at most T (T - 1 for "linspace"); T if None."""
-        T = num_train_timesteps
+    def default_steps(self, num_train_timesteps: int, spacing: str | None = None) -> int:
+        """Steps when the caller gives none: ``steps``, at most T (T - 1 on a multistep "leading" or
+        "linspace" grid); T if None. ``spacing``: the run's (None: the sampler's own)."""
+        T, spacing = num_train_timesteps, spacing or self.spacing
         if self.steps is None:
             return T
-        return min(self.steps, max(1, T - 1 if self.spacing == "linspace" else T))
+        short = spacing in ("leading", "linspace") and self.multistep_grid
+        return min(self.steps, max(1, T - 1 if short else T))
+
+    @property
+    def multistep_grid(self) -> bool:
+        """Whether its "leading" and "linspace" are laid out as diffusers' multistep schedulers lay them
+        out (schedules.spaced_timesteps): ``multistep``, or if None whether its own spacing is "linspace"."""
+        return multistep_grid(self.spacing, self.multistep)
+
+    def choose_spacing(self, spacing, timestep_spacing: str | None) -> str:
+        """The run's spacing: the request's (None: the scheduler config's ``timestep_spacing`` where
+        ``config_spacing`` and the config names one, else the sampler's own), refused with the names
+        that work if the sampler does not take it."""
+        if spacing is None:
+            return timestep_spacing if self.config_spacing and timestep_spacing is not None else self.spacing
+        if not isinstance(spacing, str) or spacing not in self.spacings:
+            raise InvalidRequestError(f"the {self.name} sampler takes spacing {' / '.join(map(repr, self.spacings))} "
+                                      f"(or None: its default), got {quote(spacing)}")
+        return spacing
 
     def default_clip(self, clip_sample: bool) -> bool:
         """Whether x0 is clipped when the caller does not say, given the scheduler config's ``clip_sample``."""
@@ -327,18 +353,20 @@ class SamplerDef:
 _DEFINITIONS = (
     # DDPM: diffusers' DDPMScheduler; noise at counter i (its variance)
     SamplerDef("ddpm", spacing="leading", steps=None, config_clip=True, reference=ddpm_step, torch=_ddpm_torch,
-               kernel="ddpm_step:step_rows"),
+               kernel="ddpm_step:step_rows", spacings=TIMESTEP_SPACINGS, config_spacing=True),
     # DDIM: diffusers' DDIMScheduler; noise at counter i (scaled by eta)
     SamplerDef("ddim", spacing="leading", steps=50, config_clip=True, reference=ddim_step, torch=_ddim_torch,
-               kernel="ddim_step:step_rows", eta=True),
+               kernel="ddim_step:step_rows", eta=True, config_spacing=True),
     # DPM-Solver++(2M), ODE and SDE, and UniPC: diffusers' defaults. Their schedulers have no
-    # clip_sample option (they threshold instead), so the config's is not read
+    # clip_sample option (they threshold instead), so the config's is not read; nor is its
+    # timestep_spacing (DDPMScheduler's, "leading" in nearly every saved config): they keep linspace
     SamplerDef("dpmpp_2m", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_step,
-               torch=_dpmpp_2m_torch, kernel="dpmpp_step:step_rows", state=("x0_prev",), noise=None),
+               torch=_dpmpp_2m_torch, kernel="dpmpp_step:step_rows", state=("x0_prev",), noise=None, multistep=True),
     SamplerDef("dpmpp_2m_sde", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_2m_sde_step,
-               torch=_dpmpp_2m_sde_torch, kernel="dpmpp_step:step_rows_sde", state=("x0_prev",), noise=SDE_STEP),
+               torch=_dpmpp_2m_sde_torch, kernel="dpmpp_step:step_rows_sde", state=("x0_prev",), noise=SDE_STEP,
+               multistep=True),
     SamplerDef("unipc", spacing="linspace", steps=20, config_clip=False, reference=unipc_step, torch=_unipc_torch,
-               kernel="unipc_step:step_rows", state=("x0_prev", "corrector"), noise=None),
+               kernel="unipc_step:step_rows", state=("x0_prev", "corrector"), noise=None, multistep=True),
 )
 SAMPLER_DEFS = {d.name: d for d in _DEFINITIONS}
 SAMPLERS = tuple(SAMPLER_DEFS)  # the sampler names the engine accepts
@@ -390,7 +418,8 @@ class _Sampler:
         """Choose how many steps to sample with (respaces the tables); starts a new run."""
         if device is not None:
             self.device = torch.device(device)
-        self.tables = Tables.build(self.train_betas, steps, sampler_def(self.sampler).spacing)
+        d = sampler_def(self.sampler)
+        self.tables = Tables.build(self.train_betas, steps, d.spacing, multistep=d.multistep_grid)
         self.tab = self.tables.on(self.device)
         T = self.tables.num_train_timesteps
         index = torch.full((T,), -1, dtype=torch.int64)

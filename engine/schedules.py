@@ -101,7 +101,9 @@ def make_betas(beta_schedule: str = "linear", num_timesteps: int = 1000, beta_st
                               "or pass trained_betas")
 
 
-TIMESTEP_SPACINGS = ("leading", "linspace")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")  # diffusers' timestep_spacing values
+SPACINGS = TIMESTEP_SPACINGS + ("karras", "logsnr")  # every spacing= a request may name
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' multistep schedulers' stand-in for a zero terminal SNR's alpha-bar 0
 
 
 def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
@@ -109,27 +111,119 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
 
 
-def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> np.ndarray:
-    """The kept training timesteps, ascending, exactly ``steps`` of them.
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1),
+    diffusers' ``rescale_betas_zero_snr``: sqrt(abar) shifted so its last entry is 0 and scaled so
+    its first is unchanged; betas rebuilt from that, so the last beta is 1 and the last alpha-bar 0."""
+    sqrt_abar = np.sqrt(alphas_cumprod(betas))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    abar = ((sqrt_abar - last) * first / (first - last)) ** 2
+    return 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
 
-    - "leading" (DDPM, DDIM): ``arange(steps) * (T // steps)``, the even spacing of the DDIM paper
-      and diffusers' DDPM/DDIM schedulers; t = 0 is kept, so the last step lands on the data, and
-      ``steps == T`` keeps every timestep.
-    - "linspace" (DPM-Solver++ and UniPC, diffusers' default there): ``linspace(0, T - 1, steps + 1)``
-      rounded half to even, without its first entry 0 (diffusers writes it descending:
-      ``.round()[::-1][:-1]``). The sampler's final step goes to sigma = 0 instead of t = 0.
-      Needs ``steps <= T - 1``: more would round two entries onto one timestep.
+
+def multistep_grid(spacing: str, multistep: bool | None) -> bool:
+    """Whether ``spacing`` is laid out as diffusers' multistep schedulers lay it out (see
+    spaced_timesteps). None: "linspace" is, every other spacing is not (the rule from before spacing
+    was a choice, kept for callers that name only a spacing)."""
+    return spacing == "linspace" if multistep is None else bool(multistep)
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", *, multistep: bool | None = None,
+                     steps_offset: int = 0) -> np.ndarray:
+    """The kept training timesteps, ascending, exactly ``steps`` of them: diffusers' ``timestep_spacing``
+    (Lin et al. 2024, Table 2). The last step always goes from ``timesteps[0]`` to the data (alpha-bar 1).
+
+    - "leading": ``arange(steps) * (T // steps) + steps_offset``, the even spacing of the DDIM paper
+      and diffusers' DDPM/DDIM schedulers; t = 0 is kept (without an offset), and ``steps == T`` keeps
+      every timestep.
+    - "linspace": ``linspace(0, T - 1, steps)`` rounded half to even.
+    - "trailing": ``round(T - k T / steps) - 1`` for k < steps: t = T - 1 is kept (diffusers' own
+      ``arange(T, 0, -T / steps)``, whose float steps decide the rounding ties, cut to ``steps``: it
+      gives one timestep too many, -1, for some step counts such as 61 of 1000).
+
+    ``multistep`` (diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler, where the last
+    step goes to sigma = 0 instead of to a kept t): "leading" and "linspace" lay out ``steps + 1``
+    points and drop the lowest, so "linspace" is ``linspace(0, T - 1, steps + 1)[1:]`` (diffusers writes
+    it descending: ``.round()[::-1][:-1]``) and "leading" ``arange(1, steps + 1) * (T // (steps + 1))
+    + steps_offset``; both take at most T - 1 steps. None: see ``multistep_grid``.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
-    if spacing == "leading":
-        return np.arange(steps, dtype=np.int64) * (num_timesteps // steps)
+    T, multistep = num_timesteps, multistep_grid(spacing, multistep)
+    if spacing == "trailing":
+        return (np.round(np.arange(T, 0, -T / steps)[:steps]) - 1).astype(np.int64)[::-1].copy()
+    if spacing not in ("leading", "linspace"):
+        raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    if multistep and steps > T - 1:
+        raise InvalidRequestError(f"the {spacing} timestep spacing of the multistep samplers (DPM-Solver++, UniPC) "
+                                  f"takes at most T - 1 = {T - 1} steps, got {steps}; use fewer steps")
+    n = steps + 1 if multistep else steps
     if spacing == "linspace":
-        if steps > num_timesteps - 1:
-            raise InvalidRequestError(f"the linspace timestep spacing (DPM-Solver++, UniPC) takes at most T - 1 = "
-                                      f"{num_timesteps - 1} steps, got {steps}; use fewer steps")
-        return np.linspace(0, num_timesteps - 1, steps + 1).round()[1:].astype(np.int64)
-    raise InvalidRequestError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+        grid = np.linspace(0, T - 1, n).round().astype(np.int64)
+    else:
+        grid = np.arange(n, dtype=np.int64) * (T // n) + int(steps_offset)
+        if grid[-1] > T - 1:
+            raise InvalidRequestError(f"steps_offset={steps_offset} puts the last of {steps} leading timesteps at "
+                                      f"t = {grid[-1]}, past T - 1 = {T - 1}; use fewer steps or another spacing")
+    return grid[1:] if multistep else grid
+
+
+def _sigma_grid(train_abar: np.ndarray, steps: int, spacing: str) -> np.ndarray:
+    """The kept noise levels sigma = sqrt((1 - abar) / abar), descending, from the last training
+    timestep's to the first's: Karras et al. 2022 eq. 5 (rho = 7), or uniform in log sigma (= uniform
+    in log-SNR; Lu et al. 2022, diffusers' ``use_lu_lambdas``)."""
+    sigmas = np.sqrt((1.0 - train_abar) / train_abar)
+    ramp = np.linspace(0.0, 1.0, steps)
+    if spacing == "karras":
+        rho = 7.0
+        lo, hi = sigmas[0] ** (1 / rho), sigmas[-1] ** (1 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+    lo, hi = np.log(sigmas[0]), np.log(sigmas[-1])
+    return np.exp(hi + ramp * (lo - hi))
+
+
+def kept_schedule(train_abar: np.ndarray, steps: int, spacing: str = "leading", *, multistep: bool | None = None,
+                  steps_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, alpha-bars) of one sampling run, ascending, float64 alpha-bars: the one place a
+    spacing becomes what the model sees (int64 training timesteps) and what the step math uses.
+
+    - "leading", "linspace", "trailing": ``spaced_timesteps``; the alpha-bars are the training ones there.
+    - "karras", "logsnr": ``steps`` noise levels (``_sigma_grid``) between the last and first training
+      timesteps' sigma; the step math uses these exact levels, alpha-bar = 1 / (1 + sigma^2), and the
+      model sees each one's training timestep by interpolating log sigma, rounded (diffusers'
+      ``_sigma_to_t`` then ``round``).
+
+    A zero terminal SNR (``rescale_zero_terminal_snr``: alpha-bar 0 at t = T - 1) has no sigma; the
+    multistep grid and the sigma grids take alpha-bar 2^-24 there, as diffusers' multistep
+    schedulers do. DDPM and DDIM keep the 0 (their steps are finite there with a v or x0 prediction).
+    """
+    train_abar = np.asarray(train_abar, dtype=np.float64)
+    T = len(train_abar)
+    if spacing in ("karras", "logsnr") or multistep_grid(spacing, multistep):
+        train_abar = np.maximum(train_abar, ZERO_SNR_ALPHA_BAR)
+    if spacing not in ("karras", "logsnr"):
+        timesteps = spaced_timesteps(T, steps, spacing, multistep=multistep, steps_offset=steps_offset)
+        return timesteps, train_abar[timesteps]
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise InvalidRequestError(f"steps must be an integer in [1, {T}], got {steps!r}")
+    sigmas = _sigma_grid(train_abar, int(steps), spacing)[::-1]
+    log_sigmas = 0.5 * (np.log1p(-train_abar) - np.log(train_abar))
+    timesteps = np.interp(np.log(sigmas), log_sigmas, np.arange(T)).round().astype(np.int64)
+    return timesteps, 1.0 / (1.0 + sigmas**2)
+
+
+def ddim_alphas_cumprod_prev(train_abar: np.ndarray, timesteps: np.ndarray, abar: np.ndarray, spacing: str,
+                             final: float, multistep: bool | None = None) -> np.ndarray:
+    """DDIM's alpha-bar to step to from each kept timestep (diffusers' ``DDIMScheduler.step``): for
+    DDIM's own timestep grids the training alpha-bar at t - T // steps, and ``final`` below t = 0 (1,
+    or alpha-bar at t = 0 without set_alpha_to_one). With "leading" that is the next kept timestep;
+    with "linspace" and "trailing" diffusers still steps T // steps back, which can fall between the
+    kept timesteps: matched, not repaired. On the sigma grids and the multistep grids (no diffusers
+    DDIM there): the next kept alpha-bar, then ``final``."""
+    if spacing in ("karras", "logsnr") or multistep_grid(spacing, multistep):
+        return np.append(final, abar[:-1])
+    prev = timesteps - len(train_abar) // len(timesteps)
+    return np.where(prev >= 0, train_abar[np.maximum(prev, 0)], final)
 
 
 @dataclass(frozen=True)
@@ -158,8 +252,9 @@ class Tables:
       ``posterior_mean_coef2`` = (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i)  (DDPM eq. 7):
       mean = coef1 * x0 + coef2 * x_t.
 
-    DDIM: ``ddim_alphas_cumprod_prev`` is abar at the next kept timestep, and 1 for the last
-    step (the DDIM paper's convention, diffusers' ``set_alpha_to_one=True``).
+    DDIM: ``ddim_alphas_cumprod_prev`` is abar at the next kept timestep (for "linspace" and
+    "trailing": at t - T // steps, as diffusers steps; ``ddim_alphas_cumprod_prev``), and 1 for the
+    last step (the DDIM paper's convention, diffusers' ``set_alpha_to_one=True``).
 
     DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", arXiv:2211.01095, with diffusers'
     ``DPMSolverMultistepScheduler`` defaults: dpmsolver++, solver_order=2, midpoint,
@@ -221,6 +316,7 @@ class Tables:
 
     num_train_timesteps: int
     timesteps: np.ndarray
+    spacing: str  # the spacing that kept them (SPACINGS)
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
@@ -254,11 +350,19 @@ class Tables:
         return len(self.timesteps)
 
     @classmethod
-    def build(cls, train_betas: np.ndarray, steps: int | None = None, spacing: str = "leading") -> "Tables":
+    @np.errstate(divide="ignore", invalid="ignore")  # a zero terminal SNR (alpha-bar 0): inf in the epsilon columns
+    def build(cls, train_betas: np.ndarray, steps: int | None = None, spacing: str = "leading", *,
+              multistep: bool | None = None, steps_offset: int = 0, set_alpha_to_one: bool = True) -> "Tables":
+        """The tables of ``steps`` (None: T) reverse steps at the ``spacing`` (``kept_schedule``, with its
+        ``multistep`` and ``steps_offset``); every column is a function of the kept alpha-bars, but DDIM's
+        step-to alpha-bar (``ddim_alphas_cumprod_prev``, whose last entry ``set_alpha_to_one`` chooses)."""
         train_betas = np.asarray(train_betas, dtype=np.float64)
         T = len(train_betas)
-        timesteps = spaced_timesteps(T, T if steps is None else steps, spacing)
-        abar = alphas_cumprod(train_betas)[timesteps]
+        train_abar = alphas_cumprod(train_betas)
+        timesteps, abar = kept_schedule(train_abar, T if steps is None else steps, spacing, multistep=multistep,
+                                        steps_offset=steps_offset)
+        ddim_prev = ddim_alphas_cumprod_prev(train_abar, timesteps, abar, spacing,
+                                             1.0 if set_alpha_to_one else train_abar[0], multistep)
         abar_prev = np.append(1.0, abar[:-1])
         betas = 1.0 - abar / abar_prev
         alphas = 1.0 - betas
@@ -267,6 +371,7 @@ class Tables:
         return cls(
             num_train_timesteps=T,
             timesteps=timesteps,
+            spacing=spacing,
             betas=betas,
             alphas_cumprod=abar,
             alphas_cumprod_prev=abar_prev,
@@ -279,7 +384,7 @@ class Tables:
             large_log_variance=np.log(np.append(first_nonzero, betas[1:])),
             posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-            ddim_alphas_cumprod_prev=abar_prev.copy(),  # abar_prev[0] == 1: set_alpha_to_one
+            ddim_alphas_cumprod_prev=ddim_prev,
             **dpmpp_2m_coefficients(abar),
             **dpmpp_2m_sde_coefficients(abar),
             **unipc_coefficients(abar),
@@ -421,10 +526,18 @@ class DeviceTables:
             raise AttributeError(name) from None
 
 
+# Scheduler config keys (diffusers' scheduler_config.json) that SchedulerConfig reads without a field:
+# each is honoured at one value (where diffusers gives it an effect the engine does not have) and
+# refused with any other; dynamic_thresholding_ratio and sample_max_value are read only by thresholding.
+CONFIG_ONLY_AT = {"thresholding": (False, "dynamic thresholding"), "clip_sample_range": (1.0, "a clip range other than 1")}
+CONFIG_READ_WITH_THRESHOLDING = ("dynamic_thresholding_ratio", "sample_max_value")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How a model was trained: its noise schedule and what it predicts. Keys follow diffusers'
-    ``scheduler_config.json`` so a diffusers folder's config maps one to one."""
+    ``scheduler_config.json`` so a diffusers folder's config maps one to one; ``from_dict`` honours
+    or refuses every key (docs/api.md, "Scheduler config keys")."""
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -435,28 +548,67 @@ class SchedulerConfig:
     clip_sample: bool = True
     prediction_type: str = "epsilon"
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
+    timestep_spacing: str | None = None  # DDPM's and DDIM's spacing when a request names none (None: their own)
+    steps_offset: int = 0  # added to "leading" timesteps (diffusers; Stable Diffusion's configs say 1)
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2024: betas rescaled to alpha-bar 0 at t = T - 1
+    set_alpha_to_one: bool = True  # DDIM's last step goes to alpha-bar 1 (False: to alpha-bar at t = 0)
 
     def __post_init__(self):
         Prediction.parse(self.prediction_type)
         Variance.parse(self.variance_type)
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise InvalidRequestError(f"unknown timestep_spacing {self.timestep_spacing!r}; use one of "
+                                      f"{TIMESTEP_SPACINGS}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, (int, np.integer)) \
+                or not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise InvalidRequestError(f"steps_offset must be an integer in [0, num_train_timesteps), "
+                                      f"got {self.steps_offset!r}")
+        for name in ("clip_sample", "use_clipped_model_output", "rescale_betas_zero_snr", "set_alpha_to_one"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.betas()
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in known}
+        """A scheduler config (ddpm-engine's saved one, or diffusers' scheduler_config.json of DDPMScheduler,
+        DDIMScheduler or another scheduler with the same keys). Every key is honoured or refused by name:
+        metadata (``_class_name``, ``_diffusers_version``, any ``_``-key) is ignored; ``thresholding`` and
+        ``clip_sample_range`` are accepted at the values that have no effect here (``CONFIG_ONLY_AT``); a
+        key of no field (another scheduler's, such as DPMSolverMultistepScheduler's solver_order) raises
+        InvalidRequestError naming it. diffusers' ``variance_type: null`` (DPM-Solver, UniPC) is fixed_small."""
+        fields = set(cls.__dataclass_fields__)
+        for key, (value, what) in CONFIG_ONLY_AT.items():
+            if key in d and d[key] != value:
+                raise InvalidRequestError(f"the scheduler config asks for {what} ({key}={d[key]!r}); this engine "
+                                          f"clips x0 to [-1, 1] only: set {key}={value!r}, or clip_sample for clipping")
+        unknown = sorted(k for k in d if k not in fields and not k.startswith("_")
+                         and k not in CONFIG_ONLY_AT and k not in CONFIG_READ_WITH_THRESHOLDING)
+        if unknown:
+            raise InvalidRequestError(f"scheduler config key(s) {unknown} are not supported (another scheduler's "
+                                      f"options?); the keys read are {sorted(fields | set(CONFIG_ONLY_AT))}: remove "
+                                      "them, and choose a sampler and spacing per request instead")
+        kw = {k: v for k, v in d.items() if k in fields}
         if kw.get("trained_betas") is not None:
             kw["trained_betas"] = tuple(kw["trained_betas"])
+        if "variance_type" in kw and kw["variance_type"] is None:
+            kw["variance_type"] = "fixed_small"
         return cls(**kw)
 
     def to_dict(self) -> dict:
+        """The keys as diffusers' configs write them (an unset timestep_spacing is left out: diffusers'
+        schedulers take their own default then, as the engine's samplers do)."""
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        if self.timestep_spacing is None:
+            del d["timestep_spacing"]
         return d
 
     def betas(self) -> np.ndarray:
-        return make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
-                          self.trained_betas)
+        """The training betas, float64 [num_train_timesteps]: the named schedule or trained_betas, then
+        rescaled to a zero terminal SNR if ``rescale_betas_zero_snr`` (its last beta is 1)."""
+        betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
+                           self.trained_betas)
+        return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
     def alphas_cumprod(self) -> np.ndarray:
         """alpha-bar over the training timesteps, float64 [num_train_timesteps]."""

@@ -4,9 +4,11 @@ Reference: ``engine.samplers.ddim_step`` (imported here as ``reference``; the te
 kernel to it). Per element of sample b at step index i:
 
     x0, eps = from the model output;  if clipping: x0 = clamp(x0, -1, 1), and only with
-              use_clipped_model_output eps = (srecip x - x0) / srecipm1 (diffusers' option)
+              use_clipped_model_output eps = (x - sqrt(abar) x0) / sqrt(1 - abar) (diffusers' option)
     sigma   = eta * sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))        (eq. 16)
     x_prev  = sqrt(abar_prev) x0 + sqrt(max(1 - abar_prev - sigma^2, 0)) eps + sigma z
+              (1 - abar_prev - sigma^2 as (1 - abar_prev) (1 - eta^2 (1 - abar / abar_prev) / (1 - abar)):
+              exactly 0 at abar = 0 with eta = 1, as the reference)
 
 Memory traffic per element, s = itemsize of the I/O dtype: read x_t and the model output (2 s),
 write x_prev (s), plus s for x0 only when STORE_X0: 3 s bytes (12 in fp32). Per sample: i (8
@@ -22,7 +24,7 @@ import triton.language as tl
 from ddpm_engine.samplers import ddim_step as reference  # noqa: F401  (the specification)
 
 from .options import FP_FUSION
-from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_RECIP_ABAR, COL_SQRT_RECIPM1_ABAR, PRED_EPSILON,
+from .common import (COL_ABAR, COL_DDIM_ABAR_PREV, COL_SQRT_1M_ABAR, COL_SQRT_ABAR, PRED_EPSILON,
                      PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output, output_parts,
                      predict_x0_and_eps, step_noise, step_prologue)
 
@@ -52,11 +54,12 @@ def _ddim_step_kernel(
     if CLIP:
         x0 = clip_x0(x0)
         if USE_CLIPPED_MODEL_OUTPUT:
-            eps = (tl.load(row + COL_SQRT_RECIP_ABAR) * x - x0) / tl.load(row + COL_SQRT_RECIPM1_ABAR)
+            eps = (x - tl.load(row + COL_SQRT_ABAR) * x0) / tl.load(row + COL_SQRT_1M_ABAR)
     x_prev = tl.sqrt_rn(abar_prev) * x0
     if HAS_NOISE:
         sigma = eta * tl.sqrt_rn((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-        x_prev += tl.sqrt_rn(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)) * eps
+        direction = (1.0 - abar_prev) * (1.0 - eta * eta * (1.0 - abar / abar_prev) / (1.0 - abar))
+        x_prev += tl.sqrt_rn(tl.maximum(direction, 0.0)) * eps
         x_prev += sigma * step_noise(b, i, offs, seed_ptr)
     else:
         x_prev += tl.sqrt_rn(tl.maximum(1.0 - abar_prev, 0.0)) * eps

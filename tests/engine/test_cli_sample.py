@@ -75,3 +75,16 @@ def test_an_unknown_sampler_ends_with_the_one_line_reason(capsys):
     assert exc.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "invalid choice: 'euler'" in last and "ddim" in last, last
+
+
+def test_spacing_is_a_flag_and_the_printed_command_repeats_it(tmp_path, capsys):
+    out = tmp_path / "k.png"
+    assert main(["sample", *FAST, "--spacing", "karras", "--seeds", "3", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ddim-3 karras eta=0" in printed and "--spacing karras" in read_png_text(out)["command"]
+    default = tmp_path / "d.png"
+    assert main(["sample", *FAST, "--seeds", "3", "4", "--out", str(default)]) == 0
+    assert "--spacing leading" in read_png_text(default)["command"]  # the default, spelled out
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(default)))  # the flag is used
+    with pytest.raises(SystemExit):
+        main(["sample", *FAST, "--spacing", "cosine", "--out", str(out)])  # argparse names the choices

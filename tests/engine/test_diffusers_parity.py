@@ -14,7 +14,7 @@ from ddpm_engine import Engine
 from ddpm_engine.backends.torch_backend import TorchBackend
 from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import SDE_STEP, philox_normal, seed_words
-from ddpm_engine.samplers import ROW_STATE
+from ddpm_engine.samplers import ROW_STATE, sampler_def
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -269,3 +269,195 @@ def test_learned_variance_ddpm_gives_diffusers_images_given_the_same_noise(tmp_p
     fixed.set_timesteps(STEPS)
     first_c = lambda x, t: model(x, t)[:, :1]  # noqa: E731
     assert (ddpm_loop_with_noise(first_c, fixed, x_T.clone(), seed_words(seeds), monkeypatch) - ours).abs().max() > 1e-2
+
+
+# ---- timestep spacings (issue 33.2) and the scheduler config's keys (issue 30.5) ----------------
+# Each spacing diffusers has, per sampler: step by step (both sides step from diffusers' x with the
+# same noise, so the multistep state is the same too) within 1e-5, and the whole chain within 1e-4.
+PEERS = {  # sampler -> (diffusers scheduler, its options, the spacings it has)
+    "ddpm": ("DDPMScheduler", {}, ("leading", "linspace", "trailing")),
+    "ddim": ("DDIMScheduler", {"eta": 1.0}, ("leading", "linspace", "trailing")),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, ("leading", "linspace", "trailing", "karras", "logsnr")),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {}, ("leading", "trailing", "karras", "logsnr")),
+    "unipc": ("UniPCMultistepScheduler", {}, ("leading", "linspace", "trailing", "karras")),
+}
+SPACING_OPTION = {"karras": {"use_karras_sigmas": True}, "logsnr": {"use_lu_lambdas": True}}
+
+
+def peer(sampler, engine, spacing=None, folder=None, **config):
+    """diffusers' scheduler of ``sampler``: from the saved folder's config (as a pipeline swaps
+    schedulers) or with the engine's betas, on the engine's float64 alpha-bars (diffusers' own
+    float32 product differs by ~1e-7, its 1 - abar near t = 0 by ~1e-4 relative, and an untrained
+    chain grows that), with a zero terminal SNR's 2^-24 where diffusers' multistep schedulers put it."""
+    cls = getattr(diffusers, PEERS[sampler][0])
+    if sampler == "dpmpp_2m_sde":
+        config["algorithm_type"] = "sde-dpmsolver++"
+    if spacing is not None:
+        config.update(SPACING_OPTION.get(spacing, {"timestep_spacing": spacing}))
+    if folder is not None:
+        scheduler = cls.from_pretrained(folder / "scheduler", **config)
+    else:
+        scheduler = cls(num_train_timesteps=1000, beta_schedule="linear",
+                        prediction_type=engine.scheduler.prediction_type, **config)
+    abar = engine.scheduler.alphas_cumprod()
+    if "Multistep" in cls.__name__ and abar[-1] == 0:
+        abar[-1] = 2.0**-24
+    scheduler.alphas_cumprod = torch.from_numpy(abar)
+    if hasattr(scheduler, "final_alpha_cumprod") and not scheduler.config.set_alpha_to_one:
+        scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+    return scheduler
+
+
+@torch.inference_mode()
+def lockstep(engine, unet, scheduler, sampler, spacing, steps, monkeypatch, **options):
+    """Every step from diffusers' x with the same noise: the engine's step is held to diffusers' to
+    1e-5 (relative where |x| > 1); returns the number of steps diffusers took. ``options``: the
+    step's (DDIM's eta), over PEERS'."""
+    options = {**PEERS[sampler][1], **options}
+    plan = engine.plan(sampler, steps, eta=options.get("eta", 0.0), spacing=spacing,
+                       use_clipped_model_output=options.get("use_clipped_model_output"))
+    seeds = [random.getrandbits(64) for _ in range(3)]
+    words, x = seed_words(seeds), torch.randn(3, *SHAPE)
+    rows = plan.start(seeds, x.clone())
+    scheduler.set_timesteps(steps)
+    assert np.array_equal(scheduler.timesteps.numpy(), plan.tables.timesteps[::-1]), plan.name
+    if plan.spacing in SPACING_OPTION:  # diffusers' sigmas in float64 (they are ours to 2e-6: test_schedules)
+        abar = plan.tables.alphas_cumprod
+        sigmas = np.append(np.sqrt((1 - abar) / abar)[::-1], 0.0)
+        torch.testing.assert_close(scheduler.sigmas, torch.from_numpy(sigmas).float(), rtol=2e-6, atol=0)
+        scheduler.sigmas = torch.from_numpy(sigmas)
+    counter = plan.spec.definition.noise
+    for t in scheduler.timesteps:
+        noise = philox_normal(words, counter + rows.i, x[0].numel()).reshape(x.shape) if counter is not None else None
+        out = unet(x, t.expand(3)).sample
+        kw = dict(options)
+        if noise is not None and sampler != "ddpm":
+            kw["variance_noise"] = noise
+        monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor", lambda *a, **k: noise)
+        want = scheduler.step(out, t, x, **kw).prev_sample
+        rows.x.copy_(x)
+        plan.step(rows, out)
+        # relative: an untrained network's x grows to ~100 along a chain, where float32 rounds at ~1e-5
+        torch.testing.assert_close(rows.x, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{plan.name}, t = {int(t)}: {m}")
+        x = want
+    return len(scheduler.timesteps)
+
+
+def spacing_cases():
+    return [(s, sp) for s, (_, _, spacings) in PEERS.items() for sp in spacings]
+
+
+@pytest.mark.parametrize("sampler, spacing", spacing_cases())
+def test_every_spacing_steps_as_diffusers(pipeline_for, monkeypatch, sampler, spacing):
+    unet, engine = pipeline_for("epsilon")
+    assert lockstep(engine, unet, peer(sampler, engine, spacing), sampler, spacing, STEPS, monkeypatch) == STEPS
+    name = engine.plan(sampler, STEPS, spacing=spacing).name  # names the spacing where it is not the sampler's own
+    assert name.startswith(f"{sampler}-{STEPS}") and (f" {spacing}" in name) == (spacing != sampler_def(sampler).spacing)
+
+
+@pytest.mark.parametrize("sampler, spacing", [("ddim", "trailing"), ("dpmpp_2m", "karras"), ("dpmpp_2m", "logsnr"),
+                                              ("unipc", "karras"), ("unipc", "trailing")])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_spacings_give_diffusers_images(pipeline_for, sampler, spacing, prediction):
+    """Whole chains: engine.sample against diffusers' loop from the same x_T (deterministic samplers)."""
+    unet, engine = pipeline_for(prediction)
+    x_T = torch.randn(2, *SHAPE)
+    ours = engine.sample([5, 6], sampler=sampler, steps=STEPS, spacing=spacing, x_T=x_T)
+    theirs = diffusers_loop(unet, peer(sampler, engine, spacing), x_T.clone(), STEPS, eta=0.0) if sampler == "ddim" \
+        else diffusers_loop(unet, peer(sampler, engine, spacing), x_T.clone(), STEPS)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_a_spacing_a_sampler_does_not_take_is_refused_with_the_ones_it_does(pipeline_for):
+    _, engine = pipeline_for("epsilon")
+    with pytest.raises(InvalidRequestError, match="ddpm sampler takes spacing 'leading' / 'linspace' / 'trailing'"):
+        engine.sample([1], sampler="ddpm", steps=5, spacing="karras")
+    with pytest.raises(InvalidRequestError, match="'karras' / 'logsnr'"):
+        engine.plan("unipc", spacing="uniform")
+    a, b = engine.plan("dpmpp_2m", 5), engine.plan("dpmpp_2m", 5, spacing="karras")
+    assert a is engine.plan("dpmpp_2m", 5, spacing="linspace") and a.key != b.key
+    assert (a.name, b.name) == ("dpmpp_2m-5", "dpmpp_2m-5 karras")
+    assert engine.tables(5, "dpmpp_2m", "karras") is b.tables
+
+
+@pytest.fixture(scope="module")
+def zero_snr(tmp_path_factory):
+    """A v-prediction model whose pipeline holds a DDIMScheduler config with a zero terminal SNR,
+    trailing timesteps, steps_offset 1 and set_alpha_to_one false (Lin et al. 2024's recipe)."""
+    folder = tmp_path_factory.mktemp("zero_snr")
+    torch.manual_seed(random.getrandbits(31))
+    unet = save_pipeline(folder / "unused")
+    scheduler = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=1,
+                                        set_alpha_to_one=False, prediction_type="v_prediction", clip_sample=False)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder, unet, nchw(Engine.from_pretrained(folder, backend="torch", batching=False))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("spacing", [None, "leading"])
+def test_scheduler_config_keys_run_as_in_diffusers(zero_snr, monkeypatch, sampler, spacing):
+    """rescale_betas_zero_snr (alpha-bar 0 at t = 999: DDPM and DDIM step from it with the v
+    prediction, DPM-Solver++ and UniPC take 2^-24 there), timestep_spacing (the default of DDPM and
+    DDIM, as their diffusers schedulers read it; the multistep samplers keep linspace), steps_offset
+    (added to leading timesteps) and set_alpha_to_one, against diffusers' schedulers made from the
+    same saved config."""
+    folder, unet, engine = zero_snr
+    assert engine.scheduler.alphas_cumprod()[-1] == 0.0
+    if sampler in ("ddpm", "ddim") and spacing is None:
+        assert engine.plan(sampler, STEPS).spacing == "trailing" and engine.plan(sampler, STEPS).tables.timesteps[-1] == 999
+    chosen = spacing if spacing is not None else ("trailing" if sampler in ("ddpm", "ddim") else "linspace")
+    scheduler = peer(sampler, engine, chosen, folder=folder)
+    assert lockstep(engine, unet, scheduler, sampler, spacing, STEPS, monkeypatch) == STEPS
+    if spacing == "leading" and sampler in ("ddpm", "ddim"):
+        assert engine.plan(sampler, STEPS, spacing=spacing).tables.timesteps[0] == 1  # steps_offset
+
+
+def test_zero_snr_with_an_epsilon_model_is_refused_where_x0_is_undefined(zero_snr):
+    folder, _, engine = zero_snr
+    eps = Engine.from_module(engine.model.module, scheduler={**engine.scheduler.to_dict(), "prediction_type": "epsilon"},
+                             sample_shape=SHAPE, backend="torch")
+    with pytest.raises(InvalidRequestError, match="alpha-bar 0 and an epsilon prediction"):
+        eps.sample([1], sampler="ddim", steps=5)  # trailing: starts at t = 999
+    eps.sample([1], sampler="ddim", steps=5, spacing="leading")  # never reaches t = 999
+    eps.sample([1], sampler="dpmpp_2m", steps=5, spacing="trailing")  # 2^-24 there
+
+
+def test_a_diffusers_folder_with_thresholding_or_another_schedulers_keys_is_refused_at_load(tmp_path):
+    """Every key of the scheduler config is honoured or refused by name (SchedulerConfig.from_dict)."""
+    import json
+
+    from ddpm_engine.errors import ModelLoadError
+
+    save_pipeline(tmp_path)
+    path = tmp_path / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    for extra, match in [({"thresholding": True}, "dynamic thresholding"), ({"solver_order": 3}, "'solver_order'")]:
+        path.write_text(json.dumps({**config, **extra}))
+        with pytest.raises(ModelLoadError, match=match):
+            Engine.from_pretrained(tmp_path, backend="torch")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m_sde", "unipc"])
+def test_the_fused_steps_take_every_spacing_and_a_zero_terminal_snr(zero_snr, sampler):
+    """The Triton steps (in the interpreter here) read the same tables: every spacing the sampler
+    takes, with alpha-bar 0 (or 2^-24) at t = 999 and the inf epsilon columns beside it, gives the
+    torch step's images."""
+    folder, _, engine = zero_snr
+    fused = nchw(Engine.from_pretrained(folder, backend="torch", batching=False, step_impl="triton"))
+    for spacing in sampler_def(sampler).spacings:
+        seeds, x_T = [random.getrandbits(64) for _ in range(2)], torch.randn(2, *SHAPE)
+        opts = dict(sampler=sampler, steps=5, spacing=spacing, eta=1.0 if sampler == "ddim" else 0.0, x_T=x_T)
+        ours, theirs = fused.sample(seeds, **opts), engine.sample(seeds, **opts)
+        assert torch.isfinite(ours).all() and (ours - theirs).abs().max().item() <= 1e-4, spacing
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_from_alpha_bar_zero_with_clipping_and_noise_is_diffusers(zero_snr, monkeypatch, use_clipped):
+    """DDIM's first step from alpha-bar 0 (zero terminal SNR, trailing) with eta = 1 and x0 clipping:
+    its direction coefficient is exactly 0 there and eps from the clipped x0 is x_t, as diffusers."""
+    folder, unet, engine = zero_snr
+    clipping = nchw(Engine.from_module(engine.model.module, scheduler={**engine.scheduler.to_dict(), "clip_sample": True},
+                                       sample_shape=SHAPE, backend="torch", batching=False))
+    scheduler = peer("ddim", clipping, "trailing", folder=folder, clip_sample=True)
+    assert lockstep(clipping, unet, scheduler, "ddim", None, STEPS, monkeypatch, eta=1.0,
+                    use_clipped_model_output=use_clipped) == STEPS

@@ -182,6 +182,13 @@ def test_the_replicas_checks_and_answer_format_hold_without_a_cluster(lone):
     assert request == ray_serve.Request([7], ray_serve.Options("ddim", 5, 0.0))
     images = lone.sample(request.seeds, **OPTS)
     assert torch.equal(ray_serve.from_json(ray_serve.to_json(images)), images)
+    # spacing: normalised to None where it is the one a request without it gets
+    for spacing, want in [(None, None), ("leading", None), ("trailing", "trailing")]:
+        body = json.dumps({"seeds": [7], **OPTS, "spacing": spacing}).encode()
+        request = ray_serve.check_request(lone, **ray_serve.parse_body(body), max_images=MAX_BATCH)
+        assert request.options == ray_serve.Options("ddim", 5, 0.0, want), spacing
+    with pytest.raises(InvalidRequestError, match="ddpm sampler takes spacing"):
+        ray_serve.check_request(lone, **ray_serve.parse_body(b'{"seeds": [1], "spacing": "karras"}'), max_images=1)
 
 
 @pytest.mark.slow
