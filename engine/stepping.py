@@ -45,6 +45,10 @@ class Rows:
     words: torch.Tensor  # int64 [B, 2]: seed words (engine.noise.seed_words)
     x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
     corrector: torch.Tensor | None = None  # [B, C, H, W]: UniPC's next corrector, the part known after a step
+    x0_prev2: torch.Tensor | None = None  # [B, C, H, W]: a third-order multistep sampler's x0 of two steps ago
+    eps_prev: torch.Tensor | None = None  # [B, C, H, W]: iPNDM's eps of the previous step
+    eps_prev2: torch.Tensor | None = None  # [B, C, H, W]: ... of two steps ago
+    eps_prev3: torch.Tensor | None = None  # [B, C, H, W]: ... of three steps ago
 
     def __len__(self):
         return self.x.shape[0]

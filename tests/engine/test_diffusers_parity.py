@@ -199,3 +199,64 @@ def test_more_steps_than_the_spacing_allows_are_refused(clipped, sampler):
     with pytest.raises(InvalidRequestError, match="at most T - 1 = 999"):
         engine.sample([1], sampler=sampler, steps=1000)
     assert engine.sample([1], sampler=sampler, steps=2).shape == (1, *SHAPE)
+
+
+def diffusers_steps(unet, scheduler, x, steps):
+    """diffusers' loop, every x_t on the way (its last, unclamped)."""
+    scheduler.set_timesteps(steps)
+    xs = []
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t.expand(x.shape[0])).sample, t, x).prev_sample
+            xs.append(x)
+    return xs
+
+
+def engine_steps(engine, sampler, steps, x_T):
+    """The engine's plan stepped by hand from x_T: every x_t on the way."""
+    plan = engine.plan(sampler, steps)
+    rows, xs = plan.start(list(range(len(x_T))), x_T.clone()), []
+    with torch.inference_mode():
+        for t in plan.tables.timesteps[::-1]:
+            plan.step(rows, engine.model.module(rows.x, torch.full((len(x_T),), int(t))))
+            xs.append(rows.x.clone())
+    return xs
+
+
+THIRD_ORDER = {"dpmpp_3m": lambda **kw: diffusers.DPMSolverMultistepScheduler(solver_order=3, **kw),
+               "unipc_3": lambda **kw: diffusers.UniPCMultistepScheduler(solver_order=3, **kw)}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
+def test_third_order_solvers_give_diffusers_images_step_by_step(pipeline_for, sampler, prediction):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler(solver_order=3) with their other
+    defaults (lower_order_final: below 15 steps the last two steps are lowered, UniPC's always),
+    from the same x_T: every x_t of the chain within 1e-5 (relative to its scale where that is over
+    1: an untrained network's x_t reach ~100, where an fp32 ulp is 8e-6) at 3, 5, 8 and 10 steps
+    (orders 1, 2, 3 and the lowered ends all reached), and the images within 1e-5. diffusers is
+    given the float64 alpha-bars rounded once, so that the comparison is of the step rule alone."""
+    unet, engine = pipeline_for(prediction)
+    for steps in (3, 5, 8, 10):
+        scheduler = THIRD_ORDER[sampler](num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+        scheduler.alphas_cumprod = torch.from_numpy(engine.scheduler.alphas_cumprod()).float()
+        x_T = torch.randn(2, *SHAPE)
+        theirs = diffusers_steps(unet, scheduler, x_T.clone(), steps)
+        ours = engine_steps(engine, sampler, steps, x_T)
+        for k, (a, b) in enumerate(zip(ours, theirs)):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (steps, k)
+        assert (ours[-1].clamp(-1, 1) - theirs[-1].clamp(-1, 1)).abs().max().item() <= 1e-5, steps
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
+def test_third_order_solvers_give_diffusers_images_whole_chain(pipeline_for, sampler, prediction):
+    """engine.sample against diffusers' own loop with its own float32 tables, 15 and 20 steps (no
+    lowered second to last step for DPM-Solver++ there)."""
+    unet, engine = pipeline_for(prediction)
+    scheduler = THIRD_ORDER[sampler](num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+    for steps in (15, 20):
+        x_T = torch.randn(2, *SHAPE)
+        ours = engine.sample([5, 6], sampler=sampler, steps=steps, x_T=x_T)
+        theirs = diffusers_loop(unet, scheduler, x_T.clone(), steps)
+        assert (ours - theirs).abs().max().item() <= 1e-4, steps
