@@ -415,7 +415,10 @@ def test_each_sampler_s_defaults_live_in_its_registry_entry():
     assert got == {"ddpm": ("leading", 1000, True, False, ()), "ddim": ("leading", 50, True, False, ()),
                    "dpmpp_2m": ("linspace", 20, False, False, ("x0_prev",)),
                    "dpmpp_2m_sde": ("linspace", 20, False, False, ("x0_prev",)),
-                   "unipc": ("linspace", 20, False, False, ("x0_prev", "corrector"))}
+                   "unipc": ("linspace", 20, False, False, ("x0_prev", "corrector")),
+                   "dpmpp_3m": ("linspace", 20, False, False, ("x0_prev", "x0_prev2")),
+                   "unipc_3": ("linspace", 20, False, False, ("x0_prev", "x0_prev2", "corrector")),
+                   "ipndm": ("leading", 20, False, False, ("eps_prev", "eps_prev2", "eps_prev3"))}
     assert [default_steps(s, 10) for s in ("ddpm", "ddim", "unipc")] == [10, 10, 9]  # "linspace" keeps T - 1
     assert default_steps("dpmpp_2m", 1) == 1 and timestep_spacing("dpmpp_2m_sde") == "linspace"
 
