@@ -13,7 +13,8 @@ step, Triton kernel). Everything that asks "which sampler" asks it (``sampler_de
 ``StepSpec`` names its sampler and carries the entry (``spec.definition``). Adding a sampler:
 docs/extending.md.
 
-Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` with diffusers-like
+Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` (both with
+``solver_order`` 2 or 3) with diffusers-like
 ``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps
 per sample (tensor [B]) and is mapped to step indices on the device.
 """
@@ -530,16 +531,17 @@ class DPMSolverSampler(_Sampler):
     """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
     "linspace" timesteps, final sigma 0, midpoint). ``algorithm_type="sde-dpmsolver++"`` is its
     stochastic form: ``step(..., noise=z)`` takes standard normal noise as ``DDPMSampler.step`` does
-    (diffusers' ``variance_noise``; None: zeros). ``clip_sample=True`` clips x0 to [-1, 1]
-    (diffusers: thresholding=True, sample_max_value=1.0)."""
+    (diffusers' ``variance_noise``; None: zeros). ``solver_order=3`` is DPM-Solver++(3M) (the ODE
+    form only). ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
+    sample_max_value=1.0)."""
 
-    ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
+    ALGORITHMS = {("dpmsolver++", 2): "dpmpp_2m", ("sde-dpmsolver++", 2): "dpmpp_2m_sde", ("dpmsolver++", 3): "dpmpp_3m"}
 
-    def __init__(self, betas=None, *, algorithm_type="dpmsolver++", **kw):
-        if algorithm_type not in self.ALGORITHMS:
-            raise InvalidRequestError(f"unknown algorithm_type {algorithm_type!r}; choose one of "
-                                      f"{tuple(self.ALGORITHMS)}")
-        self.sampler = self.ALGORITHMS[algorithm_type]
+    def __init__(self, betas=None, *, algorithm_type="dpmsolver++", solver_order=2, **kw):
+        if (algorithm_type, solver_order) not in self.ALGORITHMS:
+            raise InvalidRequestError(f"unknown (algorithm_type, solver_order) {(algorithm_type, solver_order)!r}; "
+                                      f"choose one of {tuple(self.ALGORITHMS)}")
+        self.sampler = self.ALGORITHMS[algorithm_type, solver_order]
         super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
@@ -552,10 +554,18 @@ class DPMSolverSampler(_Sampler):
 
 class UniPCSampler(_Sampler):
     """UniPC, diffusers' ``UniPCMultistepScheduler`` with its defaults (solver_order 2, bh2,
-    predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0). ``clip_sample=True`` clips
-    x0 to [-1, 1] (diffusers: thresholding=True, sample_max_value=1.0)."""
+    predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0); ``solver_order=3`` is its
+    third-order form. ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
+    sample_max_value=1.0)."""
 
-    sampler = "unipc"
+    sampler = "unipc"  # solver_order=2; an instance's own is set from its solver_order
+    ORDERS = {2: "unipc", 3: "unipc_3"}
+
+    def __init__(self, betas=None, *, solver_order=2, **kw):
+        if solver_order not in self.ORDERS:
+            raise InvalidRequestError(f"solver_order must be one of {tuple(self.ORDERS)}, got {solver_order!r}")
+        self.sampler = self.ORDERS[solver_order]
+        super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample) -> StepOutput:
         return self._step(self._spec(), model_output, timestep, sample, None)

@@ -264,15 +264,17 @@ def test_engine_ddim_step_honours_use_clipped_model_output(seeded, use_clipped):
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 10, 20, 50])
 @pytest.mark.parametrize("clip", [False, True])
-def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip):
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip, order):
     """DPMSolverSampler against diffusers' DPMSolverMultistepScheduler with its defaults (clipping =
-    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    thresholding with sample_max_value 1) at solver_order 2 and 3: same timesteps, and whole runs
+    within 1e-4."""
     diffusers = pytest.importorskip("diffusers")
     model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
-                                                thresholding=clip, sample_max_value=1.0)
+                                                thresholding=clip, sample_max_value=1.0, solver_order=order)
     ref.set_timesteps(steps)
-    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip, solver_order=order)
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_T = torch.randn(2, 3, 8, 8)
     want, x = run_diffusers(ref, model, x_T), run_single_step(ours, model, x_T)
@@ -311,16 +313,18 @@ def test_dpmpp_2m_step_is_ddim_on_first_order_steps(seeded):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("clip", [False, True])
-def test_unipc_sampler_matches_diffusers(seeded, prediction, clip):
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_sampler_matches_diffusers(seeded, prediction, clip, order):
     """UniPCSampler against diffusers' UniPCMultistepScheduler with its defaults (clipping =
-    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    thresholding with sample_max_value 1) at solver_order 2 and 3: same timesteps, and whole runs
+    within 1e-4."""
     diffusers = pytest.importorskip("diffusers")
-    steps = random.choice([5, 10, 20])
+    steps = random.choice([3, 5, 10, 20])
     model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
     ref = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
-                                            thresholding=clip, sample_max_value=1.0)
+                                            thresholding=clip, sample_max_value=1.0, solver_order=order)
     ref.set_timesteps(steps)
-    ours = UniPCSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    ours = UniPCSampler(steps=steps, prediction_type=prediction, clip_sample=clip, solver_order=order)
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_T = torch.randn(2, 3, 8, 8)
     assert (run_single_step(ours, model, x_T) - run_diffusers(ref, model, x_T)).abs().max() <= 1e-4, steps
