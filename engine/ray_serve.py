@@ -70,14 +70,14 @@ class Request(NamedTuple):
     options: Options
 
 
-def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, *, max_images: int) -> Request:
+def check_request(engine: Engine, seeds, sampler=None, steps=None, eta=0.0, *, max_images: int) -> Request:
     """Validate one request with the engine's own checks (``Engine.plan``; raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
     plan = engine.plan(sampler=sampler, steps=steps, eta=eta)
     if len(seeds) > max_images:
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
-    return Request(seeds, Options(sampler, plan.steps, plan.spec.eta))
+    return Request(seeds, Options(plan.spec.sampler, plan.steps, plan.spec.eta))
 
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -294,7 +294,7 @@ class EngineReplica:
         self._draining = True
 
     # ---- sampling ------------------------------------------------------------------------------
-    async def sample(self, seeds, sampler="ddpm", steps=None, eta=0.0) -> torch.Tensor:
+    async def sample(self, seeds, sampler=None, steps=None, eta=0.0) -> torch.Tensor:
         """The images of ``seeds``, float32 [n, C, H, W] in [-1, 1] on the CPU."""
         if self._draining:
             raise draining_error()

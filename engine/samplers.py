@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import InvalidRequestError
@@ -411,6 +412,21 @@ def sampler_def(name) -> SamplerDef:
         return SAMPLER_DEFS[name]
     except (KeyError, TypeError):
         raise InvalidRequestError(f"unknown sampler {name!r}; choose one of {SAMPLERS}") from None
+
+
+# The sampler a request gets when it names none (Planner.plan asks ``default_sampler``): DDPM without
+# steps (its whole chain, T steps), and for a few steps (1..FEW_STEPS) the sampler with the lowest
+# Fréchet distance at 5 steps in the quality table (docs/performance.md, "Five steps": 1000 images of
+# the bundled digits model, bench/results/quality-2026-12-03-fewstep.json). More steps keep DDPM
+# respaced, as before the table.
+FEW_STEPS = 10
+FEW_STEP_SAMPLER = "unipc"
+
+
+def default_sampler(steps) -> str:
+    """The sampler of a request that names none: ``FEW_STEP_SAMPLER`` for 1..FEW_STEPS steps, else "ddpm"."""
+    few = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and 1 <= steps <= FEW_STEPS
+    return FEW_STEP_SAMPLER if few else "ddpm"
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:

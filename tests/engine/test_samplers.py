@@ -2,6 +2,7 @@
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -432,3 +433,30 @@ def test_an_unknown_sampler_is_refused_where_a_spec_is_made():
         StepSpec("euler", Prediction.EPSILON, Variance.FIXED_SMALL, False, 0.0)
     with pytest.raises(InvalidRequestError, match="unknown sampler"):
         default_steps(["ddim"], 1000)  # not a name at all: the same refusal, no TypeError
+
+
+QUALITY_TABLE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quality-2026-12-03-fewstep.json"
+
+
+def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
+    """sampler=None: DDPM-T without steps, DDPM respaced above FEW_STEPS, and the few-step default
+    for 1..FEW_STEPS steps, which is the sampler with the lowest 5-step Fréchet distance in the
+    committed quality table (docs/performance.md)."""
+    import json
+
+    from ddpm_engine import Engine
+    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.samplers import FEW_STEP_SAMPLER, FEW_STEPS, SAMPLER_DEFS, default_sampler
+
+    engine = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cpu",
+                                batching=False)
+    assert (engine.plan().spec.sampler, engine.plan().steps) == ("ddpm", 1000)
+    assert [engine.plan(steps=n).spec.sampler for n in (1, 5, FEW_STEPS)] == [FEW_STEP_SAMPLER] * 3
+    assert engine.plan(steps=FEW_STEPS + 1).spec.sampler == "ddpm"
+    assert engine.plan("ddim", steps=5).spec.sampler == "ddim"  # a named sampler is never replaced
+    assert default_sampler(True) == "ddpm" and default_sampler(None) == "ddpm"
+    seeds = [random.getrandbits(64) for _ in range(2)]
+    assert torch.equal(engine.sample(seeds, steps=5), engine.sample(seeds, sampler=FEW_STEP_SAMPLER, steps=5))
+    rows = [r for r in json.loads(QUALITY_TABLE.read_text())["rows"] if r["steps"] == 5 and r["sampler"] != "ddpm"]
+    assert {r["sampler"] for r in rows} == set(SAMPLER_DEFS) - {"ddpm"}  # every few-step sampler was measured
+    assert min(rows, key=lambda r: r["frechet"])["sampler"] == FEW_STEP_SAMPLER
