@@ -6,8 +6,9 @@
 Per (sampler, steps[, spacing]): the share of ``--n`` images from fixed seeds that ``DigitsJudge``
 recognises, the class spread (normalised entropy: 1 = all ten equally often), the Fréchet distance
 to the real digits (``DigitsJudge.frechet_distance``: lower is better), the wall time and the time
-per image; JSON and PNG. ``--spacings``: each configuration once per timestep spacing, passed to
-``engine.sample`` as ``spacing=`` (without it, no ``spacing`` argument: each sampler's own).
+per image; JSON and PNG. ``--spacings``: each configuration below T steps once per timestep
+spacing, passed to ``engine.sample`` as ``spacing=`` (without it, no ``spacing`` argument: each
+sampler's own; a T-step run keeps every timestep and runs once, without it).
 ``--reuse``: rows of an earlier result with the same (sampler, steps, spacing, samples) are copied,
 not measured again (DDPM-1000 takes ~10 min of CPU at n = 1000).
 """
@@ -95,11 +96,13 @@ def main(argv=None) -> int:
     engine = Engine.from_pretrained("digits", device="cpu", batching=False, backend=args.backend,
                                     precision=args.precision)
     judge, rows = DigitsJudge(), []
+    T = engine.scheduler.num_train_timesteps
     for sampler, steps in configs:
-        for spacing in spacings:
+        for spacing in spacings if steps < T else [None]:  # T steps keep every timestep: nothing to space
             r = earlier.get((sampler, steps, spacing, args.n))
             reused = r is not None
-            rows.append(r := ({**r, "reused_from": Path(args.reuse).name} if reused
+            rows.append(r := ({"ms_per_image": 1000 * r["wall_s"] / r["samples"], **r, "reused_from": Path(args.reuse).name}
+                              if reused
                               else measure(engine, judge, sampler, steps, args.n, spacing=spacing)))
             print(f"{sampler:12s} {steps:5d} steps{'' if spacing is None else ' ' + spacing}: "
                   f"{100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, entropy {r['class_entropy']:.3f}, "
