@@ -101,9 +101,11 @@ def main(argv=None) -> int:
         for spacing in spacings if steps < T else [None]:  # T steps keep every timestep: nothing to space
             r = earlier.get((sampler, steps, spacing, args.n))
             reused = r is not None
-            rows.append(r := ({"ms_per_image": 1000 * r["wall_s"] / r["samples"], **r, "reused_from": Path(args.reuse).name}
-                              if reused
-                              else measure(engine, judge, sampler, steps, args.n, spacing=spacing)))
+            if reused:
+                r = {"ms_per_image": 1000 * r["wall_s"] / r["samples"], **r, "reused_from": Path(args.reuse).name}
+            else:
+                r = measure(engine, judge, sampler, steps, args.n, spacing=spacing)
+            rows.append(r)
             print(f"{sampler:12s} {steps:5d} steps{'' if spacing is None else ' ' + spacing}: "
                   f"{100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, entropy {r['class_entropy']:.3f}, "
                   f"FD {r['frechet']:.1f}, {r['wall_s']:.1f} s{' (reused)' if reused else ''}", flush=True)
