@@ -417,7 +417,7 @@ def sampler_def(name) -> SamplerDef:
 # The sampler a request gets when it names none (Planner.plan asks ``default_sampler``): DDPM without
 # steps (its whole chain, T steps), and for a few steps (1..FEW_STEPS) the sampler with the lowest
 # Fréchet distance at 5 steps in the quality table (docs/performance.md, "Five steps": 1000 images of
-# the bundled digits model, bench/results/quality-2026-12-03-fewstep.json). More steps keep DDPM
+# the bundled digits model, bench/results/quality-2026-12-03-torch-fp32.json). More steps keep DDPM
 # respaced, as before the table.
 FEW_STEPS = 10
 FEW_STEP_SAMPLER = "unipc"

@@ -435,7 +435,7 @@ def test_an_unknown_sampler_is_refused_where_a_spec_is_made():
         default_steps(["ddim"], 1000)  # not a name at all: the same refusal, no TypeError
 
 
-QUALITY_TABLE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quality-2026-12-03-fewstep.json"
+QUALITY_TABLE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quality-2026-12-03-torch-fp32.json"
 
 
 def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
