@@ -6,7 +6,8 @@ Each implementation has the same contract so the loops around it do not care whi
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
 saturating at 0) and writes the sampler's per-sample state (samplers.SamplerDef.state: the
-multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``; allocated by the caller,
+multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``, the third-order ones'
+``rows.x0_prev2``, iPNDM's ``rows.eps_prev`` .. ``eps_prev3``; allocated by the caller,
 zeros, same shape as x): all in place, so nothing on the host changes between steps and a step
 can be captured in a CUDA graph. A caller that keeps x_t clones it first. ``pred_x0`` is
 returned only when ``want_x0`` (else None), and may be a buffer the next call reuses: a caller
