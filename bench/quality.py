@@ -1,10 +1,16 @@
 """Sample quality against network calls on the bundled digits model, measured with the digits judge.
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
+                            [--spacings trailing karras ...] [--reuse earlier.json]
 
-Per (sampler, steps): the share of ``--n`` images from fixed seeds that ``DigitsJudge`` recognises,
-the class spread (normalised entropy: 1 = all ten equally often), the Fréchet distance to the
-real digits (``DigitsJudge.frechet_distance``: lower is better), the wall time; JSON and PNG.
+Per (sampler, steps[, spacing]): the share of ``--n`` images from fixed seeds that ``DigitsJudge``
+recognises, the class spread (normalised entropy: 1 = all ten equally often), the Fréchet distance
+to the real digits (``DigitsJudge.frechet_distance``: lower is better), the wall time and the time
+per image; JSON and PNG. ``--spacings``: each configuration below T steps once per timestep
+spacing, passed to ``engine.sample`` as ``spacing=`` (without it, no ``spacing`` argument: each
+sampler's own; a T-step run keeps every timestep and runs once, without it).
+``--reuse``: rows of an earlier result with the same (sampler, steps, spacing, samples) are copied,
+not measured again (DDPM-1000 takes ~10 min of CPU at n = 1000).
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ from ddpm_engine.data import DigitsJudge
 from ddpm_engine.errors import require
 
 CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc") for n in (5, 10, 15, 20)]
+# The few-step table (docs/performance.md, "Five steps"): DDPM-1000, then every other sampler at 3, 5 and 10 steps
+FEW_STEP_CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "dpmpp_3m",
+                                                       "unipc_3", "ipndm") for n in (3, 5, 10)]
 SEED0 = 10_000
 
 
-def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250) -> dict:
+def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250, spacing: str | None = None) -> dict:
     seeds, start = list(range(SEED0, SEED0 + n)), time.perf_counter()
-    images = torch.cat([engine.sample(seeds[k:k + chunk], sampler=sampler, steps=steps) for k in range(0, n, chunk)])
+    options = dict(sampler=sampler, steps=steps) | ({} if spacing is None else {"spacing": spacing})
+    images = torch.cat([engine.sample(seeds[k:k + chunk], **options) for k in range(0, n, chunk)])
     wall = time.perf_counter() - start
     ok, digit = judge.recognise(images)
     counts = np.bincount(digit[ok], minlength=10)
@@ -37,7 +47,12 @@ def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250) -
     return {"sampler": sampler, "steps": steps, "network_calls": steps, "samples": n, "pass_rate": float(ok.mean()),
             "digits_found": int((counts > 0).sum()), "per_digit": counts.tolist(),
             "class_entropy": float(-(p * np.log(p)).sum() / np.log(10)), "frechet": judge.frechet_distance(images),
-            "wall_s": wall}
+            "wall_s": wall, "ms_per_image": 1000 * wall / n, "spacing": spacing}
+
+
+def row_key(row: dict) -> tuple:
+    """What makes two rows the same measurement."""
+    return row["sampler"], row["steps"], row.get("spacing"), row["samples"]
 
 
 def plot(rows: list, path: Path) -> Path:
@@ -65,16 +80,35 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", choices=backends.BACKENDS)
     ap.add_argument("--precision", default="fp32", choices=list(backends.PRECISIONS))
     ap.add_argument("--configs", nargs="+", default=None, help="sampler:steps pairs (default: DDPM-1000, then each "
-                    "few-step sampler at 5, 10, 15 and 20 steps)")
+                    "few-step sampler at 5, 10, 15 and 20 steps), or 'few-step': DDPM-1000 and every other "
+                    "sampler at 3, 5 and 10 steps")
+    ap.add_argument("--spacings", nargs="+", default=None, help="timestep spacings: each configuration once per "
+                    "spacing, passed as engine.sample(spacing=...) (default: none passed, each sampler's own)")
+    ap.add_argument("--reuse", default=None, help="an earlier result JSON: its rows of the same configuration and "
+                    "--n are copied instead of measured")
     args = ap.parse_args(argv)
-    configs = CONFIGS if args.configs is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
+    if args.configs == ["few-step"]:
+        configs = FEW_STEP_CONFIGS
+    else:
+        configs = CONFIGS if args.configs is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs]
+    spacings = args.spacings or [None]
+    earlier = {} if args.reuse is None else {row_key(r): r for r in json.loads(Path(args.reuse).read_text())["rows"]}
     engine = Engine.from_pretrained("digits", device="cpu", batching=False, backend=args.backend,
                                     precision=args.precision)
     judge, rows = DigitsJudge(), []
+    T = engine.scheduler.num_train_timesteps
     for sampler, steps in configs:
-        rows.append(r := measure(engine, judge, sampler, steps, args.n))
-        print(f"{sampler:9s} {steps:5d} steps: {100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, "
-              f"entropy {r['class_entropy']:.3f}, FD {r['frechet']:.1f}, {r['wall_s']:.1f} s", flush=True)
+        for spacing in spacings if steps < T else [None]:  # T steps keep every timestep: nothing to space
+            r = earlier.get((sampler, steps, spacing, args.n))
+            reused = r is not None
+            if reused:
+                r = {"ms_per_image": 1000 * r["wall_s"] / r["samples"], **r, "reused_from": Path(args.reuse).name}
+            else:
+                r = measure(engine, judge, sampler, steps, args.n, spacing=spacing)
+            rows.append(r)
+            print(f"{sampler:12s} {steps:5d} steps{'' if spacing is None else ' ' + spacing}: "
+                  f"{100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, entropy {r['class_entropy']:.3f}, "
+                  f"FD {r['frechet']:.1f}, {r['wall_s']:.1f} s{' (reused)' if reused else ''}", flush=True)
     date, out = datetime.date.today().isoformat(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": date, "model": "digits (bundled)", "backend": engine.backend.name,

@@ -11,7 +11,7 @@ from pathlib import Path
 from .backends.base import PRECISIONS
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
-from .samplers import SAMPLER_DEFS, SAMPLERS
+from .samplers import FEW_STEP_SAMPLER, FEW_STEPS, SAMPLER_DEFS, SAMPLERS
 from .schedules import SPACINGS
 
 
@@ -79,7 +79,8 @@ def cmd_sample(args) -> int:
                    use_clipped_model_output=args.use_clipped_model_output, spacing=args.spacing)
     plan = engine.plan(**options)  # validates the options before any work
     seeds = plan.seeds(args.seeds if args.seeds else args.n)  # drawn here, so they can be printed
-    again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", args.sampler,
+    options["sampler"] = plan.spec.sampler  # the default resolved: the command below names it
+    again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", plan.spec.sampler,
              "--steps", str(plan.steps), "--spacing", plan.spacing, "--eta", str(args.eta)]
     if args.use_clipped_model_output is not None:
         again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="digits", help="bundled model name or model folder (default: digits)")
     s.add_argument("-n", "--n", type=int, default=16, help="number of images (fresh random seeds)")
     s.add_argument("--seeds", type=int, nargs="+", help="explicit 64-bit seeds (overrides -n)")
-    s.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
+    s.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddpm, or with --steps up to "
+                   f"{FEW_STEPS} the best few-step sampler ({FEW_STEP_SAMPLER})")
     s.add_argument("--steps", type=int, default=None, help="reverse steps (default: the sampler's, " + ", ".join(
         f"{d.steps or 'T'} for {name}" for name, d in SAMPLER_DEFS.items()) + ")")
     s.add_argument("--spacing", default=None, choices=SPACINGS,

@@ -118,7 +118,7 @@ class Engine:
         with self._plans_lock:
             return self._planner.tables(sampler_def(sampler), steps, spacing)
 
-    def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+    def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
              use_clipped_model_output=None, spacing=None) -> SamplingPlan:
         """The validated plan of a request (every default and check in one place), cached.
 
@@ -142,7 +142,7 @@ class Engine:
             raise InvalidRequestError("x_T contains NaN or Inf")
         return x_T.to(self.device, torch.float32).clone()
 
-    def sample(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+    def sample(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, x_T=None, return_intermediates=False, progress=False,
                driver="auto", spacing=None):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
@@ -151,7 +151,8 @@ class Engine:
             same image whatever batch it rides in. A batch too large to fit in memory is refused
             at once (the error says how many fit).
         sampler: one of ``ddpm_engine.samplers.SAMPLERS``: "ddpm" (ancestral, the model's variance
-            type), "ddim" (with ``eta``), ...
+            type), "ddim" (with ``eta``), ...; None: ``samplers.default_sampler(steps)``, DDPM, or
+            the best few-step sampler of the quality table when 1..``samplers.FEW_STEPS`` steps.
         steps: number of reverse steps (default: ``samplers.default_steps``: T for DDPM, 50 for
             DDIM); fewer than T respaces.
         clip_denoised: clip predicted x0 to [-1, 1]; None takes the model's scheduler config.
@@ -203,7 +204,7 @@ class Engine:
         images, snaps = run_chain(plan, plan.start(seeds, x), snap_at, progress)
         return (images, snaps) if return_intermediates not in (False, None) else images
 
-    def graphed(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None, use_clipped_model_output=None,
+    def graphed(self, sampler=None, steps=None, eta=0.0, clip_denoised=None, use_clipped_model_output=None,
                 max_batch=64, capture=None, spacing=None):
         """The CUDA-graph sampler for one request setting (engine.cuda.graphs), built lazily and cached."""
         return self._graphed(self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing),

@@ -29,7 +29,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
-from .samplers import SamplerDef, StepSpec, check_eta, sampler_def
+from .samplers import SamplerDef, StepSpec, check_eta, default_sampler, sampler_def
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, make_step
 from .threads import yield_cpu_to
@@ -227,9 +227,11 @@ class Planner:
                                              set_alpha_to_one=self.scheduler.set_alpha_to_one)
         return self._tables[key]
 
-    def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+    def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
              use_clipped_model_output=None, spacing=None) -> SamplingPlan:
-        """The plan of a request (built on first use; callers hold the engine's plans lock)."""
+        """The plan of a request (built on first use; callers hold the engine's plans lock). ``sampler``
+        None: samplers.default_sampler(steps) (DDPM, or the best few-step sampler for a few steps)."""
+        sampler = default_sampler(steps) if sampler is None else sampler
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
         spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)

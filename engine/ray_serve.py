@@ -72,7 +72,7 @@ class Request(NamedTuple):
     options: Options
 
 
-def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, spacing=None, *,
+def check_request(engine: Engine, seeds, sampler=None, steps=None, eta=0.0, spacing=None, *,
                   max_images: int) -> Request:
     """Validate one request with the engine's own checks (``Engine.plan``; raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
@@ -81,7 +81,8 @@ def check_request(engine: Engine, seeds, sampler="ddpm", steps=None, eta=0.0, sp
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
     default = plan.spec.definition.choose_spacing(None, engine.scheduler.timestep_spacing)
-    return Request(seeds, Options(sampler, plan.steps, plan.spec.eta, None if plan.spacing == default else plan.spacing))
+    return Request(seeds, Options(plan.spec.sampler, plan.steps, plan.spec.eta,
+                                  None if plan.spacing == default else plan.spacing))
 
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -299,7 +300,7 @@ class EngineReplica:
         self._draining = True
 
     # ---- sampling ------------------------------------------------------------------------------
-    async def sample(self, seeds, sampler="ddpm", steps=None, eta=0.0, spacing=None) -> torch.Tensor:
+    async def sample(self, seeds, sampler=None, steps=None, eta=0.0, spacing=None) -> torch.Tensor:
         """The images of ``seeds``, float32 [n, C, H, W] in [-1, 1] on the CPU."""
         if self._draining:
             raise draining_error()

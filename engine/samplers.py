@@ -13,7 +13,8 @@ step, Triton kernel). Everything that asks "which sampler" asks it (``sampler_de
 ``StepSpec`` names its sampler and carries the entry (``spec.definition``). Adding a sampler:
 docs/extending.md.
 
-Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` with diffusers-like
+Public user-facing API: ``DDPMSampler`` / ``DDIMSampler`` / ``DPMSolverSampler`` / ``UniPCSampler`` (both with
+``solver_order`` 2 or 3) with diffusers-like
 ``timesteps`` and ``step(model_output, timestep, sample[, noise])``, where ``timestep`` holds *training* timesteps
 per sample (tensor [B]) and is mapped to step indices on the device.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import InvalidRequestError, quote
@@ -236,6 +238,91 @@ def unipc_step(tab: DeviceTables, x_t, model_output, i, x0_prev, corrector, *, p
     return x_prev, x0, n_x * x_c + n_x0 * x0 + _masked(n_prev, x0_prev)
 
 
+def _linear_update(tab, i, x_t, terms):
+    """sum of column[i] * value over ``terms`` (column name, value, whether the value is a state:
+    then masked, never read where its coefficient is 0)."""
+    nd, total = x_t.ndim, 0.0
+    for column, value, state in terms:
+        c = _gather(getattr(tab, column), i, nd)
+        total = total + (_masked(c, value) if state else c * value)
+    return total
+
+
+def dpmpp_3m_step(tab: DeviceTables, x_t, model_output, i, x0_prev, x0_prev2, *, prediction=Prediction.EPSILON,
+                  clip_denoised=False):
+    """One DPM-Solver++(3M) step from step index i: returns (x_prev, x0). No noise: an ODE solver.
+
+        x_prev = dpmpp_coef_x[i] x_t + dpmpp3_coef_x0[i] x0 + dpmpp3_coef_x0_prev[i] x0_prev
+                 + dpmpp3_coef_x0_prev2[i] x0_prev2
+
+    (Lu et al. 2022, the third-order multistep update; schedules.Tables derives the columns, and
+    which steps are first or second order). x0_prev and x0_prev2 are the x0s of this sample's two
+    previous steps (``Rows.x0_prev``, ``Rows.x0_prev2``): the caller shifts them (x0_prev2 <-
+    x0_prev <- x0). Neither is read where its coefficient is 0 (the first steps), so fresh or
+    stale buffers cannot leak in.
+    """
+    x0 = _x0_of(tab, x_t, model_output, i, prediction, clip_denoised)
+    x_prev = _linear_update(tab, i, x_t, [("dpmpp_coef_x", x_t, False), ("dpmpp3_coef_x0", x0, False),
+                                          ("dpmpp3_coef_x0_prev", x0_prev, True),
+                                          ("dpmpp3_coef_x0_prev2", x0_prev2, True)])
+    return x_prev, x0
+
+
+def unipc_3_step(tab: DeviceTables, x_t, model_output, i, x0_prev, x0_prev2, corrector, *,
+                 prediction=Prediction.EPSILON, clip_denoised=False):
+    """One UniPC step at solver_order 3 (bh2, predict_x0): returns (x_prev, x0, the next corrector).
+
+    As ``unipc_step`` with one more previous x0 (schedules.Tables derives the columns):
+    1. x0 from the model output at the predicted x_t (clipped if asked);
+    2. UniC: x_c = corrector + unipc3_corr_x0[i] x0 (x_c = x_t on the first step);
+    3. UniP-p: x_prev = dpmpp_coef_x[i] x_c + unipc3_coef_x0[i] x0 + unipc3_coef_x0_prev[i] x0_prev
+       + unipc3_coef_x0_prev2[i] x0_prev2;
+    4. the next corrector's known part: unipc_next_x[i] x_c + unipc3_next_x0[i] x0
+       + unipc3_next_x0_prev[i] x0_prev + unipc3_next_x0_prev2[i] x0_prev2.
+
+    The caller keeps x0_prev, x0_prev2 (shifted: x0_prev2 <- x0_prev <- x0) and the corrector
+    (``Rows``); no state is read where its coefficient is 0.
+    """
+    nd = x_t.ndim
+    x0 = _x0_of(tab, x_t, model_output, i, prediction, clip_denoised)
+    k = _gather(tab.unipc3_corr_x0, i, nd)
+    x_c = torch.where(k != 0, corrector + k * x0, x_t)
+    x_prev = _linear_update(tab, i, x_c, [("dpmpp_coef_x", x_c, False), ("unipc3_coef_x0", x0, False),
+                                          ("unipc3_coef_x0_prev", x0_prev, True),
+                                          ("unipc3_coef_x0_prev2", x0_prev2, True)])
+    nxt = _linear_update(tab, i, x_c, [("unipc_next_x", x_c, False), ("unipc3_next_x0", x0, False),
+                                       ("unipc3_next_x0_prev", x0_prev, True),
+                                       ("unipc3_next_x0_prev2", x0_prev2, True)])
+    return x_prev, x0, nxt
+
+
+def ipndm_step(tab: DeviceTables, x_t, model_output, i, eps_prev, eps_prev2, eps_prev3, *,
+               prediction=Prediction.EPSILON, clip_denoised=False):
+    """One iPNDM step (Zhang & Chen 2023, improved PNDM, up to order 4) from step index i:
+    returns (x_prev, x0, eps). No noise: an ODE solver.
+
+    1. eps from the model output (with clipping: x0 clipped, then eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar));
+    2. x_prev = ipndm_coef_x[i] x_t + ipndm_coef_eps[i] eps + ipndm_coef_eps_prev[i] eps_prev
+       + ipndm_coef_eps_prev2[i] eps_prev2 + ipndm_coef_eps_prev3[i] eps_prev3,
+
+    the Adams-Bashforth step x~_{i-1} = x~_i + (sigma_{i-1} - sigma_i) sum_j w_j eps_{i+j} in the
+    EDM variables x~ = x / sqrt(abar), sigma = sqrt((1 - abar) / abar), written back in x
+    (schedules.Tables). The eps of the three previous steps are the caller's (``Rows.eps_prev``,
+    ``eps_prev2``, ``eps_prev3``, shifted by one per step); none is read where its weight is 0 (the
+    first three steps run at orders 1, 2, 3).
+    """
+    nd = x_t.ndim
+    x0, eps = predict_x0_and_eps(tab, x_t, model_output, i, prediction)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - _gather(tab.sqrt_alphas_cumprod, i, nd) * x0) / _gather(tab.sqrt_one_minus_alphas_cumprod, i, nd)
+    x_prev = _linear_update(tab, i, x_t, [("ipndm_coef_x", x_t, False), ("ipndm_coef_eps", eps, False),
+                                          ("ipndm_coef_eps_prev", eps_prev, True),
+                                          ("ipndm_coef_eps_prev2", eps_prev2, True),
+                                          ("ipndm_coef_eps_prev3", eps_prev3, True)])
+    return x_prev, x0, eps
+
+
 # ---- the registry: one entry per sampler ----------------------------------------------------------
 @dataclass(frozen=True)
 class StepSpec:
@@ -287,6 +374,24 @@ def _unipc_torch(spec, tab, x_t, model_output, i, noise, x0_prev, corrector):
     x_prev, x0, corrector = unipc_step(tab, x_t, model_output, i, x0_prev, corrector, prediction=spec.prediction,
                                        clip_denoised=spec.clip_denoised)
     return x_prev, x0, x0, corrector
+
+
+def _dpmpp_3m_torch(spec, tab, x_t, model_output, i, noise, x0_prev, x0_prev2):
+    x_prev, x0 = dpmpp_3m_step(tab, x_t, model_output, i, x0_prev, x0_prev2, prediction=spec.prediction,
+                               clip_denoised=spec.clip_denoised)
+    return x_prev, x0, x0, x0_prev.clone()  # a copy: the caller overwrites x0_prev before it writes x0_prev2
+
+
+def _unipc_3_torch(spec, tab, x_t, model_output, i, noise, x0_prev, x0_prev2, corrector):
+    x_prev, x0, corrector = unipc_3_step(tab, x_t, model_output, i, x0_prev, x0_prev2, corrector,
+                                         prediction=spec.prediction, clip_denoised=spec.clip_denoised)
+    return x_prev, x0, x0, x0_prev.clone(), corrector
+
+
+def _ipndm_torch(spec, tab, x_t, model_output, i, noise, eps_prev, eps_prev2, eps_prev3):
+    x_prev, x0, eps = ipndm_step(tab, x_t, model_output, i, eps_prev, eps_prev2, eps_prev3,
+                                 prediction=spec.prediction, clip_denoised=spec.clip_denoised)
+    return x_prev, x0, eps, eps_prev.clone(), eps_prev2.clone()
 
 
 @dataclass(frozen=True)
@@ -367,6 +472,19 @@ _DEFINITIONS = (
                multistep=True),
     SamplerDef("unipc", spacing="linspace", steps=20, config_clip=False, reference=unipc_step, torch=_unipc_torch,
                kernel="unipc_step:step_rows", state=("x0_prev", "corrector"), noise=None, multistep=True),
+    # DPM-Solver++(3M) and UniPC-3: the same schedulers at solver_order=3, their other defaults
+    SamplerDef("dpmpp_3m", spacing="linspace", steps=20, config_clip=False, reference=dpmpp_3m_step,
+               torch=_dpmpp_3m_torch, kernel="dpmpp_3m_step:step_rows", state=("x0_prev", "x0_prev2"), noise=None,
+               multistep=True),
+    SamplerDef("unipc_3", spacing="linspace", steps=20, config_clip=False, reference=unipc_3_step,
+               torch=_unipc_3_torch, kernel="unipc_3_step:step_rows", state=("x0_prev", "x0_prev2", "corrector"),
+               noise=None, multistep=True),
+    # iPNDM (Zhang & Chen 2023), order up to 4, on the model's own alpha-bars; the last step to sigma 0.
+    # "leading" (DDIM's grid): its fixed Adams-Bashforth weights assume even steps, and "linspace"'s first
+    # step (from sigma ~ 158 at t = 999) is too long for them at <= 10 steps (docs/performance.md, quality)
+    SamplerDef("ipndm", spacing="leading", steps=20, config_clip=False, reference=ipndm_step, torch=_ipndm_torch,
+               kernel="ipndm_step:step_rows", state=("eps_prev", "eps_prev2", "eps_prev3"), noise=None,
+               multistep=False),
 )
 SAMPLER_DEFS = {d.name: d for d in _DEFINITIONS}
 SAMPLERS = tuple(SAMPLER_DEFS)  # the sampler names the engine accepts
@@ -379,6 +497,21 @@ def sampler_def(name) -> SamplerDef:
         return SAMPLER_DEFS[name]
     except (KeyError, TypeError):
         raise InvalidRequestError(f"unknown sampler {name!r}; choose one of {SAMPLERS}") from None
+
+
+# The sampler a request gets when it names none (Planner.plan asks ``default_sampler``): DDPM without
+# steps (its whole chain, T steps), and for a few steps (1..FEW_STEPS) the sampler with the lowest
+# Fréchet distance at 5 steps in the quality table (docs/performance.md, "Five steps": 1000 images of
+# the bundled digits model, bench/results/quality-2026-12-03-torch-fp32.json). More steps keep DDPM
+# respaced, as before the table.
+FEW_STEPS = 10
+FEW_STEP_SAMPLER = "unipc"
+
+
+def default_sampler(steps) -> str:
+    """The sampler of a request that names none: ``FEW_STEP_SAMPLER`` for 1..FEW_STEPS steps, else "ddpm"."""
+    few = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and 1 <= steps <= FEW_STEPS
+    return FEW_STEP_SAMPLER if few else "ddpm"
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
@@ -500,16 +633,17 @@ class DPMSolverSampler(_Sampler):
     """DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` with its defaults (20 steps,
     "linspace" timesteps, final sigma 0, midpoint). ``algorithm_type="sde-dpmsolver++"`` is its
     stochastic form: ``step(..., noise=z)`` takes standard normal noise as ``DDPMSampler.step`` does
-    (diffusers' ``variance_noise``; None: zeros). ``clip_sample=True`` clips x0 to [-1, 1]
-    (diffusers: thresholding=True, sample_max_value=1.0)."""
+    (diffusers' ``variance_noise``; None: zeros). ``solver_order=3`` is DPM-Solver++(3M) (the ODE
+    form only). ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
+    sample_max_value=1.0)."""
 
-    ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
+    ALGORITHMS = {("dpmsolver++", 2): "dpmpp_2m", ("sde-dpmsolver++", 2): "dpmpp_2m_sde", ("dpmsolver++", 3): "dpmpp_3m"}
 
-    def __init__(self, betas=None, *, algorithm_type="dpmsolver++", **kw):
-        if algorithm_type not in self.ALGORITHMS:
-            raise InvalidRequestError(f"unknown algorithm_type {algorithm_type!r}; choose one of "
-                                      f"{tuple(self.ALGORITHMS)}")
-        self.sampler = self.ALGORITHMS[algorithm_type]
+    def __init__(self, betas=None, *, algorithm_type="dpmsolver++", solver_order=2, **kw):
+        if (algorithm_type, solver_order) not in self.ALGORITHMS:
+            raise InvalidRequestError(f"unknown (algorithm_type, solver_order) {(algorithm_type, solver_order)!r}; "
+                                      f"choose one of {tuple(self.ALGORITHMS)}")
+        self.sampler = self.ALGORITHMS[algorithm_type, solver_order]
         super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample, noise=None) -> StepOutput:
@@ -522,10 +656,18 @@ class DPMSolverSampler(_Sampler):
 
 class UniPCSampler(_Sampler):
     """UniPC, diffusers' ``UniPCMultistepScheduler`` with its defaults (solver_order 2, bh2,
-    predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0). ``clip_sample=True`` clips
-    x0 to [-1, 1] (diffusers: thresholding=True, sample_max_value=1.0)."""
+    predict_x0, lower_order_final, 20 "linspace" steps, final sigma 0); ``solver_order=3`` is its
+    third-order form. ``clip_sample=True`` clips x0 to [-1, 1] (diffusers: thresholding=True,
+    sample_max_value=1.0)."""
 
-    sampler = "unipc"
+    sampler = "unipc"  # solver_order=2; an instance's own is set from its solver_order
+    ORDERS = {2: "unipc", 3: "unipc_3"}
+
+    def __init__(self, betas=None, *, solver_order=2, **kw):
+        if solver_order not in self.ORDERS:
+            raise InvalidRequestError(f"solver_order must be one of {tuple(self.ORDERS)}, got {solver_order!r}")
+        self.sampler = self.ORDERS[solver_order]
+        super().__init__(betas, **kw)
 
     def step(self, model_output, timestep, sample) -> StepOutput:
         return self._step(self._spec(), model_output, timestep, sample, None)

@@ -1,5 +1,5 @@
-"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M) (ODE and SDE) / UniPC,
-computed once in float64.
+"""Beta schedules and the coefficient tables of DDPM / DDIM / DPM-Solver++(2M) (ODE and SDE) and (3M) /
+UniPC (orders 2 and 3) / iPNDM, computed once in float64.
 
 This module is the one place where the diffusion math's constants live. Named schedules are
 frozen: new ones may be added, existing ones never change (improved-diffusion's policy).
@@ -312,6 +312,55 @@ class Tables:
     - ``unipc_next_x``, ``unipc_next_x0``, ``unipc_next_x0_prev`` at index j = c + 1: the coefficients
       of this step's corrected x_j, its x0 and its previous x0 in the next step's corrector (0 at
       j = 0: no next step).
+
+    DPM-Solver++(3M) (diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` with its other
+    defaults): the same lambda grid and first-order steps; the second step (i = steps - 2: one
+    previous x0) is second order as above, and so is the second to last (i = 1) when steps < 15
+    (diffusers' lower_order_final); every other step is third order (Lu et al. 2022, Algorithm 2's
+    third-order multistep update, diffusers' form). With h = h_i, r0 = h_{i+1} / h, r1 = h_{i+2} / h,
+    D1_0 = (x0_i - x0_{i+1}) / r0, D1_1 = (x0_{i+1} - x0_{i+2}) / r1:
+
+        x_{i-1} = (sigma_{i-1} / sigma_i) x_i + A_i x0_i + c1 D1 + c2 D2,
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),   D2 = (D1_0 - D1_1) / (r0 + r1),
+        c1 = alpha_{i-1} (1 + (e^{-h} - 1) / h),    c2 = -alpha_{i-1} ((e^{-h} - 1 + h) / h^2 - 1/2),
+
+    which, collected per x0, gives ``dpmpp3_coef_x0``, ``dpmpp3_coef_x0_prev`` (x0_{i+1}) and
+    ``dpmpp3_coef_x0_prev2`` (x0_{i+2}); the coefficient of x_i is ``dpmpp_coef_x``. A step below
+    third order has 0 in the columns of the states it does not use.
+
+    UniPC at order 3 (diffusers' ``UniPCMultistepScheduler(solver_order=3)``, bh2, predict_x0,
+    lower_order_final): the order of step i is p_i = min(3, steps - i, i + 1) (one more per
+    earlier x0, one less per remaining step). UniP-p from x_i with h = h_i and
+    r_j = (lambda_{i+j} - lambda_i) / h:
+
+        x_{i-1} = (sigma_{i-1} / sigma_i) x_i + A_i x0_i + A_i sum_{j<p} rho_j (x0_{i+j} - x0_i) / r_j,
+
+    rho = 1/2 at order 2, else the solution of UniPC's system [r_j^(k-1)]_{k,j<p} rho = (b_1 .. b_{p-1}),
+    b_k = k! phi_{k+1}(-h) / B(h) in diffusers' recursion (B(h) = e^{-h} - 1, bh2): columns
+    ``unipc3_coef_x0``, ``unipc3_coef_x0_prev``, ``unipc3_coef_x0_prev2``. UniC at index c, of
+    the order q = p_{c+1} of the predictor it corrects, with j = c + 1, h = h_j and
+    r_l = (lambda_{j+l} - lambda_j) / h:
+
+        x_c <- (sigma_c / sigma_j) x_j + A_j x0_j + A_j (sum_{l<q} rho_l (x0_{j+l} - x0_j) / r_l + rho_q (m_c - x0_j)),
+
+    rho = 1/2 at q = 1, else the q x q system with the new point's r = 1. As at order 2, the m_c
+    term is ``unipc3_corr_x0`` (at index c) and the rest is known when step j ends (the state
+    ``Rows.corrector``): ``unipc_next_x`` (the same sigma ratio), ``unipc3_next_x0``,
+    ``unipc3_next_x0_prev`` and ``unipc3_next_x0_prev2`` at index j.
+
+    iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator",
+    arXiv:2204.13902, sec. 5 / Alg. 2's improved PNDM): the probability-flow ODE in the
+    EDM variables sigma_i = sqrt((1 - abar_i) / abar_i), x~ = x / sqrt(abar), where
+    dx~/dsigma = eps. Steps of fixed Adams-Bashforth weights on the eps of this and the up to
+    three previous steps, the order k = min(4, steps - i) rising from 1 on the first step:
+
+        x~_{i-1} = x~_i + (sigma_{i-1} - sigma_i) * sum_j w_{k,j} eps_{i+j},
+        w_1 = (1), w_2 = (3, -1) / 2, w_3 = (23, -16, 5) / 12, w_4 = (55, -59, 37, -9) / 24,
+
+    with sigma_{-1} = 0 (the last step lands on the data) and abar_{-1} = 1. Back in x:
+    ``ipndm_coef_x`` = sqrt(abar_{i-1} / abar_i), and ``ipndm_coef_eps``, ``ipndm_coef_eps_prev``,
+    ``ipndm_coef_eps_prev2``, ``ipndm_coef_eps_prev3`` = sqrt(abar_{i-1}) (sigma_{i-1} - sigma_i) w_{k,j}
+    (0 where the order does not reach).
     """
 
     num_train_timesteps: int
@@ -343,6 +392,21 @@ class Tables:
     unipc_next_x: np.ndarray
     unipc_next_x0: np.ndarray
     unipc_next_x0_prev: np.ndarray
+    dpmpp3_coef_x0: np.ndarray
+    dpmpp3_coef_x0_prev: np.ndarray
+    dpmpp3_coef_x0_prev2: np.ndarray
+    unipc3_coef_x0: np.ndarray
+    unipc3_coef_x0_prev: np.ndarray
+    unipc3_coef_x0_prev2: np.ndarray
+    unipc3_corr_x0: np.ndarray
+    unipc3_next_x0: np.ndarray
+    unipc3_next_x0_prev: np.ndarray
+    unipc3_next_x0_prev2: np.ndarray
+    ipndm_coef_x: np.ndarray
+    ipndm_coef_eps: np.ndarray
+    ipndm_coef_eps_prev: np.ndarray
+    ipndm_coef_eps_prev2: np.ndarray
+    ipndm_coef_eps_prev3: np.ndarray
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -388,6 +452,9 @@ class Tables:
             **dpmpp_2m_coefficients(abar),
             **dpmpp_2m_sde_coefficients(abar),
             **unipc_coefficients(abar),
+            **dpmpp_3m_coefficients(abar),
+            **unipc_3_coefficients(abar),
+            **ipndm_coefficients(abar),
         )
 
     def on(self, device, dtype=torch.float32) -> "DeviceTables":
@@ -476,6 +543,95 @@ def unipc_coefficients(abar: np.ndarray) -> dict:
     return dict(unipc_corr_x0=corr_x0, unipc_next_x=next_x, unipc_next_x0=next_x0, unipc_next_x0_prev=next_x0_prev)
 
 
+def dpmpp_3m_coefficients(abar: np.ndarray) -> dict:
+    """DPM-Solver++(3M)'s columns (see Tables): second-order steps as 2M, third order elsewhere."""
+    n = len(abar)
+    lam, h = _lambda_and_h(abar)
+    A = _data_coefficient(abar, h, 1.0)
+    coef_x0, coef_x0_prev = _second_order(A, h)
+    coef_x0_prev2 = np.zeros(n)
+    third = np.arange(1, n - 2)  # three x0s known (i <= steps - 3), not the last step
+    if n < 15:  # diffusers' lower_order_final: the second to last step is second order too
+        third = third[third != 1]
+    hs, r0, r1 = h[third], h[third + 1] / h[third], h[third + 2] / h[third]
+    alpha = np.sqrt(abar[third - 1])
+    em1 = np.expm1(-hs)
+    c1 = alpha * (1.0 + em1 / hs)
+    c2 = -alpha * ((em1 + hs) / hs**2 - 0.5)
+    a = c1 * (1.0 + r0 / (r0 + r1)) + c2 / (r0 + r1)  # coefficient of D1_0
+    b = -c1 * r0 / (r0 + r1) - c2 / (r0 + r1)  # coefficient of D1_1
+    coef_x0[third] = A[third] + a / r0
+    coef_x0_prev[third] = -a / r0 + b / r1
+    coef_x0_prev2[third] = -b / r1
+    return dict(dpmpp3_coef_x0=coef_x0, dpmpp3_coef_x0_prev=coef_x0_prev, dpmpp3_coef_x0_prev2=coef_x0_prev2)
+
+
+def _unipc_rhs(h: float, order: int) -> np.ndarray:
+    """UniPC's b_1 .. b_order for one step h (predict_x0, bh2), diffusers' recursion of the phi-functions."""
+    hh = -h
+    B = np.expm1(hh)
+    h_phi_k, factorial, b = np.expm1(hh) / hh - 1.0, 1.0, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / B)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return np.asarray(b)
+
+
+def _unipc_rho(rks: np.ndarray, h: float) -> np.ndarray:
+    """rho of UniP (``rks``: the earlier points' r) or UniC (``rks`` ending in the new point's r = 1)."""
+    if len(rks) == 1:
+        return np.array([0.5])  # UniP-2 and UniC-1 (diffusers' simplified forms)
+    R = np.stack([rks ** k for k in range(len(rks))])
+    return np.linalg.solve(R, _unipc_rhs(h, len(rks)))
+
+
+def unipc_3_coefficients(abar: np.ndarray) -> dict:
+    """UniPC's columns at solver_order 3 (see Tables): predictor, corrector and the next corrector's known part."""
+    n = len(abar)
+    lam, h = _lambda_and_h(abar)
+    A = _data_coefficient(abar, h, 1.0)
+    order = np.minimum(3, np.minimum(n - np.arange(n), np.arange(n) + 1))
+    cols = {name: np.zeros(n) for name in ("coef_x0", "coef_x0_prev", "coef_x0_prev2", "corr_x0", "next_x0",
+                                           "next_x0_prev", "next_x0_prev2")}
+    prev = ("x0_prev", "x0_prev2")
+    for i in range(n):  # UniP-p_i from x_i
+        cols["coef_x0"][i] = A[i]
+        if order[i] > 1:
+            rks = np.array([(lam[i + j] - lam[i]) / h[i] for j in range(1, order[i])])
+            rho = _unipc_rho(rks, h[i])
+            cols["coef_x0"][i] -= A[i] * np.sum(rho / rks)
+            for j in range(1, order[i]):
+                cols[f"coef_{prev[j - 1]}"][i] = A[i] * rho[j - 1] / rks[j - 1]
+    for j in range(1, n):  # UniC at c = j - 1, of the order of the predictor of step j
+        q = order[j]
+        rks = np.array([(lam[j + m] - lam[j]) / h[j] for m in range(1, q)] + [1.0])
+        rho = _unipc_rho(rks, h[j])
+        cols["corr_x0"][j - 1] = A[j] * rho[-1]
+        cols["next_x0"][j] = A[j] * (1.0 - np.sum(rho[:-1] / rks[:-1]) - rho[-1])
+        for m in range(1, q):
+            cols[f"next_{prev[m - 1]}"][j] = A[j] * rho[m - 1] / rks[m - 1]
+    return {f"unipc3_{name}": v for name, v in cols.items()}
+
+
+# iPNDM's Adams-Bashforth weights by order: on eps of this step and the 1..3 before it
+IPNDM_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def ipndm_coefficients(abar: np.ndarray) -> dict:
+    """iPNDM's columns (see Tables): the EDM-variable Adams-Bashforth step, back in x."""
+    n = len(abar)
+    sigma = np.sqrt((1.0 - abar) / abar)
+    abar_next, sigma_next = np.append(1.0, abar[:-1]), np.append(0.0, sigma[:-1])  # at index i - 1
+    scale = np.sqrt(abar_next) * (sigma_next - sigma)
+    coef = np.zeros((4, n))
+    for i in range(n):
+        for j, w in enumerate(IPNDM_WEIGHTS[min(4, n - i)]):
+            coef[j, i] = scale[i] * w
+    return dict(ipndm_coef_x=np.sqrt(abar_next / abar), ipndm_coef_eps=coef[0], ipndm_coef_eps_prev=coef[1],
+                ipndm_coef_eps_prev2=coef[2], ipndm_coef_eps_prev3=coef[3])
+
+
 # Columns of the packed device table, in order; kernels index this layout (kernels/ reads COLUMNS).
 COLUMNS = (
     "sqrt_alphas_cumprod",
@@ -499,6 +655,21 @@ COLUMNS = (
     "unipc_next_x",
     "unipc_next_x0",
     "unipc_next_x0_prev",
+    "dpmpp3_coef_x0",
+    "dpmpp3_coef_x0_prev",
+    "dpmpp3_coef_x0_prev2",
+    "unipc3_coef_x0",
+    "unipc3_coef_x0_prev",
+    "unipc3_coef_x0_prev2",
+    "unipc3_corr_x0",
+    "unipc3_next_x0",
+    "unipc3_next_x0_prev",
+    "unipc3_next_x0_prev2",
+    "ipndm_coef_x",
+    "ipndm_coef_eps",
+    "ipndm_coef_eps_prev",
+    "ipndm_coef_eps_prev2",
+    "ipndm_coef_eps_prev3",
 )
 
 

@@ -218,7 +218,7 @@ class Server:
             self._thread.start()
 
     # ---- submission (any thread) -------------------------------------------------------------
-    def submit(self, batch, *, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
+    def submit(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, timeout: float | None = None,
                plan: SamplingPlan | None = None, spacing=None) -> Future:
         """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU, or

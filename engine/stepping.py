@@ -10,7 +10,8 @@ InvalidRequestError before anything is written).
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
 saturating at 0) and writes the sampler's per-sample state (samplers.SamplerDef.state: the
-multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``; allocated by the caller,
+multistep samplers' ``rows.x0_prev``, UniPC's also ``rows.corrector``, the third-order ones'
+``rows.x0_prev2``, iPNDM's ``rows.eps_prev`` .. ``eps_prev3``; allocated by the caller,
 zeros, same shape as x): all in place, so nothing on the host changes between steps and a step
 can be captured in a CUDA graph. A caller that keeps x_t clones it first. ``pred_x0`` is
 returned only when ``want_x0`` (else None), and may be a buffer the next call reuses: a caller
@@ -49,6 +50,10 @@ class Rows:
     words: torch.Tensor  # int64 [B, 2]: seed words (engine.noise.seed_words)
     x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
     corrector: torch.Tensor | None = None  # [B, C, H, W]: UniPC's next corrector, the part known after a step
+    x0_prev2: torch.Tensor | None = None  # [B, C, H, W]: a third-order multistep sampler's x0 of two steps ago
+    eps_prev: torch.Tensor | None = None  # [B, C, H, W]: iPNDM's eps of the previous step
+    eps_prev2: torch.Tensor | None = None  # [B, C, H, W]: ... of two steps ago
+    eps_prev3: torch.Tensor | None = None  # [B, C, H, W]: ... of three steps ago
 
     def __len__(self):
         return self.x.shape[0]

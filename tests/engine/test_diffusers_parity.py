@@ -461,3 +461,81 @@ def test_ddim_from_alpha_bar_zero_with_clipping_and_noise_is_diffusers(zero_snr,
     scheduler = peer("ddim", clipping, "trailing", folder=folder, clip_sample=True)
     assert lockstep(clipping, unet, scheduler, "ddim", None, STEPS, monkeypatch, eta=1.0,
                     use_clipped_model_output=use_clipped) == STEPS
+def diffusers_steps(unet, scheduler, x, steps):
+    """diffusers' loop, every x_t on the way (its last, unclamped)."""
+    scheduler.set_timesteps(steps)
+    xs = []
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t.expand(x.shape[0])).sample, t, x).prev_sample
+            xs.append(x)
+    return xs
+
+
+def engine_steps(engine, sampler, steps, x_T):
+    """The engine's plan stepped by hand from x_T: every x_t on the way."""
+    plan = engine.plan(sampler, steps)
+    rows, xs = plan.start(list(range(len(x_T))), x_T.clone()), []
+    with torch.inference_mode():
+        for t in plan.tables.timesteps[::-1]:
+            plan.step(rows, engine.model.module(rows.x, torch.full((len(x_T),), int(t))))
+            xs.append(rows.x.clone())
+    return xs
+
+
+THIRD_ORDER = {"dpmpp_3m": lambda **kw: diffusers.DPMSolverMultistepScheduler(solver_order=3, **kw),
+               "unipc_3": lambda **kw: diffusers.UniPCMultistepScheduler(solver_order=3, **kw)}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
+def test_third_order_solvers_give_diffusers_images_step_by_step(pipeline_for, sampler, prediction):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler(solver_order=3) with their other
+    defaults (lower_order_final: below 15 steps the last two steps are lowered, UniPC's always),
+    from the same x_T: every x_t of the chain, the last one the image before clamping, within 1e-5
+    relative to its scale where that is over 1 (an untrained network's x_t reach ~300, where an
+    fp32 ulp is 3e-5, so a clamped image's pixel inside [-1, 1] can carry an absolute 1e-5 too)
+    at 3, 5, 8 and 10 steps (orders 1, 2, 3 and the lowered ends all reached). diffusers is given
+    the float64 alpha-bars rounded once, so that the comparison is of the step rule alone."""
+    unet, engine = pipeline_for(prediction)
+    for steps in (3, 5, 8, 10):
+        scheduler = THIRD_ORDER[sampler](num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+        scheduler.alphas_cumprod = torch.from_numpy(engine.scheduler.alphas_cumprod()).float()
+        x_T = torch.randn(2, *SHAPE)
+        theirs = diffusers_steps(unet, scheduler, x_T.clone(), steps)
+        ours = engine_steps(engine, sampler, steps, x_T)
+        for k, (a, b) in enumerate(zip(ours, theirs)):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (steps, k)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
+def test_third_order_solvers_give_diffusers_images_whole_chain(pipeline_for, sampler, prediction):
+    """engine.sample against diffusers' own loop with its own float32 tables, 15 and 20 steps (no
+    lowered second to last step for DPM-Solver++ there)."""
+    unet, engine = pipeline_for(prediction)
+    scheduler = THIRD_ORDER[sampler](num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+    for steps in (15, 20):
+        x_T = torch.randn(2, *SHAPE)
+        ours = engine.sample([5, 6], sampler=sampler, steps=steps, x_T=x_T)
+        theirs = diffusers_loop(unet, scheduler, x_T.clone(), steps)
+        assert (ours - theirs).abs().max().item() <= 1e-4, steps
+
+
+@pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
+def test_third_order_solvers_give_diffusers_images_on_the_trained_digits_model(sampler):
+    """On a trained model (the bundled digits one, epsilon, images near [-1, 1]) the images of
+    the engine and of diffusers' solver_order=3 scheduler, from the same x_T, agree within 1e-5
+    absolute at 5 and 10 steps."""
+    from types import SimpleNamespace
+
+    engine = nchw(Engine.from_pretrained("digits", backend="torch", batching=False))
+    module = engine.model.module
+    unet = lambda x, t: SimpleNamespace(sample=module(x, t))  # noqa: E731  (diffusers' UNet call)
+    for steps in (5, 10):
+        scheduler = THIRD_ORDER[sampler](num_train_timesteps=1000, beta_schedule="linear")
+        scheduler.alphas_cumprod = torch.from_numpy(engine.scheduler.alphas_cumprod()).float()
+        x_T = torch.randn(4, *engine.sample_shape)
+        theirs = diffusers_steps(unet, scheduler, x_T.clone(), steps)[-1].clamp(-1, 1)
+        ours = engine.sample([1, 2, 3, 4], sampler=sampler, steps=steps, x_T=x_T)
+        assert (ours - theirs).abs().max().item() <= 1e-5, steps

@@ -49,7 +49,7 @@ def test_ddim_eta0_is_deterministic_given_x_T(engine):
 
 def test_clip_denoised_default_comes_from_the_scheduler_config(engine):
     s = [random.getrandbits(64)]
-    assert torch.equal(engine.sample(s, steps=10), engine.sample(s, steps=10, clip_denoised=True))
+    assert torch.equal(engine.sample(s, sampler="ddpm", steps=10), engine.sample(s, sampler="ddpm", steps=10, clip_denoised=True))
 
 
 def test_intermediates_on_request(engine):
@@ -63,7 +63,7 @@ def test_intermediates_on_request(engine):
 
 
 def test_progress_bar(engine, capsys):
-    engine.sample([1], steps=5, progress=True)
+    engine.sample([1], sampler="ddpm", steps=5, progress=True)
     assert "ddpm-5" in capsys.readouterr().err
 
 

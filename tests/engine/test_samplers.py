@@ -2,6 +2,7 @@
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,15 +284,17 @@ def test_engine_ddim_step_honours_use_clipped_model_output(seeded, use_clipped):
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 10, 20, 50])
 @pytest.mark.parametrize("clip", [False, True])
-def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip):
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_solver_sampler_matches_diffusers(seeded, prediction, steps, clip, order):
     """DPMSolverSampler against diffusers' DPMSolverMultistepScheduler with its defaults (clipping =
-    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    thresholding with sample_max_value 1) at solver_order 2 and 3: same timesteps, and whole runs
+    within 1e-4."""
     diffusers = pytest.importorskip("diffusers")
     model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
     ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
-                                                thresholding=clip, sample_max_value=1.0)
+                                                thresholding=clip, sample_max_value=1.0, solver_order=order)
     ref.set_timesteps(steps)
-    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    ours = DPMSolverSampler(steps=steps, prediction_type=prediction, clip_sample=clip, solver_order=order)
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_T = torch.randn(2, 3, 8, 8)
     want, x = run_diffusers(ref, model, x_T), run_single_step(ours, model, x_T)
@@ -330,16 +333,18 @@ def test_dpmpp_2m_step_is_ddim_on_first_order_steps(seeded):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("clip", [False, True])
-def test_unipc_sampler_matches_diffusers(seeded, prediction, clip):
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_sampler_matches_diffusers(seeded, prediction, clip, order):
     """UniPCSampler against diffusers' UniPCMultistepScheduler with its defaults (clipping =
-    thresholding with sample_max_value 1): same timesteps, and whole runs within 1e-4."""
+    thresholding with sample_max_value 1) at solver_order 2 and 3: same timesteps, and whole runs
+    within 1e-4."""
     diffusers = pytest.importorskip("diffusers")
-    steps = random.choice([5, 10, 20])
+    steps = random.choice([3, 5, 10, 20])
     model = fixed_model(prediction, overshoot=1.0 if clip else 0.0)
     ref = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type=prediction,
-                                            thresholding=clip, sample_max_value=1.0)
+                                            thresholding=clip, sample_max_value=1.0, solver_order=order)
     ref.set_timesteps(steps)
-    ours = UniPCSampler(steps=steps, prediction_type=prediction, clip_sample=clip)
+    ours = UniPCSampler(steps=steps, prediction_type=prediction, clip_sample=clip, solver_order=order)
     assert torch.equal(ours.timesteps, ref.timesteps)
     x_T = torch.randn(2, 3, 8, 8)
     assert (run_single_step(ours, model, x_T) - run_diffusers(ref, model, x_T)).abs().max() <= 1e-4, steps
@@ -434,7 +439,10 @@ def test_each_sampler_s_defaults_live_in_its_registry_entry():
     assert got == {"ddpm": ("leading", 1000, True, False, ()), "ddim": ("leading", 50, True, False, ()),
                    "dpmpp_2m": ("linspace", 20, False, False, ("x0_prev",)),
                    "dpmpp_2m_sde": ("linspace", 20, False, False, ("x0_prev",)),
-                   "unipc": ("linspace", 20, False, False, ("x0_prev", "corrector"))}
+                   "unipc": ("linspace", 20, False, False, ("x0_prev", "corrector")),
+                   "dpmpp_3m": ("linspace", 20, False, False, ("x0_prev", "x0_prev2")),
+                   "unipc_3": ("linspace", 20, False, False, ("x0_prev", "x0_prev2", "corrector")),
+                   "ipndm": ("leading", 20, False, False, ("eps_prev", "eps_prev2", "eps_prev3"))}
     assert [default_steps(s, 10) for s in ("ddpm", "ddim", "unipc")] == [10, 10, 9]  # "linspace" keeps T - 1
     assert default_steps("dpmpp_2m", 1) == 1 and timestep_spacing("dpmpp_2m_sde") == "linspace"
 
@@ -553,3 +561,28 @@ def test_learned_range_matches_improved_diffusion(seeded, steps, prediction):
     # sqrt(1 / abar) reaches ~160 at t = 999: x0 = 160 x - 160 eps agrees to ~1e-5 there, ~1e-7 elsewhere
     torch.testing.assert_close(got, want["sample"], rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(got_x0, want["pred_xstart"], rtol=1e-6, atol=1e-4)
+QUALITY_TABLE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quality-2026-12-03-torch-fp32.json"
+
+
+def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
+    """sampler=None: DDPM-T without steps, DDPM respaced above FEW_STEPS, and the few-step default
+    for 1..FEW_STEPS steps, which is the sampler with the lowest 5-step Fréchet distance in the
+    committed quality table (docs/performance.md)."""
+    import json
+
+    from ddpm_engine import Engine
+    from ddpm_engine.models import SeedUNet
+    from ddpm_engine.samplers import FEW_STEP_SAMPLER, FEW_STEPS, SAMPLER_DEFS, default_sampler
+
+    engine = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cpu",
+                                batching=False)
+    assert (engine.plan().spec.sampler, engine.plan().steps) == ("ddpm", 1000)
+    assert [engine.plan(steps=n).spec.sampler for n in (1, 5, FEW_STEPS)] == [FEW_STEP_SAMPLER] * 3
+    assert engine.plan(steps=FEW_STEPS + 1).spec.sampler == "ddpm"
+    assert engine.plan("ddim", steps=5).spec.sampler == "ddim"  # a named sampler is never replaced
+    assert default_sampler(True) == "ddpm" and default_sampler(None) == "ddpm"
+    seeds = [random.getrandbits(64) for _ in range(2)]
+    assert torch.equal(engine.sample(seeds, steps=5), engine.sample(seeds, sampler=FEW_STEP_SAMPLER, steps=5))
+    rows = [r for r in json.loads(QUALITY_TABLE.read_text())["rows"] if r["steps"] == 5 and r["sampler"] != "ddpm"]
+    assert {r["sampler"] for r in rows} == set(SAMPLER_DEFS) - {"ddpm"}  # every few-step sampler was measured
+    assert min(rows, key=lambda r: r["frechet"])["sampler"] == FEW_STEP_SAMPLER

@@ -52,7 +52,8 @@ def test_every_launch_compiles_for_sm90(compiled):
     assert set(results["entry_kernels"]) <= names, "kernels no `launches` compiled: " + str(
         set(results["entry_kernels"]) - names)
     assert {"_ddpm_step_kernel", "_ddim_step_kernel", "_dpmpp_2m_step_kernel", "_dpmpp_2m_sde_step_kernel",
-            "_unipc_step_kernel", "_advance_kernel"} <= names
+            "_unipc_step_kernel", "_dpmpp_3m_step_kernel", "_unipc_3_step_kernel", "_ipndm_step_kernel",
+            "_advance_kernel"} <= names
 
 
 def test_no_register_spills_or_stack(compiled):
@@ -73,7 +74,8 @@ def test_every_constexpr_combination_and_io_dtype_is_compiled(compiled):
     fake = SimpleNamespace(x=None, model_output=None, i=None, seed_words=None, table=None, x0_prev=None)
     for module, kernels in (("ddpm_step", {"_ddpm_step_kernel"}), ("ddim_step", {"_ddim_step_kernel"}),
                             ("dpmpp_step", {"_dpmpp_2m_step_kernel", "_dpmpp_2m_sde_step_kernel"}),
-                            ("unipc_step", {"_unipc_step_kernel"})):
+                            ("unipc_step", {"_unipc_step_kernel"}), ("dpmpp_3m_step", {"_dpmpp_3m_step_kernel"}),
+                            ("unipc_3_step", {"_unipc_3_step_kernel"}), ("ipndm_step", {"_ipndm_step_kernel"})):
         expected = len(list(importlib.import_module(f"ddpm_engine.kernels.{module}").launches(fake)))
         for io in ("*fp32", "*fp16", "*bf16"):
             settings = {(c["kernel"], json.dumps(c["constexprs"], sort_keys=True)) for c in results["compiled"]

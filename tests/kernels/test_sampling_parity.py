@@ -37,7 +37,8 @@ def engines():
     ("ddpm", 0.0, True, None), ("ddpm", 0.0, False, None), ("ddim", 1.0, True, False), ("ddim", 1.0, True, True),
     ("ddim", 1.0, False, None), ("ddim", 0.0, False, None), ("ddim", 0.0, True, False), ("ddim", 0.0, True, True),
     ("dpmpp_2m", 0.0, False, None), ("dpmpp_2m", 0.0, True, None), ("dpmpp_2m_sde", 0.0, True, None),
-    ("unipc", 0.0, False, None)])
+    ("unipc", 0.0, False, None), ("dpmpp_3m", 0.0, False, None), ("dpmpp_3m", 0.0, True, None),
+    ("unipc_3", 0.0, False, None), ("unipc_3", 0.0, True, None), ("ipndm", 0.0, False, None), ("ipndm", 0.0, True, None)])
 def test_same_images(engines, sampler, eta, clip, clipped_eps):
     ref, fused = engines
     seeds = [random.getrandbits(64) for _ in range(3)]

@@ -16,10 +16,11 @@ from ddpm_engine.stepping import Rows, StepSpec, TorchStep
 from .helpers import random_case, with_variance_part
 
 pytestmark = pytest.mark.usefixtures("seeded")
+STATE_FIELDS = sorted({name for names in ROW_STATE.values() for name in names})  # every Rows state field
 
 
 def random_spec(sampler):
-    return StepSpec(sampler, random.choice(list(Prediction)), random.choice(list(Variance)),
+    return StepSpec(sampler, random.choice(list(Prediction)), random.choice([v for v in Variance if not v.learned]),
                     random.choice([False, True]), random.choice([0.0, 1.0, random.uniform(0.05, 0.95)]),
                     use_clipped_model_output=random.choice([False, True]))
 
@@ -31,17 +32,17 @@ def test_same_contract_as_torch_step(sampler, want_x0):
     shape = (3, 5, 7)
     tab, x, out, i, words = random_case(B=4, shape=shape, spacing=timestep_spacing(sampler))
     out = with_variance_part(2 * out, spec.variance)  # x0 often beyond [-1, 1]: the clip options matter
-    x0_prev, corrector = torch.randn_like(x), torch.randn_like(x)  # state left by a previous step
+    state = {name: torch.randn_like(x) for name in STATE_FIELDS}  # state left by a previous step
     i_ref = i.clone()
-    ref_rows = Rows(x.clone(), i_ref, words, x0_prev.clone(), corrector.clone())
-    rows = Rows(x, i, words, x0_prev, corrector)
+    ref_rows = Rows(x.clone(), i_ref, words, **{name: v.clone() for name, v in state.items()})
+    rows = Rows(x, i, words, **state)
     want_x0_tensor = TorchStep(spec, tab, shape)(ref_rows, out, want_x0=True)
     x_ptr = x.data_ptr()
     x0 = TritonStep(spec, tab, shape)(rows, out, want_x0=want_x0)
     assert rows.x.data_ptr() == x_ptr  # written in place: no allocation per step
     torch.testing.assert_close(rows.x, ref_rows.x, rtol=1e-5, atol=3e-5)
-    torch.testing.assert_close(rows.x0_prev, ref_rows.x0_prev, rtol=1e-5, atol=3e-5)  # untouched unless multistep
-    torch.testing.assert_close(rows.corrector, ref_rows.corrector, rtol=1e-5, atol=3e-5)  # untouched unless unipc
+    for name in STATE_FIELDS:  # each untouched unless the sampler keeps it
+        torch.testing.assert_close(getattr(rows, name), getattr(ref_rows, name), rtol=1e-5, atol=3e-5, msg=name)
     assert torch.equal(i, i_ref)  # both advanced i -> max(i - 1, 0) on the device
     if want_x0:
         torch.testing.assert_close(x0, want_x0_tensor, rtol=1e-5, atol=3e-5)
@@ -51,7 +52,7 @@ def test_same_contract_as_torch_step(sampler, want_x0):
 
 @pytest.mark.parametrize("sampler", sorted(ROW_STATE))
 def test_multistep_runs_agree_and_a_seed_does_not_depend_on_its_batch(sampler):
-    """Whole multistep runs (DPM-Solver++(2M), its SDE, UniPC) through both steps, with a row joining
+    """Whole multistep runs (every sampler with state: DPM-Solver++(2M, 3M), its SDE, UniPC-2/3, iPNDM) through both steps, with a row joining
     two steps late and the others leaving when done (as the continuous server does): each row ends
     as in its run alone."""
     steps, shape = 6, (1, 4, 6)

@@ -1,0 +1,108 @@
+"""Fused DPM-Solver++(3M) step (Lu et al. 2022, third-order multistep): one kernel per step.
+
+Reference: ``engine.samplers.dpmpp_3m_step`` (imported here as ``reference``; the tests hold the
+kernel to it); the coefficients and their derivation are in ``engine.schedules.Tables``. Per
+element of sample b at step index i:
+
+    x0       = from the model output (eps / x0 / v), clamp(x0, -1, 1) optional       read x, out
+    x_prev   = dpmpp_coef_x[i] x + dpmpp3_coef_x0[i] x0 + dpmpp3_coef_x0_prev[i] x0_prev
+               + dpmpp3_coef_x0_prev2[i] x0_prev2                          read x0_prev, x0_prev2
+    x0_prev2 <- x0_prev,  x0_prev <- x0                               write x_prev, both states
+
+A state's term is 0 where its coefficient is 0 (a where, not a product: a NaN in a fresh or stale
+buffer cannot leak in), and x0_prev2 is not even read there (masked load). x0_prev is always
+read, because it moves on to x0_prev2. The multistep state (``Rows.x0_prev``, ``Rows.x0_prev2``)
+is updated in place: a batch may mix samples at any steps.
+
+Launch choices (compile-time constants): PRED in PREDICTION_CODE (3), CLIP (2), BLOCK from
+common.block_for (powers of two 16..1024); fp32 / fp16 / bf16 x and model output, fp32 state.
+
+Memory traffic per element, s = itemsize of the I/O dtype: read x_t and the model output (2 s)
+and the two fp32 states (8 bytes; x0_prev2 skipped below third order), write x_prev (s) and the
+two states (8): 3 s + 16 bytes (28 in fp32). Per sample: i (8 bytes) and 9 table entries. The
+torch reference makes about 14 passes (x0, four products, the wheres, the sums, the state copies).
+"""
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from ddpm_engine.errors import InvalidRequestError
+from ddpm_engine.schedules import COLUMNS
+
+from ddpm_engine.samplers import dpmpp_3m_step as reference  # noqa: F401  (the specification)
+
+from .options import FP_FUSION
+from .common import (COL_DPMPP_X, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for,
+                     load_state, predict_x0_and_eps, step_prologue)
+
+COL_DPMPP3_X0 = tl.constexpr(COLUMNS.index("dpmpp3_coef_x0"))
+COL_DPMPP3_X0_PREV = tl.constexpr(COLUMNS.index("dpmpp3_coef_x0_prev"))
+COL_DPMPP3_X0_PREV2 = tl.constexpr(COLUMNS.index("dpmpp3_coef_x0_prev2"))
+
+
+@triton.jit
+def _dpmpp_3m_step_kernel(
+    x_ptr,         # [B, N] x_t (fp32 / fp16 / bf16)
+    out_ptr,       # [B, N] model output
+    x0prev_ptr,    # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
+    x0prev2_ptr,   # [B, N] in: the x0 of two steps ago; out: the previous step's (float32 state)
+    xprev_ptr,     # [B, N] out: x_{t-1}, x's dtype
+    i_ptr,         # int64 [B]: step indices (read only)
+    table_ptr,     # fp32 [steps, NCOLS]: packed coefficient table
+    N,
+    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
+    c_prev = tl.load(row + COL_DPMPP3_X0_PREV)
+    c_prev2 = tl.load(row + COL_DPMPP3_X0_PREV2)
+    x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    x0_prev = tl.load(x0prev_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    x0_prev2 = load_state(x0prev2_ptr, flat, offs, N, c_prev2)
+    x0, _ = predict_x0_and_eps(x, out, row, PRED)
+    if CLIP:
+        x0 = clip_x0(x0)
+    x_prev = (tl.load(row + COL_DPMPP_X) * x + tl.load(row + COL_DPMPP3_X0) * x0
+              + tl.where(c_prev != 0.0, c_prev * x0_prev, 0.0) + c_prev2 * x0_prev2)
+    tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0prev2_ptr + flat, x0_prev.to(x0prev2_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
+
+
+def dpmpp_3m_step(x, model_output, i, x0_prev, x0_prev2, table, *, prediction=PRED_EPSILON,
+                  clip_denoised: bool = False, x_prev=None, block: int | None = None):
+    """Launch the fused DPM-Solver++(3M) step. ``x0_prev`` and ``x0_prev2`` (shaped as x, contiguous;
+    zeros at the start of a run) are read and shifted in place (x0_prev2 <- x0_prev <- this step's
+    x0). ``table`` is DeviceTables.packed (fp32), ``prediction`` a code of common.PREDICTION_CODE;
+    ``i`` is not advanced here (see common.advance). Returns (x_prev, x0); ``x_prev=x`` steps in place."""
+    if x0_prev is None or x0_prev2 is None:
+        raise InvalidRequestError("the DPM-Solver++(3M) step keeps each sample's two previous x0 in x0_prev and "
+                                  "x0_prev2 (stepping.Rows): allocate both (zeros, shaped as x) before the first step")
+    x_prev = torch.empty_like(x) if x_prev is None else x_prev
+    check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev, x0_prev2=x0_prev2)
+    block = block or block_for(x[0].numel())
+    _dpmpp_3m_step_kernel[grid_for(x, block)](
+        x, model_output, x0_prev, x0_prev2, x_prev, i, table, x[0].numel(),
+        PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
+    )
+    return x_prev, x0_prev
+
+
+def step_rows(spec, prediction, table, rows, model_output, x0=None):
+    """The engine's "dpmpp_3m" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
+    signature): rows.x, rows.x0_prev and rows.x0_prev2 stepped in place; returns rows.x0_prev when
+    ``x0`` is given (the x0 is always written there), else None."""
+    dpmpp_3m_step(rows.x, model_output, rows.i, rows.x0_prev, rows.x0_prev2, table, prediction=prediction,
+                  clip_denoised=spec.clip_denoised, x_prev=rows.x)
+    return None if x0 is None else rows.x0_prev
+
+
+def launches(t):
+    """Every compile-time choice ``dpmpp_3m_step`` can pass its kernel, as launches on stand-in tensors
+    ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""
+    for pred, clip in itertools.product(PREDICTION_CODE.values(), (False, True)):
+        yield lambda p=pred, c=clip: dpmpp_3m_step(t.x, t.model_output, t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
+                                                   t.table, prediction=p, clip_denoised=c)
