@@ -37,7 +37,7 @@ from ddpm_engine.samplers import ipndm_step as reference  # noqa: F401  (the spe
 
 from .options import FP_FUSION
 from .common import (COL_SQRT_1M_ABAR, COL_SQRT_ABAR, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs,
-                     clip_x0, grid_for, load_state, predict_x0_and_eps, step_prologue)
+                     clip_x0, grid_for, load_output, load_state, output_parts, predict_x0_and_eps, step_prologue)
 
 COL_IPNDM_X = tl.constexpr(COLUMNS.index("ipndm_coef_x"))
 COL_IPNDM_EPS = tl.constexpr(COLUMNS.index("ipndm_coef_eps"))
@@ -49,7 +49,7 @@ COL_IPNDM_EPS_PREV3 = tl.constexpr(COLUMNS.index("ipndm_coef_eps_prev3"))
 @triton.jit
 def _ipndm_step_kernel(
     x_ptr,          # [B, N] x_t (fp32 / fp16 / bf16)
-    out_ptr,        # [B, N] model output
+    out_ptr,        # [B, >= N] model output's prediction part, per-sample stride out_stride
     eps1_ptr,       # [B, N] in: the previous step's eps; out: this step's (float32 state)
     eps2_ptr,       # [B, N] in: the eps of two steps ago; out: the previous step's (float32 state)
     eps3_ptr,       # [B, N] in: the eps of three steps ago; out: of two steps ago (float32 state)
@@ -57,7 +57,8 @@ def _ipndm_step_kernel(
     x0_ptr,         # [B, N] out: predicted x0 (only when STORE_X0)
     i_ptr,          # int64 [B]: step indices (read only)
     table_ptr,      # fp32 [steps, NCOLS]: packed coefficient table
-    N,
+    N,             # elements per sample
+    out_stride,    # elements from one sample's model output to the next (N, or 2N: common.output_parts)
     PRED: tl.constexpr, CLIP: tl.constexpr, STORE_X0: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
@@ -65,7 +66,7 @@ def _ipndm_step_kernel(
     c2 = tl.load(row + COL_IPNDM_EPS_PREV2)
     c3 = tl.load(row + COL_IPNDM_EPS_PREV3)
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = load_output(out_ptr, b, offs, mask, out_stride)
     eps1 = tl.load(eps1_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     eps2 = tl.load(eps2_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     eps3 = load_state(eps3_ptr, flat, offs, N, c3)
@@ -95,12 +96,13 @@ def ipndm_step(x, model_output, i, eps_prev, eps_prev2, eps_prev3, table, *, pre
                                   "and eps_prev3 (stepping.Rows): allocate them (zeros, shaped as x) before the "
                                   "first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
-    check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0=x0, eps_prev=eps_prev,
+    check_inputs(x, i, table, x_prev=x_prev, x0=x0, eps_prev=eps_prev,
                  eps_prev2=eps_prev2, eps_prev3=eps_prev3)
+    prediction_part, _, out_stride = output_parts(model_output, x)
     block = block or block_for(x[0].numel())
     _ipndm_step_kernel[grid_for(x, block)](
-        x, model_output, eps_prev, eps_prev2, eps_prev3, x_prev, x_prev if x0 is None else x0, i, table,
-        x[0].numel(), PRED=prediction, CLIP=bool(clip_denoised), STORE_X0=x0 is not None, BLOCK=block,
+        x, prediction_part, eps_prev, eps_prev2, eps_prev3, x_prev, x_prev if x0 is None else x0, i, table,
+        x[0].numel(), out_stride, PRED=prediction, CLIP=bool(clip_denoised), STORE_X0=x0 is not None, BLOCK=block,
         enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0

@@ -40,7 +40,7 @@ from ddpm_engine.samplers import unipc_3_step as reference  # noqa: F401  (the s
 
 from .options import FP_FUSION
 from .common import (COL_DPMPP_X, COL_UNIPC_NEXT_X, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0,
-                     grid_for, load_state, predict_x0_and_eps, step_prologue)
+                     grid_for, load_output, load_state, output_parts, predict_x0_and_eps, step_prologue)
 
 COL_UNIPC3_X0 = tl.constexpr(COLUMNS.index("unipc3_coef_x0"))
 COL_UNIPC3_X0_PREV = tl.constexpr(COLUMNS.index("unipc3_coef_x0_prev"))
@@ -54,14 +54,15 @@ COL_UNIPC3_NEXT_X0_PREV2 = tl.constexpr(COLUMNS.index("unipc3_next_x0_prev2"))
 @triton.jit
 def _unipc_3_step_kernel(
     x_ptr,         # [B, N] x_t as predicted by the previous step (fp32 / fp16 / bf16)
-    out_ptr,       # [B, N] model output at x_t
+    out_ptr,       # [B, >= N] model output's prediction part at x_t, per-sample stride out_stride
     x0prev_ptr,    # [B, N] in: the previous step's x0; out: this step's x0 (float32 state)
     x0prev2_ptr,   # [B, N] in: the x0 of two steps ago; out: the previous step's (float32 state)
     corr_ptr,      # [B, N] in: this step's corrector, known part; out: the next step's (float32 state)
     xprev_ptr,     # [B, N] out: x_{t-1}, x's dtype
     i_ptr,         # int64 [B]: step indices (read only)
     table_ptr,     # fp32 [steps, NCOLS]: packed coefficient table
-    N,
+    N,             # elements per sample
+    out_stride,    # elements from one sample's model output to the next (N, or 2N: common.output_parts)
     PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
@@ -72,7 +73,7 @@ def _unipc_3_step_kernel(
     n_prev2 = tl.load(row + COL_UNIPC3_NEXT_X0_PREV2)
 
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    out = load_output(out_ptr, b, offs, mask, out_stride)
     corrector = load_state(corr_ptr, flat, offs, N, corr_x0)
     x0_prev = tl.load(x0prev_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     x0_prev2 = load_state(x0prev2_ptr, flat, offs, N, tl.abs(c_prev2) + tl.abs(n_prev2))
@@ -102,11 +103,12 @@ def unipc_3_step(x, model_output, i, x0_prev, x0_prev2, corrector, table, *, pre
                                   "x0_prev, x0_prev2 and corrector (stepping.Rows): allocate them (zeros, shaped "
                                   "as x) before the first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
-    check_inputs(x, i, table, model_output=model_output, x_prev=x_prev, x0_prev=x0_prev, x0_prev2=x0_prev2,
+    check_inputs(x, i, table, x_prev=x_prev, x0_prev=x0_prev, x0_prev2=x0_prev2,
                  corrector=corrector)
+    prediction_part, _, out_stride = output_parts(model_output, x)
     block = block or block_for(x[0].numel())
     _unipc_3_step_kernel[grid_for(x, block)](
-        x, model_output, x0_prev, x0_prev2, corrector, x_prev, i, table, x[0].numel(),
+        x, prediction_part, x0_prev, x0_prev2, corrector, x_prev, i, table, x[0].numel(), out_stride,
         PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0_prev, corrector

@@ -20,7 +20,7 @@ STATE_FIELDS = sorted({name for names in ROW_STATE.values() for name in names}) 
 
 
 def random_spec(sampler):
-    return StepSpec(sampler, random.choice(list(Prediction)), random.choice([v for v in Variance if not v.learned]),
+    return StepSpec(sampler, random.choice(list(Prediction)), random.choice(list(Variance)),
                     random.choice([False, True]), random.choice([0.0, 1.0, random.uniform(0.05, 0.95)]),
                     use_clipped_model_output=random.choice([False, True]))
 
