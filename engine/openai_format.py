@@ -37,6 +37,7 @@ inside the folder), else ``model.pt``, else the folder's only ``*.pt``.
 from __future__ import annotations
 
 import json
+import pickle
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +331,7 @@ def load_state_dict(path: Path) -> dict:
     """Their checkpoint's tensors, floating ones in float32 (a ``use_fp16`` model's weights may be fp16)."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # tensors only: no code runs
         raise ModelLoadError(f"{path} is not a PyTorch checkpoint this engine can read "
                              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
