@@ -299,6 +299,22 @@ def test_a_folder_with_unreadable_files_is_refused(tmp_path):
         Engine.from_pretrained(tmp_path / "m", backend="torch")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_network_exports_and_samples_on_the_export_backends(backend, cache):
+    """Up/down ResBlocks and the new head order through an exported graph: the torch backend's images."""
+    pytest.importorskip(backend)
+    cfg = from_flags(TINY + " --num_heads 2 --attention_resolutions 16,8 --channel_mult 1,2 --resblock_updown True "
+                            "--use_new_attention_order True")
+    module = cfg.build()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    images = {b: Engine.from_module(module, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend=b,
+                                    batching=False).sample([1, 2], sampler="ddim", steps=5)
+              for b in ("torch", backend)}
+    assert (images[backend] - images["torch"]).abs().max().item() <= 1e-5
+
+
 # ---- against their code, where it is importable ----
 
 PATH_VARIABLES = {"improved_diffusion": "IMPROVED_DIFFUSION_PATH", "guided_diffusion": "GUIDED_DIFFUSION_PATH"}
@@ -492,7 +508,7 @@ def record(path: str) -> None:
     forward = {c: dict(forward_parity(small(f)), flags=small(f)) for c, f in sorted(CONFIGS.items())}
     for c in ("improved-cifar10", "improved-imagenet64", "guided-imagenet64-cond"):
         forward[c + " (published width, batch 1)"] = dict(forward_parity(CONFIGS[c], batch=1), flags=CONFIGS[c])
-    chains = {name: [chain(f, "ddim"), chain(f, "ddpm")] for name, f in sorted(CHAIN_FLAGS.items())}
+    chains = {name: {"flags": f, "runs": [chain(f, "ddim"), chain(f, "ddpm")]} for name, f in sorted(CHAIN_FLAGS.items())}
     data = {"what": "OpenAIUNet and openai_format against improved-diffusion / guided-diffusion themselves: "
                     "random weights, fp32, CPU; state dicts load both ways strictly",
             "how": "python -m tests.engine.test_openai_unet --record FILE",
