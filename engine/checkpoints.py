@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import openai_format
 from .errors import InvalidRequestError, ModelLoadError
 from .schedules import SchedulerConfig
 
@@ -167,13 +168,16 @@ def load_folder(folder: Path, name: str | None = None) -> LoadedModel:
         return load_diffusers_folder(folder / "unet", folder / "scheduler" / "scheduler_config.json", name)
     if layout == "diffusers-single":
         return load_diffusers_folder(folder, folder / "scheduler_config.json", name)
+    if layout == "openai":  # improved-/guided-diffusion: *.pt + their flags (openai_format.py)
+        return from_module(*openai_format.open_folder(folder), name=name)
     raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
-                         "(ddpm-engine) or a diffusers folder")
+                         "(ddpm-engine), a diffusers folder, or OpenAI's *.pt + flags.json")
 
 
 def folder_layout(folder: Path) -> str | None:
     """"ddpm-engine", "diffusers-pipeline" (model_index.json, unet/, scheduler/), "diffusers-single"
-    (a UNet's config.json beside scheduler_config.json), or None, from the folder's config files."""
+    (a UNet's config.json beside scheduler_config.json), "openai" (improved-/guided-diffusion: flags.json
+    or flags.txt beside a *.pt), or None, from the folder's config files."""
     cfg_path = folder / "config.json"
     if cfg_path.is_file() and _read_json(cfg_path).get("format") == PROJECT_FORMAT:
         return "ddpm-engine"
@@ -181,7 +185,7 @@ def folder_layout(folder: Path) -> str | None:
         return "diffusers-pipeline"
     if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
         return "diffusers-single"
-    return None
+    return "openai" if openai_format.is_folder(folder) else None
 
 
 # ---- Hugging Face Hub ids ----
