@@ -423,7 +423,9 @@ def test_their_schedules_and_respacing_are_the_engines():
 CHAIN_FLAGS = {"cifar10-cosine-4000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --dropout 0.3 "
                                       "--diffusion_steps 4000 --noise_schedule cosine",
                "linear-1000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16,8 "
-                              "--diffusion_steps 1000 --noise_schedule linear --rescale_timesteps False"}
+                              "--diffusion_steps 1000 --noise_schedule linear --rescale_timesteps False",
+               "learned-sigma-cosine": "--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True "
+                                       "--diffusion_steps 1000 --noise_schedule cosine --rescale_learned_sigmas True"}
 
 
 def engine_and_theirs(flags: str):
