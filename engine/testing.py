@@ -80,6 +80,7 @@ DEFAULT_TOLERANCES = {
     "fp32": Tolerance(rtol=1e-4, atol=1e-3),
     "fp16": Tolerance(rtol=5e-2, atol=0.1),
     "bf16": Tolerance(rtol=0.2, atol=0.5),
+    "int8": Tolerance(rtol=1.0, atol=1.0),
 }
 
 
