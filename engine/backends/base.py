@@ -110,6 +110,10 @@ class Backend:
     def create(cls, loaded, device: torch.device, precision: str) -> Backend:
         raise NotImplementedError(f"{cls.__name__} must implement create(loaded, device, precision)")
 
+    def prepare(self, batches) -> None:
+        """Build now whatever a first call at each of ``batches`` would build (nothing here; the
+        openvino backend's static-shape compiles), and return when it is done."""
+
     # ---- a call ----
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,12 @@ plugin at the precision asked for.
   OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
-a backend meets are each compiled once more for exactly that shape (in memory, from the same ONNX
-export). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
+a backend meets are each compiled once more for exactly that shape (in memory, from the same
+graph). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
 static shape faster than at the dynamic one (docs/performance.md has the measurements). Other
-batch sizes run the dynamic-shape model.
+batch sizes run the dynamic-shape model. The static compiles run off the request path, on a
+background thread each: a call never waits for one, it runs the dynamic-shape model until its
+size's compile is ready (``request_for``); ``prepare(batches)`` compiles ahead and waits.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -329,6 +331,7 @@ class OpenVINOBackend(Backend):
         self.request = self.compiled.create_infer_request()  # the dynamic-shape model's
         self._compile_static = compile_static
         self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
+        self._compiling = {}  # batch -> the thread compiling its static shape
         self._static_lock = threading.Lock()
         self._tensor = ov.Tensor
 
@@ -354,23 +357,47 @@ class OpenVINOBackend(Backend):
                           corrupt=(ModelLoadError,))
 
     def request_for(self, batch: int):
-        """The infer request that runs ``batch`` images: its static-shape compile, made at the
-        first call of one of the first ``STATIC_BATCHES`` sizes; else the dynamic-shape model's."""
+        """The infer request that runs ``batch`` images now, never waiting for a compile: its
+        static-shape compile if that is ready, else the dynamic-shape model's. The first call of
+        one of the first ``STATIC_BATCHES`` sizes starts that size's static compile on a
+        background thread (``_compiling``); the calls meanwhile run the dynamic model."""
         request = self._static.get(batch)
         if request is not None:
             return request
         with self._static_lock:
-            if batch not in self._static:
-                if self._compile_static is None or len(self._static) >= STATIC_BATCHES:
-                    return self.request
-                try:
-                    self._static[batch] = self._compile_static(batch).create_infer_request()
-                except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-                    first = first_line(exc)
-                    warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
-                                  "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=3)
-                    self._static[batch] = self.request
-            return self._static[batch]
+            if (batch not in self._static and batch not in self._compiling and self._compile_static is not None
+                    and len(self._static) + len(self._compiling) < STATIC_BATCHES):
+                thread = threading.Thread(target=self._build_static, args=(batch,),
+                                          name=f"openvino-static-batch-{batch}")
+                self._compiling[batch] = thread
+                thread.start()
+        return self._static.get(batch, self.request)
+
+    def _build_static(self, batch: int) -> None:
+        try:
+            request = self._compile_static(batch).create_infer_request()
+        except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
+            first = first_line(exc)
+            warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
+                          "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
+            request = self.request
+        with self._static_lock:
+            self._static[batch] = request
+            del self._compiling[batch]
+
+    def prepare(self, batches) -> None:
+        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now and return
+        when every pending compile is done: for a caller that knows its batch sizes ahead (a
+        server, a benchmark), so that no call runs the dynamic model while one compiles."""
+        for batch in batches:
+            self.request_for(int(batch))
+        while True:
+            with self._static_lock:
+                pending = list(self._compiling.values())
+            if not pending:
+                return
+            for thread in pending:
+                thread.join()
 
     def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
