@@ -155,7 +155,10 @@ def float_groups(model) -> dict[str, list[str]]:
     - ``time_embedding``: the ops that depend on t and not on x (the timestep's MLP and each
       block's projection of it);
     - ``attention``: the matmuls on either side of each softmax (q.k, and the weights times v),
-      so that softmax's input and output stay in floating point."""
+      so that softmax's input and output stay in floating point;
+    - ``skip_concat``: the convolutions that take a concatenation (the decoder's first
+      convolution of each level, whose input joins the skip connection's features to the
+      deeper ones: two ranges under one int8 scale)."""
     ops = model.get_ordered_ops()
     x, t = model.get_parameters()[:2]  # the I/O spec's order
     on_x = {x.get_friendly_name()}
@@ -182,7 +185,10 @@ def float_groups(model) -> dict[str, list[str]]:
                     attention.add(name)
                 else:
                     frontier.extend(step(node))
+    concat = [op.get_friendly_name() for op in quantizable if "Convolution" in op.get_type_name()
+              and _producers(op)[0].get_type_name() == "Concat"]
     return {"first_last_conv": sorted({convs[0], convs[-1]}) if convs else [],
+            "skip_concat": concat,
             "time_embedding": [op.get_friendly_name() for op in quantizable
                                if op.get_friendly_name() in on_t and op.get_friendly_name() not in on_x],
             "attention": sorted(attention)}
