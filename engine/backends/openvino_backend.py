@@ -158,7 +158,8 @@ def float_groups(model) -> dict[str, list[str]]:
       so that softmax's input and output stay in floating point;
     - ``skip_concat``: the convolutions that take a concatenation (the decoder's first
       convolution of each level, whose input joins the skip connection's features to the
-      deeper ones: two ranges under one int8 scale)."""
+      deeper ones: two ranges under one int8 scale; in a diffusers UNet the resnet's 1x1
+      shortcut, its 3x3 convolution taking the concatenation through a GroupNorm)."""
     ops = model.get_ordered_ops()
     x, t = model.get_parameters()[:2]  # the I/O spec's order
     on_x = {x.get_friendly_name()}

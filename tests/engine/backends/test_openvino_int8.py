@@ -64,6 +64,7 @@ def test_the_float_groups_are_found_from_the_graph(loaded, int8):
     assert groups["first_last_conv"] == ["/inc/inc.0/Conv/WithoutBiases", "/out/Conv/WithoutBiases"]
     assert groups["time_embedding"] and all(n.startswith(("/te_down", "/te_up")) for n in groups["time_embedding"])
     assert groups["attention"] == []  # a SeedUNet has none
+    assert groups["skip_concat"] == ["/ups.0/conv/conv.0/Conv/WithoutBiases"]  # the decoder's one level
     kept = {n for g in KEEP_FLOAT for n in groups[g]}
     quantized = openvino_backend.int8_model(core, loaded)
     fed_by_quantizer = {op.get_friendly_name(): any(p.get_type_name() == "FakeQuantize"
