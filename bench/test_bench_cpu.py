@@ -41,9 +41,9 @@ def test_design_choices(benchmark, cifar32, monkeypatch):
 
     built, rounds = {}, CALL_ROUNDS["cifar32"] * 3
     for p in (p for p in backends.PRECISIONS if cpu.native(p)):
-        for name, channels_last in (("NCHW", False), ("channels_last", True)):
+        for name, channels_last in (("NCHW", False), ("channels_last", True)) if backends.PRECISIONS[p] else ():
             built[f"torch {p} {name}"] = TorchBackend(cifar32.module, "cpu", p, channels_last=channels_last)
-        if backends.available("cpu", "fp32", ["openvino"])["openvino"] is None:
+        if backends.available("cpu", p, ["openvino"])["openvino"] is None:
             static = built[f"openvino {p} static shapes"] = backends.create("openvino", cifar32, "cpu", p)
             built[f"openvino {p} dynamic"] = openvino_backend.OpenVINOBackend(  # no compile_static: dynamic only
                 static.path, openvino_backend.identity(cifar32, p), cifar32.sample_shape, p)

@@ -138,7 +138,8 @@ def cmd_info(args) -> int:
 
         loaded = checkpoints.load(args.model)
         print(decide(loaded, "cpu", args.precision)[0].report())
-        print(choose_layout(loaded, args.precision)[0].report())
+        if PRECISIONS[args.precision] is not None:  # the torch backend runs no quantized precision
+            print(choose_layout(loaded, args.precision)[0].report())
     print_fast_path(devices[-1])
     return 0
 

@@ -18,6 +18,7 @@ import platform
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")
 NATIVE_FP16 = ("avx512_fp16", "amx_fp16", "asimdhp")
+NATIVE_INT8 = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")  # int8 dot products (VNNI, AMX, Arm's SDOT)
 
 
 @functools.lru_cache(maxsize=2)
@@ -56,9 +57,14 @@ def native_fp16() -> bool:
     return any(f in flags() for f in NATIVE_FP16)
 
 
+def native_int8() -> bool:
+    return any(f in flags() for f in NATIVE_INT8)
+
+
 def native(precision: str) -> bool:
-    """Whether ``precision`` ("fp32", "bf16", "fp16") runs natively on this CPU (fp32 always does)."""
-    return {"fp32": True, "bf16": native_bf16(), "fp16": native_fp16()}[precision]
+    """Whether ``precision`` ("fp32", "bf16", "fp16", "int8") runs natively on this CPU (fp32
+    always does; int8: with int8 dot products, without which it still runs, slower)."""
+    return {"fp32": True, "bf16": native_bf16(), "fp16": native_fp16(), "int8": native_int8()}[precision]
 
 
 def describe() -> str:

@@ -16,7 +16,9 @@ The contract, one home each:
   (``cache.artifact_path`` names them). Called only after ``unavailable_reason`` said None;
 - ``check_inputs(x, t)``: the one input check (``__call__`` runs it, then ``run``);
 - precision: a name of ``PRECISIONS``, validated once at the API boundary (``parse_precision`` in
-  ``backends.create``); the classes trust it;
+  ``backends.create``); the classes trust it. A quantized precision (int8: its dtype in
+  ``PRECISIONS`` is None) runs only on a backend that names it in ``quantized``; the registry
+  refuses it for the others (``quantized_refusal``);
 - ``versions(packages)``: the installed versions of the packages that decide a backend's numbers,
   for cache keys, reports and golden files.
 """
@@ -29,7 +31,9 @@ import torch
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# precision name -> the torch dtype a backend computes in; None for a quantized precision: int8 is
+# a runtime's integer kernels on a graph calibrated for them, and its I/O stays float32
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}
 
 # the packages whose versions decide the numbers a backend gives (``versions``)
 PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "openvino", "triton", "tensorrt", "diffusers")
@@ -37,13 +41,22 @@ PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "openvino", "triton", "tens
 DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
 
 
-def parse_precision(precision: str) -> torch.dtype:
-    """The torch dtype of a precision name; InvalidRequestError for anything else. The API
-    boundary's check: deeper layers index ``PRECISIONS`` directly."""
+def parse_precision(precision: str) -> torch.dtype | None:
+    """The torch dtype of a precision name (None: quantized); InvalidRequestError for anything
+    else. The API boundary's check: deeper layers index ``PRECISIONS`` directly."""
     try:
         return PRECISIONS[precision]
     except (KeyError, TypeError):
         raise InvalidRequestError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}") from None
+
+
+def quantized_refusal(cls, precision: str) -> str | None:
+    """Why backend class ``cls`` cannot run ``precision`` if it is a quantized precision that the
+    class does not name in ``quantized``, else None."""
+    if PRECISIONS[precision] is not None or precision in cls.quantized:
+        return None
+    return (f"the {cls.name} backend has no {precision}; {precision} runs on backend='openvino' on the CPU "
+            "(pip install ddpm-engine[int8])")
 
 
 def versions(packages=PACKAGES) -> dict:
@@ -75,13 +88,15 @@ class Backend:
     graph_capturable = True
     graph_capture_refusal = ""
     path = None  # the cached artifact it runs (an ONNX graph, a compiled package, ...), or None
+    quantized: tuple = ()  # the quantized precisions (PRECISIONS' None dtypes) it runs
 
     def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None):
         """sample_shape: the (C, H, W) every call must have (None: any); batches: the (least, most)
         images a call takes (None: any)."""
         self.device = torch.device(device)
         self.precision = precision
-        self.dtype = PRECISIONS[precision]  # validated at the API boundary (parse_precision)
+        # validated at the API boundary (parse_precision); a quantized precision's I/O is float32
+        self.dtype = PRECISIONS[precision] or torch.float32
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batches = batches
 
@@ -94,6 +109,10 @@ class Backend:
     @classmethod
     def create(cls, loaded, device: torch.device, precision: str) -> Backend:
         raise NotImplementedError(f"{cls.__name__} must implement create(loaded, device, precision)")
+
+    def prepare(self, batches) -> None:
+        """Build now whatever a first call at each of ``batches`` would build (nothing here; the
+        openvino backend's static-shape compiles), and return when it is done."""
 
     # ---- a call ----
 

@@ -6,13 +6,23 @@ plugin at the precision asked for.
 - ``bf16``: only on a CPU with native bf16 (``cpu.native_bf16``: AVX512_BF16 or AMX); OpenVINO
   would run f32 under a bf16 hint elsewhere, so this backend refuses instead of pretending;
 - ``fp16``: only on a CPU with native fp16 (AVX512-FP16 or AMX-FP16; ``backend="auto"`` measures
-  whether it is faster). UNVERIFIED: no CPU with AVX512-FP16 was at hand.
+  whether it is faster). UNVERIFIED: no CPU with AVX512-FP16 was at hand;
+- ``int8``: the export quantized by NNCF's post-training quantization (``nncf.quantize``, the
+  ``int8`` extra), calibrated on the inputs of the model's own sampling trajectories
+  (``ddpm_engine.calibration``), with the layers of ``KEEP_FLOAT`` left in floating point (f32:
+  the quantized graph is compiled under an f32 hint). Fast on a CPU with int8 dot products
+  (AVX512-VNNI, AVX-VNNI, AMX-INT8); runs anywhere OpenVINO does. Never chosen by ``auto``
+  unless asked for by name. The quantized graph is cached (``int8_path``): keyed by the ONNX
+  export, the calibration settings, the layers kept in floating point and the versions of
+  OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
-a backend meets are each compiled once more for exactly that shape (in memory, from the same ONNX
-export). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
+a backend meets are each compiled once more for exactly that shape (in memory, from the same
+graph). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
 static shape faster than at the dynamic one (docs/performance.md has the measurements). Other
-batch sizes run the dynamic-shape model.
+batch sizes run the dynamic-shape model. The static compiles run off the request path, on a
+background thread each: a call never waits for one, it runs the dynamic-shape model until its
+size's compile is ready (``request_for``); ``prepare(batches)`` compiles ahead and waits.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -34,26 +44,40 @@ the identity check in its hands.)
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddpm_engine.export import iospec
 
-from .. import cache, cpu, threads
+from .. import cache, calibration, cpu, threads
 from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
-from .base import Backend
+from .base import Backend, versions
 
-HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# the CPU plugin's precision hint per precision; int8's quantized layers run int8 whatever the
+# hint, the layers it keeps in floating point run f32 (a bf16 hint would round them once more)
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 BLOB_FORMAT = "ddpm-engine-openvino-blob"
+INT8_FORMAT = "ddpm-engine-openvino-int8"
 STATIC_BATCHES = 4  # how many batch sizes one backend compiles for their exact shape
+# the layer groups (``float_groups``) int8 keeps in floating point, as measured: docs/performance.md
+KEEP_FLOAT = ("first_last_conv", "time_embedding", "attention")
+QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")  # the op types NNCF quantizes here
 
 
 def _ov():
     return require("openvino", "the openvino backend", extra="openvino")
+
+
+def _nncf():
+    return require("nncf", "the openvino backend's int8", extra="int8")
 
 
 def config(precision: str) -> dict:
@@ -65,7 +89,7 @@ def config(precision: str) -> dict:
 
 def precision_refusal(precision: str) -> str | None:
     """Why OpenVINO cannot run ``precision`` natively on this CPU, or None."""
-    if precision == "fp32" or cpu.native(precision):
+    if precision in ("fp32", "int8") or cpu.native(precision):
         return None
     need = "AVX512_BF16 or AMX-BF16" if precision == "bf16" else "AVX512-FP16 or AMX-FP16"
     return (f"OpenVINO runs {precision} only on a CPU with native {precision} ({need}); this CPU ({cpu.model()}) "
@@ -76,9 +100,10 @@ def identity(loaded, precision: str) -> dict:
     """What a compiled blob must have been compiled from (its cache key and its file header)."""
     from ddpm_engine.export.onnx_export import cached_path
 
+    quantized = {"int8": int8_path(loaded).name} if precision == "int8" else {}
     return {"format": BLOB_FORMAT, "onnx": cached_path(loaded).name, "weights": loaded.weights_hash,
             "precision": precision, "threads": threads.openvino_options()["INFERENCE_NUM_THREADS"],
-            "openvino": _ov().get_version(),
+            "openvino": _ov().get_version(), **quantized,
             "cpu": cpu.model(), "flags": sorted(cpu.flags())}
 
 
@@ -114,6 +139,134 @@ def onnx_model(core, loaded):
                       corrupt=(ModelLoadError,))
 
 
+def _producers(node):
+    return [i.get_source_output().get_node() for i in node.inputs()]
+
+
+def _consumers(node):
+    return [i.get_node() for out in node.outputs() for i in out.get_target_inputs()]
+
+
+def float_groups(model) -> dict[str, list[str]]:
+    """The quantizable ops (``QUANTIZABLE``) of an ``openvino.Model`` of the ONNX I/O spec, by the
+    group a quantizer may keep in floating point, found from the graph, not from layer names:
+
+    - ``first_last_conv``: the first and the last convolution (the image in, the output out);
+    - ``time_embedding``: the ops that depend on t and not on x (the timestep's MLP and each
+      block's projection of it);
+    - ``attention``: the matmuls on either side of each softmax (q.k, and the weights times v),
+      so that softmax's input and output stay in floating point;
+    - ``skip_concat``: the convolutions that take a concatenation (the decoder's first
+      convolution of each level, whose input joins the skip connection's features to the
+      deeper ones: two ranges under one int8 scale; in a diffusers UNet the resnet's 1x1
+      shortcut, its 3x3 convolution taking the concatenation through a GroupNorm)."""
+    ops = model.get_ordered_ops()
+    x, t = model.get_parameters()[:2]  # the I/O spec's order
+    on_x = {x.get_friendly_name()}
+    on_t = {t.get_friendly_name()}
+    for op in ops:  # topological order: an op's producers come first
+        names = {p.get_friendly_name() for p in _producers(op)}
+        if names & on_x:
+            on_x.add(op.get_friendly_name())
+        if names & on_t:
+            on_t.add(op.get_friendly_name())
+    quantizable = [op for op in ops if op.get_type_name() in QUANTIZABLE]
+    convs = [op.get_friendly_name() for op in quantizable if "Convolution" in op.get_type_name()]
+    attention = set()
+    for softmax in (op for op in ops if op.get_type_name().startswith("Softmax")):
+        for step in (_producers, _consumers):
+            frontier, seen = step(softmax), set()
+            while frontier:  # through the elementwise ops (scale, mask, reshape) to the nearest matmuls
+                node = frontier.pop()
+                name = node.get_friendly_name()
+                if name in seen or node.get_type_name() in ("Parameter", "Constant", "Result"):
+                    continue
+                seen.add(name)
+                if node.get_type_name() == "MatMul":
+                    attention.add(name)
+                else:
+                    frontier.extend(step(node))
+    concat = [op.get_friendly_name() for op in quantizable if "Convolution" in op.get_type_name()
+              and _producers(op)[0].get_type_name() == "Concat"]
+    return {"first_last_conv": sorted({convs[0], convs[-1]}) if convs else [],
+            "skip_concat": concat,
+            "time_embedding": [op.get_friendly_name() for op in quantizable
+                               if op.get_friendly_name() in on_t and op.get_friendly_name() not in on_x],
+            "attention": sorted(attention)}
+
+
+def quantize(model, calls, keep=KEEP_FLOAT, **options):
+    """``model`` (an fp32 ``openvino.Model``) quantized to int8 by ``nncf.quantize``, calibrated on
+    ``calls`` ([(x, t)], ``calibration.record``), the groups ``keep`` of ``float_groups`` left in
+    floating point; ``options`` go to ``nncf.quantize``."""
+    nncf = _nncf()
+    groups = float_groups(model)
+    names = sorted({n for g in keep for n in groups[g]})
+    data = nncf.Dataset(calls, lambda call: (call[0].numpy(), call[1].numpy()))
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)  # not a line per op kept in floating point, nor progress bars
+    try:
+        return nncf.quantize(model, data, subset_size=len(calls), ignored_scope=nncf.IgnoredScope(names=names),
+                             **options)
+    finally:
+        log.setLevel(level)
+
+
+def int8_identity(loaded) -> dict:
+    """What a quantized graph must have been made from (its cache key and its file header)."""
+    from ddpm_engine.export.onnx_export import cached_path as onnx_path
+
+    return {"format": INT8_FORMAT, "onnx": onnx_path(loaded).name, "weights": loaded.weights_hash,
+            "calibration": dict(calibration.SETTINGS), "keep_float": list(KEEP_FLOAT),
+            **versions(("openvino", "nncf"))}
+
+
+def int8_path(loaded, cache_dir=None) -> Path:
+    return cache.artifact_path("openvino", loaded.name, int8_identity(loaded), ".ovint8", ("int8",), cache_dir)
+
+
+def write_int8(loaded, path) -> None:
+    """Calibrate, quantize and write ``loaded``'s int8 graph to ``path``: a JSON header line
+    (``int8_identity``), the IR's XML length as one decimal line, the XML, then the weights."""
+    ov = _ov()
+    core = ov.Core()
+    model = quantize(onnx_model(core, loaded), calibration.record(loaded, calibration.SETTINGS))
+    with tempfile.TemporaryDirectory() as tmp:
+        ov.save_model(model, f"{tmp}/m.xml", compress_to_fp16=False)
+        xml, weights = Path(f"{tmp}/m.xml").read_bytes(), Path(f"{tmp}/m.bin").read_bytes()
+    with open(path, "wb") as f:
+        f.write(json.dumps(int8_identity(loaded), sort_keys=True).encode() + b"\n")
+        f.write(b"%d\n" % len(xml) + xml + weights)
+
+
+def read_int8(core, loaded, path):
+    """The int8 graph at ``path`` as an ``openvino.Model``; ModelLoadError if its header names
+    another model, calibration or library version, or OpenVINO cannot read it."""
+    with open(path, "rb") as f:
+        header, size = f.readline(), f.readline()
+        rest = f.read()
+    try:
+        found, size = json.loads(header), int(size)
+        model = core.read_model(rest[:size].decode(), _ov().Tensor(np.frombuffer(rest[size:], np.uint8).copy()))
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"OpenVINO cannot read the int8 graph {path} (corrupt?): {type(exc).__name__}") from None
+    if found != int8_identity(loaded):
+        raise ModelLoadError(f"{path} is the int8 graph of something else; delete it and rebuild")
+    return model
+
+
+def int8_model(core, loaded):
+    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``."""
+    return cache.load(int8_path(loaded), lambda tmp: write_int8(loaded, tmp), lambda p: read_int8(core, loaded, p),
+                      corrupt=(ModelLoadError,))
+
+
+def source_model(core, loaded, precision: str):
+    """The graph OpenVINO compiles for ``precision``: the int8 graph, else the ONNX export."""
+    return int8_model(core, loaded) if precision == "int8" else onnx_model(core, loaded)
+
+
 def precision_of(compiled) -> str:
     """The precision OpenVINO runs a compiled model at, as a hint value ("f32", "bf16", "f16")."""
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -133,7 +286,7 @@ def compile_model(core, model, precision: str, what: str):
 def compile_blob(loaded, precision: str, path) -> None:
     """Compile ``loaded``'s export with a dynamic batch for the CPU and write header + blob to ``path``."""
     core = _ov().Core()
-    compiled = compile_model(core, onnx_model(core, loaded), precision, repr(loaded.name))
+    compiled = compile_model(core, source_model(core, loaded, precision), precision, repr(loaded.name))
     header = json.dumps(identity(loaded, precision), sort_keys=True).encode() + b"\n"
     with open(path, "wb") as f:
         f.write(header)
@@ -145,13 +298,14 @@ def compile_static(loaded, precision: str, batch: int):
     cached blob would save little over compiling, and each blob would take as much disk as the
     dynamic one)."""
     core = _ov().Core()
-    model = onnx_model(core, loaded)
+    model = source_model(core, loaded, precision)
     model.reshape({model.inputs[0].any_name: [batch, *loaded.sample_shape], model.inputs[1].any_name: [batch]})
     return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}")
 
 
 class OpenVINOBackend(Backend):
     name = "openvino"
+    quantized = ("int8",)
     owns_cpu_threads = True
     graph_capturable = False
     graph_capture_refusal = "OpenVINO runs on the CPU only; CUDA graphs need a CUDA backend"
@@ -184,6 +338,7 @@ class OpenVINOBackend(Backend):
         self.request = self.compiled.create_infer_request()  # the dynamic-shape model's
         self._compile_static = compile_static
         self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
+        self._compiling = {}  # batch -> the thread compiling its static shape
         self._static_lock = threading.Lock()
         self._tensor = ov.Tensor
 
@@ -195,6 +350,8 @@ class OpenVINOBackend(Backend):
             return "the package 'openvino' is not installed (pip install openvino, or ddpm-engine[openvino])"
         if torch.device(device).type != "cpu":
             return "the openvino backend runs on the CPU only; use backend='torch', 'aoti' or 'tensorrt' on CUDA"
+        if precision == "int8" and importlib.util.find_spec("nncf") is None:
+            return "int8 needs the package 'nncf' to quantize the model (pip install nncf, or ddpm-engine[int8])"
         return precision_refusal(precision)
 
     @classmethod
@@ -207,23 +364,47 @@ class OpenVINOBackend(Backend):
                           corrupt=(ModelLoadError,))
 
     def request_for(self, batch: int):
-        """The infer request that runs ``batch`` images: its static-shape compile, made at the
-        first call of one of the first ``STATIC_BATCHES`` sizes; else the dynamic-shape model's."""
+        """The infer request that runs ``batch`` images now, never waiting for a compile: its
+        static-shape compile if that is ready, else the dynamic-shape model's. The first call of
+        one of the first ``STATIC_BATCHES`` sizes starts that size's static compile on a
+        background thread (``_compiling``); the calls meanwhile run the dynamic model."""
         request = self._static.get(batch)
         if request is not None:
             return request
         with self._static_lock:
-            if batch not in self._static:
-                if self._compile_static is None or len(self._static) >= STATIC_BATCHES:
-                    return self.request
-                try:
-                    self._static[batch] = self._compile_static(batch).create_infer_request()
-                except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-                    first = first_line(exc)
-                    warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
-                                  "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=3)
-                    self._static[batch] = self.request
-            return self._static[batch]
+            if (batch not in self._static and batch not in self._compiling and self._compile_static is not None
+                    and len(self._static) + len(self._compiling) < STATIC_BATCHES):
+                thread = threading.Thread(target=self._build_static, args=(batch,),
+                                          name=f"openvino-static-batch-{batch}")
+                self._compiling[batch] = thread
+                thread.start()
+        return self._static.get(batch, self.request)
+
+    def _build_static(self, batch: int) -> None:
+        try:
+            request = self._compile_static(batch).create_infer_request()
+        except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
+            first = first_line(exc)
+            warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
+                          "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
+            request = self.request
+        with self._static_lock:
+            self._static[batch] = request
+            del self._compiling[batch]
+
+    def prepare(self, batches) -> None:
+        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now and return
+        when every pending compile is done: for a caller that knows its batch sizes ahead (a
+        server, a benchmark), so that no call runs the dynamic model while one compiles."""
+        for batch in batches:
+            self.request_for(int(batch))
+        while True:
+            with self._static_lock:
+                pending = list(self._compiling.values())
+            if not pending:
+                return
+            for thread in pending:
+                thread.join()
 
     def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()

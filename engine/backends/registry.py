@@ -13,7 +13,7 @@ import importlib
 import torch
 
 from ..errors import BackendUnavailableError
-from .base import Backend
+from .base import Backend, quantized_refusal
 
 # name -> "module:Class" (``available`` and ``info`` list them in this order)
 BACKEND_CLASSES = {
@@ -39,7 +39,8 @@ def available(device, precision: str = "fp32", names=BACKEND_CLASSES) -> dict:
     out = {}
     for name in names:
         try:
-            out[name] = backend_class(name).unavailable_reason(device, precision)
+            cls = backend_class(name)
+            out[name] = quantized_refusal(cls, precision) or cls.unavailable_reason(device, precision)
         except ImportError as exc:  # the module exists only in a later version
             out[name] = f"not built into this version ({exc})"
     return out
@@ -52,7 +53,7 @@ def create_named(name: str, loaded, device: torch.device, precision: str) -> Bac
         cls = backend_class(name)
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} is not built into this version ({exc})") from None
-    reason = cls.unavailable_reason(device, precision)
+    reason = quantized_refusal(cls, precision) or cls.unavailable_reason(device, precision)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {precision} on {device}: {reason}")
     return cls.create(loaded, device, precision)

@@ -58,6 +58,9 @@ def measure(built: dict, sample_shape, num_train_timesteps: int) -> dict:
                   torch.randint(0, num_train_timesteps, (b,), generator=gen)) for b in (1, TYPICAL_BATCH)}
     with torch.inference_mode():
         for backend in built.values():
+            prepare = getattr(backend, "prepare", None)  # Backend.prepare; a bare callable has none
+            if prepare is not None:
+                prepare(inputs)  # what a first call builds (OpenVINO's static shapes), before the timing
             with yield_cpu_to(backend):
                 for x, t in inputs.values():
                     backend(x, t)  # warm-up: first-call allocations, per-shape kernel selection

@@ -17,6 +17,7 @@ import torch
 
 from ddpm_engine import Engine, backends
 from ddpm_engine.backends import BACKEND_CLASSES, BACKENDS, PRECISIONS, Backend, backend_class
+from ddpm_engine.backends.base import quantized_refusal
 from ddpm_engine.errors import BackendUnavailableError, InvalidRequestError
 
 from .helpers import SHAPE, max_rel_err, small_model
@@ -83,7 +84,7 @@ def test_availability_answers_none_or_a_reason(name):
     cls = backend_class(name)
     for device in ("cpu", "cuda", "meta"):
         for precision in PRECISIONS:
-            reason = cls.unavailable_reason(torch.device(device), precision)
+            reason = quantized_refusal(cls, precision) or cls.unavailable_reason(torch.device(device), precision)
             assert reason is None or (isinstance(reason, str) and reason.strip()), (device, precision, reason)
             assert backends.available(device, precision, [name]) == {name: reason}
 
@@ -166,7 +167,7 @@ def test_a_precision_it_cannot_run_is_refused_with_its_reason(name, loaded, cach
     device = device_for(name)
     with pytest.raises(InvalidRequestError, match="unknown precision"):
         backends.create(name, loaded, device, "fp64")
-    refused = {p: backend_class(name).unavailable_reason(torch.device(device), p) for p in PRECISIONS}
+    refused = {p: backends.available(device, p, [name])[name] for p in PRECISIONS}
     assert refused["fp32"] is None
     for precision, reason in refused.items():
         if reason is not None:

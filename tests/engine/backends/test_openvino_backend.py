@@ -1,5 +1,6 @@
 """What is special to the openvino backend on the CPU (the contract is test_contract.py's): bf16
-where the CPU has it, static-shape compiles of the first batch sizes, zero-copy output, its
+where the CPU has it, static-shape compiles of the first batch sizes (off the request path: a
+first call runs the dynamic model meanwhile; ``prepare`` compiles ahead), zero-copy output, its
 compiled-model cache (a blob of another model, another OpenVINO version or a corrupt one rebuilt
 once), precision refusals on a CPU faked to lack bf16, the missing-package error, and the check of
 the ONNX graph it compiles."""
@@ -7,6 +8,7 @@ the ONNX graph it compiles."""
 import dataclasses
 import json
 import sys
+import threading
 
 import pytest
 import torch
@@ -67,6 +69,7 @@ def test_the_first_batch_sizes_run_static_shapes_and_the_rest_the_dynamic_model(
         with torch.inference_mode():
             got, want = backend(x, t), loaded.module(x, t)
         assert rel_err(got, want) <= 1e-5, f"batch {batch}"
+    backend.prepare([])  # waits for the compiles the calls started
     static = {b: backend.request_for(b) for b in (1, 2, 3)}
     assert static[2] is backend.request and static[1] is not backend.request and static[3] is not static[1]
     assert all(r.get_compiled_model().input(0).get_partial_shape().is_static for r in (static[1], static[3]))
@@ -83,9 +86,47 @@ def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache,
     x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
     with pytest.warns(RuntimeWarning, match="simulated compile failure"):
         got = backend(x, t)
+        backend.prepare([])  # the compile runs on a background thread: wait for its warning
     with torch.inference_mode():
         assert rel_err(got, loaded.module(x, t)) <= 1e-5
     assert backend.request_for(2) is backend.request
+
+
+def test_a_first_call_runs_the_dynamic_model_while_its_static_shape_compiles(loaded, cache, monkeypatch):
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real = openvino_backend.compile_static
+
+    def slow_compile(*args):
+        started.set()
+        release.wait(60)
+        try:
+            return real(*args)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(openvino_backend, "compile_static", slow_compile)
+    backend = create(loaded)
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    with torch.inference_mode():
+        want = loaded.module(x, t)
+    try:
+        for _ in range(3):  # a burst of one new batch size: each call returns before the compile ends
+            assert rel_err(backend(x, t), want) <= 1e-5
+        assert started.wait(60) and not finished.is_set()
+        assert backend.request_for(2) is backend.request and list(backend._compiling) == [2]  # one compile, pending
+    finally:
+        release.set()
+    backend.prepare([2])
+    assert finished.is_set() and backend.request_for(2) is not backend.request and not backend._compiling
+    assert backend.request_for(2).get_compiled_model().input(0).get_partial_shape().is_static
+    assert rel_err(backend(x, t), want) <= 1e-5
+
+
+def test_prepare_compiles_ahead(loaded, cache):
+    backend = create(loaded)
+    backend.prepare([1, 5])
+    assert sorted(backend._static) == [1, 5] and not backend._compiling
+    assert all(backend.request_for(b) is not backend.request for b in (1, 5))
 
 
 def _header(path) -> dict:
