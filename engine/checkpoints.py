@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import probe
 from .errors import InvalidRequestError, ModelLoadError
+from .probe import ModelIO
 from .schedules import SchedulerConfig
 
 PROJECT_FORMAT = "ddpm-engine"
@@ -35,13 +37,24 @@ BUNDLED = {"digits": BUNDLED_DIR / "digits"}
 
 @dataclass
 class LoadedModel:
-    """A network with everything needed to sample from it."""
+    """A network with everything needed to sample from it, checked once here (``engine.probe``):
+    ``module`` is what every backend runs and exports (the network itself, or ``probe.Adapter``
+    around it when its output needs normalising), ``io`` what the probe learned (its inputs,
+    output channels, labels; the probe's outputs, which every exported graph is compared with).
+    A model is probed again when its module is replaced (``dataclasses.replace``)."""
 
     module: nn.Module
     scheduler: SchedulerConfig
     sample_shape: tuple  # (C, H, W)
     name: str
     weights_hash: str  # sha256 of the weights: keys export caches
+    io: ModelIO | None = None  # None: probed now
+    num_classes: int | None = None  # the labels' range of a forward(x, t, y) without a num_classes attribute
+
+    def __post_init__(self):
+        if self.io is None or self.io.module_id != id(self.module):
+            self.module, self.io = probe.inspect(self.module, self.scheduler, tuple(self.sample_shape),
+                                                 self.num_classes, self.name)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -64,10 +77,14 @@ def build_module(model_cfg: dict) -> nn.Module:
 
 
 def from_module(module: nn.Module, scheduler: SchedulerConfig | dict | None = None, sample_shape=None,
-                name: str = "module") -> LoadedModel:
-    """Wrap any ``nn.Module`` with ``forward(x, t)``."""
+                name: str = "module", num_classes: int | None = None) -> LoadedModel:
+    """Wrap any ``nn.Module`` with ``forward(x, t)`` or ``forward(x, t, class_labels)`` (a diffusers
+    UNet2DModel too); ``num_classes``: the labels' range where the module has no ``num_classes``."""
     if not isinstance(module, nn.Module):
         raise InvalidRequestError(f"expected a torch.nn.Module with forward(x, t), got {type(module).__name__}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise InvalidRequestError(f"num_classes must be a positive int, got {num_classes!r}")
     if sample_shape is None or len(tuple(sample_shape)) != 3:
         raise InvalidRequestError("pass sample_shape=(C, H, W) with a bare nn.Module")
     if scheduler is None:
@@ -75,7 +92,8 @@ def from_module(module: nn.Module, scheduler: SchedulerConfig | dict | None = No
     elif isinstance(scheduler, dict):
         scheduler = SchedulerConfig.from_dict(scheduler)
     module.eval()
-    return LoadedModel(module, scheduler, tuple(int(s) for s in sample_shape), name, weights_hash(module))
+    return LoadedModel(module, scheduler, tuple(int(s) for s in sample_shape), name, weights_hash(module),
+                       num_classes=num_classes)
 
 
 def _read_json(path: Path) -> dict:
@@ -167,6 +185,9 @@ def load_folder(folder: Path, name: str | None = None) -> LoadedModel:
         return load_diffusers_folder(folder / "unet", folder / "scheduler" / "scheduler_config.json", name)
     if layout == "diffusers-single":
         return load_diffusers_folder(folder, folder / "scheduler_config.json", name)
+    missing = _missing_scheduler_config(folder)
+    if missing:
+        raise ModelLoadError(missing)
     raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
                          "(ddpm-engine) or a diffusers folder")
 
@@ -182,6 +203,20 @@ def folder_layout(folder: Path) -> str | None:
     if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
         return "diffusers-single"
     return None
+
+
+def _missing_scheduler_config(folder: Path) -> str | None:
+    """Why a folder that holds a diffusers model's config.json cannot load, or None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not ("_diffusers_version" in cfg or "_class_name" in cfg):
+        return None
+    return (f"{folder} holds a diffusers {cfg.get('_class_name', 'model')} (config.json) but no "
+            f"{folder / 'scheduler_config.json'}: the scheduler config (its beta schedule and prediction type) is "
+            "missing; save the pipeline with DDPMPipeline.save_pretrained, or write the DDPMScheduler's config "
+            "there (scheduler.save_pretrained(folder))")
 
 
 # ---- Hugging Face Hub ids ----
