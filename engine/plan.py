@@ -8,7 +8,8 @@ eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and t
 scheduler (engine/serving.py) take a plan and never call back into the engine.
 
 ``reverse_step(plan, rows)`` is the one reverse step on a batch: gather t = timesteps[i], call
-the backend, step in place. Intermediates, progress bars, graph capture and continuous batching
+the backend (with the rows' class labels for a class-conditional model, ``Rows.labels``), step
+in place. Intermediates, progress bars, graph capture and continuous batching
 wrap around it; none re-implements it.
 
 The request checks that are not step math live here too: batches (``parse_batch``: an int or a
@@ -60,6 +61,30 @@ def parse_batch(batch, limit: int | None = None) -> list[int]:
             _check_limit(len(seeds), limit)
         return check_seeds(seeds)
     raise InvalidRequestError(f"batch must be a positive int or a list of seeds, got {type(batch).__name__}")
+
+
+def parse_labels(class_labels, n: int, num_classes: int | None) -> list[int] | None:
+    """A request's ``class_labels`` (one int per seed, in [0, num_classes)) -> list of ints, or
+    None for a model without labels (``num_classes`` None). Checked at the call: a model that
+    takes labels needs them, a model that takes none refuses them."""
+    if num_classes is None:
+        if class_labels is not None:
+            raise InvalidRequestError("class_labels given, but this model takes no class labels (it is not "
+                                      "class-conditional: no num_class_embeds, no forward(x, t, y))")
+        return None
+    if class_labels is None:
+        raise InvalidRequestError(f"this model is class-conditional: pass class_labels=[...], one label in "
+                                  f"[0, {num_classes}) per seed")
+    labels = class_labels.tolist() if hasattr(class_labels, "tolist") else class_labels
+    if not isinstance(labels, (list, tuple)):
+        raise InvalidRequestError(f"class_labels must be a list of ints, got {type(class_labels).__name__}")
+    if len(labels) != n:
+        raise InvalidRequestError(f"class_labels has {len(labels)} labels for {n} seeds; give one per seed")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+            raise InvalidRequestError(f"class label {label!r} is not an int in [0, {num_classes}) (this model's "
+                                      f"{num_classes} classes)")
+    return [int(label) for label in labels]
 
 
 def _check_limit(n: int, limit: int | None):
@@ -153,6 +178,7 @@ class SamplingPlan:
     sample_shape: tuple
     lock: threading.Lock  # the backend's: backends with internal buffers are not re-entrant
     max_batch: int  # the largest batch that fits in memory (check_batch_fits)
+    num_classes: int | None = None  # a class-conditional model's: rows carry labels in [0, num_classes)
 
     @property
     def steps(self) -> int:
@@ -178,12 +204,21 @@ class SamplingPlan:
         """A request's batch argument as seeds, refused at once if it cannot fit."""
         return parse_batch(batch, self.max_batch)
 
-    def start(self, seeds, x_T: torch.Tensor | None = None) -> Rows:
-        """Fresh rows at the first step: x_T from the seeds (or the given x_T), i = steps - 1."""
+    def labels(self, class_labels, n: int) -> list[int] | None:
+        """A request's class labels for ``n`` seeds, checked (``parse_labels``)."""
+        return parse_labels(class_labels, n, self.num_classes)
+
+    def start(self, seeds, x_T: torch.Tensor | None = None, labels=None) -> Rows:
+        """Fresh rows at the first step: x_T from the seeds (or the given x_T), i = steps - 1, and
+        for a class-conditional model their labels (checked ones, ``labels``; None: 0, as static
+        buffers and padding rows start)."""
         words = seed_words(seeds, self.device)
         x = initial_noise(words, self.sample_shape) if x_T is None else x_T
         i = torch.full((len(seeds),), self.steps - 1, dtype=torch.int64, device=self.device)
         state = {name: torch.zeros_like(x) for name in self.spec.definition.state}
+        if self.num_classes is not None:
+            state["labels"] = (torch.zeros(len(seeds), dtype=torch.int64) if labels is None
+                               else torch.tensor(labels, dtype=torch.int64)).to(self.device)
         return Rows(x, i, words, **state)
 
 
@@ -193,8 +228,9 @@ class Planner:
     down here and gets the plan back; nothing here calls back up."""
 
     def __init__(self, scheduler: SchedulerConfig, backend, device: torch.device, sample_shape, step_impl: str,
-                 lock: threading.Lock, max_batch: int):
+                 lock: threading.Lock, max_batch: int, num_classes: int | None = None):
         self.scheduler = scheduler
+        self.num_classes = num_classes  # a class-conditional model's (LoadedModel.io), else None
         self.train_betas = scheduler.betas()
         self.backend, self.device, self.sample_shape = backend, device, tuple(sample_shape)
         self.step_impl = step_impl  # resolved: "torch" or "triton" (stepping.resolve_step_impl)
@@ -228,7 +264,7 @@ class Planner:
             self.plans[key] = SamplingPlan(
                 spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
-                max_batch=self.max_batch)
+                max_batch=self.max_batch, num_classes=self.num_classes)
         return self.plans[key]
 
 
@@ -236,7 +272,7 @@ def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):
     """One reverse step on a batch, in place: t = timesteps[i], the model call, the step.
     Returns the predicted x0 when ``want_x0`` (else None). No host work: capturable."""
     t = plan.tab.timesteps[rows.i]
-    out = plan.backend(rows.x, t)
+    out = plan.backend(rows.x, t) if rows.labels is None else plan.backend(rows.x, t, rows.labels)
     return plan.step(rows, out, want_x0)
 
 

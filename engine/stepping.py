@@ -45,6 +45,7 @@ class Rows:
     words: torch.Tensor  # int64 [B, 2]: seed words (engine.noise.seed_words)
     x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
     corrector: torch.Tensor | None = None  # [B, C, H, W]: UniPC's next corrector, the part known after a step
+    labels: torch.Tensor | None = None  # int64 [B]: class labels of a class-conditional model (the model's input)
 
     def __len__(self):
         return self.x.shape[0]

@@ -51,7 +51,8 @@ class _Float32IO(nn.Module):
         self.module = module
         self.dtype = dtype
 
-    def forward(self, x, t, *extra):
+    def forward(self, x, t, class_labels=None):  # export.iospec's inputs, named: torch.export takes no *args
+        extra = () if class_labels is None else (class_labels,)
         return self.module(x.to(self.dtype), t, *extra).float()
 
 
