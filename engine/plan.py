@@ -179,6 +179,9 @@ class SamplingPlan:
     lock: threading.Lock  # the backend's: backends with internal buffers are not re-entrant
     max_batch: int  # the largest batch that fits in memory (check_batch_fits)
     num_classes: int | None = None  # a class-conditional model's: rows carry labels in [0, num_classes)
+    self_condition: bool = False  # rows carry the previous x0 estimate, fed back to the model (lucidrains)
+    guidance_scale: float = 1.0  # classifier-free guidance (1: off): each row also runs with ``null_label``
+    null_label: int | None = None  # the class-conditional model's unconditional label, if it has one
 
     @property
     def steps(self) -> int:
@@ -198,7 +201,7 @@ class SamplingPlan:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one batch."""
-        return (self.spec, self.steps)
+        return (self.spec, self.steps, self.guidance_scale)
 
     def seeds(self, batch) -> list[int]:
         """A request's batch argument as seeds, refused at once if it cannot fit."""
@@ -219,6 +222,8 @@ class SamplingPlan:
         if self.num_classes is not None:
             state["labels"] = (torch.zeros(len(seeds), dtype=torch.int64) if labels is None
                                else torch.tensor(labels, dtype=torch.int64)).to(self.device)
+        if self.self_condition:
+            state["x_self_cond"] = torch.zeros_like(x)  # no estimate before the first step (lucidrains: zeros)
         return Rows(x, i, words, **state)
 
 
@@ -228,9 +233,12 @@ class Planner:
     down here and gets the plan back; nothing here calls back up."""
 
     def __init__(self, scheduler: SchedulerConfig, backend, device: torch.device, sample_shape, step_impl: str,
-                 lock: threading.Lock, max_batch: int, num_classes: int | None = None):
+                 lock: threading.Lock, max_batch: int, num_classes: int | None = None, self_condition: bool = False,
+                 null_label: int | None = None):
         self.scheduler = scheduler
         self.num_classes = num_classes  # a class-conditional model's (LoadedModel.io), else None
+        self.self_condition = self_condition  # the model takes its previous x0 estimate (LoadedModel.io)
+        self.null_label = null_label  # the label of "no class" for classifier-free guidance (LoadedModel.io)
         self.train_betas = scheduler.betas()
         self.backend, self.device, self.sample_shape = backend, device, tuple(sample_shape)
         self.step_impl = step_impl  # resolved: "torch" or "triton" (stepping.resolve_step_impl)
@@ -253,27 +261,74 @@ class Planner:
         return self._tables[key]
 
     def plan(self, sampler="ddpm", steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None) -> SamplingPlan:
+             use_clipped_model_output=None, guidance_scale=1.0) -> SamplingPlan:
         """The plan of a request (built on first use; callers hold the engine's plans lock)."""
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps)
-        key = (spec, steps)
+        guidance_scale = check_guidance(guidance_scale, self.num_classes, self.null_label)
+        key = (spec, steps, guidance_scale)
         if key not in self.plans:
             tables = self._tables_of(spec.definition, steps)
             tab = tables.on(self.device)
             self.plans[key] = SamplingPlan(
                 spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
-                max_batch=self.max_batch, num_classes=self.num_classes)
+                max_batch=self.max_batch, num_classes=self.num_classes, self_condition=self.self_condition,
+                guidance_scale=guidance_scale, null_label=self.null_label)
         return self.plans[key]
 
 
+def check_guidance(guidance_scale, num_classes: int | None, null_label: int | None) -> float:
+    """A request's classifier-free guidance scale: a finite number >= 0 (1: no guidance), and
+    other than 1 only for a class-conditional model with a null label."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise InvalidRequestError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    guidance_scale = float(guidance_scale)
+    if guidance_scale != 1.0 and num_classes is None:
+        raise InvalidRequestError("guidance_scale needs a class-conditional model (classifier-free guidance runs each "
+                                  "row with its label and with the null label); this model takes no labels")
+    if guidance_scale != 1.0 and null_label is None:
+        raise InvalidRequestError("guidance_scale needs the model's null label (the label it was trained with for "
+                                  "'no class'): give the module a null_label attribute or pass null_label= to "
+                                  "from_module")
+    return guidance_scale
+
+
+def guided(output: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ``output`` holds the conditional rows
+    then the unconditional ones; the prediction is uncond + scale * (cond - uncond). Of a
+    learned-variance output (2C channels) only the prediction's C channels are guided, the
+    variance is the conditional one's (GLIDE, diffusers)."""
+    cond, uncond = output.chunk(2)
+    pred = torch.lerp(uncond[:, :channels], cond[:, :channels], scale)
+    return pred if cond.shape[1] == channels else torch.cat([pred, cond[:, channels:]], dim=1)
+
+
+def model_output(plan: SamplingPlan, rows: Rows, t: torch.Tensor) -> torch.Tensor:
+    """The backend's output for ``rows`` at ``t``, with the rows' extra inputs (export.iospec's
+    order: labels, previous x0); with guidance, the conditional and unconditional rows go through
+    one batched call and are combined here (``guided``), before the step."""
+    extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]
+    if plan.guidance_scale == 1.0:
+        return plan.backend(rows.x, t, *extra)
+    null = torch.full_like(rows.labels, plan.null_label)
+    both = [torch.cat([v, null if v is rows.labels else v]) for v in (rows.x, t, *extra)]
+    return guided(plan.backend(*both), plan.guidance_scale, rows.x.shape[1])
+
+
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):
-    """One reverse step on a batch, in place: t = timesteps[i], the model call, the step.
-    Returns the predicted x0 when ``want_x0`` (else None). No host work: capturable."""
+    """One reverse step on a batch, in place: t = timesteps[i], the model call (``model_output``:
+    the rows' extra inputs, guidance), the step; a self-conditioned model's rows keep the step's
+    x0 for the next call. Returns the predicted x0 when ``want_x0`` (else None). No host work:
+    capturable."""
     t = plan.tab.timesteps[rows.i]
-    out = plan.backend(rows.x, t) if rows.labels is None else plan.backend(rows.x, t, rows.labels)
-    return plan.step(rows, out, want_x0)
+    out = model_output(plan, rows, t)
+    if rows.x_self_cond is None:
+        return plan.step(rows, out, want_x0)
+    x0 = plan.step(rows, out, True)
+    rows.x_self_cond.copy_(x0)
+    return x0 if want_x0 else None
 
 
 @dataclass

@@ -2,9 +2,10 @@
 computes the same.
 
 - ``inspect(module, scheduler, sample_shape)``: the eager probe. It reads the extra inputs the
-  forward needs (``extra_inputs``: diffusers' ``num_class_embeds``, a third parameter of
-  ``forward(x, t, y)``), calls the module once on a probe batch (batch 2 at two far-apart
-  timesteps, T - 1 and 0) and once on its second row alone, and checks the output: a tensor, a
+  forward needs (``_extra_inputs``: diffusers' ``num_class_embeds``, a third parameter of
+  ``forward(x, t, y)``, lucidrains' ``x_self_cond`` where ``self_condition`` is set), calls the
+  module once on a probe batch (batch 2 at two far-apart timesteps, T - 1 and 0) and once on
+  its second row alone, and checks the output: a tensor, a
   1-tuple, a dict with ``sample`` or diffusers' ``UNet2DOutput`` (``as_tensor``), of shape
   [B, C, H, W] for a fixed variance and [B, 2C, H, W] for a learned one
   (``schedules.Variance.learned``). It returns the module every backend runs and exports (the
@@ -50,9 +51,10 @@ class ModelIO:
     """What the probe learned about a model: its graph's inputs (``export.iospec`` names, in call
     order), its output channels, the labels it takes, and the probe's inputs and outputs."""
 
-    inputs: tuple  # (iospec.SAMPLE, iospec.TIMESTEP[, iospec.CLASS_LABELS])
+    inputs: tuple  # (iospec.SAMPLE, iospec.TIMESTEP[, iospec.CLASS_LABELS][, iospec.SELF_COND])
     out_channels: int
     num_classes: int | None = None  # labels are ints in [0, num_classes) (None: the model takes none)
+    null_label: int | None = None  # the label of "no class" (classifier-free guidance), if the model has one
     output_kind: str = "tensor"  # "tensor", "tuple", "dict" or "attribute": what the module returned
     probes: tuple = field(default=(), repr=False)  # ((inputs..., eager output), ...) on the CPU, float32
     module_id: int = 0  # id() of the module probed: a LoadedModel whose module is replaced is probed again
@@ -65,6 +67,11 @@ class ModelIO:
     @property
     def takes_labels(self) -> bool:
         return iospec.CLASS_LABELS in self.inputs
+
+    @property
+    def self_conditioned(self) -> bool:
+        """Whether the model takes its previous x0 estimate (lucidrains' self_condition)."""
+        return iospec.SELF_COND in self.inputs
 
 
 def as_tensor(out):
@@ -105,8 +112,8 @@ def _diffusers_unet(module) -> bool:
     return type(module).__name__ == "UNet2DModel" and hasattr(module, "config")
 
 
-def _label_classes(module: nn.Module) -> tuple[bool, int | None, str]:
-    """(whether the module takes class labels, how many classes, where that was read)."""
+def _extra_inputs(module: nn.Module) -> tuple[tuple, int | None]:
+    """(the extra graph inputs ``module`` takes, export.iospec names; the number of its classes)."""
     from .models.cifar_unet import DiffusersUNet
 
     inner = module.unet if isinstance(module, DiffusersUNet) else module
@@ -117,7 +124,7 @@ def _label_classes(module: nn.Module) -> tuple[bool, int | None, str]:
                                  "continuous class embeddings; this engine takes integer labels only "
                                  "(num_class_embeds, class_embed_type=None)")
         n = cfg.get("num_class_embeds")
-        return n is not None, None if n is None else int(n), "its num_class_embeds"
+        return ((iospec.CLASS_LABELS,), int(n)) if n is not None else ((), None)
     params = list(_inspect.signature(module.forward).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -125,20 +132,27 @@ def _label_classes(module: nn.Module) -> tuple[bool, int | None, str]:
         raise ModelLoadError(f"{type(module).__name__}.forward needs {[p.name for p in required]}; the engine "
                              "calls forward(x, t) or forward(x, t, class_labels): give the others defaults")
     third = positional[2] if len(positional) >= 3 else None
+    if third is None:
+        return (), None
+    if third.name == iospec.SELF_COND and getattr(module, "self_condition", False) is True:
+        return (iospec.SELF_COND,), None  # lucidrains' Unet(self_condition=True): forward(x, time, x_self_cond)
     n = getattr(module, "num_classes", None)
     n = int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-    if third is None or (third.default is not third.empty and (third.name not in LABEL_PARAMETERS or n is None)):
-        return False, None, ""  # forward(x, t), or an optional input that is not a label (or no classes)
-    return True, n, f"{type(module).__name__}.num_classes"
+    if third.default is not third.empty and (third.name not in LABEL_PARAMETERS or n is None):
+        return (), None  # an optional input that is not a label (or a model without classes)
+    return (iospec.CLASS_LABELS,), n
 
 
-def _probe_inputs(sample_shape, num_train_timesteps: int, num_classes: int | None):
-    """The probe batches: batch 2 at t = T - 1 and 0, then its second row alone."""
+def _probe_inputs(sample_shape, num_train_timesteps: int, extra=(), num_classes: int | None = None):
+    """The probe batches: batch 2 at t = T - 1 and 0 (labels num_classes - 1 and 0, a previous
+    x0 estimate in [-1, 1]), then its second row alone."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *sample_shape, generator=g)
     t = torch.tensor([num_train_timesteps - 1, 0], dtype=torch.int64)
-    extra = () if num_classes is None else (torch.tensor([num_classes - 1, 0], dtype=torch.int64),)
-    return [(x, t, *extra), tuple(v[1:] for v in (x, t, *extra))]
+    values = {iospec.CLASS_LABELS: lambda: torch.tensor([(num_classes or 1) - 1, 0], dtype=torch.int64),
+              iospec.SELF_COND: lambda: torch.rand(2, *sample_shape, generator=g) * 2 - 1}
+    args = (x, t, *(values[name]() for name in iospec.inputs_of(extra)[2:]))
+    return [args, tuple(v[1:] for v in args)]
 
 
 def _call(module: nn.Module, inputs):
@@ -147,36 +161,45 @@ def _call(module: nn.Module, inputs):
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     x, *rest = inputs
     with torch.inference_mode():
-        return module(x.to(device, dtype), *(v.to(device) for v in rest))
+        return module(x.to(device, dtype), *(v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                                              for v in rest))
 
 
 def inspect(module: nn.Module, scheduler: SchedulerConfig, sample_shape, num_classes: int | None = None,
-            name: str = "model") -> tuple[nn.Module, ModelIO]:
+            name: str = "model", null_label: int | None = None) -> tuple[nn.Module, ModelIO]:
     """(the module every backend runs, what the probe learned): see the module docstring.
     ``num_classes``: the labels' range for a module with ``forward(x, t, y)`` that has no
-    ``num_classes`` attribute."""
+    ``num_classes`` attribute; ``null_label``: its "no class" label where the module has no
+    ``null_label`` attribute."""
     from .models.cifar_unet import DiffusersUNet
 
     if _diffusers_unet(module):
         module = DiffusersUNet(module).eval()
-    labels, n, where = _label_classes(module)
+    extra, n = _extra_inputs(module)
+    labels = iospec.CLASS_LABELS in extra
     if labels:
         n = n if n is not None else num_classes
         if n is None:
             raise ModelLoadError(f"{name!r} takes class labels ({type(module).__name__}.forward's third parameter) "
                                  "but their number is unknown: set its num_classes attribute, or pass "
                                  "num_classes= to from_module")
-    inputs = (iospec.SAMPLE, iospec.TIMESTEP, *((iospec.CLASS_LABELS,) if labels else ()))
+    inputs = iospec.inputs_of(extra)
+    null = null_label if null_label is not None else getattr(module, "null_label", None)
+    if null is not None and (not labels or isinstance(null, bool) or not isinstance(null, int)
+                             or not 0 <= null < n):
+        raise ModelLoadError(f"null_label={null!r} is not a label of {name!r} (an int in [0, {n}) of a "
+                             "class-conditional model)")
     c, h, w = sample_shape
     variance = Variance.parse(scheduler.variance_type)
     want = 2 * c if variance.learned else c
     probes, kind = [], None
-    for args in _probe_inputs(sample_shape, scheduler.num_train_timesteps, n if labels else None):
+    for args in _probe_inputs(sample_shape, scheduler.num_train_timesteps, extra, n):
         try:
             raw = _call(module, args)
         except Exception as exc:  # a user's forward raises anything
             raise ModelLoadError(f"{name!r} failed on a probe batch (x {tuple(args[0].shape)}, t {args[1].tolist()}"
-                                 f"{', class_labels ' + str(args[2].tolist()) if labels else ''}): "
+                                 f"{', class_labels ' + str(args[2].tolist()) if labels else ''}"
+                                 f"{', x_self_cond' if iospec.SELF_COND in extra else ''}): "
                                  f"{type(exc).__name__}: {first_line(exc)}") from None
         out = as_tensor(raw)
         if out is None:
@@ -197,7 +220,7 @@ def inspect(module: nn.Module, scheduler: SchedulerConfig, sample_shape, num_cla
         probes.append((*args, out.detach().float().cpu()))
     if kind != "tensor":
         module = Adapter(module).eval()
-    return module, ModelIO(inputs, want, n if labels else None, kind, tuple(probes), id(module))
+    return module, ModelIO(inputs, want, n if labels else None, null, kind, tuple(probes), id(module))
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -46,6 +46,7 @@ class Rows:
     x0_prev: torch.Tensor | None = None  # [B, C, H, W]: a multistep sampler's previous x0
     corrector: torch.Tensor | None = None  # [B, C, H, W]: UniPC's next corrector, the part known after a step
     labels: torch.Tensor | None = None  # int64 [B]: class labels of a class-conditional model (the model's input)
+    x_self_cond: torch.Tensor | None = None  # [B, C, H, W]: a self-conditioned model's previous x0 (its input)
 
     def __len__(self):
         return self.x.shape[0]

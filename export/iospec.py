@@ -2,7 +2,8 @@
 
 Inputs: ``sample`` float32 [batch, C, H, W] and ``timestep`` int64 [batch] (training timesteps),
 then the extra inputs the model takes, in this order: ``class_labels`` int64 [batch] (a
-class-conditional model). Output: ``model_output`` float32 [batch, C', H, W], C' = C, or 2C for
+class-conditional model), ``x_self_cond`` float32 [batch, C, H, W] (a self-conditioned model:
+lucidrains' ``self_condition``, fed its previous x0 estimate). Output: ``model_output`` float32 [batch, C', H, W], C' = C, or 2C for
 a model that learned its variance. Only the batch axis must be dynamic; a graph whose other axes
 are symbolic too (an exporter that kept H and W free) is accepted, those axes being checked by
 value when the graph runs the load probe (``engine.probe.check_graph``), and reported by their
@@ -21,8 +22,14 @@ import json
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 OUTPUT = "model_output"
-CLASS_LABELS = "class_labels"
-EXTRA_INPUTS = (CLASS_LABELS,)  # their order after sample and timestep
+CLASS_LABELS = "class_labels"  # int64 [batch]: a class-conditional model's labels
+SELF_COND = "x_self_cond"  # float32 [batch, C, H, W]: a self-conditioned model's previous x0 estimate
+EXTRA_INPUTS = (CLASS_LABELS, SELF_COND)  # their order after sample and timestep
+
+
+def is_integer(name: str) -> bool:
+    """Whether graph input ``name`` is int64 (timestep, class_labels) rather than float32."""
+    return name in (TIMESTEP, CLASS_LABELS)
 BATCH_AXIS = "batch"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -50,7 +57,7 @@ def expected(sample_shape, out_channels: int | None = None, extra=()) -> tuple[l
     shape = (None, *(int(s) for s in sample_shape))
     out = shape if out_channels is None else (None, int(out_channels), *shape[2:])
     ins = [(SAMPLE, "float32", shape), (TIMESTEP, "int64", (None,))]
-    ins += [(n, "int64", (None,)) for n in inputs_of(extra)[2:]]
+    ins += [(n, "int64", (None,)) if is_integer(n) else (n, "float32", shape) for n in inputs_of(extra)[2:]]
     return ins, [(OUTPUT, "float32", out)]
 
 
@@ -90,7 +97,7 @@ def mismatches(inputs: list[Tensor], outputs: list[Tensor], sample_shape=None, o
             h, w = (s if isinstance(s, int) else None for s in shape[2:])
     sample = (BATCH_AXIS, c, h, w)
     want_in = [(SAMPLE, "float32", sample), (TIMESTEP, "int64", (BATCH_AXIS,))]
-    want_in += [(n, "int64", (BATCH_AXIS,)) for n in inputs_of(extra)[2:]]
+    want_in += [(n, "int64", (BATCH_AXIS,)) if is_integer(n) else (n, "float32", sample) for n in inputs_of(extra)[2:]]
     want_out = [(OUTPUT, "float32", (BATCH_AXIS, out_c, h, w))]
     problems = []
     for kind, want, got in (("input", want_in, inputs), ("output", want_out, outputs)):

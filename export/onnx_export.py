@@ -89,8 +89,9 @@ def example_inputs(sample_shape, extra=(), num_classes: int | None = None, batch
     """Random example inputs of a graph (``export.iospec`` order): x, t and the extra inputs."""
     x = torch.randn(batch, *sample_shape, device=device)
     t = torch.randint(0, 1000, (batch,), dtype=torch.int64, device=device)
-    labels = torch.randint(0, num_classes or 1, (batch,), dtype=torch.int64, device=device)
-    return (x, t, *(labels for name in extra if name == iospec.CLASS_LABELS))
+    values = {iospec.CLASS_LABELS: torch.randint(0, num_classes or 1, (batch,), dtype=torch.int64, device=device),
+              iospec.SELF_COND: torch.rand(batch, *sample_shape, device=device) * 2 - 1}
+    return (x, t, *(values[name] for name in iospec.inputs_of(extra)[2:]))
 
 
 def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classes=None):

@@ -115,8 +115,9 @@ def _build(trt, onnx_bytes: bytes, onnx_path: Path, sample_shape, precision: str
     shape = tuple(int(s) for s in sample_shape)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(iospec.SAMPLE, (profile.min, *shape), (profile.opt, *shape), (profile.max, *shape))
-    for name in iospec.inputs_of(extra)[1:]:  # timestep and the model's extra inputs: [batch]
-        opt_profile.set_shape(name, (profile.min,), (profile.opt,), (profile.max,))
+    for name in iospec.inputs_of(extra)[1:]:  # timestep and the model's extra inputs
+        rest = () if iospec.is_integer(name) else shape  # [batch], or [batch, C, H, W]
+        opt_profile.set_shape(name, (profile.min, *rest), (profile.opt, *rest), (profile.max, *rest))
     config.add_optimization_profile(opt_profile)
 
     cache = config.create_timing_cache(timing_cache)

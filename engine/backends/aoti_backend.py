@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import cache
 from ..errors import ExportError, first_line
-from .base import PRECISIONS, Backend
+from .base import PRECISIONS, Backend, extra_dtype
 
 EXAMPLE_BATCH = 2  # not 1: export would specialise the batch axis to 1
 MAX_BATCH = 4096
@@ -51,8 +51,8 @@ class _Float32IO(nn.Module):
         self.module = module
         self.dtype = dtype
 
-    def forward(self, x, t, class_labels=None):  # export.iospec's inputs, named: torch.export takes no *args
-        extra = () if class_labels is None else (class_labels,)
+    def forward(self, x, t, extra1=None, extra2=None):  # export.iospec's extra inputs: torch.export takes no *args
+        extra = [v.to(self.dtype) if v.is_floating_point() else v for v in (extra1, extra2) if v is not None]
         return self.module(x.to(self.dtype), t, *extra).float()
 
 
@@ -251,9 +251,10 @@ class AOTIBackend(Backend):
             if batch <= hi:
                 break
         x = x.to(self.device, torch.float32).contiguous()
-        ints = [v.to(self.device, torch.int64).contiguous() for v in (t, *extra)]
+        t = t.to(self.device, torch.int64).contiguous()
+        extra = [v.to(self.device, extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra)]
         with self._lock, torch.inference_mode():
-            return runner(x, *ints)
+            return runner(x, t, *extra)
 
     def __repr__(self):
         return (f"AOTIBackend({self.path.name}, device={self.device}, precision={self.precision}, "

@@ -30,6 +30,8 @@ import importlib.metadata as md
 
 import torch
 
+from ddpm_engine.export import iospec
+
 from ..errors import BackendUnavailableError, InvalidRequestError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,6 +68,20 @@ def versions(packages=PACKAGES) -> dict:
 
 def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _fits(name: str, v, x) -> bool:
+    """Whether extra input ``name`` (export.iospec) fits a call with sample ``x``."""
+    if not isinstance(v, torch.Tensor):
+        return False
+    if iospec.is_integer(name):
+        return tuple(v.shape) == (x.shape[0],) and _is_integer(v.dtype)
+    return v.shape == x.shape and v.dtype.is_floating_point
+
+
+def extra_dtype(name: str, float_dtype=torch.float32) -> torch.dtype:
+    """The dtype a backend hands its runtime for extra input ``name``: int64, or ``float_dtype``."""
+    return torch.int64 if iospec.is_integer(name) else float_dtype
 
 
 class Backend:
@@ -125,15 +141,15 @@ class Backend:
               and x.dtype.is_floating_point and tuple(t.shape) == (x.shape[0],) and _is_integer(t.dtype)
               and (self.sample_shape is None or tuple(x.shape[1:]) == self.sample_shape)
               and len(extra) == len(self.extra_inputs)
-              and all(isinstance(v, torch.Tensor) and tuple(v.shape) == (x.shape[0],) and _is_integer(v.dtype)
-                      for v in extra))
+              and all(_fits(name, v, x) for name, v in zip(self.extra_inputs, extra)))
         if not ok:
             named = (("x", x), ("t", t), *zip(self.extra_inputs, extra),
                      *((f"extra input {k}", v) for k, v in enumerate(extra[len(self.extra_inputs):])))
             got = [f"{n} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
                    else f"{n} of type {type(v).__name__}" for n, v in named]
             shape = "C, H, W" if self.sample_shape is None else ", ".join(map(str, self.sample_shape))
-            wanted = "".join(f", {n} [B] integer" for n in self.extra_inputs)
+            wanted = "".join(f", {n} [B] integer" if iospec.is_integer(n) else f", {n} floating as x"
+                             for n in self.extra_inputs)
             raise InvalidRequestError(f"{self.name} backend got {' and '.join(got)}; expected x [B, {shape}] "
                                       f"floating point and t [B] integer{wanted}")
         if self.batches is not None and not self.batches[0] <= x.shape[0] <= self.batches[1]:

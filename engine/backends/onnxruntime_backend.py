@@ -27,7 +27,7 @@ from ddpm_engine.export import iospec
 
 from .. import cache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
-from .base import Backend, parse_precision
+from .base import Backend, extra_dtype, parse_precision
 
 
 def _ort():
@@ -154,7 +154,7 @@ class OnnxRuntimeBackend(Backend):
     def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(self.device, torch.float32).contiguous()
         t = t.detach().to(self.device, torch.int64).contiguous()
-        extra = [v.detach().to(self.device, torch.int64).contiguous() for v in extra]
+        extra = [v.detach().to(self.device, extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra)]
         try:
             if self.device.type == "cuda":
                 return self._run_cuda(x, t, extra)
@@ -174,7 +174,8 @@ class OnnxRuntimeBackend(Backend):
         binding.bind_input(iospec.SAMPLE, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_input(iospec.TIMESTEP, "cuda", index, np.int64, tuple(t.shape), t.data_ptr())
         for name, v in zip(self.extra_inputs, extra):
-            binding.bind_input(name, "cuda", index, np.int64, tuple(v.shape), v.data_ptr())
+            kind = np.int64 if iospec.is_integer(name) else np.float32
+            binding.bind_input(name, "cuda", index, kind, tuple(v.shape), v.data_ptr())
         binding.bind_output(iospec.OUTPUT, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding, self._run_options)
         return out

@@ -45,7 +45,7 @@ from ddpm_engine.export import iospec
 
 from .. import cache, cpu, threads
 from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
-from .base import Backend
+from .base import Backend, extra_dtype
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 BLOB_FORMAT = "ddpm-engine-openvino-blob"
@@ -147,8 +147,9 @@ def compile_static(loaded, precision: str, batch: int):
     dynamic one)."""
     core = _ov().Core()
     model = onnx_model(core, loaded)
-    model.reshape({port.any_name: [batch, *loaded.sample_shape] if k == 0 else [batch]
-                   for k, port in enumerate(model.inputs)})  # x, then t and the extra inputs: [batch]
+    names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
+    model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
+                   for name, port in zip(names, model.inputs)})
     return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}")
 
 
@@ -244,7 +245,8 @@ class OpenVINOBackend(Backend):
 
     def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
-        inputs = [x, *(v.detach().to("cpu", torch.int64).contiguous() for v in (t, *extra))]
+        inputs = [x, t.detach().to("cpu", torch.int64).contiguous(),
+                  *(v.detach().to("cpu", extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra))]
         out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), dtype=torch.float32)
         for k, v in enumerate(inputs):  # export.iospec's order: x, t, then the extra inputs
             request.set_input_tensor(k, self._tensor(v.numpy(), shared_memory=True))

@@ -85,7 +85,8 @@ class TensorRTBackend(Backend):
         b = x.shape[0]
         x = x.to(self.device, torch.float32).contiguous()
         t = t.to(self.device, self._t_dtype).contiguous()
-        extra = [v.to(self.device, self._t_dtype).contiguous() for v in extra]  # int labels as t's int type
+        extra = [v.to(self.device, self._t_dtype if iospec.is_integer(n) else torch.float32).contiguous()
+                 for n, v in zip(self.extra_inputs, extra)]  # int labels as t's int type
         out = x.new_empty((b, self.out_channels or x.shape[1], *x.shape[2:]))
         stream = torch.cuda.current_stream(self.device).cuda_stream
         with self._lock:
@@ -93,7 +94,7 @@ class TensorRTBackend(Backend):
             if self._shape != tuple(x.shape):
                 ctx.set_input_shape(iospec.SAMPLE, tuple(x.shape))
                 for name in (iospec.TIMESTEP, *self.extra_inputs):
-                    ctx.set_input_shape(name, (b,))
+                    ctx.set_input_shape(name, (b,) if iospec.is_integer(name) else tuple(x.shape))
                 self._shape = tuple(x.shape)
             ctx.set_tensor_address(iospec.SAMPLE, x.data_ptr())
             ctx.set_tensor_address(iospec.TIMESTEP, t.data_ptr())

@@ -134,3 +134,57 @@ def test_labels_that_do_not_fit_the_model_are_refused_at_the_call(unet_model):
             conditional.sample([1], class_labels=bad, **OPTS)
     with pytest.raises(InvalidRequestError, match="takes no class labels"):
         plain.submit([1], class_labels=[0], **OPTS)
+
+
+# ---- classifier-free guidance ----------------------------------------------------------------
+class FixedLabel(nn.Module):
+    """The reference: guidance by two separate calls of the model, one label for every row."""
+
+    def __init__(self, net, label, null, scale):
+        super().__init__()
+        self.net, self.label, self.null, self.scale = net, label, null, scale
+
+    def forward(self, x, t):
+        cond = self.net(x, t, torch.full_like(t, self.label))
+        uncond = self.net(x, t, torch.full_like(t, self.null))
+        return uncond + self.scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_guidance_matches_two_separate_calls_and_a_seed_keeps_its_image_in_a_mixed_batch(backend, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    net, scale, ss = WithY(), 3.5, seeds(3)
+    engine = Engine.from_module(net, sample_shape=SHAPE, null_label=2, backend=backend)
+    mixed = engine.sample(ss, class_labels=[0, 1, 0], guidance_scale=scale, **OPTS)
+    for k, label in enumerate([0, 1, 0]):
+        reference = Engine.from_module(FixedLabel(net, label, 2, scale), sample_shape=SHAPE, backend="torch")
+        want = reference.sample([ss[k]], **OPTS)[0]
+        assert (mixed[k] - want).abs().max().item() <= 1e-4, f"row {k} label {label}"
+    unguided = engine.sample(ss, class_labels=[0, 1, 0], **OPTS)
+    assert (unguided - mixed).abs().max() > 1e-2  # the scale is used
+
+
+def test_guidance_guides_the_prediction_and_keeps_the_conditional_variance():
+    from ddpm_engine.plan import guided
+
+    cond, uncond = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)  # 2C = 4 channels: [prediction, variance]
+    out = guided(torch.cat([cond, uncond]), 2.0, channels=2)
+    torch.testing.assert_close(out[:, :2], uncond[:, :2] + 2.0 * (cond[:, :2] - uncond[:, :2]))
+    torch.testing.assert_close(out[:, 2:], cond[:, 2:])
+    torch.testing.assert_close(guided(torch.cat([cond, uncond]), 1.0, channels=4), cond)
+
+
+def test_guidance_is_refused_at_the_call_where_it_cannot_run(unet_model):
+    plain = Engine.from_module(Plain(), sample_shape=SHAPE, backend="torch")
+    no_null = Engine.from_pretrained(unet_model, backend="torch")
+    with pytest.raises(InvalidRequestError, match="needs a class-conditional model"):
+        plain.sample([1], guidance_scale=2.0, **OPTS)
+    with pytest.raises(InvalidRequestError, match="needs the model's null label"):
+        no_null.sample([1], class_labels=[0], guidance_scale=2.0, **OPTS)
+    conditional = Engine.from_module(WithY(), sample_shape=SHAPE, null_label=2, backend="torch")
+    for bad in (-1.0, float("nan"), "2", True):
+        with pytest.raises(InvalidRequestError, match="guidance_scale must be"):
+            conditional.sample([1], class_labels=[0], guidance_scale=bad, **OPTS)
+    with pytest.raises(Exception, match=r"null_label=5 is not a label"):
+        Engine.from_module(WithY(), sample_shape=SHAPE, null_label=5, backend="torch")
