@@ -188,3 +188,15 @@ def test_guidance_is_refused_at_the_call_where_it_cannot_run(unet_model):
             conditional.sample([1], class_labels=[0], guidance_scale=bad, **OPTS)
     with pytest.raises(Exception, match=r"null_label=5 is not a label"):
         Engine.from_module(WithY(), sample_shape=SHAPE, null_label=5, backend="torch")
+
+
+@pytest.mark.slow
+def test_aoti_takes_labels_as_its_third_input(unet_model, tmp_path, monkeypatch):
+    """AOTInductor (a C++ compile: slow) exports the labels as a named third input."""
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    ss, labels = seeds(3), [0, 3, 1]
+    want = Engine.from_pretrained(unet_model, backend="torch").sample(ss, class_labels=labels, **OPTS)
+    engine = Engine.from_pretrained(unet_model, backend="aoti")
+    assert engine.backend.extra_inputs == (iospec.CLASS_LABELS,)
+    got = assert_alone_equals_mixed(engine, ss, labels)
+    assert (got - want).abs().max().item() <= 1e-4
