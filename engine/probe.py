@@ -4,8 +4,8 @@ computes the same.
 - ``inspect(module, scheduler, sample_shape)``: the eager probe. It reads the extra inputs the
   forward needs (``_extra_inputs``: diffusers' ``num_class_embeds``, a third parameter of
   ``forward(x, t, y)``, lucidrains' ``x_self_cond`` where ``self_condition`` is set), calls the
-  module once on a probe batch (batch 2 at two far-apart timesteps, T - 1 and 0) and once on
-  its second row alone, and checks the output: a tensor, a
+  module once on a probe batch (batch 2 at two far-apart timesteps, T - 1 and 0; its second row
+  alone follows when a graph is checked), and checks the output: a tensor, a
   1-tuple, a dict with ``sample`` or diffusers' ``UNet2DOutput`` (``as_tensor``), of shape
   [B, C, H, W] for a fixed variance and [B, 2C, H, W] for a learned one
   (``schedules.Variance.learned``). It returns the module every backend runs and exports (the
@@ -58,6 +58,14 @@ class ModelIO:
     output_kind: str = "tensor"  # "tensor", "tuple", "dict" or "attribute": what the module returned
     probes: tuple = field(default=(), repr=False)  # ((inputs..., eager output), ...) on the CPU, float32
     module_id: int = 0  # id() of the module probed: a LoadedModel whose module is replaced is probed again
+    pending: object = field(default=None, repr=False)  # () -> the probes not run yet (graph_probes runs them)
+
+    def graph_probes(self) -> tuple:
+        """Every probe batch with its eager output; the one-row probe is run at the first call
+        (only a graph check needs it, so a torch-backend load does not pay for it)."""
+        if self.pending is not None:
+            self.probes, self.pending = (*self.probes, *self.pending()), None
+        return self.probes
 
     @property
     def extra_inputs(self) -> tuple:
@@ -192,35 +200,46 @@ def inspect(module: nn.Module, scheduler: SchedulerConfig, sample_shape, num_cla
     c, h, w = sample_shape
     variance = Variance.parse(scheduler.variance_type)
     want = 2 * c if variance.learned else c
-    probes, kind = [], None
-    for args in _probe_inputs(sample_shape, scheduler.num_train_timesteps, extra, n):
-        try:
-            raw = _call(module, args)
-        except Exception as exc:  # a user's forward raises anything
-            raise ModelLoadError(f"{name!r} failed on a probe batch (x {tuple(args[0].shape)}, t {args[1].tolist()}"
-                                 f"{', class_labels ' + str(args[2].tolist()) if labels else ''}"
-                                 f"{', x_self_cond' if iospec.SELF_COND in extra else ''}): "
-                                 f"{type(exc).__name__}: {first_line(exc)}") from None
-        out = as_tensor(raw)
-        if out is None:
-            raise ModelLoadError(f"{name!r} returned a {type(raw).__name__}; the engine takes a tensor, a 1-tuple, "
-                                 "a dict with 'sample' or diffusers' UNet2DOutput")
-        kind = kind or _output_kind(raw)
-        b = args[0].shape[0]
-        if out.dim() == 4 and tuple(out.shape) == (b, 2 * c, h, w) and not variance.learned:
-            raise ModelLoadError(f"{name!r} outputs {2 * c} channels for a {c}-channel sample: it learned its "
-                                 f"variance, but its scheduler config says variance_type={scheduler.variance_type!r}; "
-                                 "set variance_type='learned_range' (improved-diffusion, diffusers) or 'learned'")
-        if tuple(out.shape) != (b, want, h, w):
-            raise ModelLoadError(f"{name!r} returned shape {tuple(out.shape)} for x {tuple(args[0].shape)}; expected "
-                                 f"{(b, want, h, w)} ({'2C: the prediction and the variance' if variance.learned else 'C'}"
-                                 f" channels for variance_type={scheduler.variance_type!r})")
-        if not out.is_floating_point():
-            raise ModelLoadError(f"{name!r} returned {out.dtype}; expected floating point")
-        probes.append((*args, out.detach().float().cpu()))
+    first, second = _probe_inputs(sample_shape, scheduler.num_train_timesteps, extra, n)
+    raw, out = _probe_call(module, first, name, scheduler, (c, h, w), want)
+    kind = _output_kind(raw)
+
+    def rest():  # the one-row probe, run only when a graph is checked (load time of the torch backend)
+        return ((*second, _probe_call(module, second, name, scheduler, (c, h, w), want)[1]),)
+
     if kind != "tensor":
         module = Adapter(module).eval()
-    return module, ModelIO(inputs, want, n if labels else None, null, kind, tuple(probes), id(module))
+    return module, ModelIO(inputs, want, n if labels else None, null, kind, ((*first, out),), id(module), rest)
+
+
+def _probe_call(module, args, name, scheduler, sample_shape, want):
+    """(what the module returned, its output as a float32 CPU tensor) on probe inputs ``args``,
+    checked: a ModelLoadError says what is wrong."""
+    c, h, w = sample_shape
+    learned = Variance.parse(scheduler.variance_type).learned
+    try:
+        raw = _call(module, args)
+    except Exception as exc:  # a user's forward raises anything
+        extra = "".join(f", class_labels {v.tolist()}" if not v.is_floating_point() else ", x_self_cond"
+                        for v in args[2:])
+        raise ModelLoadError(f"{name!r} failed on a probe batch (x {tuple(args[0].shape)}, t {args[1].tolist()}"
+                             f"{extra}): {type(exc).__name__}: {first_line(exc)}") from None
+    out = as_tensor(raw)
+    if out is None:
+        raise ModelLoadError(f"{name!r} returned a {type(raw).__name__}; the engine takes a tensor, a 1-tuple, "
+                             "a dict with 'sample' or diffusers' UNet2DOutput")
+    b = args[0].shape[0]
+    if out.dim() == 4 and tuple(out.shape) == (b, 2 * c, h, w) and not learned:
+        raise ModelLoadError(f"{name!r} outputs {2 * c} channels for a {c}-channel sample: it learned its "
+                             f"variance, but its scheduler config says variance_type={scheduler.variance_type!r}; "
+                             "set variance_type='learned_range' (improved-diffusion, diffusers) or 'learned'")
+    if tuple(out.shape) != (b, want, h, w):
+        raise ModelLoadError(f"{name!r} returned shape {tuple(out.shape)} for x {tuple(args[0].shape)}; expected "
+                             f"{(b, want, h, w)} ({'2C: the prediction and the variance' if learned else 'C'}"
+                             f" channels for variance_type={scheduler.variance_type!r})")
+    if not out.is_floating_point():
+        raise ModelLoadError(f"{name!r} returned {out.dtype}; expected floating point")
+    return raw, out.detach().float().cpu()
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -233,7 +252,7 @@ def check_graph(backend, io: ModelIO, name: str, cached: bool = False) -> None:
     if they differ by more than the precision's ``GRAPH_TOLERANCE``. ``cached``: the graph came
     from the cache rather than from an export made now."""
     tol = GRAPH_TOLERANCE.get(backend.precision, GRAPH_TOLERANCE["fp32"])
-    for *inputs, want in io.probes:
+    for *inputs, want in io.graph_probes():
         args = [v.to(backend.device) for v in inputs]
         with torch.inference_mode():
             got = backend.probe(*args).detach().float().cpu()
@@ -265,7 +284,7 @@ def checked(create, io: ModelIO | None, name: str):
     started = time.time()
     backend = create()
     path = getattr(backend, "path", None)
-    if path is None or io is None or not io.probes:
+    if path is None or io is None:
         return backend
     files = [Path(p) for p in (path, *getattr(backend, "built_from", ()))]
     cached = any(p.is_file() and p.stat().st_mtime < started for p in files)

@@ -107,7 +107,7 @@ def test_a_learned_variance_model_is_probed_for_2c_channels_and_exports_them(tmp
 
     learned = types.SimpleNamespace(variance_type="learned_range", num_train_timesteps=1000)
     module, io = probe.inspect(Net(out_channels=2).eval(), learned, SHAPE)
-    assert io.out_channels == 2 and io.probes[0][-1].shape == (2, 2, 8, 8)
+    assert io.out_channels == 2 and [p[-1].shape for p in io.graph_probes()] == [(2, 2, 8, 8), (1, 2, 8, 8)]
     with pytest.raises(ModelLoadError, match=r"expected \(2, 2, 8, 8\)"):
         probe.inspect(Net(out_channels=1).eval(), learned, SHAPE)
     loaded = checkpoints.LoadedModel(module, learned, SHAPE, "learned", checkpoints.weights_hash(module), io)
