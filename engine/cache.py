@@ -6,7 +6,8 @@ what happens to a file that does not load.
 - ``key(parts)``: sha256 hex of the parts as canonical JSON (dict order does not matter; bytes
   are hashed first), stable across processes and machines;
 - ``slug(name)``: a model name made safe for a file name;
-- ``module_structure(module)``: what defines a module's function besides its weights (a key part);
+- ``module_structure(module)``: what defines a module's function besides its weights (a key part):
+  its layer tree, configs and code;
 - ``artifact_path(kind, name, parts, suffix, tags)``: the one file name of a cached artifact,
   ``<kind folder>/<slug(name)>-<tag>-...-<key(parts)[:24]><suffix>``;
 - ``write_bytes(path, data)`` / ``build(path, make)``: write under a temporary name in the same
@@ -63,10 +64,36 @@ def slug(name: str, limit: int = 40) -> str:
 
 
 def module_structure(module) -> str:
-    """What defines a module's function besides the weights: the layer tree and every ``config``
-    dict (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift)."""
+    """What defines a module's function besides the weights: the layer tree, every ``config``
+    dict (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift),
+    and the code (``module_code``): a graph exported before the forward was edited is not reused."""
     configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
-    return repr(module) + json.dumps(configs, sort_keys=True, default=str)
+    return repr(module) + json.dumps(configs, sort_keys=True, default=str) + module_code(module)
+
+
+def module_code(module) -> str:
+    """sha256 of the code of every class in the module tree: the source file that defines it
+    (which holds its forward and the helper functions the forward calls), or, for a class with no
+    file (defined in a notebook or by exec), the code objects of its methods."""
+    import inspect
+    import marshal
+
+    h = hashlib.sha256()
+    files = set()
+    for cls in dict.fromkeys(type(m) for m in module.modules()):
+        try:
+            path = inspect.getsourcefile(cls)
+        except TypeError:  # a built-in class
+            path = None
+        if path and path not in files and os.path.isfile(path):
+            files.add(path)
+            h.update(Path(path).read_bytes())
+        elif not path or not os.path.isfile(path):
+            for name, value in sorted(vars(cls).items()):
+                code = getattr(value, "__code__", None)
+                if code is not None:
+                    h.update(name.encode() + marshal.dumps(code.replace(co_filename="", co_firstlineno=1)))
+    return h.hexdigest()
 
 
 def artifact_path(kind: str, name: str, parts: dict, suffix: str, tags=(), cache_dir=None) -> Path:

@@ -8,7 +8,9 @@ Formats:
   unet/, scheduler/), and the older single folder (config.json of the UNet2DModel beside
   scheduler_config.json and the weights); the scheduler config is honoured (beta schedule,
   variance_type, clip_sample, prediction_type). Needs the optional package diffusers;
-- any ``nn.Module`` with ``forward(x, t)``, given with its scheduler config and sample shape.
+- any ``nn.Module`` with ``forward(x, t)`` (or ``forward(x, t, y)``: class labels), given with
+  its scheduler config and sample shape; lucidrains' ``GaussianDiffusion`` (denoising-diffusion-pytorch)
+  with its ``Unet``, whose schedule, objective, image size and self-conditioning it carries.
 
 A Hugging Face Hub id ("google/ddpm-cifar10-32") resolves through huggingface_hub as in
 diffusers: its cache (HF_HOME / HF_HUB_CACHE), HF_HUB_OFFLINE, and a ``revision``.
@@ -26,7 +28,9 @@ import torch
 from torch import nn
 
 from . import openai_format
+from . import probe
 from .errors import InvalidRequestError, ModelLoadError
+from .probe import ModelIO
 from .schedules import SchedulerConfig
 
 PROJECT_FORMAT = "ddpm-engine"
@@ -36,13 +40,25 @@ BUNDLED = {"digits": BUNDLED_DIR / "digits"}
 
 @dataclass
 class LoadedModel:
-    """A network with everything needed to sample from it."""
+    """A network with everything needed to sample from it, checked once here (``engine.probe``):
+    ``module`` is what every backend runs and exports (the network itself, or ``probe.Adapter``
+    around it when its output needs normalising), ``io`` what the probe learned (its inputs,
+    output channels, labels; the probe's outputs, which every exported graph is compared with).
+    A model is probed again when its module is replaced (``dataclasses.replace``)."""
 
     module: nn.Module
     scheduler: SchedulerConfig
     sample_shape: tuple  # (C, H, W)
     name: str
     weights_hash: str  # sha256 of the weights: keys export caches
+    io: ModelIO | None = None  # None: probed now
+    num_classes: int | None = None  # the labels' range of a forward(x, t, y) without a num_classes attribute
+    null_label: int | None = None  # its "no class" label (classifier-free guidance) without a null_label attribute
+
+    def __post_init__(self):
+        if self.io is None or self.io.module_id != id(self.module):
+            self.module, self.io = probe.inspect(self.module, self.scheduler, tuple(self.sample_shape),
+                                                 self.num_classes, self.name, self.null_label)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -65,10 +81,17 @@ def build_module(model_cfg: dict) -> nn.Module:
 
 
 def from_module(module: nn.Module, scheduler: SchedulerConfig | dict | None = None, sample_shape=None,
-                name: str = "module") -> LoadedModel:
-    """Wrap any ``nn.Module`` with ``forward(x, t)``."""
+                name: str = "module", num_classes: int | None = None, null_label: int | None = None) -> LoadedModel:
+    """Wrap any ``nn.Module`` with ``forward(x, t)`` or ``forward(x, t, class_labels)`` (a diffusers
+    UNet2DModel too), or lucidrains' ``GaussianDiffusion`` (no scheduler or sample_shape: it has
+    them); ``num_classes``: the labels' range where the module has no ``num_classes``."""
     if not isinstance(module, nn.Module):
         raise InvalidRequestError(f"expected a torch.nn.Module with forward(x, t), got {type(module).__name__}")
+    if is_lucidrains_diffusion(module):
+        module, scheduler, sample_shape = _from_lucidrains(module, scheduler, sample_shape)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise InvalidRequestError(f"num_classes must be a positive int, got {num_classes!r}")
     if sample_shape is None or len(tuple(sample_shape)) != 3:
         raise InvalidRequestError("pass sample_shape=(C, H, W) with a bare nn.Module")
     if scheduler is None:
@@ -76,7 +99,46 @@ def from_module(module: nn.Module, scheduler: SchedulerConfig | dict | None = No
     elif isinstance(scheduler, dict):
         scheduler = SchedulerConfig.from_dict(scheduler)
     module.eval()
-    return LoadedModel(module, scheduler, tuple(int(s) for s in sample_shape), name, weights_hash(module))
+    return LoadedModel(module, scheduler, tuple(int(s) for s in sample_shape), name, weights_hash(module),
+                       num_classes=num_classes, null_label=null_label)
+
+
+# lucidrains' GaussianDiffusion objective -> the scheduler config's prediction_type
+LUCIDRAINS_OBJECTIVES = {"pred_noise": "epsilon", "pred_x0": "sample", "pred_v": "v_prediction"}
+
+
+def is_lucidrains_diffusion(module) -> bool:
+    """Whether ``module`` is a ``denoising_diffusion_pytorch.GaussianDiffusion`` (read by its
+    attributes: the package itself is never imported here)."""
+    return all(hasattr(module, a) for a in ("model", "betas", "objective", "image_size", "num_timesteps",
+                                            "self_condition"))
+
+
+def _from_lucidrains(diffusion, scheduler, sample_shape) -> tuple:
+    """(its Unet, the scheduler config, the sample shape) of lucidrains' GaussianDiffusion: its
+    betas (as trained_betas), objective, image size, channels; clip_sample and
+    use_clipped_model_output as its samplers do (x_start clipped, the noise derived again from
+    it). Its self_condition comes with the Unet (probe: ``x_self_cond``)."""
+    objective = LUCIDRAINS_OBJECTIVES.get(diffusion.objective)
+    if objective is None:
+        raise ModelLoadError(f"GaussianDiffusion's objective {diffusion.objective!r} is not one of "
+                             f"{sorted(LUCIDRAINS_OBJECTIVES)}")
+    if type(diffusion).__name__ != "GaussianDiffusion":
+        raise ModelLoadError(f"{type(diffusion).__name__} is not lucidrains' GaussianDiffusion (learned-variance, "
+                             "continuous-time and elucidated variants sample otherwise); pass its Unet with a "
+                             "scheduler config and sample_shape")
+    h, w = (diffusion.image_size, diffusion.image_size) if isinstance(diffusion.image_size, int) \
+        else tuple(diffusion.image_size)
+    shape = (int(diffusion.channels), int(h), int(w))
+    if sample_shape is not None and tuple(int(s) for s in sample_shape) != shape:
+        raise InvalidRequestError(f"sample_shape={tuple(sample_shape)} differs from the GaussianDiffusion's "
+                                  f"(channels, *image_size) = {shape}; leave it out")
+    if scheduler is not None:
+        raise InvalidRequestError("a GaussianDiffusion carries its own schedule; pass no scheduler")
+    cfg = {"num_train_timesteps": int(diffusion.num_timesteps), "trained_betas": diffusion.betas.double().tolist(),
+           "prediction_type": objective, "variance_type": "fixed_small", "clip_sample": True,
+           "use_clipped_model_output": True}
+    return diffusion.model, cfg, shape
 
 
 def _read_json(path: Path) -> dict:
@@ -170,6 +232,9 @@ def load_folder(folder: Path, name: str | None = None) -> LoadedModel:
         return load_diffusers_folder(folder, folder / "scheduler_config.json", name)
     if layout == "openai":  # improved-/guided-diffusion: *.pt + their flags (openai_format.py)
         return from_module(*openai_format.open_folder(folder), name=name)
+    missing = _missing_scheduler_config(folder)
+    if missing:
+        raise ModelLoadError(missing)
     raise ModelLoadError(f"{folder} holds no model this engine can read: expected config.json + model.safetensors "
                          "(ddpm-engine), a diffusers folder, or OpenAI's *.pt + flags.json")
 
@@ -186,6 +251,20 @@ def folder_layout(folder: Path) -> str | None:
     if cfg_path.is_file() and (folder / "scheduler_config.json").is_file():
         return "diffusers-single"
     return "openai" if openai_format.is_folder(folder) else None
+
+
+def _missing_scheduler_config(folder: Path) -> str | None:
+    """Why a folder that holds a diffusers model's config.json cannot load, or None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not ("_diffusers_version" in cfg or "_class_name" in cfg):
+        return None
+    return (f"{folder} holds a diffusers {cfg.get('_class_name', 'model')} (config.json) but no "
+            f"{folder / 'scheduler_config.json'}: the scheduler config (its beta schedule and prediction type) is "
+            "missing; save the pipeline with DDPMPipeline.save_pretrained, or write the DDPMScheduler's config "
+            "there (scheduler.save_pretrained(folder))")
 
 
 # ---- Hugging Face Hub ids ----

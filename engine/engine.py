@@ -77,7 +77,8 @@ class Engine:
         self._plans_lock = threading.Lock()  # guards the planner's caches and the graph samplers
         self._backend_lock = threading.Lock()  # backends with internal buffers are not re-entrant
         self._planner = Planner(self.scheduler, backend, self.device, self.sample_shape, self.step_impl,
-                                self._backend_lock, self.max_batch)
+                                self._backend_lock, self.max_batch, num_classes=loaded.io.num_classes,
+                                self_condition=loaded.io.self_conditioned, null_label=loaded.io.null_label)
         self._server = None  # the explicit server of serve() / submit()
         self._auto = None  # the server behind sample()'s own batching of concurrent calls
         self._server_lock = threading.Lock()
@@ -96,9 +97,14 @@ class Engine:
                    precision=precision, step_impl=step_impl, batching=batching)
 
     @classmethod
-    def from_module(cls, module, scheduler=None, sample_shape=None, **kw):
-        """Wrap any ``nn.Module`` with ``forward(x, t)``; ``scheduler`` is a SchedulerConfig or dict."""
-        return cls(checkpoints.from_module(module, scheduler, sample_shape), **kw)
+    def from_module(cls, module, scheduler=None, sample_shape=None, num_classes=None, null_label=None, **kw):
+        """Wrap any ``nn.Module`` with ``forward(x, t)`` or ``forward(x, t, y)`` (a diffusers
+        UNet2DModel too); ``scheduler`` is a SchedulerConfig or dict; ``num_classes``: the labels'
+        range of a ``forward(x, t, y)`` whose module has no ``num_classes`` attribute; ``null_label``:
+        its label for "no class" (classifier-free guidance), where the module has no ``null_label``
+        attribute. docs/models.md."""
+        return cls(checkpoints.from_module(module, scheduler, sample_shape, num_classes=num_classes,
+                                           null_label=null_label), **kw)
 
     @property
     def backend(self):
@@ -119,7 +125,7 @@ class Engine:
             return self._planner.tables(sampler_def(sampler), steps, spacing)
 
     def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None, spacing=None) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None, guidance_scale=1.0) -> SamplingPlan:
         """The validated plan of a request (every default and check in one place), cached.
 
         sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``SamplerDef.default_steps``);
@@ -130,7 +136,8 @@ class Engine:
             raise BackendUnavailableError(f"this engine came through a fork: {self._fork_refusal}; open the engine "
                                           "in the child process, or start children with multiprocessing's 'spawn'")
         with self._plans_lock:
-            return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing)
+            return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing,
+                                      guidance_scale)
 
     def _check_x_T(self, x_T, n: int) -> torch.Tensor:
         if not isinstance(x_T, torch.Tensor):
@@ -144,7 +151,7 @@ class Engine:
 
     def sample(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, x_T=None, return_intermediates=False, progress=False,
-               driver="auto", spacing=None):
+               driver="auto", spacing=None, class_labels=None, guidance_scale=1.0):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
 
         batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
@@ -180,12 +187,19 @@ class Engine:
         on the CPU, with x_T, return_intermediates or a progress bar. The graph path on a GPU is
         UNVERIFIED (README, "The CUDA path"); ``driver="eager"`` always takes the eager loop.
 
+        class_labels: for a class-conditional model (diffusers' ``num_class_embeds``, a
+            ``forward(x, t, y)``), one int label per seed in [0, num_classes); a seed with a label
+            gives the same image alone or in any batch. Refused for a model without labels.
+        guidance_scale: classifier-free guidance for a class-conditional model with a null label
+            (``from_module(..., null_label=)``): 1 (the default) is off; s gives
+            uncond + s * (cond - uncond), both halves from one batched model call.
+
         Concurrent calls from several threads batch themselves (``batching=True``, the default):
         a call that arrives while another runs joins the running batch at its next step, with
         the same images it would get alone; a lone call starts at once. Calls with x_T,
         intermediates, a progress bar or an explicit driver run on their own.
         """
-        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing)
+        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing, guidance_scale)
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
@@ -194,14 +208,16 @@ class Engine:
             raise InvalidRequestError(f"driver={driver!r} (CUDA graphs) takes no x_T, return_intermediates "
                                       "or progress; use driver='eager' for those")
         if driver == "auto" and not alone and self.batching:
-            return self._batcher().sample(batch, plan=plan)
+            return self._batcher().sample(batch, plan=plan, class_labels=class_labels)
         if graph_driver is not None or (driver == "auto" and not alone and plan.graphable):
             capture = True if graph_driver is not None else None  # an explicit driver needs captured graphs
-            return self._graphed(plan, capture=capture).run(plan.seeds(batch), driver=graph_driver)
+            return self._graphed(plan, capture=capture).run(plan.seeds(batch), driver=graph_driver,
+                                                            class_labels=class_labels)
         seeds = plan.seeds(batch)
+        labels = plan.labels(class_labels, len(seeds))
         snap_at = snapshot_steps(return_intermediates, plan.tables)
         x = None if x_T is None else self._check_x_T(x_T, len(seeds))
-        images, snaps = run_chain(plan, plan.start(seeds, x), snap_at, progress)
+        images, snaps = run_chain(plan, plan.start(seeds, x, labels), snap_at, progress)
         return (images, snaps) if return_intermediates not in (False, None) else images
 
     def graphed(self, sampler=None, steps=None, eta=0.0, clip_denoised=None, use_clipped_model_output=None,

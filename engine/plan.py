@@ -8,7 +8,8 @@ eager loop (``run_chain``), the CUDA-graph sampler (engine/cuda/graphs.py) and t
 scheduler (engine/serving.py) take a plan and never call back into the engine.
 
 ``reverse_step(plan, rows)`` is the one reverse step on a batch: gather t = timesteps[i], call
-the backend, step in place. Intermediates, progress bars, graph capture and continuous batching
+the backend (with the rows' class labels for a class-conditional model, ``Rows.labels``), step
+in place. Intermediates, progress bars, graph capture and continuous batching
 wrap around it; none re-implements it.
 
 The request checks that are not step math live here too: batches (``parse_batch``: an int or a
@@ -60,6 +61,30 @@ def parse_batch(batch, limit: int | None = None) -> list[int]:
             _check_limit(len(seeds), limit)
         return check_seeds(seeds)
     raise InvalidRequestError(f"batch must be a positive int or a list of seeds, got {type(batch).__name__}")
+
+
+def parse_labels(class_labels, n: int, num_classes: int | None) -> list[int] | None:
+    """A request's ``class_labels`` (one int per seed, in [0, num_classes)) -> list of ints, or
+    None for a model without labels (``num_classes`` None). Checked at the call: a model that
+    takes labels needs them, a model that takes none refuses them."""
+    if num_classes is None:
+        if class_labels is not None:
+            raise InvalidRequestError("class_labels given, but this model takes no class labels (it is not "
+                                      "class-conditional: no num_class_embeds, no forward(x, t, y))")
+        return None
+    if class_labels is None:
+        raise InvalidRequestError(f"this model is class-conditional: pass class_labels=[...], one label in "
+                                  f"[0, {num_classes}) per seed")
+    labels = class_labels.tolist() if hasattr(class_labels, "tolist") else class_labels
+    if not isinstance(labels, (list, tuple)):
+        raise InvalidRequestError(f"class_labels must be a list of ints, got {type(class_labels).__name__}")
+    if len(labels) != n:
+        raise InvalidRequestError(f"class_labels has {len(labels)} labels for {n} seeds; give one per seed")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+            raise InvalidRequestError(f"class label {label!r} is not an int in [0, {num_classes}) (this model's "
+                                      f"{num_classes} classes)")
+    return [int(label) for label in labels]
 
 
 def _check_limit(n: int, limit: int | None):
@@ -153,6 +178,10 @@ class SamplingPlan:
     sample_shape: tuple
     lock: threading.Lock  # the backend's: backends with internal buffers are not re-entrant
     max_batch: int  # the largest batch that fits in memory (check_batch_fits)
+    num_classes: int | None = None  # a class-conditional model's: rows carry labels in [0, num_classes)
+    self_condition: bool = False  # rows carry the previous x0 estimate, fed back to the model (lucidrains)
+    guidance_scale: float = 1.0  # classifier-free guidance (1: off): each row also runs with ``null_label``
+    null_label: int | None = None  # the class-conditional model's unconditional label, if it has one
 
     @property
     def steps(self) -> int:
@@ -179,18 +208,29 @@ class SamplingPlan:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one batch."""
-        return (self.spec, self.steps, self.spacing)
+        return (self.spec, self.steps, self.spacing, self.guidance_scale)
 
     def seeds(self, batch) -> list[int]:
         """A request's batch argument as seeds, refused at once if it cannot fit."""
         return parse_batch(batch, self.max_batch)
 
-    def start(self, seeds, x_T: torch.Tensor | None = None) -> Rows:
-        """Fresh rows at the first step: x_T from the seeds (or the given x_T), i = steps - 1."""
+    def labels(self, class_labels, n: int) -> list[int] | None:
+        """A request's class labels for ``n`` seeds, checked (``parse_labels``)."""
+        return parse_labels(class_labels, n, self.num_classes)
+
+    def start(self, seeds, x_T: torch.Tensor | None = None, labels=None) -> Rows:
+        """Fresh rows at the first step: x_T from the seeds (or the given x_T), i = steps - 1, and
+        for a class-conditional model their labels (checked ones, ``labels``; None: 0, as static
+        buffers and padding rows start)."""
         words = seed_words(seeds, self.device)
         x = initial_noise(words, self.sample_shape) if x_T is None else x_T
         i = torch.full((len(seeds),), self.steps - 1, dtype=torch.int64, device=self.device)
         state = {name: torch.zeros_like(x) for name in self.spec.definition.state}
+        if self.num_classes is not None:
+            state["labels"] = (torch.zeros(len(seeds), dtype=torch.int64) if labels is None
+                               else torch.tensor(labels, dtype=torch.int64)).to(self.device)
+        if self.self_condition:
+            state["x_self_cond"] = torch.zeros_like(x)  # no estimate before the first step (lucidrains: zeros)
         return Rows(x, i, words, **state)
 
 
@@ -200,8 +240,12 @@ class Planner:
     down here and gets the plan back; nothing here calls back up."""
 
     def __init__(self, scheduler: SchedulerConfig, backend, device: torch.device, sample_shape, step_impl: str,
-                 lock: threading.Lock, max_batch: int):
+                 lock: threading.Lock, max_batch: int, num_classes: int | None = None, self_condition: bool = False,
+                 null_label: int | None = None):
         self.scheduler = scheduler
+        self.num_classes = num_classes  # a class-conditional model's (LoadedModel.io), else None
+        self.self_condition = self_condition  # the model takes its previous x0 estimate (LoadedModel.io)
+        self.null_label = null_label  # the label of "no class" for classifier-free guidance (LoadedModel.io)
         self.train_betas = scheduler.betas()
         self.backend, self.device, self.sample_shape = backend, device, tuple(sample_shape)
         self.step_impl = step_impl  # resolved: "torch" or "triton" (stepping.resolve_step_impl)
@@ -228,14 +272,15 @@ class Planner:
         return self._tables[key]
 
     def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None, spacing=None) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None, guidance_scale=1.0) -> SamplingPlan:
         """The plan of a request (built on first use; callers hold the engine's plans lock). ``sampler``
         None: samplers.default_sampler(steps) (DDPM, or the best few-step sampler for a few steps)."""
         sampler = default_sampler(steps) if sampler is None else sampler
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
         spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)
-        key = (spec, steps, spacing)
+        guidance_scale = check_guidance(guidance_scale, self.num_classes, self.null_label)
+        key = (spec, steps, spacing, guidance_scale)
         if key not in self.plans:
             tables = self._tables_of(spec.definition, steps, spacing)
             check_defined(spec, tables)
@@ -243,7 +288,8 @@ class Planner:
             self.plans[key] = SamplingPlan(
                 spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
-                max_batch=self.max_batch)
+                max_batch=self.max_batch, num_classes=self.num_classes, self_condition=self.self_condition,
+                guidance_scale=guidance_scale, null_label=self.null_label)
         return self.plans[key]
 
 
@@ -257,14 +303,57 @@ def check_defined(spec: StepSpec, tables: Tables) -> None:
             "choose a spacing that does not keep t = T - 1 (such as 'leading' with fewer steps than T), a "
             "multistep sampler (dpmpp_2m, unipc: alpha-bar 2^-24 there, as diffusers), or a v_prediction model "
             "(Lin et al. 2024)")
+def check_guidance(guidance_scale, num_classes: int | None, null_label: int | None) -> float:
+    """A request's classifier-free guidance scale: a finite number >= 0 (1: no guidance), and
+    other than 1 only for a class-conditional model with a null label."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise InvalidRequestError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    guidance_scale = float(guidance_scale)
+    if guidance_scale != 1.0 and num_classes is None:
+        raise InvalidRequestError("guidance_scale needs a class-conditional model (classifier-free guidance runs each "
+                                  "row with its label and with the null label); this model takes no labels")
+    if guidance_scale != 1.0 and null_label is None:
+        raise InvalidRequestError("guidance_scale needs the model's null label (the label it was trained with for "
+                                  "'no class'): give the module a null_label attribute or pass null_label= to "
+                                  "from_module")
+    return guidance_scale
+
+
+def guided(output: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ``output`` holds the conditional rows
+    then the unconditional ones; the prediction is uncond + scale * (cond - uncond). Of a
+    learned-variance output (2C channels) only the prediction's C channels are guided, the
+    variance is the conditional one's (GLIDE, diffusers)."""
+    cond, uncond = output.chunk(2)
+    pred = torch.lerp(uncond[:, :channels], cond[:, :channels], scale)
+    return pred if cond.shape[1] == channels else torch.cat([pred, cond[:, channels:]], dim=1)
+
+
+def model_output(plan: SamplingPlan, rows: Rows, t: torch.Tensor) -> torch.Tensor:
+    """The backend's output for ``rows`` at ``t``, with the rows' extra inputs (export.iospec's
+    order: labels, previous x0); with guidance, the conditional and unconditional rows go through
+    one batched call and are combined here (``guided``), before the step."""
+    extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]
+    if plan.guidance_scale == 1.0:
+        return plan.backend(rows.x, t, *extra)
+    null = torch.full_like(rows.labels, plan.null_label)
+    both = [torch.cat([v, null if v is rows.labels else v]) for v in (rows.x, t, *extra)]
+    return guided(plan.backend(*both), plan.guidance_scale, rows.x.shape[1])
 
 
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):
-    """One reverse step on a batch, in place: t = timesteps[i], the model call, the step.
-    Returns the predicted x0 when ``want_x0`` (else None). No host work: capturable."""
+    """One reverse step on a batch, in place: t = timesteps[i], the model call (``model_output``:
+    the rows' extra inputs, guidance), the step; a self-conditioned model's rows keep the step's
+    x0 for the next call. Returns the predicted x0 when ``want_x0`` (else None). No host work:
+    capturable."""
     t = plan.tab.timesteps[rows.i]
-    out = plan.backend(rows.x, t)
-    return plan.step(rows, out, want_x0)
+    out = model_output(plan, rows, t)
+    if rows.x_self_cond is None:
+        return plan.step(rows, out, want_x0)
+    x0 = plan.step(rows, out, True)
+    rows.x_self_cond.copy_(x0)
+    return x0 if want_x0 else None
 
 
 @dataclass

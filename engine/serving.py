@@ -117,6 +117,7 @@ class Request:
     deadline: float | None
     admitted: float | None = None
     remaining: int = 0  # steps still to run once admitted
+    labels: list | None = None  # a class-conditional model's: one label per seed (they ride with the rows)
     resolved: bool = False  # its future has its result, error, or cancellation (notified) already
 
 
@@ -220,17 +221,20 @@ class Server:
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, timeout: float | None = None,
-               plan: SamplingPlan | None = None, spacing=None) -> Future:
+               plan: SamplingPlan | None = None, spacing=None, class_labels=None, guidance_scale=1.0) -> Future:
         """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU, or
         on the device with ``results="device"``). ``plan`` (from ``Engine.plan``) replaces the
-        sampler options."""
+        sampler options. ``class_labels``: one per seed, for a class-conditional model (requests
+        with different labels share a batch: the labels ride with their rows)."""
         try:
             if plan is None:
-                plan = self.planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing=spacing)
+                plan = self.planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing,
+                                         guidance_scale)
             seeds = plan.seeds(batch)
             if len(seeds) > self.max_batch:
                 raise InvalidRequestError(f"a request of {len(seeds)} images exceeds max_batch={self.max_batch}; "
                                           "split it or raise max_batch")
+            labels = plan.labels(class_labels, len(seeds))
             if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                         or not 0 < timeout < float("inf")):
                 raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -238,7 +242,7 @@ class Server:
             self._count("rejected")
             raise
         now = time.perf_counter()
-        req = Request(seeds, plan, Future(), now, None if timeout is None else now + timeout)
+        req = Request(seeds, plan, Future(), now, None if timeout is None else now + timeout, labels=labels)
         with self._cond:
             if self._closed:
                 raise ServerClosedError("the server is closed; create a new one")

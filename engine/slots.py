@@ -60,7 +60,8 @@ class SlotBatch:
     def add(self, requests) -> None:
         """Start the rows of ``requests`` (``plan.start`` of their seeds, in order) in free slots."""
         sizes = [len(r.seeds) for r in requests]
-        fresh = self.plan.start([s for r in requests for s in r.seeds])
+        labels = None if self.plan.num_classes is None else [c for r in requests for c in r.labels]
+        fresh = self.plan.start([s for r in requests for s in r.seeds], labels=labels)
         m = len(fresh)
         start = self._free_run(m)
         if start is None:

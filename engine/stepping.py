@@ -54,6 +54,8 @@ class Rows:
     eps_prev: torch.Tensor | None = None  # [B, C, H, W]: iPNDM's eps of the previous step
     eps_prev2: torch.Tensor | None = None  # [B, C, H, W]: ... of two steps ago
     eps_prev3: torch.Tensor | None = None  # [B, C, H, W]: ... of three steps ago
+    labels: torch.Tensor | None = None  # int64 [B]: class labels of a class-conditional model (the model's input)
+    x_self_cond: torch.Tensor | None = None  # [B, C, H, W]: a self-conditioned model's previous x0 (its input)
 
     def __len__(self):
         return self.x.shape[0]

@@ -1,8 +1,18 @@
 """The one I/O contract of an exported UNet graph, shared by the exporter and the runtimes.
 
-Inputs: ``sample`` float32 [batch, C, H, W] and ``timestep`` int64 [batch] (training timesteps);
-output: ``model_output`` float32 [batch, C, H, W]. Only the batch axis is dynamic. The model's
-identity travels in the file's metadata_props so a runtime can refuse a graph of another model.
+Inputs: ``sample`` float32 [batch, C, H, W] and ``timestep`` int64 [batch] (training timesteps),
+then the extra inputs the model takes, in this order: ``class_labels`` int64 [batch] (a
+class-conditional model), ``x_self_cond`` float32 [batch, C, H, W] (a self-conditioned model:
+lucidrains' ``self_condition``, fed its previous x0 estimate). Output: ``model_output`` float32 [batch, C', H, W], C' = C, or 2C for
+a model that learned its variance. Only the batch axis must be dynamic; a graph whose other axes
+are symbolic too (an exporter that kept H and W free) is accepted, those axes being checked by
+value when the graph runs the load probe (``engine.probe.check_graph``), and reported by their
+own names. The model's identity travels in the file's metadata_props so a runtime can refuse a
+graph of another model.
+
+``EXTRA_INPUTS`` is the one home of the extra inputs' names and order: the backends' call
+(``backend(x, t, *extra)``), their input checks, the exporters and ``plan.reverse_step``
+follow it.
 """
 
 from __future__ import annotations
@@ -12,6 +22,14 @@ import json
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 OUTPUT = "model_output"
+CLASS_LABELS = "class_labels"  # int64 [batch]: a class-conditional model's labels
+SELF_COND = "x_self_cond"  # float32 [batch, C, H, W]: a self-conditioned model's previous x0 estimate
+EXTRA_INPUTS = (CLASS_LABELS, SELF_COND)  # their order after sample and timestep
+
+
+def is_integer(name: str) -> bool:
+    """Whether graph input ``name`` is int64 (timestep, class_labels) rather than float32."""
+    return name in (TIMESTEP, CLASS_LABELS)
 BATCH_AXIS = "batch"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -25,10 +43,22 @@ META_EXPORTER = "ddpm_engine.exporter"
 Tensor = tuple  # (str, str, tuple)
 
 
-def expected(sample_shape) -> tuple[list[Tensor], list[Tensor]]:
-    """(inputs, outputs) the graph of a model with samples of ``sample_shape`` (C, H, W) must have."""
+def inputs_of(extra=()) -> tuple:
+    """The input names of a graph with the ``extra`` inputs (names of EXTRA_INPUTS), in order."""
+    unknown = [n for n in extra if n not in EXTRA_INPUTS]
+    if unknown:
+        raise ValueError(f"unknown graph inputs {unknown}; known: {list(EXTRA_INPUTS)}")
+    return (SAMPLE, TIMESTEP, *(n for n in EXTRA_INPUTS if n in extra))
+
+
+def expected(sample_shape, out_channels: int | None = None, extra=()) -> tuple[list[Tensor], list[Tensor]]:
+    """(inputs, outputs) the graph of a model with samples of ``sample_shape`` (C, H, W) must
+    have; ``out_channels``: C' of the output (default C); ``extra``: its extra inputs."""
     shape = (None, *(int(s) for s in sample_shape))
-    return [(SAMPLE, "float32", shape), (TIMESTEP, "int64", (None,))], [(OUTPUT, "float32", shape)]
+    out = shape if out_channels is None else (None, int(out_channels), *shape[2:])
+    ins = [(SAMPLE, "float32", shape), (TIMESTEP, "int64", (None,))]
+    ins += [(n, "int64", (None,)) if is_integer(n) else (n, "float32", shape) for n in inputs_of(extra)[2:]]
+    return ins, [(OUTPUT, "float32", out)]
 
 
 def metadata(weights_hash: str, sample_shape, exporter: str) -> dict:
@@ -44,17 +74,31 @@ def sample_shape_from_metadata(meta: dict):
         return None
 
 
-def mismatches(inputs: list[Tensor], outputs: list[Tensor], sample_shape=None) -> list[str]:
+def mismatches(inputs: list[Tensor], outputs: list[Tensor], sample_shape=None, out_channels: int | None = None,
+               extra=None) -> list[str]:
     """What in a graph's (inputs, outputs) breaks the contract; [] when it conforms.
 
-    A dynamic axis is given as None (or any non-int, e.g. a dim_param string). Without
-    ``sample_shape`` the C, H, W of the sample are taken from the graph itself.
+    An axis is an int (fixed), a str (a symbolic axis: its name, e.g. an ONNX dim_param) or None
+    (dynamic, unnamed). The batch axis must not be fixed; a fixed axis must have the expected
+    value; a symbolic one stands for any value (checked when the graph runs the load probe).
+    Without ``sample_shape`` the C, H, W are not checked; without ``extra`` the extra inputs are
+    taken from the graph (any of EXTRA_INPUTS, in order).
     """
-    if sample_shape is None:
-        sample = dict((n, s) for n, _, s in inputs).get(SAMPLE, ())
-        fixed = len(sample) == 4 and all(isinstance(s, int) for s in sample[1:])
-        sample_shape = tuple(sample[1:]) if fixed else (-1, -1, -1)  # -1: reported as a mismatch below
-    want_in, want_out = expected(sample_shape)
+    names = [n for n, _, _ in inputs]
+    if extra is None:
+        extra = tuple(n for n in names[2:] if n in EXTRA_INPUTS)
+    c = h = w = out_c = None  # None: any value
+    if sample_shape is not None:
+        c, h, w = (int(s) for s in sample_shape)
+        out_c = c if out_channels is None else int(out_channels)
+    else:  # the graph's own fixed H and W, which its output must keep (its channels may be C or 2C)
+        shape = dict((n, s) for n, _, s in inputs).get(SAMPLE, ())
+        if len(shape) == 4:
+            h, w = (s if isinstance(s, int) else None for s in shape[2:])
+    sample = (BATCH_AXIS, c, h, w)
+    want_in = [(SAMPLE, "float32", sample), (TIMESTEP, "int64", (BATCH_AXIS,))]
+    want_in += [(n, "int64", (BATCH_AXIS,)) if is_integer(n) else (n, "float32", sample) for n in inputs_of(extra)[2:]]
+    want_out = [(OUTPUT, "float32", (BATCH_AXIS, out_c, h, w))]
     problems = []
     for kind, want, got in (("input", want_in, inputs), ("output", want_out, outputs)):
         if [n for n, _, _ in got] != [n for n, _, _ in want]:
@@ -63,14 +107,28 @@ def mismatches(inputs: list[Tensor], outputs: list[Tensor], sample_shape=None) -
         for (name, dtype, shape), (_, got_dtype, got_shape) in zip(want, got):
             if got_dtype != dtype:
                 problems.append(f"{kind} {name!r} is {got_dtype}, expected {dtype}")
-            got_shape = tuple(s if isinstance(s, int) else None for s in got_shape)
-            if got_shape != shape:
+            if not _fits(tuple(got_shape), shape):
                 problems.append(f"{kind} {name!r} has shape {_show(got_shape)}, expected {_show(shape)}")
     return problems
 
 
+def _fits(got: tuple, want: tuple) -> bool:
+    """Whether a graph axis list fits the spec's: the batch axis (BATCH_AXIS) not fixed, a fixed
+    axis of the value wanted (a None in ``want``: any), a symbolic axis anywhere else."""
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        if w == BATCH_AXIS:
+            if isinstance(g, int):
+                return False
+        elif isinstance(g, int) and w is not None and g != w:
+            return False
+    return True
+
+
 def _show(shape) -> str:
-    return "[" + ", ".join(BATCH_AXIS if s is None else str(s) for s in shape) + "]"
+    """Axes as the graph names them: its own symbolic names, "?" for an unnamed dynamic axis."""
+    return "[" + ", ".join(str(s) if isinstance(s, (int, str)) and s != "" else "?" for s in shape) + "]"
 
 
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32"}
@@ -83,7 +141,7 @@ def from_onnx(model) -> tuple[list[Tensor], list[Tensor]]:
 
     def one(v):
         tt = v.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         return (v.name, _ONNX_DTYPES.get(tt.elem_type, f"onnx type {tt.elem_type}"), dims)
 
     return [one(v) for v in model.graph.input], [one(v) for v in model.graph.output]
@@ -93,7 +151,7 @@ def from_session(session) -> tuple[list[Tensor], list[Tensor]]:
     """(inputs, outputs) of an ``onnxruntime.InferenceSession``."""
 
     def one(v):
-        return (v.name, _ORT_DTYPES.get(v.type, v.type), tuple(s if isinstance(s, int) else None for s in v.shape))
+        return (v.name, _ORT_DTYPES.get(v.type, v.type), tuple(s if isinstance(s, (int, str)) else None for s in v.shape))
 
     return [one(v) for v in session.get_inputs()], [one(v) for v in session.get_outputs()]
 

@@ -6,10 +6,13 @@ UNet with a dynamic batch and match eager PyTorch in ONNX Runtime within the tes
 the TorchScript exporter is much faster to export (docs/performance.md). It is deprecated in
 torch, so ``exporter="dynamo"`` is kept working for the day it goes. It traces: Python control
 flow is frozen at the example batch of 2, which is why the graph is checked against
-``export.iospec`` and the tests compare it with eager at batches 1 and 3.
+``export.iospec``, and every backend that serves it is compared with the eager module on the
+load probe's batches (``engine.probe.check_graph``). The graph's inputs are the model's
+(``LoadedModel.io``: sample, timestep and, for a class-conditional model, class_labels), and its
+output has the model's output channels (2C for a learned variance).
 
 Cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/onnx`` (default ``~/.cache/ddpm-engine/onnx``),
-one file per (weights hash, model structure, sample shape, opset, exporter, torch version). Files
+one file per (weights hash, model structure and code, sample shape, opset, exporter, torch version). Files
 are written to a temporary name and renamed, so a crash never leaves a half file that a later run
 would reuse; a cached file ONNX Runtime cannot open is re-exported once (backends.onnxruntime_backend).
 The weights hash and sample shape go into the file's metadata_props (see ``export.iospec``).
@@ -57,8 +60,11 @@ def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=
         if path.is_file():
             return path
     path = Path(path)
-    model = _trace(_fp32_cpu(loaded.module), loaded.sample_shape, opset, exporter)
-    problems = iospec.mismatches(*iospec.from_onnx(model), loaded.sample_shape)
+    model_io = loaded.io
+    model = _trace(_fp32_cpu(loaded.module), loaded.sample_shape, opset, exporter, model_io.extra_inputs,
+                   model_io.num_classes)
+    problems = iospec.mismatches(*iospec.from_onnx(model), loaded.sample_shape, model_io.out_channels,
+                                 model_io.extra_inputs)
     if problems:
         raise ExportError(f"the ONNX graph of {loaded.name!r} does not follow the I/O spec: {'; '.join(problems)}")
     for key, value in iospec.metadata(loaded.weights_hash, loaded.sample_shape, exporter).items():
@@ -78,12 +84,22 @@ def _fp32_cpu(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def _trace(module, sample_shape, opset: int, exporter: str):
+def example_inputs(sample_shape, extra=(), num_classes: int | None = None, batch: int = EXAMPLE_BATCH,
+                   device="cpu") -> tuple:
+    """Random example inputs of a graph (``export.iospec`` order): x, t and the extra inputs."""
+    x = torch.randn(batch, *sample_shape, device=device)
+    t = torch.randint(0, 1000, (batch,), dtype=torch.int64, device=device)
+    values = {iospec.CLASS_LABELS: torch.randint(0, num_classes or 1, (batch,), dtype=torch.int64, device=device),
+              iospec.SELF_COND: torch.rand(batch, *sample_shape, device=device) * 2 - 1}
+    return (x, t, *(values[name] for name in iospec.inputs_of(extra)[2:]))
+
+
+def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classes=None):
     import onnx
 
-    x = torch.randn(EXAMPLE_BATCH, *sample_shape)
-    t = torch.randint(0, 1000, (EXAMPLE_BATCH,), dtype=torch.int64)
-    names = dict(input_names=[iospec.SAMPLE, iospec.TIMESTEP], output_names=[iospec.OUTPUT], opset_version=opset)
+    inputs = example_inputs(sample_shape, extra, num_classes)
+    in_names = list(iospec.inputs_of(extra))
+    names = dict(input_names=in_names, output_names=[iospec.OUTPUT], opset_version=opset)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -92,12 +108,12 @@ def _trace(module, sample_shape, opset: int, exporter: str):
             warnings.simplefilter("ignore", UserWarning)  # constant-folding and axis-naming notes
             if exporter == "dynamo":
                 batch = torch.export.Dim(iospec.BATCH_AXIS, min=1, max=65536)
-                program = torch.onnx.export(module, (x, t), dynamo=True, dynamic_shapes=({0: batch}, {0: batch}),
-                                            verbose=False, **names)
+                program = torch.onnx.export(module, inputs, dynamo=True,
+                                            dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False, **names)
                 return program.model_proto
             buf = io.BytesIO()
-            axes = {n: {0: iospec.BATCH_AXIS} for n in (iospec.SAMPLE, iospec.TIMESTEP, iospec.OUTPUT)}
-            torch.onnx.export(module, (x, t), buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
+            axes = {n: {0: iospec.BATCH_AXIS} for n in (*in_names, iospec.OUTPUT)}
+            torch.onnx.export(module, inputs, buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
             return onnx.load_from_string(buf.getvalue())
     except Exception as exc:  # the exporters raise many unrelated types for an unsupported model
         first = first_line(exc)

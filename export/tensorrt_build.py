@@ -80,7 +80,8 @@ def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEF
 
     def make(out: Path) -> None:
         engine_bytes, timing_bytes = _build(trt, onnx_bytes, onnx_path, loaded.sample_shape, precision, profile,
-                                            timing.read_bytes() if timing.is_file() else b"")
+                                            timing.read_bytes() if timing.is_file() else b"",
+                                            loaded.io.extra_inputs)
         out.write_bytes(engine_bytes)
         if timing_bytes:
             cache.write_bytes(timing, timing_bytes)
@@ -89,7 +90,7 @@ def plan_builder(loaded, device, precision: str = "fp32", profile: Profile = DEF
 
 
 def _build(trt, onnx_bytes: bytes, onnx_path: Path, sample_shape, precision: str, profile: Profile,
-           timing_cache: bytes) -> tuple[bytes, bytes]:
+           timing_cache: bytes, extra=()) -> tuple[bytes, bytes]:
     """(serialized engine, serialized timing cache). UNVERIFIED (see the module docstring)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -114,7 +115,9 @@ def _build(trt, onnx_bytes: bytes, onnx_path: Path, sample_shape, precision: str
     shape = tuple(int(s) for s in sample_shape)
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(iospec.SAMPLE, (profile.min, *shape), (profile.opt, *shape), (profile.max, *shape))
-    opt_profile.set_shape(iospec.TIMESTEP, (profile.min,), (profile.opt,), (profile.max,))
+    for name in iospec.inputs_of(extra)[1:]:  # timestep and the model's extra inputs
+        rest = () if iospec.is_integer(name) else shape  # [batch], or [batch, C, H, W]
+        opt_profile.set_shape(name, (profile.min, *rest), (profile.opt, *rest), (profile.max, *rest))
     config.add_optimization_profile(opt_profile)
 
     cache = config.create_timing_cache(timing_cache)

@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import cache
 from ..errors import ExportError, first_line
-from .base import PRECISIONS, Backend
+from .base import PRECISIONS, Backend, extra_dtype
 
 EXAMPLE_BATCH = 2  # not 1: export would specialise the batch axis to 1
 MAX_BATCH = 4096
@@ -51,8 +51,9 @@ class _Float32IO(nn.Module):
         self.module = module
         self.dtype = dtype
 
-    def forward(self, x, t):
-        return self.module(x.to(self.dtype), t).float()
+    def forward(self, x, t, extra1=None, extra2=None):  # export.iospec's extra inputs: torch.export takes no *args
+        extra = [v.to(self.dtype) if v.is_floating_point() else v for v in (extra1, extra2) if v is not None]
+        return self.module(x.to(self.dtype), t, *extra).float()
 
 
 def device_key(device) -> str:
@@ -71,17 +72,19 @@ def cached_path(loaded, device, precision: str, cache_dir=None) -> Path:
     return cache.artifact_path("aoti", loaded.name, parts, ".pt2", (precision, torch.device(device).type), cache_dir)
 
 
-def _example(sample_shape, device, batch: int):
-    x = torch.randn(batch, *sample_shape, device=device)
-    t = torch.randint(0, 1000, (batch,), dtype=torch.int64, device=device)
-    return x, t
+def _example(sample_shape, device, batch: int, io=None):
+    """Example inputs (x, t and the model's extra inputs, ``probe.ModelIO``) of ``batch`` images."""
+    from ddpm_engine.export.onnx_export import example_inputs
+
+    extra, classes = (io.extra_inputs, io.num_classes) if io is not None else ((), None)
+    return example_inputs(sample_shape, extra, classes, batch, device)
 
 
-def _export(wrapped, sample_shape, device, lo: int, hi: int):
+def _export(wrapped, sample_shape, device, lo: int, hi: int, io=None):
     """``wrapped`` exported for every batch size in lo..hi (one named dynamic batch axis)."""
     batch = torch.export.Dim("batch", min=lo, max=hi)
-    example = _example(sample_shape, device, min(max(lo, EXAMPLE_BATCH), hi))
-    return torch.export.export(wrapped, example, dynamic_shapes=({0: batch}, {0: batch}))
+    example = _example(sample_shape, device, min(max(lo, EXAMPLE_BATCH), hi), io)
+    return torch.export.export(wrapped, example, dynamic_shapes=tuple({0: batch} for _ in example))
 
 
 def _is_batch_range_refused(exc: Exception) -> bool:
@@ -92,19 +95,19 @@ def _is_batch_range_refused(exc: Exception) -> bool:
     return isinstance(exc, UserError) and exc.error_type == UserErrorType.CONSTRAINT_VIOLATION
 
 
-def _guarded_max(wrapped, sample_shape, device, lo: int) -> int:
+def _guarded_max(wrapped, sample_shape, device, lo: int, io=None) -> int:
     """The largest batch size that takes the same branches as batch ``max(lo, 2)``: exported with
     ``Dim.DYNAMIC``, torch.export narrows the batch range to the one its guards hold on."""
     batch = torch.export.Dim.DYNAMIC
-    program = torch.export.export(wrapped, _example(sample_shape, device, max(lo, EXAMPLE_BATCH)),
-                                  dynamic_shapes=({0: batch}, {0: batch}))
+    example = _example(sample_shape, device, max(lo, EXAMPLE_BATCH), io)
+    program = torch.export.export(wrapped, example, dynamic_shapes=tuple({0: batch} for _ in example))
     x_name = program.graph_signature.user_inputs[0]
     size = next(n for n in program.graph.nodes if n.name == x_name).meta["val"].shape[0]
     upper = program.range_constraints[size.node.expr].upper  # DYNAMIC raises where export specialises
     return MAX_BATCH if upper >= MAX_BATCH else int(upper)
 
 
-def export_programs(wrapped, sample_shape, device) -> list[tuple[int, int, object]]:
+def export_programs(wrapped, sample_shape, device, io=None) -> list[tuple[int, int, object]]:
     """``[(lo, hi, exported program)]`` that cover batch sizes 1..MAX_BATCH in order.
 
     One program over the whole range where torch.export accepts it (most models). A model that
@@ -114,17 +117,17 @@ def export_programs(wrapped, sample_shape, device) -> list[tuple[int, int, objec
     programs, lo = [], 1
     while lo <= MAX_BATCH:
         try:
-            hi, program = MAX_BATCH, _export(wrapped, sample_shape, device, lo, MAX_BATCH)
+            hi, program = MAX_BATCH, _export(wrapped, sample_shape, device, lo, MAX_BATCH, io)
         except Exception as exc:
             if not _is_batch_range_refused(exc):
                 raise
             if len(programs) + 1 >= MAX_PROGRAMS:
                 raise RuntimeError(f"the model branches on the batch size into more than {MAX_PROGRAMS} ranges "
                                    f"of 1..{MAX_BATCH}, one compile each") from exc
-            hi = _guarded_max(wrapped, sample_shape, device, lo)
+            hi = _guarded_max(wrapped, sample_shape, device, lo, io)
             if not lo <= hi < MAX_BATCH:
                 raise
-            program = _export(wrapped, sample_shape, device, lo, hi)
+            program = _export(wrapped, sample_shape, device, lo, hi, io)
         programs.append((lo, hi, program))
         lo = hi + 1
     return programs
@@ -161,7 +164,7 @@ def _compile(loaded, device: torch.device, precision: str, out: Path) -> None:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
-            _package(export_programs(wrapped, loaded.sample_shape, device), out)
+            _package(export_programs(wrapped, loaded.sample_shape, device, loaded.io), out)
     except Exception as exc:  # export and Inductor raise many unrelated types for an unsupported model
         first = first_line(exc)
         raise ExportError(f"AOTInductor could not compile {loaded.name!r} for {device} at {precision}: "
@@ -214,8 +217,8 @@ def load_package(path) -> list[tuple[int, int, object]]:
 class AOTIBackend(Backend):
     name = "aoti"
 
-    def __init__(self, package_path, device, precision: str, sample_shape):
-        super().__init__(device, precision, sample_shape, batches=(1, MAX_BATCH))
+    def __init__(self, package_path, device, precision: str, sample_shape, io=None):
+        super().__init__(device, precision, sample_shape, batches=(1, MAX_BATCH), io=io)
         self.path = Path(package_path)
         self.programs = load_package(self.path)
         self._lock = threading.Lock()
@@ -240,17 +243,18 @@ class AOTIBackend(Backend):
             device = torch.device("cuda", torch.cuda.current_device())
         # a cached package that does not load (truncated, or from an incompatible build) is rebuilt once
         return cache.load(cached_path(loaded, device, precision), lambda tmp: _compile(loaded, device, precision, tmp),
-                          lambda path: cls(path, device, precision, loaded.sample_shape))
+                          lambda path: cls(path, device, precision, loaded.sample_shape, loaded.io))
 
-    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         for _, hi, runner in self.programs:  # a host-side compare of the shape: no sync
             if batch <= hi:
                 break
         x = x.to(self.device, torch.float32).contiguous()
         t = t.to(self.device, torch.int64).contiguous()
+        extra = [v.to(self.device, extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra)]
         with self._lock, torch.inference_mode():
-            return runner(x, t)
+            return runner(x, t, *extra)
 
     def __repr__(self):
         return (f"AOTIBackend({self.path.name}, device={self.device}, precision={self.precision}, "

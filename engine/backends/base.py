@@ -1,10 +1,13 @@
-"""What every backend is: a callable (x_t, t) -> model output, and the class-level contract that
-the registry (backends/registry.py) and the engine rely on.
+"""What every backend is: a callable (x_t, t, *extra) -> model output, and the class-level
+contract that the registry (backends/registry.py) and the engine rely on.
 
-A call: x is [B, C, H, W] floating point, t is integer [B] (training timesteps); the output is
-float32 of x's shape, contiguous, on the backend's device, and stays valid after the next call. A
-backend knows nothing about schedules or samplers, keeps its own precision inside, and never
-synchronises with the host per call.
+A call: x is [B, C, H, W] floating point, t is integer [B] (training timesteps), then the model's
+extra inputs in ``export.iospec``'s order (``extra_inputs``: ``class_labels`` integer [B] for a
+class-conditional model); the output is float32 [B, C', H, W] (C' = ``out_channels``: C, or 2C
+for a model that learned its variance), contiguous, on the backend's device, and stays valid
+after the next call. A backend knows nothing about schedules or samplers, keeps its own precision
+inside, and never synchronises with the host per call. What a model takes and gives comes from
+the load probe (``checkpoints.LoadedModel.io``, given to the constructor as ``io``).
 
 The contract, one home each:
 
@@ -14,7 +17,7 @@ The contract, one home each:
 - ``create(loaded, device, precision)`` (class method): the backend for a
   ``checkpoints.LoadedModel``, its artifacts built or reused through ``ddpm_engine.cache``
   (``cache.artifact_path`` names them). Called only after ``unavailable_reason`` said None;
-- ``check_inputs(x, t)``: the one input check (``__call__`` runs it, then ``run``);
+- ``check_inputs(x, t, *extra)``: the one input check (``__call__`` runs it, then ``run``);
 - precision: a name of ``PRECISIONS``, validated once at the API boundary (``parse_precision`` in
   ``backends.create``); the classes trust it. A quantized precision (int8: its dtype in
   ``PRECISIONS`` is None) runs only on a backend that names it in ``quantized``; the registry
@@ -28,6 +31,8 @@ from __future__ import annotations
 import importlib.metadata as md
 
 import torch
+
+from ddpm_engine.export import iospec
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 
@@ -78,6 +83,20 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def _fits(name: str, v, x) -> bool:
+    """Whether extra input ``name`` (export.iospec) fits a call with sample ``x``."""
+    if not isinstance(v, torch.Tensor):
+        return False
+    if iospec.is_integer(name):
+        return tuple(v.shape) == (x.shape[0],) and _is_integer(v.dtype)
+    return v.shape == x.shape and v.dtype.is_floating_point
+
+
+def extra_dtype(name: str, float_dtype=torch.float32) -> torch.dtype:
+    """The dtype a backend hands its runtime for extra input ``name``: int64, or ``float_dtype``."""
+    return torch.int64 if iospec.is_integer(name) else float_dtype
+
+
 class Backend:
     name = "base"
     # True for a backend that runs its own CPU thread pool (ONNX Runtime on the CPU): the engine
@@ -89,16 +108,20 @@ class Backend:
     graph_capture_refusal = ""
     path = None  # the cached artifact it runs (an ONNX graph, a compiled package, ...), or None
     quantized: tuple = ()  # the quantized precisions (PRECISIONS' None dtypes) it runs
+    built_from = ()  # the cached artifacts ``path`` was built from (OpenVINO's blob: the ONNX export)
 
-    def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None):
+    def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None, io=None):
         """sample_shape: the (C, H, W) every call must have (None: any); batches: the (least, most)
-        images a call takes (None: any)."""
+        images a call takes (None: any); io: the model's ``probe.ModelIO`` (None: (x, t) calls,
+        C output channels)."""
         self.device = torch.device(device)
         self.precision = precision
         # validated at the API boundary (parse_precision); a quantized precision's I/O is float32
         self.dtype = PRECISIONS[precision] or torch.float32
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batches = batches
+        self.extra_inputs = tuple(io.extra_inputs) if io is not None else ()  # export.iospec names
+        self.out_channels = io.out_channels if io is not None else None  # None: x's channels
 
     # ---- the class-level contract (see the module docstring) ----
 
@@ -116,26 +139,38 @@ class Backend:
 
     # ---- a call ----
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(x, t)
-        return self.run(x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, t, *extra)
+        return self.run(x, t, *extra)
 
-    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def probe(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """A call made by the load check (``probe.check_graph``): an ordinary call unless a
+        backend keeps per-shape state that the check must not take (OpenVINO's static shapes)."""
+        return self(*inputs)
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         """The model output for inputs that passed ``check_inputs``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement run(x, t)")
+        raise NotImplementedError(f"{type(self).__name__} must implement run(x, t, *extra)")
 
-    def check_inputs(self, x, t) -> None:
+    def check_inputs(self, x, t, *extra) -> None:
         """InvalidRequestError unless x is a floating [B, C, H, W] tensor (of ``sample_shape`` if
-        set) and t an integer [B] tensor, with B in ``batches`` if set. Host metadata only: no sync."""
+        set), t an integer [B] tensor and ``extra`` one integer [B] tensor per name of
+        ``extra_inputs``, with B in ``batches`` if set. Host metadata only: no sync."""
         ok = (isinstance(x, torch.Tensor) and isinstance(t, torch.Tensor) and x.dim() == 4
               and x.dtype.is_floating_point and tuple(t.shape) == (x.shape[0],) and _is_integer(t.dtype)
-              and (self.sample_shape is None or tuple(x.shape[1:]) == self.sample_shape))
+              and (self.sample_shape is None or tuple(x.shape[1:]) == self.sample_shape)
+              and len(extra) == len(self.extra_inputs)
+              and all(_fits(name, v, x) for name, v in zip(self.extra_inputs, extra)))
         if not ok:
+            named = (("x", x), ("t", t), *zip(self.extra_inputs, extra),
+                     *((f"extra input {k}", v) for k, v in enumerate(extra[len(self.extra_inputs):])))
             got = [f"{n} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
-                   else f"{n} of type {type(v).__name__}" for n, v in (("x", x), ("t", t))]
+                   else f"{n} of type {type(v).__name__}" for n, v in named]
             shape = "C, H, W" if self.sample_shape is None else ", ".join(map(str, self.sample_shape))
+            wanted = "".join(f", {n} [B] integer" if iospec.is_integer(n) else f", {n} floating as x"
+                             for n in self.extra_inputs)
             raise InvalidRequestError(f"{self.name} backend got {' and '.join(got)}; expected x [B, {shape}] "
-                                      "floating point and t [B] integer")
+                                      f"floating point and t [B] integer{wanted}")
         if self.batches is not None and not self.batches[0] <= x.shape[0] <= self.batches[1]:
             raise InvalidRequestError(f"the {self.name} backend takes batches of {self.batches[0]} to "
                                       f"{self.batches[1]} images, got {x.shape[0]}")

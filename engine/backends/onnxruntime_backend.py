@@ -27,7 +27,7 @@ from ddpm_engine.export import iospec
 
 from .. import cache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
-from .base import Backend, parse_precision
+from .base import Backend, extra_dtype, parse_precision
 
 
 def _ort():
@@ -56,11 +56,12 @@ class OnnxRuntimeBackend(Backend):
                              "for CUDA graphs")
 
     def __init__(self, onnx_path, device="cpu", precision: str = "fp32", expected_hash: str | None = None,
-                 expected_shape=None):
-        """Open ``onnx_path``; with ``expected_hash`` / ``expected_shape`` (C, H, W) refuse a graph
-        exported from another model (``ModelLoadError``). ``precision`` as ``create`` or
-        ``from_file`` checked it (fp32)."""
-        super().__init__(device, precision)
+                 expected_shape=None, io=None):
+        """Open ``onnx_path``; with ``expected_hash`` / ``expected_shape`` (C, H, W) / ``io`` (the
+        model's probe.ModelIO: its extra inputs and output channels) refuse a graph exported from
+        another model (``ModelLoadError``). ``precision`` as ``create`` or ``from_file`` checked it
+        (fp32). Without ``io`` the extra inputs are the graph's own."""
+        super().__init__(device, precision, io=io)
         ort = _ort()
         self.path = Path(onnx_path)
         self.session = self._open(ort)
@@ -76,11 +77,18 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"{self.path} was exported from another model (weights hash "
                                  f"{meta.get(iospec.META_WEIGHTS_HASH, 'absent')!r}, expected {expected_hash!r}); "
                                  "delete it or re-export this model")
-        problems = iospec.mismatches(*iospec.from_session(self.session), expected_shape)
+        inputs, outputs = iospec.from_session(self.session)
+        if io is None:
+            self.extra_inputs = tuple(n for n, _, _ in inputs[2:] if n in iospec.EXTRA_INPUTS)
+        problems = iospec.mismatches(inputs, outputs, expected_shape, self.out_channels, self.extra_inputs)
         if problems:
             raise ModelLoadError(f"{self.path} does not fit this model / ddpm-engine's ONNX I/O spec: "
                                  f"{'; '.join(problems)}; re-export it with export.onnx_export.export_onnx")
-        self.sample_shape = tuple(self.session.get_inputs()[0].shape[1:])
+        graph_shape = inputs[0][2][1:]
+        fixed = all(isinstance(s, int) for s in graph_shape)
+        self.sample_shape = tuple(expected_shape) if expected_shape is not None else graph_shape if fixed else None
+        out_c = outputs[0][2][1]
+        self.out_channels = self.out_channels or (out_c if isinstance(out_c, int) else None)
         self._errors = _ort_errors()
 
     @classmethod
@@ -109,7 +117,7 @@ class OnnxRuntimeBackend(Backend):
 
         return cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
                           lambda path: cls(path, device, precision, expected_hash=loaded.weights_hash,
-                                           expected_shape=loaded.sample_shape),
+                                           expected_shape=loaded.sample_shape, io=loaded.io),
                           corrupt=(ModelLoadError,))
 
     @classmethod
@@ -143,13 +151,15 @@ class OnnxRuntimeBackend(Backend):
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path} (corrupt or not an ONNX model?): "
                                  f"{first}; delete it and re-export") from None
 
-    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(self.device, torch.float32).contiguous()
         t = t.detach().to(self.device, torch.int64).contiguous()
+        extra = [v.detach().to(self.device, extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra)]
         try:
             if self.device.type == "cuda":
-                return self._run_cuda(x, t)
-            feed = {iospec.SAMPLE: x.numpy(), iospec.TIMESTEP: t.numpy()}
+                return self._run_cuda(x, t, extra)
+            feed = {iospec.SAMPLE: x.numpy(), iospec.TIMESTEP: t.numpy(),
+                    **{name: v.numpy() for name, v in zip(self.extra_inputs, extra)}}
             out = self.session.run([iospec.OUTPUT], feed, self._run_options)[0]
             return torch.from_numpy(out)
         except self._errors as exc:
@@ -157,12 +167,15 @@ class OnnxRuntimeBackend(Backend):
             error = InvalidRequestError if type(exc).__name__ == "InvalidArgument" else BackendUnavailableError
             raise error(f"ONNX Runtime failed on {self.path.name} with x {tuple(x.shape)}: {first}") from None
 
-    def _run_cuda(self, x, t):  # UNVERIFIED, see the module docstring
-        out = torch.empty_like(x)
+    def _run_cuda(self, x, t, extra):  # UNVERIFIED, see the module docstring
+        out = x.new_empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]))
         index = self.device.index
         binding = self.session.io_binding()
         binding.bind_input(iospec.SAMPLE, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_input(iospec.TIMESTEP, "cuda", index, np.int64, tuple(t.shape), t.data_ptr())
+        for name, v in zip(self.extra_inputs, extra):
+            kind = np.int64 if iospec.is_integer(name) else np.float32
+            binding.bind_input(name, "cuda", index, kind, tuple(v.shape), v.data_ptr())
         binding.bind_output(iospec.OUTPUT, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding, self._run_options)
         return out

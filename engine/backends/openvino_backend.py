@@ -59,7 +59,7 @@ from ddpm_engine.export import iospec
 
 from .. import cache, calibration, cpu, threads
 from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
-from .base import Backend, versions
+from .base import Backend, extra_dtype, versions
 
 # the CPU plugin's precision hint per precision; int8's quantized layers run int8 whatever the
 # hint, the layers it keeps in floating point run f32 (a bf16 hint would round them once more)
@@ -124,7 +124,8 @@ def read_onnx(core, loaded, path):
         raise ModelLoadError(f"OpenVINO cannot read {path} (corrupt?): {type(exc).__name__}") from None
     if meta.get(iospec.META_WEIGHTS_HASH) != loaded.weights_hash:
         raise ModelLoadError(f"{path} was exported from another model; delete it or re-export this model")
-    problems = iospec.mismatches(*iospec.from_openvino(model), loaded.sample_shape)
+    problems = iospec.mismatches(*iospec.from_openvino(model), loaded.sample_shape, loaded.io.out_channels,
+                                 loaded.io.extra_inputs)
     if problems:
         raise ModelLoadError(f"{path} does not fit this model / ddpm-engine's ONNX I/O spec: {'; '.join(problems)}")
     return model
@@ -299,7 +300,9 @@ def compile_static(loaded, precision: str, batch: int):
     dynamic one)."""
     core = _ov().Core()
     model = source_model(core, loaded, precision)
-    model.reshape({model.inputs[0].any_name: [batch, *loaded.sample_shape], model.inputs[1].any_name: [batch]})
+    names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
+    model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
+                   for name, port in zip(names, model.inputs)})
     return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}")
 
 
@@ -310,11 +313,13 @@ class OpenVINOBackend(Backend):
     graph_capturable = False
     graph_capture_refusal = "OpenVINO runs on the CPU only; CUDA graphs need a CUDA backend"
 
-    def __init__(self, blob_path, expected: dict, sample_shape, precision: str = "fp32", compile_static=None):
+    def __init__(self, blob_path, expected: dict, sample_shape, precision: str = "fp32", compile_static=None,
+                 io=None):
         """Import the compiled blob at ``blob_path``; a header other than ``expected`` or a blob
         OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch)``: a compiled
-        model for exactly that batch (None: the dynamic-shape blob runs every batch)."""
-        super().__init__("cpu", precision, sample_shape)
+        model for exactly that batch (None: the dynamic-shape blob runs every batch). ``io``: the
+        model's probe.ModelIO (its extra inputs and output channels; None: (x, t) -> C channels)."""
+        super().__init__("cpu", precision, sample_shape, io=io)
         ov = _ov()
         self.path = Path(blob_path)
         with open(self.path, "rb") as f:
@@ -357,11 +362,15 @@ class OpenVINOBackend(Backend):
     @classmethod
     def create(cls, loaded, device, precision) -> OpenVINOBackend:
         """Export ``loaded`` to ONNX (cached), compile it for the CPU at ``precision`` (cached) and open it."""
+        from ddpm_engine.export.onnx_export import cached_path as onnx_path
+
         expected = identity(loaded, precision)
-        return cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
-                          lambda path: cls(path, expected, loaded.sample_shape, precision,
-                                           lambda batch: compile_static(loaded, precision, batch)),
-                          corrupt=(ModelLoadError,))
+        backend = cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
+                             lambda path: cls(path, expected, loaded.sample_shape, precision,
+                                              lambda batch: compile_static(loaded, precision, batch), io=loaded.io),
+                             corrupt=(ModelLoadError,))
+        backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
+        return backend
 
     def request_for(self, batch: int):
         """The infer request that runs ``batch`` images now, never waiting for a compile: its
@@ -406,13 +415,22 @@ class OpenVINOBackend(Backend):
             for thread in pending:
                 thread.join()
 
-    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self._infer(self.request_for(x.shape[0]), x, t, *extra)
+
+    def probe(self, *inputs) -> torch.Tensor:
+        """The load check's call (``probe.check_graph``) on the dynamic-shape model, so it takes
+        none of the static-shape slots the first served batch sizes get."""
+        self.check_inputs(*inputs)
+        return self._infer(self.request, *inputs)
+
+    def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
-        t = t.detach().to("cpu", torch.int64).contiguous()
-        out = torch.empty(x.shape, dtype=torch.float32)
-        request = self.request_for(x.shape[0])
-        request.set_input_tensor(0, self._tensor(x.numpy(), shared_memory=True))
-        request.set_input_tensor(1, self._tensor(t.numpy(), shared_memory=True))
+        inputs = [x, t.detach().to("cpu", torch.int64).contiguous(),
+                  *(v.detach().to("cpu", extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra))]
+        out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), dtype=torch.float32)
+        for k, v in enumerate(inputs):  # export.iospec's order: x, t, then the extra inputs
+            request.set_input_tensor(k, self._tensor(v.numpy(), shared_memory=True))
         request.set_output_tensor(0, self._tensor(out.numpy(), shared_memory=True))
         try:
             request.infer()

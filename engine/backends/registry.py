@@ -12,6 +12,7 @@ import importlib
 
 import torch
 
+from .. import probe
 from ..errors import BackendUnavailableError
 from .base import Backend, quantized_refusal
 
@@ -48,7 +49,10 @@ def available(device, precision: str = "fp32", names=BACKEND_CLASSES) -> dict:
 
 def create_named(name: str, loaded, device: torch.device, precision: str) -> Backend:
     """Build the backend called ``name`` (not "auto") on ``device`` at ``precision`` (both checked
-    by the caller, ``backends.create``), or raise BackendUnavailableError saying why it cannot run."""
+    by the caller, ``backends.create``), or raise BackendUnavailableError saying why it cannot run.
+    A backend that serves an exported or cached graph (its ``path``) is compared with the eager
+    module on the load probe first (``probe.checked``: a stale cached graph is rebuilt once, a
+    graph that still differs is a ModelLoadError naming the cause)."""
     try:
         cls = backend_class(name)
     except ImportError as exc:
@@ -56,4 +60,4 @@ def create_named(name: str, loaded, device: torch.device, precision: str) -> Bac
     reason = quantized_refusal(cls, precision) or cls.unavailable_reason(device, precision)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {precision} on {device}: {reason}")
-    return cls.create(loaded, device, precision)
+    return probe.checked(lambda: cls.create(loaded, device, precision), getattr(loaded, "io", None), loaded.name)

@@ -32,8 +32,8 @@ def _trt():
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plan_path, device, precision: str, sample_shape, profile):
-        super().__init__(device, precision, sample_shape, batches=(profile.min, profile.max))
+    def __init__(self, plan_path, device, precision: str, sample_shape, profile, io=None):
+        super().__init__(device, precision, sample_shape, batches=(profile.min, profile.max), io=io)
         trt = _trt()
         self.path = plan_path
         self.profile = profile
@@ -46,7 +46,7 @@ class TensorRTBackend(Backend):
                                      "for another GPU?); delete it and it is rebuilt")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
-        if sorted(names) != sorted([iospec.SAMPLE, iospec.TIMESTEP, iospec.OUTPUT]):
+        if sorted(names) != sorted([*iospec.inputs_of(self.extra_inputs), iospec.OUTPUT]):
             raise ModelLoadError(f"{plan_path} has I/O tensors {names}, not ddpm-engine's ONNX I/O spec")
         self._t_dtype = torch.int32 if self.engine.get_tensor_dtype(iospec.TIMESTEP) == trt.DataType.INT32 \
             else torch.int64
@@ -77,23 +77,29 @@ class TensorRTBackend(Backend):
             device = torch.device("cuda", torch.cuda.current_device())
         plan, make = plan_builder(loaded, device, precision, profile)
         # a plan TensorRT cannot deserialize (another TensorRT version, a truncated file) is rebuilt once
-        return cache.load(plan, make, lambda path: cls(path, device, precision, loaded.sample_shape, profile),
+        return cache.load(plan, make, lambda path: cls(path, device, precision, loaded.sample_shape, profile,
+                                                       io=loaded.io),
                           corrupt=(ModelLoadError,))
 
-    def run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.device, torch.float32).contiguous()
         t = t.to(self.device, self._t_dtype).contiguous()
-        out = torch.empty_like(x)
+        extra = [v.to(self.device, self._t_dtype if iospec.is_integer(n) else torch.float32).contiguous()
+                 for n, v in zip(self.extra_inputs, extra)]  # int labels as t's int type
+        out = x.new_empty((b, self.out_channels or x.shape[1], *x.shape[2:]))
         stream = torch.cuda.current_stream(self.device).cuda_stream
         with self._lock:
             ctx = self.context
             if self._shape != tuple(x.shape):
                 ctx.set_input_shape(iospec.SAMPLE, tuple(x.shape))
-                ctx.set_input_shape(iospec.TIMESTEP, (b,))
+                for name in (iospec.TIMESTEP, *self.extra_inputs):
+                    ctx.set_input_shape(name, (b,) if iospec.is_integer(name) else tuple(x.shape))
                 self._shape = tuple(x.shape)
             ctx.set_tensor_address(iospec.SAMPLE, x.data_ptr())
             ctx.set_tensor_address(iospec.TIMESTEP, t.data_ptr())
+            for name, v in zip(self.extra_inputs, extra):
+                ctx.set_tensor_address(name, v.data_ptr())
             ctx.set_tensor_address(iospec.OUTPUT, out.data_ptr())
             if not ctx.execute_async_v3(stream):
                 raise BackendUnavailableError(f"TensorRT execute_async_v3 failed on {self.path.name} with x "

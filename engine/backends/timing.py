@@ -44,32 +44,38 @@ ROUNDS = 3
 RULE = 3  # bump when what a measured candidate runs changes (2: OpenVINO static shapes; 3: timed in yield_cpu_to)
 
 
-def time_call(backend, x, t) -> float:
+def time_call(backend, x, t, *extra) -> float:
     """Seconds one call of ``backend`` takes (the CPU backends return finished results)."""
     start = time.perf_counter()
-    backend(x, t)
+    backend(x, t, *extra)
     return time.perf_counter() - start
 
 
 def measure(built: dict, sample_shape, num_train_timesteps: int) -> dict:
-    """{name: {batch: median ms}} of the built candidates, timed in alternating rounds."""
+    """{name: {batch: median ms}} of the built candidates, timed in alternating rounds (each
+    given its extra inputs, ``Backend.extra_inputs``: label 0 for a class-conditional model)."""
     gen = torch.Generator().manual_seed(0)
     inputs = {b: (torch.randn(b, *sample_shape, generator=gen),
                   torch.randint(0, num_train_timesteps, (b,), generator=gen)) for b in (1, TYPICAL_BATCH)}
+
+    def args(backend, b):
+        x, t = inputs[b]
+        return (x, t, *(torch.zeros(b, dtype=torch.int64) for _ in getattr(backend, "extra_inputs", ())))
+
     with torch.inference_mode():
         for backend in built.values():
             prepare = getattr(backend, "prepare", None)  # Backend.prepare; a bare callable has none
             if prepare is not None:
                 prepare(inputs)  # what a first call builds (OpenVINO's static shapes), before the timing
             with yield_cpu_to(backend):
-                for x, t in inputs.values():
-                    backend(x, t)  # warm-up: first-call allocations, per-shape kernel selection
+                for b in inputs:
+                    backend(*args(backend, b))  # warm-up: first-call allocations, per-shape kernel selection
         times = {name: {b: [] for b in inputs} for name in built}
         for _ in range(ROUNDS):
             for name, backend in built.items():
                 with yield_cpu_to(backend):
-                    for b, (x, t) in inputs.items():
-                        times[name][b].append(time_call(backend, x, t))
+                    for b in inputs:
+                        times[name][b].append(time_call(backend, *args(backend, b)))
     return {name: {b: 1e3 * statistics.median(v) for b, v in by_batch.items()} for name, by_batch in times.items()}
 
 

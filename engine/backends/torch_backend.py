@@ -38,10 +38,11 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None,
-                 sample_shape=None):
+                 sample_shape=None, io=None):
         """channels_last: run the module in that memory format (default: on CUDA only);
-        sample_shape: the (C, H, W) calls must have (None: any)."""
-        super().__init__(device, precision, sample_shape)
+        sample_shape: the (C, H, W) calls must have (None: any); io: the model's probe.ModelIO
+        (its extra inputs; None: (x, t))."""
+        super().__init__(device, precision, sample_shape, io=io)
         if self.device.type == "cpu" and not cpu.native(precision):
             warnings.warn(f"{precision} runs emulated on this CPU ({cpu.model()}: no native {precision} "
                           "instructions), slower than fp32; use precision='fp32' for speed",
@@ -57,17 +58,17 @@ class TorchBackend(Backend):
     def create(cls, loaded, device, precision) -> TorchBackend:
         """On CUDA: channels_last. On the CPU: the layout of ``choose_layout`` (measured once, cached)."""
         if torch.device(device).type != "cpu":
-            return cls(loaded.module, device, precision, sample_shape=loaded.sample_shape)
+            return cls(loaded.module, device, precision, sample_shape=loaded.sample_shape, io=loaded.io)
         verdict, backend = choose_layout(loaded, precision)
         if backend is None:  # a cached verdict
             backend = cls(loaded.module, "cpu", precision, channels_last=verdict.choice == "channels_last",
-                          sample_shape=loaded.sample_shape)
+                          sample_shape=loaded.sample_shape, io=loaded.io)
         return backend
 
     @torch.inference_mode()
-    def run(self, x, t):
+    def run(self, x, t, *extra):
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = self.module(x.to(dtype=self.dtype, memory_format=layout), t)
+        out = self.module(x.to(dtype=self.dtype, memory_format=layout), t, *extra)
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
@@ -81,7 +82,7 @@ def choose_layout(loaded, precision: str) -> tuple[timing.Verdict, TorchBackend 
     NCHW, unmeasured (the source says why), and is measured again next time."""
     def build(skipped: dict) -> dict:
         return {layout: TorchBackend(loaded.module, "cpu", precision, channels_last=layout == "channels_last",
-                                     sample_shape=loaded.sample_shape)
+                                     sample_shape=loaded.sample_shape, io=loaded.io)
                 for layout in LAYOUTS}
 
     try:

@@ -12,7 +12,8 @@ CUDA >= 12.4, UNVERIFIED on a GPU).
 Batch sizes are bucketed (1, 2, 4, ... up to ``max_batch``); a request is padded to the next
 bucket with seed-0 rows that are dropped afterwards. Each seed's image does not depend on the
 batch it rides in (per-sample Philox noise, eval-mode model), so padding changes nothing.
-One graph (and one set of static buffers x, i, words) per bucket, captured on first use.
+One graph (and one set of static buffers x, i, words, and the labels of a class-conditional
+model) per bucket, captured on first use.
 
 About torch's raw graph handles (torch 2.13 here; see torch/cuda/graphs.py):
 ``CUDAGraph.raw_cuda_graph_exec()`` returns the cudaGraphExec_t as an int, and
@@ -269,10 +270,11 @@ class GraphedSampler:
                 self._fastest = "python"
         return self._fastest
 
-    def run(self, seeds, driver: str | None = None) -> torch.Tensor:
+    def run(self, seeds, driver: str | None = None, class_labels=None) -> torch.Tensor:
         """Images [n, C, H, W] in [-1, 1] for the seeds, on the plan's device. driver: one of
         DRIVERS, default ``fastest_driver()``; with the default, a refused or failing graph path
-        runs the eager loop instead (the same images); an explicit driver raises."""
+        runs the eager loop instead (the same images); an explicit driver raises. class_labels:
+        one per seed for a class-conditional model (they ride in the buckets' static rows)."""
         explicit = driver is not None
         if explicit and driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
@@ -280,12 +282,14 @@ class GraphedSampler:
             raise BackendUnavailableError(f"driver={driver!r} replays captured CUDA graphs; without capture "
                                           "only driver='python' runs")
         seeds = parse_batch(list(seeds) if isinstance(seeds, (list, tuple)) else seeds, self.plan.max_batch)
-        chunks = [seeds[k:k + self.max_batch] for k in range(0, len(seeds), self.max_batch)]
+        labels = self.plan.labels(class_labels, len(seeds))
+        chunks = [(seeds[k:k + self.max_batch], None if labels is None else labels[k:k + self.max_batch])
+                  for k in range(0, len(seeds), self.max_batch)]
         with self._lock:
             if self.refused is None:
                 try:
                     driver = self.fastest_driver() if driver is None else driver
-                    return torch.cat([self._run_bucket(chunk, driver) for chunk in chunks])
+                    return torch.cat([self._run_bucket(chunk, driver, chunk_labels) for chunk, chunk_labels in chunks])
                 except GraphsRefused:
                     if explicit:
                         raise
@@ -295,13 +299,14 @@ class GraphedSampler:
                     self._refuse(f"replay with driver {driver!r}: {type(exc).__name__}: {exc}")
             elif explicit:
                 raise GraphsRefused(f"CUDA graphs are off for {self.plan.name}: {self.refused}")
-            images, _ = run_chain(self.plan, self.plan.start(seeds))
+            images, _ = run_chain(self.plan, self.plan.start(seeds, labels=labels))
             return images
 
     @torch.inference_mode()
-    def _run_bucket(self, seeds, driver):
+    def _run_bucket(self, seeds, driver, labels=None):
         n = len(seeds)
-        start = self.plan.start(seeds + [0] * (self.bucket_for(n) - n))  # padding rows: seed 0, dropped
+        pad = [0] * (self.bucket_for(n) - n)  # padding rows: seed 0 (label 0), dropped
+        start = self.plan.start(seeds + pad, labels=None if labels is None else labels + pad)
         bk = self.bucket(n, sample=start)
         rows = bk.rows
         rows.write(0, start)

@@ -42,14 +42,16 @@ CIFAR10_SCHEDULER_CONFIG = {
 
 
 class DiffusersUNet(nn.Module):
-    """Adapts a diffusers ``UNet2DModel`` to the engine's ``forward(x, t) -> output``."""
+    """Adapts a diffusers ``UNet2DModel`` to the engine's ``forward(x, t[, class_labels]) ->
+    output``: a class-conditional UNet (``num_class_embeds``) takes its labels as the third input
+    (export.iospec's ``class_labels``)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x, t):
-        return self.unet(x, t, return_dict=False)[0]
+    def forward(self, x, t, class_labels=None):
+        return self.unet(x, t, class_labels=class_labels, return_dict=False)[0]
 
 
 def diffusers_unet(config: dict) -> DiffusersUNet:

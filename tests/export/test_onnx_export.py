@@ -50,8 +50,8 @@ def test_graph_passes_checker_with_dynamic_batch_and_identity(tmp_path):
     model = onnx.load(str(path))
     assert model.opset_import[0].version >= 17
     inputs, outputs = iospec.from_onnx(model)
-    assert inputs == [("sample", "float32", (None, *SHAPE)), ("timestep", "int64", (None,))]
-    assert outputs == [("model_output", "float32", (None, *SHAPE))]
+    assert inputs == [("sample", "float32", ("batch", *SHAPE)), ("timestep", "int64", ("batch",))]
+    assert outputs == [("model_output", "float32", ("batch", *SHAPE))]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta[iospec.META_WEIGHTS_HASH] == loaded.weights_hash
