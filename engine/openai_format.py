@@ -362,9 +362,6 @@ def open_folder(folder) -> tuple:
         cfg = from_flags(flags)
     except InvalidRequestError as exc:
         raise ModelLoadError(f"{folder}: {exc}") from None
-    if cfg.flags["class_cond"]:
-        raise ModelLoadError(f"{folder} is class-conditional (class_cond True): the engine does not pass class "
-                             "labels to a model yet")
     try:
         scheduler = SchedulerConfig.from_dict(cfg.scheduler)
     except InvalidRequestError as exc:

@@ -279,7 +279,7 @@ def test_a_folder_names_its_checkpoint(tmp_path):
 @pytest.mark.parametrize("change, match", [
     ("--num_channels 64", "do not fit the network its flags describe.*other shape"),
     ("--num_res_blocks 2", "missing [1-9][0-9]* \\(input_blocks"),
-    ("--class_cond True", "class-conditional"),
+    ("--class_cond True", "missing .*label_emb"),
     ("--timestep_respacing 50", "timestep_respacing '50'"),
 ])
 def test_a_folder_whose_flags_do_not_fit_is_refused_saying_why(tmp_path, change, match):
@@ -425,7 +425,11 @@ CHAIN_FLAGS = {"cifar10-cosine-4000": "--image_size 32 --num_channels 32 --num_r
                "linear-1000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16,8 "
                               "--diffusion_steps 1000 --noise_schedule linear --rescale_timesteps False",
                "learned-sigma-cosine": "--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True "
-                                       "--diffusion_steps 1000 --noise_schedule cosine --rescale_learned_sigmas True"}
+                                       "--diffusion_steps 1000 --noise_schedule cosine --rescale_learned_sigmas True",
+               "guided-class-cond": "--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True "
+                                    "--class_cond True --attention_resolutions 16,8 --num_head_channels 32 --channel_mult 1,2 "
+                                    "--resblock_updown True --use_scale_shift_norm True --diffusion_steps 1000 "
+                                    "--noise_schedule cosine"}
 
 
 def engine_and_theirs(flags: str):
@@ -436,7 +440,7 @@ def engine_and_theirs(flags: str):
     ours.load_state_dict(model.state_dict(), strict=True)
     engine = Engine.from_module(ours, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend="torch",
                                 batching=False)
-    engine.backend = TorchBackend(engine.model.module, engine.device)  # NCHW, as their loop runs it
+    engine.backend = TorchBackend(engine.model.module, engine.device, io=engine.model.io)  # NCHW, as their loop runs it
     return engine, model, diffusion
 
 
@@ -461,19 +465,22 @@ def chain(flags: str, sampler: str, steps: int = 10) -> dict:
     assert cfg.sample_kwargs == {"sampler": sampler, "steps": steps}
     seeds, shape = [5, 6, 7], (3, *cfg.sample_shape)
     x_T, words = torch.randn(shape), seed_words([5, 6, 7])
-    ours = engine.sample(seeds, x_T=x_T, **cfg.sample_kwargs)
+    labels = torch.tensor([0, 999, 417]) if cfg.flags["class_cond"] else None  # guided-diffusion's y
+    kw = {} if labels is None else {"model_kwargs": {"y": labels}}
+    ours = engine.sample(seeds, x_T=x_T, class_labels=None if labels is None else labels.tolist(), **cfg.sample_kwargs)
     loop, one_step = {"ddim": (diffusion.ddim_sample_loop, diffusion.ddim_sample),
                       "ddpm": (diffusion.p_sample_loop, diffusion.p_sample)}[sampler]
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setattr(torch, "randn_like", their_noise_is(words, steps))
-        want = loop(model, shape, noise=x_T.clone(), clip_denoised=True)
+        want = loop(model, shape, noise=x_T.clone(), clip_denoised=True, **kw)
         plan = engine.plan(**cfg.sample_kwargs)
         rows, step_error = plan.start(seeds, x_T.clone()), 0.0
+        extra = () if labels is None else (labels,)
         mp.setattr(torch, "randn_like", their_noise_is(words, steps))
         for i in reversed(range(steps)):
             x = rows.x.clone()
-            theirs_ = one_step(model, x, torch.full((3,), i), clip_denoised=True)["sample"]
-            plan.step(rows, engine.model.module(x, torch.full((3,), int(plan.tables.timesteps[i]))))
+            theirs_ = one_step(model, x, torch.full((3,), i), clip_denoised=True, **kw)["sample"]
+            plan.step(rows, engine.model.module(x, torch.full((3,), int(plan.tables.timesteps[i])), *extra))
             step_error = max(step_error, (rows.x - theirs_).abs().max().item())
     return {"sampler": sampler, "steps": steps, "max_abs_error": (ours - want.clamp(-1, 1)).abs().max().item(),
             "step_max_abs_error": step_error}
