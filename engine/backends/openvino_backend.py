@@ -258,7 +258,11 @@ def read_int8(core, loaded, path):
 
 
 def int8_model(core, loaded):
-    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``."""
+    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``. A model with
+    extra inputs (class labels, self-conditioning) is refused: the calibration records (x, t) only."""
+    if loaded.io.extra_inputs:
+        raise BackendUnavailableError(f"precision='int8' calibrates on (x, t) calls only, and this model also takes "
+                                      f"{list(loaded.io.extra_inputs)}; use precision='bf16' or 'fp32'")
     return cache.load(int8_path(loaded), lambda tmp: write_int8(loaded, tmp), lambda p: read_int8(core, loaded, p),
                       corrupt=(ModelLoadError,))
 

@@ -152,3 +152,22 @@ def test_compare_reports_int8_against_eager_fp32(loaded, int8, monkeypatch):
     assert (result.backend, result.precision) == ("openvino", "int8")
     assert 1e-4 < result.network_error < float("inf") and 0 < result.image_psnr_db < float("inf")
     assert "int8" in str(report)
+
+
+def test_int8_refuses_a_model_with_extra_inputs(cache):
+    """The calibration records (x, t) calls only: a class-conditional model is refused at load, saying
+    which inputs and what to use."""
+    class WithLabels(torch.nn.Module):
+        num_classes = 3
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.embed = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Embedding(3, 1)
+
+        def forward(self, x, t, y):
+            return self.conv(x) + self.embed(y)[:, :, None, None]
+
+    loaded = from_module(WithLabels(), sample_shape=(1, 8, 8))
+    assert loaded.io.extra_inputs
+    with pytest.raises(BackendUnavailableError, match="calibrates on \\(x, t\\).*bf16"):
+        Engine(loaded, backend="openvino", device="cpu", precision="int8")
