@@ -11,7 +11,7 @@ from pathlib import Path
 from .backends.base import PRECISIONS
 from .errors import EngineError
 from .export.iospec import DEFAULT_OPSET
-from .samplers import FEW_STEP_SAMPLER, FEW_STEPS, SAMPLER_DEFS, SAMPLERS
+from .samplers import FEW_STEP_SAMPLER, FEW_STEP_SPACING, FEW_STEPS, SAMPLER_DEFS, SAMPLERS
 from .schedules import SPACINGS
 
 
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--n", type=int, default=16, help="number of images (fresh random seeds)")
     s.add_argument("--seeds", type=int, nargs="+", help="explicit 64-bit seeds (overrides -n)")
     s.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddpm, or with --steps up to "
-                   f"{FEW_STEPS} the best few-step sampler ({FEW_STEP_SAMPLER})")
+                   f"{FEW_STEPS} the best few-step sampler ({FEW_STEP_SAMPLER}, {FEW_STEP_SPACING} spacing)")
     s.add_argument("--steps", type=int, default=None, help="reverse steps (default: the sampler's, " + ", ".join(
         f"{d.steps or 'T'} for {name}" for name, d in SAMPLER_DEFS.items()) + ")")
     s.add_argument("--spacing", default=None, choices=SPACINGS,

@@ -158,8 +158,8 @@ class Engine:
             same image whatever batch it rides in. A batch too large to fit in memory is refused
             at once (the error says how many fit).
         sampler: one of ``ddpm_engine.samplers.SAMPLERS``: "ddpm" (ancestral, the model's variance
-            type), "ddim" (with ``eta``), ...; None: ``samplers.default_sampler(steps)``, DDPM, or
-            the best few-step sampler of the quality table when 1..``samplers.FEW_STEPS`` steps.
+            type), "ddim" (with ``eta``), ...; None: ``samplers.default_request(steps)``, DDPM, or
+            the best few-step sampler and spacing of the quality table when 1..``samplers.FEW_STEPS`` steps.
         steps: number of reverse steps (default: ``samplers.default_steps``: T for DDPM, 50 for
             DDIM); fewer than T respaces.
         clip_denoised: clip predicted x0 to [-1, 1]; None takes the model's scheduler config.

@@ -30,7 +30,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
-from .samplers import SamplerDef, StepSpec, check_eta, default_sampler, sampler_def
+from .samplers import SamplerDef, StepSpec, check_eta, default_request, sampler_def
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
 from .stepping import Rows, make_step
 from .threads import yield_cpu_to
@@ -274,8 +274,11 @@ class Planner:
     def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
              use_clipped_model_output=None, spacing=None, guidance_scale=1.0) -> SamplingPlan:
         """The plan of a request (built on first use; callers hold the engine's plans lock). ``sampler``
-        None: samplers.default_sampler(steps) (DDPM, or the best few-step sampler for a few steps)."""
-        sampler = default_sampler(steps) if sampler is None else sampler
+        None: samplers.default_request(steps) (DDPM, or for a few steps the best few-step sampler and
+        its spacing, unless the request names a spacing)."""
+        if sampler is None:
+            sampler, few_step_spacing = default_request(steps)
+            spacing = few_step_spacing if spacing is None else spacing
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
         spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)

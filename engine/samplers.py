@@ -499,19 +499,26 @@ def sampler_def(name) -> SamplerDef:
         raise InvalidRequestError(f"unknown sampler {name!r}; choose one of {SAMPLERS}") from None
 
 
-# The sampler a request gets when it names none (Planner.plan asks ``default_sampler``): DDPM without
-# steps (its whole chain, T steps), and for a few steps (1..FEW_STEPS) the sampler with the lowest
-# Fréchet distance at 5 steps in the quality table (docs/performance.md, "Five steps": 1000 images of
-# the bundled digits model, bench/results/quality-2026-12-03-torch-fp32.json). More steps keep DDPM
-# respaced, as before the table.
+# The sampler a request gets when it names none (Planner.plan asks ``default_request``): DDPM without
+# steps (its whole chain, T steps), and for a few steps (1..FEW_STEPS) the sampler and timestep spacing
+# with the lowest Fréchet distance at 5 steps in the quality table of every sampler x spacing
+# (docs/performance.md, "Five steps": 1000 images of the bundled digits model,
+# bench/results/quality-2026-12-03-torch-fp32-spacings.json). More steps keep DDPM respaced.
 FEW_STEPS = 10
-FEW_STEP_SAMPLER = "unipc"
+FEW_STEP_SAMPLER = "unipc_3"
+FEW_STEP_SPACING = "leading"
+
+
+def default_request(steps) -> tuple[str, str | None]:
+    """(sampler, spacing or None: the sampler's own) of a request that names no sampler:
+    (FEW_STEP_SAMPLER, FEW_STEP_SPACING) for 1..FEW_STEPS steps, else ("ddpm", None)."""
+    few = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and 1 <= steps <= FEW_STEPS
+    return (FEW_STEP_SAMPLER, FEW_STEP_SPACING) if few else ("ddpm", None)
 
 
 def default_sampler(steps) -> str:
-    """The sampler of a request that names none: ``FEW_STEP_SAMPLER`` for 1..FEW_STEPS steps, else "ddpm"."""
-    few = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and 1 <= steps <= FEW_STEPS
-    return FEW_STEP_SAMPLER if few else "ddpm"
+    """The sampler of a request that names none (``default_request``)."""
+    return default_request(steps)[0]
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:

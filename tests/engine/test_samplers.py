@@ -561,7 +561,8 @@ def test_learned_range_matches_improved_diffusion(seeded, steps, prediction):
     # sqrt(1 / abar) reaches ~160 at t = 999: x0 = 160 x - 160 eps agrees to ~1e-5 there, ~1e-7 elsewhere
     torch.testing.assert_close(got, want["sample"], rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(got_x0, want["pred_xstart"], rtol=1e-6, atol=1e-4)
-QUALITY_TABLE = Path(__file__).resolve().parents[2] / "bench" / "results" / "quality-2026-12-03-torch-fp32.json"
+QUALITY_TABLE = (Path(__file__).resolve().parents[2] / "bench" / "results"
+                 / "quality-2026-12-03-torch-fp32-spacings.json")
 
 
 def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
@@ -572,7 +573,7 @@ def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
 
     from ddpm_engine import Engine
     from ddpm_engine.models import SeedUNet
-    from ddpm_engine.samplers import FEW_STEP_SAMPLER, FEW_STEPS, SAMPLER_DEFS, default_sampler
+    from ddpm_engine.samplers import FEW_STEP_SAMPLER, FEW_STEP_SPACING, FEW_STEPS, SAMPLER_DEFS, default_sampler
 
     engine = Engine.from_module(SeedUNet(1, (8, 16)).eval(), sample_shape=(1, 8, 8), backend="torch", device="cpu",
                                 batching=False)
@@ -582,7 +583,10 @@ def test_a_request_without_a_sampler_gets_ddpm_or_the_few_step_default():
     assert engine.plan("ddim", steps=5).spec.sampler == "ddim"  # a named sampler is never replaced
     assert default_sampler(True) == "ddpm" and default_sampler(None) == "ddpm"
     seeds = [random.getrandbits(64) for _ in range(2)]
-    assert torch.equal(engine.sample(seeds, steps=5), engine.sample(seeds, sampler=FEW_STEP_SAMPLER, steps=5))
+    assert engine.plan(steps=5).spacing == FEW_STEP_SPACING and engine.plan(steps=5, spacing="karras").spacing == "karras"
+    assert torch.equal(engine.sample(seeds, steps=5),
+                       engine.sample(seeds, sampler=FEW_STEP_SAMPLER, steps=5, spacing=FEW_STEP_SPACING))
     rows = [r for r in json.loads(QUALITY_TABLE.read_text())["rows"] if r["steps"] == 5 and r["sampler"] != "ddpm"]
     assert {r["sampler"] for r in rows} == set(SAMPLER_DEFS) - {"ddpm"}  # every few-step sampler was measured
-    assert min(rows, key=lambda r: r["frechet"])["sampler"] == FEW_STEP_SAMPLER
+    best = min(rows, key=lambda r: r["frechet"])
+    assert (best["sampler"], best["spacing"]) == (FEW_STEP_SAMPLER, FEW_STEP_SPACING)
