@@ -137,7 +137,7 @@ def _from_lucidrains(diffusion, scheduler, sample_shape) -> tuple:
         raise InvalidRequestError("a GaussianDiffusion carries its own schedule; pass no scheduler")
     cfg = {"num_train_timesteps": int(diffusion.num_timesteps), "trained_betas": diffusion.betas.double().tolist(),
            "prediction_type": objective, "variance_type": "fixed_small", "clip_sample": True,
-           "use_clipped_model_output": True}
+           "use_clipped_model_output": True, "timestep_spacing": "trailing"}  # its ddim_sample's timesteps
     return diffusion.model, cfg, shape
 
 

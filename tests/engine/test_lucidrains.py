@@ -44,11 +44,11 @@ except ImportError:
     pytest.skip("denoising-diffusion-pytorch is not installed (docs/models.md: lucidrains)", allow_module_level=True)
 
 
-def diffusion(objective="pred_noise", self_condition=False):
+def diffusion(objective="pred_noise", self_condition=False, sampling_timesteps=None):
     unet = ddp.Unet(dim=8, dim_mults=(1, 2), channels=1, self_condition=self_condition, attn_dim_head=8,
                     attn_heads=2)
     return ddp.GaussianDiffusion(unet, image_size=8, timesteps=T, objective=objective, beta_schedule="cosine",
-                                 ddim_sampling_eta=0.0).eval()
+                                 ddim_sampling_eta=0.0, sampling_timesteps=sampling_timesteps).eval()
 
 
 def lucidrains_ddim(model, noise, seed):
@@ -75,6 +75,19 @@ def test_engine_ddim_matches_its_ddim_sample_with_the_same_noise(objective, self
     # tables cast once; the first steps divide by sqrt(alpha-bar) near 0 (cosine, T = 20), which
     # magnifies that rounding (typically 3e-7, 1.4e-4 at worst seen over seeds)
     torch.testing.assert_close(got, want, atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [5, 4])
+def test_fewer_ddim_steps_keep_its_timesteps(steps, test_seed):
+    """Its ddim_sample with sampling_timesteps < T keeps linspace(-1, T - 1, steps + 1) and ends at
+    alpha-bar 1: diffusers' "trailing" spacing, which the conversion sets in the scheduler config."""
+    model = diffusion("pred_v", sampling_timesteps=steps)
+    engine = Engine.from_module(model, backend="torch")
+    assert engine.plan("ddim", steps).spacing == "trailing"
+    torch.manual_seed(test_seed)
+    noise = torch.randn(3, *SHAPE)
+    want = lucidrains_ddim(model, noise, test_seed)
+    torch.testing.assert_close(engine.sample([1, 2, 3], sampler="ddim", steps=steps, x_T=noise), want, atol=5e-4, rtol=0)
 
 
 def test_self_conditioning_feeds_the_previous_estimate_and_it_matters(test_seed):
