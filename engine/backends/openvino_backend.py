@@ -387,8 +387,10 @@ class OpenVINOBackend(Backend):
         with self._static_lock:
             if (batch not in self._static and batch not in self._compiling and self._compile_static is not None
                     and len(self._static) + len(self._compiling) < STATIC_BATCHES):
+                # not a daemon even when started from one (the batching server's): the interpreter
+                # joins it at exit instead of finalizing under a compile inside OpenVINO
                 thread = threading.Thread(target=self._build_static, args=(batch,),
-                                          name=f"openvino-static-batch-{batch}")
+                                          name=f"openvino-static-batch-{batch}", daemon=False)
                 self._compiling[batch] = thread
                 thread.start()
         return self._static.get(batch, self.request)
