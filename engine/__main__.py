@@ -76,15 +76,24 @@ def cmd_sample(args) -> int:
     engine = Engine.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                     step_impl=args.step_impl)
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta,
-                   use_clipped_model_output=args.use_clipped_model_output, spacing=args.spacing)
+                   use_clipped_model_output=args.use_clipped_model_output, spacing=args.spacing,
+                   guidance_scale=args.guidance_scale)
     plan = engine.plan(**options)  # validates the options before any work
     seeds = plan.seeds(args.seeds if args.seeds else args.n)  # drawn here, so they can be printed
+    labels = args.class_labels
+    if labels is not None and len(labels) == 1:
+        labels = labels * len(seeds)  # one label for every image
+    options["class_labels"] = labels = plan.labels(labels, len(seeds))  # the engine's checks, before any work
     options["sampler"] = plan.spec.sampler  # the default resolved: the command below names it
     again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", plan.spec.sampler,
              "--steps", str(plan.steps), "--spacing", plan.spacing, "--eta", str(args.eta)]
     if args.use_clipped_model_output is not None:
         again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
+    if plan.guidance_scale != 1.0:
+        again += ["--guidance-scale", str(plan.guidance_scale)]
     again += ["--seeds", *map(str, seeds)]
+    if labels is not None:
+        again += ["--class-labels", *map(str, labels)]  # one per seed, in the seeds' order
     start = time.perf_counter()
     images = engine.sample(seeds, progress=not args.quiet, **options)
     if engine.device.type == "cuda":
@@ -94,7 +103,7 @@ def cmd_sample(args) -> int:
     print(f"{engine}")
     print(f"{images.shape[0]} images, {plan.name}: {seconds:.2f} s, "
           f"{seconds / plan.steps * 1e3:.2f} ms/step, {images.shape[0] / seconds:.2f} images/s")
-    print(f"seeds (in the PNG's metadata too): {shlex.join(again[again.index('--seeds'):])}")
+    print(f"seeds (in the PNG's metadata too): {shlex.join(again[again.index('--seeds'):])}")  # with their labels
     print(f"wrote {path}" + (" (replaced the file that was there)" if replaced else ""))
     return 0
 
@@ -276,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="which training timesteps the steps keep (default: the sampler's; DDPM takes the first three)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
+    s.add_argument("--class-labels", type=int, nargs="+", default=None, metavar="N",
+                   help="a class-conditional model's labels: one per image, or one for all")
+    s.add_argument("--guidance-scale", type=float, default=1.0, metavar="F",
+                   help="classifier-free guidance for a class-conditional model with a null label (default: 1, off)")
     s.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")
     s.add_argument("--backend", default="auto")

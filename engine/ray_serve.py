@@ -9,9 +9,11 @@
 Each replica holds one ``Engine``. A request is validated when it arrives (a bad one fails alone,
 never its batch-mates); then ``@serve.batch`` gathers up to ``max_batch_size`` of the replica's
 concurrent requests and runs one engine call per group of equal sampler options (per
-``max_batch_size`` images of it). Each request gets exactly the images its seeds give on a lone
+``max_batch_size`` images of it); class labels are per row, so requests with different labels
+share a call. Each request gets exactly the images its seeds give on a lone
 engine: a seed's image does not depend on its batch. Over HTTP, ``POST <route>/sample`` takes
-``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (optionally ``"spacing": "karras"``)
+``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (optionally ``"spacing": "karras"``;
+for a class-conditional model ``"class_labels": [...]``, one per seed, and ``"guidance_scale": 3.0``)
 and answers the images as float32 data and PNGs (``to_json``); a bad request gets a 400 with
 ``{"error": <type>, "message": ...}`` (``http_request``: a pure function of method, path and body,
 testable without Ray; ``GET /healthz`` and ``GET /readyz`` are the probes). A drain (``drain``, the
@@ -49,7 +51,7 @@ except ImportError as exc:
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta", "spacing")
+REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta", "spacing", "class_labels", "guidance_scale")
 MAX_BODY_BYTES = 4 * 2**20  # a request of 32 seeds is under 2 kB; a bigger body is refused with 413
 MAX_DEPTH = 8  # JSON nesting a body may have (a request has 2), checked before parsing
 MESSAGE_LIMIT = 500  # characters of an error message in an HTTP answer
@@ -65,24 +67,28 @@ class Options(NamedTuple):
     steps: int
     eta: float
     spacing: str | None = None  # None: the one the engine takes when a request names none
+    guidance_scale: float = 1.0  # classifier-free guidance (1: off)
 
 
 class Request(NamedTuple):
     seeds: list
     options: Options
+    labels: list | None = None  # a class-conditional model's, one per seed: they ride with the rows
 
 
-def check_request(engine: Engine, seeds, sampler=None, steps=None, eta=0.0, spacing=None, *,
-                  max_images: int) -> Request:
-    """Validate one request with the engine's own checks (``Engine.plan``; raises InvalidRequestError)."""
+def check_request(engine: Engine, seeds, sampler=None, steps=None, eta=0.0, spacing=None, class_labels=None,
+                  guidance_scale=1.0, *, max_images: int) -> Request:
+    """Validate one request with the engine's own checks (``Engine.plan``, ``SamplingPlan.labels``;
+    raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
-    plan = engine.plan(sampler=sampler, steps=steps, eta=eta, spacing=spacing)
+    plan = engine.plan(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale)
     if len(seeds) > max_images:
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
+    labels = plan.labels(class_labels, len(seeds))
     default = plan.spec.definition.choose_spacing(None, engine.scheduler.timestep_spacing)
     return Request(seeds, Options(plan.spec.sampler, plan.steps, plan.spec.eta,
-                                  None if plan.spacing == default else plan.spacing))
+                                  None if plan.spacing == default else plan.spacing, plan.guidance_scale), labels)
 
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -115,7 +121,9 @@ def parse_body(body: bytes) -> dict:
         raise InvalidRequestError(f"unknown field(s) {quote(unknown)}; the fields are {list(REQUEST_FIELDS)}")
     kinds = {"seeds": ((list,), "a list of integers"), "sampler": ((str,), "a string"),
              "steps": ((int, type(None)), "an integer or null"), "eta": ((int, float), "a number"),
-             "spacing": ((str, type(None)), "a string or null")}
+             "spacing": ((str, type(None)), "a string or null"),
+             "class_labels": ((list, type(None)), "a list of integers or null"),
+             "guidance_scale": ((int, float), "a number")}
     for name, value in payload.items():
         types, kind = kinds[name]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -252,7 +260,9 @@ class EngineReplica:
         self._in_flight = 0  # requests accepted and not yet answered
         self._draining = False
         self._drained = threading.Event()
-        self.server.submit([0], sampler="ddim", steps=2).result()  # warm-up: the first request pays no first-call costs
+        warm = self.engine.plan(sampler="ddim", steps=2)
+        labels = None if warm.num_classes is None else [0]
+        self.server.submit([0], plan=warm, class_labels=labels).result()  # warm-up: the first request pays no first-call costs
         self._ready = True
         if drain_signal is not None:
             threading.Thread(target=self._wait_for_drain_signal, args=(drain_signal,), name="ddpm-drain-signal",
@@ -300,11 +310,13 @@ class EngineReplica:
         self._draining = True
 
     # ---- sampling ------------------------------------------------------------------------------
-    async def sample(self, seeds, sampler=None, steps=None, eta=0.0, spacing=None) -> torch.Tensor:
+    async def sample(self, seeds, sampler=None, steps=None, eta=0.0, spacing=None, class_labels=None,
+                     guidance_scale=1.0) -> torch.Tensor:
         """The images of ``seeds``, float32 [n, C, H, W] in [-1, 1] on the CPU."""
         if self._draining:
             raise draining_error()
-        request = check_request(self.engine, seeds, sampler, steps, eta, spacing, max_images=self.max_batch_size)
+        request = check_request(self.engine, seeds, sampler, steps, eta, spacing, class_labels, guidance_scale,
+                                max_images=self.max_batch_size)
         self._in_flight += 1
         try:
             return await self._sample_request(request)
@@ -323,7 +335,7 @@ class EngineReplica:
 
     def _run_groups(self, requests: list[Request]) -> list:
         """One engine call per option group (per max_batch_size images of it), all submitted to the
-        replica's server at once; each request gets its own rows, or its group's error."""
+        replica's server at once; each request gets its own rows (and their labels), or its group's error."""
         groups = collections.defaultdict(list)
         for k, r in enumerate(requests):
             groups[r.options].append(k)
@@ -331,9 +343,12 @@ class EngineReplica:
         size = self.server.max_batch
         for options, members in groups.items():
             seeds = [s for k in members for s in requests[k].seeds]
+            labels = None if requests[members[0]].labels is None else [c for k in members for c in requests[k].labels]
             try:
                 futures = [self.server.submit(seeds[at:at + size], sampler=options.sampler, steps=options.steps,
-                                              eta=options.eta, spacing=options.spacing)
+                                              eta=options.eta, spacing=options.spacing,
+                                              guidance_scale=options.guidance_scale,
+                                              class_labels=None if labels is None else labels[at:at + size])
                            for at in range(0, len(seeds), size)]
             except EngineError as exc:  # the server is closed: a drain ran out of grace
                 calls.append((members, exc))

@@ -191,6 +191,67 @@ def test_the_replicas_checks_and_answer_format_hold_without_a_cluster(lone):
         ray_serve.check_request(lone, **ray_serve.parse_body(b'{"seeds": [1], "spacing": "karras"}'), max_images=1)
 
 
+
+class WithY(torch.nn.Module):
+    """A tiny class-conditional model, forward(x, t, y), with a null label (tests/engine/test_class_labels.py)."""
+
+    num_classes, null_label = 3, 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.embed = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Embedding(3, 1)
+
+    def forward(self, x, t, y):
+        return self.conv(x) * torch.cos(t.float() / 300)[:, None, None, None] + self.embed(y)[:, :, None, None]
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    from ddpm_engine import checkpoints
+
+    return checkpoints.from_module(WithY(), sample_shape=(1, 8, 8), name="withy")
+
+
+def test_class_labels_and_guidance_are_checked_by_the_engine_and_labels_share_a_batch(conditional, lone):
+    """Without a cluster: the body's class_labels and guidance_scale go through the engine's own
+    checks (400 over HTTP), and the replica runs requests with different labels but equal options
+    in one engine call, each request getting its lone images."""
+    engine = Engine.from_pretrained(conditional, **ENGINE_KWARGS)
+    body = json.dumps({"seeds": [7, 8], **OPTS, "class_labels": [0, 1], "guidance_scale": 3}).encode()
+    request = ray_serve.check_request(engine, **ray_serve.parse_body(body), max_images=MAX_BATCH)
+    assert request == ray_serve.Request([7, 8], ray_serve.Options("ddim", 5, 0.0, None, 3.0), [0, 1])
+    for bad, message in [({"class_labels": [0]}, "1 labels for 2 seeds"), ({"class_labels": [3, 0]}, "class label 3"),
+                         ({"class_labels": [0, True]}, "is not an int"), ({"class_labels": "0 1"}, "a list of integers"),
+                         ({}, "class-conditional: pass class_labels"),
+                         ({"class_labels": [0, 1], "guidance_scale": -1}, "guidance_scale must be"),
+                         ({"class_labels": [0, 1], "guidance_scale": "2"}, "guidance_scale must be a number")]:
+        answer = ray_serve.http_request("POST", "/sample", json.dumps({"seeds": [7, 8], **bad}).encode(), engine=engine,
+                                        max_images=MAX_BATCH, ready=True, draining=False)
+        assert answer.status == 400 and answer.body["error"] == "InvalidRequestError", (bad, answer)
+        assert message in answer.body["message"], (bad, answer.body)
+    for bad, message in [({"class_labels": [0]}, "takes no class labels"),
+                         ({"guidance_scale": 2.0}, "needs a class-conditional model")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            ray_serve.check_request(lone, [7], **bad, max_images=MAX_BATCH)
+    assert ray_serve.check_request(lone, [7], guidance_scale=1, max_images=MAX_BATCH).labels is None
+
+    seed = random.getrandbits(32)
+    rng = random.Random(seed)
+    calls = [([rng.getrandbits(64) for _ in range(n)], [rng.randrange(3) for _ in range(n)], scale)
+             for n, scale in [(2, 1.0), (1, 1.0), (3, 1.0), (2, 4.0), (1, 4.0)]]
+    replica = ray_serve.EngineReplica(conditional, MAX_BATCH, 0.005, ENGINE_KWARGS)
+    try:
+        requests = [ray_serve.check_request(replica.engine, ss, **OPTS, class_labels=labels, guidance_scale=scale,
+                                            max_images=MAX_BATCH) for ss, labels, scale in calls]
+        got = replica._run_groups(requests)
+        assert replica._engine_calls == 2  # one per guidance scale: the labels ride with their rows
+    finally:
+        replica.server.close()
+    for (ss, labels, scale), images in zip(calls, got):
+        want = engine.sample(ss, class_labels=labels, guidance_scale=scale, **OPTS)
+        assert (images - want).abs().max().item() <= 5e-5, f"seed={seed} {ss} {labels} {scale}"
+
+
 @pytest.mark.slow
 def test_probes_and_hostile_bodies_over_http(cluster):
     """Over loopback through Serve's proxy: the probes, a body over the size limit (413), a 2 kB body
