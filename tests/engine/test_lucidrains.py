@@ -28,6 +28,7 @@ def _import_lucidrains():
                  "torchvision.transforms": {}, "torchvision.utils": {}, "accelerate": {"Accelerator": object},
                  "pytorch_fid": {}, "pytorch_fid.inception": {"InceptionV3": object},
                  "pytorch_fid.fid_score": {"calculate_frechet_distance": None}}
+    added = []
     for name, attrs in stand_ins.items():
         try:
             importlib.import_module(name)
@@ -35,7 +36,12 @@ def _import_lucidrains():
             module = types.ModuleType(name)
             module.__dict__.update(attrs)
             sys.modules[name] = module
-    return importlib.import_module("denoising_diffusion_pytorch")
+            added.append(name)
+    try:
+        return importlib.import_module("denoising_diffusion_pytorch")
+    finally:  # the stand-ins must not outlive the import: other code asks find_spec("torchvision")
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 try:
