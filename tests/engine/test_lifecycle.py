@@ -31,6 +31,22 @@ server = engine.serve(max_batch=4)
 server.sample([3], sampler="ddim", steps=3)
 server.submit([4], sampler="ddpm")  # still running at exit: fails with ServerClosedError, no abort
 """
+@pytest.fixture(autouse=True)
+def children_take_ctrl_c():
+    """Children start as from a terminal, with SIGINT at its default, even where pytest itself ignores
+    it (started with nohup or in a non-interactive shell's background): an ignored SIGINT passes
+    through exec, Python then installs no KeyboardInterrupt handler, and a Ctrl-C test would see its
+    child run on. A handler here is reset to the default in an exec'd child."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def shared_cache(cache):
     """One ONNX export for every process of this module (they inherit $DDPM_ENGINE_CACHE)."""
