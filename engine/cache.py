@@ -66,8 +66,12 @@ def slug(name: str, limit: int = 40) -> str:
 def module_structure(module) -> str:
     """What defines a module's function besides the weights: the layer tree, every ``config``
     dict (SeedUNet's, diffusers'), which hold settings not in the state dict (e.g. freq_shift),
-    and the code (``module_code``): a graph exported before the forward was edited is not reused."""
-    configs = [dict(m.config) for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
+    and the code (``module_code``): a graph exported before the forward was edited is not reused.
+    A config's "_" keys are diffusers' bookkeeping (``_use_default_values`` lists a set's names in
+    an order that changes per process, ``_name_or_path`` the folder): they decide nothing and are
+    left out, so that every process finds the same cached graph."""
+    configs = [{k: v for k, v in m.config.items() if not str(k).startswith("_")}
+               for m in module.modules() if isinstance(getattr(m, "config", None), dict)]
     return repr(module) + json.dumps(configs, sort_keys=True, default=str) + module_code(module)
 
 

@@ -69,6 +69,16 @@ def test_module_structure_sees_configs_not_weights():
     assert cache.module_structure(a) != cache.module_structure(SeedUNet(1, (8, 32)))
 
 
+def test_a_diffusers_unets_structure_is_the_same_in_every_process():
+    """diffusers' config lists ``_use_default_values`` from a set, in an order that follows the
+    process's string hashing: two processes with other hash seeds must still agree on the key."""
+    code = ("import hashlib; from ddpm_engine import cache; from ddpm_engine.models.cifar_unet import cifar10_unet; "
+            "print(hashlib.sha256(cache.module_structure(cifar10_unet()).encode()).hexdigest())")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(keys) == 1, keys
+
+
 def test_write_bytes_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "a.bin"
     cache.write_bytes(target, b"old")
