@@ -20,13 +20,16 @@ slower than fp32 itself: the backend then warns (``EmulatedPrecisionWarning``) a
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import cpu
+from ddpm_engine.export import iospec
+
+from .. import cpu, deepcache
 from ..errors import EmulatedPrecisionWarning
 from . import timing
 from .base import Backend
@@ -36,6 +39,7 @@ LAYOUTS = ("nchw", "channels_last")  # a tie in the measurement keeps the plain 
 
 class TorchBackend(Backend):
     name = "torch"
+    deep_cache = True  # cache_interval: engine.deepcache's split of the module, eagerly
 
     def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None,
                  sample_shape=None, io=None):
@@ -53,6 +57,7 @@ class TorchBackend(Backend):
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module
+        self._deep_shapes = {}  # sample shape -> deep_shape's answer
 
     @classmethod
     def create(cls, loaded, device, precision) -> TorchBackend:
@@ -65,11 +70,45 @@ class TorchBackend(Backend):
                           sample_shape=loaded.sample_shape, io=loaded.io)
         return backend
 
+    def _in(self, x):
+        return x.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    @staticmethod
+    def _out(y):
+        return y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
     @torch.inference_mode()
     def run(self, x, t, *extra):
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = self.module(x.to(dtype=self.dtype, memory_format=layout), t, *extra)
-        return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return self._out(self.module(self._in(x), t, *extra))
+
+    # ---- cache_interval: the module's full/shallow pair (engine.deepcache) ----
+
+    def deep_cache_refusal(self) -> str | None:
+        return deepcache.refusal(self.module)
+
+    @functools.cached_property
+    def pair(self) -> deepcache.Split:
+        return deepcache.split(self.module)
+
+    def deep_shape(self, sample_shape) -> tuple:
+        """Read off one full step on a zero row (once per sample shape)."""
+        sample_shape = tuple(sample_shape)
+        if sample_shape not in self._deep_shapes:
+            x = torch.zeros(1, *sample_shape, device=self.device)
+            extra = [torch.zeros(1, dtype=torch.int64, device=self.device) if iospec.is_integer(name)
+                     else torch.zeros_like(x) for name in self.extra_inputs]
+            _, deep = self.run_full(x, torch.zeros(1, dtype=torch.int64, device=self.device), *extra)
+            self._deep_shapes[sample_shape] = tuple(deep.shape[1:])
+        return self._deep_shapes[sample_shape]
+
+    @torch.inference_mode()
+    def run_full(self, x, t, *extra):
+        out, deep = self.pair.full(self._in(x), t, *extra)
+        return self._out(out), self._out(deep)
+
+    @torch.inference_mode()
+    def run_shallow(self, x, t, deep, *extra):
+        return self._out(self.pair.shallow(self._in(x), t, self._in(deep), *extra))
 
 
 def layout_path(loaded, precision: str, cache_dir=None) -> Path:
