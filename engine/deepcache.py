@@ -298,7 +298,7 @@ def split(module: nn.Module) -> Split:
     why = refusal(module)
     if why is not None:
         raise InvalidRequestError(why)
-    return _split_class(module)[0](module)
+    return _split_class(module)[0](module).train(module.training)  # a mode change must not reach module
 
 
 class FullGraph(nn.Module):
@@ -313,11 +313,35 @@ class FullGraph(nn.Module):
 
 
 class ShallowGraph(nn.Module):
-    """The shallow step as a module for an exporter: forward(x, t, deep, *extra) -> output."""
+    """The shallow step as a module for an exporter: forward(x, t, *extra, deep) -> output (the
+    deep features last: export.iospec's order)."""
 
     def __init__(self, pair: Split):
         super().__init__()
         self.pair = pair
 
-    def forward(self, x, t, deep, *extra):
+    def forward(self, x, t, *extra_then_deep):
+        *extra, deep = extra_then_deep
         return self.pair.shallow(x, t, deep, *extra)
+
+
+def check_pair(backend, module: nn.Module, io, tolerance: float, what: str) -> None:
+    """Compare ``backend``'s full and shallow steps (its exported pair) with the eager split of
+    ``module`` on the load probe's first batch; ModelLoadError naming ``what`` past
+    ``tolerance`` (relative L2, as ``probe.check_graph``)."""
+    from .errors import ModelLoadError
+
+    x, t, *extra = io.graph_probes()[0][:-1]
+    pair = split(module)
+    with torch.inference_mode():
+        out, deep = pair.full(x, t, *extra)
+        shallow = pair.shallow(x, t, deep, *extra)
+        got_out, got_deep = backend.run_full(x, t, *extra)
+        got_shallow = backend.run_shallow(x, t, deep, *extra)
+    for name, got, want in (("full step", got_out, out), ("deep features", got_deep, deep),
+                            ("shallow step", got_shallow, shallow)):
+        err = ((got.float().cpu() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+        if not err <= tolerance:
+            raise ModelLoadError(f"{what}: its {name} differs from the eager module's by {err:.3g} (relative L2, "
+                                 f"tolerance {tolerance:g}); delete the cached graphs and retry, or use "
+                                 "backend='torch' for cache_interval")

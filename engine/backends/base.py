@@ -191,8 +191,16 @@ class Backend:
 
     def deep_shape(self, sample_shape) -> tuple:
         """(C, H, W) of one row's deep features (the full step's second output) for samples of
-        ``sample_shape`` (C, H, W)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement deep_shape(sample_shape)")
+        ``sample_shape`` (C, H, W): read off one full step on a zero row, once per shape."""
+        shapes = self.__dict__.setdefault("_deep_shapes", {})
+        sample_shape = tuple(sample_shape)
+        if sample_shape not in shapes:
+            x = torch.zeros(1, *sample_shape, device=self.device)
+            extra = [torch.zeros(1, dtype=torch.int64, device=self.device) if iospec.is_integer(name)
+                     else torch.zeros_like(x) for name in self.extra_inputs]
+            _, deep = self.run_full(x, torch.zeros(1, dtype=torch.int64, device=self.device), *extra)
+            shapes[sample_shape] = tuple(deep.shape[1:])
+        return shapes[sample_shape]
 
     def full(self, x, t, *extra) -> tuple[torch.Tensor, torch.Tensor]:
         """The full step: (the model output, its deep features float32 [B, C_d, H_d, W_d]),

@@ -27,8 +27,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddpm_engine.export import iospec
-
 from .. import cpu, deepcache
 from ..errors import EmulatedPrecisionWarning
 from . import timing
@@ -57,7 +55,6 @@ class TorchBackend(Backend):
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module = self.module.to(self.dtype) if self.dtype != torch.float32 else self.module
-        self._deep_shapes = {}  # sample shape -> deep_shape's answer
 
     @classmethod
     def create(cls, loaded, device, precision) -> TorchBackend:
@@ -89,17 +86,6 @@ class TorchBackend(Backend):
     @functools.cached_property
     def pair(self) -> deepcache.Split:
         return deepcache.split(self.module)
-
-    def deep_shape(self, sample_shape) -> tuple:
-        """Read off one full step on a zero row (once per sample shape)."""
-        sample_shape = tuple(sample_shape)
-        if sample_shape not in self._deep_shapes:
-            x = torch.zeros(1, *sample_shape, device=self.device)
-            extra = [torch.zeros(1, dtype=torch.int64, device=self.device) if iospec.is_integer(name)
-                     else torch.zeros_like(x) for name in self.extra_inputs]
-            _, deep = self.run_full(x, torch.zeros(1, dtype=torch.int64, device=self.device), *extra)
-            self._deep_shapes[sample_shape] = tuple(deep.shape[1:])
-        return self._deep_shapes[sample_shape]
 
     @torch.inference_mode()
     def run_full(self, x, t, *extra):

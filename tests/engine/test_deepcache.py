@@ -265,3 +265,21 @@ def test_the_shallow_step_checks_the_features_it_is_given(spied):
 def test_the_plan_names_the_interval(spied):
     assert spied.plan("ddim", 4, cache_interval=3).name == "ddim-4 eta=0 cache=3"
     assert spied.plan("ddim", 4, cache_interval=3).key != spied.plan("ddim", 4).key
+
+
+def test_the_cli_takes_cache_interval_and_repeats_it(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_engine.__main__ import main
+    from ddpm_engine.images import read_png_text, save_grid
+
+    out, want_png = tmp_path / "cached.png", tmp_path / "want.png"
+    opts = ["--model", "digits", "--backend", "torch", "--sampler", "ddim", "--steps", "4", "--quiet"]
+    assert main(["sample", *opts, "--cache-interval", "2", "--seeds", "5", "6", "--out", str(out)]) == 0
+    assert "--cache-interval 2 --seeds 5 6" in read_png_text(out)["command"]
+    engine = Engine.from_pretrained("digits", backend="torch")
+    save_grid(engine.sample([5, 6], sampler="ddim", steps=4, cache_interval=2), want_png, scale=4)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(want_png)))
+    assert main(["sample", *opts, "--cache-interval", "0", "--out", str(tmp_path / "x.png")]) != 0
+    assert "cache_interval must be an int >= 1" in capsys.readouterr().err
