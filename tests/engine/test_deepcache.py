@@ -283,3 +283,39 @@ def test_the_cli_takes_cache_interval_and_repeats_it(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(want_png)))
     assert main(["sample", *opts, "--cache-interval", "0", "--out", str(tmp_path / "x.png")]) != 0
     assert "cache_interval must be an int >= 1" in capsys.readouterr().err
+
+
+# ---- the exported backends: two more graphs, cached, checked against the eager split ----------
+@pytest.mark.parametrize("backend,tol", [("onnxruntime", 1e-4), ("openvino", 1e-4)])
+def test_exported_backends_run_the_two_graphs_like_the_eager_split(backend, tol, tmp_path, monkeypatch):
+    pytest.importorskip(backend)
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    module = diffusers_unet(4) if backend == "onnxruntime" else digits_like()
+    classes = 4 if backend == "onnxruntime" else None
+    labels = dict(class_labels=[1, 3]) if classes else {}
+    eager = Engine.from_module(module, sample_shape=SHAPE, backend="torch", batching=False)
+    exported = Engine.from_module(module, sample_shape=SHAPE, backend=backend, batching=False)
+    opts = dict(sampler="ddim", steps=5, cache_interval=2, **labels)
+    want = eager.sample([3, 4], driver="eager", **opts)
+    got = exported.sample([3, 4], driver="eager", **opts)
+    assert (got - want).abs().max().item() <= tol
+    onnx_files = sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert len(onnx_files) == 3, onnx_files  # the whole graph, the full step's and the shallow step's
+    x, t, *extra = inputs(classes, batch=2)
+    out, deep = exported.backend.full(x, t, *extra)
+    assert torch.allclose(out, exported.backend(x, t, *extra), atol=1e-5)
+    assert tuple(deep.shape) == (2, *eager.backend.deep_shape(SHAPE))
+
+
+def test_a_graph_opened_from_a_file_is_refused_cache_interval(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from ddpm_engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from ddpm_engine.export.onnx_export import export_onnx
+
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path))
+    engine = Engine.from_module(digits_like(), sample_shape=SHAPE, backend="torch", batching=False)
+    engine.backend = OnnxRuntimeBackend.from_file(export_onnx(engine.model, tmp_path / "m.onnx"))
+    with pytest.raises(InvalidRequestError, match="from_file has no full/shallow graphs"):
+        engine.sample([1], sampler="ddim", steps=3, cache_interval=2)
