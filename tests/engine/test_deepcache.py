@@ -319,3 +319,18 @@ def test_a_graph_opened_from_a_file_is_refused_cache_interval(tmp_path, monkeypa
     engine.backend = OnnxRuntimeBackend.from_file(export_onnx(engine.model, tmp_path / "m.onnx"))
     with pytest.raises(InvalidRequestError, match="from_file has no full/shallow graphs"):
         engine.sample([1], sampler="ddim", steps=3, cache_interval=2)
+
+
+def test_the_http_request_takes_cache_interval_through_the_engines_checks():
+    ray_serve = pytest.importorskip("ddpm_engine.ray_serve", exc_type=ImportError)
+    import json
+
+    engine = Engine.from_pretrained("digits", backend="torch", batching=False)
+    body = json.dumps({"seeds": [7, 8], "sampler": "ddim", "steps": 5, "cache_interval": 3}).encode()
+    request = ray_serve.check_request(engine, **ray_serve.parse_body(body), max_images=4)
+    assert request.options.cache_interval == 3
+    for bad, message in [(0, "cache_interval must be an int >= 1"), ("3", "cache_interval must be an integer"),
+                         (2.0, "cache_interval must be an integer")]:
+        body = json.dumps({"seeds": [7], "cache_interval": bad}).encode()
+        with pytest.raises(InvalidRequestError, match=message):
+            ray_serve.check_request(engine, **ray_serve.parse_body(body), max_images=4)
