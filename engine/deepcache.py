@@ -287,7 +287,8 @@ def refusal(module: nn.Module) -> str | None:
     into the full/shallow pair, or None."""
     cls, net = _split_class(module)
     if cls is None:
-        return f"cache_interval needs a UNet the engine can split ({SPLITTABLE}); this model is a {type(module).__name__}"
+        return (f"cache_interval needs a UNet the engine can split ({SPLITTABLE}); this model is a "
+                f"{type(module).__name__}")
     why = cls.refusal(net)
     return None if why is None else f"cache_interval cannot split this {type(net).__name__}: {why}"
 

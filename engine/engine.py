@@ -263,8 +263,9 @@ class Engine:
         for plan in plans:
             if plan.name not in by_plan:
                 why = ("not used yet" if plan.graphable else "not used: " + (
-                    f"the {plan.backend.name} backend cannot be captured" if plan.device.type == "cuda"
-                    else f"no CUDA graphs on {plan.device}"))
+                    f"no CUDA graphs on {plan.device}" if plan.device.type != "cuda"
+                    else f"cache_interval={plan.cache_interval} runs in the eager loop" if plan.cache_interval > 1
+                    else f"the {plan.backend.name} backend cannot be captured"))
                 reports.append({"plan": plan.name, "path": "graphs" if plan.graphable else "eager",
                                 "graphs": why, "c_driver": "not used"})
         return reports

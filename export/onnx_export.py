@@ -92,6 +92,14 @@ def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=
     return cache.write_bytes(path, model.SerializeToString())
 
 
+def load_pair(loaded, open_, corrupt=(Exception,)) -> dict:
+    """{"full": ..., "shallow": ...}: ``open_(path)`` of each of cache_interval's two graphs of
+    ``loaded``, exported to the cache first if needed (a cached file ``open_`` refuses with
+    ``corrupt`` is re-exported once, ``cache.load``)."""
+    return {part: cache.load(cached_path(loaded, part=part), lambda tmp, part=part: export_onnx(loaded, tmp, part=part),
+                             open_, corrupt=corrupt) for part in PARTS[1:]}
+
+
 def _fp32_cpu(module: torch.nn.Module) -> torch.nn.Module:
     """The module in eval mode, fp32 on the CPU; a copy if it is elsewhere (another backend may hold it)."""
     tensors = [*module.parameters(), *module.buffers()]

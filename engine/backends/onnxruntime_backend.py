@@ -199,13 +199,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _pair_sessions(self) -> dict:
         if self._pair is None:
-            from ddpm_engine.export.onnx_export import cached_path, export_onnx
+            from ddpm_engine.export.onnx_export import load_pair
 
             loaded, ort = self.loaded, _ort()
-            self._pair = {part: cache.load(cached_path(loaded, part=part),
-                                           lambda tmp, part=part: export_onnx(loaded, tmp, part=part),
-                                           lambda path: self._open(ort, path), corrupt=(ModelLoadError,))
-                          for part in ("full", "shallow")}
+            self._pair = load_pair(loaded, lambda path: self._open(ort, path), corrupt=(ModelLoadError,))
             try:
                 deepcache.check_pair(self, loaded.module, loaded.io, GRAPH_TOLERANCE[self.precision],
                                      f"the onnxruntime graphs of {loaded.name!r} for cache_interval")

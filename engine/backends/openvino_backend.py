@@ -475,13 +475,10 @@ class OpenVINOBackend(Backend):
 
     def _pair_requests(self) -> dict:
         if self._pair is None:
-            from ddpm_engine.export.onnx_export import cached_path as onnx_path, export_onnx
+            from ddpm_engine.export.onnx_export import load_pair
 
             loaded, core = self.loaded, _ov().Core()
-            models = {part: cache.load(onnx_path(loaded, part=part),
-                                       lambda tmp, part=part: export_onnx(loaded, tmp, part=part),
-                                       lambda path: core.read_model(str(path)), corrupt=(RuntimeError,))
-                      for part in ("full", "shallow")}
+            models = load_pair(loaded, lambda path: core.read_model(str(path)), corrupt=(RuntimeError,))
             compiled = {part: compile_model(core, model, self.precision, f"{loaded.name!r}'s {part} step")
                         for part, model in models.items()}
             self._deep_out = tuple(d.get_length() for d in compiled["full"].outputs[1].get_partial_shape()[1:])

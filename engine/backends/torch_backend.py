@@ -68,7 +68,8 @@ class TorchBackend(Backend):
         return backend
 
     def _in(self, x):
-        return x.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=layout)
 
     @staticmethod
     def _out(y):

@@ -140,13 +140,16 @@ def test_every_sampler_runs_every_nth_step_full_and_stays_close(digits, sampler)
     assert (cached - plain).abs().mean().item() < 0.25  # but the same images, roughly (the trained model)
 
 
+class Req:
+    """A request as a SlotBatch sees it."""
+
+    def __init__(self, seeds):
+        self.seeds = seeds
+
+
 def test_a_row_joining_a_running_batch_starts_with_a_full_step(spied):
     plan = spied.plan("ddim", 6, cache_interval=3)
     batch = SlotBatch(plan)
-
-    class Req:
-        def __init__(self, seeds):
-            self.seeds = seeds
 
     a, b = Req([1, 2]), Req([3])
     batch.add([a])
@@ -171,10 +174,6 @@ def test_a_row_joining_a_running_batch_starts_with_a_full_step(spied):
 def test_cached_features_move_with_their_rows_when_the_batch_is_repacked(spied):
     plan = spied.plan("dpmpp_2m", 5, cache_interval=5)
     batch = SlotBatch(plan)
-
-    class Req:
-        def __init__(self, seeds):
-            self.seeds = seeds
 
     a, b = Req([21]), Req([22, 23])
     batch.add([a, b])
