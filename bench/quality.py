@@ -40,8 +40,8 @@ SEED0 = 10_000
 def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250, spacing: str | None = None,
             cache_interval: int = 1) -> dict:
     seeds, start = list(range(SEED0, SEED0 + n)), time.perf_counter()
-    options = dict(sampler=sampler, steps=steps, cache_interval=cache_interval) | ({} if spacing is None else
-                                                                                   {"spacing": spacing})
+    options = dict(sampler=sampler, steps=steps) | ({} if spacing is None else {"spacing": spacing})
+    options |= {} if cache_interval == 1 else {"cache_interval": cache_interval}  # asked for only when on
     images = torch.cat([engine.sample(seeds[k:k + chunk], **options) for k in range(0, n, chunk)])
     wall = time.perf_counter() - start
     ok, digit = judge.recognise(images)

@@ -10,8 +10,9 @@ level):
   eager module computes it, also returning ``deep``, the input the shallowest up block takes
   from the deep path (the paper's cached F_up^{m+1});
 - shallow step ``shallow(x, t, deep, *extra) -> output``: the time embedding, the input
-  convolution and the first down level (the skips the shallowest up block reads), the
-  shallowest up block on the cached ``deep``, and the output head.
+  convolution and the rest of the first level's encoder (the skips the shallowest up block
+  reads: diffusers' first down block, OpenAI's first-level ResBlocks, none more for the
+  double-conv UNet), the shallowest up block on the cached ``deep``, and the output head.
 
 ``split(module)`` gives the pair (a ``Split``) for each architecture the engine can split:
 diffusers' ``UNet2DModel`` (``DiffusersSplit``), the double-conv UNet of engine/models
