@@ -300,7 +300,8 @@ class Planner:
         cache_interval = deepcache.check_interval(cache_interval)
         key = (spec, steps, spacing, guidance_scale, cache_interval)
         if key not in self.plans:
-            deep_shape = check_deep_cache(self.backend, cache_interval, self.sample_shape)
+            with self.lock:  # its first call runs the backend once (the backend's calls are not re-entrant)
+                deep_shape = check_deep_cache(self.backend, cache_interval, self.sample_shape)
             tables = self._tables_of(spec.definition, steps, spacing)
             check_defined(spec, tables)
             tab = tables.on(self.device)
