@@ -46,6 +46,7 @@ def main(argv=None) -> int:
             engines[backend].sample([rep], sampler="ddpm", steps=args.steps, cache_interval=n)
             if rep:
                 times[(backend, n)].append(time.perf_counter() - start)
+                print(f"round {rep}: {backend} cache_interval={n}: {times[(backend, n)][-1]:.3f} s", flush=True)
     rows = []
     for backend, n in variants:
         median = statistics.median(times[(backend, n)])
