@@ -1,7 +1,7 @@
 """Sample quality against network calls on the bundled digits model, measured with the digits judge.
 
     python -m bench.quality --out bench/results [--n 500] [--configs ddpm:1000 ddim:20 ...]
-                            [--spacings trailing karras ...] [--reuse earlier.json]
+                            [--spacings trailing karras ...] [--reuse earlier.json] [--cache-interval N]
 
 Per (sampler, steps[, spacing]): the share of ``--n`` images from fixed seeds that ``DigitsJudge``
 recognises, the class spread (normalised entropy: 1 = all ten equally often), the Fréchet distance
@@ -9,6 +9,7 @@ to the real digits (``DigitsJudge.frechet_distance``: lower is better), the wall
 per image; JSON and PNG. ``--spacings``: each configuration below T steps once per timestep
 spacing, passed to ``engine.sample`` as ``spacing=`` (without it, no ``spacing`` argument: each
 sampler's own; a T-step run keeps every timestep and runs once, without it).
+``--cache-interval N``: every run with ``engine.sample(cache_interval=N)`` (reused deep features).
 ``--reuse``: rows of an earlier result with the same (sampler, steps, spacing, samples) are copied,
 not measured again (DDPM-1000 takes ~10 min of CPU at n = 1000).
 """
@@ -36,9 +37,11 @@ FEW_STEP_CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpm
 SEED0 = 10_000
 
 
-def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250, spacing: str | None = None) -> dict:
+def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250, spacing: str | None = None,
+            cache_interval: int = 1) -> dict:
     seeds, start = list(range(SEED0, SEED0 + n)), time.perf_counter()
     options = dict(sampler=sampler, steps=steps) | ({} if spacing is None else {"spacing": spacing})
+    options |= {} if cache_interval == 1 else {"cache_interval": cache_interval}  # asked for only when on
     images = torch.cat([engine.sample(seeds[k:k + chunk], **options) for k in range(0, n, chunk)])
     wall = time.perf_counter() - start
     ok, digit = judge.recognise(images)
@@ -47,12 +50,12 @@ def measure(engine, judge, sampler: str, steps: int, n: int, chunk: int = 250, s
     return {"sampler": sampler, "steps": steps, "network_calls": steps, "samples": n, "pass_rate": float(ok.mean()),
             "digits_found": int((counts > 0).sum()), "per_digit": counts.tolist(),
             "class_entropy": float(-(p * np.log(p)).sum() / np.log(10)), "frechet": judge.frechet_distance(images),
-            "wall_s": wall, "ms_per_image": 1000 * wall / n, "spacing": spacing}
+            "wall_s": wall, "ms_per_image": 1000 * wall / n, "spacing": spacing, "cache_interval": cache_interval}
 
 
 def row_key(row: dict) -> tuple:
     """What makes two rows the same measurement."""
-    return row["sampler"], row["steps"], row.get("spacing"), row["samples"]
+    return row["sampler"], row["steps"], row.get("spacing"), row["samples"], row.get("cache_interval", 1)
 
 
 def plot(rows: list, path: Path) -> Path:
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
                     "spacing, passed as engine.sample(spacing=...) (default: none passed, each sampler's own)")
     ap.add_argument("--reuse", default=None, help="an earlier result JSON: its rows of the same configuration and "
                     "--n are copied instead of measured")
+    ap.add_argument("--cache-interval", type=int, default=1, help="engine.sample(cache_interval=N) in every run")
     args = ap.parse_args(argv)
     if args.configs == ["few-step"]:
         configs = FEW_STEP_CONFIGS
@@ -99,12 +103,12 @@ def main(argv=None) -> int:
     T = engine.scheduler.num_train_timesteps
     for sampler, steps in configs:
         for spacing in spacings if steps < T else [None]:  # T steps keep every timestep: nothing to space
-            r = earlier.get((sampler, steps, spacing, args.n))
+            r = earlier.get((sampler, steps, spacing, args.n, args.cache_interval))
             reused = r is not None
             if reused:
                 r = {"ms_per_image": 1000 * r["wall_s"] / r["samples"], **r, "reused_from": Path(args.reuse).name}
             else:
-                r = measure(engine, judge, sampler, steps, args.n, spacing=spacing)
+                r = measure(engine, judge, sampler, steps, args.n, spacing=spacing, cache_interval=args.cache_interval)
             rows.append(r)
             print(f"{sampler:12s} {steps:5d} steps{'' if spacing is None else ' ' + spacing}: "
                   f"{100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, entropy {r['class_entropy']:.3f}, "
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
               "precision": engine.backend.precision, "cpu": cpu.describe(),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "judge": "DigitsJudge: MLP and 10-NN agree with p >= 0.8", "rows": rows}
-    path = out / f"quality-{date}-{engine.backend.name}-{engine.backend.precision}.json"
+    cached = "" if args.cache_interval == 1 else f"-cache{args.cache_interval}"
+    path = out / f"quality-{date}-{engine.backend.name}-{engine.backend.precision}{cached}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path} and {plot(rows, path.with_suffix('.png'))}")
     return 0

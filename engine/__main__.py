@@ -77,7 +77,7 @@ def cmd_sample(args) -> int:
                                     step_impl=args.step_impl)
     options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta,
                    use_clipped_model_output=args.use_clipped_model_output, spacing=args.spacing,
-                   guidance_scale=args.guidance_scale)
+                   guidance_scale=args.guidance_scale, cache_interval=args.cache_interval)
     plan = engine.plan(**options)  # validates the options before any work
     seeds = plan.seeds(args.seeds if args.seeds else args.n)  # drawn here, so they can be printed
     labels = args.class_labels
@@ -91,6 +91,8 @@ def cmd_sample(args) -> int:
         again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
     if plan.guidance_scale != 1.0:
         again += ["--guidance-scale", str(plan.guidance_scale)]
+    if plan.cache_interval != 1:
+        again += ["--cache-interval", str(plan.cache_interval)]
     again += ["--seeds", *map(str, seeds)]
     if labels is not None:
         again += ["--class-labels", *map(str, labels)]  # one per seed, in the seeds' order
@@ -289,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a class-conditional model's labels: one per image, or one for all")
     s.add_argument("--guidance-scale", type=float, default=1.0, metavar="F",
                    help="classifier-free guidance for a class-conditional model with a null label (default: 1, off)")
+    s.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="reused deep features (DeepCache): the whole UNet every N steps, its shallow branch in "
+                        "between (default: 1, off)")
     s.add_argument("--use-clipped-model-output", action=argparse.BooleanOptionalAction, default=None,
                    help="DDIM with clipping: eps from the clipped x0 (default: the model's scheduler config)")
     s.add_argument("--backend", default="auto")

@@ -125,19 +125,20 @@ class Engine:
             return self._planner.tables(sampler_def(sampler), steps, spacing)
 
     def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None, spacing=None, guidance_scale=1.0) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None, guidance_scale=1.0, cache_interval=1) -> SamplingPlan:
         """The validated plan of a request (every default and check in one place), cached.
 
         sampler: one of ``samplers.SAMPLERS``; steps: default per sampler (``SamplerDef.default_steps``);
         clip_denoised / use_clipped_model_output: None takes the model's scheduler config;
-        spacing: the kept timesteps (``schedules.SPACINGS``; None: ``SamplerDef.choose_spacing``).
+        spacing: the kept timesteps (``schedules.SPACINGS``; None: ``SamplerDef.choose_spacing``);
+        cache_interval: reused deep features (``sample``'s option).
         """
         if self._fork_refusal:
             raise BackendUnavailableError(f"this engine came through a fork: {self._fork_refusal}; open the engine "
                                           "in the child process, or start children with multiprocessing's 'spawn'")
         with self._plans_lock:
             return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing,
-                                      guidance_scale)
+                                      guidance_scale, cache_interval)
 
     def _check_x_T(self, x_T, n: int) -> torch.Tensor:
         if not isinstance(x_T, torch.Tensor):
@@ -151,7 +152,7 @@ class Engine:
 
     def sample(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, x_T=None, return_intermediates=False, progress=False,
-               driver="auto", spacing=None, class_labels=None, guidance_scale=1.0):
+               driver="auto", spacing=None, class_labels=None, guidance_scale=1.0, cache_interval=1):
         """Run the reverse chain and return images [B, C, H, W] in [-1, 1] (float32, on the engine's device).
 
         batch: an int (that many fresh random seeds) or a list of 64-bit seeds; a seed gives the
@@ -193,13 +194,21 @@ class Engine:
         guidance_scale: classifier-free guidance for a class-conditional model with a null label
             (``from_module(..., null_label=)``): 1 (the default) is off; s gives
             uncond + s * (cond - uncond), both halves from one batched model call.
+        cache_interval: reused deep features (DeepCache, engine/deepcache.py): 1 (the default) is
+            off; N runs the whole UNet every N steps and in between only its shallow branch on
+            the deep features cached by the last full step (each row's own: a row joining a
+            running batch starts with a full step). Faster, slightly different images
+            (docs/performance.md). For diffusers' UNet2DModel and the engine's own UNets, on the
+            torch, onnxruntime and openvino backends; refused elsewhere. CUDA graphs do not
+            serve it (the eager loop runs).
 
         Concurrent calls from several threads batch themselves (``batching=True``, the default):
         a call that arrives while another runs joins the running batch at its next step, with
         the same images it would get alone; a lone call starts at once. Calls with x_T,
         intermediates, a progress bar or an explicit driver run on their own.
         """
-        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing, guidance_scale)
+        plan = self.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing, guidance_scale,
+                         cache_interval)
         if driver not in DRIVERS:
             raise InvalidRequestError(f"unknown driver {driver!r}; choose one of {DRIVERS}")
         alone = x_T is not None or return_intermediates not in (False, None) or progress
@@ -254,8 +263,9 @@ class Engine:
         for plan in plans:
             if plan.name not in by_plan:
                 why = ("not used yet" if plan.graphable else "not used: " + (
-                    f"the {plan.backend.name} backend cannot be captured" if plan.device.type == "cuda"
-                    else f"no CUDA graphs on {plan.device}"))
+                    f"no CUDA graphs on {plan.device}" if plan.device.type != "cuda"
+                    else f"cache_interval={plan.cache_interval} runs in the eager loop" if plan.cache_interval > 1
+                    else f"the {plan.backend.name} backend cannot be captured"))
                 reports.append({"plan": plan.name, "path": "graphs" if plan.graphable else "eager",
                                 "graphs": why, "c_driver": "not used"})
         return reports

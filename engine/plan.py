@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import deepcache
 from .errors import InvalidRequestError
 from .noise import check_seeds, initial_noise, seed_words
 from .samplers import SamplerDef, StepSpec, check_eta, default_request, sampler_def
@@ -182,6 +183,8 @@ class SamplingPlan:
     self_condition: bool = False  # rows carry the previous x0 estimate, fed back to the model (lucidrains)
     guidance_scale: float = 1.0  # classifier-free guidance (1: off): each row also runs with ``null_label``
     null_label: int | None = None  # the class-conditional model's unconditional label, if it has one
+    cache_interval: int = 1  # reused deep features (engine.deepcache): the whole UNet every N steps; 1: off
+    deep_shape: tuple | None = None  # one row's cached deep features (C, H, W), with cache_interval > 1
 
     @property
     def steps(self) -> int:
@@ -198,21 +201,27 @@ class SamplingPlan:
         where it is not the sampler's own, eta where the sampler uses it)."""
         spec = self.spec
         spacing = f" {self.spacing}" if self.spacing != spec.definition.spacing else ""
-        return f"{spec.sampler}-{self.steps}{spacing}" + (f" eta={spec.eta:g}" if spec.definition.eta else "")
+        return (f"{spec.sampler}-{self.steps}{spacing}" + (f" eta={spec.eta:g}" if spec.definition.eta else "")
+                + (f" cache={self.cache_interval}" if self.cache_interval > 1 else ""))
 
     @property
     def graphable(self) -> bool:
-        """Whether CUDA graphs can serve this plan: on a CUDA device, with a capturable backend."""
-        return self.device.type == "cuda" and self.backend.graph_capturable
+        """Whether CUDA graphs can serve this plan: on a CUDA device, with a capturable backend,
+        without cache_interval (its full and shallow steps run eagerly: graphs.GraphedSampler)."""
+        return self.device.type == "cuda" and self.backend.graph_capturable and self.cache_interval == 1
 
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one batch."""
-        return (self.spec, self.steps, self.spacing, self.guidance_scale)
+        return (self.spec, self.steps, self.spacing, self.guidance_scale, self.cache_interval)
 
     def seeds(self, batch) -> list[int]:
         """A request's batch argument as seeds, refused at once if it cannot fit."""
         return parse_batch(batch, self.max_batch)
+
+    def cadence(self) -> deepcache.Cadence:
+        """Which of a running batch's steps are full (host side); every one at cache_interval 1."""
+        return deepcache.Cadence(self.cache_interval)
 
     def labels(self, class_labels, n: int) -> list[int] | None:
         """A request's class labels for ``n`` seeds, checked (``parse_labels``)."""
@@ -231,6 +240,10 @@ class SamplingPlan:
                                else torch.tensor(labels, dtype=torch.int64)).to(self.device)
         if self.self_condition:
             state["x_self_cond"] = torch.zeros_like(x)  # no estimate before the first step (lucidrains: zeros)
+        if self.cache_interval > 1:  # written by the first (full) step; guidance keeps 2 calls' features per row
+            k = 2 if self.guidance_scale != 1.0 else 1
+            c, h, w = self.deep_shape
+            state["deep"] = torch.zeros(len(seeds), k * c, h, w, device=self.device)
         return Rows(x, i, words, **state)
 
 
@@ -272,10 +285,11 @@ class Planner:
         return self._tables[key]
 
     def plan(self, sampler=None, steps=None, eta=0.0, clip_denoised=None,
-             use_clipped_model_output=None, spacing=None, guidance_scale=1.0) -> SamplingPlan:
+             use_clipped_model_output=None, spacing=None, guidance_scale=1.0, cache_interval=1) -> SamplingPlan:
         """The plan of a request (built on first use; callers hold the engine's plans lock). ``sampler``
         None: samplers.default_request(steps) (DDPM, or for a few steps the best few-step sampler and
-        its spacing, unless the request names a spacing)."""
+        its spacing, unless the request names a spacing). ``cache_interval`` > 1 is refused where
+        the backend or its model cannot split (``check_deep_cache``)."""
         if sampler is None:
             sampler, few_step_spacing = default_request(steps)
             spacing = few_step_spacing if spacing is None else spacing
@@ -283,8 +297,11 @@ class Planner:
         spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)
         guidance_scale = check_guidance(guidance_scale, self.num_classes, self.null_label)
-        key = (spec, steps, spacing, guidance_scale)
+        cache_interval = deepcache.check_interval(cache_interval)
+        key = (spec, steps, spacing, guidance_scale, cache_interval)
         if key not in self.plans:
+            with self.lock:  # its first call runs the backend once (the backend's calls are not re-entrant)
+                deep_shape = check_deep_cache(self.backend, cache_interval, self.sample_shape)
             tables = self._tables_of(spec.definition, steps, spacing)
             check_defined(spec, tables)
             tab = tables.on(self.device)
@@ -292,7 +309,8 @@ class Planner:
                 spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
                 max_batch=self.max_batch, num_classes=self.num_classes, self_condition=self.self_condition,
-                guidance_scale=guidance_scale, null_label=self.null_label)
+                guidance_scale=guidance_scale, null_label=self.null_label, cache_interval=cache_interval,
+                deep_shape=deep_shape)
         return self.plans[key]
 
 
@@ -306,6 +324,19 @@ def check_defined(spec: StepSpec, tables: Tables) -> None:
             "choose a spacing that does not keep t = T - 1 (such as 'leading' with fewer steps than T), a "
             "multistep sampler (dpmpp_2m, unipc: alpha-bar 2^-24 there, as diffusers), or a v_prediction model "
             "(Lin et al. 2024)")
+
+
+def check_deep_cache(backend, cache_interval: int, sample_shape) -> tuple | None:
+    """One row's deep-feature shape for ``cache_interval`` > 1 (None at 1), or InvalidRequestError
+    saying why ``backend`` cannot run it (the backend's or the model's refusal)."""
+    if cache_interval == 1:
+        return None
+    why = backend.deep_cache_refusal()
+    if why is not None:
+        raise InvalidRequestError(f"cache_interval={cache_interval} cannot run here: {why}; use cache_interval=1")
+    return backend.deep_shape(sample_shape)
+
+
 def check_guidance(guidance_scale, num_classes: int | None, null_label: int | None) -> float:
     """A request's classifier-free guidance scale: a finite number >= 0 (1: no guidance), and
     other than 1 only for a class-conditional model with a null label."""
@@ -333,25 +364,27 @@ def guided(output: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
     return pred if cond.shape[1] == channels else torch.cat([pred, cond[:, channels:]], dim=1)
 
 
-def model_output(plan: SamplingPlan, rows: Rows, t: torch.Tensor) -> torch.Tensor:
+def model_output(plan: SamplingPlan, rows: Rows, t: torch.Tensor, full: bool = True) -> torch.Tensor:
     """The backend's output for ``rows`` at ``t``, with the rows' extra inputs (export.iospec's
     order: labels, previous x0); with guidance, the conditional and unconditional rows go through
-    one batched call and are combined here (``guided``), before the step."""
+    one batched call and are combined here (``guided``), before the step. With cache_interval
+    (``rows.deep`` set) the call is a full or a shallow step (``full``, deepcache.call)."""
     extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]
     if plan.guidance_scale == 1.0:
-        return plan.backend(rows.x, t, *extra)
+        return deepcache.call(plan.backend, rows.deep, full, rows.x, t, *extra)
     null = torch.full_like(rows.labels, plan.null_label)
     both = [torch.cat([v, null if v is rows.labels else v]) for v in (rows.x, t, *extra)]
-    return guided(plan.backend(*both), plan.guidance_scale, rows.x.shape[1])
+    return guided(deepcache.call(plan.backend, rows.deep, full, *both), plan.guidance_scale, rows.x.shape[1])
 
 
-def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False):
+def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False, full: bool = True):
     """One reverse step on a batch, in place: t = timesteps[i], the model call (``model_output``:
-    the rows' extra inputs, guidance), the step; a self-conditioned model's rows keep the step's
-    x0 for the next call. Returns the predicted x0 when ``want_x0`` (else None). No host work:
-    capturable."""
+    the rows' extra inputs, guidance; with cache_interval a full step or, ``full`` False, a
+    shallow one, as the caller's ``plan.cadence()`` says), the step; a self-conditioned model's
+    rows keep the step's x0 for the next call. Returns the predicted x0 when ``want_x0`` (else
+    None). No host work: capturable."""
     t = plan.tab.timesteps[rows.i]
-    out = model_output(plan, rows, t)
+    out = model_output(plan, rows, t, full)
     if rows.x_self_cond is None:
         return plan.step(rows, out, want_x0)
     x0 = plan.step(rows, out, True)
@@ -399,7 +432,7 @@ def run_chain(plan: SamplingPlan, rows: Rows, snap_at=frozenset(), progress: boo
 
 
 def _chain(plan: SamplingPlan, rows: Rows, snap_at, progress: bool):
-    snaps = []
+    snaps, cadence = [], plan.cadence()
     loop = range(plan.steps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
@@ -409,7 +442,7 @@ def _chain(plan: SamplingPlan, rows: Rows, snap_at, progress: bool):
         t = int(plan.tables.timesteps[k])
         if t in snap_at:
             x_t = rows.x.clone()  # the step writes x_{t-1} in place
-            snaps.append(Snapshot(t, x_t, reverse_step(plan, rows, want_x0=True).clone()))
+            snaps.append(Snapshot(t, x_t, reverse_step(plan, rows, want_x0=True, full=cadence.next()).clone()))
         else:
-            reverse_step(plan, rows)
+            reverse_step(plan, rows, full=cadence.next())
     return rows.x.clamp_(-1.0, 1.0), snaps

@@ -13,7 +13,8 @@ concurrent requests and runs one engine call per group of equal sampler options 
 share a call. Each request gets exactly the images its seeds give on a lone
 engine: a seed's image does not depend on its batch. Over HTTP, ``POST <route>/sample`` takes
 ``{"seeds": [...], "sampler": "ddim", "steps": 20, "eta": 0.0}`` (optionally ``"spacing": "karras"``;
-for a class-conditional model ``"class_labels": [...]``, one per seed, and ``"guidance_scale": 3.0``)
+for a class-conditional model ``"class_labels": [...]``, one per seed, and ``"guidance_scale": 3.0``;
+``"cache_interval": 3`` for reused deep features)
 and answers the images as float32 data and PNGs (``to_json``); a bad request gets a 400 with
 ``{"error": <type>, "message": ...}`` (``http_request``: a pure function of method, path and body,
 testable without Ray; ``GET /healthz`` and ``GET /readyz`` are the probes). A drain (``drain``, the
@@ -51,7 +52,7 @@ except ImportError as exc:
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta", "spacing", "class_labels", "guidance_scale")
+REQUEST_FIELDS = ("seeds", "sampler", "steps", "eta", "spacing", "class_labels", "guidance_scale", "cache_interval")
 MAX_BODY_BYTES = 4 * 2**20  # a request of 32 seeds is under 2 kB; a bigger body is refused with 413
 MAX_DEPTH = 8  # JSON nesting a body may have (a request has 2), checked before parsing
 MESSAGE_LIMIT = 500  # characters of an error message in an HTTP answer
@@ -68,6 +69,7 @@ class Options(NamedTuple):
     eta: float
     spacing: str | None = None  # None: the one the engine takes when a request names none
     guidance_scale: float = 1.0  # classifier-free guidance (1: off)
+    cache_interval: int = 1  # reused deep features (engine.deepcache; 1: off)
 
 
 class Request(NamedTuple):
@@ -77,18 +79,20 @@ class Request(NamedTuple):
 
 
 def check_request(engine: Engine, seeds, sampler=None, steps=None, eta=0.0, spacing=None, class_labels=None,
-                  guidance_scale=1.0, *, max_images: int) -> Request:
+                  guidance_scale=1.0, cache_interval=1, *, max_images: int) -> Request:
     """Validate one request with the engine's own checks (``Engine.plan``, ``SamplingPlan.labels``;
     raises InvalidRequestError)."""
     seeds = check_seeds(seeds)
-    plan = engine.plan(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale)
+    plan = engine.plan(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance_scale=guidance_scale,
+                       cache_interval=cache_interval)
     if len(seeds) > max_images:
         raise InvalidRequestError(f"a request of {len(seeds)} seeds exceeds max_batch_size={max_images}; "
                                   "split it into smaller requests")
     labels = plan.labels(class_labels, len(seeds))
     default = plan.spec.definition.choose_spacing(None, engine.scheduler.timestep_spacing)
     return Request(seeds, Options(plan.spec.sampler, plan.steps, plan.spec.eta,
-                                  None if plan.spacing == default else plan.spacing, plan.guidance_scale), labels)
+                                  None if plan.spacing == default else plan.spacing, plan.guidance_scale,
+                                  plan.cache_interval), labels)
 
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -123,7 +127,7 @@ def parse_body(body: bytes) -> dict:
              "steps": ((int, type(None)), "an integer or null"), "eta": ((int, float), "a number"),
              "spacing": ((str, type(None)), "a string or null"),
              "class_labels": ((list, type(None)), "a list of integers or null"),
-             "guidance_scale": ((int, float), "a number")}
+             "guidance_scale": ((int, float), "a number"), "cache_interval": ((int,), "an integer")}
     for name, value in payload.items():
         types, kind = kinds[name]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -311,12 +315,12 @@ class EngineReplica:
 
     # ---- sampling ------------------------------------------------------------------------------
     async def sample(self, seeds, sampler=None, steps=None, eta=0.0, spacing=None, class_labels=None,
-                     guidance_scale=1.0) -> torch.Tensor:
+                     guidance_scale=1.0, cache_interval=1) -> torch.Tensor:
         """The images of ``seeds``, float32 [n, C, H, W] in [-1, 1] on the CPU."""
         if self._draining:
             raise draining_error()
         request = check_request(self.engine, seeds, sampler, steps, eta, spacing, class_labels, guidance_scale,
-                                max_images=self.max_batch_size)
+                                cache_interval, max_images=self.max_batch_size)
         self._in_flight += 1
         try:
             return await self._sample_request(request)
@@ -348,6 +352,7 @@ class EngineReplica:
                 futures = [self.server.submit(seeds[at:at + size], sampler=options.sampler, steps=options.steps,
                                               eta=options.eta, spacing=options.spacing,
                                               guidance_scale=options.guidance_scale,
+                                              cache_interval=options.cache_interval,
                                               class_labels=None if labels is None else labels[at:at + size])
                            for at in range(0, len(seeds), size)]
             except EngineError as exc:  # the server is closed: a drain ran out of grace

@@ -221,7 +221,8 @@ class Server:
     # ---- submission (any thread) -------------------------------------------------------------
     def submit(self, batch, *, sampler=None, steps=None, eta=0.0, clip_denoised=None,
                use_clipped_model_output=None, timeout: float | None = None,
-               plan: SamplingPlan | None = None, spacing=None, class_labels=None, guidance_scale=1.0) -> Future:
+               plan: SamplingPlan | None = None, spacing=None, class_labels=None, guidance_scale=1.0,
+               cache_interval=1) -> Future:
         """Queue a request; returns a Future of its images [n, C, H, W] in [-1, 1] (on the CPU, or
         on the device with ``results="device"``). ``plan`` (from ``Engine.plan``) replaces the
         sampler options. ``class_labels``: one per seed, for a class-conditional model (requests
@@ -229,7 +230,7 @@ class Server:
         try:
             if plan is None:
                 plan = self.planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing,
-                                         guidance_scale)
+                                         guidance_scale, cache_interval)
             seeds = plan.seeds(batch)
             if len(seeds) > self.max_batch:
                 raise InvalidRequestError(f"a request of {len(seeds)} images exceeds max_batch={self.max_batch}; "

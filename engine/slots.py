@@ -14,6 +14,10 @@ advances every slot; a request that finishes is read out of its slots and frees 
 - Without one, the buffer holds exactly the live rows: every join or leave repacks (a
   concatenation or a gather) and a step is ``reverse_step`` on them.
 
+With ``cache_interval`` (engine/deepcache.py) the batch's ``Cadence`` decides on the host which
+steps are full; rows joining restart it, so the batch's next step is full and every row's cached
+deep features are its own (they move with the row when slots are repacked).
+
 Repacking happens only when requests join or leave, never in a step; it reads the slots by
 slices, so it needs no index tensor from the host. A bucket built for the first time is checked
 by its canary on the rows about to move in (engine/cuda/graphs.py); if capturing or the canary
@@ -41,6 +45,7 @@ class SlotBatch:
         self.rows: Rows | None = None  # the buffer: ``capacity`` slots
         self.bucket = None  # the graphs.Bucket whose static rows are the buffer (graphed only)
         self.where: dict = {}  # request -> (start, n), in slot order
+        self.cadence = plan.cadence()  # which steps are full (cache_interval)
 
     @property
     def live(self) -> int:
@@ -69,6 +74,7 @@ class SlotBatch:
             self._repack(fresh)
         else:
             self.rows.write(start, fresh)
+        self.cadence.restart()  # the fresh rows' cache is empty: the next step is full
         for req, n in zip(requests, sizes):
             self.where[req] = (start, n)
             start += n
@@ -97,10 +103,11 @@ class SlotBatch:
     @torch.inference_mode()
     def step(self) -> None:
         """One reverse step of every slot (no host work: a graph replay or ``reverse_step``)."""
-        if self.bucket is not None:
+        full = self.cadence.next()
+        if self.bucket is not None:  # graphs serve no cache_interval plan: every step is full here
             self.bucket.replay()
         else:
-            reverse_step(self.plan, self.rows)
+            reverse_step(self.plan, self.rows, full=full)
 
     # ---- layout ------------------------------------------------------------------------------
     def _capacity_for(self, n: int) -> int:

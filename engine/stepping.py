@@ -56,6 +56,7 @@ class Rows:
     eps_prev3: torch.Tensor | None = None  # [B, C, H, W]: ... of three steps ago
     labels: torch.Tensor | None = None  # int64 [B]: class labels of a class-conditional model (the model's input)
     x_self_cond: torch.Tensor | None = None  # [B, C, H, W]: a self-conditioned model's previous x0 (its input)
+    deep: torch.Tensor | None = None  # [B, k*C_d, H_d, W_d]: cache_interval's cached deep features (engine.deepcache)
 
     def __len__(self):
         return self.x.shape[0]

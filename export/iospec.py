@@ -10,6 +10,11 @@ value when the graph runs the load probe (``engine.probe.check_graph``), and rep
 own names. The model's identity travels in the file's metadata_props so a runtime can refuse a
 graph of another model.
 
+Reused deep features (``cache_interval``, engine/deepcache.py) export two more graphs of a model:
+the *full* step, whose outputs are ``model_output`` then ``deep_features`` float32 [batch, C_d,
+H_d, W_d], and the *shallow* step, whose inputs are the model's then ``deep_features`` (last).
+Without ``deep_features`` each follows the contract above (``without_deep``).
+
 ``EXTRA_INPUTS`` is the one home of the extra inputs' names and order: the backends' call
 (``backend(x, t, *extra)``), their input checks, the exporters and ``plan.reverse_step``
 follow it.
@@ -25,6 +30,7 @@ OUTPUT = "model_output"
 CLASS_LABELS = "class_labels"  # int64 [batch]: a class-conditional model's labels
 SELF_COND = "x_self_cond"  # float32 [batch, C, H, W]: a self-conditioned model's previous x0 estimate
 EXTRA_INPUTS = (CLASS_LABELS, SELF_COND)  # their order after sample and timestep
+DEEP = "deep_features"  # float32 [batch, C_d, H_d, W_d]: the full step's second output, the shallow step's last input
 
 
 def is_integer(name: str) -> bool:
@@ -134,6 +140,13 @@ def _show(shape) -> str:
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
                "tensor(bfloat16)": "bfloat16", "tensor(double)": "float64", "tensor(int32)": "int32"}
+
+
+def without_deep(inputs: list[Tensor], outputs: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(inputs, outputs) of a full or shallow step's graph without ``DEEP``, and the ``DEEP``
+    entries found (one, whose batch axis is not fixed, in a graph that follows the spec)."""
+    deep = [v for v in (*inputs, *outputs) if v[0] == DEEP]
+    return [v for v in inputs if v[0] != DEEP], [v for v in outputs if v[0] != DEEP], deep
 
 
 def from_onnx(model) -> tuple[list[Tensor], list[Tensor]]:

@@ -16,6 +16,11 @@ one file per (weights hash, model structure and code, sample shape, opset, expor
 are written to a temporary name and renamed, so a crash never leaves a half file that a later run
 would reuse; a cached file ONNX Runtime cannot open is re-exported once (backends.onnxruntime_backend).
 The weights hash and sample shape go into the file's metadata_props (see ``export.iospec``).
+
+Reused deep features (``cache_interval``, engine/deepcache.py): ``export_onnx(..., part="full")``
+and ``part="shallow"`` export the model's full step (a second output, ``deep_features``) and its
+shallow step (``deep_features`` its last input), traced from ``deepcache.split``; each is cached
+beside the whole model's graph, keyed alike plus the part.
 """
 
 from __future__ import annotations
@@ -34,37 +39,48 @@ from . import iospec
 
 EXPORTERS = ("torchscript", "dynamo")
 EXAMPLE_BATCH = 2  # not 1, so the tracer cannot fold the batch size into the graph
+PARTS = ("whole", "full", "shallow")  # the model's graph; cache_interval's full and shallow steps
 
 
-def cached_path(loaded, opset: int = iospec.DEFAULT_OPSET, exporter: str = "torchscript", cache_dir=None) -> Path:
+def cached_path(loaded, opset: int = iospec.DEFAULT_OPSET, exporter: str = "torchscript", cache_dir=None,
+                part: str = "whole") -> Path:
     parts = {"weights": loaded.weights_hash, "structure": cache.module_structure(loaded.module),
              "sample_shape": list(loaded.sample_shape), "opset": opset, "exporter": exporter,
              "torch": torch.__version__}
+    if part != "whole":  # the whole graph's key stays what it was
+        parts["deepcache"] = part
     return cache.artifact_path("onnx", loaded.name, parts, ".onnx", cache_dir=cache_dir)
 
 
 def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=None,
-                exporter: str = "torchscript") -> Path:
+                exporter: str = "torchscript", part: str = "whole") -> Path:
     """Write ``loaded`` (a ``checkpoints.LoadedModel``) as ONNX and return the file's path.
 
     With ``path=None`` the file goes to the cache and an existing one is reused; with a
-    ``path`` the graph is always (re)written there.
+    ``path`` the graph is always (re)written there. ``part``: one of ``PARTS`` (module docstring).
     """
     if not isinstance(opset, int) or opset < iospec.MIN_OPSET:
         raise InvalidRequestError(f"opset must be an int >= {iospec.MIN_OPSET}, got {opset!r}")
     if exporter not in EXPORTERS:
         raise InvalidRequestError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    if part not in PARTS:
+        raise InvalidRequestError(f"unknown part {part!r}; choose one of {PARTS}")
     onnx = require("onnx", "ONNX export")
     if path is None:
-        path = cached_path(loaded, opset, exporter, cache_dir)
+        path = cached_path(loaded, opset, exporter, cache_dir, part)
         if path.is_file():
             return path
     path = Path(path)
     model_io = loaded.io
     model = _trace(_fp32_cpu(loaded.module), loaded.sample_shape, opset, exporter, model_io.extra_inputs,
-                   model_io.num_classes)
-    problems = iospec.mismatches(*iospec.from_onnx(model), loaded.sample_shape, model_io.out_channels,
-                                 model_io.extra_inputs)
+                   model_io.num_classes, part)
+    inputs, outputs = iospec.from_onnx(model)
+    if part != "whole":
+        inputs, outputs, deep = iospec.without_deep(inputs, outputs)
+        if len(deep) != 1 or isinstance(deep[0][2][0], int):
+            raise ExportError(f"the {part} step's ONNX graph of {loaded.name!r} has no dynamic-batch "
+                              f"{iospec.DEEP!r} {'output' if part == 'full' else 'input'}")
+    problems = iospec.mismatches(inputs, outputs, loaded.sample_shape, model_io.out_channels, model_io.extra_inputs)
     if problems:
         raise ExportError(f"the ONNX graph of {loaded.name!r} does not follow the I/O spec: {'; '.join(problems)}")
     for key, value in iospec.metadata(loaded.weights_hash, loaded.sample_shape, exporter).items():
@@ -74,6 +90,14 @@ def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the ONNX graph of {loaded.name!r} fails onnx.checker: {exc}") from None
     return cache.write_bytes(path, model.SerializeToString())
+
+
+def load_pair(loaded, open_, corrupt=(Exception,)) -> dict:
+    """{"full": ..., "shallow": ...}: ``open_(path)`` of each of cache_interval's two graphs of
+    ``loaded``, exported to the cache first if needed (a cached file ``open_`` refuses with
+    ``corrupt`` is re-exported once, ``cache.load``)."""
+    return {part: cache.load(cached_path(loaded, part=part), lambda tmp, part=part: export_onnx(loaded, tmp, part=part),
+                             open_, corrupt=corrupt) for part in PARTS[1:]}
 
 
 def _fp32_cpu(module: torch.nn.Module) -> torch.nn.Module:
@@ -94,12 +118,26 @@ def example_inputs(sample_shape, extra=(), num_classes: int | None = None, batch
     return (x, t, *(values[name] for name in iospec.inputs_of(extra)[2:]))
 
 
-def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classes=None):
+def _part(module, part: str, inputs: tuple) -> tuple:
+    """(the module to trace for ``part``, its example inputs, its input names' tail, its output names' tail)."""
+    if part == "whole":
+        return module, inputs, [], []
+    from ddpm_engine import deepcache
+
+    pair = deepcache.split(module)
+    if part == "full":
+        return deepcache.FullGraph(pair).eval(), inputs, [], [iospec.DEEP]
+    with torch.no_grad():
+        deep = pair.full(*inputs)[1]
+    return deepcache.ShallowGraph(pair).eval(), (*inputs, deep), [iospec.DEEP], []
+
+
+def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classes=None, part: str = "whole"):
     import onnx
 
-    inputs = example_inputs(sample_shape, extra, num_classes)
-    in_names = list(iospec.inputs_of(extra))
-    names = dict(input_names=in_names, output_names=[iospec.OUTPUT], opset_version=opset)
+    module, inputs, more_in, more_out = _part(module, part, example_inputs(sample_shape, extra, num_classes))
+    in_names = [*iospec.inputs_of(extra), *more_in]
+    names = dict(input_names=in_names, output_names=[iospec.OUTPUT, *more_out], opset_version=opset)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -112,7 +150,7 @@ def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classe
                                             dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False, **names)
                 return program.model_proto
             buf = io.BytesIO()
-            axes = {n: {0: iospec.BATCH_AXIS} for n in (*in_names, iospec.OUTPUT)}
+            axes = {n: {0: iospec.BATCH_AXIS} for n in (*in_names, *names["output_names"])}
             torch.onnx.export(module, inputs, buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
             return onnx.load_from_string(buf.getvalue())
     except Exception as exc:  # the exporters raise many unrelated types for an unsupported model

@@ -23,7 +23,11 @@ The contract, one home each:
   ``PRECISIONS`` is None) runs only on a backend that names it in ``quantized``; the registry
   refuses it for the others (``quantized_refusal``);
 - ``versions(packages)``: the installed versions of the packages that decide a backend's numbers,
-  for cache keys, reports and golden files.
+  for cache keys, reports and golden files;
+- reused deep features (``cache_interval``, engine/deepcache.py): a backend that runs them sets
+  ``deep_cache`` and implements ``full(x, t, *extra) -> (output, deep)``, ``shallow(x, t, deep,
+  *extra) -> output`` and ``deep_shape(sample_shape)`` (one row's cached features, (C, H, W)); the others
+  refuse (``deep_cache_refusal``), and so does one whose model the engine cannot split.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Backend:
     path = None  # the cached artifact it runs (an ONNX graph, a compiled package, ...), or None
     quantized: tuple = ()  # the quantized precisions (PRECISIONS' None dtypes) it runs
     built_from = ()  # the cached artifacts ``path`` was built from (OpenVINO's blob: the ONNX export)
+    deep_cache = False  # runs cache_interval's full/shallow pair (engine.deepcache; see the module docstring)
 
     def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None, io=None):
         """sample_shape: the (C, H, W) every call must have (None: any); batches: the (least, most)
@@ -174,6 +179,50 @@ class Backend:
         if self.batches is not None and not self.batches[0] <= x.shape[0] <= self.batches[1]:
             raise InvalidRequestError(f"the {self.name} backend takes batches of {self.batches[0]} to "
                                       f"{self.batches[1]} images, got {x.shape[0]}")
+
+    # ---- reused deep features (engine/deepcache.py) ----
+
+    def deep_cache_refusal(self) -> str | None:
+        """Why this backend cannot run ``cache_interval`` > 1 for its model, or None."""
+        if not self.deep_cache:
+            return (f"the {self.name} backend does not run cache_interval; backend='torch', 'onnxruntime' "
+                    "and 'openvino' do")
+        return None
+
+    def deep_shape(self, sample_shape) -> tuple:
+        """(C, H, W) of one row's deep features (the full step's second output) for samples of
+        ``sample_shape`` (C, H, W): read off one full step on a zero row, once per shape."""
+        shapes = self.__dict__.setdefault("_deep_shapes", {})
+        sample_shape = tuple(sample_shape)
+        if sample_shape not in shapes:
+            x = torch.zeros(1, *sample_shape, device=self.device)
+            extra = [torch.zeros(1, dtype=torch.int64, device=self.device) if iospec.is_integer(name)
+                     else torch.zeros_like(x) for name in self.extra_inputs]
+            _, deep = self.run_full(x, torch.zeros(1, dtype=torch.int64, device=self.device), *extra)
+            shapes[sample_shape] = tuple(deep.shape[1:])
+        return shapes[sample_shape]
+
+    def full(self, x, t, *extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full step: (the model output, its deep features float32 [B, C_d, H_d, W_d]),
+        contiguous, on the backend's device; the output equals ``self(x, t, *extra)``'s."""
+        self.check_inputs(x, t, *extra)
+        return self.run_full(x, t, *extra)
+
+    def shallow(self, x, t, deep, *extra) -> torch.Tensor:
+        """The shallow step's model output with the cached ``deep`` features (of ``full``)."""
+        self.check_inputs(x, t, *extra)
+        want = (x.shape[0], *self.deep_shape(tuple(x.shape[1:])))
+        if not isinstance(deep, torch.Tensor) or tuple(deep.shape) != want or not deep.dtype.is_floating_point:
+            got = f"{tuple(deep.shape)} {deep.dtype}" if isinstance(deep, torch.Tensor) else type(deep).__name__
+            raise InvalidRequestError(f"the {self.name} backend's shallow step got deep features {got}; expected "
+                                      f"floating {want} (the full step's)")
+        return self.run_shallow(x, t, deep, *extra)
+
+    def run_full(self, x, t, *extra):
+        raise NotImplementedError(f"{type(self).__name__} does not run cache_interval")
+
+    def run_shallow(self, x, t, deep, *extra):
+        raise NotImplementedError(f"{type(self).__name__} does not run cache_interval")
 
     def check_graph_capturable(self) -> None:
         """Raise BackendUnavailableError (saying why and what to use) if this backend cannot be

@@ -14,6 +14,10 @@ a copy nor a host sync per call. Calling from another torch stream later is not 
 is why this backend is not ``graph_capturable`` (CUDA graphs capture on a side stream).
 
 Only fp32: the graph is exported in fp32 and no fp16 conversion is done here.
+
+``cache_interval`` (engine/deepcache.py), on the CPU: the model's full and shallow steps are two
+more exported graphs (``export_onnx(..., part=...)``, cached beside the whole one), opened on the
+first such request and compared with the eager split before they serve (``deepcache.check_pair``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch
 
 from ddpm_engine.export import iospec
 
-from .. import cache, threads
+from .. import cache, deepcache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
+from ..probe import GRAPH_TOLERANCE
 from .base import Backend, extra_dtype, parse_precision
 
 
@@ -49,6 +54,8 @@ def precision_refusal(precision: str) -> str | None:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    deep_cache = True
+    loaded = None  # the checkpoints.LoadedModel it was made from (``create``): cache_interval exports from it
     graph_capturable = False
     graph_capture_refusal = ("ONNX Runtime's CUDA provider runs on the stream fixed when its session was made "
                              "(user_compute_stream), but a CUDA graph is captured on a side stream, so its work "
@@ -90,6 +97,7 @@ class OnnxRuntimeBackend(Backend):
         out_c = outputs[0][2][1]
         self.out_channels = self.out_channels or (out_c if isinstance(out_c, int) else None)
         self._errors = _ort_errors()
+        self._pair = None  # cache_interval's {"full": session, "shallow": session}, opened on first use
 
     @classmethod
     def unavailable_reason(cls, device, precision: str) -> str | None:
@@ -115,10 +123,12 @@ class OnnxRuntimeBackend(Backend):
         require("onnx", "the onnxruntime backend (ONNX export)")
         from ddpm_engine.export.onnx_export import cached_path, export_onnx
 
-        return cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
-                          lambda path: cls(path, device, precision, expected_hash=loaded.weights_hash,
-                                           expected_shape=loaded.sample_shape, io=loaded.io),
-                          corrupt=(ModelLoadError,))
+        backend = cache.load(cached_path(loaded), lambda tmp: export_onnx(loaded, tmp),
+                             lambda path: cls(path, device, precision, expected_hash=loaded.weights_hash,
+                                              expected_shape=loaded.sample_shape, io=loaded.io),
+                             corrupt=(ModelLoadError,))
+        backend.loaded = loaded
+        return backend
 
     @classmethod
     def from_file(cls, onnx_path, device="cpu", precision: str = "fp32") -> OnnxRuntimeBackend:
@@ -129,9 +139,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(f"the onnxruntime backend cannot run {precision!r}: {refusal}")
         return cls(onnx_path, device, precision)
 
-    def _open(self, ort):
-        if not self.path.is_file():
-            raise ModelLoadError(f"no ONNX file at {self.path}")
+    def _open(self, ort, path=None):
+        path = self.path if path is None else Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"no ONNX file at {path}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
@@ -145,27 +156,66 @@ class OnnxRuntimeBackend(Backend):
         else:
             providers = ["CPUExecutionProvider"]
         try:
-            return ort.InferenceSession(str(self.path), options, providers=providers)
+            return ort.InferenceSession(str(path), options, providers=providers)
         except _ort_errors() as exc:
             first = first_line(exc)
-            raise ModelLoadError(f"ONNX Runtime cannot load {self.path} (corrupt or not an ONNX model?): "
+            raise ModelLoadError(f"ONNX Runtime cannot load {path} (corrupt or not an ONNX model?): "
                                  f"{first}; delete it and re-export") from None
 
     def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(self.device, torch.float32).contiguous()
         t = t.detach().to(self.device, torch.int64).contiguous()
         extra = [v.detach().to(self.device, extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra)]
+        if self.device.type == "cuda":
+            return self._guarded(x, lambda: self._run_cuda(x, t, extra))
+        return self._run_cpu(self.session, [iospec.OUTPUT], x, t, extra)[0]
+
+    def _run_cpu(self, session, outputs, x, t, extra, deep=None) -> list:
+        x, t = x.detach().to("cpu", torch.float32).contiguous(), t.detach().to("cpu", torch.int64).contiguous()
+        feed = {iospec.SAMPLE: x.numpy(), iospec.TIMESTEP: t.numpy(),
+                **{name: v.detach().to("cpu", extra_dtype(name)).contiguous().numpy()
+                   for name, v in zip(self.extra_inputs, extra)}}
+        if deep is not None:
+            feed[iospec.DEEP] = deep.detach().to("cpu", torch.float32).contiguous().numpy()
+        return self._guarded(x, lambda: [torch.from_numpy(v) for v in session.run(outputs, feed, self._run_options)])
+
+    def _guarded(self, x, call):
         try:
-            if self.device.type == "cuda":
-                return self._run_cuda(x, t, extra)
-            feed = {iospec.SAMPLE: x.numpy(), iospec.TIMESTEP: t.numpy(),
-                    **{name: v.numpy() for name, v in zip(self.extra_inputs, extra)}}
-            out = self.session.run([iospec.OUTPUT], feed, self._run_options)[0]
-            return torch.from_numpy(out)
+            return call()
         except self._errors as exc:
             first = first_line(exc)
             error = InvalidRequestError if type(exc).__name__ == "InvalidArgument" else BackendUnavailableError
             raise error(f"ONNX Runtime failed on {self.path.name} with x {tuple(x.shape)}: {first}") from None
+
+    # ---- cache_interval: the full and shallow steps' graphs (see the module docstring) ----
+
+    def deep_cache_refusal(self) -> str | None:
+        if self.loaded is None:
+            return ("an ONNX file opened with from_file has no full/shallow graphs; open the model with "
+                    "backend='onnxruntime' (Engine.from_pretrained / from_module)")
+        if self.device.type != "cpu":
+            return "onnxruntime runs cache_interval on the CPU only; use backend='torch' on CUDA"
+        return deepcache.refusal(self.loaded.module)
+
+    def _pair_sessions(self) -> dict:
+        if self._pair is None:
+            from ddpm_engine.export.onnx_export import load_pair
+
+            loaded, ort = self.loaded, _ort()
+            self._pair = load_pair(loaded, lambda path: self._open(ort, path), corrupt=(ModelLoadError,))
+            try:
+                deepcache.check_pair(self, loaded.module, loaded.io, GRAPH_TOLERANCE[self.precision],
+                                     f"the onnxruntime graphs of {loaded.name!r} for cache_interval")
+            except ModelLoadError:
+                self._pair = None
+                raise
+        return self._pair
+
+    def run_full(self, x, t, *extra):
+        return tuple(self._run_cpu(self._pair_sessions()["full"], [iospec.OUTPUT, iospec.DEEP], x, t, extra))
+
+    def run_shallow(self, x, t, deep, *extra):
+        return self._run_cpu(self._pair_sessions()["shallow"], [iospec.OUTPUT], x, t, extra, deep)[0]
 
     def _run_cuda(self, x, t, extra):  # UNVERIFIED, see the module docstring
         out = x.new_empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]))

@@ -28,6 +28,12 @@ I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``o
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
 the request's output tensor: no copy either way.
 
+``cache_interval`` (engine/deepcache.py): the model's full and shallow steps are two more ONNX
+exports (``export_onnx(..., part=...)``, cached on disk), compiled at the backend's precision with
+a dynamic batch (in memory, on the first such request; no static-shape compiles) and compared
+with the eager split before they serve (``deepcache.check_pair``). Not at int8 (its graph is
+quantized whole).
+
 Threads: OpenVINO runs its own pool (``owns_cpu_threads``, so the engine's per-step torch work
 yields to it, see ``threads.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` from the
 engine's CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else
@@ -57,8 +63,9 @@ import torch
 
 from ddpm_engine.export import iospec
 
-from .. import cache, calibration, cpu, threads
+from .. import cache, calibration, cpu, deepcache, threads
 from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
+from ..probe import GRAPH_TOLERANCE
 from .base import Backend, extra_dtype, versions
 
 # the CPU plugin's precision hint per precision; int8's quantized layers run int8 whatever the
@@ -312,6 +319,8 @@ def compile_static(loaded, precision: str, batch: int):
 
 class OpenVINOBackend(Backend):
     name = "openvino"
+    deep_cache = True
+    loaded = None  # the checkpoints.LoadedModel it was made from (``create``): cache_interval exports from it
     quantized = ("int8",)
     owns_cpu_threads = True
     graph_capturable = False
@@ -350,6 +359,8 @@ class OpenVINOBackend(Backend):
         self._compiling = {}  # batch -> the thread compiling its static shape
         self._static_lock = threading.Lock()
         self._tensor = ov.Tensor
+        self._pair = None  # cache_interval's {"full": request, "shallow": request}, compiled on first use
+        self._deep_out = None  # (C, H, W) of the full graph's deep_features output
 
     @classmethod
     def unavailable_reason(cls, device, precision: str) -> str | None:
@@ -374,6 +385,7 @@ class OpenVINOBackend(Backend):
                                               lambda batch: compile_static(loaded, precision, batch), io=loaded.io),
                              corrupt=(ModelLoadError,))
         backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
+        backend.loaded = loaded
         return backend
 
     def request_for(self, batch: int):
@@ -430,21 +442,61 @@ class OpenVINOBackend(Backend):
         self.check_inputs(*inputs)
         return self._infer(self.request, *inputs)
 
-    def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+    def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor, deep=None, deep_out=None):
+        """The model output (with ``deep_out`` (C, H, W): and the full graph's deep features);
+        ``deep``: the shallow graph's deep-features input."""
         x = x.detach().to("cpu", torch.float32).contiguous()
         inputs = [x, t.detach().to("cpu", torch.int64).contiguous(),
                   *(v.detach().to("cpu", extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra))]
+        if deep is not None:
+            inputs.append(deep.detach().to("cpu", torch.float32).contiguous())
         out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), dtype=torch.float32)
-        for k, v in enumerate(inputs):  # export.iospec's order: x, t, then the extra inputs
+        outs = [out] if deep_out is None else [out, torch.empty((x.shape[0], *deep_out), dtype=torch.float32)]
+        for k, v in enumerate(inputs):  # export.iospec's order: x, t, the extra inputs (then deep_features)
             request.set_input_tensor(k, self._tensor(v.numpy(), shared_memory=True))
-        request.set_output_tensor(0, self._tensor(out.numpy(), shared_memory=True))
+        for k, v in enumerate(outs):
+            request.set_output_tensor(k, self._tensor(v.numpy(), shared_memory=True))
         try:
             request.infer()
         except RuntimeError as exc:
             first = first_line(exc)
             raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "
                                           f"{first}") from None
-        return out
+        return out if deep_out is None else tuple(outs)
+
+    # ---- cache_interval: the full and shallow steps' graphs (see the module docstring) ----
+
+    def deep_cache_refusal(self) -> str | None:
+        if self.loaded is None:
+            return "this openvino backend was not made from a model (backends.create), so it has no full/shallow graphs"
+        if self.precision == "int8":
+            return "int8's graph is calibrated and quantized whole; use precision='fp32' or 'bf16' with cache_interval"
+        return deepcache.refusal(self.loaded.module)
+
+    def _pair_requests(self) -> dict:
+        if self._pair is None:
+            from ddpm_engine.export.onnx_export import load_pair
+
+            loaded, core = self.loaded, _ov().Core()
+            models = load_pair(loaded, lambda path: core.read_model(str(path)), corrupt=(RuntimeError,))
+            compiled = {part: compile_model(core, model, self.precision, f"{loaded.name!r}'s {part} step")
+                        for part, model in models.items()}
+            self._deep_out = tuple(d.get_length() for d in compiled["full"].outputs[1].get_partial_shape()[1:])
+            self._pair = {part: c.create_infer_request() for part, c in compiled.items()}
+            try:
+                deepcache.check_pair(self, loaded.module, loaded.io, GRAPH_TOLERANCE[self.precision],
+                                     f"the openvino graphs of {loaded.name!r} for cache_interval")
+            except ModelLoadError:
+                self._pair = None
+                raise
+        return self._pair
+
+    def run_full(self, x, t, *extra):
+        request = self._pair_requests()["full"]
+        return self._infer(request, x, t, *extra, deep_out=self._deep_out)
+
+    def run_shallow(self, x, t, deep, *extra):
+        return self._infer(self._pair_requests()["shallow"], x, t, *extra, deep=deep)
 
     def __repr__(self):
         return f"OpenVINOBackend({self.path.name}, precision={self.precision})"

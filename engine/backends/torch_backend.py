@@ -20,13 +20,14 @@ slower than fp32 itself: the backend then warns (``EmulatedPrecisionWarning``) a
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import cpu
+from .. import cpu, deepcache
 from ..errors import EmulatedPrecisionWarning
 from . import timing
 from .base import Backend
@@ -36,6 +37,7 @@ LAYOUTS = ("nchw", "channels_last")  # a tie in the measurement keeps the plain 
 
 class TorchBackend(Backend):
     name = "torch"
+    deep_cache = True  # cache_interval: engine.deepcache's split of the module, eagerly
 
     def __init__(self, module: nn.Module, device, precision: str = "fp32", channels_last: bool | None = None,
                  sample_shape=None, io=None):
@@ -65,11 +67,35 @@ class TorchBackend(Backend):
                           sample_shape=loaded.sample_shape, io=loaded.io)
         return backend
 
+    def _in(self, x):
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=layout)
+
+    @staticmethod
+    def _out(y):
+        return y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+
     @torch.inference_mode()
     def run(self, x, t, *extra):
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = self.module(x.to(dtype=self.dtype, memory_format=layout), t, *extra)
-        return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return self._out(self.module(self._in(x), t, *extra))
+
+    # ---- cache_interval: the module's full/shallow pair (engine.deepcache) ----
+
+    def deep_cache_refusal(self) -> str | None:
+        return deepcache.refusal(self.module)
+
+    @functools.cached_property
+    def pair(self) -> deepcache.Split:
+        return deepcache.split(self.module)
+
+    @torch.inference_mode()
+    def run_full(self, x, t, *extra):
+        out, deep = self.pair.full(self._in(x), t, *extra)
+        return self._out(out), self._out(deep)
+
+    @torch.inference_mode()
+    def run_shallow(self, x, t, deep, *extra):
+        return self._out(self.pair.shallow(self._in(x), t, self._in(deep), *extra))
 
 
 def layout_path(loaded, precision: str, cache_dir=None) -> Path:

@@ -137,6 +137,9 @@ class GraphedSampler:
         self._fastest = None  # fastest_driver(), decided on first use
         self.refused: str | None = None  # why graphs are off for this plan (then run() samples eagerly)
         self.c_driver: str | None = None  # the C driver's verdict: None until asked for
+        if plan.cache_interval > 1:  # one captured step cannot alternate full and shallow steps
+            self.refused = (f"cache_interval={plan.cache_interval} runs its full and shallow steps in the "
+                            "eager loop")
 
     # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int:
