@@ -17,12 +17,17 @@ plugin at the precision asked for.
   OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
-a backend meets are each compiled once more for exactly that shape (in memory, from the same
-graph). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
-static shape faster than at the dynamic one (docs/performance.md has the measurements). Other
-batch sizes run the dynamic-shape model. The static compiles run off the request path, on a
-background thread each: a call never waits for one, it runs the dynamic-shape model until its
-size's compile is ready (``request_for``); ``prepare(batches)`` compiles ahead and waits.
+that recur (a size's ``STATIC_AFTER_CALLS``-th call) are each compiled once more for exactly
+that shape (in memory, from the same graph). OpenVINO plans memory and picks kernels once for a
+fixed shape, which makes a call at a static shape faster than at the dynamic one
+(docs/performance.md has the measurements). Other batch sizes run the dynamic-shape model (the
+passing sizes of continuous batching, where requests join and leave, take no slot). The static
+compiles run off the request path, on a background thread, one at a time: a call never waits
+for one, it runs the dynamic-shape model until its size's compile is ready (``request_for``);
+and a compile waits for a quiet moment (no call for ``QUIET_S``, at most ``MAX_DEFER_S``), so
+that it does not take the cores from a burst of calls (it would: a compile is CPU work too, and
+the first 32-call burst ran 2.5x slower beside four of them); one not started when the program
+ends is dropped. ``prepare(batches)`` compiles ahead, at once, and waits.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -44,11 +49,13 @@ the identity check in its hands.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -67,6 +74,9 @@ HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 BLOB_FORMAT = "ddpm-engine-openvino-blob"
 INT8_FORMAT = "ddpm-engine-openvino-int8"
 STATIC_BATCHES = 4  # how many batch sizes one backend compiles for their exact shape
+STATIC_AFTER_CALLS = 4  # a batch size's static compile is asked for at its 4th call
+QUIET_S = 0.1  # a static compile starts once no call has run for this long ...
+MAX_DEFER_S = 5.0  # ... or this long after it was asked for
 # the layer groups (``float_groups``) int8 keeps in floating point, as measured: docs/performance.md
 KEEP_FLOAT = ("first_last_conv", "time_embedding", "attention")
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")  # the op types NNCF quantizes here
@@ -348,7 +358,10 @@ class OpenVINOBackend(Backend):
         self._compile_static = compile_static
         self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
         self._compiling = {}  # batch -> the thread compiling its static shape
+        self._calls = {}  # batch -> calls so far, while it has no static compile
         self._static_lock = threading.Lock()
+        self._compile_lock = threading.Lock()  # one deferred compile at a time
+        self._last_call = (0.0, 0.0)  # perf_counter at the latest call's start and end (a compile's quiet moment)
         self._tensor = ov.Tensor
 
     @classmethod
@@ -378,41 +391,69 @@ class OpenVINOBackend(Backend):
 
     def request_for(self, batch: int):
         """The infer request that runs ``batch`` images now, never waiting for a compile: its
-        static-shape compile if that is ready, else the dynamic-shape model's. The first call of
-        one of the first ``STATIC_BATCHES`` sizes starts that size's static compile on a
-        background thread (``_compiling``); the calls meanwhile run the dynamic model."""
+        static-shape compile if that is ready, else the dynamic-shape model's. The
+        ``STATIC_AFTER_CALLS``-th call of a size, while fewer than ``STATIC_BATCHES`` sizes have
+        one, asks for that size's static compile (``_start_compile``: deferred to a quiet moment)."""
         request = self._static.get(batch)
         if request is not None:
             return request
         with self._static_lock:
-            if (batch not in self._static and batch not in self._compiling and self._compile_static is not None
-                    and len(self._static) + len(self._compiling) < STATIC_BATCHES):
-                # not a daemon even when started from one (the batching server's): the interpreter
-                # joins it at exit instead of finalizing under a compile inside OpenVINO
-                thread = threading.Thread(target=self._build_static, args=(batch,),
-                                          name=f"openvino-static-batch-{batch}", daemon=False)
-                self._compiling[batch] = thread
-                thread.start()
+            self._calls[batch] = self._calls.get(batch, 0) + 1
+            if self._calls[batch] >= STATIC_AFTER_CALLS:
+                self._start_compile(batch, deferred=True)
         return self._static.get(batch, self.request)
 
-    def _build_static(self, batch: int) -> None:
-        try:
-            request = self._compile_static(batch).create_infer_request()
-        except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-            first = first_line(exc)
-            warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
-                          "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
-            request = self.request
+    def _start_compile(self, batch: int, deferred: bool) -> None:
+        """Under ``_static_lock``: start ``batch``'s static compile on a background thread unless it
+        has one, is compiling, or the ``STATIC_BATCHES`` slots are taken."""
+        if (batch in self._static or batch in self._compiling or self._compile_static is None
+                or len(self._static) + len(self._compiling) >= STATIC_BATCHES):
+            return
+        # not a daemon even when started from one (the batching server's): the interpreter joins
+        # it at exit instead of finalizing under a compile inside OpenVINO
+        thread = threading.Thread(target=self._build_static, args=(batch, deferred),
+                                  name=f"openvino-static-batch-{batch}", daemon=False)
+        self._compiling[batch] = thread
+        thread.start()
+
+    def _quiet(self) -> bool:
+        """Wait for a moment without calls (``QUIET_S``, at most ``MAX_DEFER_S``); False if the
+        program ended meanwhile (its main thread done: the interpreter is joining threads)."""
+        deadline = time.perf_counter() + MAX_DEFER_S
+        while threading.main_thread().is_alive():
+            start, end = self._last_call
+            now = time.perf_counter()
+            if now >= deadline or (end >= start and now - end >= QUIET_S):
+                return True
+            time.sleep(min(QUIET_S, deadline - now, 0.05))  # short naps: the end of the program shows soon
+        return False
+
+    def _build_static(self, batch: int, deferred: bool) -> None:
+        request = None
+        with contextlib.ExitStack() as stack:
+            if deferred:
+                stack.enter_context(self._compile_lock)
+            if not deferred or self._quiet():
+                try:
+                    request = self._compile_static(batch).create_infer_request()
+                except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
+                    first = first_line(exc)
+                    warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
+                                  "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
+                    request = self.request
         with self._static_lock:
-            self._static[batch] = request
+            if request is not None:  # None: the program ended first; nothing is compiled
+                self._static[batch] = request
             del self._compiling[batch]
 
     def prepare(self, batches) -> None:
-        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now and return
-        when every pending compile is done: for a caller that knows its batch sizes ahead (a
-        server, a benchmark), so that no call runs the dynamic model while one compiles."""
-        for batch in batches:
-            self.request_for(int(batch))
+        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now, not waiting
+        for a quiet moment, and return when every pending compile is done: for a caller that
+        knows its batch sizes ahead (a server, a benchmark), so that no call runs the dynamic
+        model while one compiles."""
+        with self._static_lock:
+            for batch in batches:
+                self._start_compile(int(batch), deferred=False)
         while True:
             with self._static_lock:
                 pending = list(self._compiling.values())
@@ -422,7 +463,11 @@ class OpenVINOBackend(Backend):
                 thread.join()
 
     def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        return self._infer(self.request_for(x.shape[0]), x, t, *extra)
+        self._last_call = (time.perf_counter(), self._last_call[1])
+        try:
+            return self._infer(self.request_for(x.shape[0]), x, t, *extra)
+        finally:
+            self._last_call = (self._last_call[0], time.perf_counter())
 
     def probe(self, *inputs) -> torch.Tensor:
         """The load check's call (``probe.check_graph``) on the dynamic-shape model, so it takes
