@@ -34,9 +34,12 @@ shared_memory=True)``), and the output is written straight into a fresh torch te
 the request's output tensor: no copy either way.
 
 Threads: OpenVINO runs its own pool (``owns_cpu_threads``, so the engine's per-step torch work
-yields to it, see ``threads.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` from the
-engine's CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else
-OpenVINO's default of one thread per core).
+yields to it, see ``threads.yield_cpu_to``), with ``INFERENCE_NUM_THREADS`` from the engine's
+CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else OpenVINO's
+default of one thread per core): one stream, except that a static batch of at least
+``STREAMS_MIN_BATCH`` images runs as ``STREAMS`` requests in flight, each on its part of the
+batch, on as many streams sharing those threads (``streams_for``): their threads synchronise
+less often than one request's, a gain measured at batch 8 and more (docs/performance.md).
 
 Compiled-model cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/openvino``, one file per
 (ONNX export key, precision, thread count, OpenVINO version, CPU model and flags): a JSON header
@@ -53,6 +56,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -77,6 +81,8 @@ STATIC_BATCHES = 4  # how many batch sizes one backend compiles for their exact 
 STATIC_AFTER_CALLS = 4  # a batch size's static compile is asked for at its 4th call
 QUIET_S = 0.1  # a static compile starts once no call has run for this long ...
 MAX_DEFER_S = 5.0  # ... or this long after it was asked for
+STREAMS = 2  # a static batch of at least STREAMS_MIN_BATCH images runs as this many requests in flight
+STREAMS_MIN_BATCH = 8
 # the layer groups (``float_groups``) int8 keeps in floating point, as measured: docs/performance.md
 KEEP_FLOAT = ("first_last_conv", "time_embedding", "attention")
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")  # the op types NNCF quantizes here
@@ -90,11 +96,21 @@ def _nncf():
     return require("nncf", "the openvino backend's int8", extra="int8")
 
 
-def config(precision: str) -> dict:
+def config(precision: str, streams: int = 1) -> dict:
     """The CPU plugin's settings, given both to compile and to import (an imported blob does not
-    keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU)."""
-    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+    keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU);
+    ``streams`` > 1: that many streams sharing the threads, for as many requests in flight."""
+    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams,
             **threads.openvino_options()}
+
+
+def streams_for(batch: int) -> int:
+    """How many requests in flight run a static batch of ``batch`` images: ``STREAMS`` where it
+    splits evenly, has at least ``STREAMS_MIN_BATCH`` images and OpenVINO a thread per stream,
+    else 1 (docs/performance.md has the measurements)."""
+    threads_ = threads.openvino_options()["INFERENCE_NUM_THREADS"] or os.cpu_count() or 1
+    return STREAMS if batch >= STREAMS_MIN_BATCH and batch % STREAMS == 0 and threads_ >= STREAMS else 1
 
 
 def precision_refusal(precision: str) -> str | None:
@@ -287,10 +303,10 @@ def precision_of(compiled) -> str:
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
-def compile_model(core, model, precision: str, what: str):
-    """``model`` compiled for the CPU at ``precision``; BackendUnavailableError if OpenVINO chose
-    another precision."""
-    compiled = core.compile_model(model, "CPU", config(precision))
+def compile_model(core, model, precision: str, what: str, streams: int = 1):
+    """``model`` compiled for the CPU at ``precision`` (``config``); BackendUnavailableError if
+    OpenVINO chose another precision."""
+    compiled = core.compile_model(model, "CPU", config(precision, streams))
     got = precision_of(compiled)
     if got != HINTS[precision]:
         raise BackendUnavailableError(f"OpenVINO compiled {what} at {got}, not {HINTS[precision]} "
@@ -308,16 +324,16 @@ def compile_blob(loaded, precision: str, path) -> None:
         f.write(compiled.export_model().getbuffer())
 
 
-def compile_static(loaded, precision: str, batch: int):
-    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: importing a
-    cached blob would save little over compiling, and each blob would take as much disk as the
-    dynamic one)."""
+def compile_static(loaded, precision: str, batch: int, streams: int = 1):
+    """``loaded``'s export compiled for exactly ``batch`` images, with ``streams`` streams (not
+    cached on disk: importing a cached blob would save little over compiling, and each blob would
+    take as much disk as the dynamic one)."""
     core = _ov().Core()
     model = source_model(core, loaded, precision)
     names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
     model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
                    for name, port in zip(names, model.inputs)})
-    return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}")
+    return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}", streams)
 
 
 class OpenVINOBackend(Backend):
@@ -330,8 +346,8 @@ class OpenVINOBackend(Backend):
     def __init__(self, blob_path, expected: dict, sample_shape, precision: str = "fp32", compile_static=None,
                  io=None):
         """Import the compiled blob at ``blob_path``; a header other than ``expected`` or a blob
-        OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch)``: a compiled
-        model for exactly that batch (None: the dynamic-shape blob runs every batch). ``io``: the
+        OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch, streams)``: a
+        compiled model for exactly that batch (None: the dynamic-shape blob runs every batch). ``io``: the
         model's probe.ModelIO (its extra inputs and output channels; None: (x, t) -> C channels)."""
         super().__init__("cpu", precision, sample_shape, io=io)
         ov = _ov()
@@ -356,7 +372,7 @@ class OpenVINOBackend(Backend):
             raise ModelLoadError(f"{self.path} imported at {got}, not {HINTS[precision]}; delete it and rebuild")
         self.request = self.compiled.create_infer_request()  # the dynamic-shape model's
         self._compile_static = compile_static
-        self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
+        self._static = {}  # batch -> infer request(s) of its static-shape compile (or the dynamic one, if that failed)
         self._compiling = {}  # batch -> the thread compiling its static shape
         self._calls = {}  # batch -> calls so far, while it has no static compile
         self._static_lock = threading.Lock()
@@ -384,14 +400,15 @@ class OpenVINOBackend(Backend):
         expected = identity(loaded, precision)
         backend = cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
                              lambda path: cls(path, expected, loaded.sample_shape, precision,
-                                              lambda batch: compile_static(loaded, precision, batch), io=loaded.io),
+                                              lambda *shape: compile_static(loaded, precision, *shape), io=loaded.io),
                              corrupt=(ModelLoadError,))
         backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
         return backend
 
     def request_for(self, batch: int):
         """The infer request that runs ``batch`` images now, never waiting for a compile: its
-        static-shape compile if that is ready, else the dynamic-shape model's. The
+        static-shape compile's if that is ready (a tuple of ``streams_for(batch)`` requests, each
+        running its part of the batch, where that is more than 1), else the dynamic-shape model's. The
         ``STATIC_AFTER_CALLS``-th call of a size, while fewer than ``STATIC_BATCHES`` sizes have
         one, asks for that size's static compile (``_start_compile``: deferred to a quiet moment)."""
         request = self._static.get(batch)
@@ -435,7 +452,10 @@ class OpenVINOBackend(Backend):
                 stack.enter_context(self._compile_lock)
             if not deferred or self._quiet():
                 try:
-                    request = self._compile_static(batch).create_infer_request()
+                    streams = streams_for(batch)
+                    compiled = self._compile_static(batch // streams, streams)
+                    request = tuple(compiled.create_infer_request() for _ in range(streams))
+                    request = request[0] if streams == 1 else request
                 except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
                     first = first_line(exc)
                     warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
@@ -476,15 +496,26 @@ class OpenVINOBackend(Backend):
         return self._infer(self.request, *inputs)
 
     def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """Run ``request`` (or each of a tuple of requests on its equal part of the batch, in flight
+        together) on zero-copy views of the inputs, into a fresh output tensor."""
         x = x.detach().to("cpu", torch.float32).contiguous()
         inputs = [x, t.detach().to("cpu", torch.int64).contiguous(),
                   *(v.detach().to("cpu", extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra))]
         out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), dtype=torch.float32)
-        for k, v in enumerate(inputs):  # export.iospec's order: x, t, then the extra inputs
-            request.set_input_tensor(k, self._tensor(v.numpy(), shared_memory=True))
-        request.set_output_tensor(0, self._tensor(out.numpy(), shared_memory=True))
+        parts = request if isinstance(request, tuple) else (request,)
+        n = x.shape[0] // len(parts)
+        for start, part in zip(range(0, x.shape[0], n), parts):  # rows [start, start + n): contiguous views
+            for k, v in enumerate(inputs):  # export.iospec's order: x, t, then the extra inputs
+                part.set_input_tensor(k, self._tensor(v[start:start + n].numpy(), shared_memory=True))
+            part.set_output_tensor(0, self._tensor(out[start:start + n].numpy(), shared_memory=True))
         try:
-            request.infer()
+            if len(parts) == 1:
+                parts[0].infer()
+            else:
+                for part in parts:
+                    part.start_async()
+                for part in parts:
+                    part.wait()
         except RuntimeError as exc:
             first = first_line(exc)
             raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "

@@ -207,6 +207,23 @@ def test_prepare_compiles_ahead(loaded, cache):
     assert all(backend.request_for(b) is not backend.request for b in (1, 5))
 
 
+def test_a_large_static_batch_runs_as_requests_in_flight_each_on_its_part(loaded, cache, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "STREAMS_MIN_BATCH", 4)
+    monkeypatch.setattr(openvino_backend.threads, "openvino_options", lambda: {"INFERENCE_NUM_THREADS": 2})
+    assert [openvino_backend.streams_for(b) for b in (2, 3, 4, 5, 6)] == [1, 1, 2, 1, 2]
+    backend = create(loaded)
+    backend.prepare([6])
+    parts = backend.request_for(6)
+    assert isinstance(parts, tuple) and len(parts) == 2
+    assert all([d.get_length() for d in r.get_compiled_model().input(0).get_partial_shape()] == [3, *SHAPE]
+               for r in parts)
+    x, t = torch.randn(6, *SHAPE), torch.randint(0, 1000, (6,))
+    with torch.inference_mode():
+        assert rel_err(backend(x, t), loaded.module(x, t)) <= 1e-5
+    monkeypatch.setattr(openvino_backend.threads, "openvino_options", lambda: {"INFERENCE_NUM_THREADS": 1})
+    assert openvino_backend.streams_for(6) == 1  # one thread: one stream
+
+
 def _header(path) -> dict:
     with open(path, "rb") as f:
         return json.loads(f.readline())
