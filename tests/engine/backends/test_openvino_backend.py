@@ -91,8 +91,11 @@ def test_the_first_batch_sizes_that_recur_run_static_shapes_and_the_rest_the_dyn
     assert not backend.request.get_compiled_model().input(0).get_partial_shape().is_static
 
 
-def _watched_compile(monkeypatch) -> threading.Event:
-    """compile_static replaced by itself plus an event set when it starts."""
+def _deferred(loaded, monkeypatch, quiet_s: float, max_defer_s: float):
+    """(a backend whose static compiles wait for ``quiet_s`` / at most ``max_defer_s``, an event set
+    when a compile starts, inputs of batch 2)."""
+    monkeypatch.setattr(openvino_backend, "QUIET_S", quiet_s)
+    monkeypatch.setattr(openvino_backend, "MAX_DEFER_S", max_defer_s)
     started, real = threading.Event(), openvino_backend.compile_static
 
     def watched(*args):
@@ -100,18 +103,14 @@ def _watched_compile(monkeypatch) -> threading.Event:
         return real(*args)
 
     monkeypatch.setattr(openvino_backend, "compile_static", watched)
-    return started
+    return create(loaded), started, (torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,)))
 
 
 def test_a_static_compile_waits_until_no_call_has_run_for_quiet_s(loaded, cache, monkeypatch):
-    monkeypatch.setattr(openvino_backend, "QUIET_S", 1.0)
-    monkeypatch.setattr(openvino_backend, "MAX_DEFER_S", 600.0)
-    started = _watched_compile(monkeypatch)
-    backend = create(loaded)
-    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    backend, started, inputs = _deferred(loaded, monkeypatch, 1.0, 600.0)
     end = time.perf_counter() + 2.5
     while time.perf_counter() < end:  # a burst: the compile is asked for at the 4th call, and waits
-        backend(x, t)
+        backend(*inputs)
     assert list(backend._compiling) == [2] and not started.is_set()
     assert started.wait(60)  # the calls stopped: it starts
     backend.prepare([])
@@ -119,13 +118,9 @@ def test_a_static_compile_waits_until_no_call_has_run_for_quiet_s(loaded, cache,
 
 
 def test_a_static_compile_waits_at_most_max_defer_s(loaded, cache, monkeypatch):
-    monkeypatch.setattr(openvino_backend, "QUIET_S", 600.0)
-    monkeypatch.setattr(openvino_backend, "MAX_DEFER_S", 0.5)
-    started = _watched_compile(monkeypatch)
-    backend = create(loaded)
-    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    backend, started, inputs = _deferred(loaded, monkeypatch, 600.0, 0.5)
     while not started.is_set():  # never quiet: it starts after MAX_DEFER_S all the same
-        backend(x, t)
+        backend(*inputs)
     backend.prepare([])
     assert backend.request_for(2) is not backend.request
 
