@@ -127,9 +127,9 @@ def flops_per_image_step(loaded) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak_tflops(device="cuda", n: int = 8192, iters: int = 50) -> float:
-    """Measured bf16 n^3 matmul rate (TFLOP/s), the roofline's denominator."""
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+def matmul_peak_tflops(device="cuda", n: int = 8192, iters: int = 50, dtype=torch.bfloat16) -> float:
+    """Measured n^3 matmul rate (TFLOP/s) at ``dtype`` (bf16: the GPU roofline's denominator)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 * iters / sync_time(lambda: [a @ b for _ in range(iters)], device=device) / 1e12
 
 
@@ -255,25 +255,31 @@ def rows(loaded, backend, mode, scale, notes, latency=None, batches=None, driver
     return out
 
 
-def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
-    """diffusers' DDPMPipeline with the model's UNet2DModel (``loaded.module.unet``) and scheduler: a
-    request of ``scale.steps`` DDPM steps, from timed runs of ``steps_measured`` steps."""
+def ddpm_pipeline(loaded, precision: str = "fp32", device="cpu"):
+    """diffusers' DDPMPipeline with a copy of the model's UNet2DModel (``loaded.module.unet``) at
+    ``precision`` on ``device`` and the model's scheduler, its progress bar off."""
     diffusers = require("diffusers", "the DDPMPipeline peer", extra="diffusers")
     if not isinstance(getattr(loaded.module, "unet", None), diffusers.UNet2DModel):
         raise TypeError(f"the DDPMPipeline peer needs a diffusers UNet2DModel; {loaded.name!r} has "
                         f"{type(loaded.module).__name__}")
     keys = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
     scheduler = diffusers.DDPMScheduler(**{k: v for k, v in loaded.scheduler.to_dict().items() if k in keys})
+    pipe = diffusers.DDPMPipeline(unet=copy.deepcopy(loaded.module.unet).to(device, PRECISIONS[precision]),
+                                  scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_peer_row(loaded, precision, batch, scale, steps_measured) -> dict:
+    """``ddpm_pipeline``'s request of ``scale.steps`` DDPM steps, from timed runs of ``steps_measured`` steps."""
     try:
         with math_mode(precision):
-            unet = copy.deepcopy(loaded.module.unet).to(scale.device, PRECISIONS[precision])
-            pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
-            pipe.set_progress_bar_config(disable=True)
+            pipe = ddpm_pipeline(loaded, precision, scale.device)
             run = lambda n: pipe(batch_size=batch, num_inference_steps=n, output_type="np")  # noqa: E731
             run(min(10, steps_measured))  # warm: cuDNN's first calls, the allocator
             seconds = sync_time(lambda: run(steps_measured), reps=3, warm=False, device=scale.device)
     finally:
-        pipe = unet = None
+        pipe = None
         free(scale.device)
     seconds *= scale.steps / steps_measured
     return {"kind": "peers", "name": "diffusers DDPMPipeline", "model": loaded.name, "precision": precision,

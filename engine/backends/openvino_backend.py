@@ -17,12 +17,17 @@ plugin at the precision asked for.
   OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
-a backend meets are each compiled once more for exactly that shape (in memory, from the same
-graph). OpenVINO plans memory and picks kernels once for a fixed shape, which makes a call at a
-static shape faster than at the dynamic one (docs/performance.md has the measurements). Other
-batch sizes run the dynamic-shape model. The static compiles run off the request path, on a
-background thread each: a call never waits for one, it runs the dynamic-shape model until its
-size's compile is ready (``request_for``); ``prepare(batches)`` compiles ahead and waits.
+that recur (a size's ``STATIC_AFTER_CALLS``-th call) are each compiled once more for exactly
+that shape (in memory, from the same graph). OpenVINO plans memory and picks kernels once for a
+fixed shape, which makes a call at a static shape faster than at the dynamic one
+(docs/performance.md has the measurements). Other batch sizes run the dynamic-shape model (the
+passing sizes of continuous batching, where requests join and leave, take no slot). The static
+compiles run off the request path, on a background thread, one at a time: a call never waits
+for one, it runs the dynamic-shape model until its size's compile is ready (``request_for``);
+and a compile waits for a quiet moment (no call for ``QUIET_S``, at most ``MAX_DEFER_S``), so
+that it does not take the cores from a burst of calls (it would: a compile is CPU work too, and
+the first 32-call burst ran 2.5x slower beside four of them); one not started when the program
+ends is dropped. ``prepare(batches)`` compiles ahead, at once, and waits.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -35,9 +40,12 @@ with the eager split before they serve (``deepcache.check_pair``). Not at int8 (
 quantized whole).
 
 Threads: OpenVINO runs its own pool (``owns_cpu_threads``, so the engine's per-step torch work
-yields to it, see ``threads.yield_cpu_to``), one stream with ``INFERENCE_NUM_THREADS`` from the
-engine's CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else
-OpenVINO's default of one thread per core).
+yields to it, see ``threads.yield_cpu_to``), with ``INFERENCE_NUM_THREADS`` from the engine's
+CPU thread policy (``threads.openvino_options``: ``DDPM_ENGINE_THREADS``, else OpenVINO's
+default of one thread per core): one stream, except that a static batch of at least
+``STREAMS_MIN_BATCH`` images runs as ``STREAMS`` requests in flight, each on its part of the
+batch, on as many streams sharing those threads (``streams_for``): their threads synchronise
+less often than one request's, a gain measured at batch 8 and more (docs/performance.md).
 
 Compiled-model cache (``ddpm_engine.cache``): ``$DDPM_ENGINE_CACHE/openvino``, one file per
 (ONNX export key, precision, thread count, OpenVINO version, CPU model and flags): a JSON header
@@ -50,11 +58,14 @@ the identity check in its hands.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -74,6 +85,11 @@ HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 BLOB_FORMAT = "ddpm-engine-openvino-blob"
 INT8_FORMAT = "ddpm-engine-openvino-int8"
 STATIC_BATCHES = 4  # how many batch sizes one backend compiles for their exact shape
+STATIC_AFTER_CALLS = 4  # a batch size's static compile is asked for at its 4th call
+QUIET_S = 0.1  # a static compile starts once no call has run for this long ...
+MAX_DEFER_S = 5.0  # ... or this long after it was asked for
+STREAMS = 2  # a static batch of at least STREAMS_MIN_BATCH images runs as this many requests in flight
+STREAMS_MIN_BATCH = 8
 # the layer groups (``float_groups``) int8 keeps in floating point, as measured: docs/performance.md
 KEEP_FLOAT = ("first_last_conv", "time_embedding", "attention")
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")  # the op types NNCF quantizes here
@@ -87,11 +103,21 @@ def _nncf():
     return require("nncf", "the openvino backend's int8", extra="int8")
 
 
-def config(precision: str) -> dict:
+def config(precision: str, streams: int = 1) -> dict:
     """The CPU plugin's settings, given both to compile and to import (an imported blob does not
-    keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU)."""
-    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+    keep its precision hint: without it OpenVINO would run a fp32 blob in bf16 on a bf16 CPU);
+    ``streams`` > 1: that many streams sharing the threads, for as many requests in flight."""
+    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": hint, "NUM_STREAMS": streams,
             **threads.openvino_options()}
+
+
+def streams_for(batch: int) -> int:
+    """How many requests in flight run a static batch of ``batch`` images: ``STREAMS`` where it
+    splits evenly, has at least ``STREAMS_MIN_BATCH`` images and OpenVINO a thread per stream,
+    else 1 (docs/performance.md has the measurements)."""
+    threads_ = threads.openvino_options()["INFERENCE_NUM_THREADS"] or os.cpu_count() or 1
+    return STREAMS if batch >= STREAMS_MIN_BATCH and batch % STREAMS == 0 and threads_ >= STREAMS else 1
 
 
 def precision_refusal(precision: str) -> str | None:
@@ -284,10 +310,10 @@ def precision_of(compiled) -> str:
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
-def compile_model(core, model, precision: str, what: str):
-    """``model`` compiled for the CPU at ``precision``; BackendUnavailableError if OpenVINO chose
-    another precision."""
-    compiled = core.compile_model(model, "CPU", config(precision))
+def compile_model(core, model, precision: str, what: str, streams: int = 1):
+    """``model`` compiled for the CPU at ``precision`` (``config``); BackendUnavailableError if
+    OpenVINO chose another precision."""
+    compiled = core.compile_model(model, "CPU", config(precision, streams))
     got = precision_of(compiled)
     if got != HINTS[precision]:
         raise BackendUnavailableError(f"OpenVINO compiled {what} at {got}, not {HINTS[precision]} "
@@ -305,16 +331,16 @@ def compile_blob(loaded, precision: str, path) -> None:
         f.write(compiled.export_model().getbuffer())
 
 
-def compile_static(loaded, precision: str, batch: int):
-    """``loaded``'s export compiled for exactly ``batch`` images (not cached on disk: importing a
-    cached blob would save little over compiling, and each blob would take as much disk as the
-    dynamic one)."""
+def compile_static(loaded, precision: str, batch: int, streams: int = 1):
+    """``loaded``'s export compiled for exactly ``batch`` images, with ``streams`` streams (not
+    cached on disk: importing a cached blob would save little over compiling, and each blob would
+    take as much disk as the dynamic one)."""
     core = _ov().Core()
     model = source_model(core, loaded, precision)
     names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
     model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
                    for name, port in zip(names, model.inputs)})
-    return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}")
+    return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}", streams)
 
 
 class OpenVINOBackend(Backend):
@@ -329,8 +355,8 @@ class OpenVINOBackend(Backend):
     def __init__(self, blob_path, expected: dict, sample_shape, precision: str = "fp32", compile_static=None,
                  io=None):
         """Import the compiled blob at ``blob_path``; a header other than ``expected`` or a blob
-        OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch)``: a compiled
-        model for exactly that batch (None: the dynamic-shape blob runs every batch). ``io``: the
+        OpenVINO cannot import raises ``ModelLoadError``. ``compile_static(batch, streams)``: a
+        compiled model for exactly that batch (None: the dynamic-shape blob runs every batch). ``io``: the
         model's probe.ModelIO (its extra inputs and output channels; None: (x, t) -> C channels)."""
         super().__init__("cpu", precision, sample_shape, io=io)
         ov = _ov()
@@ -355,9 +381,12 @@ class OpenVINOBackend(Backend):
             raise ModelLoadError(f"{self.path} imported at {got}, not {HINTS[precision]}; delete it and rebuild")
         self.request = self.compiled.create_infer_request()  # the dynamic-shape model's
         self._compile_static = compile_static
-        self._static = {}  # batch -> infer request of its static-shape compile (or the dynamic one, if that failed)
+        self._static = {}  # batch -> infer request(s) of its static-shape compile (or the dynamic one, if that failed)
         self._compiling = {}  # batch -> the thread compiling its static shape
+        self._calls = {}  # batch -> calls so far, while it has no static compile
         self._static_lock = threading.Lock()
+        self._compile_lock = threading.Lock()  # one deferred compile at a time
+        self._last_call = (0.0, 0.0)  # perf_counter at the latest call's start and end (a compile's quiet moment)
         self._tensor = ov.Tensor
         self._pair = None  # cache_interval's {"full": request, "shallow": request}, compiled on first use
         self._deep_out = None  # (C, H, W) of the full graph's deep_features output
@@ -382,7 +411,7 @@ class OpenVINOBackend(Backend):
         expected = identity(loaded, precision)
         backend = cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
                              lambda path: cls(path, expected, loaded.sample_shape, precision,
-                                              lambda batch: compile_static(loaded, precision, batch), io=loaded.io),
+                                              lambda *shape: compile_static(loaded, precision, *shape), io=loaded.io),
                              corrupt=(ModelLoadError,))
         backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
         backend.loaded = loaded
@@ -390,41 +419,73 @@ class OpenVINOBackend(Backend):
 
     def request_for(self, batch: int):
         """The infer request that runs ``batch`` images now, never waiting for a compile: its
-        static-shape compile if that is ready, else the dynamic-shape model's. The first call of
-        one of the first ``STATIC_BATCHES`` sizes starts that size's static compile on a
-        background thread (``_compiling``); the calls meanwhile run the dynamic model."""
+        static-shape compile's if that is ready (a tuple of ``streams_for(batch)`` requests, each
+        running its part of the batch, where that is more than 1), else the dynamic-shape model's. The
+        ``STATIC_AFTER_CALLS``-th call of a size, while fewer than ``STATIC_BATCHES`` sizes have
+        one, asks for that size's static compile (``_start_compile``: deferred to a quiet moment)."""
         request = self._static.get(batch)
         if request is not None:
             return request
         with self._static_lock:
-            if (batch not in self._static and batch not in self._compiling and self._compile_static is not None
-                    and len(self._static) + len(self._compiling) < STATIC_BATCHES):
-                # not a daemon even when started from one (the batching server's): the interpreter
-                # joins it at exit instead of finalizing under a compile inside OpenVINO
-                thread = threading.Thread(target=self._build_static, args=(batch,),
-                                          name=f"openvino-static-batch-{batch}", daemon=False)
-                self._compiling[batch] = thread
-                thread.start()
+            self._calls[batch] = self._calls.get(batch, 0) + 1
+            if self._calls[batch] >= STATIC_AFTER_CALLS:
+                self._start_compile(batch, deferred=True)
         return self._static.get(batch, self.request)
 
-    def _build_static(self, batch: int) -> None:
-        try:
-            request = self._compile_static(batch).create_infer_request()
-        except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-            first = first_line(exc)
-            warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
-                          "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
-            request = self.request
+    def _start_compile(self, batch: int, deferred: bool) -> None:
+        """Under ``_static_lock``: start ``batch``'s static compile on a background thread unless it
+        has one, is compiling, or the ``STATIC_BATCHES`` slots are taken."""
+        if (batch in self._static or batch in self._compiling or self._compile_static is None
+                or len(self._static) + len(self._compiling) >= STATIC_BATCHES):
+            return
+        # not a daemon even when started from one (the batching server's): the interpreter joins
+        # it at exit instead of finalizing under a compile inside OpenVINO
+        thread = threading.Thread(target=self._build_static, args=(batch, deferred),
+                                  name=f"openvino-static-batch-{batch}", daemon=False)
+        self._compiling[batch] = thread
+        thread.start()
+
+    def _quiet(self) -> bool:
+        """Wait for a moment without calls (``QUIET_S``, at most ``MAX_DEFER_S``); False if the
+        program ended meanwhile (its main thread done: the interpreter is joining threads)."""
+        deadline = time.perf_counter() + MAX_DEFER_S
+        while threading.main_thread().is_alive():
+            start, end = self._last_call
+            now = time.perf_counter()
+            if now >= deadline or (end >= start and now - end >= QUIET_S):
+                return True
+            time.sleep(min(QUIET_S, deadline - now, 0.05))  # short naps: the end of the program shows soon
+        return False
+
+    def _build_static(self, batch: int, deferred: bool) -> None:
+        request = None
+        with contextlib.ExitStack() as stack:
+            if deferred:
+                stack.enter_context(self._compile_lock)
+            if not deferred or self._quiet():
+                try:
+                    streams = streams_for(batch)
+                    compiled = self._compile_static(batch // streams, streams)
+                    request = tuple(compiled.create_infer_request() for _ in range(streams))
+                    request = request[0] if streams == 1 else request
+                except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
+                    first = first_line(exc)
+                    warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
+                                  "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
+                    request = self.request
         with self._static_lock:
-            self._static[batch] = request
+            if request is not None:  # None: the program ended first; nothing is compiled
+                self._static[batch] = request
             del self._compiling[batch]
 
     def prepare(self, batches) -> None:
-        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now and return
-        when every pending compile is done: for a caller that knows its batch sizes ahead (a
-        server, a benchmark), so that no call runs the dynamic model while one compiles."""
-        for batch in batches:
-            self.request_for(int(batch))
+        """Compile the static shapes of ``batches`` (within ``STATIC_BATCHES``) now, not waiting
+        for a quiet moment, and return when every pending compile is done: for a caller that
+        knows its batch sizes ahead (a server, a benchmark), so that no call runs the dynamic
+        model while one compiles."""
+        with self._static_lock:
+            for batch in batches:
+                self._start_compile(int(batch), deferred=False)
         while True:
             with self._static_lock:
                 pending = list(self._compiling.values())
@@ -434,7 +495,11 @@ class OpenVINOBackend(Backend):
                 thread.join()
 
     def run(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        return self._infer(self.request_for(x.shape[0]), x, t, *extra)
+        self._last_call = (time.perf_counter(), self._last_call[1])
+        try:
+            return self._infer(self.request_for(x.shape[0]), x, t, *extra)
+        finally:
+            self._last_call = (self._last_call[0], time.perf_counter())
 
     def probe(self, *inputs) -> torch.Tensor:
         """The load check's call (``probe.check_graph``) on the dynamic-shape model, so it takes
@@ -443,8 +508,10 @@ class OpenVINOBackend(Backend):
         return self._infer(self.request, *inputs)
 
     def _infer(self, request, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor, deep=None, deep_out=None):
-        """The model output (with ``deep_out`` (C, H, W): and the full graph's deep features);
-        ``deep``: the shallow graph's deep-features input."""
+        """Run ``request`` (or each of a tuple of requests on its equal part of the batch, in flight
+        together) on zero-copy views of the inputs, into a fresh output tensor (with ``deep_out``
+        (C, H, W): and the full graph's deep features); ``deep``: the shallow graph's deep-features
+        input."""
         x = x.detach().to("cpu", torch.float32).contiguous()
         inputs = [x, t.detach().to("cpu", torch.int64).contiguous(),
                   *(v.detach().to("cpu", extra_dtype(n)).contiguous() for n, v in zip(self.extra_inputs, extra))]
@@ -452,12 +519,21 @@ class OpenVINOBackend(Backend):
             inputs.append(deep.detach().to("cpu", torch.float32).contiguous())
         out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), dtype=torch.float32)
         outs = [out] if deep_out is None else [out, torch.empty((x.shape[0], *deep_out), dtype=torch.float32)]
-        for k, v in enumerate(inputs):  # export.iospec's order: x, t, the extra inputs (then deep_features)
-            request.set_input_tensor(k, self._tensor(v.numpy(), shared_memory=True))
-        for k, v in enumerate(outs):
-            request.set_output_tensor(k, self._tensor(v.numpy(), shared_memory=True))
+        parts = request if isinstance(request, tuple) else (request,)
+        n = x.shape[0] // len(parts)
+        for start, part in zip(range(0, x.shape[0], n), parts):  # rows [start, start + n): contiguous views
+            for k, v in enumerate(inputs):  # export.iospec's order: x, t, the extra inputs (then deep_features)
+                part.set_input_tensor(k, self._tensor(v[start:start + n].numpy(), shared_memory=True))
+            for k, v in enumerate(outs):
+                part.set_output_tensor(k, self._tensor(v[start:start + n].numpy(), shared_memory=True))
         try:
-            request.infer()
+            if len(parts) == 1:
+                parts[0].infer()
+            else:
+                for part in parts:
+                    part.start_async()
+                for part in parts:
+                    part.wait()
         except RuntimeError as exc:
             first = first_line(exc)
             raise BackendUnavailableError(f"OpenVINO failed on {self.path.name} with x {tuple(x.shape)}: "

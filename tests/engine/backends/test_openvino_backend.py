@@ -1,14 +1,18 @@
 """What is special to the openvino backend on the CPU (the contract is test_contract.py's): bf16
-where the CPU has it, static-shape compiles of the first batch sizes (off the request path: a
-first call runs the dynamic model meanwhile; ``prepare`` compiles ahead), zero-copy output, its
+where the CPU has it, static-shape compiles of the first batch sizes that recur (off the request
+path: calls run the dynamic model meanwhile, the compile waits for a quiet moment and is dropped
+if the program ends first; ``prepare`` compiles ahead), zero-copy output, its
 compiled-model cache (a blob of another model, another OpenVINO version or a corrupt one rebuilt
 once), precision refusals on a CPU faked to lack bf16, the missing-package error, and the check of
 the ONNX graph it compiles."""
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -39,6 +43,13 @@ def backend(loaded, cache):
     return create(loaded)
 
 
+@pytest.fixture
+def at_once(monkeypatch):
+    """Static compiles asked for at a size's first call and started without waiting for quiet."""
+    monkeypatch.setattr(openvino_backend, "STATIC_AFTER_CALLS", 1)
+    monkeypatch.setattr(openvino_backend, "QUIET_S", 0.0)
+
+
 @pytest.mark.skipif(not cpu.native_bf16(), reason="this CPU has no native bf16 (AVX512_BF16 / AMX)")
 def test_bf16_is_bf16_and_close_to_eager(loaded, cache, backend):
     bf16 = create(loaded, "bf16")
@@ -61,10 +72,13 @@ def test_outputs_are_written_in_place_and_never_reused(backend):
     assert torch.equal(first, kept) and not torch.equal(first, second)
 
 
-def test_the_first_batch_sizes_run_static_shapes_and_the_rest_the_dynamic_model(loaded, cache, monkeypatch):
+def test_the_first_batch_sizes_that_recur_run_static_shapes_and_the_rest_the_dynamic_model(loaded, cache,
+                                                                                            monkeypatch):
     monkeypatch.setattr(openvino_backend, "STATIC_BATCHES", 2)
+    monkeypatch.setattr(openvino_backend, "STATIC_AFTER_CALLS", 2)
+    monkeypatch.setattr(openvino_backend, "QUIET_S", 0.0)
     backend = create(loaded)
-    for batch in (3, 1, 2, 3):  # 3 and 1 take the two static slots; 2 runs dynamic shapes
+    for batch in (2, 3, 1, 3, 1, 2):  # 3 and 1 recur first and take the two static slots; 2 runs dynamic shapes
         x, t = torch.randn(batch, *SHAPE), torch.randint(0, 1000, (batch,))
         with torch.inference_mode():
             got, want = backend(x, t), loaded.module(x, t)
@@ -77,7 +91,65 @@ def test_the_first_batch_sizes_run_static_shapes_and_the_rest_the_dynamic_model(
     assert not backend.request.get_compiled_model().input(0).get_partial_shape().is_static
 
 
-def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache, monkeypatch):
+def _deferred(loaded, monkeypatch, quiet_s: float, max_defer_s: float):
+    """(a backend whose static compiles wait for ``quiet_s`` / at most ``max_defer_s``, an event set
+    when a compile starts, inputs of batch 2)."""
+    monkeypatch.setattr(openvino_backend, "QUIET_S", quiet_s)
+    monkeypatch.setattr(openvino_backend, "MAX_DEFER_S", max_defer_s)
+    started, real = threading.Event(), openvino_backend.compile_static
+
+    def watched(*args):
+        started.set()
+        return real(*args)
+
+    monkeypatch.setattr(openvino_backend, "compile_static", watched)
+    return create(loaded), started, (torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,)))
+
+
+def test_a_static_compile_waits_until_no_call_has_run_for_quiet_s(loaded, cache, monkeypatch):
+    backend, started, inputs = _deferred(loaded, monkeypatch, 1.0, 600.0)
+    end = time.perf_counter() + 2.5
+    while time.perf_counter() < end:  # a burst: the compile is asked for at the 4th call, and waits
+        backend(*inputs)
+    assert list(backend._compiling) == [2] and not started.is_set()
+    assert started.wait(60)  # the calls stopped: it starts
+    backend.prepare([])
+    assert backend.request_for(2) is not backend.request
+
+
+def test_a_static_compile_waits_at_most_max_defer_s(loaded, cache, monkeypatch):
+    backend, started, inputs = _deferred(loaded, monkeypatch, 600.0, 0.5)
+    while not started.is_set():  # never quiet: it starts after MAX_DEFER_S all the same
+        backend(*inputs)
+    backend.prepare([])
+    assert backend.request_for(2) is not backend.request
+
+
+def test_a_program_that_ends_before_the_quiet_moment_compiles_nothing_and_exits(tmp_path):
+    script = f"""
+import torch
+from ddpm_engine import backends
+from ddpm_engine.backends import openvino_backend
+from tests.engine.backends.helpers import SHAPE, small_model
+openvino_backend.QUIET_S = openvino_backend.MAX_DEFER_S = 600.0
+def refuse(*args):
+    print("compiled at exit", flush=True)
+    raise RuntimeError("compiled at exit")
+openvino_backend.compile_static = refuse
+backend = backends.create("openvino", small_model(), "cpu", "fp32")
+x, t = torch.randn(2, *SHAPE), torch.zeros(2, dtype=torch.int64)
+for _ in range(openvino_backend.STATIC_AFTER_CALLS):
+    backend(x, t)
+assert list(backend._compiling) == [2]
+print("done")
+"""
+    # waiting for the quiet moment at exit would take 600 s: the timeout fails the test
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DDPM_ENGINE_CACHE": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stdout + out.stderr
+
+
+def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache, monkeypatch, at_once):
     def fails(*a):
         raise RuntimeError("simulated compile failure")
 
@@ -92,7 +164,8 @@ def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache,
     assert backend.request_for(2) is backend.request
 
 
-def test_a_first_call_runs_the_dynamic_model_while_its_static_shape_compiles(loaded, cache, monkeypatch):
+def test_a_first_call_runs_the_dynamic_model_while_its_static_shape_compiles(loaded, cache, monkeypatch,
+                                                                             at_once):
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = openvino_backend.compile_static
 
@@ -127,6 +200,23 @@ def test_prepare_compiles_ahead(loaded, cache):
     backend.prepare([1, 5])
     assert sorted(backend._static) == [1, 5] and not backend._compiling
     assert all(backend.request_for(b) is not backend.request for b in (1, 5))
+
+
+def test_a_large_static_batch_runs_as_requests_in_flight_each_on_its_part(loaded, cache, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "STREAMS_MIN_BATCH", 4)
+    monkeypatch.setattr(openvino_backend.threads, "openvino_options", lambda: {"INFERENCE_NUM_THREADS": 2})
+    assert [openvino_backend.streams_for(b) for b in (2, 3, 4, 5, 6)] == [1, 1, 2, 1, 2]
+    backend = create(loaded)
+    backend.prepare([6])
+    parts = backend.request_for(6)
+    assert isinstance(parts, tuple) and len(parts) == 2
+    assert all([d.get_length() for d in r.get_compiled_model().input(0).get_partial_shape()] == [3, *SHAPE]
+               for r in parts)
+    x, t = torch.randn(6, *SHAPE), torch.randint(0, 1000, (6,))
+    with torch.inference_mode():
+        assert rel_err(backend(x, t), loaded.module(x, t)) <= 1e-5
+    monkeypatch.setattr(openvino_backend.threads, "openvino_options", lambda: {"INFERENCE_NUM_THREADS": 1})
+    assert openvino_backend.streams_for(6) == 1  # one thread: one stream
 
 
 def _header(path) -> dict:
