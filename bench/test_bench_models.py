@@ -1,0 +1,114 @@
+"""CPU bench: what a learned variance and class labels cost (issue 30: within 5% of an unconditional
+model). The same UNet architecture (the DDPM CIFAR-10 UNet, random weights) unconditional, with a
+learned variance (2C output channels, ``learned_range``), class-conditional (``num_class_embeds``)
+and both; one UNet call (``test_model_kinds_call``) and DDPM end to end at a few steps
+(``test_model_kinds_sampling``), the kinds in alternating rounds, medians, each kind's ratio to
+the unconditional model. What the model itself adds is counted apart (FLOPs per image and step)."""
+
+import os
+import random
+import statistics
+
+import pytest
+import torch
+
+from bench.measure import sync_time
+from ddpm_engine import Engine, cpu
+from ddpm_engine.checkpoints import from_module
+
+ROUNDS = int(os.environ.get("BENCH_KIND_ROUNDS", "7"))
+STEPS = 10
+BACKENDS = ("torch", "openvino")
+KINDS = {"unconditional": {}, "learned variance": {"out_channels": 6}, "class labels": {"num_class_embeds": 10},
+         "learned variance + class labels": {"out_channels": 6, "num_class_embeds": 10}}
+
+
+def kind_models(seed: int) -> dict:
+    """{kind: LoadedModel}: one architecture, the same weights wherever the kinds share a layer."""
+    pytest.importorskip("diffusers")
+    from ddpm_engine.models.cifar_unet import CIFAR10_SCHEDULER_CONFIG, CIFAR10_UNET_CONFIG, diffusers_unet
+
+    out = {}
+    for kind, extra in KINDS.items():
+        torch.manual_seed(seed)
+        module = diffusers_unet({**CIFAR10_UNET_CONFIG, **extra}).eval()
+        variance = "learned_range" if extra.get("out_channels") == 6 else "fixed_small"
+        out[kind] = from_module(module, {**CIFAR10_SCHEDULER_CONFIG, "variance_type": variance}, (3, 32, 32), kind)
+    return out
+
+
+def gflops(loaded, labels) -> float:
+    """The model's GFLOP per image and step (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loaded.module(x, t, *labels[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def alternate(runs: dict) -> dict:
+    """{name: median seconds} of ``runs`` timed in ``ROUNDS`` alternating rounds after one untimed call each."""
+    timed = lambda fn: sync_time(fn, 1, warm=False, device="cpu")  # noqa: E731
+    for run in runs.values():
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+    return {name: statistics.median(v) for name, v in seconds.items()}
+
+
+def report(benchmark, what, median, flops, backend, batch):
+    base = median["unconditional"]
+    ratio = {kind: round(s / base, 4) for kind, s in median.items()}
+    benchmark.extra_info.update(backend=backend, batch=batch, rounds=ROUNDS, median_s={k: round(s, 5) for k, s in
+                                median.items()}, ratio_to_unconditional=ratio, gflop_per_image_step=flops,
+                                load=os.getloadavg())
+    print(f"\n{what}, {backend} fp32, batch {batch}, median of {ROUNDS} alternating rounds, on {cpu.describe()}, "
+          f"load {os.getloadavg()[0]:.1f}:")
+    for kind, s in median.items():
+        print(f"  {kind:32s} {1e3 * s:9.1f} ms  x{ratio[kind]:.3f}  ({flops[kind]:.3f} GFLOP per image step)")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return kind_models(random.getrandbits(31))
+
+
+def engines(models, backend):
+    return {kind: Engine(loaded, backend=backend, device="cpu", precision="fp32", batching=False)
+            for kind, loaded in models.items()}
+
+
+def labels_for(loaded, batch):
+    return [[random.randrange(10) for _ in range(batch)]] if loaded.io.num_classes else []
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_kinds_call(benchmark, models, backend, batch):
+    engs = engines(models, backend)
+    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+    inputs = {kind: (x, t, *[torch.tensor(y) for y in labels_for(models[kind], batch)]) for kind in engs}
+    runs = {kind: torch.inference_mode()(lambda e=eng, k=kind: e.backend(*inputs[k])) for kind, eng in engs.items()}
+    median = alternate(runs)
+    flops = {kind: gflops(models[kind], inputs[kind][2:]) for kind in engs}
+    benchmark.group = f"model kinds, one call, {backend} batch {batch}"
+    report(benchmark, "One CIFAR-10 UNet call", median, flops, backend, batch)
+    benchmark.pedantic(runs["unconditional"], rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_kinds_sampling(benchmark, models, backend, batch):
+    engs = engines(models, backend)
+    seeds = [random.getrandbits(64) for _ in range(batch)]
+    runs = {kind: lambda e=eng, k=kind: e.sample(seeds, sampler="ddpm", steps=STEPS, driver="eager",
+                                                 class_labels=(labels_for(models[k], batch) or [None])[0])
+            for kind, eng in engs.items()}
+    median = alternate(runs)
+    flops = {kind: gflops(models[kind], [torch.tensor(y) for y in labels_for(models[kind], 1)]) for kind in engs}
+    benchmark.group = f"model kinds, DDPM-{STEPS} end to end, {backend} batch {batch}"
+    report(benchmark, f"DDPM-{STEPS} end to end", median, flops, backend, batch)
+    benchmark.pedantic(runs["unconditional"], rounds=1, iterations=1)
