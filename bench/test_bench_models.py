@@ -1,6 +1,7 @@
 """CPU bench: what a learned variance and class labels cost (issue 30: within 5% of an unconditional
-model). The same UNet architecture (the DDPM CIFAR-10 UNet, random weights) unconditional, with a
-learned variance (2C output channels, ``learned_range``), class-conditional (``num_class_embeds``)
+model). One UNet architecture (the DDPM CIFAR-10 UNet's blocks, random weights; ``BENCH_KIND_MODEL``:
+"small", the default, with a quarter of its channels, where the engine's own share of the time is
+largest, or "cifar", the full model) unconditional, with a learned variance (2C output channels, ``learned_range``), class-conditional (``num_class_embeds``)
 and both; one UNet call (``test_model_kinds_call``) and DDPM end to end at a few steps
 (``test_model_kinds_sampling``), the kinds in alternating rounds, medians, each kind's ratio to
 the unconditional model. What the model itself adds is counted apart (FLOPs per image and step)."""
@@ -15,9 +16,12 @@ import torch
 from bench.measure import sync_time
 from ddpm_engine import Engine, cpu
 from ddpm_engine.checkpoints import from_module
+from ddpm_engine.threads import yield_cpu_to
 
-ROUNDS = int(os.environ.get("BENCH_KIND_ROUNDS", "7"))
-STEPS = 10
+ROUNDS = int(os.environ.get("BENCH_KIND_ROUNDS", "9"))
+STEPS = 5
+SIZES = {"small": {"block_out_channels": [32, 64, 64, 64], "norm_num_groups": 8}, "cifar": {}}
+SIZE = os.environ.get("BENCH_KIND_MODEL", "small")
 BACKENDS = ("torch", "openvino")
 KINDS = {"unconditional": {}, "learned variance": {"out_channels": 6}, "class labels": {"num_class_embeds": 10},
          "learned variance + class labels": {"out_channels": 6, "num_class_embeds": 10}}
@@ -31,7 +35,7 @@ def kind_models(seed: int) -> dict:
     out = {}
     for kind, extra in KINDS.items():
         torch.manual_seed(seed)
-        module = diffusers_unet({**CIFAR10_UNET_CONFIG, **extra}).eval()
+        module = diffusers_unet({**CIFAR10_UNET_CONFIG, **SIZES[SIZE], **extra}).eval()
         variance = "learned_range" if extra.get("out_channels") == 6 else "fixed_small"
         out[kind] = from_module(module, {**CIFAR10_SCHEDULER_CONFIG, "variance_type": variance}, (3, 32, 32), kind)
     return out
@@ -62,10 +66,10 @@ def alternate(runs: dict) -> dict:
 def report(benchmark, what, median, flops, backend, batch):
     base = median["unconditional"]
     ratio = {kind: round(s / base, 4) for kind, s in median.items()}
-    benchmark.extra_info.update(backend=backend, batch=batch, rounds=ROUNDS, median_s={k: round(s, 5) for k, s in
+    benchmark.extra_info.update(model=SIZE, backend=backend, batch=batch, rounds=ROUNDS, median_s={k: round(s, 5) for k, s in
                                 median.items()}, ratio_to_unconditional=ratio, gflop_per_image_step=flops,
                                 load=os.getloadavg())
-    print(f"\n{what}, {backend} fp32, batch {batch}, median of {ROUNDS} alternating rounds, on {cpu.describe()}, "
+    print(f"\n{what} ({SIZE} UNet), {backend} fp32, batch {batch}, median of {ROUNDS} alternating rounds, on {cpu.describe()}, "
           f"load {os.getloadavg()[0]:.1f}:")
     for kind, s in median.items():
         print(f"  {kind:32s} {1e3 * s:9.1f} ms  x{ratio[kind]:.3f}  ({flops[kind]:.3f} GFLOP per image step)")
@@ -76,9 +80,23 @@ def models():
     return kind_models(random.getrandbits(31))
 
 
-def engines(models, backend):
-    return {kind: Engine(loaded, backend=backend, device="cpu", precision="fp32", batching=False)
-            for kind, loaded in models.items()}
+@pytest.fixture(scope="module")
+def built():
+    return {}
+
+
+def engines(models, built, backend):
+    """{kind: Engine} on ``backend``, built once per module (the torch backend measures its layout)."""
+    if backend not in built:
+        built[backend] = {kind: Engine(loaded, backend=backend, device="cpu", precision="fp32", batching=False)
+                          for kind, loaded in models.items()}
+    return built[backend]
+
+
+@torch.inference_mode()
+def call(eng, inputs):
+    with yield_cpu_to(eng.backend):
+        return eng.backend(*inputs)
 
 
 def labels_for(loaded, batch):
@@ -87,22 +105,23 @@ def labels_for(loaded, batch):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_model_kinds_call(benchmark, models, backend, batch):
-    engs = engines(models, backend)
+def test_model_kinds_call(benchmark, models, built, backend, batch):
+    """One model call as the engine makes it (its thread policy: ``threads.yield_cpu_to``)."""
+    engs = engines(models, built, backend)
     x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
     inputs = {kind: (x, t, *[torch.tensor(y) for y in labels_for(models[kind], batch)]) for kind in engs}
-    runs = {kind: torch.inference_mode()(lambda e=eng, k=kind: e.backend(*inputs[k])) for kind, eng in engs.items()}
+    runs = {kind: lambda e=eng, k=kind: call(e, inputs[k]) for kind, eng in engs.items()}
     median = alternate(runs)
     flops = {kind: gflops(models[kind], inputs[kind][2:]) for kind in engs}
     benchmark.group = f"model kinds, one call, {backend} batch {batch}"
-    report(benchmark, "One CIFAR-10 UNet call", median, flops, backend, batch)
+    report(benchmark, "One UNet call", median, flops, backend, batch)
     benchmark.pedantic(runs["unconditional"], rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_model_kinds_sampling(benchmark, models, backend, batch):
-    engs = engines(models, backend)
+def test_model_kinds_sampling(benchmark, models, built, backend, batch):
+    engs = engines(models, built, backend)
     seeds = [random.getrandbits(64) for _ in range(batch)]
     runs = {kind: lambda e=eng, k=kind: e.sample(seeds, sampler="ddpm", steps=STEPS, driver="eager",
                                                  class_labels=(labels_for(models[k], batch) or [None])[0])

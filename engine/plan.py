@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from .errors import InvalidRequestError
+from .guidance import guided  # noqa: F401  (the reference combination, also as plan.guided)
 from .noise import check_seeds, initial_noise, seed_words
 from .samplers import SamplerDef, StepSpec, check_eta, default_request, sampler_def
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
-from .stepping import Rows, guided, make_step  # noqa: F401  (guided: the reference, also plan.guided)
+from .stepping import Rows, make_step
 from .threads import yield_cpu_to
 
 _seed_source = random.SystemRandom()
@@ -326,7 +327,7 @@ def check_guidance(guidance_scale, num_classes: int | None, null_label: int | No
 
 class GuidedInputs:
     """The inputs of a guided model call on one batch of rows, as static [2B] buffers: x, t and
-    the extra inputs twice, the second half with the null label (``stepping.guided``'s layout:
+    the extra inputs twice, the second half with the null label (``guidance.guided``'s layout:
     conditional rows, then unconditional ones). Built once per Rows (``Rows.model_inputs``, at their
     first guided step) and refilled in place each step (x as one broadcast copy, t gathered
     straight into the buffer, the labels' first half): no allocation per step, and a captured
@@ -360,7 +361,7 @@ def model_output(plan: SamplingPlan, rows: Rows) -> torch.Tensor:
     """The backend's output for ``rows`` at t = timesteps[i], with the rows' extra inputs
     (export.iospec's order: labels, previous x0). With guidance, the conditional and
     unconditional rows go through one batched call (``GuidedInputs``) and the output's 2B rows go
-    to the step as they are: the step combines them (``stepping.guided``; the fused kernels as
+    to the step as they are: the step combines them (``guidance.guided``; the fused kernels as
     they load the output)."""
     if plan.guidance_scale == 1.0:
         extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]

@@ -7,7 +7,7 @@ part] (engine.samplers.model_output_parts says which channels are which). Kernel
 views with a per-sample stride (``output_parts``, ``load_output``): sample b's prediction at
 prediction + b * OUT_STRIDE + e, so the first C channels of a 2C output are read in place, no copy.
 With classifier-free guidance (GUIDED) the output holds 2B rows, the conditional ones then the
-unconditional ones (engine.stepping.guided), and ``load_output`` reads sample b's two rows, b and
+unconditional ones (engine.guidance.guided), and ``load_output`` reads sample b's two rows, b and
 b + B, and combines them as it loads them: the guidance costs one more read of the prediction and
 no pass of its own; without it the kernels compile without that read (a constexpr switch).
 The grid is 2-D, (sample b, block of elements), so a program serves one sample and gathers that
@@ -24,7 +24,7 @@ from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import PHILOX_ROUNDS
 from ddpm_engine.samplers import model_output_parts
 from ddpm_engine.schedules import COLUMNS, Prediction, Variance
-from ddpm_engine.stepping import conditional_rows
+from ddpm_engine.guidance import conditional_rows
 
 from .options import FP_FUSION
 from .philox import PHILOX_KEY, philox_normal
@@ -107,7 +107,7 @@ def load_output(ptr, b, offs, mask, out_stride, guidance_scale, GUIDED: tl.const
     """Sample b's elements ``offs`` of a model output part (``output_parts``: the prediction or the
     variance part), as fp32: ptr + b * out_stride + offs. GUIDED: the output holds 2B rows (B =
     the grid's samples) and this is uncond + guidance_scale * (cond - uncond) of row b (conditional)
-    and row b + B (unconditional), engine.stepping.guided; a learned variance part is read with
+    and row b + B (unconditional), engine.guidance.guided; a learned variance part is read with
     GUIDED false (the conditional row's, as ``guided`` keeps it)."""
     cond_ptr = ptr + b.to(tl.int64) * out_stride + offs
     out = tl.load(cond_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -188,7 +188,7 @@ def output_parts(model_output, x, variance=None, guidance_scale=1.0):
     the parts and checks the width against ``variance``: None accepts either), no copy; the
     variance part is the prediction itself (a pointer the kernel never reads) when there is none.
     ``guidance_scale`` other than 1: the output is a guided call's [2B, ...] (conditional rows, then
-    unconditional ones: engine.stepping.conditional_rows checks the rows) and GUIDED is true; the
+    unconditional ones: engine.guidance.conditional_rows checks the rows) and GUIDED is true; the
     views start at its first row, the kernel finds row b + B one B * OUT_STRIDE further (``load_output``).
     Host metadata only."""
     if not isinstance(model_output, torch.Tensor):
@@ -230,5 +230,5 @@ STAND_IN_SCALE = 2.0  # the guidance scale of the guided launches in ``launches(
 
 def guided_stand_in(model_output, guided: bool):
     """A launch's model output in ``launches(t)`` (the sm_90 compile check): the stand-in output,
-    or with ``guided`` a guided call's 2B rows (engine.stepping.guided's layout) built from it."""
+    or with ``guided`` a guided call's 2B rows (engine.guidance.guided's layout) built from it."""
     return torch.cat([model_output, model_output]) if guided else model_output

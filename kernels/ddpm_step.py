@@ -90,7 +90,7 @@ def ddpm_step(x, model_output, i, seed_words, table, *, prediction=PRED_EPSILON,
     ``x_prev`` / ``x0`` to write into preallocated buffers (CUDA-graph friendly); ``x_prev=x``
     steps in place (each element is read and then written by the same program, so that is safe).
     ``guidance_scale`` other than 1: ``model_output`` is a guided call's [2B, ...] (the conditional
-    rows, then the unconditional ones: engine.stepping.guided), combined as the kernel reads it
+    rows, then the unconditional ones: engine.guidance.guided), combined as the kernel reads it
     (common.load_output); every launcher of the package takes it the same way."""
     variance = Variance.parse(variance)
     x_prev = torch.empty_like(x) if x_prev is None else x_prev

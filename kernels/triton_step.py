@@ -14,7 +14,7 @@ signature:
 buffer for the predicted x0 or None when the caller does not want it; it returns the x0 it wrote
 (into ``x0``, or a multistep sampler's state buffer rows.x0_prev), or None. The buffer is reused
 by later calls: a caller that keeps x0 clones it. ``guidance_scale`` other than 1: the output
-holds 2B rows, conditional then unconditional (engine.stepping.guided), and the kernel combines
+holds 2B rows, conditional then unconditional (engine.guidance.guided), and the kernel combines
 them as it loads them (common.load_output). x_t must be contiguous (the engine's x always
 is). Building a TritonStep imports triton and the kernel's module (and says what to install, or
 to set TRITON_INTERPRET=1 on a machine without a GPU); importing this module does not.
@@ -29,7 +29,7 @@ import torch
 
 from ddpm_engine.errors import BackendUnavailableError, require
 from ddpm_engine.samplers import model_output_parts
-from ddpm_engine.stepping import conditional_rows
+from ddpm_engine.guidance import conditional_rows
 
 
 class TritonStep:

@@ -171,7 +171,7 @@ def guided_engine(module=None, **kw):
 
 def test_guidance_is_fused_into_the_triton_step_with_the_torch_steps_images():
     """The whole guided chain with the fused kernels (combining cond/uncond as they load the
-    output) against the torch step (stepping.guided, then the reference step), every kernel."""
+    output) against the torch step (guidance.guided, then the reference step), every kernel."""
     ss, labels = seeds(3), [0, 1, 0]
     module = WithY()
     torch_engine, triton_engine = guided_engine(module, step_impl="torch"), guided_engine(module, step_impl="triton")

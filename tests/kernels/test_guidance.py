@@ -1,7 +1,7 @@
 """Classifier-free guidance fused into the step kernels, against the torch reference.
 
 A guided model call outputs 2B rows for the B rows stepped: the conditional rows, then the
-unconditional ones (engine.stepping.guided). Every kernel combines row b and row b + B as it
+unconditional ones (engine.guidance.guided). Every kernel combines row b and row b + B as it
 loads the output (kernels/common.py::load_output): uncond + s * (cond - uncond), on the
 prediction's C channels only; a learned variance is the conditional row's.
 """
@@ -33,7 +33,7 @@ def guided_case(sampler, variance, B=4, dtype=torch.float32):
 
 
 def spelled_out(output, scale, C):
-    """The guided output written from the formula (Ho & Salimans 2022, eq. 6), not from stepping.guided."""
+    """The guided output written from the formula (Ho & Salimans 2022, eq. 6), not from guidance.guided."""
     B = output.shape[0] // 2
     cond, uncond = output[:B].double(), output[B:].double()
     pred = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])
