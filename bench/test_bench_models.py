@@ -48,7 +48,7 @@ def gflops(loaded, labels) -> float:
 
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        loaded.module(x, t, *labels[:1])
+        loaded.module(x, t, *[y[:1] for y in labels])
     return counter.get_total_flops() / 1e9
 
 
