@@ -30,6 +30,7 @@ import torch
 
 from . import deepcache
 from .errors import InvalidRequestError
+from .guidance import guided  # noqa: F401  (the reference combination, also as plan.guided)
 from .noise import check_seeds, initial_noise, seed_words
 from .samplers import SamplerDef, StepSpec, check_eta, default_request, sampler_def
 from .schedules import DeviceTables, Prediction, SchedulerConfig, Tables, Variance
@@ -306,7 +307,8 @@ class Planner:
             check_defined(spec, tables)
             tab = tables.on(self.device)
             self.plans[key] = SamplingPlan(
-                spec=spec, tables=tables, tab=tab, step=make_step(self.step_impl, spec, tab, self.sample_shape),
+                spec=spec, tables=tables, tab=tab,
+                step=make_step(self.step_impl, spec, tab, self.sample_shape, guidance_scale),
                 backend=self.backend, device=self.device, sample_shape=self.sample_shape, lock=self.lock,
                 max_batch=self.max_batch, num_classes=self.num_classes, self_condition=self.self_condition,
                 guidance_scale=guidance_scale, null_label=self.null_label, cache_interval=cache_interval,
@@ -354,37 +356,60 @@ def check_guidance(guidance_scale, num_classes: int | None, null_label: int | No
     return guidance_scale
 
 
-def guided(output: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ``output`` holds the conditional rows
-    then the unconditional ones; the prediction is uncond + scale * (cond - uncond). Of a
-    learned-variance output (2C channels) only the prediction's C channels are guided, the
-    variance is the conditional one's (GLIDE, diffusers)."""
-    cond, uncond = output.chunk(2)
-    pred = torch.lerp(uncond[:, :channels], cond[:, :channels], scale)
-    return pred if cond.shape[1] == channels else torch.cat([pred, cond[:, channels:]], dim=1)
+class GuidedInputs:
+    """The inputs of a guided model call on one batch of rows, as static [2B] buffers: x, t and
+    the extra inputs twice, the second half with the null label (``guidance.guided``'s layout:
+    conditional rows, then unconditional ones). Built once per Rows (``Rows.model_inputs``, at their
+    first guided step) and refilled in place each step (x as one broadcast copy, t gathered
+    straight into the buffer, the labels' first half): no allocation per step, and a captured
+    CUDA graph reads the same buffers at every replay. The labels are copied each step (B int64)
+    because a serving batch's slots take new rows, with their labels, between steps."""
+
+    def __init__(self, rows: Rows, timesteps: torch.Tensor, null_label: int):
+        B = len(rows)
+        self.x = rows.x.new_empty((2 * B, *rows.x.shape[1:]))
+        self.t = timesteps.new_empty(2 * B)
+        self.labels = torch.full((2 * B,), null_label, dtype=rows.labels.dtype, device=rows.labels.device)
+        self.x_self_cond = None if rows.x_self_cond is None else self.x.new_empty(self.x.shape)
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def fill(self, rows: Rows, timesteps: torch.Tensor) -> list:
+        """The call's inputs for ``rows`` at their step indices (export.iospec's order)."""
+        B = len(rows)
+        self.x.unflatten(0, (2, B)).copy_(rows.x)
+        torch.index_select(timesteps, 0, rows.i, out=self.t[:B])
+        self.t[B:].copy_(self.t[:B])
+        self.labels[:B].copy_(rows.labels)
+        if self.x_self_cond is None:
+            return [self.x, self.t, self.labels]
+        self.x_self_cond.unflatten(0, (2, B)).copy_(rows.x_self_cond)
+        return [self.x, self.t, self.labels, self.x_self_cond]
 
 
-def model_output(plan: SamplingPlan, rows: Rows, t: torch.Tensor, full: bool = True) -> torch.Tensor:
-    """The backend's output for ``rows`` at ``t``, with the rows' extra inputs (export.iospec's
-    order: labels, previous x0); with guidance, the conditional and unconditional rows go through
-    one batched call and are combined here (``guided``), before the step. With cache_interval
-    (``rows.deep`` set) the call is a full or a shallow step (``full``, deepcache.call)."""
-    extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]
+def model_output(plan: SamplingPlan, rows: Rows, full: bool = True) -> torch.Tensor:
+    """The backend's output for ``rows`` at t = timesteps[i], with the rows' extra inputs
+    (export.iospec's order: labels, previous x0). With guidance, the conditional and
+    unconditional rows go through one batched call (``GuidedInputs``) and the output's 2B rows go
+    to the step as they are: the step combines them (``guidance.guided``; the fused kernels as
+    they load the output). With cache_interval (``rows.deep`` set) the call is a full or a
+    shallow step (``full``, deepcache.call)."""
     if plan.guidance_scale == 1.0:
-        return deepcache.call(plan.backend, rows.deep, full, rows.x, t, *extra)
-    null = torch.full_like(rows.labels, plan.null_label)
-    both = [torch.cat([v, null if v is rows.labels else v]) for v in (rows.x, t, *extra)]
-    return guided(deepcache.call(plan.backend, rows.deep, full, *both), plan.guidance_scale, rows.x.shape[1])
+        extra = [v for v in (rows.labels, rows.x_self_cond) if v is not None]
+        return deepcache.call(plan.backend, rows.deep, full, rows.x, plan.tab.timesteps[rows.i], *extra)
+    if rows.model_inputs is None or len(rows.model_inputs) != 2 * len(rows):
+        rows.model_inputs = GuidedInputs(rows, plan.tab.timesteps, plan.null_label)
+    return deepcache.call(plan.backend, rows.deep, full, *rows.model_inputs.fill(rows, plan.tab.timesteps))
 
 
 def reverse_step(plan: SamplingPlan, rows: Rows, want_x0: bool = False, full: bool = True):
-    """One reverse step on a batch, in place: t = timesteps[i], the model call (``model_output``:
+    """One reverse step on a batch, in place: the model call at t = timesteps[i] (``model_output``:
     the rows' extra inputs, guidance; with cache_interval a full step or, ``full`` False, a
     shallow one, as the caller's ``plan.cadence()`` says), the step; a self-conditioned model's
     rows keep the step's x0 for the next call. Returns the predicted x0 when ``want_x0`` (else
     None). No host work: capturable."""
-    t = plan.tab.timesteps[rows.i]
-    out = model_output(plan, rows, t, full)
+    out = model_output(plan, rows, full)
     if rows.x_self_cond is None:
         return plan.step(rows, out, want_x0)
     x0 = plan.step(rows, out, True)

@@ -6,7 +6,10 @@ Each implementation has the same contract so the loops around it do not care whi
 
 ``model_output`` is the model's as it comes: C channels, or 2C for a learned variance
 (samplers.model_output_parts: its width must fit the spec's variance type, else
-InvalidRequestError before anything is written).
+InvalidRequestError before anything is written). With classifier-free guidance (a step built
+with ``guidance_scale`` other than 1) it holds 2B rows for the B rows stepped: the conditional
+rows, then the unconditional ones (``guided``: the layout and the combination); the step combines
+them itself, so a fused kernel reads both where it reads the output (kernels/common.py).
 
 It writes x_{t-1} into ``rows.x``, decrements ``rows.i`` (int64 [B], per-sample step index,
 saturating at 0) and writes the sampler's per-sample state (samplers.SamplerDef.state: the
@@ -19,7 +22,8 @@ that keeps it clones it. Noise comes from the per-sample Philox stream (engine.n
 counter the sampler's entry names (SamplerDef.noise: i, or noise.SDE_STEP + i; none for the ODE
 solvers). Neither implementation names a sampler: both ask the spec's registry entry.
 
-- ``TorchStep``: the reference step (SamplerDef.torch) plus the torch Philox generator.
+- ``TorchStep``: ``guided`` (with guidance), then the reference step (SamplerDef.torch) plus the
+  torch Philox generator.
 - ``kernels.TritonStep``: the sampler's fused Triton kernel (SamplerDef.kernel), noise made inside.
 """
 
@@ -33,6 +37,7 @@ import torch
 
 from .errors import InvalidRequestError
 from .noise import philox_normal
+from .guidance import conditional_rows, guided
 from .samplers import StepSpec, model_output_parts
 from .schedules import DeviceTables
 
@@ -58,6 +63,11 @@ class Rows:
     x_self_cond: torch.Tensor | None = None  # [B, C, H, W]: a self-conditioned model's previous x0 (its input)
     deep: torch.Tensor | None = None  # [B, k*C_d, H_d, W_d]: cache_interval's cached deep features (engine.deepcache)
 
+    def __post_init__(self):
+        # Not a row field: the doubled inputs of a guided model call on these rows ([2B] buffers,
+        # plan.GuidedInputs), built at their first guided step and refilled in place by every later one.
+        self.model_inputs = None
+
     def __len__(self):
         return self.x.shape[0]
 
@@ -82,20 +92,25 @@ class Rows:
 
 class TorchStep:
     """The reference step of the spec's sampler (SamplerDef.torch) on Rows: reads its state, draws
-    its Philox noise, writes the state back."""
+    its Philox noise, writes the state back; with ``guidance_scale`` other than 1, the model
+    output's 2B rows are combined first (``guided``)."""
 
     name = "torch"
 
-    def __init__(self, spec: StepSpec, tab: DeviceTables, sample_shape):
+    def __init__(self, spec: StepSpec, tab: DeviceTables, sample_shape, guidance_scale: float = 1.0):
         self.spec = spec
         self.sampler = spec.definition
         self.tab = tab
         self.numel = math.prod(sample_shape)
+        self.guidance_scale = float(guidance_scale)
 
     def __call__(self, rows: Rows, model_output, want_x0: bool = False):
         d, x_t, i = self.sampler, rows.x, rows.i
         d.check_state(rows)
-        model_output_parts(model_output, x_t, self.spec.variance)  # its width fits the variance type (metadata)
+        # its rows and width fit the guidance and the variance type (metadata)
+        model_output_parts(conditional_rows(model_output, x_t, self.guidance_scale), x_t, self.spec.variance)
+        if self.guidance_scale != 1.0:
+            model_output = guided(model_output, self.guidance_scale, x_t.shape[1])
         state = [getattr(rows, name) for name in d.state]
         noise = None if d.noise is None else philox_normal(rows.words, i + d.noise, self.numel).reshape(x_t.shape)
         x_prev, x0, *new_state = d.torch(self.spec, self.tab, x_t, model_output, i, noise, *state)
@@ -120,10 +135,11 @@ def resolve_step_impl(step_impl: str, device: torch.device) -> str:
     return "torch"
 
 
-def make_step(step_impl: str, spec: StepSpec, tab: DeviceTables, sample_shape):
-    """The step of a resolved ``step_impl`` ("torch" or "triton": resolve_step_impl's answer)."""
+def make_step(step_impl: str, spec: StepSpec, tab: DeviceTables, sample_shape, guidance_scale: float = 1.0):
+    """The step of a resolved ``step_impl`` ("torch" or "triton": resolve_step_impl's answer);
+    ``guidance_scale`` other than 1: it takes a guided call's 2B-row output (``guided``)."""
     if step_impl == "torch":
-        return TorchStep(spec, tab, sample_shape)
+        return TorchStep(spec, tab, sample_shape, guidance_scale)
     from ddpm_engine.kernels import TritonStep  # import-gated: raises MissingDependencyError without triton
 
-    return TritonStep(spec, tab, sample_shape)
+    return TritonStep(spec, tab, sample_shape, guidance_scale)

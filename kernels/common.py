@@ -6,6 +6,10 @@ is [B, C or 2C, ...]: with a learned variance a model outputs 2C channels, [pred
 part] (engine.samplers.model_output_parts says which channels are which). Kernels read it as
 views with a per-sample stride (``output_parts``, ``load_output``): sample b's prediction at
 prediction + b * OUT_STRIDE + e, so the first C channels of a 2C output are read in place, no copy.
+With classifier-free guidance (GUIDED) the output holds 2B rows, the conditional ones then the
+unconditional ones (engine.guidance.guided), and ``load_output`` reads sample b's two rows, b and
+b + B, and combines them as it loads them: the guidance costs one more read of the prediction and
+no pass of its own; without it the kernels compile without that read (a constexpr switch).
 The grid is 2-D, (sample b, block of elements), so a program serves one sample and gathers that
 sample's row of the packed coefficient table (schedules.DeviceTables.packed, columns in
 schedules.COLUMNS) once, at the sample's own step index i: samples of one batch may sit at
@@ -20,6 +24,7 @@ from ddpm_engine.errors import InvalidRequestError
 from ddpm_engine.noise import PHILOX_ROUNDS
 from ddpm_engine.samplers import model_output_parts
 from ddpm_engine.schedules import COLUMNS, Prediction, Variance
+from ddpm_engine.guidance import conditional_rows
 
 from .options import FP_FUSION
 from .philox import PHILOX_KEY, philox_normal
@@ -98,10 +103,19 @@ def predict_x0_and_eps(x, out, row, PRED: tl.constexpr):
 
 
 @triton.jit
-def load_output(ptr, b, offs, mask, out_stride):
+def load_output(ptr, b, offs, mask, out_stride, guidance_scale, GUIDED: tl.constexpr):
     """Sample b's elements ``offs`` of a model output part (``output_parts``: the prediction or the
-    variance part), as fp32: ptr + b * out_stride + offs."""
-    return tl.load(ptr + b.to(tl.int64) * out_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    variance part), as fp32: ptr + b * out_stride + offs. GUIDED: the output holds 2B rows (B =
+    the grid's samples) and this is uncond + guidance_scale * (cond - uncond) of row b (conditional)
+    and row b + B (unconditional), engine.guidance.guided; a learned variance part is read with
+    GUIDED false (the conditional row's, as ``guided`` keeps it)."""
+    cond_ptr = ptr + b.to(tl.int64) * out_stride + offs
+    out = tl.load(cond_ptr, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        uncond_ptr = cond_ptr + tl.num_programs(0).to(tl.int64) * out_stride
+        uncond = tl.load(uncond_ptr, mask=mask, other=0.0).to(tl.float32)
+        out = uncond + guidance_scale * (out - uncond)
+    return out
 
 
 @triton.jit
@@ -166,20 +180,26 @@ def grid_for(x, block: int):
     return (x.shape[0], triton.cdiv(x[0].numel(), block))
 
 
-def output_parts(model_output, x, variance=None):
-    """The model output as a kernel reads it: (prediction, variance part, per-sample stride OUT_STRIDE).
+def output_parts(model_output, x, variance=None, guidance_scale=1.0):
+    """The model output as a kernel reads it: (prediction, variance part, per-sample stride
+    OUT_STRIDE, guidance_scale as a float, GUIDED).
 
     Views of one contiguous [B, C or 2C, ...] output (engine.samplers.model_output_parts decides
     the parts and checks the width against ``variance``: None accepts either), no copy; the
     variance part is the prediction itself (a pointer the kernel never reads) when there is none.
+    ``guidance_scale`` other than 1: the output is a guided call's [2B, ...] (conditional rows, then
+    unconditional ones: engine.guidance.conditional_rows checks the rows) and GUIDED is true; the
+    views start at its first row, the kernel finds row b + B one B * OUT_STRIDE further (``load_output``).
     Host metadata only."""
     if not isinstance(model_output, torch.Tensor):
         raise InvalidRequestError(f"model_output must be a tensor, got {type(model_output).__name__}")
     if not model_output.is_contiguous() or model_output.device != x.device:
         raise InvalidRequestError(f"model_output must be a contiguous tensor on {x.device}, got one on "
                                   f"{model_output.device} (contiguous={model_output.is_contiguous()})")
-    prediction, variance_part = model_output_parts(model_output, x, variance)
-    return prediction, prediction if variance_part is None else variance_part, model_output[0].numel()
+    guidance_scale = float(guidance_scale)
+    prediction, variance_part = model_output_parts(conditional_rows(model_output, x, guidance_scale), x, variance)
+    return (prediction, prediction if variance_part is None else variance_part, model_output[0].numel(),
+            guidance_scale, guidance_scale != 1.0)
 
 
 def check_inputs(x, i, table, seed_words=None, **per_element):
@@ -203,3 +223,12 @@ def check_inputs(x, i, table, seed_words=None, **per_element):
             or table.device != x.device):
         raise InvalidRequestError(f"table must be DeviceTables.packed: contiguous float32 [steps, {len(COLUMNS)}] "
                                   f"on {x.device}")
+
+
+STAND_IN_SCALE = 2.0  # the guidance scale of the guided launches in ``launches(t)`` (any scale other than 1)
+
+
+def guided_stand_in(model_output, guided: bool):
+    """A launch's model output in ``launches(t)`` (the sm_90 compile check): the stand-in output,
+    or with ``guided`` a guided call's 2B rows (engine.guidance.guided's layout) built from it."""
+    return torch.cat([model_output, model_output]) if guided else model_output

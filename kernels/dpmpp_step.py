@@ -38,22 +38,23 @@ from ddpm_engine.samplers import dpmpp_2m_sde_step as reference_sde  # noqa: F40
 
 from .options import FP_FUSION
 from .common import (COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, COL_SDE_NOISE_STD, COL_SDE_X, COL_SDE_X0,
-                     COL_SDE_X0_PREV, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0, grid_for, load_output,
-                     load_state, output_parts, predict_x0_and_eps, step_noise, step_prologue)
+                     COL_SDE_X0_PREV, PREDICTION_CODE, PRED_EPSILON, STAND_IN_SCALE, block_for, check_inputs, clip_x0,
+                     grid_for, guided_stand_in, load_output, load_state, output_parts, predict_x0_and_eps, step_noise,
+                     step_prologue)
 
 SDE_COUNTER = tl.constexpr(SDE_STEP)
 
 
 @triton.jit
-def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride,
+def dpmpp_2m_update(x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, guidance_scale,
                     COL_X: tl.constexpr, COL_X0: tl.constexpr, COL_X0_PREV: tl.constexpr,
-                    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                    PRED: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     """This program's part of the multistep update from the table columns COL_*: returns the
     prologue's (b, i, row, offs, mask, flat), x_prev without noise, and x0 (fp32)."""
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
     coef_x0_prev = tl.load(row + COL_X0_PREV)
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = load_output(out_ptr, b, offs, mask, out_stride)
+    out = load_output(out_ptr, b, offs, mask, out_stride, guidance_scale, GUIDED)
     x0_prev = load_state(x0prev_ptr, flat, offs, N, coef_x0_prev)
     x0, _ = predict_x0_and_eps(x, out, row, PRED)
     if CLIP:
@@ -72,10 +73,12 @@ def _dpmpp_2m_step_kernel(
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
     N,            # elements per sample
     out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
-    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    guidance_scale,  # classifier-free guidance's scale (read only when GUIDED: common.load_output)
+    PRED: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     _, _, _, _, mask, flat, x_prev, x0 = dpmpp_2m_update(
-        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, COL_DPMPP_X, COL_DPMPP_X0, COL_DPMPP_X0_PREV, PRED, CLIP, BLOCK)
+        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, guidance_scale, COL_DPMPP_X, COL_DPMPP_X0,
+        COL_DPMPP_X0_PREV, PRED, GUIDED, CLIP, BLOCK)
     tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
 
@@ -91,17 +94,19 @@ def _dpmpp_2m_sde_step_kernel(
     table_ptr,    # fp32 [steps, NCOLS]: packed coefficient table
     N,            # elements per sample
     out_stride,   # elements from one sample's model output to the next (N, or 2N: common.output_parts)
-    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    guidance_scale,  # classifier-free guidance's scale (read only when GUIDED: common.load_output)
+    PRED: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat, x_prev, x0 = dpmpp_2m_update(
-        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, COL_SDE_X, COL_SDE_X0, COL_SDE_X0_PREV, PRED, CLIP, BLOCK)
+        x_ptr, out_ptr, x0prev_ptr, i_ptr, table_ptr, N, out_stride, guidance_scale, COL_SDE_X, COL_SDE_X0,
+        COL_SDE_X0_PREV, PRED, GUIDED, CLIP, BLOCK)
     x_prev += tl.load(row + COL_SDE_NOISE_STD) * step_noise(b, i + SDE_COUNTER, offs, seed_ptr)
     tl.store(xprev_ptr + flat, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0prev_ptr + flat, x0.to(x0prev_ptr.dtype.element_ty), mask=mask)
 
 
 def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON, clip_denoised: bool = False,
-                  x_prev=None, block: int | None = None, seed_words=None):
+                  x_prev=None, block: int | None = None, guidance_scale: float = 1.0, seed_words=None):
     """Launch the fused DPM-Solver++(2M) step; with ``seed_words`` (int64 [B, 2], engine.noise.seed_words)
     its SDE form (diffusers' "sde-dpmsolver++"), noise drawn in the kernel. ``x0_prev`` (same shape
     as x, contiguous; zeros at the start of a run) is read and overwritten in place with this step's
@@ -113,31 +118,31 @@ def dpmpp_2m_step(x, model_output, i, x0_prev, table, *, prediction=PRED_EPSILON
                                   "(stepping.Rows.x0_prev): allocate it (zeros, shaped as x) before the first step")
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     check_inputs(x, i, table, seed_words, x_prev=x_prev, x0_prev=x0_prev)
-    prediction_part, _, out_stride = output_parts(model_output, x)
+    prediction_part, _, out_stride, guidance_scale, guided = output_parts(model_output, x, None, guidance_scale)
     block = block or block_for(x[0].numel())
-    consts = dict(PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION)
+    consts = dict(PRED=prediction, GUIDED=guided, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION)
     if seed_words is None:
         _dpmpp_2m_step_kernel[grid_for(x, block)](x, prediction_part, x0_prev, x_prev, i, table, x[0].numel(),
-                                                  out_stride, **consts)
+                                                  out_stride, guidance_scale, **consts)
     else:
         _dpmpp_2m_sde_step_kernel[grid_for(x, block)](x, prediction_part, x0_prev, x_prev, i, seed_words, table,
-                                                      x[0].numel(), out_stride, **consts)
+                                                      x[0].numel(), out_stride, guidance_scale, **consts)
     return x_prev, x0_prev
 
 
-def step_rows(spec, prediction, table, rows, model_output, x0=None):
+def step_rows(spec, prediction, table, rows, model_output, x0=None, guidance_scale=1.0):
     """The engine's "dpmpp_2m" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
     signature): rows.x and rows.x0_prev stepped in place; returns rows.x0_prev when ``x0`` is given
     (the x0 is always written there), else None."""
     dpmpp_2m_step(rows.x, model_output, rows.i, rows.x0_prev, table, prediction=prediction,
-                  clip_denoised=spec.clip_denoised, x_prev=rows.x)
+                  clip_denoised=spec.clip_denoised, x_prev=rows.x, guidance_scale=guidance_scale)
     return None if x0 is None else rows.x0_prev
 
 
-def step_rows_sde(spec, prediction, table, rows, model_output, x0=None):
+def step_rows_sde(spec, prediction, table, rows, model_output, x0=None, guidance_scale=1.0):
     """The engine's "dpmpp_2m_sde" step: as ``step_rows``, with the noise of the rows' seed words."""
     dpmpp_2m_step(rows.x, model_output, rows.i, rows.x0_prev, table, prediction=prediction,
-                  clip_denoised=spec.clip_denoised, x_prev=rows.x, seed_words=rows.words)
+                  clip_denoised=spec.clip_denoised, x_prev=rows.x, seed_words=rows.words, guidance_scale=guidance_scale)
     return None if x0 is None else rows.x0_prev
 
 
@@ -145,7 +150,8 @@ def launches(t):
     """Every compile-time choice ``dpmpp_2m_step`` can pass its two kernels (ODE: no seed words;
     SDE: seed words), as launches on stand-in tensors ``t`` (x, model_output, i, seed_words, table,
     x0_prev of one I/O dtype): for the sm_90 compile check."""
-    for pred, clip, seeds in itertools.product(PREDICTION_CODE.values(), (False, True), (None, "sde")):
-        yield lambda p=pred, c=clip, s=seeds: dpmpp_2m_step(
-            t.x, t.model_output, t.i, t.x0_prev, t.table, prediction=p, clip_denoised=c,
-            seed_words=None if s is None else t.seed_words)
+    for pred, clip, seeds, guided in itertools.product(PREDICTION_CODE.values(), (False, True), (None, "sde"),
+                                                       (False, True)):
+        yield lambda p=pred, c=clip, s=seeds, g=guided: dpmpp_2m_step(
+            t.x, guided_stand_in(t.model_output, g), t.i, t.x0_prev, t.table, prediction=p, clip_denoised=c,
+            seed_words=None if s is None else t.seed_words, guidance_scale=STAND_IN_SCALE if g else 1.0)

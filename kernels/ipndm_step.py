@@ -36,8 +36,9 @@ from ddpm_engine.schedules import COLUMNS
 from ddpm_engine.samplers import ipndm_step as reference  # noqa: F401  (the specification)
 
 from .options import FP_FUSION
-from .common import (COL_SQRT_1M_ABAR, COL_SQRT_ABAR, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs,
-                     clip_x0, grid_for, load_output, load_state, output_parts, predict_x0_and_eps, step_prologue)
+from .common import (COL_SQRT_1M_ABAR, COL_SQRT_ABAR, PREDICTION_CODE, PRED_EPSILON, STAND_IN_SCALE, block_for,
+                     check_inputs, clip_x0, grid_for, guided_stand_in, load_output, load_state, output_parts,
+                     predict_x0_and_eps, step_prologue)
 
 COL_IPNDM_X = tl.constexpr(COLUMNS.index("ipndm_coef_x"))
 COL_IPNDM_EPS = tl.constexpr(COLUMNS.index("ipndm_coef_eps"))
@@ -59,14 +60,15 @@ def _ipndm_step_kernel(
     table_ptr,      # fp32 [steps, NCOLS]: packed coefficient table
     N,             # elements per sample
     out_stride,    # elements from one sample's model output to the next (N, or 2N: common.output_parts)
-    PRED: tl.constexpr, CLIP: tl.constexpr, STORE_X0: tl.constexpr, BLOCK: tl.constexpr,
+    guidance_scale,  # classifier-free guidance's scale (read only when GUIDED: common.load_output)
+    PRED: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, STORE_X0: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
     c1 = tl.load(row + COL_IPNDM_EPS_PREV)
     c2 = tl.load(row + COL_IPNDM_EPS_PREV2)
     c3 = tl.load(row + COL_IPNDM_EPS_PREV3)
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = load_output(out_ptr, b, offs, mask, out_stride)
+    out = load_output(out_ptr, b, offs, mask, out_stride, guidance_scale, GUIDED)
     eps1 = tl.load(eps1_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     eps2 = tl.load(eps2_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     eps3 = load_state(eps3_ptr, flat, offs, N, c3)
@@ -85,7 +87,8 @@ def _ipndm_step_kernel(
 
 
 def ipndm_step(x, model_output, i, eps_prev, eps_prev2, eps_prev3, table, *, prediction=PRED_EPSILON,
-               clip_denoised: bool = False, x_prev=None, x0=None, block: int | None = None):
+               clip_denoised: bool = False, x_prev=None, x0=None, block: int | None = None,
+               guidance_scale: float = 1.0):
     """Launch the fused iPNDM step. ``eps_prev``, ``eps_prev2``, ``eps_prev3`` (shaped as x, contiguous;
     zeros at the start of a run) are read and shifted in place (eps_prev3 <- eps_prev2 <- eps_prev
     <- this step's eps). ``x0``: a buffer for the predicted x0, written when given. ``table`` is
@@ -98,28 +101,32 @@ def ipndm_step(x, model_output, i, eps_prev, eps_prev2, eps_prev3, table, *, pre
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     check_inputs(x, i, table, x_prev=x_prev, x0=x0, eps_prev=eps_prev,
                  eps_prev2=eps_prev2, eps_prev3=eps_prev3)
-    prediction_part, _, out_stride = output_parts(model_output, x)
+    prediction_part, _, out_stride, guidance_scale, guided = output_parts(model_output, x, None, guidance_scale)
     block = block or block_for(x[0].numel())
     _ipndm_step_kernel[grid_for(x, block)](
         x, prediction_part, eps_prev, eps_prev2, eps_prev3, x_prev, x_prev if x0 is None else x0, i, table,
-        x[0].numel(), out_stride, PRED=prediction, CLIP=bool(clip_denoised), STORE_X0=x0 is not None, BLOCK=block,
+        x[0].numel(), out_stride, guidance_scale, PRED=prediction, GUIDED=guided, CLIP=bool(clip_denoised),
+        STORE_X0=x0 is not None, BLOCK=block,
         enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0
 
 
-def step_rows(spec, prediction, table, rows, model_output, x0=None):
+def step_rows(spec, prediction, table, rows, model_output, x0=None, guidance_scale=1.0):
     """The engine's "ipndm" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
     signature): rows.x and its three eps states stepped in place; the predicted x0 written into
     ``x0`` when given (returned), else None."""
     return ipndm_step(rows.x, model_output, rows.i, rows.eps_prev, rows.eps_prev2, rows.eps_prev3, table,
-                      prediction=prediction, clip_denoised=spec.clip_denoised, x_prev=rows.x, x0=x0)[1]
+                      prediction=prediction, clip_denoised=spec.clip_denoised, x_prev=rows.x, x0=x0,
+                      guidance_scale=guidance_scale)[1]
 
 
 def launches(t):
     """Every compile-time choice ``ipndm_step`` can pass its kernel, as launches on stand-in tensors
     ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""
-    for pred, clip, store in itertools.product(PREDICTION_CODE.values(), (False, True), (False, True)):
-        yield lambda p=pred, c=clip, s=store: ipndm_step(
-            t.x, t.model_output, t.i, t.x0_prev, torch.zeros_like(t.x0_prev), torch.zeros_like(t.x0_prev), t.table,
-            prediction=p, clip_denoised=c, x0=torch.empty_like(t.x) if s else None)
+    for pred, clip, store, guided in itertools.product(PREDICTION_CODE.values(), (False, True), (False, True),
+                                                       (False, True)):
+        yield lambda p=pred, c=clip, s=store, g=guided: ipndm_step(
+            t.x, guided_stand_in(t.model_output, g), t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
+            torch.zeros_like(t.x0_prev), t.table, prediction=p, clip_denoised=c,
+            x0=torch.empty_like(t.x) if s else None, guidance_scale=STAND_IN_SCALE if g else 1.0)

@@ -39,8 +39,9 @@ from ddpm_engine.schedules import COLUMNS
 from ddpm_engine.samplers import unipc_3_step as reference  # noqa: F401  (the specification)
 
 from .options import FP_FUSION
-from .common import (COL_DPMPP_X, COL_UNIPC_NEXT_X, PRED_EPSILON, PREDICTION_CODE, block_for, check_inputs, clip_x0,
-                     grid_for, load_output, load_state, output_parts, predict_x0_and_eps, step_prologue)
+from .common import (COL_DPMPP_X, COL_UNIPC_NEXT_X, PREDICTION_CODE, PRED_EPSILON, STAND_IN_SCALE, block_for,
+                     check_inputs, clip_x0, grid_for, guided_stand_in, load_output, load_state, output_parts,
+                     predict_x0_and_eps, step_prologue)
 
 COL_UNIPC3_X0 = tl.constexpr(COLUMNS.index("unipc3_coef_x0"))
 COL_UNIPC3_X0_PREV = tl.constexpr(COLUMNS.index("unipc3_coef_x0_prev"))
@@ -63,7 +64,8 @@ def _unipc_3_step_kernel(
     table_ptr,     # fp32 [steps, NCOLS]: packed coefficient table
     N,             # elements per sample
     out_stride,    # elements from one sample's model output to the next (N, or 2N: common.output_parts)
-    PRED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    guidance_scale,  # classifier-free guidance's scale (read only when GUIDED: common.load_output)
+    PRED: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, i, row, offs, mask, flat = step_prologue(i_ptr, table_ptr, N, BLOCK)
     corr_x0 = tl.load(row + COL_UNIPC3_CORR_X0)
@@ -73,7 +75,7 @@ def _unipc_3_step_kernel(
     n_prev2 = tl.load(row + COL_UNIPC3_NEXT_X0_PREV2)
 
     x = tl.load(x_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    out = load_output(out_ptr, b, offs, mask, out_stride)
+    out = load_output(out_ptr, b, offs, mask, out_stride, guidance_scale, GUIDED)
     corrector = load_state(corr_ptr, flat, offs, N, corr_x0)
     x0_prev = tl.load(x0prev_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     x0_prev2 = load_state(x0prev2_ptr, flat, offs, N, tl.abs(c_prev2) + tl.abs(n_prev2))
@@ -92,7 +94,7 @@ def _unipc_3_step_kernel(
 
 
 def unipc_3_step(x, model_output, i, x0_prev, x0_prev2, corrector, table, *, prediction=PRED_EPSILON,
-                 clip_denoised: bool = False, x_prev=None, block: int | None = None):
+                 clip_denoised: bool = False, x_prev=None, block: int | None = None, guidance_scale: float = 1.0):
     """Launch the fused UniPC-3 step. ``x0_prev``, ``x0_prev2`` and ``corrector`` (shaped as x,
     contiguous; zeros at the start of a run) are read and overwritten in place (x0_prev2 <- x0_prev
     <- this step's x0; the next step's corrector). ``table`` is DeviceTables.packed (fp32),
@@ -105,27 +107,29 @@ def unipc_3_step(x, model_output, i, x0_prev, x0_prev2, corrector, table, *, pre
     x_prev = torch.empty_like(x) if x_prev is None else x_prev
     check_inputs(x, i, table, x_prev=x_prev, x0_prev=x0_prev, x0_prev2=x0_prev2,
                  corrector=corrector)
-    prediction_part, _, out_stride = output_parts(model_output, x)
+    prediction_part, _, out_stride, guidance_scale, guided = output_parts(model_output, x, None, guidance_scale)
     block = block or block_for(x[0].numel())
     _unipc_3_step_kernel[grid_for(x, block)](
-        x, prediction_part, x0_prev, x0_prev2, corrector, x_prev, i, table, x[0].numel(), out_stride,
-        PRED=prediction, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
+        x, prediction_part, x0_prev, x0_prev2, corrector, x_prev, i, table, x[0].numel(), out_stride, guidance_scale,
+        PRED=prediction, GUIDED=guided, CLIP=bool(clip_denoised), BLOCK=block, enable_fp_fusion=FP_FUSION,
     )
     return x_prev, x0_prev, corrector
 
 
-def step_rows(spec, prediction, table, rows, model_output, x0=None):
+def step_rows(spec, prediction, table, rows, model_output, x0=None, guidance_scale=1.0):
     """The engine's "unipc_3" step (samplers.SamplerDef.kernel; kernels.triton_step documents the
     signature): rows.x and its three states stepped in place; returns rows.x0_prev when ``x0`` is
     given (the x0 is always written there), else None."""
     unipc_3_step(rows.x, model_output, rows.i, rows.x0_prev, rows.x0_prev2, rows.corrector, table,
-                 prediction=prediction, clip_denoised=spec.clip_denoised, x_prev=rows.x)
+                 prediction=prediction, clip_denoised=spec.clip_denoised, x_prev=rows.x, guidance_scale=guidance_scale)
     return None if x0 is None else rows.x0_prev
 
 
 def launches(t):
     """Every compile-time choice ``unipc_3_step`` can pass its kernel, as launches on stand-in tensors
     ``t`` (x, model_output, i, seed_words, table, x0_prev of one I/O dtype): for the sm_90 compile check."""
-    for pred, clip in itertools.product(PREDICTION_CODE.values(), (False, True)):
-        yield lambda p=pred, c=clip: unipc_3_step(t.x, t.model_output, t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
-                                                  torch.zeros_like(t.x0_prev), t.table, prediction=p, clip_denoised=c)
+    for pred, clip, guided in itertools.product(PREDICTION_CODE.values(), (False, True), (False, True)):
+        yield lambda p=pred, c=clip, g=guided: unipc_3_step(
+            t.x, guided_stand_in(t.model_output, g), t.i, t.x0_prev, torch.zeros_like(t.x0_prev),
+            torch.zeros_like(t.x0_prev), t.table, prediction=p, clip_denoised=c,
+            guidance_scale=STAND_IN_SCALE if g else 1.0)

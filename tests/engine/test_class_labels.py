@@ -165,6 +165,75 @@ def test_guidance_matches_two_separate_calls_and_a_seed_keeps_its_image_in_a_mix
     assert (unguided - mixed).abs().max() > 1e-2  # the scale is used
 
 
+def guided_engine(module=None, **kw):
+    return Engine.from_module(module or WithY(), sample_shape=SHAPE, null_label=2, backend="torch", **kw)
+
+
+def test_guidance_is_fused_into_the_triton_step_with_the_torch_steps_images():
+    """The whole guided chain with the fused kernels (combining cond/uncond as they load the
+    output) against the torch step (guidance.guided, then the reference step), every kernel."""
+    ss, labels = seeds(3), [0, 1, 0]
+    module = WithY()
+    torch_engine, triton_engine = guided_engine(module, step_impl="torch"), guided_engine(module, step_impl="triton")
+    for sampler in ("ddpm", "ddim", "dpmpp_2m", "unipc"):
+        opts = dict(sampler=sampler, steps=4, class_labels=labels, guidance_scale=2.5)
+        want, got = torch_engine.sample(ss, **opts), triton_engine.sample(ss, **opts)
+        assert (got - want).abs().max().item() <= 1e-4, sampler
+
+
+class Recorder(nn.Module):
+    """WithY, recording where each call's inputs live (in a class attribute: the backend calls a copy,
+    and may lay x out anew for the network)."""
+
+    num_classes = 3
+    calls = []
+
+    def __init__(self):
+        super().__init__()
+        self.net = WithY()
+
+    def forward(self, x, t, y):
+        self.calls.append((x.data_ptr(), t.data_ptr(), y.data_ptr(), y.tolist()))
+        return self.net(x, t, y)
+
+
+def test_the_doubled_inputs_are_static_buffers_refilled_in_place():
+    """A guided run allocates its [2B] model inputs once (at its first step) and refills the same
+    buffers every step: x twice, t twice, the labels then the null label."""
+    from ddpm_engine.plan import reverse_step
+
+    module = Recorder()
+    engine = Engine.from_module(module, sample_shape=SHAPE, null_label=2, backend="torch")
+    plan = engine.plan(guidance_scale=3.0, **OPTS)
+    rows = plan.start(seeds(2), labels=[1, 0])
+    buffers = []
+    with torch.inference_mode():
+        Recorder.calls.clear()
+        for _ in range(3):
+            reverse_step(plan, rows)
+            buffers.append((id(rows.model_inputs), rows.model_inputs.x.data_ptr()))
+    assert len(Recorder.calls) == 3 and len(set(buffers)) == 1  # one set of buffers, refilled
+    assert len({call[1:3] for call in Recorder.calls}) == 1  # the model sees the same t and labels buffers
+    assert all(call[3] == [1, 0, 2, 2] for call in Recorder.calls)
+    inputs = rows.model_inputs
+    torch.testing.assert_close(inputs.x[:2], inputs.x[2:])
+    assert torch.equal(inputs.t[:2], inputs.t[2:])
+
+
+def test_guidance_in_the_graph_buckets_and_continuous_batching_gives_each_seed_its_image():
+    """Guided rows in a graph bucket (capture=False: the CPU's emulation of the drivers) and in the
+    continuous server (rows joining a running batch) end as the eager loop's."""
+    engine = guided_engine()
+    ss, labels, opts = seeds(3), [0, 1, 0], dict(guidance_scale=3.0, **OPTS)
+    want = engine.sample(ss, class_labels=labels, driver="eager", **opts)
+    graphed = GraphedSampler(engine.plan(**opts), max_batch=4, capture=False)
+    assert (graphed.run(ss, class_labels=labels) - want).abs().max().item() <= TOL
+    with engine.serve(max_batch=8, max_wait_ms=20.0) as server:
+        futures = [server.submit([s], class_labels=[c], **opts) for s, c in zip(ss, labels)]
+        got = torch.cat([f.result(timeout=60) for f in futures])
+    assert (got - want).abs().max().item() <= TOL
+
+
 def test_guidance_guides_the_prediction_and_keeps_the_conditional_variance():
     from ddpm_engine.plan import guided
 

@@ -14,8 +14,9 @@ kernels/ddpm_step.py::launches); ``t`` holds stand-in tensors of one I/O dtype (
 i, seed_words, table, x0_prev). The harness finds every module of the package with a
 ``launches`` and runs it for fp32, fp16 and bf16 I/O and every block size.
 
-Cost: about 270 compiles at ~0.45 s each on an idle core, two worker processes (README, "Fused
-Triton step kernels", has the registers per kernel).
+Cost: about 890 compiles (every launch with and without classifier-free guidance, GUIDED) at
+~0.45 s each on an idle core, two worker processes (README, "Fused Triton step kernels", has the
+registers per kernel).
 """
 
 import json

@@ -161,7 +161,8 @@ def test_every_kernel_reads_a_2c_output_in_place(sampler):
     wide = with_variance_part(out, variance)
     if sampler != "ddpm":
         wide[:, 3:] = float("nan")
-    prediction, variance_part, stride = output_parts(wide, x, variance)
+    prediction, variance_part, stride, _, guided = output_parts(wide, x, variance)
+    assert not guided
     assert prediction.data_ptr() == wide.data_ptr() and stride == 2 * x[0].numel()
     assert variance_part.data_ptr() == wide.data_ptr() + x[0].numel() * wide.element_size()
     state = {name: torch.randn_like(x) for name in ROW_STATE.get(sampler, ())}
