@@ -198,12 +198,12 @@ def float_groups(model) -> dict[str, list[str]]:
 
 def quantize(model, calls, keep=KEEP_FLOAT, **options):
     """``model`` (an fp32 ``openvino.Model``) quantized to int8 by ``nncf.quantize``, calibrated on
-    ``calls`` ([(x, t)], ``calibration.record``), the groups ``keep`` of ``float_groups`` left in
+    ``calls`` ([(x, t, *extra)], ``calibration.record``), the groups ``keep`` of ``float_groups`` left in
     floating point; ``options`` go to ``nncf.quantize``."""
     nncf = _nncf()
     groups = float_groups(model)
     names = sorted({n for g in keep for n in groups[g]})
-    data = nncf.Dataset(calls, lambda call: (call[0].numpy(), call[1].numpy()))
+    data = nncf.Dataset(calls, lambda call: tuple(v.numpy() for v in call))
     log = logging.getLogger("nncf")
     level = log.level
     log.setLevel(logging.WARNING)  # not a line per op kept in floating point, nor progress bars
@@ -258,11 +258,8 @@ def read_int8(core, loaded, path):
 
 
 def int8_model(core, loaded):
-    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``. A model with
-    extra inputs (class labels, self-conditioning) is refused: the calibration records (x, t) only."""
-    if loaded.io.extra_inputs:
-        raise BackendUnavailableError(f"precision='int8' calibrates on (x, t) calls only, and this model also takes "
-                                      f"{list(loaded.io.extra_inputs)}; use precision='bf16' or 'fp32'")
+    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``; a model with
+    extra inputs (class labels, self-conditioning) is calibrated on them too (``calibration``)."""
     return cache.load(int8_path(loaded), lambda tmp: write_int8(loaded, tmp), lambda p: read_int8(core, loaded, p),
                       corrupt=(ModelLoadError,))
 
