@@ -94,6 +94,34 @@ def test_attention_is_the_matmuls_around_softmax():
     assert groups["first_last_conv"] == ["/unet/conv_in/Conv/WithoutBiases", "/unet/conv_out/Conv/WithoutBiases"]
 
 
+def test_no_activation_range_clips_a_calibration_call(loaded, int8):
+    """Each activation quantizer's range holds every value its input took on the calibration calls
+    (``ACTIVATION_RANGE`` "minmax"): NNCF's default, the mean over the calls of each call's extremes,
+    clipped the noisier timesteps' activations and biased the network."""
+    core = openvino_backend._ov().Core()
+    quantized = openvino_backend.int8_model(core, loaded)
+    ranges = {}
+    for fq in (op for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize"):
+        source = fq.input(0).get_source_output().get_node()
+        if source.get_type_name() not in ("Constant", "Convert"):  # an activation's, not a weight's
+            low, high = (float(fq.input(k).get_source_output().get_node().get_data().item()) for k in (1, 2))
+            ranges[source.get_friendly_name()] = (low, high)
+    assert len(ranges) >= 2, ranges
+    model = openvino_backend.onnx_model(core, loaded)  # the fp32 graph the ranges were measured on
+    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    model.add_outputs([nodes[name].output(0) for name in ranges])
+    compiled = core.compile_model(model, "CPU", openvino_backend.config("fp32"))
+    seen = {name: [float("inf"), float("-inf")] for name in ranges}
+    for x, t in calibration.record(loaded, FEW):
+        out = compiled([x.numpy(), t.numpy()])
+        for k, name in enumerate(ranges, start=1):
+            v = out[compiled.outputs[k]]
+            seen[name] = [min(seen[name][0], float(v.min())), max(seen[name][1], float(v.max()))]
+    for name, (low, high) in ranges.items():
+        span = high - low
+        assert low <= seen[name][0] + 1e-3 * span and seen[name][1] <= high + 1e-3 * span, (name, (low, high), seen[name])
+
+
 def test_the_int8_graph_is_cached_and_rebuilt_for_another_nncf(loaded, int8, monkeypatch):
     monkeypatch.setattr(calibration, "SETTINGS", FEW)
     path = openvino_backend.int8_path(loaded)
@@ -115,6 +143,9 @@ def test_the_int8_graph_is_cached_and_rebuilt_for_another_nncf(loaded, int8, mon
     assert calls == [1] and json.loads(path.open("rb").readline())["nncf"] != "2.0.0"
     monkeypatch.setattr(calibration, "SETTINGS", dict(FEW, seed=1))
     assert openvino_backend.int8_path(loaded) != path  # other calibration settings: another graph
+    monkeypatch.setattr(calibration, "SETTINGS", FEW)
+    monkeypatch.setattr(openvino_backend, "ACTIVATION_RANGE", "mean_minmax")
+    assert openvino_backend.int8_path(loaded) != path  # another range estimator: another graph
 
 
 def test_calibration_follows_a_trajectory_over_all_timesteps(loaded, test_seed):
