@@ -9,12 +9,13 @@ plugin at the precision asked for.
   whether it is faster). UNVERIFIED: no CPU with AVX512-FP16 was at hand;
 - ``int8``: the export quantized by NNCF's post-training quantization (``nncf.quantize``, the
   ``int8`` extra), calibrated on the inputs of the model's own sampling trajectories
-  (``ddpm_engine.calibration``), with the layers of ``KEEP_FLOAT`` left in floating point (f32:
-  the quantized graph is compiled under an f32 hint). Fast on a CPU with int8 dot products
+  (``ddpm_engine.calibration``; a model's extra inputs too), each activation's range spanning
+  every value it took on them (``ACTIVATION_RANGE``), with the layers of ``KEEP_FLOAT`` left in
+  floating point (f32: the quantized graph is compiled under an f32 hint). Fast on a CPU with int8 dot products
   (AVX512-VNNI, AVX-VNNI, AMX-INT8); runs anywhere OpenVINO does. Never chosen by ``auto``
   unless asked for by name. The quantized graph is cached (``int8_path``): keyed by the ONNX
-  export, the calibration settings, the layers kept in floating point and the versions of
-  OpenVINO and NNCF.
+  export, the calibration settings, the layers kept in floating point, the activation range
+  estimator and the versions of OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
 a backend meets are each compiled once more for exactly that shape (in memory, from the same
