@@ -119,7 +119,8 @@ def test_no_activation_range_clips_a_calibration_call(loaded, int8):
             seen[name] = [min(seen[name][0], float(v.min())), max(seen[name][1], float(v.max()))]
     for name, (low, high) in ranges.items():
         span = high - low
-        assert low <= seen[name][0] + 1e-3 * span and seen[name][1] <= high + 1e-3 * span, (name, (low, high), seen[name])
+        assert low <= seen[name][0] + 1e-3 * span, (name, (low, high), seen[name])
+        assert seen[name][1] <= high + 1e-3 * span, (name, (low, high), seen[name])
 
 
 def test_the_int8_graph_is_cached_and_rebuilt_for_another_nncf(loaded, int8, monkeypatch):
@@ -198,7 +199,8 @@ class WithLabels(torch.nn.Module):
         self.embed = torch.nn.Embedding(3, 8)
 
     def forward(self, x, t, y):
-        h = torch.relu(self.conv1(x)) + self.embed(y)[:, :, None, None] * torch.cos(t.float() / 300)[:, None, None, None]
+        scale = torch.cos(t.float() / 300)[:, None, None, None]
+        h = torch.relu(self.conv1(x)) + self.embed(y)[:, :, None, None] * scale
         return self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(h)))))
 
 
@@ -243,7 +245,8 @@ def test_int8_runs_a_class_conditional_model_calibrated_on_its_labels(cache, mon
     loaded = from_module(WithLabels().eval(), sample_shape=SHAPE, name="labelled")
     seen = []
     real = openvino_backend.quantize
-    monkeypatch.setattr(openvino_backend, "quantize", lambda model, calls, **k: seen.extend(calls) or real(model, calls, **k))
+    monkeypatch.setattr(openvino_backend, "quantize",
+                        lambda model, calls, **k: seen.extend(calls) or real(model, calls, **k))
     engine = Engine(loaded, backend="openvino", device="cpu", precision="int8")
     assert seen and all(len(c) == 3 for c in seen)  # calibrated on (x, t, labels)
     x, t, y = calibration.record(loaded, dict(FEW, calls=10, seed=test_seed + 1))[-5]
