@@ -43,7 +43,8 @@ from .schedules import SchedulerConfig, Variance
 LABEL_PARAMETERS = ("y", "class_labels", "labels", "label", "classes")
 # the largest relative L2 difference between a graph's output and the eager module's on the probe
 # batches: loose enough for a precision's rounding, far below a frozen branch or another model
-GRAPH_TOLERANCE = {"fp32": 5e-2, "bf16": 0.25, "fp16": 0.25}
+# (int8: its relative error on the probe, t = T - 1 and 0, was 0.097 on the bundled digits model)
+GRAPH_TOLERANCE = {"fp32": 5e-2, "bf16": 0.25, "fp16": 0.25, "int8": 0.25}
 
 
 @dataclass(eq=False)

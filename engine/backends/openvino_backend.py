@@ -9,12 +9,13 @@ plugin at the precision asked for.
   whether it is faster). UNVERIFIED: no CPU with AVX512-FP16 was at hand;
 - ``int8``: the export quantized by NNCF's post-training quantization (``nncf.quantize``, the
   ``int8`` extra), calibrated on the inputs of the model's own sampling trajectories
-  (``ddpm_engine.calibration``), with the layers of ``KEEP_FLOAT`` left in floating point (f32:
-  the quantized graph is compiled under an f32 hint). Fast on a CPU with int8 dot products
+  (``ddpm_engine.calibration``; a model's extra inputs too), each activation's range spanning
+  every value it took on them (``ACTIVATION_RANGE``), with the layers of ``KEEP_FLOAT`` left in
+  floating point (f32: the quantized graph is compiled under an f32 hint). Fast on a CPU with int8 dot products
   (AVX512-VNNI, AVX-VNNI, AMX-INT8); runs anywhere OpenVINO does. Never chosen by ``auto``
   unless asked for by name. The quantized graph is cached (``int8_path``): keyed by the ONNX
-  export, the calibration settings, the layers kept in floating point and the versions of
-  OpenVINO and NNCF.
+  export, the calibration settings, the layers kept in floating point, the activation range
+  estimator and the versions of OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
 that recur (a size's ``STATIC_AFTER_CALLS``-th call) are each compiled once more for exactly
@@ -93,6 +94,14 @@ STREAMS_MIN_BATCH = 8
 # the layer groups (``float_groups``) int8 keeps in floating point, as measured: docs/performance.md
 KEEP_FLOAT = ("first_last_conv", "time_embedding", "attention")
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul")  # the op types NNCF quantizes here
+# how each activation's int8 range is set from the calibration calls (the name of an
+# ``nncf.quantization.range_estimator.RangeEstimatorParametersSet``), in the int8 cache key.
+# "minmax": the smallest and largest value over every call, so that no timestep's activations are
+# clipped. NNCF's default for per-tensor activations, "mean_minmax" (each call's min and max,
+# averaged over the calls), clipped the larger activations of the noisier timesteps: a biased
+# network (its samples brighter) and FD 1.28x fp32's at UniPC-20, 1.01x with "minmax" (measured:
+# docs/performance.md)
+ACTIVATION_RANGE = "minmax"
 
 
 def _ov():
@@ -229,20 +238,26 @@ def float_groups(model) -> dict[str, list[str]]:
             "attention": sorted(attention)}
 
 
-def quantize(model, calls, keep=KEEP_FLOAT, **options):
+def quantize(model, calls, keep=KEEP_FLOAT, activation_range=ACTIVATION_RANGE, **options):
     """``model`` (an fp32 ``openvino.Model``) quantized to int8 by ``nncf.quantize``, calibrated on
-    ``calls`` ([(x, t)], ``calibration.record``), the groups ``keep`` of ``float_groups`` left in
-    floating point; ``options`` go to ``nncf.quantize``."""
+    ``calls`` ([(x, t, *extra)], ``calibration.record``), the groups ``keep`` of ``float_groups`` left
+    in floating point, the activations' ranges estimated by ``activation_range`` (see
+    ``ACTIVATION_RANGE``); ``options`` go to ``nncf.quantize``."""
     nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
     groups = float_groups(model)
     names = sorted({n for g in keep for n in groups[g]})
-    data = nncf.Dataset(calls, lambda call: (call[0].numpy(), call[1].numpy()))
+    data = nncf.Dataset(calls, lambda call: tuple(v.numpy() for v in call))
+    advanced = options.pop("advanced_parameters", None) or AdvancedQuantizationParameters()
+    advanced.activations_range_estimator_params = getattr(RangeEstimatorParametersSet, activation_range.upper())
     log = logging.getLogger("nncf")
     level = log.level
     log.setLevel(logging.WARNING)  # not a line per op kept in floating point, nor progress bars
     try:
         return nncf.quantize(model, data, subset_size=len(calls), ignored_scope=nncf.IgnoredScope(names=names),
-                             **options)
+                             advanced_parameters=advanced, **options)
     finally:
         log.setLevel(level)
 
@@ -253,6 +268,7 @@ def int8_identity(loaded) -> dict:
 
     return {"format": INT8_FORMAT, "onnx": onnx_path(loaded).name, "weights": loaded.weights_hash,
             "calibration": dict(calibration.SETTINGS), "keep_float": list(KEEP_FLOAT),
+            "activation_range": ACTIVATION_RANGE,
             **versions(("openvino", "nncf"))}
 
 
@@ -291,11 +307,8 @@ def read_int8(core, loaded, path):
 
 
 def int8_model(core, loaded):
-    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``. A model with
-    extra inputs (class labels, self-conditioning) is refused: the calibration records (x, t) only."""
-    if loaded.io.extra_inputs:
-        raise BackendUnavailableError(f"precision='int8' calibrates on (x, t) calls only, and this model also takes "
-                                      f"{list(loaded.io.extra_inputs)}; use precision='bf16' or 'fp32'")
+    """``loaded``'s int8 graph (quantized once, then cached) as an ``openvino.Model``; a model with
+    extra inputs (class labels, self-conditioning) is calibrated on them too (``calibration``)."""
     return cache.load(int8_path(loaded), lambda tmp: write_int8(loaded, tmp), lambda p: read_int8(core, loaded, p),
                       corrupt=(ModelLoadError,))
 

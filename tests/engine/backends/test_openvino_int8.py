@@ -18,8 +18,9 @@ from ddpm_engine.backends import auto, openvino_backend  # noqa: E402
 from ddpm_engine.backends.openvino_backend import KEEP_FLOAT, float_groups  # noqa: E402
 from ddpm_engine.checkpoints import from_module  # noqa: E402
 from ddpm_engine.errors import BackendUnavailableError, MissingDependencyError  # noqa: E402
+from ddpm_engine.samplers import DDPMSampler  # noqa: E402
 
-from .helpers import SHAPE, small_model  # noqa: E402
+from .helpers import SHAPE, rel_err, small_model  # noqa: E402
 
 FEW = dict(calibration.SETTINGS, calls=40)  # a shorter calibration: the tests' models are small
 
@@ -93,6 +94,35 @@ def test_attention_is_the_matmuls_around_softmax():
     assert groups["first_last_conv"] == ["/unet/conv_in/Conv/WithoutBiases", "/unet/conv_out/Conv/WithoutBiases"]
 
 
+def test_no_activation_range_clips_a_calibration_call(loaded, int8):
+    """Each activation quantizer's range holds every value its input took on the calibration calls
+    (``ACTIVATION_RANGE`` "minmax"): NNCF's default, the mean over the calls of each call's extremes,
+    clipped the noisier timesteps' activations and biased the network."""
+    core = openvino_backend._ov().Core()
+    quantized = openvino_backend.int8_model(core, loaded)
+    ranges = {}
+    for fq in (op for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize"):
+        source = fq.input(0).get_source_output().get_node()
+        if source.get_type_name() not in ("Constant", "Convert"):  # an activation's, not a weight's
+            low, high = (float(fq.input(k).get_source_output().get_node().get_data().item()) for k in (1, 2))
+            ranges[source.get_friendly_name()] = (low, high)
+    assert len(ranges) >= 2, ranges
+    model = openvino_backend.onnx_model(core, loaded)  # the fp32 graph the ranges were measured on
+    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    model.add_outputs([nodes[name].output(0) for name in ranges])
+    compiled = core.compile_model(model, "CPU", openvino_backend.config("fp32"))
+    seen = {name: [float("inf"), float("-inf")] for name in ranges}
+    for x, t in calibration.record(loaded, FEW):
+        out = compiled([x.numpy(), t.numpy()])
+        for k, name in enumerate(ranges, start=1):
+            v = out[compiled.outputs[k]]
+            seen[name] = [min(seen[name][0], float(v.min())), max(seen[name][1], float(v.max()))]
+    for name, (low, high) in ranges.items():
+        span = high - low
+        assert low <= seen[name][0] + 1e-3 * span, (name, (low, high), seen[name])
+        assert seen[name][1] <= high + 1e-3 * span, (name, (low, high), seen[name])
+
+
 def test_the_int8_graph_is_cached_and_rebuilt_for_another_nncf(loaded, int8, monkeypatch):
     monkeypatch.setattr(calibration, "SETTINGS", FEW)
     path = openvino_backend.int8_path(loaded)
@@ -114,6 +144,9 @@ def test_the_int8_graph_is_cached_and_rebuilt_for_another_nncf(loaded, int8, mon
     assert calls == [1] and json.loads(path.open("rb").readline())["nncf"] != "2.0.0"
     monkeypatch.setattr(calibration, "SETTINGS", dict(FEW, seed=1))
     assert openvino_backend.int8_path(loaded) != path  # other calibration settings: another graph
+    monkeypatch.setattr(calibration, "SETTINGS", FEW)
+    monkeypatch.setattr(openvino_backend, "ACTIVATION_RANGE", "mean_minmax")
+    assert openvino_backend.int8_path(loaded) != path  # another range estimator: another graph
 
 
 def test_calibration_follows_a_trajectory_over_all_timesteps(loaded, test_seed):
@@ -154,20 +187,71 @@ def test_compare_reports_int8_against_eager_fp32(loaded, int8, monkeypatch):
     assert "int8" in str(report)
 
 
-def test_int8_refuses_a_model_with_extra_inputs(cache):
-    """The calibration records (x, t) calls only: a class-conditional model is refused at load, saying
-    which inputs and what to use."""
-    class WithLabels(torch.nn.Module):
-        num_classes = 3
+class WithLabels(torch.nn.Module):
+    """forward(x, t, y): guided-diffusion's signature, three classes, label 2 for "no class"."""
 
-        def __init__(self):
-            super().__init__()
-            self.conv, self.embed = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Embedding(3, 1)
+    num_classes, null_label = 3, 2
 
-        def forward(self, x, t, y):
-            return self.conv(x) + self.embed(y)[:, :, None, None]
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3, self.conv4 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 1, 3, padding=1)
+        self.embed = torch.nn.Embedding(3, 8)
 
-    loaded = from_module(WithLabels(), sample_shape=(1, 8, 8))
-    assert loaded.io.extra_inputs
-    with pytest.raises(BackendUnavailableError, match="calibrates on \\(x, t\\).*bf16"):
-        Engine(loaded, backend="openvino", device="cpu", precision="int8")
+    def forward(self, x, t, y):
+        scale = torch.cos(t.float() / 300)[:, None, None, None]
+        h = torch.relu(self.conv1(x)) + self.embed(y)[:, :, None, None] * scale
+        return self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(h)))))
+
+
+class SelfConditioned(torch.nn.Module):
+    """lucidrains' Unet(self_condition=True) signature: forward(x, time, x_self_cond)."""
+
+    self_condition = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x, time, x_self_cond=None):
+        return self.conv(torch.cat([x, x_self_cond], dim=1)) * torch.cos(time.float() / 300)[:, None, None, None]
+
+
+def test_calibration_records_the_labels_and_the_previous_x0_as_sampling_feeds_them(test_seed):
+    torch.manual_seed(test_seed)
+    labelled = from_module(WithLabels().eval(), sample_shape=SHAPE)
+    calls = calibration.record(labelled, dict(FEW, batch=16, seed=test_seed))
+    assert all(len(c) == 3 and c[2].dtype == torch.int64 and c[2].shape == (16,) for c in calls)
+    labels = calls[0][2]
+    assert all(torch.equal(c[2], labels) for c in calls)  # a row keeps its label along its trajectory
+    assert set(labels.tolist()) <= {0, 1, 2} and len(set(labels.tolist())) > 1  # null label 2 among them
+    conditioned = from_module(SelfConditioned().eval(), sample_shape=SHAPE)
+    calls = calibration.record(conditioned, dict(FEW, seed=test_seed))
+    assert all(len(c) == 3 and c[2].shape == c[0].shape for c in calls)
+    assert not calls[0][2].any()  # no x0 estimate before the first step (plan.reverse_step: zeros)
+    cfg = conditioned.scheduler
+    sampler = DDPMSampler(cfg.betas(), variance_type=cfg.variance_type,
+                          prediction_type=cfg.prediction_type, clip_sample=cfg.clip_sample, steps=FEW["calls"])
+    with torch.inference_mode():  # the second call's x_self_cond is the first step's x0, from the first call's output
+        x, t, x0 = calls[0]
+        want = sampler.step(conditioned.module(x, t, x0).float(), t, x, noise=torch.zeros_like(x)).pred_original_sample
+    torch.testing.assert_close(calls[1][2], want)
+
+
+def test_int8_runs_a_class_conditional_model_calibrated_on_its_labels(cache, monkeypatch, test_seed):
+    """A model with extra inputs is quantized from calls that carry them, and serves labels."""
+    monkeypatch.setattr(calibration, "SETTINGS", FEW)
+    torch.manual_seed(test_seed)
+    loaded = from_module(WithLabels().eval(), sample_shape=SHAPE, name="labelled")
+    seen = []
+    real = openvino_backend.quantize
+    monkeypatch.setattr(openvino_backend, "quantize",
+                        lambda model, calls, **k: seen.extend(calls) or real(model, calls, **k))
+    engine = Engine(loaded, backend="openvino", device="cpu", precision="int8")
+    assert seen and all(len(c) == 3 for c in seen)  # calibrated on (x, t, labels)
+    x, t, y = calibration.record(loaded, dict(FEW, calls=10, seed=test_seed + 1))[-5]
+    with torch.inference_mode():
+        want = loaded.module(x, t, y)
+    assert 1e-4 < rel_err(engine.backend(x, t, y), want) < 0.2
+    images = engine.sample([1, 2], sampler="ddim", steps=4, class_labels=[0, 1])
+    assert images.shape == (2, *SHAPE) and bool(images.isfinite().all())
