@@ -34,7 +34,8 @@ from ddpm_engine.errors import InvalidRequestError, ModelLoadError
 from ddpm_engine.models.openai_unet import AttentionBlock, OpenAIUNet, timestep_embedding
 from ddpm_engine.noise import philox_normal, seed_words
 from ddpm_engine.openai_format import from_flags, parse_flags, respaced_timesteps
-from ddpm_engine.schedules import SchedulerConfig
+from ddpm_engine.samplers import SAMPLERS
+from ddpm_engine.schedules import ExplicitSpacing, SchedulerConfig, spaced_timesteps
 
 KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "openai_unet_keys"
 # the flags their READMEs give for the published checkpoints (model and diffusion flags)
@@ -136,7 +137,8 @@ def test_the_codebase_comes_from_the_flags():
     ("--noise_schedule quadratic", "noise_schedule 'quadratic'"),
     ("--use_ddpm_magic True", "use_ddpm_magic"),
     ("--learn_sigma maybe", "learn_sigma"),
-    ("--timestep_respacing ddim7 --diffusion_steps 1000", "ddim7"),
+    ("--timestep_respacing ddim600 --diffusion_steps 1000", "no integer stride gives exactly 600"),
+    ("--timestep_respacing 5,600", "cannot keep 600"),
 ])
 def test_a_flag_that_changes_sampling_and_is_not_supported_is_refused_by_name(flags, names):
     with pytest.raises(InvalidRequestError, match=names):
@@ -153,16 +155,93 @@ def test_flags_that_only_train_or_run_their_script_change_nothing():
         {k: v for k, v in plain.model.items() if k != "dropout"}
 
 
-def test_respacing_maps_onto_a_sampler_only_where_the_timesteps_are_the_same():
-    assert from_flags("--timestep_respacing ddim50").sample_kwargs == {"sampler": "ddpm", "steps": 50}
-    assert from_flags("--timestep_respacing ddim25 --use_ddim True").sample_kwargs == {"sampler": "ddim", "steps": 25}
-    assert from_flags("--use_ddim True --diffusion_steps 100").sample_kwargs == {"sampler": "ddim", "steps": 100}
-    assert from_flags("--timestep_respacing 1000").sample_kwargs == {"sampler": "ddpm", "steps": 1000}
-    # "250": their even fractional stride ends on 999, the engine's leading spacing on 996
-    with pytest.raises(InvalidRequestError, match=r"0, 4, 8, 12, \.\.\., 995, 999.*992, 996.*ddim250"):
-        from_flags("--timestep_respacing 250")
-    with pytest.raises(InvalidRequestError, match="ddim30"):  # their stride 34 keeps 30; leading 33 keeps 0..957
-        from_flags("--timestep_respacing ddim30 --use_ddim True")
+def test_respacing_keeps_their_timesteps_explicitly():
+    """Every respacing maps onto its own kept timesteps (an explicit spacing): in the request of their
+    script and in the scheduler config, so that a folder's engine keeps them too."""
+    plain = from_flags("--use_ddim True --diffusion_steps 100")
+    assert plain.sample_kwargs == {"sampler": "ddim", "steps": 100} and "timestep_spacing" not in plain.scheduler
+    for respacing, sampler in [("ddim50", "ddpm"), ("ddim25", "ddim"), ("1000", "ddpm"), ("250", "ddpm"),
+                               ("250", "ddim"), ("10,15,20", "ddim")]:
+        cfg = from_flags(f"--timestep_respacing {respacing}" + (" --use_ddim True" if sampler == "ddim" else ""))
+        kept = respaced_timesteps(1000, respacing)
+        assert cfg.sample_kwargs == {"sampler": sampler, "steps": len(kept), "spacing": ExplicitSpacing(kept)}
+        assert cfg.scheduler["timestep_spacing"] == kept.tolist()
+        assert SchedulerConfig.from_dict(cfg.scheduler).timestep_spacing == ExplicitSpacing(kept)
+    # "250": their even fractional stride ends on 999, where the engine's leading spacing ends on 996
+    assert from_flags("--timestep_respacing 250").spacing.timesteps[-2:] == (995, 999)
+    # their stride 34 keeps 30 (0 .. 986), where the engine's leading spacing keeps 0 .. 957
+    assert from_flags("--timestep_respacing ddim30 --use_ddim True").spacing.timesteps[-1] == 986
+
+
+def test_an_explicit_spacing_is_checked_and_named_shortly():
+    assert ExplicitSpacing({30, 0, 10}).timesteps == (0, 10, 30) == ExplicitSpacing(np.array([30, 10, 0])).timesteps
+    assert ExplicitSpacing(range(0, 1000, 4)) == ExplicitSpacing(list(range(996, -1, -4)))  # diffusers' order too
+    assert str(ExplicitSpacing(range(0, 1000, 4))) == "explicit[0, 4, 8, ..., 992, 996]"
+    for bad in ([], [1, 1], [-1, 3], [0.5, 2], [True, 2], "10,20", [[0, 1]], 7.5):
+        with pytest.raises(InvalidRequestError, match="distinct integers"):
+            ExplicitSpacing(bad)
+    with pytest.raises(InvalidRequestError, match="keeps 3 timesteps.*steps=4"):
+        spaced_timesteps(10, 4, ExplicitSpacing([0, 5, 9]))
+    with pytest.raises(InvalidRequestError, match="t = 10, past .* T - 1 = 9"):
+        spaced_timesteps(10, 3, ExplicitSpacing([0, 5, 10]))
+    with pytest.raises(InvalidRequestError, match="past"):
+        SchedulerConfig(num_train_timesteps=10, timestep_spacing=[0, 5, 10])
+    cfg = SchedulerConfig(num_train_timesteps=10, timestep_spacing=(9, 0, 5))
+    assert cfg.to_dict()["timestep_spacing"] == [0, 5, 9] and SchedulerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def tiny_engine() -> Engine:
+    module = from_flags(TINY).build()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return Engine.from_module(module, scheduler=from_flags(TINY).scheduler, sample_shape=(3, 32, 32),
+                              backend="torch", batching=False)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_explicit_timesteps_sample_as_the_named_spacing_that_keeps_them(sampler, spacing, test_seed):
+    """DDIM steps to the next kept timestep; diffusers' DDIM at "trailing" and "linspace" steps T // steps
+    back, which can fall between them: there only the DDPM tables are the same."""
+    engine = tiny_engine()
+    named = engine.plan(sampler, steps=7, spacing=spacing)
+    explicit = engine.plan(sampler, spacing=list(named.tables.timesteps))
+    assert explicit.steps == 7 and explicit.spacing == ExplicitSpacing(named.tables.timesteps)
+    assert explicit.name.startswith(f"{sampler}-7 explicit[")
+    for column in ("alphas_cumprod", "betas", "posterior_mean_coef1", "posterior_log_variance_clipped",
+                   "large_log_variance"):
+        assert np.array_equal(getattr(explicit.tables, column), getattr(named.tables, column)), column
+    if sampler == "ddpm" or spacing == "leading":
+        seeds = [test_seed, test_seed + 1]
+        assert torch.equal(engine.sample(seeds, sampler=sampler, spacing=explicit.spacing),
+                           engine.sample(seeds, sampler=sampler, steps=7, spacing=spacing))
+
+
+def test_every_sampler_takes_explicit_timesteps(test_seed):
+    engine = tiny_engine()
+    kept = respaced_timesteps(100, "2,3")  # their sections: 0, 49 and 50, 74, 99
+    for sampler in SAMPLERS:
+        images = engine.sample([test_seed], sampler=sampler, spacing=kept)
+        assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all(), sampler
+        assert engine.plan(sampler, spacing=kept).tables.timesteps.tolist() == kept.tolist()
+    with pytest.raises(InvalidRequestError, match="keeps 5 timesteps.*steps=4"):
+        engine.sample([test_seed], sampler="ddim", steps=4, spacing=kept)
+
+
+def test_a_respaced_folder_samples_their_timesteps_by_default(tmp_path, test_seed):
+    """from_pretrained keeps their respacing: the default request (DDPM) and DDIM without steps keep their
+    timesteps; another step count takes the sampler's own spacing; other samplers are not affected."""
+    save_folder(tmp_path / "m", TINY + " --timestep_respacing 3,4 --use_ddim True")
+    engine = Engine.from_pretrained(tmp_path / "m", backend="torch", batching=False)
+    kept = respaced_timesteps(100, "3,4")
+    assert engine.scheduler.timestep_spacing == ExplicitSpacing(kept)
+    for sampler in (None, "ddpm", "ddim"):
+        assert engine.plan(sampler).tables.timesteps.tolist() == kept.tolist(), sampler
+    for sampler in ("ddpm", "ddim"):
+        assert engine.plan(sampler, steps=len(kept)).spacing == ExplicitSpacing(kept)
+    assert engine.plan("ddim", steps=10).spacing == "leading" and engine.plan("dpmpp_2m").spacing == "linspace"
+    cfg = from_flags(TINY + " --timestep_respacing 3,4 --use_ddim True")
+    assert torch.equal(engine.sample([test_seed], sampler="ddim"), engine.sample([test_seed], **cfg.sample_kwargs))
 
 
 def test_respaced_timesteps_follow_their_sections():
@@ -280,7 +359,7 @@ def test_a_folder_names_its_checkpoint(tmp_path):
     ("--num_channels 64", "do not fit the network its flags describe.*other shape"),
     ("--num_res_blocks 2", "missing [1-9][0-9]* \\(input_blocks"),
     ("--class_cond True", "missing .*label_emb"),
-    ("--timestep_respacing 50", "timestep_respacing '50'"),
+    ("--timestep_respacing 101", "timestep_respacing '101'"),
 ])
 def test_a_folder_whose_flags_do_not_fit_is_refused_saying_why(tmp_path, change, match):
     save_folder(tmp_path / "m", TINY)
