@@ -497,8 +497,8 @@ def test_their_schedules_and_respacing_are_the_engines():
             assert list(respaced_timesteps(T, spacing)) == want, (T, spacing)
 
 
-# the CIFAR-10 flags with a fixed variance (learned variance samples once the engine supports it),
-# at a small width; rescaled timesteps (T = 4000) and their linear schedule at T = 1000
+# at a small width: the CIFAR-10 flags with a fixed variance (rescaled timesteps, T = 4000), their linear
+# schedule at T = 1000, a learned variance, and guided-diffusion's class-conditional network with labels
 CHAIN_FLAGS = {"cifar10-cosine-4000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --dropout 0.3 "
                                       "--diffusion_steps 4000 --noise_schedule cosine",
                "linear-1000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16,8 "
@@ -534,14 +534,15 @@ def their_noise_is(words, steps: int):
     return engine_noise
 
 
-def chain(flags: str, sampler: str, steps: int = 10) -> dict:
-    """Their ddim_sample_loop (eta 0) or p_sample_loop (respaced to their ``ddimN`` timesteps, fixed
-    variance, their per-step noise replaced by the engine's), clip_denoised, against engine.sample from
-    the same x_T; and each step alone, both sides stepping from the same x_t with the same model output."""
-    respaced = flags + f" --timestep_respacing ddim{steps}" + (" --use_ddim True" if sampler == "ddim" else "")
+def chain(flags: str, sampler: str, respacing: str = "ddim10") -> dict:
+    """Their ddim_sample_loop (eta 0) or p_sample_loop (respaced by their ``timestep_respacing``, their
+    per-step noise replaced by the engine's), clip_denoised, against engine.sample from the same x_T;
+    and each step alone, both sides stepping from the same x_t with the same model output."""
+    respaced = flags + f" --timestep_respacing {respacing}" + (" --use_ddim True" if sampler == "ddim" else "")
     engine, model, diffusion = engine_and_theirs(respaced)
     cfg = from_flags(respaced)
-    assert cfg.sample_kwargs == {"sampler": sampler, "steps": steps}
+    steps = cfg.steps
+    assert cfg.sample_kwargs == {"sampler": sampler, "steps": steps, "spacing": ExplicitSpacing(diffusion.timestep_map)}
     seeds, shape = [5, 6, 7], (3, *cfg.sample_shape)
     x_T, words = torch.randn(shape), seed_words([5, 6, 7])
     labels = torch.tensor([0, 999, 417]) if cfg.flags["class_cond"] else None  # guided-diffusion's y
@@ -554,15 +555,16 @@ def chain(flags: str, sampler: str, steps: int = 10) -> dict:
         want = loop(model, shape, noise=x_T.clone(), clip_denoised=True, **kw)
         plan = engine.plan(**cfg.sample_kwargs)
         rows, step_error = plan.start(seeds, x_T.clone()), 0.0
-        extra = () if labels is None else (labels,)
         mp.setattr(torch, "randn_like", their_noise_is(words, steps))
         for i in reversed(range(steps)):
             x = rows.x.clone()
             theirs_ = one_step(model, x, torch.full((3,), i), clip_denoised=True, **kw)["sample"]
-            plan.step(rows, engine.model.module(x, torch.full((3,), int(plan.tables.timesteps[i])), *extra))
+            # their network's output for both (at t = T - 1 of a cosine schedule sqrt(1 / abar - 1) ~ 2e4
+            # magnifies the two networks' 1e-6 apart into x0 where it is not clipped)
+            plan.step(rows, diffusion._wrap_model(model)(x, torch.full((3,), i), **kw.get("model_kwargs", {})))
             step_error = max(step_error, (rows.x - theirs_).abs().max().item())
-    return {"sampler": sampler, "steps": steps, "max_abs_error": (ours - want.clamp(-1, 1)).abs().max().item(),
-            "step_max_abs_error": step_error}
+    return {"sampler": sampler, "respacing": respacing, "steps": steps,
+            "max_abs_error": (ours - want.clamp(-1, 1)).abs().max().item(), "step_max_abs_error": step_error}
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -571,6 +573,21 @@ def test_their_sample_loops_give_the_engines_images(flags, sampler):
     """Each step within 1e-5; the whole chain of this untrained network (whose x0 at t ~ T is x_t / sqrt(abar)
     ~ 150 x_t before clipping) amplifies the two step rules' rounding to ~1.5e-5 after 10 steps."""
     figures = chain(CHAIN_FLAGS[flags], sampler)
+    assert figures["step_max_abs_error"] <= 1e-5, figures
+    assert figures["max_abs_error"] <= 5e-5, figures
+
+
+# plain "N" (a fractional stride that ends on T - 1) and sections, which no named spacing keeps
+RESPACINGS = ("10", "3,4,3")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("respacing", RESPACINGS)
+@pytest.mark.parametrize("flags", ["learned-sigma-cosine", "linear-1000"])
+def test_their_respaced_sample_loops_give_the_engines_images(flags, respacing, sampler):
+    """Their SpacedDiffusion from "N" and section lists: the engine keeps the same timesteps explicitly
+    (the model sees their timestep_map) and rebuilds the same betas from them."""
+    figures = chain(CHAIN_FLAGS[flags], sampler, respacing)
     assert figures["step_max_abs_error"] <= 1e-5, figures
     assert figures["max_abs_error"] <= 5e-5, figures
 
@@ -587,17 +604,20 @@ def write_keys() -> None:
         (KEYS_DIR / f"{config}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-def record(path: str) -> None:
-    """The parity figures of this module's reference tests, as JSON."""
+def record(path: str, published_widths: bool = True) -> None:
+    """The parity figures of this module's reference tests, as JSON (``published_widths`` False: the
+    forward parity at num_channels 32 only, without the minutes-long published widths)."""
     import platform
     import subprocess
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     torch.manual_seed(0)
     forward = {c: dict(forward_parity(small(f)), flags=small(f)) for c, f in sorted(CONFIGS.items())}
-    for c in sorted(CONFIGS):
+    for c in sorted(CONFIGS) if published_widths else ():
         forward[c + " (published width, batch 1)"] = dict(forward_parity(CONFIGS[c], batch=1), flags=CONFIGS[c])
-    chains = {name: {"flags": f, "runs": [chain(f, "ddim"), chain(f, "ddpm")]} for name, f in sorted(CHAIN_FLAGS.items())}
+    chains = {name: {"flags": f, "runs": [chain(f, sampler, respacing) for respacing in ("ddim10", *RESPACINGS)
+                                          for sampler in ("ddim", "ddpm")]}
+              for name, f in sorted(CHAIN_FLAGS.items())}
     data = {"what": "OpenAIUNet and openai_format against improved-diffusion / guided-diffusion themselves: "
                     "random weights, fp32, CPU; state dicts load both ways strictly",
             "how": "python -m tests.engine.test_openai_unet --record FILE",
@@ -605,7 +625,11 @@ def record(path: str) -> None:
             "cpu_flags": sorted(f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
                                 if f in cpu.split()),
             "torch": torch.__version__, "python": platform.python_version(),
-            "tolerance": 1e-5, "forward": forward, "chains": chains}
+            "tolerance": 1e-5, "forward": forward, "chains": chains,
+            "chains_how": "their ddim_sample_loop / p_sample_loop (their noise replaced by the engine's) against "
+                          "engine.sample from the same x_T, 3 images, clip_denoised; step_max_abs_error: each step "
+                          "alone from the same x_t and their network's output; respacing: their timestep_respacing "
+                          "(\"ddim10\", plain \"10\" ending on T - 1, sections \"3,4,3\"), kept explicitly by the engine"}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -613,10 +637,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", action="store_true", help="write tests/data/openai_unet_keys/ from their code")
     parser.add_argument("--record", metavar="FILE", help="write the parity figures to FILE")
+    parser.add_argument("--small-widths-only", action="store_true", help="--record without the published widths")
     opts = parser.parse_args()
     for name in PATH_VARIABLES:
         their_package(name, skip=False)
     if opts.keys:
         write_keys()
     if opts.record:
-        record(opts.record)
+        record(opts.record, published_widths=not opts.small_widths_only)
