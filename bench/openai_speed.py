@@ -121,15 +121,16 @@ def speed(config: str, variants, reps: int, steps: int) -> dict:
 
 
 def peak(config: str, variant: str, batch: int) -> dict:
-    """One warm-up call at ``batch``, the peak RSS reset, one more call: its peak (this process only)."""
+    """The engine built (weights resident), the peak RSS reset, two calls at ``batch``: the process's
+    peak while it samples (this process only; what the allocator keeps after the first call counts)."""
     _, _, engine, cfg = build(config, variant)
     x, t, y = inputs(cfg, batch)
     extra = () if y is None else (y,)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status("VmRSS")
     with torch.no_grad():
-        _as_sampled(engine.backend, x, t, *extra)
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _status("VmRSS")
-        _as_sampled(engine.backend, x, t, *extra)
+        for _ in range(2):
+            _as_sampled(engine.backend, x, t, *extra)
     return {"batch": batch, "rss_before": before, "peak": _status("VmHWM"), "engine_max_batch_24gib": _engine_bound(cfg)}
 
 
@@ -187,10 +188,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="their respacing \"N\" for the end-to-end runs")
     parser.add_argument("--memory", action="store_true", help="also the peak memory against the batch")
     parser.add_argument("--memory-variants", nargs="+", default=["torch:fp32", "openvino:fp32"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--batches", nargs="+", type=int, help="default: 1, 8, 32 at 32 px, 1, 4, 16 at 64 px, "
+                        "else 1, 2, 4")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--peak", nargs=3, metavar=("CONFIG", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from ddpm_engine.openai_format import parse_flags
+    from tests.engine.test_openai_unet import CONFIGS
+
     if args.peak:
         print(json.dumps(peak(args.peak[0], args.peak[1], int(args.peak[2]))))
         return 0
@@ -202,7 +207,9 @@ def main(argv=None) -> int:
         if not args.no_speed:
             entry["speed"] = speed(config, args.variants, args.reps, args.steps)
         if args.memory:
-            entry["memory"] = [memory(config, v, args.batches) for v in args.memory_variants]
+            size = parse_flags(CONFIGS[config])["image_size"]
+            batches = args.batches or {"32": [1, 8, 32], "64": [1, 4, 16]}.get(size, [1, 2, 4])
+            entry["memory"] = [memory(config, v, batches) for v in args.memory_variants]
         print(json.dumps({config: entry}), flush=True)
         if args.out:
             data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]
