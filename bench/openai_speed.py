@@ -11,10 +11,10 @@ variants interleaved round by round, medians of ``--reps`` rounds:
   is recorded with the reason);
 - end to end: their ``ddim_sample_loop`` with ``timestep_respacing`` "<steps>" against
   ``engine.sample(seeds, **cfg.sample_kwargs)`` of the same flags (same timesteps), batch 1;
-- ``--memory``: the peak resident memory of one network call at each of ``--batches``, each in a
-  fresh process (after a warm-up call the peak is reset, ``/proc/self/clear_refs``), the
-  least-squares line through them, and the batch it predicts for 24 GiB, beside the engine's own
-  bound (``plan.max_batch_that_fits`` with 24 GiB free).
+- ``--memory``: the peak resident memory of two network calls at each of ``--batches``, each in a
+  fresh process (the peak reset once the engine is built, ``/proc/self/clear_refs``), the line
+  through them (``fit``), and the batch it predicts for 24 GiB, beside the engine's own bound
+  (``plan.max_batch_that_fits`` with 24 GiB free).
 
     python -m bench.openai_speed --out FILE [--configs ...] [--variants ...] [--reps 3] [--steps 2] [--memory]
 """
@@ -158,17 +158,21 @@ def memory(config: str, variant: str, batches) -> dict:
             break
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     done = [r for r in runs if "peak" in r]
-    result = {"variant": variant, "runs": done, "errors": [r for r in runs if "error" in r]}
-    if len(done) >= 2:
-        n = len(done)
-        bx, py = [r["batch"] for r in done], [r["peak"] for r in done]
-        mx, my = sum(bx) / n, sum(py) / n
-        slope = sum((b - mx) * (p - my) for b, p in zip(bx, py)) / sum((b - mx) ** 2 for b in bx)
-        fixed = my - slope * mx
-        result.update(bytes_per_image=round(slope), fixed_bytes=round(fixed),
-                      predicted_max_batch_24gib=int((BUDGET - fixed) // slope),
-                      engine_max_batch_24gib=done[0]["engine_max_batch_24gib"])
-    return result
+    return {"variant": variant, "runs": done, "errors": [r for r in runs if "error" in r], **fit(done)}
+
+
+def fit(runs) -> dict:
+    """The line through the peaks of the two largest batches (what the process held before the
+    calls varies with the garbage its building left, which the smallest batch's peak may not
+    exceed), and the batch it predicts for 24 GiB, beside the engine's own bound."""
+    if len(runs) < 2:
+        return {}
+    (b0, p0), (b1, p1) = sorted((r["batch"], r["peak"]) for r in runs)[-2:]
+    slope = (p1 - p0) / (b1 - b0)
+    fixed = p1 - slope * b1
+    return {"bytes_per_image": round(slope), "fixed_bytes": round(fixed),
+            "predicted_max_batch_24gib": int((BUDGET - fixed) // slope) if slope > 0 else None,
+            "engine_max_batch_24gib": runs[0]["engine_max_batch_24gib"]}
 
 
 def cpu_name() -> dict:
