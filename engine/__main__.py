@@ -86,7 +86,9 @@ def cmd_sample(args) -> int:
     options["class_labels"] = labels = plan.labels(labels, len(seeds))  # the engine's checks, before any work
     options["sampler"] = plan.spec.sampler  # the default resolved: the command below names it
     again = ["python", "-m", "ddpm_engine", "sample", "--model", args.model, "--sampler", plan.spec.sampler,
-             "--steps", str(plan.steps), "--spacing", plan.spacing, "--eta", str(args.eta)]
+             "--steps", str(plan.steps), "--eta", str(args.eta)]
+    if isinstance(plan.spacing, str):  # else the model's own explicit timesteps, its default at these steps
+        again[-2:-2] = ["--spacing", plan.spacing]
     if args.use_clipped_model_output is not None:
         again.append("--use-clipped-model-output" if args.use_clipped_model_output else "--no-use-clipped-model-output")
     if plan.guidance_scale != 1.0:

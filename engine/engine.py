@@ -170,7 +170,9 @@ class Engine:
             "leading", "linspace", "trailing" (diffusers' timestep_spacing), "karras" (Karras
             sigmas) or "logsnr" (uniform in log-SNR); DDPM takes the first three. None: the
             sampler's own ("leading" for DDPM and DDIM, where the scheduler config's
-            timestep_spacing applies; "linspace" for DPM-Solver++ and UniPC).
+            timestep_spacing applies; "linspace" for DPM-Solver++ and UniPC). Any sampler also
+            takes the training timesteps to keep, as a list (``schedules.ExplicitSpacing``;
+            improved-diffusion's respacing, docs/openai.md).
         x_T: optional starting noise [B, C, H, W] (default: drawn from the seeds).
         return_intermediates: False, True (about ten snapshots), or a list of training timesteps;
             when set, returns ``(images, [Snapshot, ...])``.

@@ -20,9 +20,13 @@ their sample script would make:
   only weights the training loss); otherwise "fixed_large", or "fixed_small" with ``sigma_small``;
 - their sample script's ``clip_denoised`` (default True) -> clip_sample; their DDIM takes eps from
   the clipped x0, which is ``use_clipped_model_output`` True;
-- ``timestep_respacing`` ("" = every step, "N", "N1,N2,..." sections, or "ddimN") and ``use_ddim``
-  -> the request (sampler "ddpm" or "ddim", steps), accepted only where the engine's sampler keeps
-  exactly the timesteps theirs keeps (see ``respaced_timesteps``), else refused with both lists.
+- ``timestep_respacing`` ("" = every step, "N", "N1,N2,..." sections, or "ddimN": the timesteps
+  ``respaced_timesteps`` keeps) -> the scheduler config's ``timestep_spacing`` as those timesteps
+  (``schedules.ExplicitSpacing``: their ``SpacedDiffusion``), so that a request of their step
+  count (or of none) with DDPM or DDIM keeps them; "" sets none (every step). With ``use_ddim`` ->
+  the request of their sample script (``OpenAIConfig.sample_kwargs``: sampler "ddpm" or "ddim",
+  steps, and the explicit spacing). A folder's engine keeps the timesteps and the step count; its
+  default sampler is DDPM (``use_ddim``: pass sampler="ddim").
 
 Flags that only train (``lr``, ``use_kl``, ``dropout``, ``use_checkpoint``, ...) or only run their
 script (``batch_size``, ``num_samples``, ...) are accepted and change nothing; ``use_fp16`` weights
@@ -47,8 +51,7 @@ import torch
 
 from .errors import InvalidRequestError, ModelLoadError, quote
 from .models.openai_unet import OpenAIUNet
-from .samplers import sampler_def
-from .schedules import SchedulerConfig, spaced_timesteps
+from .schedules import ExplicitSpacing, SchedulerConfig
 
 IMPROVED, GUIDED = "improved-diffusion", "guided-diffusion"
 CODEBASES = (IMPROVED, GUIDED)
@@ -96,11 +99,13 @@ class OpenAIConfig:
     sample_shape: tuple  # (C, H, W)
     sampler: str  # "ddpm" (their p_sample_loop) or "ddim" (ddim_sample_loop, eta 0)
     steps: int
+    spacing: ExplicitSpacing | None = None  # the timesteps their timestep_respacing keeps (None: every one)
 
     @property
     def sample_kwargs(self) -> dict:
         """``engine.sample(seeds, **cfg.sample_kwargs)`` samples as their script would."""
-        return {"sampler": self.sampler, "steps": self.steps}
+        spacing = {} if self.spacing is None else {"spacing": self.spacing}
+        return {"sampler": self.sampler, "steps": self.steps, **spacing}
 
     def build(self) -> OpenAIUNet:
         """The network, randomly initialised."""
@@ -200,24 +205,6 @@ def respaced_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
     return np.asarray(sorted(set(kept)), dtype=np.int64)
 
 
-def _request(num_timesteps: int, respacing: str, use_ddim: bool) -> tuple:
-    """(sampler, steps) of their sample script, if the engine's sampler keeps the same timesteps."""
-    sampler = "ddim" if use_ddim else "ddpm"
-    theirs = respaced_timesteps(num_timesteps, respacing)
-    spacing = sampler_def(sampler).spacing
-    ours = spaced_timesteps(num_timesteps, len(theirs), spacing)
-    if not np.array_equal(ours, theirs):
-        def show(ts):
-            return ", ".join(str(int(t)) for t in ts[:4]) + ", ..., " + ", ".join(str(int(t)) for t in ts[-2:])
-        near = min((n for n in range(1, num_timesteps + 1) if num_timesteps % n == 0), key=lambda n: abs(n - len(theirs)))
-        raise InvalidRequestError(
-            f"timestep_respacing {quote(respacing)} keeps the timesteps {show(theirs)}, and the engine's {sampler} "
-            f"with steps={len(theirs)} ({spacing} spacing) keeps {show(ours)}: not the same sampling; use "
-            f"\"ddimN\" with N dividing {num_timesteps} (e.g. \"ddim{near}\"; their DDIM stride, also without "
-            "use_ddim), or drop the flag and pass steps= to sample")
-    return sampler, len(theirs)
-
-
 def from_flags(flags, codebase: str | None = None) -> OpenAIConfig:
     """An ``OpenAIConfig`` from their flags: a dict (values typed or strings) or the flags string."""
     if isinstance(flags, str):
@@ -274,8 +261,12 @@ def from_flags(flags, codebase: str | None = None) -> OpenAIConfig:
     scheduler = dict(num_train_timesteps=steps_t, **schedule, variance_type=variance,
                      prediction_type="sample" if f["predict_xstart"] else "epsilon",
                      clip_sample=f["clip_denoised"], use_clipped_model_output=True)
-    sampler, steps = _request(steps_t, f["timestep_respacing"], f["use_ddim"])
-    return OpenAIConfig(codebase, f, model, scheduler, (3, size, size), sampler, steps)
+    kept = respaced_timesteps(steps_t, f["timestep_respacing"])
+    spacing = ExplicitSpacing(kept) if f["timestep_respacing"].strip() else None
+    if spacing is not None:
+        scheduler["timestep_spacing"] = list(spacing.timesteps)
+    return OpenAIConfig(codebase, f, model, scheduler, (3, size, size), "ddim" if f["use_ddim"] else "ddpm",
+                        len(kept), spacing)
 
 
 # ---- folders ----

@@ -274,7 +274,7 @@ class Planner:
     def tables(self, sampler: SamplerDef, steps, spacing=None) -> Tables:
         """The coefficient tables of ``steps`` (None: the sampler's default) reverse steps of ``sampler``
         at ``spacing`` (None: the sampler's or the scheduler config's; ``SamplerDef.choose_spacing``)."""
-        spacing = sampler.choose_spacing(spacing, self.scheduler.timestep_spacing)
+        spacing = sampler.choose_spacing(spacing, self.scheduler.timestep_spacing, steps)
         return self._tables_of(sampler, resolve_steps(sampler, steps, self.num_train_timesteps, spacing), spacing)
 
     def _tables_of(self, sampler: SamplerDef, steps: int, spacing: str) -> Tables:
@@ -295,7 +295,7 @@ class Planner:
             sampler, few_step_spacing = default_request(steps)
             spacing = few_step_spacing if spacing is None else spacing
         spec = make_spec(self.scheduler, sampler, eta, clip_denoised, use_clipped_model_output)
-        spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing)
+        spacing = spec.definition.choose_spacing(spacing, self.scheduler.timestep_spacing, steps)
         steps = resolve_steps(spec.definition, steps, self.num_train_timesteps, spacing)
         guidance_scale = check_guidance(guidance_scale, self.num_classes, self.null_label)
         cache_interval = deepcache.check_interval(cache_interval)

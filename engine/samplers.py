@@ -29,8 +29,8 @@ import torch
 
 from .errors import InvalidRequestError, quote
 from .noise import SDE_STEP
-from .schedules import (SPACINGS, TIMESTEP_SPACINGS, DeviceTables, Prediction, Tables, Variance, make_betas,
-                        multistep_grid)
+from .schedules import (SPACINGS, TIMESTEP_SPACINGS, DeviceTables, ExplicitSpacing, Prediction, Tables, Variance,
+                        make_betas, multistep_grid)
 
 
 def _gather(column: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -420,6 +420,8 @@ class SamplerDef:
         """Steps when the caller gives none: ``steps``, at most T (T - 1 on a multistep "leading" or
         "linspace" grid); T if None. ``spacing``: the run's (None: the sampler's own)."""
         T, spacing = num_train_timesteps, spacing or self.spacing
+        if isinstance(spacing, ExplicitSpacing):
+            return len(spacing)  # the timesteps it keeps
         if self.steps is None:
             return T
         short = spacing in ("leading", "linspace") and self.multistep_grid
@@ -431,15 +433,22 @@ class SamplerDef:
         out (schedules.spaced_timesteps): ``multistep``, or if None whether its own spacing is "linspace"."""
         return multistep_grid(self.spacing, self.multistep)
 
-    def choose_spacing(self, spacing, timestep_spacing: str | None) -> str:
+    def choose_spacing(self, spacing, timestep_spacing: str | ExplicitSpacing | None, steps=None):
         """The run's spacing: the request's (None: the scheduler config's ``timestep_spacing`` where
         ``config_spacing`` and the config names one, else the sampler's own), refused with the names
-        that work if the sampler does not take it."""
+        that work if the sampler does not take it. Every sampler takes explicit timesteps (an
+        ``ExplicitSpacing``, or a list, tuple, range or array of them); the config's apply to a
+        request of their number of ``steps`` (or none), another step count takes the sampler's own."""
         if spacing is None:
-            return timestep_spacing if self.config_spacing and timestep_spacing is not None else self.spacing
+            if not self.config_spacing or timestep_spacing is None or (
+                    isinstance(timestep_spacing, ExplicitSpacing) and steps not in (None, len(timestep_spacing))):
+                return self.spacing
+            return timestep_spacing
+        if isinstance(spacing, (ExplicitSpacing, list, tuple, range, np.ndarray)):
+            return ExplicitSpacing(spacing)
         if not isinstance(spacing, str) or spacing not in self.spacings:
             raise InvalidRequestError(f"the {self.name} sampler takes spacing {' / '.join(map(repr, self.spacings))} "
-                                      f"(or None: its default), got {quote(spacing)}")
+                                      f"(or None: its default), or the training timesteps to keep as a list, got {quote(spacing)}")
         return spacing
 
     def default_clip(self, clip_sample: bool) -> bool:

@@ -121,6 +121,64 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - np.append(abar[0], abar[1:] / abar[:-1])
 
 
+@dataclass(frozen=True, repr=False)
+class ExplicitSpacing:
+    """A spacing given as the kept training timesteps themselves (improved-diffusion's
+    ``SpacedDiffusion(use_timesteps)``, which their ``timestep_respacing`` "N", "N1,N2,..." and
+    "ddimN" make: ``openai_format.respaced_timesteps``), where every named spacing computes them.
+
+    Built from any collection of distinct integers >= 0, in any order (theirs is a set; diffusers'
+    custom timesteps descend); held ascending. Runs with it keep exactly those timesteps (steps =
+    their number; each must be below T, checked where the tables are built). The tables are those
+    of any spacing, functions of the kept alpha-bars: DDPM's betas rebuilt as 1 - abar_i / abar_{i-1}
+    (their respaced betas), the model sees ``timesteps[i]`` (their ``timestep_map``), and DDIM steps
+    to the next kept alpha-bar, then to 1 (their respaced ``alphas_cumprod_prev``). Hashable and
+    equal by its timesteps, so plans and caches key on it as on a named spacing."""
+
+    timesteps: tuple
+
+    def __post_init__(self):
+        given = self.timesteps.timesteps if isinstance(self.timesteps, ExplicitSpacing) else self.timesteps
+        try:
+            values = [] if isinstance(given, str) else list(given)
+        except TypeError:
+            values = []
+        whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                    or isinstance(v, (float, np.floating)) and float(v).is_integer() for v in values)
+        if not values or not whole or min(values) < 0 or len(set(values)) != len(values):
+            raise InvalidRequestError(f"explicit timesteps must be a non-empty collection of distinct integers >= 0 "
+                                      f"(the training timesteps to keep), got {_short(given)}")
+        object.__setattr__(self, "timesteps", tuple(sorted(int(t) for t in values)))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def __str__(self) -> str:
+        return f"explicit[{_short(self.timesteps)}]"
+
+    __repr__ = __str__
+
+    def kept(self, num_timesteps: int, steps: int | None = None) -> np.ndarray:
+        """The timesteps (int64, ascending) of a run of ``steps`` (None: all of them) among T = ``num_timesteps``."""
+        if steps is not None and steps != len(self):
+            raise InvalidRequestError(f"the explicit spacing keeps {len(self)} timesteps, and the request asks for "
+                                      f"steps={steps}: leave steps out, or name another spacing")
+        if self.timesteps[-1] >= num_timesteps:
+            raise InvalidRequestError(f"the explicit spacing keeps t = {self.timesteps[-1]}, past the model's last "
+                                      f"training timestep T - 1 = {num_timesteps - 1}")
+        return np.asarray(self.timesteps, dtype=np.int64)
+
+
+def _short(values) -> str:
+    """A few of ``values`` for messages: the first three and last two of a long list."""
+    try:
+        values = list(values)
+    except TypeError:
+        return repr(values)
+    shown = values if len(values) <= 6 else values[:3] + ["..."] + values[-2:]
+    return ", ".join(str(v) for v in shown)
+
+
 def multistep_grid(spacing: str, multistep: bool | None) -> bool:
     """Whether ``spacing`` is laid out as diffusers' multistep schedulers lay it out (see
     spaced_timesteps). None: "linspace" is, every other spacing is not (the rule from before spacing
@@ -146,9 +204,13 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", *
     points and drop the lowest, so "linspace" is ``linspace(0, T - 1, steps + 1)[1:]`` (diffusers writes
     it descending: ``.round()[::-1][:-1]``) and "leading" ``arange(1, steps + 1) * (T // (steps + 1))
     + steps_offset``; both take at most T - 1 steps. None: see ``multistep_grid``.
+
+    An ``ExplicitSpacing`` keeps its own timesteps (``steps`` must be their number), multistep or not.
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise InvalidRequestError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
+    if isinstance(spacing, ExplicitSpacing):  # the timesteps themselves, on any grid
+        return spacing.kept(num_timesteps, steps)
     T, multistep = num_timesteps, multistep_grid(spacing, multistep)
     if spacing == "trailing":
         return (np.round(np.arange(T, 0, -T / steps)[:steps]) - 1).astype(np.int64)[::-1].copy()
@@ -187,7 +249,8 @@ def kept_schedule(train_abar: np.ndarray, steps: int, spacing: str = "leading", 
     """(timesteps, alpha-bars) of one sampling run, ascending, float64 alpha-bars: the one place a
     spacing becomes what the model sees (int64 training timesteps) and what the step math uses.
 
-    - "leading", "linspace", "trailing": ``spaced_timesteps``; the alpha-bars are the training ones there.
+    - "leading", "linspace", "trailing", an ``ExplicitSpacing``: ``spaced_timesteps``; the alpha-bars are
+      the training ones there.
     - "karras", "logsnr": ``steps`` noise levels (``_sigma_grid``) between the last and first training
       timesteps' sigma; the step math uses these exact levels, alpha-bar = 1 / (1 + sigma^2), and the
       model sees each one's training timestep by interpolating log sigma, rounded (diffusers'
@@ -219,8 +282,9 @@ def ddim_alphas_cumprod_prev(train_abar: np.ndarray, timesteps: np.ndarray, abar
     or alpha-bar at t = 0 without set_alpha_to_one). With "leading" that is the next kept timestep;
     with "linspace" and "trailing" diffusers still steps T // steps back, which can fall between the
     kept timesteps: matched, not repaired. On the sigma grids and the multistep grids (no diffusers
-    DDIM there): the next kept alpha-bar, then ``final``."""
-    if spacing in ("karras", "logsnr") or multistep_grid(spacing, multistep):
+    DDIM there) and an ``ExplicitSpacing`` (improved-diffusion's respaced DDIM): the next kept
+    alpha-bar, then ``final``."""
+    if spacing in ("karras", "logsnr") or multistep_grid(spacing, multistep) or isinstance(spacing, ExplicitSpacing):
         return np.append(final, abar[:-1])
     prev = timesteps - len(train_abar) // len(timesteps)
     return np.where(prev >= 0, train_abar[np.maximum(prev, 0)], final)
@@ -365,7 +429,7 @@ class Tables:
 
     num_train_timesteps: int
     timesteps: np.ndarray
-    spacing: str  # the spacing that kept them (SPACINGS)
+    spacing: str | ExplicitSpacing  # the spacing that kept them (SPACINGS, or the timesteps themselves)
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
@@ -719,7 +783,9 @@ class SchedulerConfig:
     clip_sample: bool = True
     prediction_type: str = "epsilon"
     use_clipped_model_output: bool = False  # DDIM with clipping: eps from the clipped x0 (diffusers' name)
-    timestep_spacing: str | None = None  # DDPM's and DDIM's spacing when a request names none (None: their own)
+    # DDPM's and DDIM's spacing when a request names none (None: their own); an ExplicitSpacing (a list of
+    # timesteps in the dict form: improved-diffusion's timestep_respacing) applies to requests of its step count
+    timestep_spacing: str | ExplicitSpacing | None = None
     steps_offset: int = 0  # added to "leading" timesteps (diffusers; Stable Diffusion's configs say 1)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2024: betas rescaled to alpha-bar 0 at t = T - 1
     set_alpha_to_one: bool = True  # DDIM's last step goes to alpha-bar 1 (False: to alpha-bar at t = 0)
@@ -727,9 +793,12 @@ class SchedulerConfig:
     def __post_init__(self):
         Prediction.parse(self.prediction_type)
         Variance.parse(self.variance_type)
-        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if isinstance(self.timestep_spacing, (list, tuple, ExplicitSpacing)):
+            object.__setattr__(self, "timestep_spacing", ExplicitSpacing(self.timestep_spacing))
+            self.timestep_spacing.kept(self.num_train_timesteps)  # within [0, T)
+        elif self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise InvalidRequestError(f"unknown timestep_spacing {self.timestep_spacing!r}; use one of "
-                                      f"{TIMESTEP_SPACINGS}")
+                                      f"{TIMESTEP_SPACINGS} or a list of the training timesteps to keep")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, (int, np.integer)) \
                 or not 0 <= self.steps_offset < self.num_train_timesteps:
             raise InvalidRequestError(f"steps_offset must be an integer in [0, num_train_timesteps), "
@@ -772,6 +841,8 @@ class SchedulerConfig:
         d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
         if self.timestep_spacing is None:
             del d["timestep_spacing"]
+        elif isinstance(self.timestep_spacing, ExplicitSpacing):
+            d["timestep_spacing"] = list(self.timestep_spacing.timesteps)
         return d
 
     def betas(self) -> np.ndarray:

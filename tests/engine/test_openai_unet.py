@@ -34,7 +34,8 @@ from ddpm_engine.errors import InvalidRequestError, ModelLoadError
 from ddpm_engine.models.openai_unet import AttentionBlock, OpenAIUNet, timestep_embedding
 from ddpm_engine.noise import philox_normal, seed_words
 from ddpm_engine.openai_format import from_flags, parse_flags, respaced_timesteps
-from ddpm_engine.schedules import SchedulerConfig
+from ddpm_engine.samplers import SAMPLERS
+from ddpm_engine.schedules import ExplicitSpacing, SchedulerConfig, spaced_timesteps
 
 KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "openai_unet_keys"
 # the flags their READMEs give for the published checkpoints (model and diffusion flags)
@@ -136,7 +137,8 @@ def test_the_codebase_comes_from_the_flags():
     ("--noise_schedule quadratic", "noise_schedule 'quadratic'"),
     ("--use_ddpm_magic True", "use_ddpm_magic"),
     ("--learn_sigma maybe", "learn_sigma"),
-    ("--timestep_respacing ddim7 --diffusion_steps 1000", "ddim7"),
+    ("--timestep_respacing ddim600 --diffusion_steps 1000", "no integer stride gives exactly 600"),
+    ("--timestep_respacing 5,600", "cannot keep 600"),
 ])
 def test_a_flag_that_changes_sampling_and_is_not_supported_is_refused_by_name(flags, names):
     with pytest.raises(InvalidRequestError, match=names):
@@ -153,16 +155,93 @@ def test_flags_that_only_train_or_run_their_script_change_nothing():
         {k: v for k, v in plain.model.items() if k != "dropout"}
 
 
-def test_respacing_maps_onto_a_sampler_only_where_the_timesteps_are_the_same():
-    assert from_flags("--timestep_respacing ddim50").sample_kwargs == {"sampler": "ddpm", "steps": 50}
-    assert from_flags("--timestep_respacing ddim25 --use_ddim True").sample_kwargs == {"sampler": "ddim", "steps": 25}
-    assert from_flags("--use_ddim True --diffusion_steps 100").sample_kwargs == {"sampler": "ddim", "steps": 100}
-    assert from_flags("--timestep_respacing 1000").sample_kwargs == {"sampler": "ddpm", "steps": 1000}
-    # "250": their even fractional stride ends on 999, the engine's leading spacing on 996
-    with pytest.raises(InvalidRequestError, match=r"0, 4, 8, 12, \.\.\., 995, 999.*992, 996.*ddim250"):
-        from_flags("--timestep_respacing 250")
-    with pytest.raises(InvalidRequestError, match="ddim30"):  # their stride 34 keeps 30; leading 33 keeps 0..957
-        from_flags("--timestep_respacing ddim30 --use_ddim True")
+def test_respacing_keeps_their_timesteps_explicitly():
+    """Every respacing maps onto its own kept timesteps (an explicit spacing): in the request of their
+    script and in the scheduler config, so that a folder's engine keeps them too."""
+    plain = from_flags("--use_ddim True --diffusion_steps 100")
+    assert plain.sample_kwargs == {"sampler": "ddim", "steps": 100} and "timestep_spacing" not in plain.scheduler
+    for respacing, sampler in [("ddim50", "ddpm"), ("ddim25", "ddim"), ("1000", "ddpm"), ("250", "ddpm"),
+                               ("250", "ddim"), ("10,15,20", "ddim")]:
+        cfg = from_flags(f"--timestep_respacing {respacing}" + (" --use_ddim True" if sampler == "ddim" else ""))
+        kept = respaced_timesteps(1000, respacing)
+        assert cfg.sample_kwargs == {"sampler": sampler, "steps": len(kept), "spacing": ExplicitSpacing(kept)}
+        assert cfg.scheduler["timestep_spacing"] == kept.tolist()
+        assert SchedulerConfig.from_dict(cfg.scheduler).timestep_spacing == ExplicitSpacing(kept)
+    # "250": their even fractional stride ends on 999, where the engine's leading spacing ends on 996
+    assert from_flags("--timestep_respacing 250").spacing.timesteps[-2:] == (995, 999)
+    # their stride 34 keeps 30 (0 .. 986), where the engine's leading spacing keeps 0 .. 957
+    assert from_flags("--timestep_respacing ddim30 --use_ddim True").spacing.timesteps[-1] == 986
+
+
+def test_an_explicit_spacing_is_checked_and_named_shortly():
+    assert ExplicitSpacing({30, 0, 10}).timesteps == (0, 10, 30) == ExplicitSpacing(np.array([30, 10, 0])).timesteps
+    assert ExplicitSpacing(range(0, 1000, 4)) == ExplicitSpacing(list(range(996, -1, -4)))  # diffusers' order too
+    assert str(ExplicitSpacing(range(0, 1000, 4))) == "explicit[0, 4, 8, ..., 992, 996]"
+    for bad in ([], [1, 1], [-1, 3], [0.5, 2], [True, 2], "10,20", [[0, 1]], 7.5):
+        with pytest.raises(InvalidRequestError, match="distinct integers"):
+            ExplicitSpacing(bad)
+    with pytest.raises(InvalidRequestError, match="keeps 3 timesteps.*steps=4"):
+        spaced_timesteps(10, 4, ExplicitSpacing([0, 5, 9]))
+    with pytest.raises(InvalidRequestError, match="t = 10, past .* T - 1 = 9"):
+        spaced_timesteps(10, 3, ExplicitSpacing([0, 5, 10]))
+    with pytest.raises(InvalidRequestError, match="past"):
+        SchedulerConfig(num_train_timesteps=10, timestep_spacing=[0, 5, 10])
+    cfg = SchedulerConfig(num_train_timesteps=10, timestep_spacing=(9, 0, 5))
+    assert cfg.to_dict()["timestep_spacing"] == [0, 5, 9] and SchedulerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def tiny_engine() -> Engine:
+    module = from_flags(TINY).build()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return Engine.from_module(module, scheduler=from_flags(TINY).scheduler, sample_shape=(3, 32, 32),
+                              backend="torch", batching=False)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_explicit_timesteps_sample_as_the_named_spacing_that_keeps_them(sampler, spacing, test_seed):
+    """DDIM steps to the next kept timestep; diffusers' DDIM at "trailing" and "linspace" steps T // steps
+    back, which can fall between them: there only the DDPM tables are the same."""
+    engine = tiny_engine()
+    named = engine.plan(sampler, steps=7, spacing=spacing)
+    explicit = engine.plan(sampler, spacing=list(named.tables.timesteps))
+    assert explicit.steps == 7 and explicit.spacing == ExplicitSpacing(named.tables.timesteps)
+    assert explicit.name.startswith(f"{sampler}-7 explicit[")
+    for column in ("alphas_cumprod", "betas", "posterior_mean_coef1", "posterior_log_variance_clipped",
+                   "large_log_variance"):
+        assert np.array_equal(getattr(explicit.tables, column), getattr(named.tables, column)), column
+    if sampler == "ddpm" or spacing == "leading":
+        seeds = [test_seed, test_seed + 1]
+        assert torch.equal(engine.sample(seeds, sampler=sampler, spacing=explicit.spacing),
+                           engine.sample(seeds, sampler=sampler, steps=7, spacing=spacing))
+
+
+def test_every_sampler_takes_explicit_timesteps(test_seed):
+    engine = tiny_engine()
+    kept = respaced_timesteps(100, "2,3")  # their sections: 0, 49 and 50, 74, 99
+    for sampler in SAMPLERS:
+        images = engine.sample([test_seed], sampler=sampler, spacing=kept)
+        assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all(), sampler
+        assert engine.plan(sampler, spacing=kept).tables.timesteps.tolist() == kept.tolist()
+    with pytest.raises(InvalidRequestError, match="keeps 5 timesteps.*steps=4"):
+        engine.sample([test_seed], sampler="ddim", steps=4, spacing=kept)
+
+
+def test_a_respaced_folder_samples_their_timesteps_by_default(tmp_path, test_seed):
+    """from_pretrained keeps their respacing: the default request (DDPM) and DDIM without steps keep their
+    timesteps; another step count takes the sampler's own spacing; other samplers are not affected."""
+    save_folder(tmp_path / "m", TINY + " --timestep_respacing 3,4 --use_ddim True")
+    engine = Engine.from_pretrained(tmp_path / "m", backend="torch", batching=False)
+    kept = respaced_timesteps(100, "3,4")
+    assert engine.scheduler.timestep_spacing == ExplicitSpacing(kept)
+    for sampler in (None, "ddpm", "ddim"):
+        assert engine.plan(sampler).tables.timesteps.tolist() == kept.tolist(), sampler
+    for sampler in ("ddpm", "ddim"):
+        assert engine.plan(sampler, steps=len(kept)).spacing == ExplicitSpacing(kept)
+    assert engine.plan("ddim", steps=10).spacing == "leading" and engine.plan("dpmpp_2m").spacing == "linspace"
+    cfg = from_flags(TINY + " --timestep_respacing 3,4 --use_ddim True")
+    assert torch.equal(engine.sample([test_seed], sampler="ddim"), engine.sample([test_seed], **cfg.sample_kwargs))
 
 
 def test_respaced_timesteps_follow_their_sections():
@@ -280,7 +359,7 @@ def test_a_folder_names_its_checkpoint(tmp_path):
     ("--num_channels 64", "do not fit the network its flags describe.*other shape"),
     ("--num_res_blocks 2", "missing [1-9][0-9]* \\(input_blocks"),
     ("--class_cond True", "missing .*label_emb"),
-    ("--timestep_respacing 50", "timestep_respacing '50'"),
+    ("--timestep_respacing 101", "timestep_respacing '101'"),
 ])
 def test_a_folder_whose_flags_do_not_fit_is_refused_saying_why(tmp_path, change, match):
     save_folder(tmp_path / "m", TINY)
@@ -418,8 +497,8 @@ def test_their_schedules_and_respacing_are_the_engines():
             assert list(respaced_timesteps(T, spacing)) == want, (T, spacing)
 
 
-# the CIFAR-10 flags with a fixed variance (learned variance samples once the engine supports it),
-# at a small width; rescaled timesteps (T = 4000) and their linear schedule at T = 1000
+# at a small width: the CIFAR-10 flags with a fixed variance (rescaled timesteps, T = 4000), their linear
+# schedule at T = 1000, a learned variance, and guided-diffusion's class-conditional network with labels
 CHAIN_FLAGS = {"cifar10-cosine-4000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --dropout 0.3 "
                                       "--diffusion_steps 4000 --noise_schedule cosine",
                "linear-1000": "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16,8 "
@@ -455,14 +534,15 @@ def their_noise_is(words, steps: int):
     return engine_noise
 
 
-def chain(flags: str, sampler: str, steps: int = 10) -> dict:
-    """Their ddim_sample_loop (eta 0) or p_sample_loop (respaced to their ``ddimN`` timesteps, fixed
-    variance, their per-step noise replaced by the engine's), clip_denoised, against engine.sample from
-    the same x_T; and each step alone, both sides stepping from the same x_t with the same model output."""
-    respaced = flags + f" --timestep_respacing ddim{steps}" + (" --use_ddim True" if sampler == "ddim" else "")
+def chain(flags: str, sampler: str, respacing: str = "ddim10") -> dict:
+    """Their ddim_sample_loop (eta 0) or p_sample_loop (respaced by their ``timestep_respacing``, their
+    per-step noise replaced by the engine's), clip_denoised, against engine.sample from the same x_T;
+    and each step alone, both sides stepping from the same x_t with the same model output."""
+    respaced = flags + f" --timestep_respacing {respacing}" + (" --use_ddim True" if sampler == "ddim" else "")
     engine, model, diffusion = engine_and_theirs(respaced)
     cfg = from_flags(respaced)
-    assert cfg.sample_kwargs == {"sampler": sampler, "steps": steps}
+    steps = cfg.steps
+    assert cfg.sample_kwargs == {"sampler": sampler, "steps": steps, "spacing": ExplicitSpacing(diffusion.timestep_map)}
     seeds, shape = [5, 6, 7], (3, *cfg.sample_shape)
     x_T, words = torch.randn(shape), seed_words([5, 6, 7])
     labels = torch.tensor([0, 999, 417]) if cfg.flags["class_cond"] else None  # guided-diffusion's y
@@ -475,15 +555,16 @@ def chain(flags: str, sampler: str, steps: int = 10) -> dict:
         want = loop(model, shape, noise=x_T.clone(), clip_denoised=True, **kw)
         plan = engine.plan(**cfg.sample_kwargs)
         rows, step_error = plan.start(seeds, x_T.clone()), 0.0
-        extra = () if labels is None else (labels,)
         mp.setattr(torch, "randn_like", their_noise_is(words, steps))
         for i in reversed(range(steps)):
             x = rows.x.clone()
             theirs_ = one_step(model, x, torch.full((3,), i), clip_denoised=True, **kw)["sample"]
-            plan.step(rows, engine.model.module(x, torch.full((3,), int(plan.tables.timesteps[i])), *extra))
+            # their network's output for both (at t = T - 1 of a cosine schedule sqrt(1 / abar - 1) ~ 2e4
+            # magnifies the two networks' 1e-6 apart into x0 where it is not clipped)
+            plan.step(rows, diffusion._wrap_model(model)(x, torch.full((3,), i), **kw.get("model_kwargs", {})))
             step_error = max(step_error, (rows.x - theirs_).abs().max().item())
-    return {"sampler": sampler, "steps": steps, "max_abs_error": (ours - want.clamp(-1, 1)).abs().max().item(),
-            "step_max_abs_error": step_error}
+    return {"sampler": sampler, "respacing": respacing, "steps": steps,
+            "max_abs_error": (ours - want.clamp(-1, 1)).abs().max().item(), "step_max_abs_error": step_error}
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -492,6 +573,21 @@ def test_their_sample_loops_give_the_engines_images(flags, sampler):
     """Each step within 1e-5; the whole chain of this untrained network (whose x0 at t ~ T is x_t / sqrt(abar)
     ~ 150 x_t before clipping) amplifies the two step rules' rounding to ~1.5e-5 after 10 steps."""
     figures = chain(CHAIN_FLAGS[flags], sampler)
+    assert figures["step_max_abs_error"] <= 1e-5, figures
+    assert figures["max_abs_error"] <= 5e-5, figures
+
+
+# plain "N" (a fractional stride that ends on T - 1) and sections, which no named spacing keeps
+RESPACINGS = ("10", "3,4,3")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("respacing", RESPACINGS)
+@pytest.mark.parametrize("flags", ["learned-sigma-cosine", "linear-1000"])
+def test_their_respaced_sample_loops_give_the_engines_images(flags, respacing, sampler):
+    """Their SpacedDiffusion from "N" and section lists: the engine keeps the same timesteps explicitly
+    (the model sees their timestep_map) and rebuilds the same betas from them."""
+    figures = chain(CHAIN_FLAGS[flags], sampler, respacing)
     assert figures["step_max_abs_error"] <= 1e-5, figures
     assert figures["max_abs_error"] <= 5e-5, figures
 
@@ -508,17 +604,20 @@ def write_keys() -> None:
         (KEYS_DIR / f"{config}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
-def record(path: str) -> None:
-    """The parity figures of this module's reference tests, as JSON."""
+def record(path: str, published_widths: bool = True) -> None:
+    """The parity figures of this module's reference tests, as JSON (``published_widths`` False: the
+    forward parity at num_channels 32 only, without the minutes-long published widths)."""
     import platform
     import subprocess
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     torch.manual_seed(0)
     forward = {c: dict(forward_parity(small(f)), flags=small(f)) for c, f in sorted(CONFIGS.items())}
-    for c in sorted(CONFIGS):
+    for c in sorted(CONFIGS) if published_widths else ():
         forward[c + " (published width, batch 1)"] = dict(forward_parity(CONFIGS[c], batch=1), flags=CONFIGS[c])
-    chains = {name: {"flags": f, "runs": [chain(f, "ddim"), chain(f, "ddpm")]} for name, f in sorted(CHAIN_FLAGS.items())}
+    chains = {name: {"flags": f, "runs": [chain(f, sampler, respacing) for respacing in ("ddim10", *RESPACINGS)
+                                          for sampler in ("ddim", "ddpm")]}
+              for name, f in sorted(CHAIN_FLAGS.items())}
     data = {"what": "OpenAIUNet and openai_format against improved-diffusion / guided-diffusion themselves: "
                     "random weights, fp32, CPU; state dicts load both ways strictly",
             "how": "python -m tests.engine.test_openai_unet --record FILE",
@@ -526,7 +625,11 @@ def record(path: str) -> None:
             "cpu_flags": sorted(f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
                                 if f in cpu.split()),
             "torch": torch.__version__, "python": platform.python_version(),
-            "tolerance": 1e-5, "forward": forward, "chains": chains}
+            "tolerance": 1e-5, "forward": forward, "chains": chains,
+            "chains_how": "their ddim_sample_loop / p_sample_loop (their noise replaced by the engine's) against "
+                          "engine.sample from the same x_T, 3 images, clip_denoised; step_max_abs_error: each step "
+                          "alone from the same x_t and their network's output; respacing: their timestep_respacing "
+                          "(\"ddim10\", plain \"10\" ending on T - 1, sections \"3,4,3\"), kept explicitly by the engine"}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -534,10 +637,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", action="store_true", help="write tests/data/openai_unet_keys/ from their code")
     parser.add_argument("--record", metavar="FILE", help="write the parity figures to FILE")
+    parser.add_argument("--small-widths-only", action="store_true", help="--record without the published widths")
     opts = parser.parse_args()
     for name in PATH_VARIABLES:
         their_package(name, skip=False)
     if opts.keys:
         write_keys()
     if opts.record:
-        record(opts.record)
+        record(opts.record, published_widths=not opts.small_widths_only)
