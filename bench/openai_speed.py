@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import ddpm_engine  # noqa: F401 - first: sets OpenMP's passive wait policy before torch loads (engine/threads.py)
 import torch
+from ddpm_engine import plan
 from ddpm_engine.threads import yield_cpu_to
 
 GIB = 2**30
@@ -131,7 +131,8 @@ def peak(config: str, variant: str, batch: int) -> dict:
     with torch.no_grad():
         for _ in range(2):
             _as_sampled(engine.backend, x, t, *extra)
-    return {"batch": batch, "rss_before": before, "peak": _status("VmHWM"), "engine_max_batch_24gib": _engine_bound(cfg)}
+    return {"batch": batch, "rss_before": before, "peak": _status("VmHWM"),
+            "engine_max_batch_24gib": BUDGET // plan.bytes_per_image(cfg.sample_shape, engine.model.io.bytes_per_image)}
 
 
 def _status(field: str) -> int:
@@ -139,12 +140,6 @@ def _status(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _engine_bound(cfg) -> int:
-    from ddpm_engine import plan
-
-    return BUDGET // (math.prod(cfg.sample_shape) * plan.WORKING_BYTES_PER_ELEMENT)
 
 
 def memory(config: str, variant: str, batches) -> dict:

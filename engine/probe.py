@@ -12,6 +12,8 @@ computes the same.
   module itself, or an ``Adapter`` that normalises its output and passes the extra inputs in
   ``export.iospec``'s order) and a ``ModelIO``: what the probe learned, with its inputs and
   outputs kept for the graph check. A refusal is a ``ModelLoadError`` that says what to change.
+  The probe call also measures the model's working memory (``PeakBytes``: the most bytes its
+  tensors held at once), from which the engine sizes the largest batch it accepts.
 - ``check_graph(backend, io, name)``: a backend that serves an exported or cached graph (its
   ``path`` is set) is run on the probe's two batches and compared with the eager outputs before
   it serves; a mismatch names its likely cause (a graph from before the model's code changed,
@@ -26,12 +28,15 @@ from __future__ import annotations
 import inspect as _inspect
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ddpm_engine.export import iospec
 
@@ -60,6 +65,12 @@ class ModelIO:
     probes: tuple = field(default=(), repr=False)  # ((inputs..., eager output), ...) on the CPU, float32
     module_id: int = 0  # id() of the module probed: a LoadedModel whose module is replaced is probed again
     pending: object = field(default=None, repr=False)  # () -> the probes not run yet (graph_probes runs them)
+    working_bytes: int = 0  # the most bytes the batch-2 probe call's tensors held at once (PeakBytes); 0: unknown
+
+    @property
+    def bytes_per_image(self) -> int:
+        """The model call's working memory per image: half the batch-2 probe's peak (0: unknown)."""
+        return self.working_bytes // 2
 
     def graph_probes(self) -> tuple:
         """Every probe batch with its eager output; the one-row probe is run at the first call
@@ -202,7 +213,8 @@ def inspect(module: nn.Module, scheduler: SchedulerConfig, sample_shape, num_cla
     variance = Variance.parse(scheduler.variance_type)
     want = 2 * c if variance.learned else c
     first, second = _probe_inputs(sample_shape, scheduler.num_train_timesteps, extra, n)
-    raw, out = _probe_call(module, first, name, scheduler, (c, h, w), want)
+    with PeakBytes() as peak:
+        raw, out = _probe_call(module, first, name, scheduler, (c, h, w), want)
     kind = _output_kind(raw)
 
     def rest():  # the one-row probe, run only when a graph is checked (load time of the torch backend)
@@ -210,7 +222,36 @@ def inspect(module: nn.Module, scheduler: SchedulerConfig, sample_shape, num_cla
 
     if kind != "tensor":
         module = Adapter(module).eval()
-    return module, ModelIO(inputs, want, n if labels else None, null, kind, ((*first, out),), id(module), rest)
+    return module, ModelIO(inputs, want, n if labels else None, null, kind, ((*first, out),), id(module), rest,
+                           peak.peak)
+
+
+class PeakBytes(TorchDispatchMode):
+    """The most bytes the tensors made inside the ``with`` block held at once (``peak``): every
+    op's new storage counts from the op until its tensor is freed (views and in-place results
+    add nothing). It sees what torch allocates, not a library's own scratch memory: the engine
+    sizes batches with a margin over it (plan.max_batch_that_fits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._owned = {}  # storage data_ptr -> bytes, while its tensor lives
+
+    def _free(self, ptr: int) -> None:
+        self.live -= self._owned.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for v in tree_leaves(out):
+            if isinstance(v, torch.Tensor) and v._base is None:
+                storage = v.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self._owned:
+                    self._owned[ptr] = storage.nbytes()
+                    self.live += self._owned[ptr]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(v, self._free, ptr)
+        return out
 
 
 def _probe_call(module, args, name, scheduler, sample_shape, want):

@@ -251,3 +251,39 @@ def test_the_scheduler_config_is_unchanged_by_the_probe():
     sched = SchedulerConfig(clip_sample=False)
     loaded = checkpoints.from_module(Net(), sched, SHAPE)
     assert loaded.scheduler is sched and loaded.io.module_id == id(loaded.module)
+
+
+def test_peak_bytes_counts_live_storages_not_views_or_freed_ones():
+    with torch.inference_mode(), probe.PeakBytes() as peak:
+        a = torch.ones(1000)  # 4000 bytes
+        b = torch.ones(2000)  # + 8000
+        views = a[10:], b.view(40, 50), a.add_(1)  # views and in-place results: nothing new
+        assert peak.live == 12000
+        del views, a  # a's storage lives while a view of it does
+        c = torch.ones(500)  # 2000 bytes, after a's 4000 were freed
+        assert peak.live == 10000
+    assert peak.peak == 12000
+    del b, c
+
+
+class Wide(Net):
+    """A model whose call holds a [B, 512, H, W] intermediate: 512 times its input, per image."""
+
+    def forward(self, x, t):
+        wide = x.repeat(1, 512, 1, 1)
+        return super().forward(wide.mean(1, keepdim=True), t)
+
+
+def test_the_largest_batch_accepted_leaves_room_for_the_models_measured_working_memory(monkeypatch):
+    from ddpm_engine import InvalidRequestError, plan
+
+    monkeypatch.setattr(plan, "free_bytes", lambda device: 1 << 30)
+    engine = Engine.from_module(Wide(), sample_shape=SHAPE, backend="torch", device="cpu", batching=False)
+    wide_bytes = 512 * 8 * 8 * 4  # per image
+    assert engine.model.io.bytes_per_image >= wide_bytes
+    assert engine.max_batch <= (1 << 30) // (2 * wide_bytes)
+    assert engine.max_batch < Engine.from_module(Net(), sample_shape=SHAPE, backend="torch", device="cpu",
+                                                 batching=False).max_batch
+    with pytest.raises(InvalidRequestError, match="too large|at most"):
+        engine.sample(engine.max_batch + 1, sampler="ddim", steps=1)
+    assert engine.sample([1, 2], sampler="ddim", steps=1).shape == (2, *SHAPE)
