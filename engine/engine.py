@@ -141,6 +141,23 @@ class Engine:
             return self._planner.plan(sampler, steps, eta, clip_denoised, use_clipped_model_output, spacing,
                                       guidance_scale, cache_interval)
 
+    def fit_spacing(self, sampler="ipndm", steps=5, *, seeds=None, reference=None, max_evals=None, cache_dir=None,
+                    refit=False):
+        """The timesteps ``sampler`` should keep at ``steps`` steps on this model, searched once and
+        cached on disk (engine/fitting.py): a ``schedules.ExplicitSpacing`` to pass as ``spacing=``.
+        ``engine.sample(seeds, sampler="ipndm", steps=5, spacing=engine.fit_spacing("ipndm", 5))``
+        is the best 5-step run measured (docs/performance.md). A first fit costs up to
+        ``max_evals`` (default 300) runs of ``steps`` network calls on ``seeds`` (default the 64
+        ``fitting.CALIBRATION_SEEDS``) and one ``reference`` run (default ``fitting.REFERENCE``,
+        DPM-Solver++(2M) at 50 log-SNR steps); a later call with the same settings reads the
+        cache and samples nothing. ``refit=True`` searches again."""
+        from . import fitting
+
+        return fitting.fit_spacing(self, sampler, steps, seeds=fitting.CALIBRATION_SEEDS if seeds is None else seeds,
+                                   reference=fitting.REFERENCE if reference is None else reference,
+                                   max_evals=fitting.MAX_EVALS if max_evals is None else max_evals,
+                                   cache_dir=cache_dir, refit=refit)
+
     def _check_x_T(self, x_T, n: int) -> torch.Tensor:
         if not isinstance(x_T, torch.Tensor):
             raise InvalidRequestError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
