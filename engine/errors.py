@@ -87,5 +87,6 @@ def require(package: str, needed_for: str, extra: str | None = None):
         return importlib.import_module(package)
     except ImportError as exc:  # the package or one of its own dependencies is absent
         pip_name = {"onnxruntime": "onnxruntime", "diffusers": "diffusers", "tensorrt": "tensorrt",
-                    "triton": "triton", "onnx": "onnx", "sklearn": "scikit-learn", "sklearn.datasets": "scikit-learn"}.get(package, package)
+                    "triton": "triton", "onnx": "onnx", "sklearn": "scikit-learn", "sklearn.datasets": "scikit-learn",
+                    "scipy.optimize": "scipy"}.get(package, package)
         raise MissingDependencyError(pip_name, needed_for, extra) from exc

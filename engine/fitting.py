@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import cache
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, require
 from .samplers import FEW_STEPS, sampler_def
 from .schedules import ZERO_SNR_ALPHA_BAR, ExplicitSpacing, spaced_timesteps
 
@@ -85,7 +85,7 @@ def search(engine, sampler: str, steps: int, seeds, reference=REFERENCE, max_eva
     """Run the search (no cache): {"timesteps", "start", "objective", "start_objective", "runs",
     "evaluations"}. ``runs`` counts the ``steps``-step sampling runs it made (one per distinct
     rounded schedule), besides the one reference run."""
-    from scipy.optimize import minimize
+    minimize = require("scipy.optimize", "Engine.fit_spacing (its Nelder-Mead search)", extra="fit").minimize
 
     T = engine.num_train_timesteps
     train_abar = np.maximum(np.asarray(engine.scheduler.alphas_cumprod(), dtype=np.float64), ZERO_SNR_ALPHA_BAR)

@@ -92,6 +92,16 @@ def test_refusals_are_typed_and_sample_nothing(engine, monkeypatch, kw, words):
     assert calls == []
 
 
+def test_without_scipy_the_fit_names_what_to_install(engine, monkeypatch):
+    import sys
+
+    from ddpm_engine.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # its import fails, as where scipy is absent
+    with pytest.raises(MissingDependencyError, match=r"scipy.*ddpm-engine\[fit\]"):
+        engine.fit_spacing("ipndm", 5, seeds=SEEDS, reference=REFERENCE, max_evals=3, refit=True)
+
+
 @pytest.mark.slow
 def test_default_fit_reaches_the_five_step_target():
     """The default search (64 calibration seeds, the 50-step reference) gives iPNDM at 5 steps a
