@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,11 @@ from ddpm_engine import cache
 from ddpm_engine.errors import ExportError, InvalidRequestError, first_line, require
 
 from . import iospec
+
+# torch.onnx.export keeps process-wide state (its GLOBALS.in_onnx_export flag; the warning filters
+# set around it): two exports at once, e.g. an engine made in one thread while OpenVINO's background
+# compile of another exports, fail with "GLOBALS.in_onnx_export must be False". One at a time.
+_EXPORT_LOCK = threading.Lock()
 
 EXPORTERS = ("torchscript", "dynamo")
 EXAMPLE_BATCH = 2  # not 1, so the tracer cannot fold the batch size into the graph
@@ -139,7 +145,7 @@ def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classe
     in_names = [*iospec.inputs_of(extra), *more_in]
     names = dict(input_names=in_names, output_names=[iospec.OUTPUT, *more_out], opset_version=opset)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -126,3 +126,15 @@ def test_cifar10_unet_export_matches_eager(tmp_path):
     path = export_onnx(loaded, cache_dir=tmp_path)
     for batch in (1, 3):
         assert ort_vs_eager(path, loaded, batch) <= 1e-5
+
+
+def test_exports_in_several_threads_at_once_all_succeed(tmp_path):
+    """torch's exporter keeps process-wide state: exports from other threads (an engine made in
+    each, OpenVINO's background compile) take turns instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [small_model(seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda k: export_onnx(models[k], tmp_path / f"m{k}.onnx"), range(4)))
+    for loaded, path in zip(models, paths):
+        assert ort_vs_eager(path, loaded, 2) <= 1e-5
