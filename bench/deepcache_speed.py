@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from ddpm_engine import Engine, cpu
 
-from .measure import cifar_loaded
+from .measure import cifar_loaded, save_result
 
 
 def main(argv=None) -> int:
@@ -54,14 +52,12 @@ def main(argv=None) -> int:
         rows.append({"backend": backend, "precision": args.precision, "cache_interval": n, "median_s": median,
                      "runs_s": times[(backend, n)], "speedup_vs_first": base / median})
         print(f"{backend:12s} cache_interval={n}: {median:.3f} s (x{base / median:.2f})", flush=True)
-    date, out = datetime.date.today().isoformat(), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
     result = {"date": date, "model": "DDPM CIFAR-10 UNet (random weights), batch 1", "sampler": f"ddpm-{args.steps}",
               "cpu": cpu.describe(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "method": f"interleaved, {args.reps} rounds after a warm-up round; medians", "rows": rows}
-    path = out / f"deepcache-speed-{date}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_result(args.out, f"deepcache-speed-{date}.json", result)
     print(f"wrote {path}")
     return 0
 

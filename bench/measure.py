@@ -8,12 +8,14 @@ import contextlib
 import copy
 import gc
 import inspect
+import json
 import math
 import platform
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -372,3 +374,11 @@ def section_matrix(scale, state):
             yield f"{backend}_{mode}", (lambda w=why: {"skipped": w}) if why else (
                 lambda b=backend, m=mode: rows(state["loaded"], b, m, scale, state["notes"]))
     yield "notes", lambda: state["notes"]
+
+
+def save_result(out_dir, name: str, result: dict) -> Path:
+    """Write a bench result as indented JSON to ``out_dir / name`` (the folder made if needed)."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -30,6 +30,8 @@ from ddpm_engine import Engine, backends, cpu
 from ddpm_engine.data import DigitsJudge
 from ddpm_engine.errors import require
 
+from .measure import save_result
+
 CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc") for n in (5, 10, 15, 20)]
 # The few-step table (docs/performance.md, "Five steps"): DDPM-1000, then every other sampler at 3, 5 and 10 steps
 FEW_STEP_CONFIGS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "dpmpp_3m",
@@ -113,15 +115,14 @@ def main(argv=None) -> int:
             print(f"{sampler:12s} {steps:5d} steps{'' if spacing is None else ' ' + spacing}: "
                   f"{100 * r['pass_rate']:5.1f}% recognised, {r['digits_found']} digits, entropy {r['class_entropy']:.3f}, "
                   f"FD {r['frechet']:.1f}, {r['wall_s']:.1f} s{' (reused)' if reused else ''}", flush=True)
-    date, out = datetime.date.today().isoformat(), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
     result = {"date": date, "model": "digits (bundled)", "backend": engine.backend.name,
               "precision": engine.backend.precision, "cpu": cpu.describe(),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "judge": "DigitsJudge: MLP and 10-NN agree with p >= 0.8", "rows": rows}
     cached = "" if args.cache_interval == 1 else f"-cache{args.cache_interval}"
-    path = out / f"quality-{date}-{engine.backend.name}-{engine.backend.precision}{cached}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    name = f"quality-{date}-{engine.backend.name}-{engine.backend.precision}{cached}.json"
+    path = save_result(args.out, name, result)
     print(f"wrote {path} and {plot(rows, path.with_suffix('.png'))}")
     return 0
 

@@ -73,11 +73,15 @@ class Cadence:
 
 
 # ---- the per-row cache ---------------------------------------------------------------------------
-def fold(deep: torch.Tensor, rows: int) -> torch.Tensor:
+def fold(deep: torch.Tensor, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """A model call's deep features [k * rows, C, H, W] (k calls' worth: guidance's conditional then
-    unconditional rows) as one row each: [rows, k * C, H, W]."""
+    unconditional rows) as one row each: [rows, k * C, H, W]; written into ``out`` (no allocation)
+    if given."""
     k = deep.shape[0] // rows
-    return deep if k == 1 else torch.cat(deep.chunk(k), dim=1)
+    if out is None:
+        return deep if k == 1 else torch.cat(deep.chunk(k), dim=1)
+    out.unflatten(1, (k, -1)).copy_(deep.unflatten(0, (k, rows)).transpose(0, 1))
+    return out
 
 
 def unfold(deep: torch.Tensor, batch: int) -> torch.Tensor:
@@ -94,7 +98,7 @@ def call(backend, deep: torch.Tensor | None, full: bool, x, t, *extra) -> torch.
         return backend(x, t, *extra)
     if full:
         out, new = backend.full(x, t, *extra)
-        deep.copy_(fold(new, deep.shape[0]))
+        fold(new, deep.shape[0], out=deep)
         return out
     return backend.shallow(x, t, unfold(deep, x.shape[0]), *extra)
 
@@ -332,6 +336,7 @@ def check_pair(backend, module: nn.Module, io, tolerance: float, what: str) -> N
     ``module`` on the load probe's first batch; ModelLoadError naming ``what`` past
     ``tolerance`` (relative L2, as ``probe.check_graph``)."""
     from .errors import ModelLoadError
+    from .probe import relative_error
 
     x, t, *extra = io.graph_probes()[0][:-1]
     pair = split(module)
@@ -342,8 +347,24 @@ def check_pair(backend, module: nn.Module, io, tolerance: float, what: str) -> N
         got_shallow = backend.run_shallow(x, t, deep, *extra)
     for name, got, want in (("full step", got_out, out), ("deep features", got_deep, deep),
                             ("shallow step", got_shallow, shallow)):
-        err = ((got.float().cpu() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+        err = relative_error(got.cpu(), want)
         if not err <= tolerance:
             raise ModelLoadError(f"{what}: its {name} differs from the eager module's by {err:.3g} (relative L2, "
                                  f"tolerance {tolerance:g}); delete the cached graphs and retry, or use "
                                  "backend='torch' for cache_interval")
+
+
+def checked(backend, pair: dict, what: str) -> dict:
+    """``pair`` (an exporting backend's opened full/shallow graphs) as ``backend._pair``, kept only if
+    ``check_pair`` finds it matches the eager split at the backend's precision (probe.GRAPH_TOLERANCE);
+    else the ModelLoadError, and the next request opens it again."""
+    from .errors import ModelLoadError
+    from .probe import GRAPH_TOLERANCE
+
+    backend._pair = pair
+    try:
+        check_pair(backend, backend.loaded.module, backend.loaded.io, GRAPH_TOLERANCE[backend.precision], what)
+    except ModelLoadError:
+        backend._pair = None
+        raise
+    return pair

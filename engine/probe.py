@@ -284,7 +284,8 @@ def _probe_call(module, args, name, scheduler, sample_shape, want):
     return raw, out.detach().float().cpu()
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (relative L2), in float32 on the CPU side of ``want``."""
     return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
 
 
@@ -302,7 +303,7 @@ def check_graph(backend, io: ModelIO, name: str, cached: bool = False) -> None:
             raise ModelLoadError(f"the {backend.name} graph {backend.path} of {name!r} returned shape "
                                  f"{tuple(got.shape)} for x {tuple(inputs[0].shape)}, the module {tuple(want.shape)}; "
                                  f"delete {backend.path} to rebuild it")
-        err = _relative_error(got, want)
+        err = relative_error(got, want)
         if err > tol:
             raise ModelLoadError(_mismatch(backend, name, err, tol, inputs, cached))
 

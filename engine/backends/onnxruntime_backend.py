@@ -31,7 +31,6 @@ from ddpm_engine.export import iospec
 
 from .. import cache, deepcache, threads
 from ..errors import BackendUnavailableError, InvalidRequestError, ModelLoadError, first_line, require
-from ..probe import GRAPH_TOLERANCE
 from .base import Backend, extra_dtype, parse_precision
 
 
@@ -201,14 +200,9 @@ class OnnxRuntimeBackend(Backend):
         if self._pair is None:
             from ddpm_engine.export.onnx_export import load_pair
 
-            loaded, ort = self.loaded, _ort()
-            self._pair = load_pair(loaded, lambda path: self._open(ort, path), corrupt=(ModelLoadError,))
-            try:
-                deepcache.check_pair(self, loaded.module, loaded.io, GRAPH_TOLERANCE[self.precision],
-                                     f"the onnxruntime graphs of {loaded.name!r} for cache_interval")
-            except ModelLoadError:
-                self._pair = None
-                raise
+            ort = _ort()
+            pair = load_pair(self.loaded, lambda path: self._open(ort, path), corrupt=(ModelLoadError,))
+            deepcache.checked(self, pair, f"the onnxruntime graphs of {self.loaded.name!r} for cache_interval")
         return self._pair
 
     def run_full(self, x, t, *extra):

@@ -77,7 +77,6 @@ from ddpm_engine.export import iospec
 
 from .. import cache, calibration, cpu, deepcache, threads
 from ..errors import BackendUnavailableError, ModelLoadError, first_line, require
-from ..probe import GRAPH_TOLERANCE
 from .base import Backend, extra_dtype, versions
 
 # the CPU plugin's precision hint per precision; int8's quantized layers run int8 whatever the
@@ -571,13 +570,8 @@ class OpenVINOBackend(Backend):
             compiled = {part: compile_model(core, model, self.precision, f"{loaded.name!r}'s {part} step")
                         for part, model in models.items()}
             self._deep_out = tuple(d.get_length() for d in compiled["full"].outputs[1].get_partial_shape()[1:])
-            self._pair = {part: c.create_infer_request() for part, c in compiled.items()}
-            try:
-                deepcache.check_pair(self, loaded.module, loaded.io, GRAPH_TOLERANCE[self.precision],
-                                     f"the openvino graphs of {loaded.name!r} for cache_interval")
-            except ModelLoadError:
-                self._pair = None
-                raise
+            deepcache.checked(self, {part: c.create_infer_request() for part, c in compiled.items()},
+                              f"the openvino graphs of {loaded.name!r} for cache_interval")
         return self._pair
 
     def run_full(self, x, t, *extra):

@@ -211,6 +211,7 @@ def test_guidance_keeps_both_halves_features_per_row():
     assert tuple(rows.deep.shape) == (2, 2 * c, h, w)
     deep = torch.randn(4, c, h, w)
     assert torch.equal(deepcache.unfold(deepcache.fold(deep, 2), 4), deep)
+    assert torch.equal(deepcache.fold(deep, 2, out=torch.empty(2, 2 * c, h, w)), deepcache.fold(deep, 2))  # in place
     from ddpm_engine.plan import model_output
 
     with torch.inference_mode():
