@@ -68,6 +68,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,41 @@ def compile_static(loaded, precision: str, batch: int, streams: int = 1):
     return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}", streams)
 
 
+def _compile_when_quiet(backend_ref, batch: int, deferred: bool) -> None:
+    """A static-shape compile's thread. ``deferred``: one at a time (the backend's ``_compile_lock``),
+    after a moment without calls (``_quiet``); it holds its backend only weakly until it compiles,
+    so a backend dropped meanwhile (its engine gone) compiles nothing, and a program that ends
+    meanwhile neither."""
+    backend = backend_ref()
+    if backend is None:
+        return
+    if not deferred:
+        return backend._build_static(batch)
+    lock, backend = backend._compile_lock, None
+    with lock:
+        quiet = _quiet(backend_ref)
+        backend = backend_ref()
+        if backend is not None:
+            backend._build_static(batch, build=quiet)
+
+
+def _quiet(backend_ref) -> bool:
+    """Wait for a moment without calls (``QUIET_S``, at most ``MAX_DEFER_S``); False if the
+    program ended meanwhile (its main thread done: the interpreter is joining threads) or the
+    backend was dropped."""
+    deadline = time.perf_counter() + MAX_DEFER_S
+    while threading.main_thread().is_alive():
+        backend = backend_ref()
+        if backend is None:
+            return False
+        (start, end), backend = backend._last_call, None
+        now = time.perf_counter()
+        if now >= deadline or (end >= start and now - end >= QUIET_S):
+            return True
+        time.sleep(min(QUIET_S, deadline - now, 0.05))  # short naps: the end of the program shows soon
+    return False
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
     deep_cache = True
@@ -452,41 +488,28 @@ class OpenVINOBackend(Backend):
             return
         # not a daemon even when started from one (the batching server's): the interpreter joins
         # it at exit instead of finalizing under a compile inside OpenVINO
-        thread = threading.Thread(target=self._build_static, args=(batch, deferred),
+        thread = threading.Thread(target=_compile_when_quiet, args=(weakref.ref(self), batch, deferred),
                                   name=f"openvino-static-batch-{batch}", daemon=False)
         self._compiling[batch] = thread
         thread.start()
 
-    def _quiet(self) -> bool:
-        """Wait for a moment without calls (``QUIET_S``, at most ``MAX_DEFER_S``); False if the
-        program ended meanwhile (its main thread done: the interpreter is joining threads)."""
-        deadline = time.perf_counter() + MAX_DEFER_S
-        while threading.main_thread().is_alive():
-            start, end = self._last_call
-            now = time.perf_counter()
-            if now >= deadline or (end >= start and now - end >= QUIET_S):
-                return True
-            time.sleep(min(QUIET_S, deadline - now, 0.05))  # short naps: the end of the program shows soon
-        return False
-
-    def _build_static(self, batch: int, deferred: bool) -> None:
+    def _build_static(self, batch: int, build: bool = True) -> None:
+        """Compile ``batch``'s static shape (``build``; else record that none was) and serve it: a
+        compile that fails warns and leaves the batch to the dynamic-shape model."""
         request = None
-        with contextlib.ExitStack() as stack:
-            if deferred:
-                stack.enter_context(self._compile_lock)
-            if not deferred or self._quiet():
-                try:
-                    streams = streams_for(batch)
-                    compiled = self._compile_static(batch // streams, streams)
-                    request = tuple(compiled.create_infer_request() for _ in range(streams))
-                    request = request[0] if streams == 1 else request
-                except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
-                    first = first_line(exc)
-                    warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
-                                  "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
-                    request = self.request
+        if build:
+            try:
+                streams = streams_for(batch)
+                compiled = self._compile_static(batch // streams, streams)
+                request = tuple(compiled.create_infer_request() for _ in range(streams))
+                request = request[0] if streams == 1 else request
+            except (RuntimeError, BackendUnavailableError, ModelLoadError) as exc:
+                first = first_line(exc)
+                warnings.warn(f"OpenVINO could not compile {self.path.name} for batch {batch} ({first}); "
+                              "that batch runs the dynamic-shape model", RuntimeWarning, stacklevel=2)
+                request = self.request
         with self._static_lock:
-            if request is not None:  # None: the program ended first; nothing is compiled
+            if request is not None:
                 self._static[batch] = request
             del self._compiling[batch]
 

@@ -7,12 +7,14 @@ once), precision refusals on a CPU faked to lack bf16, the missing-package error
 the ONNX graph it compiles."""
 
 import dataclasses
+import gc
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -123,6 +125,20 @@ def test_a_static_compile_waits_at_most_max_defer_s(loaded, cache, monkeypatch):
         backend(*inputs)
     backend.prepare([])
     assert backend.request_for(2) is not backend.request
+
+
+def test_a_backend_dropped_before_the_quiet_moment_compiles_nothing(loaded, cache, monkeypatch):
+    """The waiting compile holds its backend weakly: an engine dropped meanwhile frees it at once,
+    and the thread ends without compiling."""
+    backend, started, inputs = _deferred(loaded, monkeypatch, 600.0, 600.0)
+    for _ in range(openvino_backend.STATIC_AFTER_CALLS):
+        backend(*inputs)
+    thread, dropped = backend._compiling[2], weakref.ref(backend)
+    del backend
+    gc.collect()
+    assert dropped() is None
+    thread.join(10)
+    assert not thread.is_alive() and not started.is_set()
 
 
 def test_a_program_that_ends_before_the_quiet_moment_compiles_nothing_and_exits(tmp_path):
