@@ -14,9 +14,15 @@ variants interleaved round by round, medians of ``--reps`` rounds:
 - ``--memory``: the peak resident memory of two network calls at each of ``--batches``, each in a
   fresh process (the peak reset once the engine is built, ``/proc/self/clear_refs``), the line
   through them (``fit``), and the batch it predicts for 24 GiB, beside the engine's own bound
-  (``plan.max_batch_that_fits`` with 24 GiB free).
+  (``plan.max_batch_that_fits`` with 24 GiB free);
+- ``--verify``: in a fresh process, the largest request the engine admits on this machine
+  (``engine.max_batch``, from the memory available when it is built), sampled with one DDIM step:
+  it must finish, and its peak is recorded beside the memory that was available.
 
-    python -m bench.openai_speed --out FILE [--configs ...] [--variants ...] [--reps 3] [--steps 2] [--memory]
+int8 is calibrated on ``--int8-calls`` calls (16; the engine's default is 200): its speed does not
+depend on its scales, and the 256x256 configs' calls take seconds each.
+
+    python -m bench.openai_speed --out FILE [--configs ...] [--variants ...] [--reps 3] [--steps 2] [--memory] [--verify]
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ def speed(config: str, variants, reps: int, steps: int) -> dict:
     for variant in variants:
         try:
             engines[variant] = build(config, variant, str(steps))[2]
+            if hasattr(engines[variant].backend, "prepare"):  # OpenVINO's batch-1 static compile now, not
+                engines[variant].backend.prepare([1])         # in the background while others are timed
         except Exception as exc:  # noqa: BLE001 - recorded: a variant that does not build on this CPU
             skipped[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     x, t, y = inputs(cfg, 1)
@@ -132,7 +140,31 @@ def peak(config: str, variant: str, batch: int) -> dict:
         for _ in range(2):
             _as_sampled(engine.backend, x, t, *extra)
     return {"batch": batch, "rss_before": before, "peak": _status("VmHWM"),
-            "engine_max_batch_24gib": BUDGET // plan.bytes_per_image(cfg.sample_shape, engine.model.io.bytes_per_image)}
+            "engine_max_batch_24gib": BUDGET // plan.bytes_per_image(cfg.sample_shape, engine.model.io.bytes_per_image,
+                                                                     engine.backend.working_memory_factor)}
+
+
+def admitted(config: str, variant: str) -> dict:
+    """The largest request the engine admits here (``engine.max_batch``, sized from the memory
+    available when it was built), sampled with one DDIM step; the peak against what was available."""
+    available = plan.free_bytes(torch.device("cpu"))
+    _, _, engine, cfg = build(config, variant)
+    Path("/proc/self/clear_refs").write_text("5")
+    before, start = _status("VmRSS"), time.perf_counter()
+    labels = [i % cfg.model["num_classes"] for i in range(engine.max_batch)] if cfg.model["num_classes"] else None
+    engine.sample(list(range(engine.max_batch)), sampler="ddim", steps=1, class_labels=labels)
+    return {"max_batch": engine.max_batch, "available_before_build": available, "rss_before": before,
+            "peak": _status("VmHWM"), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def verify(config: str, variant: str) -> dict:
+    """``admitted`` in a fresh process; a process the kernel kills for memory is recorded as such."""
+    out = subprocess.run([sys.executable, "-m", "bench.openai_speed", "--admit", config, variant],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"variant": variant, "returncode": out.returncode,
+                "error": (out.stderr.strip().splitlines() or ["killed (returncode -9: out of memory)"])[-1]}
+    return {"variant": variant, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def _status(field: str) -> int:
@@ -189,14 +221,23 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-variants", nargs="+", default=["torch:fp32", "openvino:fp32"])
     parser.add_argument("--batches", nargs="+", type=int, help="default: 1, 8, 32 at 32 px, 1, 4, 16 at 64 px, "
                         "else 1, 2, 4")
+    parser.add_argument("--verify", action="store_true", help="also sample the largest request the engine admits")
+    parser.add_argument("--int8-calls", type=int, default=16, help="int8's calibration calls (speed only)")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--peak", nargs=3, metavar=("CONFIG", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--admit", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from ddpm_engine import calibration
+
+    calibration.SETTINGS = dict(calibration.SETTINGS, calls=args.int8_calls)  # speed only (module docstring)
     from ddpm_engine.openai_format import parse_flags
     from tests.engine.test_openai_unet import CONFIGS
 
     if args.peak:
         print(json.dumps(peak(args.peak[0], args.peak[1], int(args.peak[2]))))
+        return 0
+    if args.admit:
+        print(json.dumps(admitted(*args.admit)))
         return 0
     data = {"what": __doc__.splitlines()[0], "how": "python -m bench.openai_speed " + " ".join(argv or sys.argv[1:]),
             **cpu_name(), "load_before": Path("/proc/loadavg").read_text().split()[:3], "torch": torch.__version__,
@@ -209,6 +250,8 @@ def main(argv=None) -> int:
             size = parse_flags(CONFIGS[config])["image_size"]
             batches = args.batches or {"32": [1, 8, 32], "64": [1, 4, 16]}.get(size, [1, 2, 4])
             entry["memory"] = [memory(config, v, batches) for v in args.memory_variants]
+        if args.verify:
+            entry["admitted"] = [verify(config, v) for v in args.memory_variants]
         print(json.dumps({config: entry}), flush=True)
         if args.out:
             data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]

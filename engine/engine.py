@@ -74,7 +74,8 @@ class Engine:
         self.scheduler = loaded.scheduler
         self.sample_shape = loaded.sample_shape
         # larger batches are refused: they would not fit beside the model's measured working memory
-        self.max_batch = max_batch_that_fits(self.sample_shape, self.device, loaded.io.bytes_per_image)
+        self.max_batch = max_batch_that_fits(self.sample_shape, self.device, loaded.io.bytes_per_image,
+                                             backend.working_memory_factor)
         self._plans_lock = threading.Lock()  # guards the planner's caches and the graph samplers
         self._backend_lock = threading.Lock()  # backends with internal buffers are not re-entrant
         self._planner = Planner(self.scheduler, backend, self.device, self.sample_shape, self.step_impl,

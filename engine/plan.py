@@ -110,17 +110,19 @@ def free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def bytes_per_image(sample_shape, model_bytes_per_image: int = 0) -> int:
+def bytes_per_image(sample_shape, model_bytes_per_image: int = 0, model_factor: int = 2) -> int:
     """The memory one image of a batch needs: its sampler state and step temporaries
-    (``WORKING_BYTES_PER_ELEMENT`` per element) plus twice the model call's measured working
-    memory per image (``probe.ModelIO.bytes_per_image``; twice: the allocator's and the backends'
-    own scratch, which torch does not see)."""
-    return math.prod(sample_shape) * WORKING_BYTES_PER_ELEMENT + 2 * model_bytes_per_image
+    (``WORKING_BYTES_PER_ELEMENT`` per element) plus ``model_factor`` times the model call's
+    measured working memory per image (``probe.ModelIO.bytes_per_image``: what torch's tensors
+    held; the backend's ``working_memory_factor`` covers the allocator's and its own scratch,
+    which torch does not see)."""
+    return math.prod(sample_shape) * WORKING_BYTES_PER_ELEMENT + model_factor * model_bytes_per_image
 
 
-def max_batch_that_fits(sample_shape, device: torch.device, model_bytes_per_image: int = 0) -> int:
+def max_batch_that_fits(sample_shape, device: torch.device, model_bytes_per_image: int = 0,
+                        model_factor: int = 2) -> int:
     """How many images of ``sample_shape`` one batch may hold on ``device`` (at least 1)."""
-    return max(1, free_bytes(device) // bytes_per_image(sample_shape, model_bytes_per_image))
+    return max(1, free_bytes(device) // bytes_per_image(sample_shape, model_bytes_per_image, model_factor))
 
 
 def check_positive_int(name: str, value, upper: int | None = None) -> int:

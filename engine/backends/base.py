@@ -114,6 +114,10 @@ class Backend:
     quantized: tuple = ()  # the quantized precisions (PRECISIONS' None dtypes) it runs
     built_from = ()  # the cached artifacts ``path`` was built from (OpenVINO's blob: the ONNX export)
     deep_cache = False  # runs cache_interval's full/shallow pair (engine.deepcache; see the module docstring)
+    # a call's memory per image, as a multiple of what torch's tensors held in the eager probe call
+    # (probe.PeakBytes): the engine sizes its largest batch with it (plan.bytes_per_image). The
+    # torch backend on the CPU, measured on OpenAI's UNets: 1.2-1.8x (docs/openai.md, "The largest batch")
+    working_memory_factor = 2
 
     def __init__(self, device, precision: str, sample_shape=None, batches: tuple[int, int] | None = None, io=None):
         """sample_shape: the (C, H, W) every call must have (None: any); batches: the (least, most)

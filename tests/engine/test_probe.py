@@ -287,3 +287,19 @@ def test_the_largest_batch_accepted_leaves_room_for_the_models_measured_working_
     with pytest.raises(InvalidRequestError, match="too large|at most"):
         engine.sample(engine.max_batch + 1, sampler="ddim", steps=1)
     assert engine.sample([1, 2], sampler="ddim", steps=1).shape == (2, *SHAPE)
+
+
+def test_the_largest_batch_counts_the_backends_own_working_memory(monkeypatch):
+    """A backend whose own buffers take more than torch's tensors (OpenVINO: measured 2.1-2.2x the
+    probe's) admits fewer images: its ``working_memory_factor`` multiplies the measured memory."""
+    from ddpm_engine import plan
+    from ddpm_engine.backends.torch_backend import TorchBackend
+
+    monkeypatch.setattr(plan, "free_bytes", lambda device: 1 << 30)
+    sizes = {}
+    for factor in (2, 5):
+        monkeypatch.setattr(TorchBackend, "working_memory_factor", factor)
+        engine = Engine.from_module(Wide(), sample_shape=SHAPE, backend="torch", device="cpu", batching=False)
+        assert engine.max_batch == (1 << 30) // plan.bytes_per_image(SHAPE, engine.model.io.bytes_per_image, factor)
+        sizes[factor] = engine.max_batch
+    assert sizes[5] < sizes[2] * 0.5
