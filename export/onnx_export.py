@@ -21,12 +21,18 @@ Reused deep features (``cache_interval``, engine/deepcache.py): ``export_onnx(..
 and ``part="shallow"`` export the model's full step (a second output, ``deep_features``) and its
 shallow step (``deep_features`` its last input), traced from ``deepcache.split``; each is cached
 beside the whole model's graph, keyed alike plus the part.
+
+Weights over ``EXTERNAL_DATA_BYTES`` (1 GiB; protobuf cannot serialize a graph over 2 GiB, e.g.
+guided-diffusion's 554M-parameter 256x256 UNets) go to one external data file beside the graph,
+``<cache key>.onnx.data`` (named by the export's cache key, wherever the graph goes), written
+before the graph that names it; ONNX Runtime and OpenVINO read it from there.
 """
 
 from __future__ import annotations
 
 import copy
-import io
+import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -46,6 +52,7 @@ _EXPORT_LOCK = threading.Lock()
 EXPORTERS = ("torchscript", "dynamo")
 EXAMPLE_BATCH = 2  # not 1, so the tracer cannot fold the batch size into the graph
 PARTS = ("whole", "full", "shallow")  # the model's graph; cache_interval's full and shallow steps
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to an external data file (module docstring)
 
 
 def cached_path(loaded, opset: int = iospec.DEFAULT_OPSET, exporter: str = "torchscript", cache_dir=None,
@@ -91,11 +98,36 @@ def export_onnx(loaded, path=None, opset: int = iospec.DEFAULT_OPSET, cache_dir=
         raise ExportError(f"the ONNX graph of {loaded.name!r} does not follow the I/O spec: {'; '.join(problems)}")
     for key, value in iospec.metadata(loaded.weights_hash, loaded.sample_shape, exporter).items():
         model.metadata_props.add(key=key, value=value)
+    if sum(t.numel() * t.element_size() for t in (*loaded.module.parameters(), *loaded.module.buffers())) \
+            <= EXTERNAL_DATA_BYTES:
+        _check(onnx, model, loaded.name)
+        return cache.write_bytes(path, model.SerializeToString())
+    return _write_with_external_data(onnx, model, path, cached_path(loaded, opset, exporter, part=part).name + ".data",
+                                     loaded.name)
+
+
+def _check(onnx, model, name: str) -> None:
+    """onnx.checker on ``model`` (a ModelProto, or a file's path: the 2 GiB limit does not apply)."""
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the ONNX graph of {loaded.name!r} fails onnx.checker: {exc}") from None
-    return cache.write_bytes(path, model.SerializeToString())
+        raise ExportError(f"the ONNX graph of {name!r} fails onnx.checker: {exc}") from None
+
+
+def _write_with_external_data(onnx, model, path: Path, data_name: str, name: str) -> Path:
+    """``model`` at ``path`` with every initializer in ``path.parent / data_name``: staged in a
+    temporary folder beside it, checked, then the data file and the graph renamed into place, in
+    that order (a graph never names data that is not there yet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as staging:
+        staged = Path(staging) / "graph.onnx"
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=True)  # large Constants too
+        _check(onnx, str(staged), name)
+        os.chmod(Path(staging) / data_name, staged.stat().st_mode & 0o777)  # onnx writes it owner-only
+        os.replace(Path(staging) / data_name, path.parent / data_name)
+        os.replace(staged, path)
+    return path
 
 
 def load_pair(loaded, open_, corrupt=(Exception,)) -> dict:
@@ -155,10 +187,13 @@ def _trace(module, sample_shape, opset: int, exporter: str, extra=(), num_classe
                 program = torch.onnx.export(module, inputs, dynamo=True,
                                             dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False, **names)
                 return program.model_proto
-            buf = io.BytesIO()
             axes = {n: {0: iospec.BATCH_AXIS} for n in (*in_names, *names["output_names"])}
-            torch.onnx.export(module, inputs, buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **names)
-            return onnx.load_from_string(buf.getvalue())
+            with tempfile.TemporaryDirectory(prefix="ddpm-engine-export-") as folder:
+                # a file, not a buffer: over 2 GiB of weights torch writes them as external data beside it
+                traced = os.path.join(folder, "graph.onnx")
+                torch.onnx.export(module, inputs, traced, dynamo=False, dynamic_axes=axes, do_constant_folding=True,
+                                  **names)
+                return onnx.load(traced)  # with any external data, into memory
     except Exception as exc:  # the exporters raise many unrelated types for an unsupported model
         first = first_line(exc)
         raise ExportError(f"torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first}; "

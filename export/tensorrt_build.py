@@ -96,7 +96,7 @@ def _build(trt, onnx_bytes: bytes, onnx_path: Path, sample_shape, precision: str
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
+    if not parser.parse(onnx_bytes, str(onnx_path)):  # the path: where a large graph's external data lies
         errors = "; ".join(str(parser.get_error(k)) for k in range(parser.num_errors))
         raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors or 'no message'}")
 

@@ -138,3 +138,34 @@ def test_exports_in_several_threads_at_once_all_succeed(tmp_path):
         paths = list(pool.map(lambda k: export_onnx(models[k], tmp_path / f"m{k}.onnx"), range(4)))
     for loaded, path in zip(models, paths):
         assert ort_vs_eager(path, loaded, 2) <= 1e-5
+
+
+def test_weights_over_the_limit_go_to_one_external_data_file_that_the_runtimes_read(tmp_path, monkeypatch):
+    """Over EXTERNAL_DATA_BYTES (for protobuf's 2 GiB limit; 0 here) the weights (every tensor over
+    1 KiB) are written to <cache key>.onnx.data beside the graph; ONNX Runtime and OpenVINO read it,
+    also from the cache (built under a temporary name, then renamed)."""
+    from ddpm_engine import backends
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path / "cache"))
+    loaded = small_model()
+    path = export_onnx(loaded, tmp_path / "out" / "m.onnx")
+    data = path.parent / (onnx_export.cached_path(loaded).name + ".data")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, data.name])  # no staging left
+    graph = onnx.load(str(path), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and sum(t.ByteSize() for t in graph.graph.initializer if t not in external) < 64 * 1024
+    assert data.stat().st_size > sum(p.numel() * 4 for p in loaded.module.parameters()) // 2
+    onnx.checker.check_model(str(path))
+    for batch in (1, 3):
+        assert ort_vs_eager(path, loaded, batch) <= 1e-5
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    with torch.no_grad():
+        want = loaded.module(x, t).numpy()
+    ran = []
+    for name in ("onnxruntime", "openvino"):
+        if backends.available("cpu", "fp32", [name])[name] is None:
+            assert rel_err(backends.create(name, loaded, "cpu", "fp32")(x, t).numpy(), want) <= 1e-5, name
+            ran.append(name)
+    cached = onnx_export.cached_path(loaded)
+    assert ran and cached.is_file() and (cached.parent / (cached.name + ".data")).is_file()
