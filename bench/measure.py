@@ -130,7 +130,11 @@ def flops_per_image_step(loaded) -> float:
 
 
 def matmul_peak_tflops(device="cuda", n: int = 8192, iters: int = 50, dtype=torch.bfloat16) -> float:
-    """Measured n^3 matmul rate (TFLOP/s) at ``dtype`` (bf16: the GPU roofline's denominator)."""
+    """Measured n^3 matmul rate (TFLOP/s) at ``dtype`` (bf16: the GPU roofline's denominator; int8:
+    ``torch._int_mm``, int8 in, int32 out)."""
+    if dtype == torch.int8:
+        a, b = (torch.randint(-128, 128, (n, n), device=device, dtype=dtype) for _ in range(2))
+        return 2 * n ** 3 * iters / sync_time(lambda: [torch._int_mm(a, b) for _ in range(iters)], device=device) / 1e12
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 * iters / sync_time(lambda: [a @ b for _ in range(iters)], device=device) / 1e12
 

@@ -1,8 +1,8 @@
 """CPU bench: every backend x precision this CPU runs natively, against diffusers and torch.compile:
 one UNet call (``test_call``), the measured design choices (``test_design_choices``), 10 DDPM
-steps end to end in alternating rounds, warm-ups and compiles excluded (``test_sampling``); the
-roofline: the CPU's matmul peaks and the UNet's share of them (``test_roofline``), and where
-OpenVINO's time goes, layer by layer (``test_profile``)."""
+steps end to end in alternating rounds, warm-ups and compiles excluded, with and without reused
+deep features (``test_sampling``); the roofline: the CPU's matmul peaks and the UNet's share of
+them (``test_roofline``), and where OpenVINO's time goes, layer by layer (``test_profile``)."""
 
 import os
 import random
@@ -20,6 +20,7 @@ E2E_ROUNDS = int(os.environ.get("BENCH_E2E_ROUNDS", "2"))  # 1: a quicker look o
 CALL_ROUNDS = {"digits16": 20, "cifar32": 3}
 CPU_BACKENDS = ("torch", "onnxruntime", "openvino")  # aoti: minutes per compile; tensorrt: NVIDIA GPUs only
 PEAK_N, PEAK_ITERS = 2048, 5  # the peaks' n x n x n matmul, timed in runs of PEAK_ITERS (median of 3 runs)
+CACHE_INTERVAL, CACHE_BACKENDS = 3, ("torch", "openvino")  # reused deep features (int8 graphs have no split)
 SPEED_CALIBRATION = 16  # int8's calibration calls where only its speed is measured (its scales do not change it)
 ENGINE_CONFIGS = [(b, p) for b in CPU_BACKENDS for p in backends.PRECISIONS
                   if cpu.native(p) and backends.available("cpu", p, [b])[b] is None]
@@ -81,14 +82,18 @@ def contenders(loaded, batch):
     """{name: run(steps)}: each samples ``batch`` fresh seeds with ``steps`` DDPM steps (respaced)."""
     pytest.importorskip("diffusers")
 
-    def engine(backend, precision, compiled=False):
+    def engine(backend, precision, compiled=False, cache_interval=1):
         eng = Engine(loaded, backend=backend, precision=precision, device="cpu", batching=False)
         if compiled:
             eng.backend.module = torch.compile(eng.backend.module)
+        if hasattr(eng.backend, "prepare"):  # OpenVINO's static compile now, not in the background while others run
+            eng.backend.prepare([batch])
         return eng, lambda steps: eng.sample([random.getrandbits(64) for _ in range(batch)], sampler="ddpm",
-                                             steps=steps, driver="eager")
+                                             steps=steps, driver="eager", cache_interval=cache_interval)
 
     out = {f"{b} {p}": engine(b, p)[1] for b, p in ENGINE_CONFIGS}
+    out.update({f"{b} {p} cache_interval={CACHE_INTERVAL}": engine(b, p, cache_interval=CACHE_INTERVAL)[1]
+                for b, p in ENGINE_CONFIGS if b in CACHE_BACKENDS and p != "int8"})
     for precision in ("fp32", "bf16"):
         eng, run = engine("auto", precision)
         out[f"auto {precision} ({eng.backend.name})"] = run
@@ -137,15 +142,16 @@ def openvino_matmul_tflops(precision: str) -> float:
 
 
 def measure_peaks() -> dict:
-    """{precision: {"torch": GFLOP/s, "openvino": GFLOP/s, "peak": the best}}: fp32 and bf16 through
-    both (torch: oneDNN on every core), int8 through OpenVINO, for the precisions this CPU has."""
+    """{precision: {"torch": GFLOP/s, "openvino": GFLOP/s, "peak": the best}} through both (torch:
+    oneDNN on every core; int8: ``torch._int_mm``), for the precisions this CPU has."""
     out, threads = {}, torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())
     try:
         for p in (p for p in ("fp32", "bf16", "int8") if cpu.native(p)):
             row = {"openvino": 1e3 * openvino_matmul_tflops(p)}
-            if backends.PRECISIONS[p] is not None:
-                row["torch"] = 1e3 * matmul_peak_tflops("cpu", PEAK_N, PEAK_ITERS, backends.PRECISIONS[p])
+            dtype = torch.int8 if p == "int8" else backends.PRECISIONS[p]  # int8: torch._int_mm
+            if dtype is not None:
+                row["torch"] = 1e3 * matmul_peak_tflops("cpu", PEAK_N, PEAK_ITERS, dtype)
             out[p] = dict(row, peak=max(row.values()))
     finally:
         torch.set_num_threads(threads)
