@@ -201,7 +201,9 @@ class WithLabels(torch.nn.Module):
     def forward(self, x, t, y):
         scale = torch.cos(t.float() / 300)[:, None, None, None]
         h = torch.relu(self.conv1(x)) + self.embed(y)[:, :, None, None] * scale
-        return self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(h)))))
+        # the skip keeps the output's scale whatever the random weights: without it, about one
+        # seed in 15 gave an output so small that int8's error failed the load check (0.48 > 0.25)
+        return x + self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(h)))))
 
 
 class SelfConditioned(torch.nn.Module):
