@@ -41,6 +41,8 @@ import torch
 from ddpm_engine import plan
 from ddpm_engine.threads import yield_cpu_to
 
+from .measure import prepare_static
+
 GIB = 2**30
 BUDGET = 24 * GIB
 DEFAULT_CONFIGS = ("improved-cifar10", "improved-imagenet64", "guided-imagenet64-cond", "improved-lsun256")
@@ -94,8 +96,7 @@ def speed(config: str, variants, reps: int, steps: int) -> dict:
     for variant in variants:
         try:
             engines[variant] = build(config, variant, str(steps))[2]
-            if hasattr(engines[variant].backend, "prepare"):  # OpenVINO's batch-1 static compile now, not
-                engines[variant].backend.prepare([1])         # in the background while others are timed
+            prepare_static(engines[variant].backend, [1])
         except Exception as exc:  # noqa: BLE001 - recorded: a variant that does not build on this CPU
             skipped[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     x, t, y = inputs(cfg, 1)
@@ -158,13 +159,18 @@ def admitted(config: str, variant: str) -> dict:
 
 
 def verify(config: str, variant: str) -> dict:
-    """``admitted`` in a fresh process; a process the kernel kills for memory is recorded as such."""
-    out = subprocess.run([sys.executable, "-m", "bench.openai_speed", "--admit", config, variant],
-                         capture_output=True, text=True)
+    """``admitted`` in a fresh process."""
+    return {"variant": variant, **_fresh("--admit", config, variant)}
+
+
+def _fresh(*args: str) -> dict:
+    """This module run with ``args`` (``--peak`` or ``--admit``) in a fresh process: the JSON it
+    printed last, or {"returncode", "error"} (a process killed for memory prints nothing)."""
+    out = subprocess.run([sys.executable, "-m", "bench.openai_speed", *args], capture_output=True, text=True)
     if out.returncode != 0:
-        return {"variant": variant, "returncode": out.returncode,
-                "error": (out.stderr.strip().splitlines() or ["killed (returncode -9: out of memory)"])[-1]}
-    return {"variant": variant, **json.loads(out.stdout.strip().splitlines()[-1])}
+        return {"returncode": out.returncode,
+                "error": (out.stderr.strip().splitlines() or [f"killed (returncode {out.returncode}: out of memory?)"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _status(field: str) -> int:
@@ -178,12 +184,9 @@ def memory(config: str, variant: str, batches) -> dict:
     """Peaks at ``batches`` (a fresh process each), the line through them, the batch it predicts for 24 GiB."""
     runs = []
     for batch in batches:
-        out = subprocess.run([sys.executable, "-m", "bench.openai_speed", "--peak", config, variant, str(batch)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            runs.append({"batch": batch, "error": (out.stderr.strip().splitlines() or ["?"])[-1]})
+        runs.append({"batch": batch, **_fresh("--peak", config, variant, str(batch))})
+        if "error" in runs[-1]:
             break
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     done = [r for r in runs if "peak" in r]
     return {"variant": variant, "runs": done, "errors": [r for r in runs if "error" in r], **fit(done)}
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from bench.measure import ddpm_pipeline, flops_per_image_step, matmul_peak_tflops, sync_time
+from bench.measure import ddpm_pipeline, flops_per_image_step, matmul_peak_tflops, prepare_static, sync_time
 from ddpm_engine import Engine, backends, cpu
 
 E2E_STEPS = 10
@@ -86,8 +86,7 @@ def contenders(loaded, batch):
         eng = Engine(loaded, backend=backend, precision=precision, device="cpu", batching=False)
         if compiled:
             eng.backend.module = torch.compile(eng.backend.module)
-        if hasattr(eng.backend, "prepare"):  # OpenVINO's static compile now, not in the background while others run
-            eng.backend.prepare([batch])
+        prepare_static(eng.backend, [batch])
         return eng, lambda steps: eng.sample([random.getrandbits(64) for _ in range(batch)], sampler="ddpm",
                                              steps=steps, driver="eager", cache_interval=cache_interval)
 

@@ -110,7 +110,7 @@ def free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def bytes_per_image(sample_shape, model_bytes_per_image: int = 0, model_factor: int = 2) -> int:
+def bytes_per_image(sample_shape, model_bytes_per_image: int, model_factor: int) -> int:
     """The memory one image of a batch needs: its sampler state and step temporaries
     (``WORKING_BYTES_PER_ELEMENT`` per element) plus ``model_factor`` times the model call's
     measured working memory per image (``probe.ModelIO.bytes_per_image``: what torch's tensors
@@ -119,8 +119,7 @@ def bytes_per_image(sample_shape, model_bytes_per_image: int = 0, model_factor: 
     return math.prod(sample_shape) * WORKING_BYTES_PER_ELEMENT + model_factor * model_bytes_per_image
 
 
-def max_batch_that_fits(sample_shape, device: torch.device, model_bytes_per_image: int = 0,
-                        model_factor: int = 2) -> int:
+def max_batch_that_fits(sample_shape, device: torch.device, model_bytes_per_image: int, model_factor: int) -> int:
     """How many images of ``sample_shape`` one batch may hold on ``device`` (at least 1)."""
     return max(1, free_bytes(device) // bytes_per_image(sample_shape, model_bytes_per_image, model_factor))
 

@@ -115,7 +115,7 @@ def _check(onnx, model, name: str) -> None:
 
 
 def _write_with_external_data(onnx, model, path: Path, data_name: str, name: str) -> Path:
-    """``model`` at ``path`` with every initializer in ``path.parent / data_name``: staged in a
+    """``model`` at ``path`` with every tensor over 1 KiB in ``path.parent / data_name``: staged in a
     temporary folder beside it, checked, then the data file and the graph renamed into place, in
     that order (a graph never names data that is not there yet)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,6 @@ the identity check in its hands.)
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
