@@ -365,7 +365,10 @@ def test_spacings_give_diffusers_images(pipeline_for, sampler, spacing, predicti
     ours = engine.sample([5, 6], sampler=sampler, steps=STEPS, spacing=spacing, x_T=x_T)
     theirs = diffusers_loop(unet, peer(sampler, engine, spacing), x_T.clone(), STEPS, eta=0.0) if sampler == "ddim" \
         else diffusers_loop(unet, peer(sampler, engine, spacing), x_T.clone(), STEPS)
-    assert (ours - theirs).abs().max().item() <= 1e-4
+    # 3e-4, float32's floor for these untrained chains: over 12 seeds (Xeon with AMX, torch 2.13)
+    # ddim-trailing-epsilon differed by 1.3e-5..5.8e-5 (one seed 1.18e-4), while diffusers' own
+    # images moved by 2.2e-5..1.0e-4 when x_T was scaled by one ulp (1 + 2**-23)
+    assert (ours - theirs).abs().max().item() <= 3e-4
 
 
 def test_a_spacing_a_sampler_does_not_take_is_refused_with_the_ones_it_does(pipeline_for):
@@ -525,8 +528,10 @@ def test_third_order_solvers_give_diffusers_images_whole_chain(pipeline_for, sam
 @pytest.mark.parametrize("sampler", sorted(THIRD_ORDER))
 def test_third_order_solvers_give_diffusers_images_on_the_trained_digits_model(sampler):
     """On a trained model (the bundled digits one, epsilon, images near [-1, 1]) the images of
-    the engine and of diffusers' solver_order=3 scheduler, from the same x_T, agree within 1e-5
-    absolute at 5 and 10 steps."""
+    the engine and of diffusers' solver_order=3 scheduler, from the same x_T, agree within 4e-5
+    absolute at 5 and 10 steps: float32's floor for these chains. Over 100 seeds the median was
+    1.8e-6 and the largest 9.1e-6 (unipc_3), one seed reached 1.56e-5, while diffusers' own images
+    move by 1.1e-5 when x_T is scaled by one ulp (1 + 2**-23); Xeon with AMX, torch 2.13."""
     from types import SimpleNamespace
 
     engine = nchw(Engine.from_pretrained("digits", backend="torch", batching=False))
@@ -538,4 +543,4 @@ def test_third_order_solvers_give_diffusers_images_on_the_trained_digits_model(s
         x_T = torch.randn(4, *engine.sample_shape)
         theirs = diffusers_steps(unet, scheduler, x_T.clone(), steps)[-1].clamp(-1, 1)
         ours = engine.sample([1, 2, 3, 4], sampler=sampler, steps=steps, x_T=x_T)
-        assert (ours - theirs).abs().max().item() <= 1e-5, steps
+        assert (ours - theirs).abs().max().item() <= 4e-5, steps
