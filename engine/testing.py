@@ -31,12 +31,9 @@ a 1% change of the network fails by far (docs/performance.md has the measurement
 - ``bf16``: rtol 0.2, atol 0.5: bf16's 8-bit mantissa, amplified by a deterministic chain. Read
   the PSNR column for a finer view;
 - ``int8``: rtol 1.5, atol 1.5 (the data range is 2): a coarse bound that catches NaN, a wrong
-  graph or a collapsed calibration, not a fine one. Measured on the digits model (OpenVINO int8,
-  min-max calibration, seeds 0-3, 2026-12-04): network error 0.25 (DDIM-50) and 0.41 (DDPM-100),
-  both at t = 0 where the predicted noise is smallest; images within 0.071 and 0.19, PSNR 43.0
-  and 38.5 dB. An untrained network's chain diverges even in bf16, so no tighter bound holds
-  for every model. The PSNR column and the Fréchet distance of ``bench.quality`` say how good
-  int8 is.
+  graph or a collapsed calibration, not a fine one (an untrained network's chain diverges even
+  in bf16, so no tighter bound holds for every model; the measured errors: docs/regression.md).
+  The PSNR column and the Fréchet distance of ``bench.quality`` say how good int8 is.
 
 No GPU measured these (TensorRT's fp16 kernels may differ); pass ``atol`` / ``rtol`` to tighten.
 
