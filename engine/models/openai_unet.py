@@ -156,12 +156,14 @@ class AttentionBlock(nn.Module):
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))  # [B, 3C, T]
         heads, ch, length = self.num_heads, c // self.num_heads, x.shape[-1]
+        # q, k, v as [B, heads, T, ch], copied so that ch is the contiguous dimension: the fused
+        # attention kernels want it, and without the copy the CPU's ran 2.3x slower at T = 1024
+        # (guided-imagenet64 per call: 0.92x their einsum attention, 1.05x with it; docs/openai.md)
         if self.new_order:  # [q of every head | k ... | v ...]
-            q, k, v = qkv.reshape(b, 3, heads, ch, length).unbind(1)
+            q, k, v = qkv.reshape(b, 3, heads, ch, length).transpose(-1, -2).contiguous().unbind(1)
         else:  # legacy: per head [q | k | v]
-            q, k, v = qkv.reshape(b, heads, 3, ch, length).unbind(2)
-        # softmax(q^T k / sqrt(ch)) v, per head: [B, heads, T, ch]
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            q, k, v = qkv.reshape(b, heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(ch)) v, per head
         h = self.proj_out(h.transpose(-1, -2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
