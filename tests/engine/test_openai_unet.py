@@ -521,8 +521,8 @@ def engine_and_theirs(flags: str):
     runs them with torch's thread count as the engine samples, so that a chain compares the two
     sampling loops alone; the two networks' parity is ``forward_parity``'s. Outputs equal only to
     rounding would not do: this untrained network's chain is ill-conditioned, and outputs 5e-7 apart
-    (two networks, or one network at 1 and at 2 threads) made images up to 6.5e-3 apart for 3 seeds in
-    6 (learned-sigma-cosine, DDIM "10"; their own loop at 2 against 1 thread too, 2026-12-04)."""
+    (two networks, or one network at 1 and at 2 threads) end in images far apart for some seeds
+    (measured: docs/openai.md, "How it is checked")."""
     model, diffusion = theirs(flags)
     model = randomize(model, std=0.02)
     cfg = from_flags(flags)
@@ -550,7 +550,8 @@ def their_noise_is(words, steps: int):
 def chain(flags: str, sampler: str, respacing: str = "ddim10") -> dict:
     """Their ddim_sample_loop (eta 0) or p_sample_loop (respaced by their ``timestep_respacing``, their
     per-step noise replaced by the engine's), clip_denoised, against engine.sample from the same x_T, both
-    on one network (``engine_and_theirs``); and each step alone, both sides stepping from the same x_t with the same model output."""
+    on one network (``engine_and_theirs``); and each step alone, both sides stepping from the same x_t
+    with the same model output."""
     respaced = flags + f" --timestep_respacing {respacing}" + (" --use_ddim True" if sampler == "ddim" else "")
     engine, model, diffusion = engine_and_theirs(respaced)
     cfg = from_flags(respaced)
@@ -573,8 +574,7 @@ def chain(flags: str, sampler: str, respacing: str = "ddim10") -> dict:
         for i in reversed(range(steps)):
             x = rows.x.clone()
             theirs_ = one_step(model, x, torch.full((3,), i), clip_denoised=True, **kw)["sample"]
-            # their network's output for both (at t = T - 1 of a cosine schedule sqrt(1 / abar - 1) ~ 2e4
-            # magnifies the two networks' 1e-6 apart into x0 where it is not clipped)
+            # one network output for both sides, as their step computed it: the two step rules alone
             plan.step(rows, diffusion._wrap_model(model)(x, torch.full((3,), i), **kw.get("model_kwargs", {})))
             step_error = max(step_error, (rows.x - theirs_).abs().max().item())
     return {"sampler": sampler, "respacing": respacing, "steps": steps,
@@ -643,8 +643,9 @@ def record(path: str, published_widths: bool = True) -> None:
             "tolerance": 1e-5, "forward": forward, "chains": chains,
             "chains_how": "their ddim_sample_loop / p_sample_loop (their noise replaced by the engine's) against "
                           "engine.sample from the same x_T, 3 images, clip_denoised, both loops on the engine's "
-                          "network (theirs called as their code calls it) at the engine's torch thread count; "
-                          "step_max_abs_error: each step alone from the same x_t and network output; respacing: their timestep_respacing "
+                          "network (called as their code calls it) at the engine's torch thread count; "
+                          "step_max_abs_error: each step alone from the same x_t and network output; "
+                          "respacing: their timestep_respacing "
                           "(\"ddim10\", plain \"10\" ending on T - 1, sections \"3,4,3\"), kept explicitly by the engine"}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
