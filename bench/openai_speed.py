@@ -17,7 +17,13 @@ variants interleaved round by round, medians of ``--reps`` rounds:
   (``plan.max_batch_that_fits`` with 24 GiB free);
 - ``--verify``: in a fresh process, the largest request the engine admits on this machine
   (``engine.max_batch``, from the memory available when it is built), sampled with one DDIM step:
-  it must finish, and its peak is recorded beside the memory that was available.
+  it must finish, and its peak is recorded beside the memory that was available;
+- ``--footprint``: in a fresh process per ``--memory-variants`` entry, the memory one engine holds
+  between requests (our network only, random weights; the cache's files built by a process
+  before), and the seconds its build takes: resident before it is built, once built
+  and after one call, and after each static shape of ``--static-batches`` is compiled
+  (``prepare``), split into anonymous memory (the process's own) and file-backed pages (cached
+  files mapped: shared between processes, reclaimable).
 
 int8 is calibrated on ``--int8-calls`` calls (16; the engine's default is 200): its speed does not
 depend on its scales, and the 256x256 configs' calls take seconds each.
@@ -28,6 +34,7 @@ depend on its scales, and the 256x256 configs' calls take seconds each.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -158,13 +165,47 @@ def admitted(config: str, variant: str) -> dict:
             "peak": _status("VmHWM"), "seconds": round(time.perf_counter() - start, 1)}
 
 
+def footprint(config: str, variant: str, batches) -> dict:
+    """What one engine of our network holds between requests: resident memory (``_resident``)
+    before the engine is built (the network itself), once built and after a batch-1 call, then
+    after each of ``batches``' static shapes is compiled."""
+    from ddpm_engine import Engine
+    from ddpm_engine.openai_format import from_flags
+    from tests.engine.test_openai_unet import CONFIGS
+
+    cfg = from_flags(CONFIGS[config])
+    torch.manual_seed(0)
+    ours = cfg.build()
+    rows = [{"after": "network built", **_resident()}]
+    backend, precision = variant.split(":")
+    start = time.perf_counter()
+    engine = Engine.from_module(ours, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend=backend,
+                                precision=precision, batching=False)
+    build_s = time.perf_counter() - start
+    x, t, y = inputs(cfg, 1)
+    with torch.no_grad():
+        _as_sampled(engine.backend, x, t, *(() if y is None else (y,)))
+    rows.append({"after": "engine built, one call", **_resident()})
+    for batch in batches:
+        prepare_static(engine.backend, [batch])
+        rows.append({"after": f"static batch {batch} compiled", **_resident()})
+    return {"variant": variant, "parameters": sum(p.numel() for p in ours.parameters()),
+            "build_s": round(build_s, 2), "rows": rows}
+
+
+def _resident() -> dict:
+    """This process's resident memory now, after a garbage collection: anonymous and file-backed bytes."""
+    gc.collect()
+    return {"anon": _status("RssAnon"), "file": _status("RssFile")}
+
+
 def verify(config: str, variant: str) -> dict:
     """``admitted`` in a fresh process."""
     return {"variant": variant, **_fresh("--admit", config, variant)}
 
 
 def _fresh(*args: str) -> dict:
-    """This module run with ``args`` (``--peak`` or ``--admit``) in a fresh process: the JSON it
+    """This module run with ``args`` (``--peak``, ``--admit`` or ``--held``) in a fresh process: the JSON it
     printed last, or {"returncode", "error"} (a process killed for memory prints nothing)."""
     out = subprocess.run([sys.executable, "-m", "bench.openai_speed", *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -225,10 +266,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, help="default: 1, 8, 32 at 32 px, 1, 4, 16 at 64 px, "
                         "else 1, 2, 4")
     parser.add_argument("--verify", action="store_true", help="also sample the largest request the engine admits")
+    parser.add_argument("--footprint", action="store_true", help="also the memory one engine holds between requests")
+    parser.add_argument("--static-batches", nargs="*", type=int, default=[1, 2, 4, 8],
+                        help="--footprint's static shapes, compiled one after another")
     parser.add_argument("--int8-calls", type=int, default=16, help="int8's calibration calls (speed only)")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--peak", nargs=3, metavar=("CONFIG", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--admit", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--held", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from ddpm_engine import calibration
 
@@ -241,6 +286,9 @@ def main(argv=None) -> int:
         return 0
     if args.admit:
         print(json.dumps(admitted(*args.admit)))
+        return 0
+    if args.held:
+        print(json.dumps(footprint(*args.held, args.static_batches)))
         return 0
     data = {"what": __doc__.splitlines()[0], "how": "python -m bench.openai_speed " + " ".join(argv or sys.argv[1:]),
             **cpu_name(), "load_before": Path("/proc/loadavg").read_text().split()[:3], "torch": torch.__version__,
@@ -255,6 +303,12 @@ def main(argv=None) -> int:
             entry["memory"] = [memory(config, v, batches) for v in args.memory_variants]
         if args.verify:
             entry["admitted"] = [verify(config, v) for v in args.memory_variants]
+        if args.footprint:
+            batches = [str(b) for b in args.static_batches]
+            entry["footprint"] = []
+            for v in args.memory_variants:
+                _fresh("--held", config, v, "--static-batches")  # builds the cached files: the next one finds them
+                entry["footprint"].append({"variant": v, **_fresh("--held", config, v, "--static-batches", *batches)})
         print(json.dumps({config: entry}), flush=True)
         if args.out:
             data["load_after"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -11,7 +11,8 @@ what happens to a file that does not load.
 - ``artifact_path(kind, name, parts, suffix, tags)``: the one file name of a cached artifact,
   ``<kind folder>/<slug(name)>-<tag>-...-<key(parts)[:24]><suffix>``;
 - ``write_bytes(path, data)`` / ``build(path, make)``: write under a temporary name in the same
-  folder, then ``os.replace``, so a crash never leaves a half file that a later run would reuse;
+  folder, then ``os.replace``, so a crash never leaves a half file that a later run would reuse,
+  and a file that a running engine has mapped (an OpenVINO blob) never changes under it;
 - ``load(path, make, open_)``: build the file if absent and open it; a cached file that fails to
   open is taken as corrupt (truncated, or written by another version): it is removed and rebuilt
   once, and an error on the fresh file is raised as is.

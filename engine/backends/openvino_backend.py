@@ -343,6 +343,23 @@ def compile_blob(loaded, precision: str, path) -> None:
         f.write(compiled.export_model().getbuffer())
 
 
+def import_blob(core, path, offset: int, precision: str):
+    """(the compiled model, the mapping it runs from) of the blob in ``path`` from byte ``offset``
+    on. The file is memory-mapped (privately: nothing is written back), not read: the compiled
+    model keeps its weights in the file's pages, which other processes of the same model share and
+    the kernel can reclaim, where a read would hold them as a private copy (1.2 GB for a 296M-
+    parameter model: docs/performance.md, "Memory"). OpenVINO holds no reference to the mapping:
+    the caller keeps it for as long as the compiled model lives. The cache replaces its files, never
+    rewrites them (``cache.build``), so the file does not change under the mapping. An OpenVINO
+    whose ``import_model`` takes no tensor (before 2025) is given the bytes (mapping None).
+    RuntimeError or ValueError: not a blob OpenVINO can import (corrupt or empty)."""
+    mapping = np.memmap(path, np.uint8, mode="c", offset=offset)
+    try:
+        return core.import_model(_ov().Tensor(mapping, shared_memory=True), "CPU", config(precision)), mapping
+    except TypeError:
+        return core.import_model(bytes(mapping), "CPU", config(precision)), None
+
+
 def compile_static(loaded, precision: str, batch: int, streams: int = 1):
     """``loaded``'s export compiled for exactly ``batch`` images, with ``streams`` streams (not
     cached on disk: importing a cached blob would save little over compiling, and each blob would
@@ -414,7 +431,7 @@ class OpenVINOBackend(Backend):
         ov = _ov()
         self.path = Path(blob_path)
         with open(self.path, "rb") as f:
-            header, blob = f.readline(), f.read()
+            header = f.readline()
         try:
             found = json.loads(header)
         except ValueError:
@@ -424,8 +441,8 @@ class OpenVINOBackend(Backend):
             raise ModelLoadError(f"{self.path} is a compiled model of something else (differs in {differs}); "
                                  "delete it and rebuild")
         try:
-            self.compiled = ov.Core().import_model(blob, "CPU", config(precision))
-        except RuntimeError as exc:
+            self.compiled, blob = import_blob(ov.Core(), self.path, len(header), precision)
+        except (RuntimeError, ValueError) as exc:
             first = first_line(exc)
             raise ModelLoadError(f"OpenVINO cannot import {self.path} (corrupt?): {first}") from None
         got = precision_of(self.compiled)
@@ -442,6 +459,9 @@ class OpenVINOBackend(Backend):
         self._tensor = ov.Tensor
         self._pair = None  # cache_interval's {"full": request, "shallow": request}, compiled on first use
         self._deep_out = None  # (C, H, W) of the full graph's deep_features output
+        # the blob's mapping (``import_blob``): the compiled model points into it without holding it;
+        # set last, so that the compiled model and its requests are released before it
+        self._blob = blob
 
     @classmethod
     def unavailable_reason(cls, device, precision: str) -> str | None:

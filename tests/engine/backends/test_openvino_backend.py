@@ -3,8 +3,8 @@ where the CPU has it, static-shape compiles of the first batch sizes that recur 
 path: calls run the dynamic model meanwhile, the compile waits for a quiet moment and is dropped
 if the program ends first; ``prepare`` compiles ahead), zero-copy output, its
 compiled-model cache (a blob of another model, another OpenVINO version or a corrupt one rebuilt
-once), precision refusals on a CPU faked to lack bf16, the missing-package error, and the check of
-the ONNX graph it compiles."""
+once; the blob mapped, not read), precision refusals on a CPU faked to lack bf16, the missing-package
+error, and the check of the ONNX graph it compiles."""
 
 import dataclasses
 import gc
@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("openvino")
 
 from ddpm_engine import Engine, backends, cpu  # noqa: E402
+from ddpm_engine import cache as cache_module  # noqa: E402
 from ddpm_engine.backends import openvino_backend  # noqa: E402
 from ddpm_engine.backends.openvino_backend import OpenVINOBackend  # noqa: E402
 from ddpm_engine.errors import BackendUnavailableError, MissingDependencyError, ModelLoadError  # noqa: E402
@@ -235,6 +236,12 @@ def test_a_large_static_batch_runs_as_requests_in_flight_each_on_its_part(loaded
     assert openvino_backend.streams_for(6) == 1  # one thread: one stream
 
 
+def replace(path, data: bytes) -> None:
+    """A cached file replaced as the cache replaces files (never rewritten in place: a backend made
+    from it runs from its mapping, ``import_blob``)."""
+    cache_module.write_bytes(path, data)
+
+
 def _header(path) -> dict:
     with open(path, "rb") as f:
         return json.loads(f.readline())
@@ -248,14 +255,14 @@ def test_a_blob_of_another_model_or_openvino_version_is_rebuilt(backend, loaded,
     want = backend(x, t)
     with pytest.raises(ModelLoadError, match="something else"):  # refused when opened directly
         OpenVINOBackend(foreign.path, openvino_backend.identity(loaded, "fp32"), SHAPE)
-    backend.path.write_bytes(foreign.path.read_bytes())  # another model's blob under this model's name
+    replace(backend.path, foreign.path.read_bytes())  # another model's blob under this model's name
     rebuilt = create(loaded)
     assert _header(rebuilt.path)["weights"] == loaded.weights_hash
     assert rel_err(rebuilt(x, t), want) <= 1e-5
 
     header, _, blob = good.partition(b"\n")
     old = dict(json.loads(header), openvino="2020.1.0")
-    backend.path.write_bytes(json.dumps(old).encode() + b"\n" + blob)  # written by another OpenVINO
+    replace(backend.path, json.dumps(old).encode() + b"\n" + blob)  # written by another OpenVINO
     rebuilt = create(loaded)
     assert _header(rebuilt.path)["openvino"] == openvino_backend._ov().get_version()
 
@@ -263,7 +270,7 @@ def test_a_blob_of_another_model_or_openvino_version_is_rebuilt(backend, loaded,
 def test_a_corrupt_blob_is_rebuilt_once(backend, loaded, monkeypatch):
     good = backend.path.read_bytes()
     header, _, blob = good.partition(b"\n")
-    backend.path.write_bytes(header + b"\n" + blob[: len(blob) // 3])  # truncated, as by a crash
+    replace(backend.path, header + b"\n" + blob[: len(blob) // 3])  # truncated
     rebuilt = create(loaded)
     x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
     assert torch.equal(rebuilt(x, t), backend(x, t))
@@ -272,10 +279,86 @@ def test_a_corrupt_blob_is_rebuilt_once(backend, loaded, monkeypatch):
         path.write_bytes(header + b"\n" + b"not a blob")
 
     monkeypatch.setattr(openvino_backend, "compile_blob", broken_compile)
-    backend.path.write_bytes(b"garbage")
+    replace(backend.path, b"garbage")
     with pytest.raises(ModelLoadError, match="cannot import"):  # rebuilt once, then the error is raised
         create(loaded)
     backend.path.unlink()
+
+
+def _imported_from_bytes(path, precision="fp32"):
+    """The blob at ``path`` imported as a read (not mapped) copy: the reference for ``import_blob``."""
+    with open(path, "rb") as f:
+        f.readline()
+        data = f.read()
+    return openvino_backend._ov().Core().import_model(data, "CPU", openvino_backend.config(precision))
+
+
+def _run(compiled, x, t):
+    return torch.from_numpy(compiled.create_infer_request().infer([x.numpy(), t.numpy()])[0].copy())
+
+
+def test_the_blob_runs_from_a_mapping_of_the_cached_file_as_a_read_copy_would(loaded, cache, test_seed):
+    backend = create(loaded)
+    maps = "/proc/self/maps"
+    if os.path.exists(maps):  # file-backed pages, not a private copy
+        with open(maps) as f:
+            assert str(backend.path) in f.read()
+    x, t = torch.randn(3, *SHAPE), torch.randint(0, 1000, (3,))
+    gc.collect()  # nothing but the backend holds the mapping now: it must outlive the compiled model
+    assert torch.equal(backend(x, t), _run(_imported_from_bytes(backend.path), x, t))
+
+
+def test_an_openvino_that_imports_no_tensor_is_given_the_bytes(loaded, cache, test_seed):
+    backend, real = create(loaded), openvino_backend._ov().Core()
+
+    class OldCore:  # import_model(bytes) only, as before OpenVINO 2025
+        def import_model(self, blob, device, config):
+            if not isinstance(blob, bytes):
+                raise TypeError("import_model(): incompatible function arguments")
+            return real.import_model(blob, device, config)
+
+    with open(backend.path, "rb") as f:
+        offset = len(f.readline())
+    compiled, mapping = openvino_backend.import_blob(OldCore(), backend.path, offset, "fp32")
+    assert mapping is None
+    x, t = torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,))
+    assert torch.equal(_run(compiled, x, t), backend(x, t))
+
+
+def test_a_blob_with_nothing_after_its_header_is_refused_as_corrupt(loaded, cache, tmp_path):
+    backend = create(loaded)
+    with open(backend.path, "rb") as f:
+        header = f.readline()
+    for rest in (b"", b"x"):
+        (tmp_path / "short.ovblob").write_bytes(header + rest)
+        with pytest.raises(ModelLoadError, match="cannot import"):
+            OpenVINOBackend(tmp_path / "short.ovblob", openvino_backend.identity(loaded, "fp32"), SHAPE)
+
+
+def test_processes_that_build_run_and_drop_mapped_backends_end_cleanly(tmp_path):
+    script = """
+import gc, sys
+import torch
+from ddpm_engine import backends
+from tests.engine.backends.helpers import SHAPE, small_model
+loaded = small_model()
+x, t = torch.randn(2, *SHAPE), torch.zeros(2, dtype=torch.int64)
+kept = []
+for k in range(3):
+    backend = backends.create("openvino", loaded, "cpu", "fp32")
+    backend.prepare([2])
+    out = backend(x, t)
+    if k == 1:
+        kept.append(backend)  # alive at exit
+    del backend
+    gc.collect()
+    assert torch.isfinite(out).all()
+print("done")
+"""
+    for _ in range(3):  # the first builds the cache; the later ones map its files
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "DDPM_ENGINE_CACHE": str(tmp_path)})
+        assert out.returncode == 0 and out.stdout.strip() == "done", out.stdout + out.stderr
 
 
 def test_reduced_precision_needs_it_natively(loaded, monkeypatch):
