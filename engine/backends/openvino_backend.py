@@ -18,17 +18,17 @@ plugin at the precision asked for.
   estimator and the versions of OpenVINO and NNCF.
 
 Shapes: the blob is compiled with a dynamic batch, and the first ``STATIC_BATCHES`` batch sizes
-that recur (a size's ``STATIC_AFTER_CALLS``-th call) are each compiled once more for exactly
-that shape (in memory, from the same graph). OpenVINO plans memory and picks kernels once for a
-fixed shape, which makes a call at a static shape faster than at the dynamic one
-(docs/performance.md has the measurements). Other batch sizes run the dynamic-shape model (the
-passing sizes of continuous batching, where requests join and leave, take no slot). The static
-compiles run off the request path, on a background thread, one at a time: a call never waits
-for one, it runs the dynamic-shape model until its size's compile is ready (``request_for``);
-and a compile waits for a quiet moment (no call for ``QUIET_S``, at most ``MAX_DEFER_S``), so
-that it does not take the cores from a burst of calls (it would: a compile is CPU work too, and
-the first 32-call burst ran 2.5x slower beside four of them); one not started when the program
-ends is dropped. ``prepare(batches)`` compiles ahead, at once, and waits.
+that recur (a size's ``STATIC_AFTER_CALLS``-th call) are each compiled once more for exactly that
+shape (in memory, each from a clone of one graph read once: ``SourceGraph``). OpenVINO plans
+memory and picks kernels once for a fixed shape, which makes a call at a static shape faster than
+at the dynamic one (docs/performance.md has the measurements). Other batch sizes run the
+dynamic-shape model (the passing sizes of continuous batching, where requests join and leave, take
+no slot). The static compiles run off the request path, on a background thread, one at a time: a
+call never waits for one, it runs the dynamic-shape model until its size's compile is ready
+(``request_for``); and a compile waits for a quiet moment (no call for ``QUIET_S``, at most
+``MAX_DEFER_S``), so that it does not take the cores from a burst of calls (it would: a compile is
+CPU work too, and the first 32-call burst ran 2.5x slower beside four of them); one not started
+when the program ends is dropped. ``prepare(batches)`` compiles ahead, at once, and waits.
 
 I/O: x and t are handed to OpenVINO as zero-copy views of the torch tensors (``ov.Tensor(...,
 shared_memory=True)``), and the output is written straight into a fresh torch tensor bound as
@@ -360,16 +360,35 @@ def import_blob(core, path, offset: int, precision: str):
         return core.import_model(bytes(mapping), "CPU", config(precision)), None
 
 
-def compile_static(loaded, precision: str, batch: int, streams: int = 1):
+def compile_static(loaded, precision: str, batch: int, streams: int = 1, source=None):
     """``loaded``'s export compiled for exactly ``batch`` images, with ``streams`` streams (not
     cached on disk: importing a cached blob would save little over compiling, and each blob would
-    take as much disk as the dynamic one)."""
+    take as much disk as the dynamic one). ``source``: a ``SourceGraph`` to compile a clone of
+    (None: the graph is read for this compile alone)."""
     core = _ov().Core()
-    model = source_model(core, loaded, precision)
+    model = source_model(core, loaded, precision) if source is None else source.clone()
     names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
     model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
                    for name, port in zip(names, model.inputs)})
     return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}", streams)
+
+
+class SourceGraph:
+    """One backend's ``source_model``, read on the first ``clone()`` and kept: each static shape
+    compiles a clone of it, and clones share its weights, so a compile neither reads the file
+    again nor holds a copy of the weights of its own (measured: docs/performance.md, "Memory an
+    engine holds between requests"). Thread-safe (``prepare`` compiles on several threads at once)."""
+
+    def __init__(self, loaded, precision: str):
+        self._loaded, self._precision = loaded, precision
+        self._model = None
+        self._lock = threading.Lock()
+
+    def clone(self):
+        with self._lock:
+            if self._model is None:
+                self._model = source_model(_ov().Core(), self._loaded, self._precision)
+            return self._model.clone()
 
 
 def _compile_when_quiet(backend_ref, batch: int, deferred: bool) -> None:
@@ -481,9 +500,11 @@ class OpenVINOBackend(Backend):
         from ddpm_engine.export.onnx_export import cached_path as onnx_path
 
         expected = identity(loaded, precision)
+        source = SourceGraph(loaded, precision)
         backend = cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
                              lambda path: cls(path, expected, loaded.sample_shape, precision,
-                                              lambda *shape: compile_static(loaded, precision, *shape), io=loaded.io),
+                                              lambda *shape: compile_static(loaded, precision, *shape, source=source),
+                                              io=loaded.io),
                              corrupt=(ModelLoadError,))
         backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
         backend.loaded = loaded
