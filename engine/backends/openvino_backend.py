@@ -347,12 +347,13 @@ def import_blob(core, path, offset: int, precision: str):
     """(the compiled model, the mapping it runs from) of the blob in ``path`` from byte ``offset``
     on. The file is memory-mapped (privately: nothing is written back), not read: the compiled
     model keeps its weights in the file's pages, which other processes of the same model share and
-    the kernel can reclaim, where a read would hold them as a private copy (1.2 GB for a 296M-
-    parameter model: docs/performance.md, "Memory"). OpenVINO holds no reference to the mapping:
-    the caller keeps it for as long as the compiled model lives. The cache replaces its files, never
-    rewrites them (``cache.build``), so the file does not change under the mapping. An OpenVINO
-    whose ``import_model`` takes no tensor (before 2025) is given the bytes (mapping None).
-    RuntimeError or ValueError: not a blob OpenVINO can import (corrupt or empty)."""
+    the kernel can reclaim, where a read would hold them as a private copy (measured:
+    docs/performance.md, "Memory an engine holds between requests"). OpenVINO holds no reference
+    to the mapping: the caller keeps it for as long as the compiled model lives. The cache replaces
+    its files, never rewrites them (``cache.build``), so the file does not change under the
+    mapping. An OpenVINO whose ``import_model`` takes no tensor (older releases) is given the
+    bytes (mapping None). RuntimeError or ValueError: not a blob OpenVINO can import (corrupt or
+    empty)."""
     mapping = np.memmap(path, np.uint8, mode="c", offset=offset)
     try:
         return core.import_model(_ov().Tensor(mapping, shared_memory=True), "CPU", config(precision)), mapping

@@ -330,7 +330,7 @@ def test_the_blob_runs_from_a_mapping_of_the_cached_file_as_a_read_copy_would(lo
 def test_an_openvino_that_imports_no_tensor_is_given_the_bytes(loaded, cache, test_seed):
     backend, real = create(loaded), openvino_backend._ov().Core()
 
-    class OldCore:  # import_model(bytes) only, as before OpenVINO 2025
+    class OldCore:  # import_model(bytes) only, as in older OpenVINO releases
         def import_model(self, blob, device, config):
             if not isinstance(blob, bytes):
                 raise TypeError("import_model(): incompatible function arguments")
