@@ -58,7 +58,6 @@ DEFAULT_VARIANTS = ("torch:fp32", "openvino:fp32", "openvino:bf16")
 
 def build(config: str, variant: str | None, respacing: str = ""):
     """(their model, their diffusion, the engine or None, its flags' OpenAIConfig) with the same random weights."""
-    from ddpm_engine import Engine
     from ddpm_engine.openai_format import from_flags
     from tests.engine.test_openai_unet import CONFIGS, randomize, theirs
 
@@ -71,10 +70,17 @@ def build(config: str, variant: str | None, respacing: str = ""):
     if variant is not None:
         ours = cfg.build()
         ours.load_state_dict(model.state_dict(), strict=True)
-        backend, precision = variant.split(":")
-        engine = Engine.from_module(ours, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend=backend,
-                                    precision=precision, batching=False)
+        engine = engine_of(ours, cfg, variant)
     return model, diffusion, engine, cfg
+
+
+def engine_of(ours, cfg, variant: str):
+    """The engine of our network ``ours`` for ``variant`` ("backend:precision"), unbatched."""
+    from ddpm_engine import Engine
+
+    backend, precision = variant.split(":")
+    return Engine.from_module(ours, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend=backend,
+                              precision=precision, batching=False)
 
 
 def inputs(cfg, batch: int):
@@ -169,7 +175,6 @@ def footprint(config: str, variant: str, batches) -> dict:
     """What one engine of our network holds between requests: resident memory (``_resident``)
     before the engine is built (the network itself), once built and after a batch-1 call, then
     after each of ``batches``' static shapes is compiled."""
-    from ddpm_engine import Engine
     from ddpm_engine.openai_format import from_flags
     from tests.engine.test_openai_unet import CONFIGS
 
@@ -177,10 +182,8 @@ def footprint(config: str, variant: str, batches) -> dict:
     torch.manual_seed(0)
     ours = cfg.build()
     rows = [{"after": "network built", **_resident()}]
-    backend, precision = variant.split(":")
     start = time.perf_counter()
-    engine = Engine.from_module(ours, scheduler=cfg.scheduler, sample_shape=cfg.sample_shape, backend=backend,
-                                precision=precision, batching=False)
+    engine = engine_of(ours, cfg, variant)
     build_s = time.perf_counter() - start
     x, t, y = inputs(cfg, 1)
     with torch.no_grad():

@@ -361,19 +361,6 @@ def import_blob(core, path, offset: int, precision: str):
         return core.import_model(bytes(mapping), "CPU", config(precision)), None
 
 
-def compile_static(loaded, precision: str, batch: int, streams: int = 1, source=None):
-    """``loaded``'s export compiled for exactly ``batch`` images, with ``streams`` streams (not
-    cached on disk: importing a cached blob would save little over compiling, and each blob would
-    take as much disk as the dynamic one). ``source``: a ``SourceGraph`` to compile a clone of
-    (None: the graph is read for this compile alone)."""
-    core = _ov().Core()
-    model = source_model(core, loaded, precision) if source is None else source.clone()
-    names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
-    model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
-                   for name, port in zip(names, model.inputs)})
-    return compile_model(core, model, precision, f"{loaded.name!r} at batch {batch}", streams)
-
-
 class SourceGraph:
     """One backend's ``source_model``, read on the first ``clone()`` and kept: each static shape
     compiles a clone of it, and clones share its weights, so a compile neither reads the file
@@ -381,15 +368,26 @@ class SourceGraph:
     engine holds between requests"). Thread-safe (``prepare`` compiles on several threads at once)."""
 
     def __init__(self, loaded, precision: str):
-        self._loaded, self._precision = loaded, precision
+        self.loaded, self.precision = loaded, precision
         self._model = None
         self._lock = threading.Lock()
 
     def clone(self):
         with self._lock:
             if self._model is None:
-                self._model = source_model(_ov().Core(), self._loaded, self._precision)
+                self._model = source_model(_ov().Core(), self.loaded, self.precision)
             return self._model.clone()
+
+
+def compile_static(source: SourceGraph, batch: int, streams: int = 1):
+    """``source``'s graph (a clone of it) compiled for exactly ``batch`` images, with ``streams``
+    streams (not cached on disk: importing a cached blob would save little over compiling, and
+    each blob would take as much disk as the dynamic one)."""
+    loaded, model = source.loaded, source.clone()
+    names = iospec.inputs_of(loaded.io.extra_inputs)  # x, t, then the extra inputs: export.iospec's order
+    model.reshape({port.any_name: [batch] if iospec.is_integer(name) else [batch, *loaded.sample_shape]
+                   for name, port in zip(names, model.inputs)})
+    return compile_model(_ov().Core(), model, source.precision, f"{loaded.name!r} at batch {batch}", streams)
 
 
 def _compile_when_quiet(backend_ref, batch: int, deferred: bool) -> None:
@@ -504,8 +502,7 @@ class OpenVINOBackend(Backend):
         source = SourceGraph(loaded, precision)
         backend = cache.load(cached_path(loaded, precision), lambda tmp: compile_blob(loaded, precision, tmp),
                              lambda path: cls(path, expected, loaded.sample_shape, precision,
-                                              lambda *shape: compile_static(loaded, precision, *shape, source=source),
-                                              io=loaded.io),
+                                              lambda *shape: compile_static(source, *shape), io=loaded.io),
                              corrupt=(ModelLoadError,))
         backend.built_from = (onnx_path(loaded),)  # the ONNX export its blobs are compiled from
         backend.loaded = loaded

@@ -157,8 +157,7 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))  # [B, 3C, T]
         heads, ch, length = self.num_heads, c // self.num_heads, x.shape[-1]
         # q, k, v as [B, heads, T, ch], copied so that ch is the contiguous dimension: the fused
-        # attention kernels want it, and without the copy the CPU's ran 2.3x slower at T = 1024
-        # (guided-imagenet64 per call: 0.92x their einsum attention, 1.05x with it; docs/openai.md)
+        # attention kernels want it (the CPU's ran far slower on the strided views: docs/openai.md)
         if self.new_order:  # [q of every head | k ... | v ...]
             q, k, v = qkv.reshape(b, 3, heads, ch, length).transpose(-1, -2).contiguous().unbind(1)
         else:  # legacy: per head [q | k | v]

@@ -101,9 +101,9 @@ def _deferred(loaded, monkeypatch, quiet_s: float, max_defer_s: float):
     monkeypatch.setattr(openvino_backend, "MAX_DEFER_S", max_defer_s)
     started, real = threading.Event(), openvino_backend.compile_static
 
-    def watched(*args, **kwargs):
+    def watched(*args):
         started.set()
-        return real(*args, **kwargs)
+        return real(*args)
 
     monkeypatch.setattr(openvino_backend, "compile_static", watched)
     return create(loaded), started, (torch.randn(2, *SHAPE), torch.randint(0, 1000, (2,)))
@@ -149,7 +149,7 @@ from ddpm_engine import backends
 from ddpm_engine.backends import openvino_backend
 from tests.engine.backends.helpers import SHAPE, small_model
 openvino_backend.QUIET_S = openvino_backend.MAX_DEFER_S = 600.0
-def refuse(*args, **kwargs):
+def refuse(*args):
     print("compiled at exit", flush=True)
     raise RuntimeError("compiled at exit")
 openvino_backend.compile_static = refuse
@@ -167,7 +167,7 @@ print("done")
 
 
 def test_a_failed_static_compile_warns_and_runs_the_dynamic_model(loaded, cache, monkeypatch, at_once):
-    def fails(*a, **kw):
+    def fails(*a):
         raise RuntimeError("simulated compile failure")
 
     monkeypatch.setattr(openvino_backend, "compile_static", fails)
@@ -186,11 +186,11 @@ def test_a_first_call_runs_the_dynamic_model_while_its_static_shape_compiles(loa
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = openvino_backend.compile_static
 
-    def slow_compile(*args, **kwargs):
+    def slow_compile(*args):
         started.set()
         release.wait(60)
         try:
-            return real(*args, **kwargs)
+            return real(*args)
         finally:
             finished.set()
 
@@ -231,7 +231,7 @@ def test_static_shapes_compile_clones_of_one_source_graph_read_once(loaded, cach
     backend.prepare([1, 2, 3])  # three compiles at once, on three threads
     assert reads == ["fp32"] and sorted(backend._static) == [1, 2, 3]
     x, t = torch.randn(3, *SHAPE), torch.randint(0, 1000, (3,))
-    alone = openvino_backend.compile_static(loaded, "fp32", 3)  # from a graph read for it alone
+    alone = openvino_backend.compile_static(openvino_backend.SourceGraph(loaded, "fp32"), 3)  # read for it alone
     assert len(reads) == 2
     with torch.inference_mode():
         assert torch.equal(backend(x, t), _run(alone, x, t))
